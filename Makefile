@@ -1,0 +1,54 @@
+# kvmconf: `make` sets up .venv and compiles cluster.conf + site.toml into build/.
+# `make test` installs what the tests need (Debian packages when root) and runs the whole suite.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+CLUSTER ?= $(or $(KVMCONF_CLUSTER),cluster.conf)
+SITE    ?= $(or $(KVMCONF_SITE),site.toml)
+BUILD   ?= $(or $(KVMCONF_BUILD),build)
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all build check lint types test test-deps clean doc
+
+all: build
+
+# The venv is rebuilt only when the requirements change.
+$(VENV)/.base: requirements.txt bin/debian-packages-base.txt
+	@command -v $(PYTHON) >/dev/null && $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
+	  || bin/ensure-debian-packages bin/debian-packages-base.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.test: $(VENV)/.base requirements-test.txt bin/debian-packages-test.txt
+	bin/ensure-debian-packages bin/debian-packages-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	@touch $@
+
+build: $(VENV)/.base
+	$(PY) -m generators --cluster $(CLUSTER) --site $(SITE) --build $(BUILD)
+
+test-deps: $(VENV)/.test
+
+# Fast tier: lint, types, unit and golden tests; no real consumers, no services.
+check: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) -m pytest -q -m "not consumer and not services and not slow" $(PYTEST_ARGS)
+
+# Everything: the fast tier plus real consumers and real services. Nothing is skipped here.
+test: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	KVMCONF_REQUIRE_TOOLS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Include the generated ssh config from the user's own, once, above their entries.
+~/.ssh/config: build
+	$(PY) -m generators.ssh_include --build $(BUILD) --config $@
+
+doc: $(VENV)/.base
+	@$(PY) -m generators --doc
+
+clean:
+	rm -rf $(BUILD)

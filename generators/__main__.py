@@ -1,0 +1,71 @@
+"""`python -m generators`: validate cluster.conf + site.toml and write build/.
+
+Exit status: 0 built, 1 invalid input (every problem printed, nothing written), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from generators.build import build
+from generators.columns import markdown_tables
+from generators.errors import ConfigError, UsageError
+
+SHOWN_PLACEMENTS = 20
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m generators", description=__doc__.splitlines()[0])
+    parser.add_argument("--cluster", type=Path, default=Path(env("KVMCONF_CLUSTER", "cluster.conf")),
+                        help="inventory file (default: $KVMCONF_CLUSTER or cluster.conf)")
+    parser.add_argument("--site", type=Path, default=Path(env("KVMCONF_SITE", "site.toml")),
+                        help="site settings (default: $KVMCONF_SITE or site.toml)")
+    parser.add_argument("--build", type=Path, default=Path(env("KVMCONF_BUILD", "build")),
+                        help="output directory (default: $KVMCONF_BUILD or build)")
+    parser.add_argument("--check", action="store_true", help="validate only; write nothing")
+    parser.add_argument("--force", action="store_true", help="render and compare even if the inputs are unchanged")
+    parser.add_argument("--doc", action="store_true", help="print the README's column and option tables")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # exits 2 on a usage error, as argparse does
+    if args.doc:
+        print(markdown_tables(), end="")
+        return 0
+    try:
+        if args.check:
+            from generators.validate import load_cluster
+
+            cluster = load_cluster(args.cluster, args.site)
+            print(f"{args.cluster}: {len(cluster.vms)} VMs, valid")
+            return 0
+        result = build(args.cluster, args.site, args.build, force=args.force)
+    except UsageError as err:
+        print(f"kvmconf: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        count = len(err.problems)
+        print(f"kvmconf: {count} problem{'s' * (count != 1)}; nothing was written", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        cluster = result.cluster
+        placed = [vm for vm in cluster.vms if vm.auto_placed]
+        for vm in placed[:SHOWN_PLACEMENTS]:
+            print(f"placed {vm.name} on {vm.host} (host=auto; add host={vm.host} to its line to pin it)")
+        if len(placed) > SHOWN_PLACEMENTS:
+            print(f"... and {len(placed) - SHOWN_PLACEMENTS} more VMs placed automatically")
+        print(f"kvmconf: {len(cluster.vms)} VMs on {len({vm.host for vm in cluster.vms})} hosts;"
+              f" {args.build}/: {result.report.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

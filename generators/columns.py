@@ -1,0 +1,200 @@
+"""The cluster.conf contract as data: one table of columns and one of options.
+
+The parser, the README's column tables (``python -m generators --doc``) and every error
+message are derived from these two tables, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, AddressValueError
+from typing import Any
+
+from generators.model import Boot, Disk, DiskKind, Install
+
+
+class FieldError(ValueError):
+    """A single value is malformed; the message completes "'VALUE' ..." and names what is allowed."""
+
+
+_LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def parse_name(text: str) -> str:
+    if not _LABEL.fullmatch(text):
+        raise FieldError(
+            "is not a valid VM name (expected an RFC 1123 label: lowercase letters, digits and '-',"
+            " starting with a letter, not ending with '-', at most 63 characters)"
+        )
+    return text
+
+
+def parse_mac(text: str) -> str:
+    mac = text.lower()
+    if not _MAC.fullmatch(mac):
+        raise FieldError("is not a MAC address (expected xx:xx:xx:xx:xx:xx)")
+    if int(mac[:2], 16) & 1:
+        raise FieldError("is a multicast MAC address (expected a unicast MAC, e.g. 52:54:00:xx:xx:xx)")
+    return mac
+
+
+def parse_ipv4(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except AddressValueError:
+        raise FieldError("is not an IPv4 address (expected a.b.c.d)") from None
+
+
+def parse_positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise FieldError("is not a positive integer (expected e.g. 1, 2048)")
+    return int(text)
+
+
+def parse_hostgroups(text: str) -> tuple[str, ...]:
+    if text in ("", "-"):
+        return ()
+    groups = text.split(",")
+    for group in groups:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", group):
+            raise FieldError(
+                f"has an invalid hostgroup {group!r} (expected a comma list of names made of"
+                " letters, digits, '_', '.' and '-', or '-' for none)"
+            )
+    if len(set(groups)) != len(groups):
+        raise FieldError("names a hostgroup twice (expected each hostgroup once)")
+    return tuple(groups)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    parse: Callable[[str], Any]
+    meaning: str
+    rules: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("name", parse_name, "VM name = hostname", "RFC 1123 label, lowercase, starts with a letter, unique"),
+    Column("mac", parse_mac, "MAC of the primary NIC", "`xx:xx:xx:xx:xx:xx`, unicast, unique"),
+    Column("ip", parse_ipv4, "IPv4 address on the VM's network",
+           "inside the network's subnet, unique, not its network/broadcast/gateway/provision-server"
+           " address, outside the dynamic DHCP ranges"),
+    Column("ram", parse_positive, "RAM in MB", "positive integer"),
+    Column("disk", parse_positive, "disk size in GB", "positive integer"),
+    Column("cpus", parse_positive, "vCPU count", "positive integer"),
+    Column("hostgroups", parse_hostgroups, "nagios hostgroups",
+           "comma list, `-` or empty for none; must be listed in site.toml `[hostgroups]` when that exists"),
+    Column("options", str, "optional `key=value` words, space separated", "see the options table"),
+)
+REQUIRED_COLUMNS = len(COLUMNS) - 1  # the options column may be left out
+
+
+# --- options (8th column) -------------------------------------------------------------------
+
+
+def _enum_parser(enum: type[Install] | type[Boot]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return enum(text)
+        except ValueError:
+            raise FieldError("is not allowed") from None
+
+    return parse
+
+
+def parse_disk_kind(text: str) -> tuple[DiskKind, str | None]:
+    kind, _, vg = text.partition(":")
+    if kind == "lvm" and re.fullmatch(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*", vg):
+        return DiskKind.LVM, vg
+    if kind in ("qcow2", "raw") and not vg:
+        return DiskKind(kind), None
+    raise FieldError("is not a disk kind (expected qcow2, raw or lvm:<volume group>)")
+
+
+def parse_bool(text: str) -> bool:
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise FieldError("is not a yes/no value (expected yes or no)")
+
+
+def parse_word(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise FieldError("is not a name (expected letters, digits, '_', '.' and '-')")
+    return text
+
+
+def parse_cpuset(text: str) -> tuple[int, ...]:
+    """Parse a cpuset like ``2-3,6``; order is kept because vCPU i is pinned to the i-th CPU."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise FieldError("is not a CPU list (expected e.g. 2-5 or 2,3,8-9)")
+        first = int(match[1])
+        last = int(match[2]) if match[2] else first
+        if last < first:
+            raise FieldError(f"has a descending range {part!r} (expected low-high)")
+        cpus.extend(range(first, last + 1))
+    if len(set(cpus)) != len(cpus):
+        raise FieldError("names a CPU twice (expected each CPU once)")
+    return tuple(cpus)
+
+
+def parse_after(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    for name in names:
+        parse_name(name)
+    return names
+
+
+def parse_keep(text: str) -> int:
+    return parse_positive(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[str], Any]
+    values: str  # what is allowed, for docs and messages
+    default: str
+    meaning: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", parse_word, "a `[hosts.*]` name from site.toml, or `auto`", "auto",
+           "physical host; `auto` places the VM on the host with the most free RAM that fits it"),
+    Option("install", _enum_parser(Install), "pxe, cloud, none", "pxe",
+           "network install with a preseed, cloud image + NoCloud seed, or nothing"),
+    Option("os", parse_word, "an `[os.*]` name from site.toml", "site.toml `default_os`",
+           "the OS installed (installer kernel/initrd or cloud image)"),
+    Option("disk", parse_disk_kind, "qcow2, raw, lvm:<vg>", "qcow2",
+           "disk kind: thin qcow2 file, raw file, or LVM volume `vm-<name>` in volume group <vg>"),
+    Option("net", parse_word, "a `[networks.*]` name from site.toml", "site.toml `default_network`",
+           "network (bridge, VLAN) of the primary NIC"),
+    Option("boot", _enum_parser(Boot), "bios, uefi", "bios", "firmware"),
+    Option("cpuset", parse_cpuset, "CPU list, e.g. `2-3` or `4,6`", "none",
+           "pin vCPU i to the i-th CPU of the list; its size must equal the cpus column"),
+    Option("after", parse_after, "comma list of VM names defined earlier", "none",
+           "deploy dependencies: this VM is deployed after those"),
+    Option("autostart", parse_bool, "yes, no", "yes", "start the VM when its host boots"),
+    Option("backup", parse_bool, "yes, no", "yes", "include the VM in the backup crontab run"),
+    Option("keep", parse_keep, "positive integer", "site.toml `[backup] keep`", "restore points kept"),
+)
+OPTIONS_BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
+
+
+def markdown_tables() -> str:
+    """The README's tables of columns and options, generated from the tables above."""
+    lines = ["| # | column | meaning | rules |", "|---|---|---|---|"]
+    for number, column in enumerate(COLUMNS, 1):
+        lines.append(f"| {number} | {column.name} | {column.meaning} | {column.rules} |")
+    lines += ["", "| option | values | default | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        lines.append(f"| `{option.key}=` | {option.values} | {option.default} | {option.meaning} |")
+    return "\n".join(lines) + "\n"

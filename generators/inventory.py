@@ -1,0 +1,115 @@
+"""Read cluster.conf into rows of typed fields, each value remembering its column.
+
+Only what one line can tell is checked here (field count, each value's syntax, option keys);
+checks across lines and against site.toml are in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generators.columns import COLUMNS, OPTIONS, OPTIONS_BY_KEY, REQUIRED_COLUMNS, FieldError
+from generators.errors import Location, Problem, UsageError
+
+_FIELD_NAMES = " ".join(c.name for c in COLUMNS[:REQUIRED_COLUMNS]) + " [options]"
+_OPTION_KEYS = ", ".join(o.key for o in OPTIONS)
+
+
+@dataclass
+class Row:
+    """One VM line: parsed values and the 1-based column where each started."""
+
+    line: int
+    values: dict[str, Any] = field(default_factory=dict)  # column name -> parsed value
+    cols: dict[str, int] = field(default_factory=dict)  # column name -> column
+    options: dict[str, Any] = field(default_factory=dict)  # option key -> parsed value
+    option_cols: dict[str, int] = field(default_factory=dict)  # option key -> column of "key="
+    ok: bool = True  # False when a field failed; such rows are left out of cross-line checks
+
+
+def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
+    """The file's lines as (number, text) without line endings; undecodable lines become problems."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file (give the inventory with CLUSTER=... or KVMCONF_CLUSTER)") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a cluster.conf file") from None
+    lines: list[tuple[int, str]] = []
+    problems: list[Problem] = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(Problem(Location(str(path), number, err.start + 1),
+                                    "line is not UTF-8 text (expected a tab-separated text file)"))
+            continue
+        lines.append((number, text.removesuffix("\r")))  # CRLF files from Windows editors are fine
+    return lines, problems
+
+
+def read_rows(path: Path) -> tuple[list[Row], list[Problem]]:
+    lines, problems = read_text(path)
+    rows: list[Row] = []
+    for number, text in lines:
+        stripped = text.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        rows.append(_parse_line(str(path), number, text, problems))
+    if not rows and not problems:
+        problems.append(Problem(Location(str(path), 1, 1),
+                                f"no VMs defined (expected one tab-separated line per VM: {_FIELD_NAMES})"))
+    return rows, problems
+
+
+def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> Row:
+    row = Row(number)
+    fields = text.split("\t")
+    if not REQUIRED_COLUMNS <= len(fields) <= len(COLUMNS):
+        hint = ""
+        if len(fields) < REQUIRED_COLUMNS and " " in text:
+            hint = "; fields must be separated by tabs, not spaces"
+        problems.append(Problem(Location(path, number, 1),
+                                f"found {len(fields)} tab-separated fields (expected {REQUIRED_COLUMNS} or"
+                                f" {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
+        row.ok = False
+        return row
+    col = 1
+    for column, value in zip(COLUMNS, fields, strict=False):
+        row.cols[column.name] = col
+        if column.name == "options":
+            _parse_options(path, number, col, value, row, problems)
+        else:
+            try:
+                row.values[column.name] = column.parse(value)
+            except FieldError as err:
+                problems.append(Problem(Location(path, number, col), f"column '{column.name}': {value!r} {err}"))
+                row.ok = False
+        col += len(value) + 1
+    return row
+
+
+def _parse_options(path: str, number: int, start: int, text: str, row: Row, problems: list[Problem]) -> None:
+    for match in re.finditer(r"\S+", text):
+        word, col = match[0], start + match.start()
+        where = Location(path, number, col)
+        key, sep, value = word.partition("=")
+        option = OPTIONS_BY_KEY.get(key)
+        if not sep or option is None:
+            what = f"unknown option {key!r}" if sep else f"{word!r} is not a key=value option"
+            problems.append(Problem(where, f"column 'options': {what} (expected one of: {_OPTION_KEYS})"))
+            row.ok = False
+        elif key in row.options or key in row.option_cols:
+            problems.append(Problem(where, f"column 'options': option {key!r} is given twice (expected it once)"))
+            row.ok = False
+        else:
+            row.option_cols[key] = col
+            try:
+                row.options[key] = option.parse(value)
+            except FieldError as err:
+                problems.append(Problem(where, f"column 'options': option {key!r}: {value!r} {err}"
+                                        + ("" if "expected" in str(err) else f" (expected {option.values})")))
+                row.ok = False

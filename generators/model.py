@@ -1,0 +1,208 @@
+"""The validated cluster model: frozen, typed, and the only thing generators see.
+
+``cluster.conf`` and ``site.toml`` are parsed once (``inventory.py``, ``site.py``) and checked
+as a whole (``validate.py``); every generator is a pure function of a :class:`Cluster`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from ipaddress import IPv4Address, IPv4Network
+
+
+class Install(StrEnum):
+    """How a VM gets its operating system."""
+
+    PXE = "pxe"  # network boot into the Debian/Ubuntu installer, answered by a preseed
+    CLOUD = "cloud"  # qcow2 overlay on a cloud image, configured by a NoCloud seed ISO
+    NONE = "none"  # the admin brings the disk content
+
+
+class DiskKind(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    LVM = "lvm"
+
+
+class Boot(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class DomainType(StrEnum):
+    KVM = "kvm"  # hardware virtualisation, what real hosts use
+    QEMU = "qemu"  # software emulation, for labs and CI where KVM cannot run guests
+
+
+@dataclass(frozen=True)
+class Disk:
+    kind: DiskKind
+    size_gb: int
+    volume_group: str | None = None  # only for DiskKind.LVM
+
+
+@dataclass(frozen=True)
+class Vm:
+    """One line of cluster.conf, validated."""
+
+    name: str
+    mac: str  # lower case, colon separated
+    ip: IPv4Address
+    ram_mb: int
+    cpus: int
+    disk: Disk
+    hostgroups: tuple[str, ...]
+    host: str  # physical host from site.toml (placed automatically when not given)
+    network: str  # network from site.toml the primary NIC is on
+    install: Install
+    os: str  # key of [os.*] in site.toml
+    boot: Boot
+    cpuset: tuple[int, ...] = ()
+    after: tuple[str, ...] = ()
+    autostart: bool = True
+    backup: bool = True
+    keep: int | None = None  # restore points; None means site.toml's [backup] keep
+    line: int = 0  # line in cluster.conf, for messages of later stages
+    auto_placed: bool = False  # host chosen by `host=auto` placement, not written in cluster.conf
+
+    @property
+    def mac_dashes(self) -> str:
+        return self.mac.replace(":", "-")
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    subnet: IPv4Network
+    bridge: str
+    gateway: IPv4Address | None = None
+    vlan: int | None = None
+    dns_servers: tuple[IPv4Address, ...] = ()
+    dhcp_ranges: tuple[tuple[IPv4Address, IPv4Address], ...] = ()
+
+    @property
+    def netmask(self) -> IPv4Address:
+        return self.subnet.netmask
+
+
+@dataclass(frozen=True)
+class PhysicalHost:
+    name: str
+    uri: str  # libvirt connection URI, e.g. qemu:///system or qemu+ssh://root@kvm1/system
+    ram_mb: int
+    cpus: int
+    disk_gb: int
+    disk_dir: str
+    ram_overcommit: float = 1.0
+    cpu_overcommit: float = 1.0
+    disk_overcommit: float = 1.0
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class OsRelease:
+    """An installable OS: what PXE boots and which cloud image a cloud VM overlays."""
+
+    name: str
+    family: str  # debian | ubuntu
+    suite: str  # bookworm, jammy, ...
+    kernel: str  # path of the installer kernel, relative to the TFTP root
+    initrd: str
+    cloud_image: str | None = None  # base image path on the physical hosts
+
+
+@dataclass(frozen=True)
+class Provision:
+    """The provision server: dnsmasq with TFTP, and HTTP for preseeds and cloud-init seeds."""
+
+    server: IPv4Address | None  # None only until validate.py resolves it from `vm`
+    http_url: str  # base URL, no trailing slash; preseeds are at {http_url}/preseed/{vm}.cfg
+    tftp_root: str
+    interface: str
+    mirror_host: str
+    mirror_dir: str
+    mirror_proxy: str = ""
+    config_dir: str = "/etc/kvmconf"  # where update-confs puts build/ files on the provision server
+    vm: str | None = None  # the VM of cluster.conf that is the provision server, if one is
+
+
+@dataclass(frozen=True)
+class Accounts:
+    root_password_hash: str  # crypt(3) SHA-512/yescrypt, or "!" for a locked account
+    admin_user: str
+    admin_password_hash: str
+    ssh_keys: tuple[str, ...]
+    ssh_user: str = "root"  # who `ssh <vm>` logs in as
+
+
+@dataclass(frozen=True)
+class Backup:
+    schedule: str  # cron expression
+    dir: str
+    nas_dir: str | None
+    keep: int
+    full_every: int
+    log: str
+    checkout: str = "/root/kvmconf"  # this repository on the physical hosts, where cron runs `invoke backup`
+
+
+@dataclass(frozen=True)
+class Site:
+    domain: str
+    domain_type: DomainType
+    locale: str
+    keyboard: str
+    timezone: str
+    networks: Mapping[str, Network]
+    hosts: Mapping[str, PhysicalHost]
+    oses: Mapping[str, OsRelease]
+    default_network: str
+    default_os: str
+    provision: Provision
+    accounts: Accounts
+    backup: Backup
+    # hostgroup name -> alias; None when site.toml does not list them (then any name is accepted)
+    hostgroups: Mapping[str, str] | None = None
+    path: str = "site.toml"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    site: Site
+    vms: tuple[Vm, ...]  # in cluster.conf order, which is deployment order
+    source: str = "cluster.conf"  # the inventory's path as given, for banners and messages
+    _by_name: Mapping[str, Vm] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {vm.name: vm for vm in self.vms})
+
+    def vm(self, name: str) -> Vm:
+        return self._by_name[name]
+
+    def fqdn(self, vm: Vm) -> str:
+        return f"{vm.name}.{self.site.domain}"
+
+    def network_of(self, vm: Vm) -> Network:
+        return self.site.networks[vm.network]
+
+    def host_of(self, vm: Vm) -> PhysicalHost:
+        return self.site.hosts[vm.host]
+
+    def os_of(self, vm: Vm) -> OsRelease:
+        return self.site.oses[vm.os]
+
+    @cached_property
+    def hostgroups(self) -> dict[str, tuple[Vm, ...]]:
+        """Every hostgroup used in cluster.conf, sorted, with its members in file order."""
+        groups: dict[str, list[Vm]] = {}
+        for vm in self.vms:
+            for group in vm.hostgroups:
+                groups.setdefault(group, []).append(vm)
+        return {name: tuple(groups[name]) for name in sorted(groups)}
+
+    def hostgroup_alias(self, group: str) -> str:
+        known = self.site.hostgroups or {}
+        return known.get(group, group)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the example cluster, golden-file comparison, real-tool requirements."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from generators.model import Cluster
+from generators.validate import load_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+# Generated banners name the inventory as given; run from the repo root so goldens are stable.
+os.chdir(ROOT)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regenerate", action="store_true",
+                     help="rewrite tests/golden/ from the current generators instead of comparing")
+
+
+@pytest.fixture(scope="session")
+def example() -> Cluster:
+    """The repository's own example cluster (cluster.conf + site.toml), validated."""
+    return load_cluster(Path("cluster.conf"), Path("site.toml"))
+
+
+@pytest.fixture(scope="session")
+def regenerate(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regenerate"))
