@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="render and compare even if the inputs are unchanged")
     parser.add_argument("--doc", action="store_true", help="print the README's column and option tables")
     parser.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every file written or removed")
     return parser
 
 
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         count = len(err.problems)
         print(f"kvmconf: {count} problem{'s' * (count != 1)}; nothing was written", file=sys.stderr)
         return 1
+    if args.verbose:
+        for path in result.report.written:
+            print(f"wrote {args.build / path}")
+        for path in result.report.removed:
+            print(f"removed {args.build / path}")
     if not args.quiet:
         cluster = result.cluster
         placed = [vm for vm in cluster.vms if vm.auto_placed]

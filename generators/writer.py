@@ -144,8 +144,11 @@ def _write_stamp(build: Path, files: Mapping[PurePosixPath, bytes], digest: str)
     for path in files:
         st = os.stat(build / path)
         stats[str(path)] = (st.st_size, st.st_mtime_ns)
+    content = json.dumps({"digest": digest, "files": stats}, sort_keys=True)
+    if _same_content(build / STAMP, content.encode()):
+        return  # a no-op build leaves every file of build/ untouched, the stamp too
     temporary = build / (STAMP + ".tmp")
-    temporary.write_text(json.dumps({"digest": digest, "files": stats}, sort_keys=True))
+    temporary.write_text(content)
     os.replace(temporary, build / STAMP)
 
 

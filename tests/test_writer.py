@@ -1,0 +1,96 @@
+"""The writer: whole-tree swap, untouched mtimes for unchanged files, stale files removed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from generators.writer import STAMP, is_up_to_date, write_tree
+
+
+def _tree(**files: str) -> dict[PurePosixPath, str | bytes]:
+    return {PurePosixPath(name.replace("__", "/")): content for name, content in files.items()}
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_first_write_creates_the_tree(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    report = write_tree(build, _tree(a__x="1\n", b="2\n", c=""), "d1")
+    assert sorted(map(str, report.written)) == ["a/x", "b", "c"]
+    assert (build / "a/x").read_text() == "1\n"
+    assert (build / "c").read_text() == ""
+    assert oct((build / "b").stat().st_mode & 0o777) == "0o644"
+    assert is_up_to_date(build, "d1") == 3
+    assert is_up_to_date(build, "other") is None
+
+
+def test_unchanged_files_keep_their_mtime_and_inode(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="1\n", b="2\n"), "d1")
+    before = {name: (build / name).stat() for name in ("a", "b")}
+    os.utime(build / "a", ns=(1_000_000_000, 1_000_000_000))  # make a later rewrite visible
+    mtime_a = (build / "a").stat().st_mtime_ns
+    report = write_tree(build, _tree(a="1\n", b="changed\n"), "d2")
+    assert [str(p) for p in report.written] == ["b"]
+    assert report.unchanged == 1
+    assert (build / "a").stat().st_mtime_ns == mtime_a
+    assert (build / "a").stat().st_ino == before["a"].st_ino
+    assert (build / "b").read_text() == "changed\n"
+
+
+def test_a_rebuild_with_no_change_writes_nothing(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="1\n", d__e="2\n"), "d1")
+    directory_inode = build.stat().st_ino
+    mtimes = _mtimes(build)
+    report = write_tree(build, _tree(a="1\n", d__e="2\n"), "d1")
+    assert report.written == [] and report.removed == [] and report.unchanged == 2
+    assert _mtimes(build) == mtimes
+    assert build.stat().st_ino == directory_inode  # not even swapped
+
+
+def test_files_no_longer_generated_disappear(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="1\n", old__x="2\n"), "d1")
+    report = write_tree(build, _tree(a="1\n"), "d2")
+    assert [str(p) for p in report.removed] == ["old/x"]
+    assert not (build / "old").exists()
+    assert sorted(p.name for p in build.iterdir()) == sorted(["a", STAMP])
+
+
+def test_binary_content_is_written_as_is(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    write_tree(build, {PurePosixPath("x.iso"): b"\x00\xff"}, "d1")
+    assert (build / "x.iso").read_bytes() == b"\x00\xff"
+
+
+def test_a_hand_edited_file_is_noticed_and_regenerated(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="1\n"), "d1")
+    (build / "a").write_text("edited by hand\n")
+    assert is_up_to_date(build, "d1") is None
+    report = write_tree(build, _tree(a="1\n"), "d1")
+    assert [str(p) for p in report.written] == ["a"]
+    assert (build / "a").read_text() == "1\n"
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    leftover = tmp_path / ".kvmconf-staging-build-abc123"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub/file").write_text("half written")
+    write_tree(build, _tree(a="1\n"), "d1")
+    assert not leftover.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".kvmconf-staging")] == []
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../escape", "a/../../b"])
+def test_a_generator_cannot_write_outside_build(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(RuntimeError, match="programming error: generator produced a bad path"):
+        write_tree(tmp_path / "build", {PurePosixPath(bad): "x"}, "d1")
+    assert not (tmp_path / "build").exists()
