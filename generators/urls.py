@@ -1,0 +1,25 @@
+"""URLs the provision server serves, built in one place so the kernel command lines, the preseeds,
+the seeds and the server's own HTTP handler cannot disagree about them.
+
+``[provision] http_url`` has no trailing slash (site.py strips it).
+"""
+
+from __future__ import annotations
+
+from generators.model import Cluster, Vm
+
+
+def preseed_url(cluster: Cluster, vm: Vm) -> str:
+    """The VM's preseed (build/preseed/<vm>.cfg), given to the installer as ``url=`` on its kernel line."""
+    return f"{cluster.site.provision.http_url}/preseed/{vm.name}.cfg"
+
+
+def seed_url(cluster: Cluster, vm: Vm) -> str:
+    """The VM's NoCloud seed directory (build/cloud-init/<vm>/); NoCloud needs the trailing slash."""
+    return f"{cluster.site.provision.http_url}/cloud-init/{vm.name}/"
+
+
+def installed_url(cluster: Cluster, vm: Vm) -> str:
+    """Fetched by the installer's late_command when the install is done, so the server can flip the VM to
+    local boot (drop ``set:install`` from its dhcp-hosts line) before it comes back through PXE."""
+    return f"{cluster.site.provision.http_url}/installed/{vm.name}"
