@@ -1,11 +1,56 @@
-"""Placeholder: being written."""
+"""Nagios 4 objects for every VM: build/nagios/{hostgroups,hosts,services,contacts}.cfg.
+
+The files use only what Debian's nagios4 packages define in their stock nagios.cfg: the commands
+check-host-alive, check_ping, check_ssh (monitoring-plugins, /etc/nagios-plugins/config),
+notify-host-by-email and notify-service-by-email (/etc/nagios4/objects/commands.cfg) and the
+timeperiod 24x7 (/etc/nagios4/objects/timeperiods.cfg). Templates, contact and contactgroup are
+our own, prefixed `kvmconf-`, so they never clash with Debian's generic-host, admins, ... .
+
+One clash remains with the stock config: Debian's objects/localhost.cfg defines the hostgroup
+`linux-servers`, so a cluster.conf using that group needs localhost.cfg dropped from nagios.cfg
+(Nagios refuses a duplicate hostgroup). tests/test_nagios.py checks both setups with `nagios4 -v`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from generators.model import Cluster
+from generators.render import render as render_template
+
+TEMPLATES = {
+    "hostgroups.cfg": "nagios-hostgroups.cfg.j2",
+    "hosts.cfg": "nagios-hosts.cfg.j2",
+    "services.cfg": "nagios-services.cfg.j2",
+    "contacts.cfg": "nagios-contacts.cfg.j2",
+}
+
+
+@dataclass(frozen=True)
+class Hostgroup:
+    name: str
+    alias: str
+
+
+def object_value(text: str) -> str:
+    """Free text (a site.toml alias) as one Nagios directive value.
+
+    `;` starts a comment in Nagios object files unless escaped as `\\;`, and a value ends at the
+    line's end, so line breaks become spaces (Nagios trims and keeps inner spaces as they are).
+    """
+    return " ".join(text.split()).replace(";", "\\;")
+
+
+def hostgroups(cluster: Cluster) -> list[Hostgroup]:
+    """Every hostgroup used in cluster.conf, sorted by name, with its alias from site.toml."""
+    # A blank alias would be a directive without a value, which Nagios rejects: use the name then.
+    return [Hostgroup(name, object_value(cluster.hostgroup_alias(name)) or name) for name in cluster.hostgroups]
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    groups = hostgroups(cluster)
+    return {
+        PurePosixPath("nagios", name): render_template(template, cluster, groups=groups)
+        for name, template in TEMPLATES.items()
+    }

@@ -1,0 +1,103 @@
+"""The backup cron.d file: golden file, its one job line, when it is emitted, and quoting."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import pytest
+
+from generators import crontab
+from generators.model import Cluster
+from tests.golden import assert_golden
+from tests.tools import require_tool, run
+
+PATH = PurePosixPath("cron/kvmconf-backup")
+# One cron(8) time field: numbers, ranges, lists, steps, `*`, or month/day names.
+CRON_FIELD = re.compile(r"(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*")
+
+
+def _text(cluster: Cluster) -> str:
+    text = crontab.render(cluster)[PATH]
+    assert isinstance(text, str)
+    return text
+
+
+def _job(text: str) -> str:
+    """The one line that is neither a comment, blank, nor an environment setting."""
+    jobs = [line for line in text.splitlines()
+            if line and not line.startswith("#") and not re.match(r"[A-Z_]+=", line)]
+    assert len(jobs) == 1, jobs
+    return jobs[0]
+
+
+def _with_backup(cluster: Cluster, **changes: Any) -> Cluster:
+    backup = dataclasses.replace(cluster.site.backup, **changes)
+    return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, backup=backup))
+
+
+def test_golden(example: Cluster, regenerate: bool) -> None:
+    assert_golden("crontab", crontab.render(example), regenerate)
+
+
+def test_job_line_is_five_schedule_fields_then_root_then_the_backup_command(example: Cluster) -> None:
+    fields = _job(_text(example)).split(maxsplit=6)
+    assert fields[:5] == ["30", "2", "*", "*", "*"]
+    assert all(CRON_FIELD.fullmatch(field) for field in fields[:5]), fields[:5]
+    assert fields[5] == "root"
+    assert fields[6] == "cd /root/kvmconf && .venv/bin/invoke backup --all >> /var/log/kvmconf-backup.log 2>&1"
+
+
+def test_environment_comes_before_the_job(example: Cluster) -> None:
+    lines = _text(example).splitlines()
+    assert lines.index("SHELL=/bin/sh") < lines.index(_job(_text(example)))
+    assert any(line.startswith("PATH=/usr/local/sbin:") for line in lines)
+    assert _text(example).endswith("2>&1\n")  # cron ignores a last line without a newline
+
+
+def test_schedule_with_extra_spaces_still_gives_five_fields(example: Cluster) -> None:
+    fields = _job(_text(_with_backup(example, schedule="  0  */6 * * 1-5 "))).split()
+    assert fields[:6] == ["0", "*/6", "*", "*", "1-5", "root"]
+    assert all(CRON_FIELD.fullmatch(field) for field in fields[:5])
+
+
+def test_comments_list_covered_vms_by_host_and_the_excluded_ones(example: Cluster) -> None:
+    text = _text(example)
+    assert "#   kvm0: provision mcp ldap db web login\n#   kvm1: compute1\n" in text
+    assert "# Excluded (backup=no):\n#   scratch\n" in text
+    assert "scratch" not in text.split("# Excluded")[0]
+
+
+def test_not_emitted_when_no_vm_is_backed_up(example: Cluster) -> None:
+    cluster = dataclasses.replace(example, vms=tuple(dataclasses.replace(vm, backup=False) for vm in example.vms))
+    assert crontab.render(cluster) == {}
+
+
+def test_no_excluded_section_when_every_vm_is_backed_up(example: Cluster) -> None:
+    cluster = dataclasses.replace(example, vms=tuple(dataclasses.replace(vm, backup=True) for vm in example.vms))
+    assert "Excluded" not in _text(cluster)
+
+
+def test_percent_is_escaped_and_spaces_quoted_in_paths(example: Cluster) -> None:
+    job = _job(_text(_with_backup(example, checkout="/srv/kvm conf", log="/var/log/backup-%d.log")))
+    assert job.endswith("root cd '/srv/kvm conf' && .venv/bin/invoke backup --all >> /var/log/backup-\\%d.log 2>&1")
+
+
+@pytest.mark.consumer
+def test_job_command_is_valid_sh(example: Cluster) -> None:
+    job = _job(_text(_with_backup(example, checkout="/srv/kvm conf", log="/var/log/it's-%d.log")))
+    command = job.split(maxsplit=6)[6].replace("\\%", "%")  # what cron hands to /bin/sh
+    result = run([require_tool("sh"), "-n", "-c", command])
+    assert result.returncode == 0, result.stderr
+
+
+def test_long_vm_lists_wrap_into_comment_lines_naming_every_vm(example: Cluster) -> None:
+    many = tuple(dataclasses.replace(example.vm("db"), name=f"node-{i:03d}") for i in range(60))
+    text = _text(dataclasses.replace(example, vms=many))
+    comments = [line for line in text.splitlines() if line.startswith("#   ")]
+    assert len(comments) > 1 and all(len(line) <= 100 for line in comments)
+    assert comments[0].startswith("#   kvm0: node-000 node-001 ")
+    names = [word for line in comments for word in line[1:].split() if word != "kvm0:"]
+    assert names == [f"node-{i:03d}" for i in range(60)]  # hyphens in names are never wrap points
