@@ -1,11 +1,88 @@
-"""Placeholder: being written."""
+"""NoCloud seeds for install=cloud VMs: cloud-init/<vm>/{user-data,meta-data,network-config} and <vm>.iso.
+
+The three files are also served over HTTP (<http_url>/cloud-init/<vm>/) for `ds=nocloud;s=...`; the ISO
+(volume id `cidata`) is what a cloud-image VM boots with as a second CD-ROM.
+
+Accounts: the admin user gets the SSH keys and password-less sudo, its password locked unless
+site.toml gives a crypt hash (plain text never reaches a seed: site.py refuses it). Root logs in with
+the keys only when accounts.ssh_user is root (that is who `ssh <vm>` logs in as); otherwise
+disable_root stays on. A root hash, when given, is set through chpasswd as a hash.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import PurePosixPath
+from typing import Any
 
-from generators.model import Cluster
+from generators.model import Accounts, Cluster, Install, Vm
+from generators.nocloud_iso import seed_iso
+from generators.render import banner_lines, environment
+
+USER_DATA = "user-data.yaml.j2"
+META_DATA = "meta-data.yaml.j2"
+NETWORK_CONFIG = "network-config.yaml.j2"
+LOCKED = "!"
+
+
+def _hash_or_none(value: str) -> str | None:
+    return None if value == LOCKED else value
+
+
+def _users(accounts: Accounts) -> list[dict[str, str | None]]:
+    users = [{"name": accounts.admin_user, "password_hash": _hash_or_none(accounts.admin_password_hash)}]
+    if accounts.ssh_user not in ("root", accounts.admin_user):
+        # `ssh <vm>` logs in as this user, so it has to exist; it gets the keys but no password.
+        users.append({"name": accounts.ssh_user, "password_hash": None})
+    return users
+
+
+def _quoted(value: str | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def quoted_site_values(cluster: Cluster) -> dict[str, Any]:
+    """Site-wide free-form strings as JSON strings (valid YAML scalars), quoted once, not once per VM."""
+    site = cluster.site
+    accounts = site.accounts
+    return {
+        "users": [{key: _quoted(value) for key, value in user.items()} for user in _users(accounts)],
+        "ssh_keys": [json.dumps(key) for key in accounts.ssh_keys],
+        "root_password_hash": _quoted(_hash_or_none(accounts.root_password_hash)),
+        "timezone": json.dumps(site.timezone),
+        "locale": json.dumps(site.locale),
+        "mirror_proxy": _quoted(site.provision.mirror_proxy or None),
+    }
+
+
+def instance_id(vm: Vm, user_data: str, network_config: str) -> str:
+    """`<name>-<12 hex>`: a new id whenever the seed's content changes, so cloud-init runs it again."""
+    digest = hashlib.sha256(user_data.encode() + b"\0" + network_config.encode()).hexdigest()
+    return f"{vm.name}-{digest[:12]}"
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    env = environment()
+    user_data_template, meta_data_template, network_config_template = (
+        env.get_template(name) for name in (USER_DATA, META_DATA, NETWORK_CONFIG))
+    site = cluster.site
+    user_data_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, USER_DATA),
+                         "q": quoted_site_values(cluster), "root_login": site.accounts.ssh_user == "root"}
+    meta_data_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, META_DATA)}
+    network_config_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, NETWORK_CONFIG)}
+    tree: dict[PurePosixPath, str | bytes] = {}
+    for vm in cluster.vms:
+        if vm.install is not Install.CLOUD:
+            continue
+        user_data = user_data_template.render(user_data_context, vm=vm, fqdn=cluster.fqdn(vm))
+        network_config = network_config_template.render(network_config_context, vm=vm,
+                                                        network=cluster.network_of(vm))
+        meta_data = meta_data_template.render(meta_data_context, vm=vm,
+                                              instance_id=instance_id(vm, user_data, network_config))
+        seed = f"cloud-init/{vm.name}"
+        tree[PurePosixPath(f"{seed}/user-data")] = user_data
+        tree[PurePosixPath(f"{seed}/meta-data")] = meta_data
+        tree[PurePosixPath(f"{seed}/network-config")] = network_config
+        tree[PurePosixPath(f"{seed}.iso")] = seed_iso(user_data.encode(), meta_data.encode(), network_config.encode())
+    return tree
