@@ -1,0 +1,97 @@
+"""`python -m generators.ssh_include --build BUILD --config ~/.ssh/config`: include build/ssh/config.
+
+Puts `Include <absolute path of BUILD/ssh/config>` on the FIRST line of the user's ssh config, once:
+ssh uses the first value it finds for each option, and an Include below a `Host` line would only
+apply inside that block, so the line must come before the user's own blocks. Every other line of
+the file is kept as it is. A second run changes nothing (not even the mtime); a change is written
+to a temporary file beside the config and renamed over it, so ssh never reads half a file. A
+symlinked config (dotfile managers) is written through to its target, keeping the link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+NEW_FILE_MODE = 0o600  # ssh refuses a config that others can write; keep it private like ~/.ssh
+SSH_DIR_MODE = 0o700
+
+
+class IncludeError(Exception):
+    """A problem the user has to fix; main() prints it and exits 1."""
+
+
+def include_line(included: Path) -> str:
+    """The Include directive for ``included`` (absolute), quoted when the path has blanks."""
+    text = str(included)
+    if '"' in text or any(ord(char) < 0x20 for char in text):
+        raise IncludeError(f"{text!r}: cannot be written in an ssh Include line (quote or control character)")
+    if any(char.isspace() for char in text):
+        text = f'"{text}"'
+    return f"Include {text}\n"
+
+
+def updated_text(current: str, line: str) -> str:
+    """``current`` with ``line`` first and nowhere else; every other line untouched."""
+    rest = [old for old in current.splitlines(keepends=True) if old.rstrip("\r\n") != line.rstrip("\n")]
+    return line + "".join(rest)
+
+
+def ensure_include(config: Path, included: Path) -> bool:
+    """Make ``config`` start with the Include of ``included``; True if the file was changed."""
+    if not included.is_file():
+        raise IncludeError(f"{included}: no such file; run `make` first to generate it")
+    line = include_line(included.resolve())
+    config = Path(os.path.realpath(config.expanduser()))
+    try:
+        current = config.read_text(encoding="utf-8")
+        mode = config.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        current, mode = "", NEW_FILE_MODE
+    new = updated_text(current, line)
+    if new == current:
+        return False
+    if not config.parent.is_dir():
+        config.parent.mkdir(mode=SSH_DIR_MODE, parents=True)
+        config.parent.chmod(SSH_DIR_MODE)  # mkdir's mode is reduced by the umask
+    _write_atomically(config, new, mode)
+    return True
+
+
+def _write_atomically(path: Path, text: str, mode: int) -> None:
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.kvmconf-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m generators.ssh_include", description=__doc__.splitlines()[0])
+    parser.add_argument("--build", type=Path, default=Path(os.environ.get("KVMCONF_BUILD", "build")),
+                        help="the build directory holding ssh/config (default: $KVMCONF_BUILD or build)")
+    parser.add_argument("--config", type=Path, default=Path("~/.ssh/config"),
+                        help="the ssh config to include it from (default: ~/.ssh/config)")
+    args = parser.parse_args(argv)
+    included = (args.build / "ssh" / "config").absolute()
+    try:
+        changed = ensure_include(args.config, included)
+    except (IncludeError, OSError) as err:
+        print(f"kvmconf: {err}", file=sys.stderr)
+        return 1
+    state = "now includes" if changed else "already includes"
+    print(f"{args.config.expanduser()} {state} {included.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
