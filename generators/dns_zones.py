@@ -1,11 +1,100 @@
-"""Placeholder: being written."""
+"""dns/<domain>.zone and dns/<reversed octets>.in-addr.arpa.zone: BIND-format zones for the cluster.
+
+For name servers other than the provision server's dnsmasq (which answers from dnsmasq/hosts): a
+forward zone with an A record per VM, and one reverse zone per network with a PTR per VM. A network
+whose prefix is not on an octet boundary (/20, /25) goes into the enclosing octet-boundary zone
+(/16, /24), shared with any other network inside it; RFC 2317 delegation is left to the admin.
+
+The NS record names ns.<domain>, an A record for the provision server (unless a VM is itself called
+`ns`, whose A record then serves).
+
+The SOA serial is the first 32 bits of the SHA-256 of the zone rendered with serial 0: it changes
+whenever the content does and stays the same otherwise, with no clock and no state. It does not
+grow, though: a secondary that compares serials (RFC 1982) will take about half of the changes for
+older zones; reload secondaries explicitly (`rndc retransfer`) rather than trusting NOTIFY.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import PurePosixPath
+from typing import Any
 
-from generators.model import Cluster
+from generators.model import Cluster, Vm
+from generators.render import render as render_template
+
+TEMPLATE = "zone.j2"
+NS_NAME = "ns"
+TIMERS = {"ttl": 3600, "refresh": 3600, "retry": 900, "expire": 1209600, "negative_ttl": 300}
+
+Record = tuple[str, str, str]  # owner relative to the origin, type, value
+
+
+def reverse_origin(subnet: IPv4Network) -> str:
+    """The in-addr.arpa zone holding ``subnet``: the enclosing octet boundary, e.g. /20 -> /16."""
+    octets = str(subnet.network_address).split(".")[: subnet.prefixlen // 8]
+    return ".".join([*reversed(octets), "in-addr.arpa"])
+
+
+def reverse_owner(ip: IPv4Address, origin: str) -> str:
+    """The PTR owner of ``ip`` relative to ``origin`` (``10`` in a /24 zone, ``10.60`` in a /16)."""
+    kept = origin.count(".") - 1  # the octets already in the origin, before "in-addr.arpa"
+    return ".".join(reversed(str(ip).split(".")[kept:]))
+
+
+def serial_of(text: str) -> int:
+    """A 32-bit serial from a zone rendered with serial 0 (never 0 itself)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") or 1
+
+
+def _zone(cluster: Cluster, kind: str, origin: str, records: Iterable[Record]) -> str:
+    context: dict[str, Any] = {
+        "kind": kind, "origin": origin, "ns_fqdn": f"{NS_NAME}.{cluster.site.domain}", "records": list(records),
+        **TIMERS,
+    }
+    unstamped = render_template(TEMPLATE, cluster, serial=0, **context)
+    return render_template(TEMPLATE, cluster, serial=serial_of(unstamped), **context)
+
+
+def _provision_server(cluster: Cluster) -> IPv4Address:
+    server = cluster.site.provision.server
+    if server is None:
+        raise RuntimeError("programming error: provision.server is resolved by validate.py")
+    return server
+
+
+def forward_records(cluster: Cluster) -> list[Record]:
+    records = [(vm.name, "A", str(vm.ip)) for vm in cluster.vms]
+    if all(vm.name != NS_NAME for vm in cluster.vms):
+        records.append((NS_NAME, "A", str(_provision_server(cluster))))
+    return sorted(records)
+
+
+def reverse_records(cluster: Cluster) -> dict[str, list[tuple[IPv4Address, str]]]:
+    """Zone origin -> (ip, fqdn) for every PTR, sorted by address; every network gets its zone."""
+    zones: dict[str, list[tuple[IPv4Address, str]]] = {}
+    for network in cluster.site.networks.values():
+        zones.setdefault(reverse_origin(network.subnet), [])
+    by_vm: list[tuple[IPv4Address, str, Vm | None]] = [(vm.ip, cluster.fqdn(vm), vm) for vm in cluster.vms]
+    server = _provision_server(cluster)
+    if all(vm.ip != server for vm in cluster.vms):
+        by_vm.append((server, f"{NS_NAME}.{cluster.site.domain}", None))
+    for ip, fqdn, _ in by_vm:
+        for network in cluster.site.networks.values():
+            if ip in network.subnet:
+                zones[reverse_origin(network.subnet)].append((ip, fqdn))
+                break
+    return {origin: sorted(entries) for origin, entries in sorted(zones.items())}
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    domain = cluster.site.domain
+    tree: dict[PurePosixPath, str | bytes] = {
+        PurePosixPath("dns", f"{domain}.zone"): _zone(cluster, "Forward", domain, forward_records(cluster)),
+    }
+    for origin, entries in reverse_records(cluster).items():
+        records = [(reverse_owner(ip, origin), "PTR", f"{fqdn}.") for ip, fqdn in entries]
+        tree[PurePosixPath("dns", f"{origin}.zone")] = _zone(cluster, "Reverse", origin, records)
+    return tree

@@ -1,0 +1,129 @@
+"""DNS zone files: golden files, and dnspython's zone parser resolving every name and address."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path, PurePosixPath
+
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+import dns.reversename
+import dns.zone
+import pytest
+
+from generators import dns_zones
+from generators.model import Cluster
+from tests.golden import assert_golden
+
+FORWARD = PurePosixPath("dns/phys.example.org.zone")
+
+
+def zones(cluster: Cluster) -> dict[PurePosixPath, str]:
+    return {path: str(text) for path, text in dns_zones.render(cluster).items()}
+
+
+def parse(text: str, origin: str, relativize: bool = True) -> dns.zone.Zone:
+    # check_origin: the apex must have SOA and NS, as a name server would insist.
+    return dns.zone.from_text(text, origin=origin, relativize=relativize, check_origin=True)
+
+
+def with_subnets(cluster: Cluster, subnets: dict[str, str]) -> Cluster:
+    networks = {name: replace(net, subnet=IPv4Network(subnets.get(name, str(net.subnet))))
+                for name, net in cluster.site.networks.items()}
+    return replace(cluster, site=replace(cluster.site, networks=networks))
+
+
+def test_golden(example: Cluster, regenerate: bool) -> None:
+    assert_golden("dns_zones", dns_zones.render(example), regenerate)
+
+
+def test_zone_files_are_the_forward_and_one_reverse_per_network(example: Cluster) -> None:
+    assert sorted(map(str, zones(example))) == [
+        "dns/50.168.192.in-addr.arpa.zone", "dns/60.168.192.in-addr.arpa.zone", "dns/phys.example.org.zone"]
+
+
+@pytest.mark.parametrize("relativize", [True, False])
+def test_forward_zone_resolves_every_vm_and_the_name_server(example: Cluster, relativize: bool) -> None:
+    zone = parse(zones(example)[FORWARD], "phys.example.org.", relativize)
+    origin = dns.name.from_text("phys.example.org.")
+
+    def lookup(name: str) -> list[str]:
+        owner = dns.name.from_text(name, origin)
+        if relativize:
+            owner = owner.relativize(origin)
+        return [rdata.address for rdata in zone.find_rdataset(owner, dns.rdatatype.A)]
+
+    for vm in example.vms:
+        assert lookup(vm.name) == [str(vm.ip)]
+        assert lookup(example.fqdn(vm) + ".") == [str(vm.ip)]
+    ns = zone.find_rdataset("@" if relativize else origin, dns.rdatatype.NS)
+    assert [rdata.target.derelativize(origin).to_text() for rdata in ns] == ["ns.phys.example.org."]
+    assert lookup("ns") == ["192.168.50.2"]  # the provision server
+    names = {name.derelativize(origin).to_text() for name in zone.nodes}
+    assert names == {"phys.example.org.", "ns.phys.example.org."} | {example.fqdn(vm) + "." for vm in example.vms}
+
+
+def test_reverse_zones_point_every_address_at_its_fqdn(example: Cluster, tmp_path: Path) -> None:
+    expected: dict[str, str] = {}
+    for path, text in zones(example).items():
+        if path == FORWARD:
+            continue
+        origin = path.name.removesuffix(".zone") + "."
+        file = tmp_path / path.name
+        file.write_text(text)
+        zone = dns.zone.from_file(str(file), origin=origin, relativize=False, check_origin=True)
+        for name, node in zone.nodes.items():
+            for rdata in node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.PTR) or ():
+                expected[str(dns.reversename.to_address(name))] = rdata.target.to_text()
+    assert expected == {str(vm.ip): example.fqdn(vm) + "." for vm in example.vms}
+
+
+def test_serial_is_stable_and_changes_with_the_content(example: Cluster) -> None:
+    def serials(cluster: Cluster) -> dict[PurePosixPath, int]:
+        return {path: parse(text, path.name.removesuffix(".zone") + ".").get_soa().serial
+                for path, text in zones(cluster).items()}
+
+    first = serials(example)
+    assert serials(example) == first
+    assert all(0 < serial < 2**32 for serial in first.values())
+    moved = replace(example, vms=tuple(replace(vm, ip=IPv4Address("192.168.60.11")) if vm.name == "login" else vm
+                                       for vm in example.vms))
+    after = serials(moved)
+    dmz, lan = PurePosixPath("dns/60.168.192.in-addr.arpa.zone"), PurePosixPath("dns/50.168.192.in-addr.arpa.zone")
+    assert after[FORWARD] != first[FORWARD]
+    assert after[dmz] != first[dmz]
+    assert after[lan] == first[lan]
+
+
+def test_no_timestamps_and_sorted(example: Cluster) -> None:
+    text = zones(example)[FORWARD]
+    owners = [line.split("\t")[0] for line in text.splitlines() if "\tIN\tA\t" in line]
+    assert owners == sorted(owners)
+    reverse = zones(example)[PurePosixPath("dns/50.168.192.in-addr.arpa.zone")]
+    last_octets = [int(line.split("\t")[0]) for line in reverse.splitlines() if "\tIN\tPTR\t" in line]
+    assert last_octets == sorted(last_octets)
+
+
+def test_prefixes_off_the_octet_boundary_use_the_enclosing_zone(example: Cluster) -> None:
+    # lan /20 and dmz /20 both sit in 192.168.48.0/20: one /16 zone for both, owners of two labels.
+    wide = zones(with_subnets(example, {"lan": "192.168.48.0/20", "dmz": "192.168.48.0/20"}))
+    assert sorted(map(str, wide)) == ["dns/168.192.in-addr.arpa.zone", "dns/phys.example.org.zone"]
+    zone = parse(wide[PurePosixPath("dns/168.192.in-addr.arpa.zone")], "168.192.in-addr.arpa.")
+    assert zone.find_rdataset("10.60", dns.rdatatype.PTR)[0].target.to_text() == "login.phys.example.org."
+    assert zone.find_rdataset("2.50", dns.rdatatype.PTR)[0].target.to_text() == "provision.phys.example.org."
+    # a /25 goes into its /24
+    assert dns_zones.reverse_origin(IPv4Network("10.1.2.128/25")) == "2.1.10.in-addr.arpa"
+    assert dns_zones.reverse_owner(IPv4Address("10.1.2.130"), "2.1.10.in-addr.arpa") == "130"
+    assert dns_zones.reverse_owner(IPv4Address("10.1.2.130"), "1.10.in-addr.arpa") == "130.2"
+
+
+def test_provision_server_outside_the_vms_gets_the_ns_ptr(example: Cluster) -> None:
+    site = example.site
+    provision = replace(site.provision, server=IPv4Address("192.168.50.5"), vm=None)
+    elsewhere = replace(example, site=replace(site, provision=provision))
+    reverse = parse(zones(elsewhere)[PurePosixPath("dns/50.168.192.in-addr.arpa.zone")], "50.168.192.in-addr.arpa.")
+    assert reverse.find_rdataset("5", dns.rdatatype.PTR)[0].target.to_text() == "ns.phys.example.org."
+    forward = parse(zones(elsewhere)[FORWARD], "phys.example.org.")
+    assert [rdata.address for rdata in forward.find_rdataset("ns", dns.rdatatype.A)] == ["192.168.50.5"]
