@@ -1,11 +1,51 @@
-"""Placeholder: being written."""
+"""ansible/inventory.ini: an INI inventory grouped by hostgroup and by physical host.
+
+Ansible wants group names that are Python identifiers (letters, digits, '_', no leading digit), so
+that `groups.web_servers` works in templates; for others it warns "Invalid characters were found in
+group names". Hostgroups are nagios names like `web-servers`: :func:`group_name` maps every other
+character to '_'.
+Hostgroups that map to the same name, or to a host_<physical host> name, share one group.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 
-from generators.model import Cluster
+from generators.model import Cluster, Vm
+from generators.render import render as render_template
+from generators.ssh_config import KNOWN_HOSTS
+
+TEMPLATE = "inventory.ini.j2"
+UNGROUPED = "ungrouped"  # ansible's own group for hosts without a group
+_NOT_IN_GROUP_NAME = re.compile(r"[^A-Za-z0-9_]")
+
+
+def group_name(name: str) -> str:
+    """``name`` as a valid ansible group name: `web-servers` -> `web_servers`, `2nd` -> `_2nd`."""
+    valid = _NOT_IN_GROUP_NAME.sub("_", name)
+    return f"_{valid}" if valid[:1].isdigit() else valid
+
+
+def groups(cluster: Cluster) -> list[tuple[str, list[Vm]]]:
+    """(group, members in cluster.conf order): hostgroups sorted, then ungrouped, then host_<host>."""
+    by_hostgroup: dict[str, list[Vm]] = {}
+    for hostgroup, members in cluster.hostgroups.items():
+        by_hostgroup.setdefault(group_name(hostgroup), []).extend(members)
+    ungrouped = [vm for vm in cluster.vms if not vm.hostgroups]
+    by_host: dict[str, list[Vm]] = {}
+    for vm in cluster.vms:
+        by_host.setdefault(group_name(f"host_{vm.host}"), []).append(vm)
+    result: dict[str, list[Vm]] = {}
+    for name, vms in [*sorted(by_hostgroup.items()), (UNGROUPED, ungrouped), *sorted(by_host.items())]:
+        if vms:
+            result.setdefault(name, []).extend(vms)
+    order = {vm.name: index for index, vm in enumerate(cluster.vms)}
+    # Members in file order and each once, also where several hostgroups became one group.
+    return [(name, sorted({vm.name: vm for vm in vms}.values(), key=lambda vm: order[vm.name]))
+            for name, vms in result.items()]
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    return {PurePosixPath("ansible/inventory.ini"): render_template(
+        TEMPLATE, cluster, groups=groups(cluster), known_hosts=KNOWN_HOSTS)}

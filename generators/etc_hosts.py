@@ -1,11 +1,14 @@
-"""Placeholder: being written."""
+"""hosts: an /etc/hosts fragment (`ip fqdn name`) for every VM, in cluster.conf order."""
 
 from __future__ import annotations
 
 from pathlib import PurePosixPath
 
 from generators.model import Cluster
+from generators.render import render as render_template
+
+TEMPLATE = "etc-hosts.j2"
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    return {PurePosixPath("hosts"): render_template(TEMPLATE, cluster)}
