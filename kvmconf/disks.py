@@ -1,0 +1,118 @@
+"""A VM's primary disk on its physical host: thin qcow2, qcow2 overlay on a cloud image, raw, or LVM.
+
+Paths come from ``generators.paths`` (the domain XML uses the same function), sizes from
+cluster.conf. A disk is never overwritten: :func:`create` refuses when something is already at
+the path, even if it appeared after the plan was made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from generators.model import Cluster, DiskKind, Install, Vm
+from generators.paths import disk_path, lvm_volume_name
+from kvmconf.errors import CommandFailed, DiskExists
+from kvmconf.runner import Runner, describe_failure
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """What provisioning creates for one VM (and what ``destroy --purge`` removes)."""
+
+    vm: str
+    path: str
+    kind: DiskKind
+    size_gb: int
+    backing: str | None = None  # base image of an install=cloud overlay
+    volume_group: str | None = None  # for LVM: `lvcreate -n <lv_name> <volume_group>`
+    lv_name: str | None = None
+
+    def describe(self) -> str:
+        if self.kind is DiskKind.LVM:
+            return f"LVM volume {self.path} ({self.size_gb} GB)"
+        if self.backing:
+            return f"qcow2 overlay {self.path} ({self.size_gb} GB) on {self.backing}"
+        return f"{self.kind} disk {self.path} ({self.size_gb} GB, thin)"
+
+
+def disk_spec(cluster: Cluster, vm: Vm) -> DiskSpec:
+    backing = None
+    if vm.install is Install.CLOUD and vm.disk.kind is DiskKind.QCOW2:
+        # An overlay, not a copy: creating it costs the same for a 1 GB and a 20 GB base image.
+        backing = cluster.os_of(vm).cloud_image
+    lv_name = lvm_volume_name(vm) if vm.disk.kind is DiskKind.LVM else None
+    return DiskSpec(vm.name, disk_path(cluster, vm), vm.disk.kind, vm.disk.size_gb, backing, vm.disk.volume_group,
+                    lv_name)
+
+
+def lvcreate_argv(disk: DiskSpec) -> list[str]:
+    """The one lvcreate call kvmconf makes (a test asserts it: CI machines have no device-mapper)."""
+    assert disk.volume_group and disk.lv_name, "programming error: an LVM disk without a volume group"
+    return ["lvcreate", "--yes", "-n", disk.lv_name, "-L", f"{disk.size_gb}G", disk.volume_group]
+
+
+def lvremove_argv(disk: DiskSpec) -> list[str]:
+    assert disk.volume_group and disk.lv_name, "programming error: an LVM disk without a volume group"
+    return ["lvremove", "--yes", f"{disk.volume_group}/{disk.lv_name}"]
+
+
+def exists(runner: Runner, disk: DiskSpec) -> bool:
+    return runner.exists(disk.path)
+
+
+def _base_info(runner: Runner, disk: DiskSpec) -> tuple[str, int]:
+    """The base image's format and virtual size in bytes, for an overlay on it."""
+    assert disk.backing is not None
+    # -U: the base is shared by running VMs, which hold a lock on it; we only read its header.
+    result = runner.run(["qemu-img", "info", "-U", "--output=json", disk.backing])
+    if result.returncode != 0:
+        raise CommandFailed(f"{disk.vm}: base image {disk.backing} for its install=cloud overlay is not usable on"
+                            f" {runner.where} (put the OS's cloud image there, or fix cloud_image in site.toml): "
+                            + describe_failure(runner.where, ["qemu-img", "info", disk.backing], result))
+    info = json.loads(result.stdout)
+    return str(info["format"]), int(info["virtual-size"])
+
+
+def create(runner: Runner, disk: DiskSpec) -> None:
+    """Create the disk; raise :class:`DiskExists` if something is at its path, CommandFailed if the tool fails."""
+    if disk.kind is DiskKind.LVM:
+        # lvcreate itself refuses an existing name, so there is no window for an overwrite here.
+        runner.check(lvcreate_argv(disk))
+        return
+    size = f"{disk.size_gb}G"
+    if disk.backing:
+        fmt, base_size = _base_info(runner, disk)
+        if base_size > disk.size_gb * GIB:
+            need = -(-base_size // GIB)
+            raise CommandFailed(f"{disk.vm}: disk size {disk.size_gb} GB is smaller than its base image {disk.backing}"
+                                f" ({base_size / GIB:.1f} GB); give it at least {need} GB in cluster.conf")
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", disk.backing]
+    elif disk.kind is DiskKind.QCOW2:
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=off"]
+    else:
+        argv = ["qemu-img", "create", "-q", "-f", "raw"]  # sparse: allocated as the guest writes
+    # qemu-img truncates an existing file, so create under a new name and hard-link it into place:
+    # link(2) fails if the path exists, which closes the gap between the plan's check and now.
+    tmp = f"{disk.path}.kvmconf-new"
+    runner.check([*argv, tmp, size])
+    linked = runner.run(["ln", "-T", "--", tmp, disk.path])
+    runner.remove(tmp)
+    if linked.returncode != 0:
+        if runner.exists(disk.path):
+            raise DiskExists(already_there(disk))
+        raise CommandFailed(describe_failure(runner.where, ["ln", tmp, disk.path], linked))
+
+
+def remove(runner: Runner, disk: DiskSpec) -> None:
+    if disk.kind is DiskKind.LVM:
+        runner.check(lvremove_argv(disk))
+    else:
+        runner.remove(disk.path)
+
+
+def already_there(disk: DiskSpec) -> str:
+    return (f"{disk.vm}: its disk {disk.path} already exists and is never overwritten; attach it as it is with"
+            f" --reuse-disk, or remove it with `invoke destroy --vm {disk.vm} --purge` if it is a leftover")

@@ -1,0 +1,92 @@
+"""Run commands on a physical host: locally, or over SSH when its libvirt URI names a remote machine.
+
+Disks are made with qemu-img and lvcreate where the VM will run, so the host that libvirt's URI
+points at is also where these commands must go. Everything goes through :meth:`Runner.run`, so a
+test can record or fake the exact argv (there is no device-mapper on CI machines for lvcreate).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from kvmconf.errors import CommandFailed
+
+# A command's output, as subprocess gives it: (returncode, stdout, stderr).
+Result = subprocess.CompletedProcess[bytes]
+Execute = Callable[[Sequence[str], bytes | None], Result]
+
+_TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH session forever
+
+
+def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, timeout=_TIMEOUT, check=False)
+
+
+@dataclass
+class Runner:
+    """Where a host's commands run: ``ssh`` is None for this machine, else ``[user@]host`` (and port)."""
+
+    ssh: str | None = None
+    port: int | None = None
+    execute: Execute = _execute
+
+    @property
+    def where(self) -> str:
+        return self.ssh or "localhost"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """The argv actually executed: the command itself, or ssh running it on the host."""
+        if self.ssh is None:
+            return list(argv)
+        # BatchMode: a provision run must fail, not hang, when the key is not accepted.
+        port = ["-p", str(self.port)] if self.port else []
+        return ["ssh", "-o", "BatchMode=yes", *port, self.ssh, "--", shlex.join(argv)]
+
+    def run(self, argv: Sequence[str], stdin: bytes | None = None) -> Result:
+        """Run and return the result whatever the exit status (see :meth:`check`)."""
+        return self.execute(self.argv(argv), stdin)
+
+    def check(self, argv: Sequence[str], stdin: bytes | None = None) -> Result:
+        """Run; raise :class:`CommandFailed` with the command and its stderr on a non-zero exit."""
+        result = self.run(argv, stdin)
+        if result.returncode != 0:
+            raise CommandFailed(describe_failure(self.where, argv, result))
+        return result
+
+    def exists(self, path: str) -> bool:
+        # -e follows symlinks: a dangling link (e.g. to a removed LV) counts as absent, like for qemu.
+        return self.run(["test", "-e", path]).returncode == 0
+
+    def write(self, path: str, data: bytes) -> None:
+        """Write a file in one piece: to a temporary name first, then renamed over ``path``."""
+        tmp = f"{path}.kvmconf-new"
+        self.check(["sh", "-c", 'cat > "$1" && mv -f -- "$1" "$2"', "sh", tmp, path], stdin=data)
+
+    def read(self, path: str) -> bytes | None:
+        """The file's content, or None when it does not exist."""
+        result = self.run(["cat", "--", path])
+        return result.stdout if result.returncode == 0 else None
+
+    def remove(self, path: str) -> None:
+        self.check(["rm", "-f", "--", path])
+
+
+def describe_failure(where: str, argv: Sequence[str], result: Result) -> str:
+    stderr = result.stderr.decode(errors="replace").strip()
+    tail = "\n".join(stderr.splitlines()[-5:]) or "(no error output)"
+    return f"{where}: `{shlex.join(argv)}` failed with exit status {result.returncode}: {tail}"
+
+
+def runner_for_uri(uri: str, execute: Execute = _execute) -> Runner:
+    """Local for ``qemu:///system``, ``qemu+unix://...`` and ``test://``; SSH to the URI's host otherwise."""
+    parts = urlsplit(uri)
+    if not parts.hostname or parts.hostname in ("localhost", "127.0.0.1", "::1"):
+        return Runner(None, None, execute)
+    user = f"{parts.username}@" if parts.username else ""
+    # Only qemu+ssh's port is an SSH port; tcp/tls ports belong to libvirtd, SSH stays on 22.
+    port = parts.port if parts.scheme.endswith("+ssh") else None
+    return Runner(f"{user}{parts.hostname}", port, execute)
