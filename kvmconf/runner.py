@@ -23,7 +23,11 @@ _TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH se
 
 
 def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:
-    return subprocess.run(list(argv), input=stdin, capture_output=True, timeout=_TIMEOUT, check=False)
+    try:
+        return subprocess.run(list(argv), input=stdin, capture_output=True, timeout=_TIMEOUT, check=False)
+    except FileNotFoundError:
+        # What a shell (and so ssh) reports for a missing command: the same message either way.
+        return subprocess.CompletedProcess(list(argv), 127, b"", f"{argv[0]}: command not found".encode())
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""`invoke start/stop/destroy`: one VM's domain on its physical host.
+
+``destroy`` stops and undefines; the disk stays unless ``purge`` is given, and purging asks first
+(or is told with ``--force``): a disk is the one thing here that cannot be made again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from generators.model import Cluster, Install
+from generators.paths import seed_iso_path
+from kvmconf import disks, domains
+from kvmconf.connection import Connections
+from kvmconf.errors import KvmconfError
+from kvmconf.plan import select
+
+Log = Callable[[str], None]
+Confirm = Callable[[str], bool]
+
+
+def _domain(cluster: Cluster, name: str, conns: Connections) -> tuple[domains.libvirt.virDomain | None, str]:
+    vm = select(cluster, [name], False)[0]
+    return domains.lookup(conns.get(vm.host), name), vm.host
+
+
+def start(cluster: Cluster, name: str, conns: Connections, log: Log = print) -> None:
+    dom, host = _domain(cluster, name, conns)
+    if dom is None:
+        raise KvmconfError(f"{name} is not defined on {host}; create it with `invoke provision --vm {name}`")
+    log(f"{name}: started on {host}" if domains.start(dom) else f"{name}: already running on {host}")
+
+
+def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, log: Log = print) -> None:
+    """Ask the guest to shut down (ACPI), or with ``force`` power it off at once."""
+    dom, host = _domain(cluster, name, conns)
+    if dom is None:
+        raise KvmconfError(f"{name} is not defined on {host}")
+    if force:
+        log(f"{name}: powered off" if domains.power_off(dom) else f"{name}: was not running")
+    else:
+        log(f"{name}: shutdown requested (the guest decides when; --force powers it off)" if domains.shutdown(dom)
+            else f"{name}: was not running")
+
+
+def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False,
+            confirm: Confirm | None = None, dry_run: bool = False, log: Log = print) -> None:
+    """Power off and undefine; with ``purge`` also remove the disk and seed ISO, if ``confirm`` agrees.
+
+    ``confirm`` is None when the caller already has the admin's consent (``--force``).
+    """
+    vm = select(cluster, [name], False)[0]
+    conn, runner = conns.get(vm.host), conns.runner(vm.host)
+    dom = domains.lookup(conn, name)
+    disk = disks.disk_spec(cluster, vm)
+    seed = seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None
+    doomed = [path for path in (disk.path, seed) if path and runner.exists(path)] if purge else []
+    steps = []
+    if dom is not None:
+        steps += ["power off"] if domains.is_active(dom) else []
+        steps += ["undefine"]
+    steps += [f"remove {path}" for path in doomed]
+    if not steps:
+        log(f"{name}: not defined on {vm.host}" + ("" if purge else f"; its disk {disk.path} is kept if it exists"))
+        return
+    if dry_run:
+        log(f"{name} on {vm.host}: would " + ", ".join(steps))
+        return
+    if doomed and confirm is not None and not confirm(f"Remove {' and '.join(doomed)} of {name} for good?"):
+        raise KvmconfError(f"{name}: not destroyed (purging was not confirmed)")
+    if dom is not None:
+        if domains.power_off(dom):
+            log(f"{name}: powered off")
+        domains.undefine(dom, keep_nvram=not purge)
+        log(f"{name}: undefined on {vm.host}")
+    if not purge:
+        log(f"{name}: disk {disk.path} kept (remove it with --purge)")
+        return
+    if disk.path in doomed:
+        disks.remove(runner, disk)
+        log(f"{name}: removed {disk.describe()}")
+    if seed and seed in doomed:
+        runner.remove(seed)
+        log(f"{name}: removed seed ISO {seed}")

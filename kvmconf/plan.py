@@ -1,0 +1,247 @@
+"""What provisioning would create, change or leave alone, per physical host, touching nothing.
+
+``invoke plan`` prints it; ``invoke provision`` computes the same plan and then carries it out, so
+what the plan shows is what provisioning does.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from pathlib import PurePosixPath
+
+import libvirt
+
+from generators import cloud_init, domain_xml
+from generators.model import Cluster, Install, Vm
+from generators.paths import seed_iso_path
+from kvmconf import disks, domains
+from kvmconf.connection import Connections
+from kvmconf.disks import DiskSpec
+from kvmconf.errors import HostUnreachable, KvmconfError, UnknownVm
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    CHANGE = "change"
+    KEEP = "unchanged"
+
+
+_MARK = {Action.CREATE: "+", Action.CHANGE: "~", Action.KEEP: "="}
+
+
+class Artifacts:
+    """The generated files provisioning needs, rendered in memory from the cluster as given.
+
+    In memory rather than read from build/: the lab adjusts the cluster (URIs, paths, domain
+    type) before rendering, and a stale build/ can never be provisioned by mistake.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    @cached_property
+    def _domains(self) -> dict[PurePosixPath, str | bytes]:
+        return domain_xml.render(self.cluster)
+
+    @cached_property
+    def _seeds(self) -> dict[PurePosixPath, str | bytes]:
+        return cloud_init.render(self.cluster)
+
+    def domain_xml(self, vm: Vm) -> str:
+        xml = self._domains[PurePosixPath("libvirt", f"{vm.name}.xml")]
+        assert isinstance(xml, str)
+        return xml
+
+    def seed_iso(self, vm: Vm) -> bytes:
+        iso = self._seeds.get(PurePosixPath("cloud-init", f"{vm.name}.iso"))
+        if not isinstance(iso, bytes):
+            raise RuntimeError(f"programming error: generators.cloud_init made no seed ISO for {vm.name!r}")
+        return iso
+
+
+@dataclass
+class VmPlan:
+    vm: Vm
+    action: Action
+    xml: str  # what to define: the generated XML, carrying the defined domain's UUID when changing
+    disk: DiskSpec
+    disk_exists: bool
+    diff: list[str] = field(default_factory=list)
+    autostart_now: bool | None = None  # for a defined domain: its autostart flag today
+    running: bool = False
+    old_xml: str | None = None  # the defined domain's inactive XML, to restore if a run fails
+    uuid_kept: str | None = None  # set when the defined UUID differs from the generated one
+    seed_path: str | None = None  # the NoCloud seed ISO on the host, for install=cloud
+
+    @property
+    def autostart_changes(self) -> bool:
+        return self.autostart_now is not None and self.autostart_now != self.vm.autostart
+
+
+
+@dataclass
+class HostPlan:
+    host: str
+    uri: str
+    vms: list[VmPlan] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)  # defined here, not in cluster.conf (left alone)
+    misplaced: dict[str, str] = field(default_factory=dict)  # defined here, cluster.conf places it on another host
+    error: str | None = None  # the host could not be reached
+
+
+@dataclass
+class Plan:
+    hosts: list[HostPlan]
+
+    @property
+    def vms(self) -> list[VmPlan]:
+        return [p for h in self.hosts for p in h.vms]
+
+    def blocked(self, reuse_disk: bool) -> list[str]:
+        """Why provisioning must not start: unreachable hosts, disks in the way of new domains."""
+        problems = [h.error for h in self.hosts if h.error]
+        if not reuse_disk:
+            problems += [disks.already_there(p.disk) for p in self.vms if p.action is Action.CREATE and p.disk_exists]
+        return problems
+
+    def count(self, action: Action) -> int:
+        return sum(1 for p in self.vms if p.action is action)
+
+
+def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
+    """The VMs named (or all of them, in cluster.conf order); unknown names are an error."""
+    if all_vms:
+        return list(cluster.vms)
+    if not names:
+        raise KvmconfError("name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf")
+    known = {vm.name for vm in cluster.vms}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}")
+    wanted = set(names)
+    return [vm for vm in cluster.vms if vm.name in wanted]
+
+
+def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, conns: Connections, artifacts: Artifacts,
+            aliases: dict[tuple[str, str], str]) -> VmPlan:
+    xml = artifacts.domain_xml(vm)
+    disk = disks.disk_spec(cluster, vm)
+    exists = disks.exists(conns.runner(vm.host), disk)
+    seed = seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None
+    dom = domains.lookup(conn, vm.name)
+    if dom is None:
+        return VmPlan(vm, Action.CREATE, xml, disk, exists, seed_path=seed)
+    live = domains.inactive_xml(dom)
+    uuid = dom.UUIDString()
+    generated_uuid = domains.uuid_of(xml)
+    xml = domains.with_uuid(xml, uuid)
+    diff = domains.definition_diff(live, xml, aliases, vm.name)
+    plan = VmPlan(vm, Action.KEEP, xml, disk, exists, diff, bool(dom.autostart()), domains.is_active(dom), live,
+                  uuid if generated_uuid != uuid else None, seed)
+    if diff or plan.autostart_changes or not exists:
+        plan.action = Action.CHANGE
+    return plan
+
+
+def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts: Artifacts | None = None,
+              others: bool = False, strict: bool = True) -> Plan:
+    """Compare each VM with its host; ``others`` also lists domains on those hosts not in cluster.conf.
+
+    With ``strict``, an unreachable host raises at once (provisioning); otherwise it is recorded
+    in the plan and the other hosts are still shown (``invoke plan``, ``invoke status``).
+    """
+    artifacts = artifacts or Artifacts(cluster)
+    by_host: dict[str, list[Vm]] = {}
+    for vm in vms:
+        by_host.setdefault(vm.host, []).append(vm)
+    hosts = []
+    for host in sorted(by_host):
+        hplan = HostPlan(host, conns.uri(host))
+        hosts.append(hplan)
+        try:
+            conn = conns.get(host)
+        except HostUnreachable as err:
+            if strict:
+                raise
+            hplan.error = str(err)
+            continue
+        aliases = domains.machine_aliases(conn)
+        hplan.vms = [plan_vm(cluster, vm, conn, conns, artifacts, aliases) for vm in by_host[host]]
+        if others:
+            hplan.others, hplan.misplaced = foreign_domains(cluster, host, conn, conns)
+    return Plan(hosts)
+
+
+def foreign_domains(cluster: Cluster, host: str, conn: libvirt.virConnect,
+                    conns: Connections) -> tuple[list[str], dict[str, str]]:
+    """Domains on ``host`` that cluster.conf does not put there: unknown ones, and ones placed elsewhere."""
+    sharing = conns.hosts_sharing_uri(host)
+    placed = {vm.name: vm.host for vm in cluster.vms}
+    unknown, misplaced = [], {}
+    for name in sorted(dom.name() for dom in conn.listAllDomains()):
+        if name not in placed:
+            unknown.append(name)
+        elif placed[name] not in sharing:
+            misplaced[name] = placed[name]
+    return unknown, misplaced
+
+
+def describe_create(p: VmPlan, reuse_disk: bool, start: bool) -> str:
+    steps = []
+    if p.disk_exists:
+        steps.append(f"reuse existing disk {p.disk.path}" if reuse_disk else f"STOP: disk {p.disk.path} exists")
+    else:
+        steps.append(f"create {p.disk.describe()}")
+    if p.seed_path:
+        steps.append(f"write seed ISO {p.seed_path}")
+    steps.append("define")
+    steps.append(f"autostart {'on' if p.vm.autostart else 'off'}")
+    if start:
+        steps.append("start")
+    return "; ".join(steps)
+
+
+def describe_change(p: VmPlan) -> list[str]:
+    lines = []
+    if not p.disk_exists:
+        lines.append(f"disk {p.disk.path} is missing: create {p.disk.describe()}")
+    if p.autostart_changes:
+        lines.append(f"autostart {'on' if p.autostart_now else 'off'} -> {'on' if p.vm.autostart else 'off'}")
+    if p.uuid_kept:
+        lines.append(f"keeps its UUID {p.uuid_kept} (not the generated one)")
+    lines.extend(p.diff)
+    if p.diff and p.running:
+        lines.append("(running: a new definition takes effect when the VM is next started)")
+    return lines
+
+
+def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str:
+    out = []
+    for h in plan.hosts:
+        out.append(f"{h.host} ({h.uri}):")
+        if h.error:
+            out.append(f"  ! unreachable: {h.error}")
+            continue
+        width = max((len(p.vm.name) for p in h.vms), default=0)
+        for p in h.vms:
+            head = f"  {_MARK[p.action]} {p.vm.name:<{width}}  "
+            if p.action is Action.CREATE:
+                out.append(head + describe_create(p, reuse_disk, start))
+            elif p.action is Action.KEEP:
+                out.append(head + "no change")
+            else:
+                out.append(head + "change:")
+                out.extend(f"      {line}" for line in describe_change(p))
+        for name in h.others:
+            out.append(f"  ? {name}  defined on this host, not in cluster.conf (left alone)")
+        for name, where in h.misplaced.items():
+            out.append(f"  ? {name}  defined on this host, but cluster.conf places it on {where} (left alone)")
+    out.append(f"{plan.count(Action.CREATE)} to create, {plan.count(Action.CHANGE)} to change,"
+               f" {plan.count(Action.KEEP)} unchanged")
+    return "\n".join(out)

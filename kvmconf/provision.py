@@ -1,0 +1,197 @@
+"""`invoke provision`: disks, seed ISOs and domains for VMs of cluster.conf, as one undoable run.
+
+The run first plans everything (connecting to every host involved, checking every disk path), so
+an unreachable URI or a disk in the way stops it before anything exists. While carrying the plan
+out, each step that creates something is journalled with its undo; if a later step fails (or the
+run is interrupted), exactly those steps are undone, newest first, and nothing that was there
+before is touched.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+import libvirt
+
+from generators.model import Cluster
+from kvmconf import disks, domains
+from kvmconf.connection import Connections
+from kvmconf.errors import DiskExists, KvmconfError, ProvisionFailed
+from kvmconf.plan import Action, Artifacts, Plan, VmPlan, describe_change, format_plan, make_plan, select
+from kvmconf.runner import Runner
+
+Log = Callable[[str], None]
+Undo = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Options:
+    apply: bool = False  # redefine domains whose definition changed (otherwise only show the diff)
+    dry_run: bool = False  # show the plan, touch nothing
+    reuse_disk: bool = False  # attach a disk found at the VM's path instead of stopping
+    start: bool = True  # start newly defined domains
+
+
+class Journal:
+    """The steps this run has done, each with its undo."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.steps: list[tuple[str, Undo]] = []
+
+    def done(self, what: str, undo: Undo) -> None:
+        self.steps.append((what, undo))
+        self.log(what)
+
+    def rollback(self) -> tuple[list[str], list[str]]:
+        """Undo every step, newest first; returns (undone, failed with why). Never raises."""
+        undone, failed = [], []
+        for what, undo in reversed(self.steps):
+            try:
+                undo()
+                undone.append(what)
+            except (KvmconfError, libvirt.libvirtError, OSError) as err:
+                failed.append(f"{what} ({err})")
+        self.steps.clear()
+        return undone, failed
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let `kill <pid>` roll a run back like Ctrl-C does (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def provision(cluster: Cluster, names: Sequence[str], conns: Connections, options: Options = Options(),
+              all_vms: bool = False, log: Log = print, artifacts: Artifacts | None = None) -> Plan:
+    vms = select(cluster, names, all_vms)
+    artifacts = artifacts or Artifacts(cluster)
+    plan = make_plan(cluster, vms, conns, artifacts, strict=True)
+    problems = plan.blocked(options.reuse_disk)
+    if options.dry_run:
+        log(format_plan(plan, options.reuse_disk, options.start))
+    if problems:
+        raise DiskExists("\n".join(problems) + "\nnothing was changed")
+    if options.dry_run:
+        return plan
+    journal = Journal(log)
+    try:
+        with sigterm_as_interrupt():
+            by_name = {p.vm.name: p for p in plan.vms}
+            for vm in vms:  # cluster.conf order, which is deployment order
+                _carry_out(by_name[vm.name], conns, artifacts, options, journal)
+    except (KvmconfError, libvirt.libvirtError, KeyboardInterrupt, OSError) as err:
+        undone, failed = journal.rollback()
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        message = [f"provisioning failed: {reason}"]
+        message.append("undone: " + "; ".join(undone) if undone else "nothing had been created yet")
+        if failed:
+            message.append("COULD NOT UNDO (remove by hand): " + "; ".join(failed))
+        raise ProvisionFailed("\n".join(message)) from err
+    except BaseException:
+        journal.rollback()  # a bug: still leave nothing behind, and show the traceback
+        raise
+    changed = plan.count(Action.CHANGE)
+    log(f"{plan.count(Action.CREATE)} created, "
+        + (f"{changed} changed" if options.apply else f"{changed} to change (shown, not applied)")
+        + f", {plan.count(Action.KEEP)} unchanged")
+    return plan
+
+
+def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Options, journal: Journal) -> None:
+    name = p.vm.name
+    runner = conns.runner(p.vm.host)
+    conn = conns.get(p.vm.host)
+    if p.action is Action.KEEP:
+        journal.log(f"{name}: no change")
+        return
+    if not p.disk_exists:
+        disks.create(runner, p.disk)
+        journal.done(f"{name}: created {p.disk.describe()}", _remove_disk(runner, p.disk))
+    elif p.action is Action.CREATE:
+        journal.log(f"{name}: reusing the existing disk {p.disk.path} (--reuse-disk)")
+    if p.action is Action.CHANGE:
+        _change(p, conn, options, journal)
+        return
+    if p.seed_path:
+        _write_seed(p, runner, artifacts.seed_iso(p.vm), journal)
+    dom = domains.define(conn, p.xml)
+    journal.done(f"{name}: defined on {p.vm.host}", _undefine(dom))
+    domains.set_autostart(dom, p.vm.autostart)
+    if options.start and domains.start(dom):
+        journal.done(f"{name}: started", _power_off(dom))
+
+
+def _change(p: VmPlan, conn: libvirt.virConnect, options: Options, journal: Journal) -> None:
+    name = p.vm.name
+    changes = describe_change(p)
+    if not (p.diff or p.autostart_changes or p.uuid_kept):
+        return  # only the disk was missing, and it has been created
+    if not options.apply:
+        journal.log(f"{name}: definition differs from cluster.conf (not applied; run again with --apply):")
+        for line in changes:
+            journal.log(f"    {line}")
+        return
+    assert p.old_xml is not None
+    if p.diff or p.uuid_kept:
+        domains.define(conn, p.xml)
+        journal.done(f"{name}: applied the new definition", _redefine(conn, p.old_xml))
+        for line in changes:
+            journal.log(f"    {line}")
+    dom = conn.lookupByName(name)
+    if domains.set_autostart(dom, p.vm.autostart):
+        journal.done(f"{name}: autostart {'on' if p.vm.autostart else 'off'}",
+                     _autostart(dom, not p.vm.autostart))
+
+
+def _write_seed(p: VmPlan, runner: Runner, iso: bytes, journal: Journal) -> None:
+    assert p.seed_path is not None
+    before = runner.read(p.seed_path)  # a leftover of an earlier VM of this name: restored if we fail
+    if before == iso:
+        return
+    runner.write(p.seed_path, iso)
+    journal.done(f"{p.vm.name}: wrote seed ISO {p.seed_path}", _restore_file(runner, p.seed_path, before))
+
+
+# Undo steps as small closures over their own values (not over loop variables).
+
+def _remove_disk(runner: Runner, disk: disks.DiskSpec) -> Undo:
+    return lambda: disks.remove(runner, disk)
+
+
+def _undefine(dom: libvirt.virDomain) -> Undo:
+    return lambda: domains.undefine(dom, keep_nvram=False)
+
+
+def _power_off(dom: libvirt.virDomain) -> Undo:
+    return lambda: domains.power_off(dom)
+
+
+def _redefine(conn: libvirt.virConnect, xml: str) -> Undo:
+    return lambda: domains.define(conn, xml)
+
+
+def _autostart(dom: libvirt.virDomain, on: bool) -> Undo:
+    return lambda: domains.set_autostart(dom, on)
+
+
+def _restore_file(runner: Runner, path: str, before: bytes | None) -> Undo:
+    if before is None:
+        return lambda: runner.remove(path)
+    return lambda: runner.write(path, before)
