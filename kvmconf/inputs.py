@@ -1,0 +1,45 @@
+"""Which cluster the tasks act on: the same KVMCONF_* variables as `make`, plus KVMCONF_LAB for the lab.
+
+With ``KVMCONF_LAB=<dir>`` (printed by `invoke lab.up`) every task acts on the lab in that
+directory instead of the real hosts of site.toml: see :func:`kvmconf.lab.remap`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from generators.model import Cluster
+from generators.validate import load_cluster
+from kvmconf.errors import KvmconfError
+from kvmconf.lab import Lab, remap
+
+
+def cluster_path() -> Path:
+    return Path(os.environ.get("KVMCONF_CLUSTER", "cluster.conf"))
+
+
+def site_path() -> Path:
+    return Path(os.environ.get("KVMCONF_SITE", "site.toml"))
+
+
+def build_path() -> Path:
+    return Path(os.environ.get("KVMCONF_BUILD", "build"))
+
+
+def lab_dir() -> Path | None:
+    value = os.environ.get("KVMCONF_LAB")
+    return Path(value) if value else None
+
+
+def load() -> Cluster:
+    """The validated cluster (raises ConfigError/UsageError), moved into the lab when KVMCONF_LAB is set."""
+    cluster = load_cluster(cluster_path(), site_path())
+    directory = lab_dir()
+    if directory is None:
+        return cluster
+    lab = Lab.load(directory.absolute())
+    if lab is None:
+        raise KvmconfError(f"KVMCONF_LAB={directory} but no lab is up there: start it with `invoke lab.up`"
+                           " (or unset KVMCONF_LAB to act on the hosts of site.toml)")
+    return remap(cluster, lab)

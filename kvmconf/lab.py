@@ -1,0 +1,392 @@
+"""A throwaway lab on one machine: try provisioning without a server and without touching its network.
+
+``up`` creates a network namespace holding the bridges of site.toml, starts a private virtlogd +
+libvirtd *inside* it (so the taps libvirt makes for ``<interface type='bridge'>``, and the QEMU
+processes, are in the namespace too) and the generated dnsmasq serving the provision network's
+bridge. The daemons get their own /run, /etc/libvirt, /var/lib/libvirt, /var/cache/libvirt and
+/var/log/libvirt (bind mounts in the namespace's own mount namespace, which ``ip netns exec``
+creates), so they never meet the machine's own libvirt; they are reached through a socket in the
+lab directory. ``down`` stops exactly the processes ``up`` started, by PID, then anything still in
+the namespace (QEMUs), and removes the namespace and the lab's files.
+
+Tasks see the lab through :func:`remap`: every physical host of site.toml becomes the lab's
+daemon, disks go to the lab directory, and the domain type is ``qemu`` (software emulation)
+unless the lab was started with ``kvm=True``: nested KVM often cannot run guests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+import libvirt
+
+from generators.build import input_digest, render_all
+from generators.model import Cluster, DomainType, Network
+from generators.render import environment
+from generators.writer import write_tree
+from kvmconf.errors import KvmconfError
+
+Log = Callable[[str], None]
+
+DEFAULT_DIR = Path("/var/tmp/kvmconf-lab")
+DEFAULT_NETNS = "kvmconf-lab"
+STATE_FILE = "lab.json"
+BASE_IMAGE_GB = 1  # placeholder cloud image; drop a real one at base/<os>.qcow2 to boot it
+TOOLS = ("ip", "libvirtd", "virtlogd", "qemu-img", "qemu-system-x86_64", "dnsmasq")
+_START_TIMEOUT = 60.0  # libvirtd's first start probes QEMU's capabilities: seconds under emulation
+_STOP_TIMEOUT = 15.0
+
+# Runs inside `ip netns exec`, i.e. in the namespace and in a fresh mount namespace whose mounts
+# do not propagate back (ip makes / a slave). $1 is the lab directory.
+_LAUNCH = """set -eu
+d=$1
+mount -t tmpfs -o mode=0755 kvmconf-lab /run
+mkdir -p /run/libvirt /run/lock
+for pair in etc:/etc/libvirt lib:/var/lib/libvirt cache:/var/cache/libvirt log:/var/log/libvirt; do
+  mkdir -p "${pair#*:}"
+  mount --bind "$d/libvirt/${pair%%:*}" "${pair#*:}"
+done
+virtlogd -d -f /etc/libvirt/virtlogd.conf -p "$d/virtlogd.pid"
+libvirtd -d -f /etc/libvirt/libvirtd.conf -p "$d/libvirtd.pid"
+"""
+
+
+@dataclass
+class Lab:
+    dir: Path
+    netns: str
+    kvm: bool = False
+    pids: dict[str, int] = field(default_factory=dict)  # what up() started: virtlogd, libvirtd, dnsmasq
+    bridges: dict[str, str] = field(default_factory=dict)  # bridge -> its address/prefix in the namespace ("" for none)
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "sock" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "images"
+
+    @property
+    def base(self) -> Path:
+        return self.dir / "base"
+
+    def save(self) -> None:
+        data = {"dir": str(self.dir), "netns": self.netns, "kvm": self.kvm, "pids": self.pids, "bridges": self.bridges}
+        tmp = self.dir / f"{STATE_FILE}.new"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.dir / STATE_FILE)
+
+    @classmethod
+    def load(cls, lab_dir: Path) -> Lab | None:
+        try:
+            data = json.loads((lab_dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        return cls(Path(data["dir"]), data["netns"], data["kvm"], data["pids"], data["bridges"])
+
+
+# --- the lab as the tasks see it ----------------------------------------------------------------
+
+def provision_network(cluster: Cluster) -> Network | None:
+    """The network the provision server (our dnsmasq in the lab) is on."""
+    server = cluster.site.provision.server
+    return next((net for net in cluster.site.networks.values() if server and server in net.subnet), None)
+
+
+def remap(cluster: Cluster, lab: Lab, images: Path | None = None) -> Cluster:
+    """The cluster as it runs in the lab: every host is the lab's libvirtd, files live in the lab directory."""
+    site = cluster.site
+    images = images or lab.images
+    hosts = {name: dataclasses.replace(h, uri=lab.uri, disk_dir=str(images / name)) for name, h in site.hosts.items()}
+    oses = {name: dataclasses.replace(o, cloud_image=str(lab.base / f"{name}.qcow2") if o.cloud_image else None)
+            for name, o in site.oses.items()}
+    net = provision_network(cluster)
+    provision = dataclasses.replace(site.provision, config_dir=str(lab.dir / "kvmconf"),
+                                    tftp_root=str(lab.dir / "tftp"),
+                                    interface=net.bridge if net else site.provision.interface)
+    site = dataclasses.replace(site, hosts=hosts, oses=oses, provision=provision,
+                               domain_type=DomainType.KVM if lab.kvm else DomainType.QEMU)
+    return dataclasses.replace(cluster, site=site)
+
+
+def bridge_addresses(cluster: Cluster) -> dict[str, str]:
+    """Each network's bridge with the address it gets in the namespace: the provision server's, else the gateway's."""
+    server = cluster.site.provision.server
+    bridges = {}
+    for net in sorted(cluster.site.networks.values(), key=lambda n: n.name):
+        address: IPv4Address | None = server if server and server in net.subnet else net.gateway
+        bridges[net.bridge] = str(IPv4Interface(f"{address}/{net.subnet.prefixlen}")) if address else ""
+    return bridges
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise KvmconfError(f"lab: `{' '.join(argv)}` failed with exit status {result.returncode}:"
+                           f" {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def in_netns(pid: int, netns: str) -> bool:
+    """Whether ``pid`` lives in our namespace: a recycled PID of an unrelated process never does."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return False
+
+
+def netns_exists(netns: str) -> bool:
+    return Path("/run/netns", netns).exists()
+
+
+def netns_pids(netns: str) -> list[int]:
+    if not netns_exists(netns):
+        return []
+    return [int(pid) for pid in _run(["ip", "netns", "pids", netns]).stdout.split()]
+
+
+def stop_pid(pid: int, timeout: float = _STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def _read_pid(path: Path) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.05)
+    raise KvmconfError(f"lab: {path} did not appear: the daemon did not start (see the logs in {path.parent})")
+
+
+def check_requirements() -> None:
+    if os.geteuid() != 0:
+        raise KvmconfError("the lab needs root: it creates a network namespace and runs libvirtd")
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [tool for tool in TOOLS if shutil.which(tool, path=path) is None]
+    if missing:
+        raise KvmconfError(f"the lab needs {', '.join(missing)}: install them with `make test-deps`"
+                           " (packages libvirt-daemon-system, qemu-system-x86, qemu-utils, dnsmasq-base, iproute2)")
+
+
+# --- up and down ----------------------------------------------------------------------------------
+
+def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS, kvm: bool = False,
+       log: Log = print) -> Lab:
+    """Start the lab (or refresh the dnsmasq files of a running one); undo everything if a step fails."""
+    check_requirements()
+    lab_dir = lab_dir.absolute()
+    existing = Lab.load(lab_dir)
+    if existing is not None and alive(existing.pids.get("libvirtd", 0)):
+        refresh_dnsmasq(remap(cluster, existing), existing, log)
+        log(f"lab already up in {lab_dir} (namespace {existing.netns}); dnsmasq files refreshed")
+        return existing
+    if existing is not None:
+        log(f"lab: removing the remains of a lab that is no longer running in {lab_dir}")
+        teardown(existing, log)
+    if netns_exists(netns):
+        raise KvmconfError(f"network namespace {netns} exists already and is not this lab's"
+                           f" (see `ip netns pids {netns}`; remove it with `ip netns del {netns}` if it is a leftover)")
+    lab = Lab(lab_dir, netns, kvm, bridges=bridge_addresses(cluster))
+    try:
+        _make_files(lab, cluster)
+        _make_netns(lab)
+        _start_libvirt(lab)
+        wait_for_libvirt(lab)
+        refresh_dnsmasq(remap(cluster, lab), lab, log)
+    except BaseException:
+        teardown(lab, log)
+        raise
+    log(f"lab up: namespace {netns} with {', '.join(lab.bridges)}; libvirtd {lab.pids['libvirtd']},"
+        f" virtlogd {lab.pids['virtlogd']}" + (f", dnsmasq {lab.pids['dnsmasq']}" if "dnsmasq" in lab.pids else "")
+        + f"; domain type {'kvm' if kvm else 'qemu'}")
+    log(f"libvirt: virsh -c '{lab.uri}' list --all")
+    return lab
+
+
+def _make_files(lab: Lab, cluster: Cluster) -> None:
+    for sub in ("libvirt/etc", "libvirt/lib", "libvirt/cache", "libvirt/log", "sock", "base", "kvmconf", "tftp"):
+        (lab.dir / sub).mkdir(parents=True, exist_ok=True)
+    for host in cluster.site.hosts:
+        (lab.images / host).mkdir(parents=True, exist_ok=True)
+    lab.save()
+    context = {"banner": f"Generated by kvmconf for the lab in {lab.dir}; removed by `invoke lab.down`.",
+               "netns": lab.netns, "socket_dir": str(lab.socket.parent)}
+    for name, log_name in (("libvirtd", "libvirtd.log"), ("qemu", ""), ("virtlogd", "virtlogd.log")):
+        text = environment().get_template(f"lab-{name}.conf.j2").render(**context, log_file=str(lab.dir / log_name))
+        (lab.dir / "libvirt" / "etc" / f"{name}.conf").write_text(text)
+    for os_name, release in cluster.site.oses.items():
+        image = lab.base / f"{os_name}.qcow2"
+        if release.cloud_image and not image.exists():
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), f"{BASE_IMAGE_GB}G"])
+
+
+def _make_netns(lab: Lab) -> None:
+    _run(["ip", "netns", "add", lab.netns])
+    lab.save()  # from here on, teardown removes the namespace
+    ns = ["ip", "netns", "exec", lab.netns]
+    _run([*ns, "ip", "link", "set", "lo", "up"])
+    for bridge, address in lab.bridges.items():
+        _run([*ns, "ip", "link", "add", bridge, "type", "bridge"])
+        if address:
+            _run([*ns, "ip", "address", "add", address, "dev", bridge])
+        _run([*ns, "ip", "link", "set", bridge, "up"])
+
+
+def _start_libvirt(lab: Lab) -> None:
+    for name in ("virtlogd", "libvirtd"):
+        (lab.dir / f"{name}.pid").unlink(missing_ok=True)
+    _run(["ip", "netns", "exec", lab.netns, "sh", "-c", _LAUNCH, "sh", str(lab.dir)])
+    for name in ("virtlogd", "libvirtd"):
+        lab.pids[name] = _read_pid(lab.dir / f"{name}.pid")
+        lab.save()
+
+
+def wait_for_libvirt(lab: Lab, timeout: float = _START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = libvirt.open(lab.uri)
+            try:
+                conn.getCapabilities()  # the first call waits for the QEMU driver's capability probe
+            finally:
+                conn.close()
+            return
+        except libvirt.libvirtError as err:
+            if time.monotonic() > deadline or not alive(lab.pids.get("libvirtd", 0)):
+                raise KvmconfError(f"lab: libvirtd does not answer at {lab.uri} ({err.get_error_message()});"
+                                   f" see {lab.dir / 'libvirtd.log'}") from None
+            time.sleep(0.2)
+
+
+def refresh_dnsmasq(cluster: Cluster, lab: Lab, log: Log = print) -> None:
+    """Build the (lab-adjusted) cluster into the lab, deploy dnsmasq's and TFTP's files, (re)start dnsmasq."""
+    build = lab.dir / "build"
+    write_tree(build, render_all(cluster), input_digest(cluster))
+    config_dir = Path(cluster.site.provision.config_dir)
+    conf = config_dir / "dnsmasq" / "dnsmasq.conf"
+    old_conf = conf.read_bytes() if conf.exists() else None
+    shutil.rmtree(config_dir / "dnsmasq", ignore_errors=True)
+    if not (build / "dnsmasq" / "dnsmasq.conf").exists():
+        log("lab: no dnsmasq/dnsmasq.conf was generated; the lab runs without DHCP/DNS/TFTP")
+        return
+    shutil.copytree(build / "dnsmasq", config_dir / "dnsmasq")
+    if (build / "tftp").is_dir():
+        shutil.copytree(build / "tftp", cluster.site.provision.tftp_root, dirs_exist_ok=True)
+    pid = lab.pids.get("dnsmasq")
+    if pid and alive(pid) and in_netns(pid, lab.netns):
+        if old_conf == conf.read_bytes():
+            os.kill(pid, signal.SIGHUP)  # re-reads dhcp-hosts/ and the hosts file, as on the provision server
+            return
+        stop_pid(pid)
+    start_dnsmasq(lab, conf)
+
+
+def start_dnsmasq(lab: Lab, conf: Path) -> None:
+    pid_file = lab.dir / "dnsmasq.pid"
+    pid_file.unlink(missing_ok=True)
+    # The generated configuration as deployed; the command line only keeps dnsmasq's own state in the lab
+    # (pid, leases, log), stops DNS forwarding out of the namespace, and runs it as root so it can read
+    # the lab directory wherever that is (a test's private temporary directory included).
+    _run(["ip", "netns", "exec", lab.netns, "dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}",
+          f"--dhcp-leasefile={lab.dir / 'dnsmasq.leases'}", f"--log-facility={lab.dir / 'dnsmasq.log'}",
+          "--log-dhcp", "--no-resolv", "--user=root", "--group=root"])
+    lab.pids["dnsmasq"] = _read_pid(pid_file)
+    lab.save()
+
+
+def down(lab_dir: Path = DEFAULT_DIR, log: Log = print) -> bool:
+    """Stop the lab in ``lab_dir``; False when there was none."""
+    lab = Lab.load(lab_dir.absolute())
+    if lab is None:
+        return False
+    teardown(lab, log)
+    return True
+
+
+def teardown(lab: Lab, log: Log = print) -> None:
+    """Stop what the lab started and remove it; safe on a half-started or already dead lab."""
+    if alive(lab.pids.get("libvirtd", 0)):
+        _power_off_all(lab)
+    for name in ("dnsmasq", "libvirtd", "virtlogd"):
+        pid = lab.pids.get(name)
+        if pid and alive(pid) and in_netns(pid, lab.netns):
+            stop_pid(pid)
+            log(f"lab: stopped {name} ({pid})")
+    # Whatever else is still in the namespace was started by its libvirtd (QEMU): nothing else can be there.
+    for pid in netns_pids(lab.netns):
+        stop_pid(pid, timeout=5)
+        log(f"lab: stopped process {pid} left in the namespace")
+    if netns_exists(lab.netns):
+        _run(["ip", "netns", "del", lab.netns])
+        log(f"lab: removed network namespace {lab.netns}")
+    for entry in lab.dir.iterdir() if lab.dir.is_dir() else ():
+        if entry.name != "base":  # base/ may hold a cloud image the admin downloaded
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _power_off_all(lab: Lab) -> None:
+    try:
+        conn = libvirt.open(lab.uri)
+    except libvirt.libvirtError:
+        return
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with suppress(libvirt.libvirtError):  # stopped meanwhile; anything left is killed by PID below
+                dom.destroy()
+    finally:
+        conn.close()
+
+
+def remove_stale_netns(prefix: str) -> list[str]:
+    """Namespaces ``<prefix><pid>`` whose creating process ``pid`` is dead: a killed test run's lab."""
+    removed = []
+    for line in _run(["ip", "netns", "list"]).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        suffix = name.removeprefix(prefix)
+        if name.startswith(prefix) and suffix.isdigit() and not alive(int(suffix)):
+            for pid in netns_pids(name):
+                stop_pid(pid, timeout=5)
+            _run(["ip", "netns", "del", name])
+            removed.append(name)
+    return removed

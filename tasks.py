@@ -1,0 +1,137 @@
+"""kvmconf tasks (`invoke --list`): provision VMs through libvirt, inspect them, and run a local lab.
+
+Each task is a few lines over the ``kvmconf`` package. They act on the cluster of
+$KVMCONF_CLUSTER / $KVMCONF_SITE (default cluster.conf / site.toml), like `make`; with
+$KVMCONF_LAB set (see `invoke lab.up`) on the lab instead of the hosts of site.toml.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from invoke import Collection, Context, Exit, task
+
+from generators.errors import ConfigError, UsageError
+from generators.validate import load_cluster
+from kvmconf import inputs, lab, lifecycle
+from kvmconf.connection import connections
+from kvmconf.errors import KvmconfError
+from kvmconf.plan import format_plan, make_plan, select
+from kvmconf.provision import Options
+from kvmconf.provision import provision as provision_vms
+from kvmconf.status import format_status
+from kvmconf.status import status as host_status
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Problems the admin can fix become a message and an exit status; bugs keep their traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        count = len(err.problems)
+        raise Exit("\n".join(map(str, err.problems)) + f"\nkvmconf: {count} problem{'s' * (count != 1)}", 1) from None
+    except UsageError as err:
+        raise Exit(f"kvmconf: {err}", 2) from None
+    except KvmconfError as err:
+        raise Exit(f"kvmconf: {err}", 1) from None
+
+
+def _ask(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise Exit(f"kvmconf: {question} There is no terminal to ask on: confirm with --force.", 1)
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+@task(iterable=["vm"], help={
+    "vm": "a VM of cluster.conf (repeatable)", "all": "every VM, in cluster.conf order",
+    "apply": "redefine domains whose definition changed (otherwise the diff is only shown)",
+    "dry-run": "show what would be done, touch nothing", "reuse-disk": "attach a disk already at the VM's path",
+    "start": "start newly defined VMs (--no-start leaves them shut off)"})
+def provision(c: Context, vm: list[str], all: bool = False, apply: bool = False, dry_run: bool = False,
+              reuse_disk: bool = False, start: bool = True) -> None:
+    """Create the disks and domains of VMs (--vm NAME or --all); changed ones need --apply."""
+    with _user_errors():
+        cluster = inputs.load()
+        with connections(cluster) as conns:
+            provision_vms(cluster, vm, conns, Options(apply, dry_run, reuse_disk, start), all_vms=all)
+
+
+@task(iterable=["vm"], help={"vm": "only these VMs (repeatable; default: all)"})
+def plan(c: Context, vm: list[str]) -> None:
+    """Show what provision would create, change or leave, per host, as a diff; touches nothing."""
+    with _user_errors():
+        cluster = inputs.load()
+        with connections(cluster) as conns:
+            result = make_plan(cluster, select(cluster, vm, not vm), conns, others=not vm, strict=False)
+        print(format_plan(result))
+        if any(h.error for h in result.hosts):
+            raise Exit("kvmconf: some hosts could not be reached", 1)
+
+
+@task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)"})
+def status(c: Context, host: list[str]) -> None:
+    """Show a table per physical host: state, IP, RAM, vCPUs, disk, autostart, drift from cluster.conf."""
+    with _user_errors():
+        cluster = inputs.load()
+        unknown = sorted(set(host) - set(cluster.site.hosts))
+        if unknown:
+            raise Exit(f"kvmconf: {', '.join(unknown)}: not a host of {cluster.site.path}"
+                       f" (expected one of: {', '.join(sorted(cluster.site.hosts))})", 2)
+        with connections(cluster) as conns:
+            result = host_status(cluster, conns, host)
+        print(format_status(result))
+        if any(h.error for h in result):
+            raise Exit("kvmconf: some hosts could not be reached", 1)
+
+
+@task(help={"vm": "the VM"})
+def start(c: Context, vm: str) -> None:
+    """Start a defined VM."""
+    with _user_errors(), connections(cluster := inputs.load()) as conns:
+        lifecycle.start(cluster, vm, conns)
+
+
+@task(help={"vm": "the VM", "force": "power it off at once instead of asking the guest to shut down"})
+def stop(c: Context, vm: str, force: bool = False) -> None:
+    """Shut a VM down (ACPI), or power it off with --force."""
+    with _user_errors(), connections(cluster := inputs.load()) as conns:
+        lifecycle.stop(cluster, vm, conns, force)
+
+
+@task(help={"vm": "the VM", "purge": "also remove its disk and seed ISO (asks first)",
+            "force": "do not ask before purging", "dry-run": "show what would be done"})
+def destroy(c: Context, vm: str, purge: bool = False, force: bool = False, dry_run: bool = False) -> None:
+    """Stop and undefine a VM; its disk is kept unless --purge (which asks, or needs --force)."""
+    with _user_errors(), connections(cluster := inputs.load()) as conns:
+        lifecycle.destroy(cluster, vm, conns, purge, None if force else _ask, dry_run)
+
+
+def _lab_dir(directory: str) -> Path:
+    return Path(directory) if directory else inputs.lab_dir() or lab.DEFAULT_DIR
+
+
+@task(name="up", help={"dir": f"the lab's directory (default: $KVMCONF_LAB or {lab.DEFAULT_DIR})",
+                       "kvm": "use hardware virtualisation (only where KVM really runs guests; default: qemu)"})
+def lab_up(c: Context, dir: str = "", kvm: bool = False) -> None:
+    """Start a throwaway lab: a network namespace, libvirtd and dnsmasq for the cluster's VMs."""
+    directory = _lab_dir(dir)
+    with _user_errors():
+        cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
+        lab.up(cluster, directory, kvm=kvm)
+    print(f"act on the lab with: export KVMCONF_LAB={directory.absolute()}   (then: invoke provision --all)")
+
+
+@task(name="down", help={"dir": f"the lab's directory (default: $KVMCONF_LAB or {lab.DEFAULT_DIR})"})
+def lab_down(c: Context, dir: str = "") -> None:
+    """Stop the lab: its VMs, libvirtd, virtlogd and dnsmasq (by PID), its namespace and files."""
+    directory = _lab_dir(dir)
+    with _user_errors():
+        if not lab.down(directory):
+            print(f"no lab in {directory}")
+
+
+ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down))
