@@ -1,0 +1,438 @@
+"""Provisioning logic on libvirt's test:///default driver: no daemon, disks made by qemu-img in tmp_path.
+
+The example cluster is used as it is, except that every host's URI is the test driver and its
+disk_dir a temporary directory (sizes do not matter: qcow2 and raw disks are thin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from generators import cloud_init
+from generators.model import Cluster, DomainType
+from kvmconf import disks, domains, lab, lifecycle
+from kvmconf.connection import Connections, connections
+from kvmconf.errors import DiskExists, HostUnreachable, KvmconfError, ProvisionFailed, UnknownVm
+from kvmconf.plan import Action, make_plan, select
+from kvmconf.provision import Options, provision
+from kvmconf.runner import Result, Runner, runner_for_uri
+from tests.tools import require_tool
+
+TEST_URI = "test:///default"
+NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
+
+
+def on_test_driver(cluster: Cluster, tmp_path: Path, uris: dict[str, str] | None = None) -> Cluster:
+    """The cluster with every host on test:///default (or ``uris``) and its disks under tmp_path."""
+    require_tool("qemu-img")
+    site = cluster.site
+    hosts = {}
+    for name, host in site.hosts.items():
+        (tmp_path / name).mkdir(exist_ok=True)
+        hosts[name] = dataclasses.replace(host, uri=(uris or {}).get(name, TEST_URI), disk_dir=str(tmp_path / name))
+    base = tmp_path / "base.qcow2"
+    if not base.exists():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    oses = {name: dataclasses.replace(o, cloud_image=str(base)) for name, o in site.oses.items()}
+    return dataclasses.replace(cluster, site=dataclasses.replace(site, hosts=hosts, oses=oses))
+
+
+class Recorder:
+    """Runs commands for real, except LVM's (recorded; CI machines have no device-mapper) and injected failures."""
+
+    def __init__(self, fail_on: str | None = None, on_call: str | None = None,
+                 action: object = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_on = fail_on
+        self.on_call, self.action = on_call, action
+
+    def __call__(self, argv: Sequence[str], stdin: bytes | None) -> Result:
+        argv = list(argv)
+        self.calls.append(argv)
+        joined = " ".join(argv)
+        if self.on_call and self.on_call in joined and callable(self.action):
+            self.action()
+        if self.fail_on and self.fail_on in joined:
+            return subprocess.CompletedProcess(argv, 1, b"", b"qemu-img: injected failure")
+        if argv[0] in ("lvcreate", "lvremove"):
+            return subprocess.CompletedProcess(argv, 0, b"", b"")
+        return subprocess.run(argv, input=stdin, capture_output=True, check=False)
+
+
+@pytest.fixture
+def cluster(example: Cluster, tmp_path: Path) -> Cluster:
+    return on_test_driver(example, tmp_path)
+
+
+@pytest.fixture
+def conns(cluster: Cluster) -> Iterator[Connections]:
+    with connections(cluster, execute=Recorder()) as opened:
+        yield opened
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def qemu_info(path: str) -> dict[str, object]:
+    result = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True, check=True)
+    info: dict[str, object] = json.loads(result.stdout)
+    return info
+
+
+def domain_names(conn: libvirt.virConnect) -> set[str]:
+    return {dom.name() for dom in conn.listAllDomains()}
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# --- connections and command runners ----------------------------------------------------------
+
+def test_each_uri_is_opened_once_for_the_hosts_that_share_it(cluster: Cluster) -> None:
+    opened: list[str] = []
+
+    def opener(uri: str) -> libvirt.virConnect:
+        opened.append(uri)
+        return libvirt.open(uri)
+
+    with connections(cluster, opener) as conns:
+        assert conns.get("kvm0") is conns.get("kvm1")
+        assert conns.hosts_sharing_uri("kvm0") == {"kvm0", "kvm1"}
+    assert opened == [TEST_URI]
+
+
+def test_an_unreachable_uri_names_the_host_the_uri_and_the_setting(example: Cluster, tmp_path: Path) -> None:
+    cluster = on_test_driver(example, tmp_path, {"kvm1": NOWHERE})
+    with connections(cluster) as conns, pytest.raises(HostUnreachable) as err:
+        conns.get("kvm1")
+    message = str(err.value)
+    assert f"host 'kvm1': cannot connect to libvirt at {NOWHERE}" in message
+    assert "[hosts.kvm1] uri in site.toml" in message
+
+
+def test_commands_run_locally_for_local_uris_and_over_ssh_for_remote_ones() -> None:
+    for uri in ("qemu:///system", TEST_URI, "qemu+unix:///system?socket=/tmp/x/libvirt-sock"):
+        assert runner_for_uri(uri).argv(["qemu-img", "info", "x"]) == ["qemu-img", "info", "x"]
+    remote = runner_for_uri("qemu+ssh://root@kvm1.phys.example.org/system")
+    assert remote.argv(["qemu-img", "create", "/var/lib/a b.img", "1G"]) == [
+        "ssh", "-o", "BatchMode=yes", "root@kvm1.phys.example.org", "--", "qemu-img create '/var/lib/a b.img' 1G"]
+    assert runner_for_uri("qemu+ssh://kvm2:2222/system").argv(["true"])[:5] == ["ssh", "-o", "BatchMode=yes",
+                                                                                 "-p", "2222"]
+
+
+def test_a_missing_command_is_reported_with_its_name(tmp_path: Path) -> None:
+    with pytest.raises(KvmconfError, match="localhost: `no-such-tool-kvmconf x` failed with exit status 127:"
+                                           " no-such-tool-kvmconf: command not found"):
+        Runner().check(["no-such-tool-kvmconf", "x"])
+
+
+# --- disks -------------------------------------------------------------------------------------
+
+def test_lvcreate_is_called_with_exactly_these_arguments(example: Cluster) -> None:
+    disk = disks.disk_spec(example, example.vm("compute1"))
+    assert disk.path == "/dev/vg0/vm-compute1"
+    assert disks.lvcreate_argv(disk) == ["lvcreate", "--yes", "-n", "vm-compute1", "-L", "100G", "vg0"]
+    assert disks.lvremove_argv(disk) == ["lvremove", "--yes", "vg0/vm-compute1"]
+
+
+def test_thin_qcow2_raw_and_overlay_disks_have_the_size_of_cluster_conf(cluster: Cluster) -> None:
+    runner = Runner(execute=Recorder())
+    for name, fmt in (("mcp", "qcow2"), ("db", "raw"), ("provision", "qcow2")):
+        disk = disks.disk_spec(cluster, cluster.vm(name))
+        disks.create(runner, disk)
+        info = qemu_info(disk.path)
+        assert (info["format"], info["virtual-size"]) == (fmt, cluster.vm(name).disk.size_gb * disks.GIB)
+        assert info["actual-size"] < 10 * 2**20  # type: ignore[operator]  # thin: nothing allocated up front
+    overlay = qemu_info(disks.disk_spec(cluster, cluster.vm("provision")).path)
+    assert overlay["backing-filename"] == cluster.os_of(cluster.vm("provision")).cloud_image
+    assert not list(Path(cluster.site.hosts["kvm0"].disk_dir).glob("*.kvmconf-new"))
+
+
+def test_an_existing_disk_is_never_overwritten(cluster: Cluster) -> None:
+    disk = disks.disk_spec(cluster, cluster.vm("db"))
+    Path(disk.path).write_bytes(b"precious")
+    with pytest.raises(DiskExists, match=f"db: its disk {disk.path} already exists"):
+        disks.create(Runner(), disk)
+    assert Path(disk.path).read_bytes() == b"precious"
+
+
+def test_an_overlay_smaller_than_its_base_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    small = dataclasses.replace(disks.disk_spec(cluster, cluster.vm("provision")), size_gb=0)
+    with pytest.raises(KvmconfError, match=r"provision: disk size 0 GB is smaller than its base image .*base.qcow2"
+                                           r" \(1.0 GB\); give it at least 1 GB in cluster.conf"):
+        disks.create(Runner(), small)
+
+
+def test_a_missing_base_image_is_named(cluster: Cluster, tmp_path: Path) -> None:
+    disk = dataclasses.replace(disks.disk_spec(cluster, cluster.vm("provision")), backing=str(tmp_path / "none.qcow2"))
+    with pytest.raises(KvmconfError, match=r"provision: base image .*none.qcow2 for its install=cloud overlay is not"
+                                           " usable on localhost"):
+        disks.create(Runner(), disk)
+
+
+# --- comparing definitions ---------------------------------------------------------------------
+
+GENERATED = """<domain type='qemu'><name>a</name><uuid>00000000-0000-0000-0000-000000000001</uuid>
+<memory unit='MiB'>128</memory><vcpu placement='static'>1</vcpu>
+<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type><firmware><feature enabled='no' name='secure-boot'/>
+<feature enabled='no' name='enrolled-keys'/></firmware><boot dev='network'/><boot dev='hd'/></os>
+<devices><disk type='file' device='disk'><source file='/a.qcow2'/><target dev='vda' bus='virtio'/></disk>
+<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/></interface>
+<controller type='usb' model='none'/></devices></domain>"""
+# What libvirt makes of it: KiB, canonical machine, features re-sorted, controllers and addresses added.
+DEFINED = """<domain type='qemu'><name>a</name><uuid>5a5a5a5a-0000-0000-0000-000000000001</uuid>
+<memory unit='KiB'>131072</memory><currentMemory unit='KiB'>131072</currentMemory><vcpu placement='static'>1</vcpu>
+<os firmware='efi'><type arch='x86_64' machine='pc-q35-7.2'>hvm</type><firmware>
+<feature enabled='no' name='enrolled-keys'/><feature enabled='no' name='secure-boot'/></firmware>
+<boot dev='network'/><boot dev='hd'/></os>
+<devices><controller type='sata' index='0'/><controller type='usb' index='0' model='none'/>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a.qcow2'/>
+<target dev='vda' bus='virtio'/><address type='pci' bus='0x03'/></disk>
+<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/><model type='virtio'/>
+<address type='pci' bus='0x01'/></interface></devices></domain>"""
+ALIASES = {("x86_64", "q35"): "pc-q35-7.2"}
+
+
+def test_what_libvirt_adds_or_reorders_is_no_difference() -> None:
+    assert domains.definition_diff(DEFINED, GENERATED, ALIASES, "a") == []
+
+
+def test_a_changed_value_is_shown_as_a_diff_of_that_line() -> None:
+    changed = DEFINED.replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>")
+    diff = domains.definition_diff(changed, GENERATED, ALIASES, "a")
+    assert [line for line in diff if line[0] in "+-" and line[:3] not in ("---", "+++")] == [
+        '-  <vcpu placement="static">2</vcpu>', '+  <vcpu placement="static">1</vcpu>']
+
+
+def test_boot_order_is_compared_by_position() -> None:
+    swapped = DEFINED.replace("<boot dev='network'/><boot dev='hd'/>", "<boot dev='hd'/><boot dev='network'/>")
+    assert domains.definition_diff(swapped, GENERATED, ALIASES, "a") != []
+
+
+def test_a_disk_added_by_hand_shows_as_a_removal() -> None:
+    extra = DEFINED.replace("</devices>", "<disk type='file' device='disk'><source file='/extra.img'/>"
+                                          "<target dev='vdb' bus='virtio'/><address type='pci'/></disk></devices>")
+    diff = domains.definition_diff(extra, GENERATED, ALIASES, "a")
+    assert "-      <source file=\"/extra.img\" />" in diff
+    assert not any("address" in line for line in diff)
+
+
+def test_the_uuid_of_a_defined_domain_is_kept() -> None:
+    xml = domains.with_uuid(GENERATED, "5a5a5a5a-0000-0000-0000-000000000001")
+    assert domains.uuid_of(xml) == "5a5a5a5a-0000-0000-0000-000000000001"
+    assert domains.with_uuid(GENERATED, "00000000-0000-0000-0000-000000000001") is GENERATED
+
+
+# --- provisioning on the test driver -----------------------------------------------------------
+
+def test_provision_creates_disks_and_running_domains_with_the_values_of_cluster_conf(
+        cluster: Cluster, conns: Connections) -> None:
+    lines: list[str] = []
+    provision(cluster, ["web", "db"], conns, log=lines.append)
+    conn = conns.get("kvm0")
+    for name, fmt in (("web", "qcow2"), ("db", "raw")):
+        vm = cluster.vm(name)
+        dom = conn.lookupByName(name)
+        state, max_kib, _, cpus, _ = dom.info()
+        assert (state, max_kib, cpus) == (libvirt.VIR_DOMAIN_RUNNING, vm.ram_mb * 1024, vm.cpus)
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert root.find("devices/interface/mac").get("address") == vm.mac  # type: ignore[union-attr]
+        assert root.find("devices/disk/source").get("file") == disks.disk_spec(cluster, vm).path  # type: ignore[union-attr]
+        assert bool(dom.autostart()) == vm.autostart
+        info = qemu_info(disks.disk_spec(cluster, vm).path)
+        assert (info["format"], info["virtual-size"]) == (fmt, vm.disk.size_gb * disks.GIB)
+    assert "db: created raw disk" in "\n".join(lines)
+    assert lines[-1] == "2 created, 0 to change (shown, not applied), 0 unchanged"
+    again: list[str] = []
+    provision(cluster, ["web", "db"], conns, log=again.append)
+    assert again == ["db: no change", "web: no change", "0 created, 0 to change (shown, not applied), 2 unchanged"]
+
+
+def test_a_ram_change_is_shown_as_exactly_that_diff_and_applied_only_with_apply(
+        cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["ldap"], conns, log=quiet)
+    uuid = conns.get("kvm0").lookupByName("ldap").UUIDString()
+    bigger = dataclasses.replace(cluster, vms=tuple(dataclasses.replace(vm, ram_mb=1536) if vm.name == "ldap" else vm
+                                                   for vm in cluster.vms))
+    plan = make_plan(bigger, [bigger.vm("ldap")], conns)
+    [p] = plan.vms
+    assert p.action is Action.CHANGE
+    assert [line for line in p.diff if line[0] in "+-" and line[:3] not in ("---", "+++")] == [
+        '-  <memory unit="KiB">1048576</memory>', '-  <currentMemory unit="KiB">1048576</currentMemory>',
+        '+  <memory unit="KiB">1572864</memory>', '+  <currentMemory unit="KiB">1572864</currentMemory>']
+    shown: list[str] = []
+    provision(bigger, ["ldap"], conns, log=shown.append)
+    assert shown[0] == "ldap: definition differs from cluster.conf (not applied; run again with --apply):"
+    assert conns.get("kvm0").lookupByName("ldap").maxMemory() == 1048576
+    provision(bigger, ["ldap"], conns, Options(apply=True), log=quiet)
+    dom = conns.get("kvm0").lookupByName("ldap")
+    assert ET.fromstring(domains.inactive_xml(dom)).findtext("memory") == "1572864"
+    assert dom.UUIDString() == uuid
+    assert make_plan(bigger, [bigger.vm("ldap")], conns).vms[0].action is Action.KEEP
+
+
+def test_a_domain_defined_by_hand_keeps_its_uuid(cluster: Cluster, conns: Connections) -> None:
+    vm = cluster.vm("mcp")
+    own = "5a5a5a5a-1111-2222-3333-444444444444"
+    xml = domains.with_uuid(make_plan(cluster, [vm], conns).vms[0].xml, own)
+    conns.get("kvm0").defineXML(xml.replace("<vcpu placement=\"static\">2</vcpu>", "<vcpu>1</vcpu>"))
+    [p] = make_plan(cluster, [vm], conns).vms
+    assert p.uuid_kept == own and p.action is Action.CHANGE
+    provision(cluster, ["mcp"], conns, Options(apply=True), log=quiet)
+    dom = conns.get("kvm0").lookupByName("mcp")
+    assert dom.UUIDString() == own and dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == vm.cpus
+
+
+def test_a_cloud_vm_gets_an_overlay_and_its_seed_iso(cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["provision"], conns, log=quiet)
+    vm = cluster.vm("provision")
+    seed = Path(cluster.site.hosts["kvm0"].disk_dir) / "provision-seed.iso"
+    assert seed.read_bytes() == cloud_init.render(cluster)[Path("cloud-init/provision.iso")]  # type: ignore[index]
+    sources = [s.get("file") for s in ET.fromstring(domains.inactive_xml(conns.get("kvm0").lookupByName("provision")))
+               .iterfind("devices/disk/source")]
+    assert sources == [disks.disk_spec(cluster, vm).path, str(seed)]
+
+
+def test_an_existing_disk_stops_the_run_before_anything_is_created(cluster: Cluster, conns: Connections) -> None:
+    kvm0 = Path(cluster.site.hosts["kvm0"].disk_dir)
+    (kvm0 / "db.img").write_bytes(b"precious")
+    before = domain_names(conns.get("kvm0"))
+    with pytest.raises(DiskExists) as err:
+        provision(cluster, ["ldap", "db"], conns, log=quiet)
+    assert str(err.value) == (f"db: its disk {kvm0 / 'db.img'} already exists and is never overwritten; attach it as it"
+                              " is with --reuse-disk, or remove it with `invoke destroy --vm db --purge` if it is a"
+                              " leftover\nnothing was changed")
+    assert files_under(kvm0) == {"db.img"} and (kvm0 / "db.img").read_bytes() == b"precious"
+    assert domain_names(conns.get("kvm0")) == before
+    provision(cluster, ["db"], conns, Options(reuse_disk=True), log=quiet)
+    assert (kvm0 / "db.img").read_bytes() == b"precious" and "db" in domain_names(conns.get("kvm0"))
+
+
+def test_a_failing_disk_create_midway_removes_what_the_run_created_and_nothing_else(
+        example: Cluster, tmp_path: Path) -> None:
+    cluster = on_test_driver(example, tmp_path)
+    kvm0 = Path(cluster.site.hosts["kvm0"].disk_dir)
+    (kvm0 / "unrelated.qcow2").write_bytes(b"someone else's")
+    with connections(cluster, execute=Recorder(fail_on="db.img")) as conns:
+        before = domain_names(conns.get("kvm0"))  # the test driver's own domain "test"
+        with pytest.raises(ProvisionFailed) as err:
+            provision(cluster, ["ldap", "mcp", "db"], conns, log=quiet)
+        assert domain_names(conns.get("kvm0")) == before
+    message = str(err.value)
+    assert message.startswith("provisioning failed: localhost: `qemu-img create -q -f raw")
+    # Newest first, in cluster.conf order mcp, ldap, db: db failed, so ldap's steps, then mcp's, were undone.
+    assert "injected failure\nundone: ldap: started; ldap: defined on kvm0; ldap: created qcow2 disk" in message
+    assert "; mcp: started; mcp: defined on kvm0; mcp: created qcow2 disk" in message
+    assert files_under(kvm0) == {"unrelated.qcow2"}
+
+
+def test_an_unreachable_host_stops_the_run_before_anything_is_created(example: Cluster, tmp_path: Path) -> None:
+    cluster = on_test_driver(example, tmp_path, {"kvm1": NOWHERE})
+    with connections(cluster) as conns:
+        with pytest.raises(HostUnreachable, match="host 'kvm1': cannot connect"):
+            provision(cluster, ["ldap", "compute1"], conns, log=quiet)
+        assert "ldap" not in domain_names(conns.get("kvm0"))
+    assert files_under(tmp_path) == {"base.qcow2"}
+
+
+def test_sigterm_midway_rolls_back_like_a_failure(cluster: Cluster) -> None:
+    kill = Recorder(on_call="ldap.qcow2.kvmconf-new", action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with connections(cluster, execute=kill) as conns:  # mcp comes first in cluster.conf, then ldap
+        with pytest.raises(ProvisionFailed, match="provisioning failed: interrupted\nundone: mcp: started; mcp:"):
+            provision(cluster, ["ldap", "mcp"], conns, log=quiet)
+        assert not {"ldap", "mcp"} & domain_names(conns.get("kvm0"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
+
+
+def test_an_lvm_disk_is_made_with_exactly_one_lvcreate_and_purged_with_lvremove(cluster: Cluster) -> None:
+    recorder = Recorder()
+    with connections(cluster, execute=recorder) as conns:
+        provision(cluster, ["compute1"], conns, Options(start=False), log=quiet)
+        lvm = [call for call in recorder.calls if call[0].startswith("lv")]
+        assert lvm == [["lvcreate", "--yes", "-n", "vm-compute1", "-L", "100G", "vg0"]]
+        source = ET.fromstring(domains.inactive_xml(conns.get("kvm1").lookupByName("compute1"))).find(
+            "devices/disk/source")
+        assert source is not None and source.get("dev") == "/dev/vg0/vm-compute1"
+        recorder.calls.clear()
+        # The recorded lvcreate made nothing, so pretend the device node is there for destroy --purge.
+        recorder.on_call, recorder.action = None, None
+        real = recorder.__call__
+
+        def exists(argv: Sequence[str], stdin: bytes | None) -> Result:
+            if list(argv) == ["test", "-e", "/dev/vg0/vm-compute1"]:
+                return subprocess.CompletedProcess(list(argv), 0, b"", b"")
+            return real(argv, stdin)
+
+        conns.execute = exists
+        lifecycle.destroy(cluster, "compute1", conns, purge=True, log=quiet)
+        assert [call for call in recorder.calls if call[0].startswith("lv")] == [
+            ["lvremove", "--yes", "vg0/vm-compute1"]]
+
+
+# --- destroy, start, stop ----------------------------------------------------------------------
+
+def test_destroy_keeps_the_disk_and_purge_removes_it_only_when_confirmed(cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["db"], conns, log=quiet)
+    disk = Path(disks.disk_spec(cluster, cluster.vm("db")).path)
+    lines: list[str] = []
+    lifecycle.destroy(cluster, "db", conns, log=lines.append)
+    assert lines == ["db: powered off", "db: undefined on kvm0", f"db: disk {disk} kept (remove it with --purge)"]
+    assert disk.exists() and "db" not in domain_names(conns.get("kvm0"))
+    asked: list[str] = []
+    with pytest.raises(KvmconfError, match="db: not destroyed \\(purging was not confirmed\\)"):
+        lifecycle.destroy(cluster, "db", conns, purge=True, confirm=lambda q: asked.append(q) or False, log=quiet)
+    assert asked == [f"Remove {disk} of db for good?"] and disk.exists()
+    lifecycle.destroy(cluster, "db", conns, purge=True, confirm=None, log=quiet)
+    assert not disk.exists()
+
+
+def test_start_and_stop_report_what_they_did(cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["mcp"], conns, Options(start=False), log=quiet)
+    lines: list[str] = []
+    lifecycle.start(cluster, "mcp", conns, log=lines.append)
+    lifecycle.start(cluster, "mcp", conns, log=lines.append)
+    lifecycle.stop(cluster, "mcp", conns, force=True, log=lines.append)
+    assert lines == ["mcp: started on kvm0", "mcp: already running on kvm0", "mcp: powered off"]
+    with pytest.raises(KvmconfError, match="ldap is not defined on kvm0; create it with `invoke provision --vm ldap`"):
+        lifecycle.start(cluster, "ldap", conns, log=quiet)
+
+
+def test_an_unknown_vm_name_suggests_close_ones(cluster: Cluster) -> None:
+    with pytest.raises(UnknownVm, match=r"'lldap' is not a VM of cluster.conf \(did you mean ldap\?\)"):
+        select(cluster, ["lldap"], False)
+    with pytest.raises(KvmconfError, match="name the VMs with --vm NAME"):
+        select(cluster, [], False)
+    assert [vm.name for vm in select(cluster, ["web", "provision"], False)] == ["provision", "web"]  # file order
+
+
+def test_plan_lists_domains_not_in_cluster_conf(cluster: Cluster, conns: Connections) -> None:
+    plan = make_plan(cluster, cluster.vms, conns, others=True)
+    assert [h.others for h in plan.hosts] == [["test"], ["test"]]  # the test driver's own domain
+    assert plan.count(Action.CREATE) == len(cluster.vms)
+
+
+# --- the lab as the tasks see it ---------------------------------------------------------------
+
+def test_the_lab_moves_every_host_into_itself_and_forces_software_emulation(example: Cluster, tmp_path: Path) -> None:
+    the_lab = lab.Lab(tmp_path, "kvmconf-x")
+    moved = lab.remap(example, the_lab)
+    assert {h.uri for h in moved.site.hosts.values()} == {f"qemu+unix:///system?socket={tmp_path}/sock/libvirt-sock"}
+    assert moved.site.hosts["kvm1"].disk_dir == str(tmp_path / "images" / "kvm1")
+    assert moved.site.domain_type is DomainType.QEMU
+    assert moved.site.oses["bookworm"].cloud_image == str(tmp_path / "base" / "bookworm.qcow2")
+    assert (moved.site.provision.interface, moved.site.provision.config_dir) == ("br0", str(tmp_path / "kvmconf"))
+    assert lab.bridge_addresses(example) == {"br0": "192.168.50.2/24", "br60": "192.168.60.1/24"}
+    assert lab.remap(example, dataclasses.replace(the_lab, kvm=True)).site.domain_type is DomainType.KVM
