@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, AddressValueError
+from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from generators.model import Boot, Disk, DiskKind, Install
+from generators.errors import shown
+from generators.model import Boot, DiskKind, Install
 
 
 class FieldError(ValueError):
@@ -21,6 +22,15 @@ class FieldError(ValueError):
 
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
+_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+# Large enough for any real VM (2 PB of RAM), small enough that sums stay exact in floats and
+# every consumer (libvirt, nagios, qemu-img) accepts it.
+MAX_INT = 2**31 - 1
+# Linux's largest NR_CPUS; bounds the expansion of ranges like 0-99999999.
+MAX_CPU = 8191
 
 
 def parse_name(text: str) -> str:
@@ -38,6 +48,8 @@ def parse_mac(text: str) -> str:
         raise FieldError("is not a MAC address (expected xx:xx:xx:xx:xx:xx)")
     if int(mac[:2], 16) & 1:
         raise FieldError("is a multicast MAC address (expected a unicast MAC, e.g. 52:54:00:xx:xx:xx)")
+    if mac == "00:00:00:00:00:00":
+        raise FieldError("is the all-zero MAC address (expected a unicast MAC, e.g. 52:54:00:xx:xx:xx)")
     return mac
 
 
@@ -48,10 +60,23 @@ def parse_ipv4(text: str) -> IPv4Address:
         raise FieldError("is not an IPv4 address (expected a.b.c.d)") from None
 
 
-def parse_positive(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) <= 0:
-        raise FieldError("is not a positive integer (expected e.g. 1, 2048)")
-    return int(text)
+def parse_positive(text: str, expected: str = "e.g. 1, 2048") -> int:
+    digits = text.lstrip("0")
+    if not text.isascii() or not text.isdigit() or not digits:
+        raise FieldError(f"is not a positive integer (expected {expected})")
+    # Length first: int() refuses more than 4300 digits with a ValueError of its own.
+    if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
+        raise FieldError(f"is too large (expected {expected}, at most {MAX_INT})")
+    return int(digits)
+
+
+def positive_parser(expected: str) -> Callable[[str], int]:
+    """A parse_positive whose messages say what the number means, e.g. 'RAM in MB, e.g. 2048'."""
+
+    def parse(text: str) -> int:
+        return parse_positive(text, expected)
+
+    return parse
 
 
 def parse_hostgroups(text: str) -> tuple[str, ...]:
@@ -59,13 +84,14 @@ def parse_hostgroups(text: str) -> tuple[str, ...]:
         return ()
     groups = text.split(",")
     for group in groups:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", group):
+        if not _GROUP.fullmatch(group):
             raise FieldError(
-                f"has an invalid hostgroup {group!r} (expected a comma list of names made of"
+                f"has an invalid hostgroup {shown(group)} (expected a comma list of names made of"
                 " letters, digits, '_', '.' and '-', or '-' for none)"
             )
-    if len(set(groups)) != len(groups):
-        raise FieldError("names a hostgroup twice (expected each hostgroup once)")
+    for index, group in enumerate(groups):
+        if group in groups[:index]:
+            raise FieldError(f"names hostgroup {group!r} twice (expected each hostgroup once)")
     return tuple(groups)
 
 
@@ -83,9 +109,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("ip", parse_ipv4, "IPv4 address on the VM's network",
            "inside the network's subnet, unique, not its network/broadcast/gateway/provision-server"
            " address, outside the dynamic DHCP ranges"),
-    Column("ram", parse_positive, "RAM in MB", "positive integer"),
-    Column("disk", parse_positive, "disk size in GB", "positive integer"),
-    Column("cpus", parse_positive, "vCPU count", "positive integer"),
+    Column("ram", positive_parser("RAM in MB, e.g. 2048"), "RAM in MB", "positive integer"),
+    Column("disk", positive_parser("disk size in GB, e.g. 20"), "disk size in GB", "positive integer"),
+    Column("cpus", positive_parser("a vCPU count, e.g. 2"), "vCPU count", "positive integer"),
     Column("hostgroups", parse_hostgroups, "nagios hostgroups",
            "comma list, `-` or empty for none; must be listed in site.toml `[hostgroups]` when that exists"),
     Column("options", str, "optional `key=value` words, space separated", "see the options table"),
@@ -101,14 +127,14 @@ def _enum_parser(enum: type[Install] | type[Boot]) -> Callable[[str], Any]:
         try:
             return enum(text)
         except ValueError:
-            raise FieldError("is not allowed") from None
+            raise FieldError(f"is not allowed (expected {', '.join(member.value for member in enum)})") from None
 
     return parse
 
 
 def parse_disk_kind(text: str) -> tuple[DiskKind, str | None]:
     kind, _, vg = text.partition(":")
-    if kind == "lvm" and re.fullmatch(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*", vg):
+    if kind == "lvm" and _VOLUME_GROUP.fullmatch(vg):
         return DiskKind.LVM, vg
     if kind in ("qcow2", "raw") and not vg:
         return DiskKind(kind), None
@@ -124,7 +150,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_word(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+    if not _WORD.fullmatch(text):
         raise FieldError("is not a name (expected letters, digits, '_', '.' and '-')")
     return text
 
@@ -133,28 +159,35 @@ def parse_cpuset(text: str) -> tuple[int, ...]:
     """Parse a cpuset like ``2-3,6``; order is kept because vCPU i is pinned to the i-th CPU."""
     cpus: list[int] = []
     for part in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = _CPU_RANGE.fullmatch(part)
         if not match:
             raise FieldError("is not a CPU list (expected e.g. 2-5 or 2,3,8-9)")
+        for number in match[1], match[2] or "0":
+            if len(number) > len(str(MAX_CPU)) or int(number) > MAX_CPU:  # bounds the range below
+                raise FieldError(f"names CPU {shown(number)}, beyond any host (expected CPU numbers 0-{MAX_CPU})")
         first = int(match[1])
         last = int(match[2]) if match[2] else first
         if last < first:
             raise FieldError(f"has a descending range {part!r} (expected low-high)")
         cpus.extend(range(first, last + 1))
     if len(set(cpus)) != len(cpus):
-        raise FieldError("names a CPU twice (expected each CPU once)")
+        twice = next(cpu for index, cpu in enumerate(cpus) if cpu in cpus[:index])
+        raise FieldError(f"names CPU {twice} twice (expected each CPU once)")
     return tuple(cpus)
 
 
 def parse_after(text: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
-    for name in names:
-        parse_name(name)
+    for index, name in enumerate(names):
+        if not _LABEL.fullmatch(name):
+            raise FieldError(f"has {shown(name)}, which is not a VM name (expected a comma list of VM names)")
+        if name in names[:index]:
+            raise FieldError(f"names {name!r} twice (expected each VM once)")
     return names
 
 
 def parse_keep(text: str) -> int:
-    return parse_positive(text)
+    return parse_positive(text, "a number of restore points, e.g. 4")
 
 
 @dataclass(frozen=True)
@@ -179,7 +212,8 @@ OPTIONS: tuple[Option, ...] = (
            "network (bridge, VLAN) of the primary NIC"),
     Option("boot", _enum_parser(Boot), "bios, uefi", "bios", "firmware"),
     Option("cpuset", parse_cpuset, "CPU list, e.g. `2-3` or `4,6`", "none",
-           "pin vCPU i to the i-th CPU of the list; its size must equal the cpus column"),
+           "pin vCPU i to the i-th CPU of the list; its size must equal the cpus column, it needs"
+           " `host=<name>`, and no two VMs on a host may share a CPU"),
     Option("after", parse_after, "comma list of VM names defined earlier", "none",
            "deploy dependencies: this VM is deployed after those"),
     Option("autostart", parse_bool, "yes, no", "yes", "start the VM when its host boots"),

@@ -41,5 +41,17 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a 10 MB line cannot flood the terminal."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return "a number too large to show"
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit - 4]}...{text[-1]}{size}"
+
+
 class UsageError(Exception):
     """The command was called wrongly (missing file, bad flag): exit status 2."""

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from generators.columns import COLUMNS, OPTIONS, OPTIONS_BY_KEY, REQUIRED_COLUMNS, FieldError
-from generators.errors import Location, Problem, UsageError
+from generators.errors import Location, Problem, UsageError, shown
 
 _FIELD_NAMES = " ".join(c.name for c in COLUMNS[:REQUIRED_COLUMNS]) + " [options]"
 _OPTION_KEYS = ", ".join(o.key for o in OPTIONS)
+_WORDS = re.compile(r"\S+")
+_BOM = "\ufeff"
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Row:
     cols: dict[str, int] = field(default_factory=dict)  # column name -> column
     options: dict[str, Any] = field(default_factory=dict)  # option key -> parsed value
     option_cols: dict[str, int] = field(default_factory=dict)  # option key -> column of "key="
-    ok: bool = True  # False when a field failed; such rows are left out of cross-line checks
+    ok: bool = True  # False when a field failed; such rows are left out of checks that need a whole VM
 
 
 def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
@@ -35,18 +37,33 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such file (give the inventory with CLUSTER=... or KVMCONF_CLUSTER)") from None
+        raise UsageError(f"{path}: no such file (give the inventory with --cluster, CLUSTER=... or"
+                         " KVMCONF_CLUSTER)") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, not a cluster.conf file") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read: {err.strerror}") from None
+    where = str(path)
+    if b"\0" in data:
+        # A binary file would give one problem per "line"; the first NUL says it all.
+        before = data[:data.index(b"\0")]
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        return [], [Problem(Location(where, line, col), "contains a NUL byte: this is not a text file"
+                            " (expected tab-separated UTF-8 text)")]
     lines: list[tuple[int, str]] = []
     problems: list[Problem] = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            problems.append(Problem(Location(str(path), number, err.start + 1),
-                                    "line is not UTF-8 text (expected a tab-separated text file)"))
+            col = len(raw[:err.start].decode("utf-8", "replace")) + 1
+            problems.append(Problem(Location(where, number, col),
+                                    f"byte {raw[err.start]:#04x} is not UTF-8 text (expected a tab-separated"
+                                    " UTF-8 text file)"))
             continue
+        if number == 1:
+            text = text.removeprefix(_BOM)  # editors on Windows may start the file with one
         lines.append((number, text.removesuffix("\r")))  # CRLF files from Windows editors are fine
     return lines, problems
 
@@ -72,9 +89,11 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
         hint = ""
         if len(fields) < REQUIRED_COLUMNS and " " in text:
             hint = "; fields must be separated by tabs, not spaces"
+        elif len(fields) > len(COLUMNS):
+            hint = "; options are separated by spaces, not tabs"
+        count = f"{len(fields)} tab-separated field{'s' * (len(fields) != 1)}"
         problems.append(Problem(Location(path, number, 1),
-                                f"found {len(fields)} tab-separated fields (expected {REQUIRED_COLUMNS} or"
-                                f" {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
+                                f"found {count} (expected {REQUIRED_COLUMNS} or {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
         row.ok = False
         return row
     col = 1
@@ -86,23 +105,25 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
             try:
                 row.values[column.name] = column.parse(value)
             except FieldError as err:
-                problems.append(Problem(Location(path, number, col), f"column '{column.name}': {value!r} {err}"))
+                hint = " (fields are separated by tabs; is one missing?)" if " " in value.strip() else ""
+                problems.append(Problem(Location(path, number, col),
+                                        f"column '{column.name}': {shown(value)} {err}{hint}"))
                 row.ok = False
         col += len(value) + 1
     return row
 
 
 def _parse_options(path: str, number: int, start: int, text: str, row: Row, problems: list[Problem]) -> None:
-    for match in re.finditer(r"\S+", text):
+    for match in _WORDS.finditer(text):
         word, col = match[0], start + match.start()
         where = Location(path, number, col)
         key, sep, value = word.partition("=")
         option = OPTIONS_BY_KEY.get(key)
         if not sep or option is None:
-            what = f"unknown option {key!r}" if sep else f"{word!r} is not a key=value option"
+            what = f"unknown option {shown(key)}" if sep else f"{shown(word)} is not a key=value option"
             problems.append(Problem(where, f"column 'options': {what} (expected one of: {_OPTION_KEYS})"))
             row.ok = False
-        elif key in row.options or key in row.option_cols:
+        elif key in row.option_cols:
             problems.append(Problem(where, f"column 'options': option {key!r} is given twice (expected it once)"))
             row.ok = False
         else:
@@ -110,6 +131,6 @@ def _parse_options(path: str, number: int, start: int, text: str, row: Row, prob
             try:
                 row.options[key] = option.parse(value)
             except FieldError as err:
-                problems.append(Problem(where, f"column 'options': option {key!r}: {value!r} {err}"
-                                        + ("" if "expected" in str(err) else f" (expected {option.values})")))
+                expected = "" if "(expected" in str(err) else f" (expected {option.values})"
+                problems.append(Problem(where, f"column 'options': option {key!r}: {shown(value)} {err}{expected}"))
                 row.ok = False

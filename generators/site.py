@@ -6,14 +6,15 @@ like cluster.conf's, and raised once as :class:`ConfigError`.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
-from generators.errors import ConfigError, Location, Problem, UsageError
+from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
     Accounts,
     Backup,
@@ -31,17 +32,29 @@ _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _IFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
+_HOSTGROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as in cluster.conf's hostgroups column
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+               dict: "a table"}
+
+Locate = Callable[[str, str], Location]
+
+
+def _type_of(value: Any) -> str:
+    """What a TOML value is, in words: 'a string', 'an integer', ..."""
+    return next((name for kind, name in _TYPE_NAMES.items() if type(value) is kind), "a date or time")
 
 
 class _Reader:
     """Typed access to one TOML table that records problems instead of raising."""
 
-    def __init__(self, data: dict[str, Any], table: str, locate: Callable[[str, str], Location],
-                 problems: list[Problem]) -> None:
+    def __init__(self, data: dict[str, Any], table: str, locate: Locate, problems: list[Problem],
+                 absent: bool = False) -> None:
         self.data = data
         self.table = table
         self.locate = locate
         self.problems = problems
+        self.absent = absent  # the table itself is missing (already reported): no problem per missing key
         self.used: set[str] = set()
 
     def where(self, key: str) -> str:
@@ -52,114 +65,162 @@ class _Reader:
 
     def get(self, key: str, kind: type, default: Any = _MISSING, what: str = "") -> Any:
         self.used.add(key)
+        what = what or _TYPE_NAMES[kind]
         if key not in self.data:
-            if default is _MISSING:
+            if default is _MISSING and not self.absent:
                 self.problems.append(Problem(self.locate(self.table, ""),
-                                             f"key '{self.where(key)}' is missing (expected {what or kind.__name__})"))
+                                             f"key '{self.where(key)}' is missing (expected {what})"))
             return None if default is _MISSING else default
         value = self.data[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problem(key, f"{value!r} is not {what or 'a ' + kind.__name__}")
+            self.problem(key, f"{shown(value)} is {_type_of(value)} (expected {what})")
             return None
         return value
 
-    def convert(self, key: str, convert: Callable[[Any], T], what: str, default: Any = _MISSING) -> T | None:
-        raw = self.get(key, object, default, what)
+    def convert(self, key: str, convert: Callable[[Any], T], what: str, expected: str, default: Any = _MISSING,
+                kind: type = str) -> T | None:
+        """A TOML value of type ``kind`` turned into a Python object by ``convert``.
+
+        ``convert`` raises ValueError when the value is malformed; a message of its own that starts
+        with "(" replaces the generic "(expected ...)".
+        """
+        raw = self.get(key, kind, default, what)
         if raw is None or raw is default:
-            return raw  # type: ignore[no-any-return]
+            return raw  # Any: the default, or None after a reported problem
         try:
             return convert(raw)
-        except (ValueError, TypeError):
-            self.problem(key, f"{raw!r} is not {what}")
+        except (ValueError, TypeError) as err:
+            reason = str(err) if str(err).startswith("(") else f"(expected {expected})"
+            self.problem(key, f"{shown(raw)} is not {what} {reason}")
             return None
 
     def positive(self, key: str, kind: type = int, default: Any = _MISSING) -> Any:
-        value = self.get(key, kind, default, f"a positive {'number' if kind is float else 'integer'}")
-        if value is not None and value <= 0:
-            self.problem(key, f"{value!r} is not positive (expected a number > 0)")
+        what = f"a positive {'number' if kind is float else 'integer'}"
+        value = self.get(key, kind, default, what)
+        if value is not None and not 0 < value < math.inf:  # also refuses TOML's nan and inf
+            self.problem(key, f"{shown(value)} is out of range (expected {what})")
             return None
         return value
 
-    def table_of(self, key: str, required: bool = True) -> dict[str, Any]:
+    def table_of(self, key: str, required: bool = True) -> dict[str, Any] | None:
+        """The sub-table ``key``; None (and a problem when required) if it is missing or not a table."""
         self.used.add(key)
         value = self.data.get(key)
         if value is None:
-            if required:
+            if required and not self.absent:
                 self.problems.append(Problem(self.locate(self.table, ""),
                                              f"table '[{self.where(key)}]' is missing"))
-            return {}
+            return None
         if not isinstance(value, dict):
-            self.problem(key, "is not a table")
-            return {}
+            self.problem(key, f"{shown(value)} is {_type_of(value)} (expected a table [{self.where(key)}])")
+            return None
         return value
 
     def sub(self, key: str, required: bool = True) -> _Reader:
-        return _Reader(self.table_of(key, required), self.where(key), self.locate, self.problems)
+        table = self.table_of(key, required)
+        return _Reader(table or {}, self.where(key), self.locate, self.problems, absent=table is None)
 
     def check_unknown(self) -> None:
         for key in sorted(set(self.data) - self.used):
             self.problem(key, f"unknown key (expected one of: {', '.join(sorted(self.used))})")
 
 
-def _locator(path: str, text: str) -> Callable[[str, str], Location]:
-    """Find the line of ``key`` inside table ``[table]``, so messages can point at it."""
-    header = re.compile(r"\s*\[\s*([^\]]+?)\s*\]")
-    keyline = re.compile(r"\s*([A-Za-z0-9_\"-]+)\s*=")
-    index: dict[tuple[str, str], int] = {}
+def _locator(path: str, text: str) -> Locate:
+    """Find the line and column of ``key`` inside table ``[table]``, so messages can point at it.
+
+    A problem about a whole table (a key missing from it) points at its header; one about the top
+    level at line 1. Keys tomllib accepts but this scan does not see (dotted keys, inline tables)
+    fall back to their table's header.
+    """
+    header = re.compile(r"\s*\[\[?\s*([^\]]+?)\s*\]")
+    keyline = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
+    index: dict[tuple[str, str], tuple[int, int]] = {("", ""): (1, 1)}
     current = ""
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # TOML's newlines only, unlike str.splitlines
         if m := header.match(line):
-            current = m[1].replace('"', "").replace(" ", "")
-            index.setdefault((current, ""), number)
+            current = re.sub(r"[\s\"']", "", m[1])
+            index.setdefault((current, ""), (number, len(line) - len(line.lstrip()) + 1))
         elif m := keyline.match(line):
-            index.setdefault((current, m[1].strip('"')), number)
+            index.setdefault((current, m[1].strip("\"'")), (number, m.start(1) + 1))
 
     def locate(table: str, key: str) -> Location:
-        line = index.get((table, key)) or index.get((table, "")) or 0
-        return Location(path, line, 1 if line else 0)
+        found = index.get((table, key)) or index.get((f"{table}.{key}" if table else key, "")) or index.get((table, ""))
+        if found is None:  # e.g. [hosts.kvm0] written as an inline table: use the nearest enclosing table
+            parent = table
+            while found is None and parent:
+                parent = parent.rpartition(".")[0]
+                found = index.get((parent, ""))
+        line, col = found or (1, 1)
+        return Location(path, line, col)
 
     return locate
 
 
+def _subnet(value: str) -> IPv4Network:
+    try:
+        return IPv4Network(value)
+    except ValueError as err:
+        if "host bits set" in str(err):
+            raise ValueError(f"(host bits are set; expected {IPv4Network(value, strict=False)})") from None
+        raise ValueError("(expected a.b.c.d/nn)") from None
+
+
+def _addresses(value: list[Any]) -> tuple[IPv4Address, ...]:
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError("(expected strings such as \"192.168.1.2\")")
+    return tuple(IPv4Address(item) for item in value)
+
+
 def _network(name: str, r: _Reader) -> Network | None:
-    subnet = r.convert("subnet", lambda v: IPv4Network(v), "an IPv4 network (expected a.b.c.d/nn)")
+    subnet = r.convert("subnet", _subnet, "an IPv4 network", "a.b.c.d/nn")
     bridge = r.get("bridge", str, what="a bridge interface name")
     if bridge is not None and not _IFACE.fullmatch(bridge):
-        r.problem("bridge", f"{bridge!r} is not an interface name (expected at most 15 letters, digits, '-', '_', '.')")
-    gateway = r.convert("gateway", IPv4Address, "an IPv4 address", default=None)
+        r.problem("bridge", f"{shown(bridge)} is not an interface name (expected at most 15 letters, digits,"
+                  " '-', '_', '.')")
+        bridge = None
+    gateway = r.convert("gateway", IPv4Address, "an IPv4 address", "a.b.c.d", default=None)
     vlan = r.get("vlan", int, default=None, what="a VLAN id (1-4094)")
     if vlan is not None and not 1 <= vlan <= 4094:
-        r.problem("vlan", f"{vlan!r} is not a VLAN id (expected 1-4094)")
-    dns = r.convert("dns", lambda v: tuple(IPv4Address(a) for a in v), "a list of IPv4 addresses", default=())
-    ranges = r.convert("dhcp_ranges", _parse_ranges, "a list of 'first-last' IPv4 ranges", default=())
+        r.problem("vlan", f"{shown(vlan)} is not a VLAN id (expected 1-4094)")
+        vlan = None
+    dns = r.convert("dns", _addresses, "a list of IPv4 addresses", '["a.b.c.d", ...]', default=(), kind=list)
+    ranges = r.convert("dhcp_ranges", _parse_ranges, "a list of DHCP ranges", '["FIRST-LAST", ...]', default=(),
+                       kind=list)
     if subnet is not None:
         if gateway is not None and gateway not in subnet:
-            r.problem("gateway", f"'{gateway}' is outside subnet {subnet}")
+            r.problem("gateway", f"'{gateway}' is outside subnet {subnet} (expected an address in it)")
         for first, last in ranges or ():
             if first not in subnet or last not in subnet:
-                r.problem("dhcp_ranges", f"'{first}-{last}' is outside subnet {subnet}")
+                r.problem("dhcp_ranges", f"'{first}-{last}' is outside subnet {subnet} (expected a range in it)")
     if subnet is None or bridge is None:
         return None
     return Network(name, subnet, bridge, gateway, vlan, dns or (), ranges or ())
 
 
-def _parse_ranges(value: Any) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
-    if not isinstance(value, list):
-        raise TypeError
+def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
     ranges = []
     for item in value:
-        first, last = (IPv4Address(part.strip()) for part in item.split("-"))
+        parts = item.split("-") if isinstance(item, str) else []
+        try:
+            first, last = (IPv4Address(part.strip()) for part in parts)
+        except ValueError:
+            raise ValueError("(expected strings \"FIRST-LAST\" such as \"192.168.1.200-192.168.1.250\")") from None
         if last < first:
-            raise ValueError
+            raise ValueError(f"({item!r} ends before it starts; expected FIRST-LAST with FIRST <= LAST)")
         ranges.append((first, last))
     return tuple(ranges)
 
 
 def _host(name: str, r: _Reader) -> PhysicalHost | None:
+    uri = r.get("uri", str, what="a libvirt URI such as qemu:///system")
+    if uri is not None and not _URI.fullmatch(uri):
+        r.problem("uri", f"{shown(uri)} is not a libvirt URI (expected e.g. qemu:///system or"
+                  " qemu+ssh://root@HOST/system)")
+        uri = None
     values = dict(
-        uri=r.get("uri", str, what="a libvirt URI such as qemu:///system"),
+        uri=uri,
         ram_mb=r.positive("ram_mb"),
         cpus=r.positive("cpus"),
         disk_gb=r.positive("disk_gb"),
@@ -169,7 +230,7 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
         disk_overcommit=r.positive("disk_overcommit", float, 1.0),
         address=r.get("address", str, None),
     )
-    if any(values[k] is None for k in ("uri", "ram_mb", "cpus", "disk_gb", "disk_dir")):
+    if any(value is None for key, value in values.items() if key != "address"):
         return None
     return PhysicalHost(name=name, **values)
 
@@ -177,75 +238,109 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
 def _os(name: str, r: _Reader) -> OsRelease | None:
     family = r.get("family", str, what="debian or ubuntu")
     if family is not None and family not in ("debian", "ubuntu"):
-        r.problem("family", f"{family!r} is not an OS family (expected debian or ubuntu)")
+        r.problem("family", f"{shown(family)} is not an OS family (expected debian or ubuntu)")
         family = None
     suite = r.get("suite", str, what="a release codename such as bookworm")
     kernel = r.get("kernel", str, what="the installer kernel's path under the TFTP root")
     initrd = r.get("initrd", str, what="the installer initrd's path under the TFTP root")
-    cloud_image = r.get("cloud_image", str, None)
+    cloud_image = r.get("cloud_image", str, None, "the cloud image's path on the physical hosts")
     if None in (family, suite, kernel, initrd):
         return None
     return OsRelease(name, family, suite, kernel, initrd, cloud_image)
 
 
-def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None]) -> dict[str, T | None]:
+def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None], what: str) -> dict[str, T | None]:
     """Build every entry of a table of tables such as [hosts.kvm0], [hosts.kvm1]."""
     entries = top.sub(table)
-    result = {}
-    for name in entries.data:
+    result: dict[str, T | None] = {}
+    for name, value in entries.data.items():
+        entries.used.add(name)
+        if not isinstance(value, dict):
+            entries.problem(name, f"{shown(value)} is {_type_of(value)} (expected a table [{table}.{name}] {what})")
+            result[name] = None
+            continue
         reader = entries.sub(name)
         result[name] = build(name, reader)
         reader.check_unknown()
+    if not entries.data and not entries.absent:
+        top.problem(table, f"has no entries (expected at least one [{table}.NAME] table {what})")
     return result
 
 
 def load_site(path: Path) -> Site:
     """Parse and check site.toml (and its optional secrets file); raise ConfigError listing all problems."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file (give the site settings with SITE=... or KVMCONF_SITE)") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a site.toml file") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError([Problem(Location(str(path)), f"is not UTF-8 text (byte {err.start})")]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(err))
-        loc = Location(str(path), int(m[1]), int(m[2])) if m else Location(str(path))
-        raise ConfigError([Problem(loc, f"not valid TOML: {str(err).split(' (at')[0]}")]) from None
+    return load_site_located(path)[0]
 
+
+def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
+    """The document and its text; a file that is not TOML is one problem with its line and column."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file (give {what})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a TOML file") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        col = len(raw[raw.rfind(b"\n", 0, err.start) + 1:err.start].decode("utf-8", "replace")) + 1
+        raise ConfigError([Problem(Location(str(path), line, col), f"byte {raw[err.start]:#04x} is not UTF-8"
+                                   " (expected a UTF-8 TOML file)")]) from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as err:
+        message = str(err)
+        if m := re.search(r" \(at line (\d+), column (\d+)\)$", message):
+            location = Location(str(path), int(m[1]), int(m[2]))
+        else:  # "(at end of document)"
+            lines = text.split("\n")
+            location = Location(str(path), len(lines), len(lines[-1]) + 1)
+        message = re.sub(r" \(at [^)]*\)$", "", message)
+    except ValueError:  # tomllib lets int() refuse an integer of more than 4300 digits
+        number = re.search(r"[0-9_]{4000,}", text)
+        start = number.start() if number else 0
+        location = Location(str(path), text.count("\n", 0, start) + 1, start - text.rfind("\n", 0, start))
+        message = "an integer is too long"
+    raise ConfigError([Problem(location, f"not valid TOML: {message}")])
+
+
+def load_site_located(path: Path) -> tuple[Site, Locate]:
+    """load_site, plus where each key is, for later problems about site.toml (e.g. provision.vm)."""
+    data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
     problems: list[Problem] = []
     locate = _locator(str(path), text)
     top = _Reader(data, "", locate, problems)
 
     domain = top.get("domain", str, what="a DNS domain such as cluster.lan")
     if domain is not None and not _DOMAIN.fullmatch(domain):
-        top.problem("domain", f"{domain!r} is not a DNS domain (expected lowercase labels separated by dots)")
-    domain_type = top.convert("domain_type", DomainType, "a domain type (expected kvm or qemu)", default=DomainType.KVM)
+        top.problem("domain", f"{shown(domain)} is not a DNS domain (expected lowercase labels separated by dots)")
+        domain = None
+    domain_type = top.convert("domain_type", DomainType, "a domain type", "kvm or qemu", default=DomainType.KVM)
     locale = top.get("locale", str, "en_US.UTF-8")
     keyboard = top.get("keyboard", str, "us")
     timezone = top.get("timezone", str, "UTC")
 
-    networks = _each(top, "networks", _network)
-    hosts = _each(top, "hosts", _host)
-    oses = _each(top, "os", _os)
-    for table, found in (("networks", networks), ("hosts", hosts), ("os", oses)):
-        if not found and table in data:
-            problems.append(Problem(locate(table, ""), f"table '[{table}]' has no entries"))
+    networks = _each(top, "networks", _network, "with subnet, bridge, ...")
+    hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...")
+    oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...")
 
     default_network = top.get("default_network", str, next(iter(networks), ""))
     if default_network and default_network not in networks:
-        top.problem("default_network", f"{default_network!r} is not a network (expected one of: {', '.join(sorted(networks))})")
+        top.problem("default_network", f"{shown(default_network)} is not a network (expected one of:"
+                    f" {', '.join(sorted(networks)) or 'none defined'})")
     default_os = top.get("default_os", str, next(iter(oses), ""))
     if default_os and default_os not in oses:
-        top.problem("default_os", f"{default_os!r} is not an OS (expected one of: {', '.join(sorted(oses))})")
+        top.problem("default_os", f"{shown(default_os)} is not an OS (expected one of:"
+                    f" {', '.join(sorted(oses)) or 'none defined'})")
 
     p = top.sub("provision")
     provision_values = dict(
-        vm=p.get("vm", str, None),
-        server=p.convert("server", IPv4Address, "an IPv4 address (expected the provision server's address)", default=None),
+        vm=p.get("vm", str, None, "the name of the provision server's VM in cluster.conf"),
+        server=p.convert("server", IPv4Address, "an IPv4 address", "the provision server's address a.b.c.d",
+                         default=None),
         http_url=p.get("http_url", str, what="the HTTP base URL of the provision server"),
         tftp_root=p.get("tftp_root", str, "/srv/tftp"),
         interface=p.get("interface", str, what="the interface dnsmasq serves"),
@@ -254,17 +349,18 @@ def load_site(path: Path) -> Site:
         mirror_proxy=p.get("mirror_proxy", str, ""),
         config_dir=p.get("config_dir", str, "/etc/kvmconf"),
     )
-    if (provision_values["vm"] is None) == (provision_values["server"] is None):
+    if not p.absent and ("vm" in p.data) == ("server" in p.data):
         problems.append(Problem(locate("provision", ""), "table '[provision]' needs exactly one of 'vm' (the"
                                 " provision VM's name in cluster.conf) or 'server' (its IPv4 address)"))
-    if provision_values["http_url"] is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", provision_values["http_url"]):
-        p.problem("http_url", f"{provision_values['http_url']!r} is not an http(s) URL")
+    http_url = provision_values["http_url"]
+    if http_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", http_url):
+        p.problem("http_url", f"{shown(http_url)} is not an http(s) URL (expected e.g. http://192.168.1.2)")
         provision_values["http_url"] = None
-    elif provision_values["http_url"]:
-        provision_values["http_url"] = provision_values["http_url"].rstrip("/")
+    elif http_url:
+        provision_values["http_url"] = http_url.rstrip("/")
 
     a = top.sub("accounts")
-    secrets_name = a.get("secrets", str, None)
+    secrets_name = a.get("secrets", str, None, "the secrets file's name, relative to site.toml")
     account_values: dict[str, Any] = dict(
         root_password_hash=a.get("root_password_hash", str, "!"),
         admin_user=a.get("admin_user", str, what="the name of the admin user created on every VM"),
@@ -272,22 +368,32 @@ def load_site(path: Path) -> Site:
         ssh_keys=a.get("ssh_keys", list, [], "a list of SSH public keys"),
         ssh_user=a.get("ssh_user", str, "root"),
     )
+    readers = {key: a for key in account_values}
     if secrets_name:
-        account_values.update(_load_secrets(path.parent / secrets_name, problems))
+        secrets = _load_secrets(path.parent / secrets_name, a, problems)
+        if secrets is not None:
+            secret_values, secret_reader = secrets
+            account_values.update(secret_values)
+            readers.update(dict.fromkeys(secret_values, secret_reader))
     for key in ("root_password_hash", "admin_password_hash"):
         value = account_values[key]
         if value is not None and not _CRYPT_HASH.fullmatch(value):
-            a.problem(key, "is not a crypt(3) hash (expected a SHA-512 '$6$...' or yescrypt '$y$...' hash,"
-                      " e.g. from mkpasswd -m sha-512, or '!' for a locked account; plain text is refused)")
+            readers[key].problem(key, "is not a crypt(3) hash (expected a SHA-512 '$6$...' or yescrypt '$y$...'"
+                                 " hash, e.g. from mkpasswd -m sha-512, or '!' for a locked account; plain text"
+                                 " is refused)")
             account_values[key] = None
     for key in account_values["ssh_keys"] or ():
         if not isinstance(key, str) or not _SSH_KEY.fullmatch(key):
-            a.problem("ssh_keys", f"{str(key)[:40]!r} is not an SSH public key (expected 'ssh-ed25519 AAAA... comment')")
-    if account_values["admin_user"] is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", account_values["admin_user"]):
-        a.problem("admin_user", f"{account_values['admin_user']!r} is not a user name (expected lowercase letters, digits, '_', '-')")
+            readers["ssh_keys"].problem("ssh_keys", f"{shown(key, 40)} is not an SSH public key (expected"
+                                        " 'ssh-ed25519 AAAA... comment')")
+            account_values["ssh_keys"] = None
+    admin_user = account_values["admin_user"]
+    if admin_user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", admin_user):
+        a.problem("admin_user", f"{shown(admin_user)} is not a user name (expected up to 32 lowercase letters,"
+                  " digits, '_', '-', not starting with a digit or '-')")
         account_values["admin_user"] = None
 
-    b = top.sub("backup")
+    b = top.sub("backup", required=False)  # every key has a default
     backup_values = dict(
         schedule=b.get("schedule", str, "30 2 * * *"),
         dir=b.get("dir", str, "/var/backups/kvmconf"),
@@ -298,16 +404,21 @@ def load_site(path: Path) -> Site:
         checkout=b.get("checkout", str, "/root/kvmconf"),
     )
     if backup_values["schedule"] is not None and len(backup_values["schedule"].split()) != 5:
-        b.problem("schedule", f"{backup_values['schedule']!r} is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')")
+        b.problem("schedule", f"{shown(backup_values['schedule'])} is not a cron schedule (expected 5 fields,"
+                  " e.g. '30 2 * * *')")
         backup_values["schedule"] = None
 
     hostgroups: dict[str, str] | None = None
     if "hostgroups" in data:
-        raw = top.table_of("hostgroups")
+        h = top.sub("hostgroups")
         hostgroups = {}
-        for group, alias in raw.items():
-            if not isinstance(alias, str):
-                top.sub("hostgroups").problem(group, f"{alias!r} is not a string (expected the hostgroup's description)")
+        for group, alias in h.data.items():
+            h.used.add(group)
+            if not _HOSTGROUP.fullmatch(group):
+                h.problem(group, "is not a hostgroup name (expected letters, digits, '_', '.' and '-')")
+            elif not isinstance(alias, str):
+                h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
+                          " description)")
             else:
                 hostgroups[group] = alias
 
@@ -315,10 +426,9 @@ def load_site(path: Path) -> Site:
         reader.check_unknown()
     if problems:
         raise ConfigError(problems)
-    assert domain is not None and domain_type is not None  # for mypy: problems would have been raised
-    return Site(
+    site = Site(
         domain=domain,
-        domain_type=domain_type,
+        domain_type=domain_type,  # type: ignore[arg-type]  # not None: that would have been a problem
         locale=locale,
         keyboard=keyboard,
         timezone=timezone,
@@ -333,24 +443,29 @@ def load_site(path: Path) -> Site:
         hostgroups=hostgroups,
         path=str(path),
     )
+    return site, locate
 
 
-def _load_secrets(path: Path, problems: list[Problem]) -> dict[str, Any]:
+def _load_secrets(path: Path, accounts: _Reader, problems: list[Problem]) -> tuple[dict[str, Any], _Reader] | None:
     """Values of [accounts] kept out of version control; a missing file keeps site.toml's values."""
+    if not path.exists():
+        return None
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        problems.append(Problem(Location(str(path)), f"not valid TOML: {err}"))
-        return {}
-    allowed = ("root_password_hash", "admin_password_hash", "ssh_keys")
+        data, text = _read_toml(path, "the secrets file")
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return None
+    except UsageError as err:  # a directory, unreadable: a mistake in site.toml's secrets key
+        accounts.problem("secrets", f"{str(err).removeprefix(f'{path}: ')} (expected a TOML file with an"
+                         " [accounts] table, or no file)")
+        return None
+    top = _Reader(data, "", _locator(str(path), text), problems)
+    a = top.sub("accounts")
     values = {}
-    for key, value in data.get("accounts", {}).items():
-        if key not in allowed:
-            problems.append(Problem(Location(str(path)), f"key 'accounts.{key}': unknown key (expected one of: {', '.join(allowed)})"))
-        elif not isinstance(value, list if key == "ssh_keys" else str):
-            problems.append(Problem(Location(str(path)), f"key 'accounts.{key}': {value!r} has the wrong type"))
-        else:
+    for key, kind in (("root_password_hash", str), ("admin_password_hash", str), ("ssh_keys", list)):
+        a.used.add(key)
+        if key in a.data and (value := a.get(key, kind)) is not None:
             values[key] = value
-    return values
+    a.check_unknown()
+    top.check_unknown()
+    return values, a

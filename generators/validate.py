@@ -1,214 +1,278 @@
 """Check the inventory as a whole against itself and site.toml, place VMs, build the Cluster.
 
 Every problem is collected with the line and column it is about; nothing is raised until the
-whole file has been seen, so the admin fixes everything in one pass.
+whole file has been seen, so the admin fixes everything in one pass. A line with one bad field
+is still checked for everything its other fields allow (a duplicate name is reported even when
+the same line's IP is malformed); only checks that need a whole VM (placement, capacity, CPU
+pinning) leave such lines out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from generators.errors import ConfigError, Location, Problem
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Site, Vm
-from generators.site import load_site
+from generators.site import load_site_located
+
+_RESOURCES = (("ram", "MB RAM"), ("cpus", "vCPUs"), ("disk", "GB disk"))
 
 
 def load_cluster(cluster_path: Path, site_path: Path) -> Cluster:
     """Parse and validate both files; raise ConfigError with every problem of both."""
     problems: list[Problem] = []
-    site: Site | None = None
+    located = None
     try:
-        site = load_site(site_path)
+        located = load_site_located(site_path)
     except ConfigError as err:
         problems.extend(err.problems)
     rows, row_problems = read_rows(cluster_path)
     problems.extend(row_problems)
-    if site is None:
+    rows = [row for row in rows if row.cols]  # lines with a wrong field count have nothing more to check
+    _check_unique(str(cluster_path), rows, problems)
+    _check_after(str(cluster_path), rows, problems)
+    if located is None:  # checks against site.toml need a valid one
         raise ConfigError(problems)
-    checker = _Checker(str(cluster_path), site, problems)
+    site, locate = located
+    checker = _Checker(str(cluster_path), site, locate, problems, complete=not row_problems)
     vms = checker.build(rows)
     if problems:
         raise ConfigError(problems)
     return Cluster(site=checker.site, vms=tuple(vms), source=str(cluster_path))
 
 
+def _report(path: str, row: Row, column: str, message: str, option: str | None = None, offset: int = 0) -> Problem:
+    col = row.option_cols[option] if option else row.cols.get(column, 1)
+    return Problem(Location(path, row.line, col + offset), f"column '{column}': {message}")
+
+
+def _check_unique(path: str, rows: list[Row], problems: list[Problem]) -> None:
+    for column, what in (("name", "names"), ("mac", "MAC addresses"), ("ip", "IP addresses")):
+        first: dict[object, int] = {}
+        for row in rows:
+            if column not in row.values:
+                continue
+            value = row.values[column]
+            if value in first:
+                problems.append(_report(path, row, column, f"'{value}' is already used on line {first[value]}"
+                                        f" (expected unique {what})"))
+            else:
+                first[value] = row.line
+
+
+def _check_after(path: str, rows: list[Row], problems: list[Problem]) -> None:
+    seen: set[str] = set()
+    for row in rows:
+        offset = len("after=")
+        for name in row.options.get("after", ()):
+            if name not in seen:
+                problems.append(_report(path, row, "options", f"option 'after': {name!r} is not a VM defined above"
+                                        " this line (expected names of earlier VMs: cluster.conf order is"
+                                        " deployment order)", "after", offset))
+            offset += len(name) + 1
+        if "name" in row.values:
+            seen.add(row.values["name"])
+
+
+@dataclasses.dataclass
+class _Refs:
+    """What a line's options resolve to in site.toml; None where the name is unknown there."""
+
+    host: str | None
+    network: str | None
+    os: str | None
+    install: Install | None
+    known_hostgroups: bool = True
+
+
+def _num(value: float) -> str:
+    return f"{value:.12g}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 class _Checker:
-    def __init__(self, path: str, site: Site, problems: list[Problem]) -> None:
+    def __init__(self, path: str, site: Site, locate: Callable[[str, str], Location], problems: list[Problem],
+                 complete: bool) -> None:
         self.path = path
         self.site = site
+        self.locate = locate
         self.problems = problems
+        self.complete = complete  # every line could be split into fields (no decode or field-count problem)
+        self.capacity = {name: (h.ram_mb * h.ram_overcommit, h.cpus * h.cpu_overcommit, h.disk_gb * h.disk_overcommit)
+                         for name, h in site.hosts.items()}
+        self.known = {"host": sorted(["auto", *site.hosts]), "net": sorted(site.networks), "os": sorted(site.oses)}
 
-    def report(self, row: Row, column: str, message: str, option: str | None = None) -> None:
-        col = row.option_cols[option] if option else row.cols.get(column, 1)
-        self.problems.append(Problem(Location(self.path, row.line, col), f"column '{column}': {message}"))
+    def report(self, row: Row, column: str, message: str, option: str | None = None, offset: int = 0) -> None:
+        self.problems.append(_report(self.path, row, column, message, option, offset))
 
     def build(self, rows: list[Row]) -> list[Vm]:
-        good = [row for row in rows if row.ok]
-        self._check_unique(good)
-        self._check_after(good)
-        vms = [vm for row in good if (vm := self._vm(row)) is not None]
-        by_line = {row.line: row for row in good}
-        self._resolve_provision(vms, by_line)
-        self._check_addresses(vms, by_line)
+        refs = {row.line: self._references(row) for row in rows}
+        self._resolve_provision(rows)
+        self._check_addresses(rows, refs)
+        by_line = {row.line: row for row in rows}
+        vms = [vm for row in rows if (vm := self._vm(row, refs[row.line])) is not None]
         vms = self._place(vms, by_line)
         self._check_capacity(vms, by_line)
         self._check_cpusets(vms, by_line)
         return vms
 
-    def _check_unique(self, rows: list[Row]) -> None:
-        for column, what in (("name", "names"), ("mac", "MAC addresses"), ("ip", "IP addresses")):
-            first: dict[object, int] = {}
-            for row in rows:
-                value = row.values[column]
-                if value in first:
-                    self.report(row, column, f"'{value}' is already used on line {first[value]} (expected unique {what})")
-                else:
-                    first[value] = row.line
-
-    def _check_after(self, rows: list[Row]) -> None:
-        seen: set[str] = set()
-        for row in rows:
-            for name in row.options.get("after", ()):
-                if name not in seen:
-                    self.report(row, "options", f"option 'after': {name!r} is not a VM defined above this line"
-                                " (expected names of earlier VMs: cluster.conf order is deployment order)", "after")
-            seen.add(row.values["name"])
-
-    def _choice(self, row: Row, option: str, value: str, known: Iterable[str], what: str) -> bool:
-        names = sorted(known)
+    def _choice(self, row: Row, option: str, what: str) -> str | None:
+        """The value of option host=, net= or os= if site.toml defines it, else None and a problem."""
+        value: str = row.options[option]
+        names = self.known[option]
         if value in names:
-            return True
+            return value
         self.report(row, "options", f"option {option!r}: {value!r} is not {what} in {self.site.path}"
                     f" (expected one of: {', '.join(names) or 'none defined'})", option)
-        return False
+        return None
 
-    def _vm(self, row: Row) -> Vm | None:
+    def _references(self, row: Row) -> _Refs:
+        """Resolve host=, net=, os= and the hostgroups against site.toml, reporting unknown names."""
         site, opts = self.site, row.options
-        ok = True
-        host = opts.get("host", "auto")
-        if host != "auto":
-            ok &= self._choice(row, "host", host, site.hosts, "a physical host")
-        network = opts.get("net", site.default_network)
+        refs = _Refs(host="auto", network=site.default_network, os=site.default_os, install=Install.PXE)
+        if "host" in opts:
+            refs.host = self._choice(row, "host", "a physical host")
         if "net" in opts:
-            ok &= self._choice(row, "net", network, site.networks, "a network")
-        os_name = opts.get("os", site.default_os)
+            refs.network = self._choice(row, "net", "a network")
         if "os" in opts:
-            ok &= self._choice(row, "os", os_name, site.oses, "an OS")
-        install = opts.get("install", Install.PXE)
-        if ok and install is Install.CLOUD and site.oses[os_name].cloud_image is None:
-            where = "install" if "install" in opts else "name"
-            message = (f"install=cloud needs a cloud image, and OS {os_name!r} has none"
-                       f" (expected 'cloud_image' in [os.{os_name}] of {site.path})")
-            if "install" in opts:
-                self.report(row, "options", message, "install")
-            else:
-                self.report(row, where, message)
-            ok = False
-        hostgroups = row.values["hostgroups"]
-        if site.hostgroups is not None:
-            unknown = [g for g in hostgroups if g not in site.hostgroups]
-            if unknown:
-                self.report(row, "hostgroups", f"{','.join(unknown)!r} is not a hostgroup of {site.path}"
-                            f" (expected one of: {', '.join(sorted(site.hostgroups))})")
-                ok = False
-        if not ok:
+            refs.os = self._choice(row, "os", "an OS")
+        if "install" in row.option_cols:
+            refs.install = opts.get("install")  # None when its value was malformed
+        if refs.install is Install.CLOUD and refs.os is not None and site.oses[refs.os].cloud_image is None:
+            message = (f"install=cloud needs a cloud image, and OS {refs.os!r} has none"
+                       f" (expected 'cloud_image' in [os.{refs.os}] of {site.path})")
+            self.report(row, "options", message, "install")
+            refs.install = None
+        if site.hostgroups is not None and "hostgroups" in row.values:
+            offset = 0
+            for group in row.values["hostgroups"]:
+                if group not in site.hostgroups:
+                    self.report(row, "hostgroups", f"{group!r} is not a hostgroup of {site.path} (expected one of:"
+                                f" {', '.join(sorted(site.hostgroups))}; or add it to [hostgroups])", offset=offset)
+                    refs.known_hostgroups = False
+                offset += len(group) + 1
+        return refs
+
+    def _vm(self, row: Row, refs: _Refs) -> Vm | None:
+        if not row.ok or not refs.known_hostgroups or None in (refs.host, refs.network, refs.os, refs.install):
             return None
+        assert refs.host and refs.network and refs.os and refs.install  # for mypy: checked just above
+        opts, v = row.options, row.values
         kind, volume_group = opts.get("disk", (DiskKind.QCOW2, None))
-        v = row.values
         return Vm(
             name=v["name"], mac=v["mac"], ip=v["ip"], ram_mb=v["ram"], cpus=v["cpus"],
-            disk=Disk(kind, v["disk"], volume_group), hostgroups=hostgroups, host=host, network=network,
-            install=install, os=os_name, boot=opts.get("boot", Boot.BIOS), cpuset=opts.get("cpuset", ()),
-            after=opts.get("after", ()), autostart=opts.get("autostart", True), backup=opts.get("backup", True),
-            keep=opts.get("keep"), line=row.line,
+            disk=Disk(kind, v["disk"], volume_group), hostgroups=v["hostgroups"], host=refs.host,
+            network=refs.network, install=refs.install, os=refs.os, boot=opts.get("boot", Boot.BIOS),
+            cpuset=opts.get("cpuset", ()), after=opts.get("after", ()), autostart=opts.get("autostart", True),
+            backup=opts.get("backup", True), keep=opts.get("keep"), line=row.line,
         )
 
-    def _resolve_provision(self, vms: list[Vm], rows: dict[int, Row]) -> None:
+    def _resolve_provision(self, rows: list[Row]) -> None:
+        """With `[provision] vm = NAME`, the provision server's address is that VM's IP."""
         provision = self.site.provision
         if provision.vm is None:
             return
-        vm = next((vm for vm in vms if vm.name == provision.vm), None)
-        if vm is None:
-            if not any(row.values["name"] == provision.vm for row in rows.values()):
-                self.problems.append(Problem(Location(self.site.path), f"key 'provision.vm': {provision.vm!r} is not"
-                                             f" a VM of {self.path} (expected the name of the provision server VM)"))
+        row = next((row for row in rows if row.values.get("name") == provision.vm), None)
+        if row is None:
+            if self.complete:  # else the VM may be on a line that could not be read
+                self.problems.append(Problem(self.locate("provision", "vm"), f"key 'provision.vm': {provision.vm!r}"
+                                             f" is not a VM of {self.path} (expected the name of the VM that is"
+                                             " the provision server)"))
             return
-        self.site = dataclasses.replace(self.site, provision=dataclasses.replace(provision, server=vm.ip))
+        if "ip" in row.values:
+            provision = dataclasses.replace(provision, server=row.values["ip"])
+            self.site = dataclasses.replace(self.site, provision=provision)
 
-    def _check_addresses(self, vms: list[Vm], rows: dict[int, Row]) -> None:
-        server = self.site.provision.server
-        for vm in vms:
-            row, net = rows[vm.line], self.site.networks[vm.network]
-            if vm.ip not in net.subnet:
-                self.report(row, "ip", f"'{vm.ip}' is outside network {vm.network!r} ({net.subnet})"
-                            f" (expected an address in {net.subnet})")
+    def _check_addresses(self, rows: list[Row], refs: dict[int, _Refs]) -> None:
+        # With `[provision] vm =`, the server's address is that VM's IP, which the check of unique IPs covers.
+        server = self.site.provision.server if self.site.provision.vm is None else None
+        for row in rows:
+            ip: IPv4Address | None = row.values.get("ip")
+            network = refs[row.line].network
+            if ip is None or network is None:
                 continue
-            reserved = {net.subnet.network_address: "the network address", net.subnet.broadcast_address:
-                        "the broadcast address"}
+            net = self.site.networks[network]
+            if ip not in net.subnet:
+                self.report(row, "ip", f"'{ip}' is outside network {network!r} ({net.subnet}) (expected an address"
+                            f" in {net.subnet}{'' if 'net' in row.options else ', or net=<network>'})")
+                continue
+            reserved = {net.subnet.network_address: f"the network address of network {network!r}",
+                        net.subnet.broadcast_address: f"the broadcast address of network {network!r}"}
             if net.gateway is not None:
-                reserved[net.gateway] = "the gateway"
-            if server is not None and vm.name != self.site.provision.vm:
-                reserved.setdefault(server, "the provision server's address")
-            if vm.ip in reserved:
-                self.report(row, "ip", f"'{vm.ip}' is {reserved[vm.ip]} of network {vm.network!r}"
-                            " (expected a host address of its own)")
+                reserved[net.gateway] = f"the gateway of network {network!r}"
+            if server is not None:
+                reserved.setdefault(server, f"the provision server's address ([provision] server in {self.site.path})")
+            if ip in reserved:
+                self.report(row, "ip", f"'{ip}' is {reserved[ip]} (expected a host address of its own)")
             for first, last in net.dhcp_ranges:
-                if first <= vm.ip <= last:
-                    self.report(row, "ip", f"'{vm.ip}' is inside the dynamic DHCP range {first}-{last} of network"
-                                f" {vm.network!r} (expected an address outside it)")
-
-    def _capacity(self, host: str) -> tuple[float, float, float]:
-        h = self.site.hosts[host]
-        return h.ram_mb * h.ram_overcommit, h.cpus * h.cpu_overcommit, h.disk_gb * h.disk_overcommit
+                if first <= ip <= last:
+                    self.report(row, "ip", f"'{ip}' is inside the dynamic DHCP range {first}-{last} of network"
+                                f" {network!r} (expected an address outside it)")
 
     def _place(self, vms: list[Vm], rows: dict[int, Row]) -> list[Vm]:
-        """Place `host=auto` VMs, after the pinned ones, on the host with the most free RAM that fits.
+        """Place `host=auto` VMs on the host with the most free RAM that fits them.
 
-        Deterministic: file order, ties broken by host name, so a rebuild never moves a VM.
+        Only the VMs above a line count, so appending VMs to cluster.conf never moves one that is
+        already placed (moving it would define it twice). Ties go to the first host by name.
         """
         used = {name: [0.0, 0.0, 0.0] for name in self.site.hosts}
-        for vm in vms:
-            if vm.host != "auto":
-                for i, amount in enumerate((vm.ram_mb, vm.cpus, vm.disk.size_gb)):
-                    used[vm.host][i] += amount
+        host_names = sorted(self.site.hosts)
         placed = []
         for vm in vms:
+            need = (vm.ram_mb, vm.cpus, vm.disk.size_gb)
             if vm.host == "auto":
-                need = (vm.ram_mb, vm.cpus, vm.disk.size_gb)
-                fits = [name for name in sorted(self.site.hosts)
-                        if all(used[name][i] + need[i] <= self._capacity(name)[i] for i in range(3))]
-                if not fits:
+                best, most_free = None, 0.0
+                for name in host_names:  # a plain loop: this runs hosts x VMs times
+                    u, cap = used[name], self.capacity[name]
+                    free = cap[0] - u[0]
+                    if need[0] <= free and u[1] + need[1] <= cap[1] and u[2] + need[2] <= cap[2] and (
+                            best is None or free > most_free):
+                        best, most_free = name, free
+                if best is None:
                     self.report(rows[vm.line], "name", f"{vm.name!r} fits on no physical host: needs {vm.ram_mb} MB"
-                                f" RAM, {vm.cpus} vCPUs, {vm.disk.size_gb} GB disk (expected a host in"
-                                f" {self.site.path} with that much free capacity, or host=<name>)")
+                                f" RAM, {_count(vm.cpus, 'vCPU')} and {vm.disk.size_gb} GB disk, more than any host"
+                                f" has left (expected a host in {self.site.path} with that much free capacity after"
+                                " the VMs above, or host=<name>)")
                     continue
-                best = min(fits, key=lambda name: (used[name][0] - self._capacity(name)[0], name))
-                for i in range(3):
-                    used[best][i] += need[i]
                 vm = dataclasses.replace(vm, host=best, auto_placed=True)
+            for i in range(3):
+                used[vm.host][i] += need[i]
             placed.append(vm)
         return placed
 
     def _check_capacity(self, vms: list[Vm], rows: dict[int, Row]) -> None:
+        """Report the line whose VM first takes a host over its capacity × overcommit."""
         totals: dict[str, list[float]] = {name: [0, 0, 0] for name in self.site.hosts}
+        auto: dict[str, list[str]] = {name: [] for name in self.site.hosts}
         reported: set[tuple[str, int]] = set()
         for vm in vms:
-            limits = self._capacity(vm.host)
+            limits = self.capacity[vm.host]
             h = self.site.hosts[vm.host]
-            for i, (column, amount, unit, size, ratio) in enumerate((
-                ("ram", vm.ram_mb, "MB RAM", h.ram_mb, h.ram_overcommit),
-                ("cpus", vm.cpus, "vCPUs", h.cpus, h.cpu_overcommit),
-                ("disk", vm.disk.size_gb, "GB disk", h.disk_gb, h.disk_overcommit),
+            if vm.auto_placed:
+                auto[vm.host].append(vm.name)
+            for i, (amount, size, ratio) in enumerate((
+                (vm.ram_mb, h.ram_mb, h.ram_overcommit),
+                (vm.cpus, h.cpus, h.cpu_overcommit),
+                (vm.disk.size_gb, h.disk_gb, h.disk_overcommit),
             )):
                 totals[vm.host][i] += amount
                 if totals[vm.host][i] > limits[i] and (vm.host, i) not in reported:
                     reported.add((vm.host, i))
-                    self.report(rows[vm.line], column, f"{amount} puts host {vm.host!r} over capacity: its VMs"
-                                f" up to this line need {totals[vm.host][i]:g} {unit} (expected at most"
-                                f" {limits[i]:g} = {size} × overcommit {ratio:g})")
+                    column, unit = _RESOURCES[i]
+                    note = ""
+                    if auto[vm.host]:  # pinning one of those elsewhere may be the easiest fix
+                        names = ", ".join(auto[vm.host][:3]) + (", ..." if len(auto[vm.host]) > 3 else "")
+                        note = f"; host=auto put {names} there: pin one elsewhere with host=<name>"
+                    self.report(rows[vm.line], column, f"{amount} puts host {vm.host!r} over capacity: its VMs up to"
+                                f" this line need {_num(totals[vm.host][i])} {unit} (expected at most"
+                                f" {_num(limits[i])} = {size} × overcommit {_num(ratio)}{note})")
 
     def _check_cpusets(self, vms: list[Vm], rows: dict[int, Row]) -> None:
         owner: dict[tuple[str, int], str] = {}
@@ -217,8 +281,13 @@ class _Checker:
                 continue
             row = rows[vm.line]
             if len(vm.cpuset) != vm.cpus:
-                self.report(row, "options", f"option 'cpuset': has {len(vm.cpuset)} CPUs but the VM has"
-                            f" {vm.cpus} vCPUs (expected exactly one host CPU per vCPU)", "cpuset")
+                self.report(row, "options", f"option 'cpuset': has {_count(len(vm.cpuset), 'CPU')} but the VM has"
+                            f" {_count(vm.cpus, 'vCPU')} (expected exactly one host CPU per vCPU)", "cpuset")
+            if vm.auto_placed:
+                # CPU numbers mean something only on a known host, and host=auto may move the VM.
+                self.report(row, "options", "option 'cpuset': pins CPUs of no particular host (expected"
+                            f" host=<name> with it; host=auto chose {vm.host!r})", "cpuset")
+                continue
             host_cpus = self.site.hosts[vm.host].cpus
             for cpu in vm.cpuset:
                 if cpu >= host_cpus:

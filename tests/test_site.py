@@ -1,0 +1,253 @@
+"""site.toml: the example's values, defaults, secrets, and problems with their line and column."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from generators.errors import ConfigError, UsageError
+from generators.model import DomainType
+from generators.site import load_site
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_SITE = (ROOT / "site.toml").read_text()
+MINIMAL_SITE = """\
+domain = "lab.test"
+[accounts]
+admin_user = "admin"
+[networks.lan]
+subnet = "10.0.0.0/24"
+bridge = "br0"
+[hosts.h1]
+uri = "qemu:///system"
+ram_mb = 4096
+cpus = 4
+disk_gb = 100
+[os.bookworm]
+family = "debian"
+suite = "bookworm"
+kernel = "linux"
+initrd = "initrd.gz"
+[provision]
+server = "10.0.0.2"
+http_url = "http://10.0.0.2/"
+interface = "eth0"
+"""
+
+
+def _write(tmp_path: Path, text: str | bytes, name: str = "site.toml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _problems(path: Path) -> list[str]:
+    """Each problem as 'LINE:COL: message', the path left out."""
+    with pytest.raises(ConfigError) as caught:
+        load_site(path)
+    return [str(problem).removeprefix(f"{path}:") for problem in caught.value.problems]
+
+
+def test_the_example_site_toml_parses() -> None:
+    site = load_site(ROOT / "site.toml")
+    assert site.domain == "phys.example.org" and site.domain_type is DomainType.KVM
+    assert sorted(site.networks) == ["dmz", "lan"] and sorted(site.hosts) == ["kvm0", "kvm1"]
+    lan = site.networks["lan"]
+    assert lan.subnet == IPv4Network("192.168.50.0/24") and lan.gateway == IPv4Address("192.168.50.1")
+    assert lan.dhcp_ranges == ((IPv4Address("192.168.50.200"), IPv4Address("192.168.50.250")),)
+    assert site.networks["dmz"].vlan == 60
+    assert site.hosts["kvm0"].cpu_overcommit == 4.0 and site.hosts["kvm1"].ram_overcommit == 1.0
+    assert site.oses["bookworm"].cloud_image is not None
+    assert site.provision.vm == "provision" and site.provision.server is None  # resolved by validate.py
+    assert site.hostgroups is not None and site.hostgroups["compute"] == "Compute nodes"
+
+
+def test_defaults_of_a_minimal_site(tmp_path: Path) -> None:
+    site = load_site(_write(tmp_path, MINIMAL_SITE))
+    assert (site.domain_type, site.locale, site.keyboard, site.timezone) == (DomainType.KVM, "en_US.UTF-8", "us", "UTC")
+    assert (site.default_network, site.default_os) == ("lan", "bookworm")
+    assert site.provision.http_url == "http://10.0.0.2"  # trailing slash dropped: URLs are joined with "/"
+    assert (site.provision.tftp_root, site.provision.config_dir) == ("/srv/tftp", "/etc/kvmconf")
+    assert site.hosts["h1"].disk_dir == "/var/lib/libvirt/images" and site.hosts["h1"].cpu_overcommit == 1.0
+    assert (site.backup.keep, site.backup.full_every) == (1, 7)
+    assert site.accounts.root_password_hash == "!" and site.hostgroups is None
+
+
+def test_secrets_file_overrides_accounts(tmp_path: Path) -> None:
+    hash_ = "$6$salt$" + "a" * 86
+    _write(tmp_path, f'[accounts]\nroot_password_hash = "{hash_}"\n', "secrets.toml")
+    site = load_site(_write(tmp_path, MINIMAL_SITE.replace('admin_user = "admin"',
+                                                           'admin_user = "admin"\nsecrets = "secrets.toml"')))
+    assert site.accounts.root_password_hash == hash_ and site.accounts.admin_password_hash == "!"
+
+
+def test_a_missing_secrets_file_keeps_site_values(tmp_path: Path) -> None:
+    site = load_site(_write(tmp_path, MINIMAL_SITE.replace('admin_user = "admin"',
+                                                           'admin_user = "admin"\nsecrets = "nothere.toml"')))
+    assert site.accounts.root_password_hash == "!"
+
+
+TABLES = ["", "accounts", "networks.lan", "hosts.kvm0", "os.bookworm", "provision", "backup"]
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_unknown_key_in_every_table(table: str, tmp_path: Path) -> None:
+    header = f"[{table}]\n" if table else 'domain = "phys.example.org"\n'
+    line = EXAMPLE_SITE[:EXAMPLE_SITE.index(header)].count("\n") + 2
+    text = EXAMPLE_SITE.replace(header, f"{header}    colour = 1\n", 1)
+    name = f"{table}.colour" if table else "colour"
+    [problem] = _problems(_write(tmp_path, text))
+    assert re.fullmatch(rf"{line}:5: key '{re.escape(name)}': unknown key \(expected one of: [a-z_, ]+\)", problem)
+
+
+def test_unknown_table(tmp_path: Path) -> None:
+    assert _problems(_write(tmp_path, EXAMPLE_SITE + "[mail]\nrelay = 'x'\n")) == [
+        "84:1: key 'mail': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
+        " domain_type, hostgroups, hosts, keyboard, locale, networks, os, provision, timezone)"]
+
+
+# (old text, new text, expected 'LINE:COL: message' list)
+WRONG_VALUES = [
+    ('domain = "phys.example.org"', "domain = 5",
+     ["3:1: key 'domain': 5 is an integer (expected a DNS domain such as cluster.lan)"]),
+    ('domain_type = "kvm"', 'domain_type = "xen"',
+     ["4:1: key 'domain_type': 'xen' is not a domain type (expected kvm or qemu)"]),
+    ('default_network = "lan"', 'default_network = "wan"',
+     ["8:1: key 'default_network': 'wan' is not a network (expected one of: dmz, lan)"]),
+    ('admin_user = "admin"', 'admin_user = "Admin"',
+     ["12:1: key 'accounts.admin_user': 'Admin' is not a user name (expected up to 32 lowercase letters, digits, '_',"
+      " '-', not starting with a digit or '-')"]),
+    ('root_password_hash = "!"', 'root_password_hash = "secret"',
+     ["14:1: key 'accounts.root_password_hash': is not a crypt(3) hash (expected a SHA-512 '$6$...' or yescrypt"
+      " '$y$...' hash, e.g. from mkpasswd -m sha-512, or '!' for a locked account; plain text is refused)"]),
+    ('ssh_keys = ["ssh-ed25519', 'ssh_keys = ["ssh-dss AAAA", "ssh-ed25519',
+     ["16:1: key 'accounts.ssh_keys': 'ssh-dss AAAA' is not an SSH public key (expected 'ssh-ed25519 AAAA..."
+      " comment')"]),
+    ('bridge = "br0"', 'bridge = "a-very-long-bridge-name"',
+     ["23:1: key 'networks.lan.bridge': 'a-very-long-bridge-name' is not an interface name (expected at most 15"
+      " letters, digits, '-', '_', '.')"]),
+    ('gateway = "192.168.50.1"', 'gateway = "192.168.51.1"',
+     ["22:1: key 'networks.lan.gateway': '192.168.51.1' is outside subnet 192.168.50.0/24 (expected an address in"
+      " it)"]),
+    ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = ["ns1"]',
+     ["24:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
+    ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = [3232248322]',
+     ["24:1: key 'networks.lan.dns': [3232248322] is not a list of IPv4 addresses (expected strings such as"
+      ' "192.168.1.2")']),
+    ('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', 'dhcp_ranges = ["192.168.50.250-192.168.50.200"]',
+     ["25:1: key 'networks.lan.dhcp_ranges': ['192.168.50.250-192.168.50.200'] is not a list of DHCP ranges"
+      " ('192.168.50.250-192.168.50.200' ends before it starts; expected FIRST-LAST with FIRST <= LAST)"]),
+    ('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', 'dhcp_ranges = ["192.168.9.200-192.168.9.250"]',
+     ["25:1: key 'networks.lan.dhcp_ranges': '192.168.9.200-192.168.9.250' is outside subnet 192.168.50.0/24"
+      " (expected a range in it)"]),
+    ("vlan = 60", "vlan = 4095", ["31:1: key 'networks.dmz.vlan': 4095 is not a VLAN id (expected 1-4094)"]),
+    ("vlan = 60", "vlan = true", ["31:1: key 'networks.dmz.vlan': True is a boolean (expected a VLAN id (1-4094))"]),
+    ('uri = "qemu:///system"', 'uri = "kvm0"',
+     ["35:1: key 'hosts.kvm0.uri': 'kvm0' is not a libvirt URI (expected e.g. qemu:///system or"
+      " qemu+ssh://root@HOST/system)"]),
+    ("cpus = 32", "cpus = 0", ["37:1: key 'hosts.kvm0.cpus': 0 is out of range (expected a positive integer)"]),
+    ("ram_overcommit = 1.0", "ram_overcommit = -inf",
+     ["40:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
+    ('family = "debian"', 'family = "arch"',
+     ["53:1: key 'os.bookworm.family': 'arch' is not an OS family (expected debian or ubuntu)"]),
+    ('http_url = "http://192.168.50.2"', 'http_url = "ftp://192.168.50.2"',
+     ["61:1: key 'provision.http_url': 'ftp://192.168.50.2' is not an http(s) URL (expected e.g."
+      " http://192.168.1.2)"]),
+    ('interface = "enp1s0"', 'interface = "enp1s0"\nserver = "192.168.50.2"',
+     ["59:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
+      " (its IPv4 address)"]),
+    ('schedule = "30 2 * * *"', 'schedule = "daily"',
+     ["69:1: key 'backup.schedule': 'daily' is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')"]),
+    ("full_every = 7", "full_every = 1.5", ["73:1: key 'backup.full_every': 1.5 is a number (expected a positive"
+                                            " integer)"]),
+    ('compute = "Compute nodes"', 'compute = 5\n"bad group" = "x"',
+     ["83:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
+      "84:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-')"]),
+    ("[hosts.kvm1]\n", "[hosts]\nkvm9 = 5\n[hosts.kvm1]\n",
+     ["45:1: key 'hosts.kvm9': 5 is an integer (expected a table [hosts.kvm9] with uri, ram_mb, cpus, disk_gb,"
+      " ...)"]),
+    ('default_os = "bookworm"', 'default_os = "bookworm"\nnetworks = {}',
+     ["21:14: not valid TOML: Cannot declare ('networks', 'lan') twice"]),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), WRONG_VALUES, ids=[new for _, new, _ in WRONG_VALUES])
+def test_wrong_values(old: str, new: str, expected: list[str], tmp_path: Path) -> None:
+    assert EXAMPLE_SITE.count(old) == 1
+    assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(old, new))) == expected
+
+
+def test_empty_tables_of_tables(tmp_path: Path) -> None:
+    text = MINIMAL_SITE.replace('[hosts.h1]\nuri = "qemu:///system"\nram_mb = 4096\ncpus = 4\ndisk_gb = 100\n',
+                                "[hosts]\n")
+    assert _problems(_write(tmp_path, text)) == [
+        "7:1: key 'hosts': has no entries (expected at least one [hosts.NAME] table with uri, ram_mb, cpus, disk_gb,"
+        " ...)"]
+
+
+def test_missing_keys_point_at_their_table(tmp_path: Path) -> None:
+    text = MINIMAL_SITE.replace("ram_mb = 4096\n", "").replace('domain = "lab.test"\n', "")
+    assert _problems(_write(tmp_path, text)) == [
+        "1:1: key 'domain' is missing (expected a DNS domain such as cluster.lan)",
+        "6:1: key 'hosts.h1.ram_mb' is missing (expected a positive integer)"]
+
+
+def test_a_missing_table_is_one_problem_not_one_per_key(tmp_path: Path) -> None:
+    text = MINIMAL_SITE[:MINIMAL_SITE.index("[provision]")]
+    assert _problems(_write(tmp_path, text)) == ["1:1: table '[provision]' is missing"]
+
+
+def test_keys_are_located_in_spaced_headers_and_dotted_tables(tmp_path: Path) -> None:
+    text = MINIMAL_SITE.replace("[hosts.h1]", '[ hosts . "h1" ]').replace("cpus = 4", "  'cpus' = 0")
+    text += '[os.jammy]\nfamily = "ubuntu"\nsuite = "jammy"\nkernel = "k"\ninitrd = "i"\nnested.key = 1\n'
+    assert _problems(_write(tmp_path, text)) == [
+        "10:3: key 'hosts.h1.cpus': 0 is out of range (expected a positive integer)",
+        "21:1: key 'os.jammy.nested': unknown key (expected one of: cloud_image, family, initrd, kernel, suite)"]
+
+
+def test_inline_tables_fall_back_to_the_enclosing_header(tmp_path: Path) -> None:
+    text = MINIMAL_SITE.replace('[networks.lan]\nsubnet = "10.0.0.0/24"\nbridge = "br0"\n',
+                                '[networks]\nlan = { subnet = "10.0.0.0/33", bridge = "br0" }\n')
+    assert _problems(_write(tmp_path, text)) == [
+        "4:1: key 'networks.lan.subnet': '10.0.0.0/33' is not an IPv4 network (expected a.b.c.d/nn)"]
+
+
+def test_toml_error_at_end_of_document(tmp_path: Path) -> None:
+    assert _problems(_write(tmp_path, MINIMAL_SITE + "x = [1,\n")) == [
+        "22:1: not valid TOML: Invalid value"]
+
+
+def test_missing_site_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"nothere\.toml: no such file \(give the site settings with --site"):
+        load_site(tmp_path / "nothere.toml")
+
+
+def test_a_directory_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r": is a directory, not a TOML file"):
+        load_site(tmp_path)
+
+
+# Every value kind TOML has, in every key of the example: never anything but a ConfigError.
+ANY_VALUES = ["0", "-7", "1.5", "nan", "true", '""', '"x y"', "[]", "[1, 2]", '["a", "b"]', "[[]]", "{}",
+              "{ a = 1 }", "1979-05-27", "07:32:00", "1979-05-27T07:32:00Z", '"192.168.50.7"', '"10.0.0.0/8"',
+              '["1.2.3.4-1.2.3.1"]', '["1.2.3.4-x"]', '["a-b-c"]', "9" * 30]
+KEY_LINES = [number for number, line in enumerate(EXAMPLE_SITE.split("\n"))
+             if re.match(r"[a-z_-]+ = ", line)]
+
+
+@pytest.mark.parametrize("number", KEY_LINES)
+def test_any_value_in_any_key_is_a_config_error_at_worst(number: int, tmp_path: Path) -> None:
+    lines = EXAMPLE_SITE.split("\n")
+    key = lines[number].split(" = ")[0]
+    path = tmp_path / "site.toml"
+    for value in ANY_VALUES:
+        lines[number] = f"{key} = {value}"
+        path.write_text("\n".join(lines))
+        try:
+            load_site(path)
+        except ConfigError as err:
+            for problem in err.problems:
+                assert re.match(rf"{re.escape(str(path))}:[1-9]\d*:[1-9]\d*: \S", str(problem)), problem
