@@ -1,0 +1,145 @@
+"""`python -m generators` as users run it: exit status 0 built, 1 invalid input, 2 usage error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generators.columns import markdown_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY = re.compile(r"kvmconf: 8 VMs on 2 hosts; (?P<build>\S+)/: (?P<written>\d+) written, 0 unchanged, 0 removed")
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
+    environment.update(PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "generators", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    """A directory holding copies of the example cluster.conf and site.toml."""
+    for name in ("cluster.conf", "site.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def snapshot(tree: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's content and mtime (ns), and every directory, under tree."""
+    found: dict[str, tuple[bytes, int]] = {}
+    for path in sorted(tree.rglob("*")):
+        st = path.lstat()
+        found[str(path.relative_to(tree))] = (b"<dir>" if path.is_dir() else path.read_bytes(), st.st_mtime_ns)
+    return found
+
+
+def test_build_with_flags(inputs: Path) -> None:
+    result = run("--cluster", "cluster.conf", "--site", "site.toml", "--build", "out", cwd=inputs)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["placed login on kvm0 (host=auto; add host=kvm0 to its line to pin it)",
+                         "placed scratch on kvm0 (host=auto; add host=kvm0 to its line to pin it)"]
+    match = SUMMARY.fullmatch(lines[-1])
+    assert match and match["build"] == "out" and int(match["written"]) > 0
+    assert int(match["written"]) == sum(1 for p in (inputs / "out").rglob("*") if p.is_file()) - 1  # minus the stamp
+
+
+def test_build_with_environment_variables(inputs: Path) -> None:
+    (inputs / "in").mkdir()
+    for name in ("cluster.conf", "site.toml"):
+        (inputs / name).rename(inputs / "in" / name)
+    result = run(cwd=inputs, env={"KVMCONF_CLUSTER": "in/cluster.conf", "KVMCONF_SITE": "in/site.toml",
+                                  "KVMCONF_BUILD": "gen"})
+    assert result.returncode == 0, result.stderr
+    match = SUMMARY.fullmatch(result.stdout.splitlines()[-1])
+    assert match and match["build"] == "gen"
+    assert (inputs / "gen" / "dnsmasq").is_dir() and not (inputs / "build").exists()
+
+
+def test_flags_win_over_environment(inputs: Path) -> None:
+    result = run("--cluster", "cluster.conf", cwd=inputs, env={"KVMCONF_CLUSTER": "missing.conf"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_validates_and_writes_nothing(inputs: Path) -> None:
+    result = run("--check", cwd=inputs)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "cluster.conf: 8 VMs, valid\n", "")
+    assert sorted(p.name for p in inputs.iterdir()) == ["cluster.conf", "site.toml"]
+
+
+def test_invalid_input_exits_1_and_leaves_build_untouched(inputs: Path) -> None:
+    assert run(cwd=inputs).returncode == 0  # a build/ from an earlier, good run
+    before = snapshot(inputs / "build")
+    assert before
+    with (inputs / "cluster.conf").open("a") as conf:
+        conf.write("db\t52:54:00:50:00:99\t192.168.50.999\t1024\t10\t1\t-\thost=kvm9\n")
+    (inputs / "site.toml").write_text((ROOT / "site.toml").read_text().replace("keep = 2", "keep = -2"))
+    result = run("--force", cwd=inputs)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    *problems, last = result.stderr.splitlines()
+    assert problems == [
+        "cluster.conf:12:1: column 'name': 'db' is already used on line 7 (expected unique names)",
+        "cluster.conf:12:22: column 'ip': '192.168.50.999' is not an IPv4 address (expected a.b.c.d)",
+        "site.toml:72:1: key 'backup.keep': -2 is out of range (expected a positive integer)",
+    ]
+    assert last == "kvmconf: 3 problems; nothing was written"
+    assert snapshot(inputs / "build") == before
+    assert sorted(p.name for p in inputs.iterdir() if p.name.startswith(".kvmconf-staging")) == []
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x01\x02binary\xff", b"\xff\xfe\xfd", b"", b"a b c\r\n" * 3,
+                                  b"x" * 2_000_000])
+def test_broken_files_never_give_a_traceback(junk: bytes, inputs: Path) -> None:
+    (inputs / "cluster.conf").write_bytes(junk)
+    result = run(cwd=inputs)
+    assert result.returncode == 1
+    *problems, last = result.stderr.splitlines()
+    assert problems and all(re.match(r"cluster\.conf:\d+:\d+: \S", line) and len(line) < 400 for line in problems)
+    assert re.fullmatch(r"kvmconf: \d+ problems?; nothing was written", last)
+    assert "Traceback" not in result.stderr and not (inputs / "build").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cluster", "nothere.conf"], "kvmconf: nothere.conf: no such file (give the inventory with --cluster,"
+                                    " CLUSTER=... or KVMCONF_CLUSTER)"),
+    (["--site", "nothere.toml"], "kvmconf: nothere.toml: no such file (give the site settings with --site, SITE=..."
+                                 " or KVMCONF_SITE)"),
+    (["--cluster", "."], "kvmconf: .: is a directory, not a cluster.conf file"),
+    (["--site", "."], "kvmconf: .: is a directory, not a TOML file"),
+])
+def test_missing_files_are_usage_errors(args: list[str], message: str, inputs: Path) -> None:
+    result = run(*args, cwd=inputs)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", message + "\n")
+    assert not (inputs / "build").exists()
+
+
+def test_unknown_flag_is_a_usage_error(inputs: Path) -> None:
+    result = run("--clutser", "x", cwd=inputs)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --clutser x" in result.stderr and result.stderr.startswith("usage: ")
+
+
+def test_doc_prints_the_tables(inputs: Path) -> None:
+    result = run("--doc", cwd=inputs)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == markdown_tables()
+    assert result.stdout.startswith("| # | column | meaning | rules |\n")
+
+
+def test_readme_holds_the_doc_output() -> None:
+    """`make doc` output pasted between the markers; regenerate the block when columns.py changes."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- columns:begin -->\n", "<!-- columns:end -->"
+    assert readme.count(begin) == 1 and readme.count(end) == 1, "README.md needs the columns markers"
+    block = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert block == markdown_tables()
