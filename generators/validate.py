@@ -289,12 +289,24 @@ class _Checker:
                             f" host=<name> with it; host=auto chose {vm.host!r})", "cpuset")
                 continue
             host_cpus = self.site.hosts[vm.host].cpus
+            missing = [cpu for cpu in vm.cpuset if cpu >= host_cpus]
+            if missing:
+                verb = "does" if len(missing) == 1 else "do"
+                self.report(row, "options", f"option 'cpuset': {_cpus(missing)} {verb} not exist on host {vm.host!r}"
+                            f" (expected CPUs 0-{host_cpus - 1})", "cpuset")
+            taken: dict[str, list[int]] = {}  # other VM -> CPUs of this cpuset it has pinned already
             for cpu in vm.cpuset:
-                if cpu >= host_cpus:
-                    self.report(row, "options", f"option 'cpuset': CPU {cpu} does not exist on host {vm.host!r}"
-                                f" (expected CPUs 0-{host_cpus - 1})", "cpuset")
-                elif (vm.host, cpu) in owner:
-                    self.report(row, "options", f"option 'cpuset': CPU {cpu} of host {vm.host!r} is already pinned"
-                                f" to {owner[vm.host, cpu]!r} (expected CPUs no other VM on the host uses)", "cpuset")
-                else:
-                    owner[vm.host, cpu] = vm.name
+                if cpu < host_cpus:
+                    if (vm.host, cpu) in owner:
+                        taken.setdefault(owner[vm.host, cpu], []).append(cpu)
+                    else:
+                        owner[vm.host, cpu] = vm.name
+            for other, cpus in taken.items():
+                verb = "is" if len(cpus) == 1 else "are"
+                self.report(row, "options", f"option 'cpuset': {_cpus(cpus)} of host {vm.host!r} {verb} already"
+                            f" pinned to {other!r} (expected CPUs no other VM on the host uses)", "cpuset")
+
+
+def _cpus(cpus: list[int]) -> str:
+    """'CPU 7' or 'CPUs 6, 7'."""
+    return f"CPU {cpus[0]}" if len(cpus) == 1 else f"CPUs {', '.join(map(str, cpus))}"

@@ -213,6 +213,14 @@ CASES = [
          (option_problem(NEW, 59, "option 'cpuset': CPU 7 of host 'kvm1' is already pinned to 'compute1' (expected"
                                   " CPUs no other VM on the host uses)"),),
          add(vm(cpus="2", options="host=kvm1 cpuset=7-8"))),
+    Case("cpuset-shared-and-missing-cpus",
+         (option_problem(NEW, 59, "option 'cpuset': CPUs 16, 17 do not exist on host 'kvm1' (expected CPUs 0-15)"),
+          option_problem(NEW, 59, "option 'cpuset': CPUs 4, 5 of host 'kvm1' are already pinned to 'compute1'"
+                                  " (expected CPUs no other VM on the host uses)"),
+          option_problem(NEW + 1, 59, "option 'cpuset': CPU 9 of host 'kvm1' is already pinned to 'new' (expected CPUs"
+                                      " no other VM on the host uses)")),
+         add(vm(cpus="6", options="host=kvm1 cpuset=4-5,8-9,16-17"),
+             vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98", cpus="2", options="host=kvm1 cpuset=9-10"))),
     Case("cpuset-without-host", (option_problem(NEW, 49, "option 'cpuset': pins CPUs of no particular host (expected"
                                                          " host=<name> with it; host=auto chose 'kvm0')"),),
          add(vm(options="cpuset=0"))),
