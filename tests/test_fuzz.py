@@ -76,7 +76,9 @@ _JUNK = st.sampled_from(["\r", " ", "\t", "\x00", "\ufeff", "\u00e9", "\x0b", "\
 
 @st.composite
 def _near_valid_line(draw: st.DrawFn) -> str:
-    fields = [draw(st.sampled_from(values) | st.text(max_size=6)) for values in _COLUMN_VALUES]
+    fields = [draw(st.sampled_from(values)) for values in _COLUMN_VALUES]
+    if draw(st.integers(0, 3)) == 0:  # one field of arbitrary text (drawing text for every field is slow)
+        fields[draw(st.integers(0, len(fields) - 1))] = draw(st.text(max_size=8))
     words = draw(st.lists(st.sampled_from(_OPTION_WORDS), max_size=4))
     if words or draw(st.booleans()):
         fields.append(" ".join(words))
@@ -91,7 +93,7 @@ def _near_valid_line(draw: st.DrawFn) -> str:
 
 
 @FUZZ
-@given(st.lists(_near_valid_line(), max_size=8), st.sampled_from(["\n", "\r\n", "\r"]))
+@given(st.lists(_near_valid_line(), max_size=6), st.sampled_from(["\n", "\r\n", "\r"]))
 def test_near_valid_lines(lines: list[str], newline: str) -> None:
     data = EXAMPLE_CONF + newline.join(lines) + "\n"
     _check(data.encode("utf-8", "surrogatepass"))
