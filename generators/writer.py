@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from generators.errors import UsageError
+
 STAMP = ".kvmconf-stamp"  # inside build/: digest of the inputs and the stat of every file written
 _STAGING_PREFIX = ".kvmconf-staging-"
 _RENAME_EXCHANGE = 2
@@ -64,7 +66,14 @@ def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
     files = {_check_path(path): _as_bytes(content) for path, content in tree.items()}
     report = WriteReport()
     build = build.absolute()
-    build.parent.mkdir(parents=True, exist_ok=True)
+    if build.exists() and not build.is_dir():
+        raise UsageError(f"{build}: exists and is not a directory (expected the build output directory)")
+    try:
+        build.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{build}: cannot create its parent directory: {err.strerror}") from None
+    if not os.access(build.parent, os.W_OK):
+        raise UsageError(f"{build}: its directory {build.parent} is not writable")
     with _locked(build):
         _remove_stale_staging(build)
         old_files = set(_walk(build)) if build.is_dir() else set()

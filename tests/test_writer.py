@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from generators.errors import UsageError
 from generators.writer import STAMP, is_up_to_date, write_tree
 
 
@@ -94,3 +95,17 @@ def test_a_generator_cannot_write_outside_build(tmp_path: Path, bad: str) -> Non
     with pytest.raises(RuntimeError, match="programming error: generator produced a bad path"):
         write_tree(tmp_path / "build", {PurePosixPath(bad): "x"}, "d1")
     assert not (tmp_path / "build").exists()
+
+
+def test_a_build_path_that_is_a_file_is_refused_and_kept(tmp_path: Path) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine\n")
+    with pytest.raises(UsageError, match=r"notes.txt: exists and is not a directory"):
+        write_tree(precious, _tree(a="1\n"), "d1")
+    assert precious.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_unwritable_build_location_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"cannot create its parent directory"):
+        write_tree(Path("/proc/kvmconf-test/build"), _tree(a="1\n"), "d1")
