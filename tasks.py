@@ -115,13 +115,14 @@ def _lab_dir(directory: str) -> Path:
 
 
 @task(name="up", help={"dir": f"the lab's directory (default: $KVMCONF_LAB or {lab.DEFAULT_DIR})",
+                       "netns": f"the network namespace's name (default: {lab.DEFAULT_NETNS})",
                        "kvm": "use hardware virtualisation (only where KVM really runs guests; default: qemu)"})
-def lab_up(c: Context, dir: str = "", kvm: bool = False) -> None:
+def lab_up(c: Context, dir: str = "", netns: str = lab.DEFAULT_NETNS, kvm: bool = False) -> None:
     """Start a throwaway lab: a network namespace, libvirtd and dnsmasq for the cluster's VMs."""
     directory = _lab_dir(dir)
     with _user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
-        lab.up(cluster, directory, kvm=kvm)
+        lab.up(cluster, directory, netns, kvm)
     print(f"act on the lab with: export KVMCONF_LAB={directory.absolute()}   (then: invoke provision --all)")
 
 

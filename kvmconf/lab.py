@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -44,6 +45,7 @@ DEFAULT_NETNS = "kvmconf-lab"
 STATE_FILE = "lab.json"
 BASE_IMAGE_GB = 1  # placeholder cloud image; drop a real one at base/<os>.qcow2 to boot it
 TOOLS = ("ip", "libvirtd", "virtlogd", "qemu-img", "qemu-system-x86_64", "dnsmasq")
+_DAEMONS = ("reaper", "virtlogd", "libvirtd")  # started in this order by reaper.py and _LAUNCH
 _START_TIMEOUT = 60.0  # libvirtd's first start probes QEMU's capabilities: seconds under emulation
 _STOP_TIMEOUT = 15.0
 
@@ -67,7 +69,7 @@ class Lab:
     dir: Path
     netns: str
     kvm: bool = False
-    pids: dict[str, int] = field(default_factory=dict)  # what up() started: virtlogd, libvirtd, dnsmasq
+    pids: dict[str, int] = field(default_factory=dict)  # what up() started: reaper, virtlogd, libvirtd, dnsmasq
     bridges: dict[str, str] = field(default_factory=dict)  # bridge -> its address/prefix in the namespace ("" for none)
 
     @property
@@ -271,10 +273,11 @@ def _make_netns(lab: Lab) -> None:
 
 
 def _start_libvirt(lab: Lab) -> None:
-    for name in ("virtlogd", "libvirtd"):
+    for name in _DAEMONS:
         (lab.dir / f"{name}.pid").unlink(missing_ok=True)
-    _run(["ip", "netns", "exec", lab.netns, "sh", "-c", _LAUNCH, "sh", str(lab.dir)])
-    for name in ("virtlogd", "libvirtd"):
+    reaper = Path(__file__).with_name("reaper.py")
+    _run(["ip", "netns", "exec", lab.netns, sys.executable, str(reaper), str(lab.dir), _LAUNCH])
+    for name in _DAEMONS:
         lab.pids[name] = _read_pid(lab.dir / f"{name}.pid")
         lab.save()
 
@@ -345,7 +348,7 @@ def teardown(lab: Lab, log: Log = print) -> None:
     """Stop what the lab started and remove it; safe on a half-started or already dead lab."""
     if alive(lab.pids.get("libvirtd", 0)):
         _power_off_all(lab)
-    for name in ("dnsmasq", "libvirtd", "virtlogd"):
+    for name in ("dnsmasq", "libvirtd", "virtlogd", "reaper"):  # the reaper exits by itself after the others
         pid = lab.pids.get(name)
         if pid and alive(pid) and in_netns(pid, lab.netns):
             stop_pid(pid)
@@ -379,12 +382,12 @@ def _power_off_all(lab: Lab) -> None:
 
 
 def remove_stale_netns(prefix: str) -> list[str]:
-    """Namespaces ``<prefix><pid>`` whose creating process ``pid`` is dead: a killed test run's lab."""
+    """Namespaces ``<prefix><pid>[-<anything>]`` whose creating process ``pid`` is dead: a killed run's labs."""
     removed = []
     for line in _run(["ip", "netns", "list"]).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        suffix = name.removeprefix(prefix)
-        if name.startswith(prefix) and suffix.isdigit() and not alive(int(suffix)):
+        owner = name.removeprefix(prefix).split("-")[0]
+        if name.startswith(prefix) and owner.isdigit() and not alive(int(owner)):
             for pid in netns_pids(name):
                 stop_pid(pid, timeout=5)
             _run(["ip", "netns", "del", name])

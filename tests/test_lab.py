@@ -1,0 +1,418 @@
+"""Provisioning against a real libvirtd + QEMU (software emulation) in the lab, as an admin would use it.
+
+One lab (network namespace, private libvirtd/virtlogd, the generated dnsmasq) serves the whole
+module; every test starts from an empty lab and leaves one (see ``clean``). The VMs are those of
+tests/fixtures/lab-cluster.conf: the example's kinds of VM (qcow2, raw, cloud overlay, LVM) with
+128-160 MB of RAM and 1-2 GB thin disks; they boot nothing but firmware and PXE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from generators.model import Cluster
+from generators.validate import load_cluster
+from kvmconf import disks, domains, lab, lifecycle
+from kvmconf.connection import connections
+from kvmconf.errors import HostUnreachable
+from kvmconf.plan import Action, make_plan
+from kvmconf.provision import Options, provision
+from kvmconf.runner import Result
+from tests.tools import REQUIRE_TOOLS, require_tool
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+NETNS_PREFIX = "kvmconf-test-"  # + the pytest process's PID: a killed run's namespaces are found and removed
+GIB = 1024**3
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def require_lab() -> None:
+    for tool in lab.TOOLS:
+        require_tool(tool)
+    if os.geteuid() != 0:
+        message = "the lab needs root (network namespaces, libvirtd)"
+        if REQUIRE_TOOLS:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    require_lab()
+    lab.remove_stale_netns(NETNS_PREFIX)
+    cluster = load_cluster(FIXTURES / "lab-cluster.conf", FIXTURES / "lab-site.toml")
+    started = lab.up(cluster, tmp_path_factory.mktemp("lab"), f"{NETNS_PREFIX}{os.getpid()}", log=quiet)
+    yield started
+    lab.teardown(started, quiet)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """Copies of the lab fixtures that a test may edit."""
+    shutil.copy(FIXTURES / "lab-cluster.conf", tmp_path / "cluster.conf")
+    shutil.copy(FIXTURES / "lab-site.toml", tmp_path / "site.toml")
+    return tmp_path
+
+
+def _empty(the_lab: lab.Lab) -> None:
+    conn = libvirt.open(the_lab.uri)
+    try:
+        for dom in conn.listAllDomains():
+            domains.power_off(dom)
+            domains.undefine(dom, keep_nvram=False)
+    finally:
+        conn.close()
+    shutil.rmtree(the_lab.images, ignore_errors=True)
+    for host in ("kvm0", "kvm1"):
+        (the_lab.images / host).mkdir(parents=True)
+
+
+@pytest.fixture
+def clean(the_lab: lab.Lab) -> Iterator[lab.Lab]:
+    """The lab with no domain and no disk, before and after the test."""
+    _empty(the_lab)
+    yield the_lab
+    _empty(the_lab)
+
+
+@pytest.fixture
+def cluster(clean: lab.Lab, workdir: Path) -> Cluster:
+    """The lab cluster as the tasks see it with KVMCONF_LAB set."""
+    return lab.remap(load_cluster(workdir / "cluster.conf", workdir / "site.toml"), clean)
+
+
+def invoke(workdir: Path, the_lab: lab.Lab | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a task as the admin does, on the cluster in ``workdir`` and (with KVMCONF_LAB) the lab."""
+    env = {**os.environ, "KVMCONF_CLUSTER": str(workdir / "cluster.conf"), "KVMCONF_SITE": str(workdir / "site.toml")}
+    env.pop("KVMCONF_LAB", None)
+    if the_lab is not None:
+        env["KVMCONF_LAB"] = str(the_lab.dir)
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False, stdin=subprocess.DEVNULL)
+
+
+def set_ram(workdir: Path, name: str, ram_mb: int) -> None:
+    path = workdir / "cluster.conf"
+    lines = []
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if fields[0] == name:
+            fields[3] = str(ram_mb)
+        lines.append("\t".join(fields))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def changed_lines(output: str) -> list[str]:
+    """The removed and added lines of every diff in `invoke plan`'s output (indented by 6 there)."""
+    return [line[6:] for line in output.splitlines() if re.match(r"      [-+](?![-+]{2} )", line)]
+
+
+# --- provisioning, as the acceptance asks ---------------------------------------------------------
+
+def test_two_vms_run_with_ram_vcpus_mac_and_disk_of_cluster_conf_and_again_is_no_change(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    first = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-1] == "2 created, 0 to change (shown, not applied), 0 unchanged"
+    conn = libvirt.open(clean.uri)
+    try:
+        for name, fmt in (("web", "qcow2"), ("db", "raw")):
+            vm = cluster.vm(name)
+            dom = conn.lookupByName(name)
+            state, max_kib, _, cpus, _ = dom.info()
+            assert (state, max_kib, cpus) == (libvirt.VIR_DOMAIN_RUNNING, vm.ram_mb * 1024, vm.cpus)
+            root = ET.fromstring(dom.XMLDesc(0))
+            assert [m.get("address") for m in root.iterfind("devices/interface/mac")] == [vm.mac]
+            assert root.find("devices/disk/driver").get("type") == fmt  # type: ignore[union-attr]
+            capacity, _allocation, _ = dom.blockInfo("vda")
+            assert capacity == vm.disk.size_gb * GIB
+    finally:
+        conn.close()
+    again = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == ["web: no change", "db: no change",
+                                         "0 created, 0 to change (shown, not applied), 2 unchanged"]
+
+
+def test_plan_shows_exactly_a_ram_change_and_provision_applies_it_only_with_apply(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0
+    set_ram(workdir, "web", 192)
+    plan = invoke(workdir, clean, "plan")
+    assert plan.returncode == 0, plan.stderr
+    assert changed_lines(plan.stdout) == [
+        '-  <memory unit="KiB">131072</memory>', '-  <currentMemory unit="KiB">131072</currentMemory>',
+        '+  <memory unit="KiB">196608</memory>', '+  <currentMemory unit="KiB">196608</currentMemory>']
+    assert "  ~ web  change:" in plan.stdout and "  + db   create raw disk" in plan.stdout
+    shown = invoke(workdir, clean, "provision", "--vm", "web")
+    assert "web: definition differs from cluster.conf (not applied; run again with --apply):" in shown.stdout
+    applied = invoke(workdir, clean, "provision", "--vm", "web", "--apply")
+    assert applied.returncode == 0 and "web: applied the new definition" in applied.stdout
+    assert "  = web  no change" in invoke(workdir, clean, "plan", "--vm", "web").stdout
+
+
+def test_status_shows_the_vms_and_the_drift_of_a_manual_setmaxmem(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db").returncode == 0
+    virsh = require_tool("virsh")
+    done = subprocess.run([virsh, "-c", clean.uri, "setmaxmem", "db", "262144", "--config"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    status = invoke(workdir, clean, "status")
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.startswith("  ")}
+    assert re.fullmatch(r"  web +running +192\.168\.50\.21 +128 +1 +1/0\.\d\d +yes +none", rows["web"])
+    assert re.match(r"  db +running +192\.168\.50\.20 +256 +1 +2/0\.\d\d +yes +RAM 256 MB \(cluster.conf: 160\);"
+                    r" running with 160 MB RAM until restarted$", rows["db"])
+    assert re.search(r"  cloud +not defined .* not provisioned$", rows["cloud"])
+
+
+def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_purged(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
+    disk = Path(disks.disk_spec(cluster, cluster.vm("db")).path)
+    destroyed = invoke(workdir, clean, "destroy", "--vm", "db")
+    assert destroyed.returncode == 0 and f"db: disk {disk} kept (remove it with --purge)" in destroyed.stdout
+    assert disk.exists()
+    before = disk.stat()
+    refused = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
+    assert refused.returncode == 1
+    assert refused.stderr == (f"kvmconf: db: its disk {disk} already exists and is never overwritten; attach it as it"
+                              " is with --reuse-disk, or remove it with `invoke destroy --vm db --purge` if it is a"
+                              " leftover\nnothing was changed\n")
+    conn = libvirt.open(clean.uri)
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
+    assert sorted(p.name for p in clean.images.rglob("*") if p.is_file()) == ["db.img"]
+    assert (disk.stat().st_mtime_ns, disk.stat().st_ino) == (before.st_mtime_ns, before.st_ino)
+    unasked = invoke(workdir, clean, "destroy", "--vm", "db", "--purge")
+    assert unasked.returncode == 1 and "There is no terminal to ask on: confirm with --force." in unasked.stderr
+    assert disk.exists()
+    purged = invoke(workdir, clean, "destroy", "--vm", "db", "--purge", "--force")
+    assert purged.returncode == 0 and f"db: removed raw disk {disk}" in purged.stdout
+    assert not disk.exists()
+
+
+def test_a_failing_disk_create_midway_leaves_nothing_the_run_created(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    shutil.rmtree(clean.images / "kvm1")  # cloud (on kvm1) comes after web (on kvm0): its qemu-img fails
+    failed = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "cloud")
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("kvmconf: provisioning failed: localhost: `qemu-img create -q -f qcow2")
+    assert "\nundone: web: started; web: defined on kvm0; web: created qcow2 disk" in failed.stderr
+    conn = libvirt.open(clean.uri)
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
+    assert [p for p in clean.images.rglob("*") if p.is_file()] == []
+
+
+def test_an_unreachable_uri_creates_nothing(cluster: Cluster, clean: lab.Lab) -> None:
+    nowhere = "qemu+unix:///system?socket=/nonexistent/kvmconf/libvirt-sock"
+    hosts = {**cluster.site.hosts, "kvm1": dataclasses.replace(cluster.site.hosts["kvm1"], uri=nowhere)}
+    broken = dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts))
+    with connections(broken) as conns, pytest.raises(HostUnreachable, match=f"host 'kvm1': cannot connect to libvirt"
+                                                                           f" at {re.escape(nowhere)}"):
+        provision(broken, ["web", "cloud"], conns, log=quiet)
+    conn = libvirt.open(clean.uri)
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
+    assert [p for p in clean.images.rglob("*") if p.is_file()] == []
+
+
+def test_a_cloud_vm_boots_from_its_overlay_with_the_seed_iso_attached(cluster: Cluster, clean: lab.Lab) -> None:
+    with connections(cluster) as conns:
+        provision(cluster, ["cloud"], conns, log=quiet)
+        dom = conns.get("kvm1").lookupByName("cloud")
+        assert dom.isActive()
+        assert dom.blockInfo("vda")[0] == 2 * GIB
+        assert dom.blockInfo("sda")[0] > 0  # the seed ISO, readable by QEMU
+    overlay = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(clean.images / "kvm1" / "cloud.qcow2")],
+                             capture_output=True, text=True, check=True).stdout
+    assert f'"backing-filename": "{clean.base / "bookworm.qcow2"}"' in overlay
+
+
+# --- LVM: a loop device stands in for the logical volume ------------------------------------------
+
+class LoopLvm:
+    """Runs commands for real, except that lvcreate/lvremove (recorded) make/remove a loop device at the LV's path.
+
+    There is no device-mapper on these machines, so no real LV can exist; the loop device lets the
+    domain run from a block device at /dev/<vg>/vm-<name>, exactly where the domain XML points.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.calls: list[list[str]] = []
+        self.loops: dict[str, str] = {}  # device node -> loop device
+
+    def __call__(self, argv: Sequence[str], stdin: bytes | None) -> Result:
+        argv = list(argv)
+        if argv[0] == "lvcreate":
+            self.calls.append(argv)
+            name, size, vg = argv[argv.index("-n") + 1], argv[argv.index("-L") + 1], argv[-1]
+            backing = self.tmp_path / f"{vg}-{name}.img"
+            subprocess.run(["truncate", "-s", size, str(backing)], check=True)
+            loop = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+            node = Path("/dev", vg, name)
+            node.parent.mkdir(exist_ok=True)
+            node.symlink_to(loop)
+            self.loops[str(node)] = loop
+            return subprocess.CompletedProcess(argv, 0, b"", b"")
+        if argv[0] == "lvremove":
+            self.calls.append(argv)
+            vg, name = argv[-1].split("/")
+            self.remove(str(Path("/dev", vg, name)))
+            return subprocess.CompletedProcess(argv, 0, b"", b"")
+        return subprocess.run(argv, input=stdin, capture_output=True, check=False)
+
+    def remove(self, node: str) -> None:
+        loop = self.loops.pop(node, None)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        Path(node).unlink(missing_ok=True)
+        shutil.rmtree(Path(node).parent, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        for node in list(self.loops):
+            self.remove(node)
+
+
+def test_an_lvm_vm_runs_from_the_block_device_lvcreate_made(cluster: Cluster, tmp_path: Path) -> None:
+    require_tool("losetup")
+    vg = f"kvmconftest{os.getpid()}"  # unique: the device node lives in the machine's /dev
+    vms = tuple(dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, volume_group=vg)) if vm.name == "vol" else vm
+                for vm in cluster.vms)
+    cluster = dataclasses.replace(cluster, vms=vms)
+    fake = LoopLvm(tmp_path)
+    try:
+        with connections(cluster, execute=fake) as conns:
+            provision(cluster, ["vol"], conns, log=quiet)
+            assert fake.calls == [["lvcreate", "--yes", "-n", "vm-vol", "-L", "1G", vg]]
+            dom = conns.get("kvm1").lookupByName("vol")
+            assert dom.isActive() and not dom.autostart()
+            source = ET.fromstring(dom.XMLDesc(0)).find("devices/disk[@type='block']/source")
+            assert source is not None and source.get("dev") == f"/dev/{vg}/vm-vol"
+            assert dom.blockInfo("vda")[0] == GIB
+            assert make_plan(cluster, [cluster.vm("vol")], conns).vms[0].action is Action.KEEP
+            lifecycle.destroy(cluster, "vol", conns, purge=True, log=quiet)
+            assert fake.calls[1:] == [["lvremove", "--yes", f"{vg}/vm-vol"]]
+            assert not Path("/dev", vg).exists()
+    finally:
+        fake.cleanup()
+
+
+# --- the lab's network and the example cluster --------------------------------------------------
+
+def test_the_generated_dnsmasq_gives_a_pxe_vm_its_reserved_address_on_the_lab_bridge(
+        cluster: Cluster, clean: lab.Lab) -> None:
+    log = clean.dir / "dnsmasq.log"
+    offset = log.stat().st_size
+    with connections(cluster) as conns:
+        provision(cluster, ["web"], conns, log=quiet)  # install=pxe: the NIC boots first
+    deadline = time.monotonic() + 90
+    ack = "DHCPACK(br0) 192.168.50.21 52:54:00:50:00:21 web"
+    while time.monotonic() < deadline:
+        with log.open() as f:
+            f.seek(offset)
+            if ack in f.read():
+                break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no {ack!r} in {log} within 90 s")
+    # The tap libvirt made is in the lab's namespace, on its bridge; the machine's own network has no trace of it.
+    links = subprocess.run(["ip", "netns", "exec", clean.netns, "ip", "-o", "link", "show", "master", "br0"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "vnet" in links
+    assert "fe:54:00:50:00:21" not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+
+
+def test_every_example_vm_defines_in_the_lab_without_a_diff(example: Cluster, clean: lab.Lab) -> None:
+    cluster = lab.remap(example, clean)
+    with connections(cluster) as conns:
+        plan = make_plan(cluster, cluster.vms, conns)
+        for p in plan.vms:
+            domains.define(conns.get(p.vm.host), p.xml)
+        again = make_plan(cluster, cluster.vms, conns)
+    assert {p.vm.name: p.diff for p in again.vms} == {vm.name: [] for vm in cluster.vms}
+
+
+# --- the lab itself ---------------------------------------------------------------------------------
+
+def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: Path) -> None:
+    require_lab()
+    directory, netns = tmp_path / "lab", f"{NETNS_PREFIX}{os.getpid()}-updown"
+    up = invoke(workdir, None, "lab.up", "--dir", str(directory), "--netns", netns)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"act on the lab with: export KVMCONF_LAB={directory}" in up.stdout
+        started = lab.Lab.load(directory)
+        assert started is not None and set(started.pids) == {"reaper", "virtlogd", "libvirtd", "dnsmasq"}
+        assert all(lab.alive(pid) and lab.in_netns(pid, netns) for pid in started.pids.values())
+        assert invoke(workdir, started, "provision", "--vm", "db").returncode == 0
+        qemus = set(lab.netns_pids(netns)) - set(started.pids.values())
+        assert len(qemus) == 1  # the VM's QEMU, started by the lab's libvirtd inside the namespace
+        down = invoke(workdir, None, "lab.down", "--dir", str(directory))
+        assert down.returncode == 0, down.stderr
+        for name in ("dnsmasq", "libvirtd", "virtlogd"):
+            assert f"lab: stopped {name} ({started.pids[name]})" in down.stdout
+        assert "left in the namespace" not in down.stdout  # the VM was powered off through libvirt first
+        assert not any(lab.alive(pid) for pid in [*started.pids.values(), *qemus])
+        assert not lab.netns_exists(netns)
+        assert [p.name for p in directory.iterdir()] == ["base"]
+        assert invoke(workdir, None, "lab.down", "--dir", str(directory)).stdout == f"no lab in {directory}\n"
+    finally:
+        leftover = lab.Lab.load(directory)
+        if leftover is not None:
+            lab.teardown(leftover, quiet)
+
+
+def test_a_killed_runs_namespace_is_removed_at_the_next_start() -> None:
+    require_lab()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"{NETNS_PREFIX}{dead.pid}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in lab.remove_stale_netns(NETNS_PREFIX)
+        assert not lab.netns_exists(name)
+        assert f"{NETNS_PREFIX}{os.getpid()}" not in lab.remove_stale_netns(NETNS_PREFIX)
+    finally:
+        if lab.netns_exists(name):
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_options_reach_the_lab_through_the_tasks(workdir: Path, clean: lab.Lab) -> None:
+    dry = invoke(workdir, clean, "provision", "--all", "--dry-run", "--no-start")
+    assert dry.returncode == 0, dry.stderr
+    assert "  + web  create qcow2 disk" in dry.stdout and "; autostart on\n" in dry.stdout
+    conn = libvirt.open(clean.uri)
+    try:
+        assert conn.listAllDomains() == []
+    finally:
+        conn.close()
+    assert Options().start and not Options().apply
