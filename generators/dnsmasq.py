@@ -1,11 +1,67 @@
-"""Placeholder: being written."""
+"""dnsmasq on the provision server: build/dnsmasq/{dnsmasq.conf, dhcp-hosts/<vm>, hosts}.
+
+dnsmasq.conf holds nothing per VM, so adding or removing a VM only changes files that dnsmasq
+re-reads on SIGHUP (the dhcp-hostsfile directory and the addn-hosts file); SIGHUP never re-reads
+the main configuration. The files are deployed to <config_dir>/dnsmasq/ (site.toml [provision]).
+"""
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from pathlib import PurePosixPath
+from posixpath import join
 
-from generators.model import Cluster
+from generators.model import Cluster, Install, Network
+from generators.render import banner_lines, environment
+
+CONF_TEMPLATE = "dnsmasq.conf.j2"
+HOST_TEMPLATE = "dhcp-host.j2"
+HOSTS_TEMPLATE = "dnsmasq-hosts.j2"
+
+OUT = PurePosixPath("dnsmasq")
+HOSTS_DIR = OUT / "dhcp-hosts"
+
+
+def dhcp_hosts_dir(cluster: Cluster) -> str:
+    """Where build/dnsmasq/dhcp-hosts/ is deployed on the provision server."""
+    return join(cluster.site.provision.config_dir, "dnsmasq", "dhcp-hosts")
+
+
+def hosts_file(cluster: Cluster) -> str:
+    """Where build/dnsmasq/hosts is deployed on the provision server."""
+    return join(cluster.site.provision.config_dir, "dnsmasq", "hosts")
+
+
+def dns_servers(cluster: Cluster, network: Network) -> tuple[IPv4Address, ...]:
+    """The name servers DHCP hands out on a network: its own list, else the provision server (our dnsmasq)."""
+    if network.dns_servers:
+        return network.dns_servers
+    server = cluster.site.provision.server
+    if server is None:
+        raise RuntimeError("programming error: provision.server is resolved by validate.py before generators run")
+    return (server,)
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
-    return {}
+    env = environment()
+    site = cluster.site
+    networks = [site.networks[name] for name in sorted(site.networks)]
+    tree: dict[PurePosixPath, str | bytes] = {
+        OUT / "dnsmasq.conf": env.get_template(CONF_TEMPLATE).render(
+            cluster=cluster, site=site, banner=banner_lines(cluster, CONF_TEMPLATE), provision=site.provision,
+            networks=networks, dns_servers={net.name: dns_servers(cluster, net) for net in networks},
+            dhcp_hosts_dir=dhcp_hosts_dir(cluster), hosts_file=hosts_file(cluster),
+        ),
+        OUT / "hosts": env.get_template(HOSTS_TEMPLATE).render(
+            cluster=cluster, site=site, banner=banner_lines(cluster, HOSTS_TEMPLATE),
+            vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)),
+        ),
+    }
+    # Fetched once, rendered per VM: this loop is what 10,000 VMs cost.
+    host_template = env.get_template(HOST_TEMPLATE)
+    host_banner = banner_lines(cluster, HOST_TEMPLATE)
+    for vm in cluster.vms:
+        tree[HOSTS_DIR / vm.name] = host_template.render(
+            banner=host_banner, vm=vm, install=vm.install is Install.PXE
+        )
+    return tree
