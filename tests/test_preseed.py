@@ -1,0 +1,257 @@
+"""Preseeds: golden files, the question whitelist, no plain-text password, partitions that fit the disk,
+and `debconf-set-selections -c` on every variant with any output on stderr counted as a failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from generators import preseed
+from generators.model import Boot, Cluster, Install, Vm
+from generators.urls import installed_url
+from tests.golden import assert_golden
+from tests.tools import require_tool, run
+
+CRYPT = re.compile(r"\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
+ROOT_HASH = "$6$kvmconfsalt$Yx0Ex6B0yS9Xd8yV6f4tI3bOJc8o1nq0G9m7WlCqzv9n3x1a0R8Ww9yX1yZbN5zC2kQ4qjT1f6vXy0aLbC7sd."
+ADMIN_HASH = "$y$j9T$kvmconfsalt$4iH8n1WcUv3Q7r2mE5s0aLbC7sdYx0Ex6B0yS9Xd8yV"
+ODD_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOddKey0000000000000000000000000000000000000 it's $HOME; `x`"
+
+
+def _answers(text: str) -> dict[str, tuple[str, str]]:
+    """question -> (type, value), joined and split as debconf-set-selections does."""
+    found = {}
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        while line.endswith("\\"):
+            index += 1
+            line = line[:-1] + lines[index]
+        index += 1
+        if line.strip() and not line.startswith("#"):
+            _, question, kind, *value = line.split(None, 3)
+            found[question] = (kind, value[0] if value else "")
+    return found
+
+
+def _variant(example: Cluster) -> Cluster:
+    """Everything the example does not exercise: password hashes, a proxy, an odd SSH key, a network
+    without gateway and name servers, a small disk, and install=pxe on both firmwares there."""
+    site = example.site
+    dmz = dataclasses.replace(site.networks["dmz"], gateway=None, dns_servers=())
+    accounts = dataclasses.replace(site.accounts, root_password_hash=ROOT_HASH, admin_password_hash=ADMIN_HASH,
+                                   ssh_keys=(*site.accounts.ssh_keys, ODD_KEY))
+    provision = dataclasses.replace(site.provision, mirror_proxy="http://proxy.phys.example.org:3128/")
+    site = dataclasses.replace(site, networks={**site.networks, "dmz": dmz}, accounts=accounts, provision=provision)
+    login = dataclasses.replace(example.vm("login"), install=Install.PXE, boot=Boot.UEFI)
+    tiny = dataclasses.replace(example.vm("ldap"), name="tiny", mac="52:54:00:50:00:77", disk=dataclasses.replace(
+        example.vm("ldap").disk, size_gb=2), ram_mb=8192, line=99)
+    vms = (*(login if vm.name == "login" else vm for vm in example.vms), tiny)
+    return dataclasses.replace(example, site=site, vms=vms)
+
+
+def _texts(cluster: Cluster) -> dict[PurePosixPath, str]:
+    texts = {}
+    for path, content in preseed.render(cluster).items():
+        assert isinstance(content, str)
+        texts[path] = content
+    return texts
+
+
+def test_golden(example: Cluster, regenerate: bool) -> None:
+    assert_golden("preseed", preseed.render(example), regenerate)
+
+
+def test_one_preseed_per_pxe_vm(example: Cluster) -> None:
+    expected = {PurePosixPath(f"preseed/{vm.name}.cfg") for vm in example.vms if vm.install is Install.PXE}
+    assert set(preseed.render(example)) == expected
+    assert len(expected) < len(example.vms)
+
+
+@pytest.mark.parametrize("which", ["example", "variant"])
+def test_every_question_is_whitelisted(example: Cluster, which: str) -> None:
+    cluster = example if which == "example" else _variant(example)
+    for path, text in _texts(cluster).items():
+        assert preseed.lint(text) == [], path
+
+
+def test_lint_catches_a_misspelt_question_a_wrong_type_and_a_repeat() -> None:
+    text = ("d-i netcfg/get_hostnme string web\n"
+            "d-i netcfg/confirm_static string true\n"
+            "d-i time/zone string UTC\n"
+            "d-i time/zone string \\\n    Europe/Berlin\n")
+    assert preseed.lint(text) == [
+        "line 1: d-i netcfg/get_hostnme is not a known installer question",
+        "line 2: netcfg/confirm_static has type 'string' (expected 'boolean')",
+        "line 4: time/zone is answered twice",
+    ]
+
+
+def test_no_password_in_clear(example: Cluster) -> None:
+    for cluster in (example, _variant(example)):
+        accounts = cluster.site.accounts
+        for path, text in _texts(cluster).items():
+            answers = _answers(text)
+            passwords = {question: value for question, (kind, value) in answers.items() if kind == "password"}
+            # Only the -crypted questions: the plain ones (passwd/root-password, ...) are not even whitelisted.
+            assert set(passwords) <= {"passwd/root-password-crypted", "passwd/user-password-crypted"}, path
+            for question, value in passwords.items():
+                assert CRYPT.fullmatch(value) or value == "!", f"{path}: {question}"
+            if accounts.root_password_hash == "!":
+                assert answers["passwd/root-login"] == ("boolean", "false")
+                assert "passwd/root-password-crypted" not in answers
+            else:
+                assert answers["passwd/root-password-crypted"] == ("password", accounts.root_password_hash)
+            assert answers["passwd/user-password-crypted"] == ("password", accounts.admin_password_hash)
+
+
+def test_static_network_from_the_vm_row(example: Cluster) -> None:
+    cluster = _variant(example)
+    for vm in cluster.vms:
+        if vm.install is not Install.PXE:
+            continue
+        answers = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])
+        net = cluster.network_of(vm)
+        assert answers["netcfg/disable_autoconfig"] == ("boolean", "true")
+        assert answers["netcfg/get_ipaddress"][1] == str(vm.ip)
+        assert answers["netcfg/get_netmask"][1] == str(net.netmask)
+        assert answers["netcfg/get_gateway"][1] == (str(net.gateway) if net.gateway else "")
+        assert ("netcfg/no_default_route" in answers) == (net.gateway is None)
+        servers = [str(ip) for ip in net.dns_servers] or [str(cluster.site.provision.server)]
+        assert answers["netcfg/get_nameservers"][1].split() == servers
+        assert answers["netcfg/hostname"][1] == vm.name
+        assert answers["netcfg/get_domain"][1] == cluster.site.domain
+        assert answers["mirror/http/proxy"][1] == cluster.site.provision.mirror_proxy
+
+
+def test_late_command_installs_the_keys_and_reports_the_install(example: Cluster) -> None:
+    cluster = _variant(example)
+    admin = cluster.site.accounts.admin_user
+    for vm in cluster.vms:
+        if vm.install is not Install.PXE:
+            continue
+        command = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])["preseed/late_command"][1]
+        assert "\\" not in command
+        words = shlex.split(command)  # the shell's reading, so quoting of an odd key comment is checked too
+        for directory in ("/target/root/.ssh/authorized_keys", f"/target/home/{admin}/.ssh/authorized_keys"):
+            written = [words[i + 1] for i in range(len(words) - 3)
+                       if words[i] == "echo" and words[i + 2] == ">>" and words[i + 3] == directory]
+            assert written == list(cluster.site.accounts.ssh_keys)
+        assert words[-7:] == ["wget", "-q", "-Y", "off", "-O", "/dev/null", installed_url(cluster, vm)]
+        assert words[-1] == f"{cluster.site.provision.http_url}/installed/{vm.name}"
+
+
+@pytest.mark.parametrize("which", ["example", "variant"])
+def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, which: str) -> None:
+    """The late_command under /bin/sh, with /target in tmp_path and stand-ins for in-target and wget."""
+    cluster = example if which == "example" else _variant(example)
+    accounts = cluster.site.accounts
+    admin = accounts.admin_user
+    command = _answers(_texts(cluster)[PurePosixPath("preseed/ldap.cfg")])["preseed/late_command"][1]
+    target, bin_dir, log = tmp_path / "target", tmp_path / "bin", tmp_path / "calls"
+    for directory in ("root", f"home/{admin}", "etc/sudoers.d"):
+        (target / directory).mkdir(parents=True)
+    bin_dir.mkdir()
+    for tool in ("in-target", "wget"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        (bin_dir / tool).chmod(0o755)
+    assert command.count("/target/") > 3
+    result = run(["/bin/sh", "-c", command.replace("/target/", f"{target}/")],
+                 env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert (result.returncode, result.stderr) == (0, "")
+    for home in ("root", f"home/{admin}"):
+        assert (target / home / ".ssh/authorized_keys").read_text().splitlines() == list(accounts.ssh_keys)
+        assert (target / home / ".ssh").stat().st_mode & 0o777 == 0o700
+    assert log.read_text().splitlines() == [
+        "in-target chown -R root:root /root/.ssh",
+        f"in-target chown -R {admin}:{admin} /home/{admin}/.ssh",
+        f"in-target adduser {admin} sudo",
+        f"wget -q -Y off -O /dev/null {installed_url(cluster, cluster.vm('ldap'))}",
+    ]
+    sudoers = target / "etc/sudoers.d" / f"kvmconf-{admin}"
+    if accounts.admin_password_hash == "!":
+        assert sudoers.read_text() == f"{admin} ALL=(ALL) NOPASSWD:ALL\n"
+    else:
+        assert not sudoers.exists()
+
+
+def test_a_locked_admin_gets_sudo_without_password_and_only_then(example: Cluster) -> None:
+    locked = _texts(example)[PurePosixPath("preseed/ldap.cfg")]
+    with_password = _texts(_variant(example))[PurePosixPath("preseed/ldap.cfg")]
+    assert "NOPASSWD:ALL" in locked
+    assert "NOPASSWD" not in with_password
+    assert "in-target adduser admin sudo" in with_password
+
+
+def test_uefi_vms_get_an_efi_partition_and_removable_grub(example: Cluster) -> None:
+    cluster = _variant(example)
+    for vm in cluster.vms:
+        if vm.install is not Install.PXE:
+            continue
+        answers = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])
+        recipe = answers["partman-auto/expert_recipe"][1]
+        uefi = vm.boot is Boot.UEFI
+        assert ("method{ efi }" in recipe) == uefi
+        assert ("partman-efi/non_efi_system" in answers) == uefi
+        assert ("grub-installer/force-efi-extra-removable" in answers) == uefi
+        assert answers["grub-installer/bootdev"][1] == "/dev/vda"
+        layout = preseed.partition_layout(vm)
+        sizes = [[int(n) for n in part.split()[:3]] for part in recipe.split("::", 1)[1].split(" .") if part.strip()]
+        assert sizes[-1] == [layout.swap_mb] * 3
+        assert sizes[-2][0] == layout.root_min_mb
+        assert sum(size[0] for size in sizes) <= vm.disk.size_gb * 1000
+
+
+def _vm(example: Cluster, disk_gb: int, ram_mb: int, boot: Boot) -> Vm:
+    base = example.vm("ldap")
+    return dataclasses.replace(base, disk=dataclasses.replace(base.disk, size_gb=disk_gb), ram_mb=ram_mb, boot=boot)
+
+
+@given(disk_gb=st.integers(1, 100_000), ram_mb=st.integers(1, 4_000_000), boot=st.sampled_from(Boot))
+def test_partitions_fit_the_disk(example: Cluster, disk_gb: int, ram_mb: int, boot: Boot) -> None:
+    layout = preseed.partition_layout(_vm(example, disk_gb, ram_mb, boot))
+    assert layout.efi_mb + layout.swap_mb + layout.root_min_mb <= disk_gb * 1000
+    assert 1 <= layout.swap_mb <= min(ram_mb, 4096)
+    assert layout.root_min_mb >= 1
+    if disk_gb >= 17:  # 4 GB of swap is at most a quarter: the swap rule applies in full, / gets its minimum
+        assert layout.swap_mb == min(ram_mb, 4096)
+        assert layout.root_min_mb == preseed.ROOT_MIN_MB
+
+
+# --- debconf-set-selections -c --------------------------------------------------------------------------------
+
+
+def _check(path: Path) -> tuple[int, str]:
+    result = run([require_tool("debconf-set-selections"), "-c", str(path)])
+    return result.returncode, result.stderr
+
+
+@pytest.mark.consumer
+@pytest.mark.parametrize("which", ["example", "variant"])
+def test_debconf_set_selections_accepts_every_preseed(example: Cluster, tmp_path: Path, which: str) -> None:
+    cluster = example if which == "example" else _variant(example)
+    texts = _texts(cluster)
+    assert texts
+    for path, text in texts.items():
+        staged = tmp_path / path.name
+        staged.write_text(text)
+        # -c exits 0 on an unknown type, only warning on stderr: any stderr is a failure.
+        assert _check(staged) == (0, ""), path
+
+
+@pytest.mark.consumer
+def test_debconf_check_catches_a_missing_type(example: Cluster, tmp_path: Path) -> None:
+    text = _texts(example)[PurePosixPath("preseed/ldap.cfg")]
+    broken = tmp_path / "ldap.cfg"
+    broken.write_text(text.replace("d-i netcfg/hostname string ldap", "d-i netcfg/hostname ldap"))
+    assert broken.read_text() != text
+    code, stderr = _check(broken)
+    assert code == 0  # which is why the exit code alone is not enough
+    assert "warning: Unknown type ldap, skipping line" in stderr
