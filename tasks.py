@@ -88,18 +88,19 @@ def status(c: Context, host: list[str]) -> None:
             raise Exit("kvmconf: some hosts could not be reached", 1)
 
 
-@task(help={"vm": "the VM"})
-def start(c: Context, vm: str) -> None:
+@task(help={"vm": "the VM", "dry-run": "show what would be done"})
+def start(c: Context, vm: str, dry_run: bool = False) -> None:
     """Start a defined VM."""
     with _user_errors(), connections(cluster := inputs.load()) as conns:
-        lifecycle.start(cluster, vm, conns)
+        lifecycle.start(cluster, vm, conns, dry_run)
 
 
-@task(help={"vm": "the VM", "force": "power it off at once instead of asking the guest to shut down"})
-def stop(c: Context, vm: str, force: bool = False) -> None:
+@task(help={"vm": "the VM", "force": "power it off at once instead of asking the guest to shut down",
+            "dry-run": "show what would be done"})
+def stop(c: Context, vm: str, force: bool = False, dry_run: bool = False) -> None:
     """Shut a VM down (ACPI), or power it off with --force."""
     with _user_errors(), connections(cluster := inputs.load()) as conns:
-        lifecycle.stop(cluster, vm, conns, force)
+        lifecycle.stop(cluster, vm, conns, force, dry_run)
 
 
 @task(help={"vm": "the VM", "purge": "also remove its disk and seed ISO (asks first)",

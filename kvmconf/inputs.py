@@ -12,7 +12,7 @@ from pathlib import Path
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.errors import KvmconfError
-from kvmconf.lab import Lab, remap
+from kvmconf.lab import Lab, alive, remap
 
 
 def cluster_path() -> Path:
@@ -42,4 +42,7 @@ def load() -> Cluster:
     if lab is None:
         raise KvmconfError(f"KVMCONF_LAB={directory} but no lab is up there: start it with `invoke lab.up`"
                            " (or unset KVMCONF_LAB to act on the hosts of site.toml)")
+    if not alive(lab.pids.get("libvirtd", 0)):
+        raise KvmconfError(f"the lab in {directory} is not running any more (its libvirtd has exited): restart it"
+                           " with `invoke lab.down` and `invoke lab.up`")
     return remap(cluster, lab)

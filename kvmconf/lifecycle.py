@@ -24,18 +24,27 @@ def _domain(cluster: Cluster, name: str, conns: Connections) -> tuple[domains.li
     return domains.lookup(conns.get(vm.host), name), vm.host
 
 
-def start(cluster: Cluster, name: str, conns: Connections, log: Log = print) -> None:
+def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False, log: Log = print) -> None:
     dom, host = _domain(cluster, name, conns)
     if dom is None:
         raise KvmconfError(f"{name} is not defined on {host}; create it with `invoke provision --vm {name}`")
+    if dry_run:
+        log(f"{name}: already running on {host}" if domains.is_active(dom) else f"{name} on {host}: would start")
+        return
     log(f"{name}: started on {host}" if domains.start(dom) else f"{name}: already running on {host}")
 
 
-def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, log: Log = print) -> None:
+def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, dry_run: bool = False,
+         log: Log = print) -> None:
     """Ask the guest to shut down (ACPI), or with ``force`` power it off at once."""
     dom, host = _domain(cluster, name, conns)
     if dom is None:
         raise KvmconfError(f"{name} is not defined on {host}")
+    if dry_run:
+        running = domains.is_active(dom)
+        log(f"{name} on {host}: would {'power off' if force else 'ask the guest to shut down'}" if running
+            else f"{name}: was not running")
+        return
     if force:
         log(f"{name}: powered off" if domains.power_off(dom) else f"{name}: was not running")
     else:

@@ -302,9 +302,25 @@ class LoopLvm:
             self.remove(node)
 
 
+LVM_PREFIX = "kvmconftest"  # + the pytest process's PID: /dev/<this> of a killed run is removed at the next
+
+
+def remove_stale_volume_groups() -> None:
+    """Loop devices and /dev/kvmconftest<pid>/ links left by a killed run (whose pid is gone)."""
+    for vg in Path("/dev").glob(f"{LVM_PREFIX}*"):
+        owner = vg.name.removeprefix(LVM_PREFIX)
+        if owner.isdigit() and not lab.alive(int(owner)):
+            for node in vg.iterdir():
+                if node.is_symlink() and os.readlink(node).startswith("/dev/loop"):
+                    subprocess.run(["losetup", "-d", os.readlink(node)], check=False)
+                node.unlink()
+            vg.rmdir()
+
+
 def test_an_lvm_vm_runs_from_the_block_device_lvcreate_made(cluster: Cluster, tmp_path: Path) -> None:
     require_tool("losetup")
-    vg = f"kvmconftest{os.getpid()}"  # unique: the device node lives in the machine's /dev
+    remove_stale_volume_groups()
+    vg = f"{LVM_PREFIX}{os.getpid()}"  # unique: the device node lives in the machine's /dev
     vms = tuple(dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, volume_group=vg)) if vm.name == "vol" else vm
                 for vm in cluster.vms)
     cluster = dataclasses.replace(cluster, vms=vms)

@@ -402,10 +402,14 @@ def test_destroy_keeps_the_disk_and_purge_removes_it_only_when_confirmed(cluster
 def test_start_and_stop_report_what_they_did(cluster: Cluster, conns: Connections) -> None:
     provision(cluster, ["mcp"], conns, Options(start=False), log=quiet)
     lines: list[str] = []
+    lifecycle.start(cluster, "mcp", conns, dry_run=True, log=lines.append)
     lifecycle.start(cluster, "mcp", conns, log=lines.append)
     lifecycle.start(cluster, "mcp", conns, log=lines.append)
+    lifecycle.stop(cluster, "mcp", conns, force=True, dry_run=True, log=lines.append)
+    assert conns.get("kvm0").lookupByName("mcp").isActive()
     lifecycle.stop(cluster, "mcp", conns, force=True, log=lines.append)
-    assert lines == ["mcp: started on kvm0", "mcp: already running on kvm0", "mcp: powered off"]
+    assert lines == ["mcp on kvm0: would start", "mcp: started on kvm0", "mcp: already running on kvm0",
+                     "mcp on kvm0: would power off", "mcp: powered off"]
     with pytest.raises(KvmconfError, match="ldap is not defined on kvm0; create it with `invoke provision --vm ldap`"):
         lifecycle.start(cluster, "ldap", conns, log=quiet)
 
