@@ -128,11 +128,11 @@ def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
     return [vm for vm in cluster.vms if vm.name in wanted]
 
 
-def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, conns: Connections, artifacts: Artifacts,
+def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, artifacts: Artifacts,
             aliases: dict[tuple[str, str], str]) -> VmPlan:
+    """The plan for one VM; ``exists`` tells whether its disk is on the host already."""
     xml = artifacts.domain_xml(vm)
     disk = disks.disk_spec(cluster, vm)
-    exists = disks.exists(conns.runner(vm.host), disk)
     seed = seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None
     dom = domains.lookup(conn, vm.name)
     if dom is None:
@@ -172,7 +172,9 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
             hplan.error = str(err)
             continue
         aliases = domains.machine_aliases(conn)
-        hplan.vms = [plan_vm(cluster, vm, conn, conns, artifacts, aliases) for vm in by_host[host]]
+        present = conns.runner(host).existing([disks.disk_spec(cluster, vm).path for vm in by_host[host]])
+        hplan.vms = [plan_vm(cluster, vm, conn, disks.disk_spec(cluster, vm).path in present, artifacts, aliases)
+                     for vm in by_host[host]]
         if others:
             hplan.others, hplan.misplaced = foreign_domains(cluster, host, conn, conns)
     return Plan(hosts)

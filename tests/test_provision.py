@@ -62,7 +62,7 @@ class Recorder:
         joined = " ".join(argv)
         if self.on_call and self.on_call in joined and callable(self.action):
             self.action()
-        if self.fail_on and self.fail_on in joined:
+        if self.fail_on and argv[0] == "qemu-img" and self.fail_on in joined:
             return subprocess.CompletedProcess(argv, 1, b"", b"qemu-img: injected failure")
         if argv[0] in ("lvcreate", "lvremove"):
             return subprocess.CompletedProcess(argv, 0, b"", b"")
@@ -136,6 +136,15 @@ def test_a_missing_command_is_reported_with_its_name(tmp_path: Path) -> None:
     with pytest.raises(KvmconfError, match="localhost: `no-such-tool-kvmconf x` failed with exit status 127:"
                                            " no-such-tool-kvmconf: command not found"):
         Runner().check(["no-such-tool-kvmconf", "x"])
+
+
+def test_which_disks_exist_is_asked_in_one_command_per_host(tmp_path: Path) -> None:
+    (tmp_path / "a b.qcow2").touch()
+    (tmp_path / "c.img").touch()
+    recorder = Recorder()
+    paths = [str(tmp_path / name) for name in ("a b.qcow2", "c.img", "missing.img")]
+    assert Runner(execute=recorder).existing(paths) == set(paths[:2])
+    assert len(recorder.calls) == 1
 
 
 # --- disks -------------------------------------------------------------------------------------
