@@ -243,13 +243,15 @@ def test_an_unreachable_uri_creates_nothing(cluster: Cluster, clean: lab.Lab) ->
     assert [p for p in clean.images.rglob("*") if p.is_file()] == []
 
 
-def test_a_cloud_vm_boots_from_its_overlay_with_the_seed_iso_attached(cluster: Cluster, clean: lab.Lab) -> None:
+def test_a_uefi_cloud_vm_runs_from_its_overlay_with_the_seed_iso_attached(cluster: Cluster, clean: lab.Lab) -> None:
     with connections(cluster) as conns:
         provision(cluster, ["cloud"], conns, log=quiet)
         dom = conns.get("kvm1").lookupByName("cloud")
         assert dom.isActive()
         assert dom.blockInfo("vda")[0] == 2 * GIB
         assert dom.blockInfo("sda")[0] > 0  # the seed ISO, readable by QEMU
+        assert ET.fromstring(dom.XMLDesc(0)).find("os/nvram") is not None  # OVMF's variables: it boots UEFI
+        assert make_plan(cluster, [cluster.vm("cloud")], conns).vms[0].action is Action.KEEP
     overlay = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(clean.images / "kvm1" / "cloud.qcow2")],
                              capture_output=True, text=True, check=True).stdout
     assert f'"backing-filename": "{clean.base / "bookworm.qcow2"}"' in overlay
