@@ -59,6 +59,22 @@ def lvremove_argv(disk: DiskSpec) -> list[str]:
     return ["lvremove", "--yes", f"{disk.volume_group}/{disk.lv_name}"]
 
 
+def missing_volume_groups(runner: Runner, host: str, to_create: list[DiskSpec]) -> list[str]:
+    """Problems with the volume groups LVM disks would be created in, found before anything is created."""
+    needed: dict[str, list[str]] = {}
+    for disk in to_create:
+        if disk.kind is DiskKind.LVM and disk.volume_group:
+            needed.setdefault(disk.volume_group, []).append(disk.vm)
+    problems = []
+    for vg, vms in sorted(needed.items()):
+        result = runner.run(["vgs", "--noheadings", "-o", "vg_name", vg])
+        if result.returncode != 0:
+            why = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1].strip()
+            problems.append(f"{', '.join(vms)}: volume group {vg} is not usable on {host} ({why}); create it there"
+                            " or change disk=lvm:<vg> in cluster.conf")
+    return problems
+
+
 def exists(runner: Runner, disk: DiskSpec) -> bool:
     return runner.exists(disk.path)
 

@@ -26,5 +26,9 @@ class DiskExists(KvmconfError):
     """A disk that provisioning would create is already there; it is never overwritten silently."""
 
 
+class ProvisionBlocked(KvmconfError):
+    """The plan found what would make provisioning fail (a disk in the way, no volume group): nothing was done."""
+
+
 class ProvisionFailed(KvmconfError):
     """A provision run failed midway; what it had created was removed again."""

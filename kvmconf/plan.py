@@ -91,6 +91,7 @@ class HostPlan:
     others: list[str] = field(default_factory=list)  # defined here, not in cluster.conf (left alone)
     misplaced: dict[str, str] = field(default_factory=dict)  # defined here, cluster.conf places it on another host
     error: str | None = None  # the host could not be reached
+    problems: list[str] = field(default_factory=list)  # what would make creating a disk fail, found up front
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Plan:
 
     def blocked(self, reuse_disk: bool) -> list[str]:
         """Why provisioning must not start: unreachable hosts, disks in the way of new domains."""
-        problems = [h.error for h in self.hosts if h.error]
+        problems = [h.error for h in self.hosts if h.error] + [m for h in self.hosts for m in h.problems]
         if not reuse_disk:
             problems += [disks.already_there(p.disk) for p in self.vms if p.action is Action.CREATE and p.disk_exists]
         return problems
@@ -175,6 +176,8 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
         present = conns.runner(host).existing([disks.disk_spec(cluster, vm).path for vm in by_host[host]])
         hplan.vms = [plan_vm(cluster, vm, conn, disks.disk_spec(cluster, vm).path in present, artifacts, aliases)
                      for vm in by_host[host]]
+        hplan.problems = disks.missing_volume_groups(conns.runner(host), host, [p.disk for p in hplan.vms
+                                                                                if not p.disk_exists])
         if others:
             hplan.others, hplan.misplaced = foreign_domains(cluster, host, conn, conns)
     return Plan(hosts)
@@ -230,6 +233,7 @@ def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str
         if h.error:
             out.append(f"  ! unreachable: {h.error}")
             continue
+        out.extend(f"  ! {problem}" for problem in h.problems)
         width = max((len(p.vm.name) for p in h.vms), default=0)
         for p in h.vms:
             head = f"  {_MARK[p.action]} {p.vm.name:<{width}}  "

@@ -21,7 +21,7 @@ import libvirt
 from generators.model import Cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
-from kvmconf.errors import DiskExists, KvmconfError, ProvisionFailed
+from kvmconf.errors import KvmconfError, ProvisionBlocked, ProvisionFailed
 from kvmconf.plan import Action, Artifacts, Plan, VmPlan, describe_change, format_plan, make_plan, select
 from kvmconf.runner import Runner
 
@@ -87,7 +87,7 @@ def provision(cluster: Cluster, names: Sequence[str], conns: Connections, option
     if options.dry_run:
         log(format_plan(plan, options.reuse_disk, options.start))
     if problems:
-        raise DiskExists("\n".join(problems) + "\nnothing was changed")
+        raise ProvisionBlocked("\n".join(problems) + "\nnothing was changed")
     if options.dry_run:
         return plan
     journal = Journal(log)

@@ -2,8 +2,9 @@
 
 One lab (network namespace, private libvirtd/virtlogd, the generated dnsmasq) serves the whole
 module; every test starts from an empty lab and leaves one (see ``clean``). The VMs are those of
-tests/fixtures/lab-cluster.conf: the example's kinds of VM (qcow2, raw, cloud overlay, LVM) with
-128-160 MB of RAM and 1-2 GB thin disks; they boot nothing but firmware and PXE.
+tests/fixtures/lab-cluster.conf: the example's kinds of VM (qcow2 PXE, raw, UEFI cloud overlay;
+LVM is added by its test) with 128-160 MB of RAM and 1-2 GB thin disks; they boot nothing but
+firmware and PXE.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from generators.model import Cluster
+from generators.model import Cluster, Disk, DiskKind
 from generators.validate import load_cluster
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import connections
@@ -285,6 +287,8 @@ class LoopLvm:
             node.symlink_to(loop)
             self.loops[str(node)] = loop
             return subprocess.CompletedProcess(argv, 0, b"", b"")
+        if argv[0] == "vgs":
+            return subprocess.CompletedProcess(argv, 0, f"  {argv[-1]}\n".encode(), b"")
         if argv[0] == "lvremove":
             self.calls.append(argv)
             vg, name = argv[-1].split("/")
@@ -323,9 +327,10 @@ def test_an_lvm_vm_runs_from_the_block_device_lvcreate_made(cluster: Cluster, tm
     require_tool("losetup")
     remove_stale_volume_groups()
     vg = f"{LVM_PREFIX}{os.getpid()}"  # unique: the device node lives in the machine's /dev
-    vms = tuple(dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, volume_group=vg)) if vm.name == "vol" else vm
-                for vm in cluster.vms)
-    cluster = dataclasses.replace(cluster, vms=vms)
+    # The example's kind of LVM VM (compute1: disk=lvm:vg0), at lab size.
+    vol = dataclasses.replace(cluster.vm("db"), name="vol", mac="52:54:00:50:00:40", ip=IPv4Address("192.168.50.40"),
+                              host="kvm1", disk=Disk(DiskKind.LVM, 1, vg), autostart=False)
+    cluster = dataclasses.replace(cluster, vms=(*cluster.vms, vol))
     fake = LoopLvm(tmp_path)
     try:
         with connections(cluster, execute=fake) as conns:

@@ -22,7 +22,7 @@ from generators import cloud_init
 from generators.model import Cluster, DomainType
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import Connections, connections
-from kvmconf.errors import DiskExists, HostUnreachable, KvmconfError, ProvisionFailed, UnknownVm
+from kvmconf.errors import DiskExists, HostUnreachable, KvmconfError, ProvisionBlocked, ProvisionFailed, UnknownVm
 from kvmconf.plan import Action, make_plan, select
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
@@ -64,7 +64,7 @@ class Recorder:
             self.action()
         if self.fail_on and argv[0] == "qemu-img" and self.fail_on in joined:
             return subprocess.CompletedProcess(argv, 1, b"", b"qemu-img: injected failure")
-        if argv[0] in ("lvcreate", "lvremove"):
+        if argv[0] in ("lvcreate", "lvremove", "vgs"):
             return subprocess.CompletedProcess(argv, 0, b"", b"")
         return subprocess.run(argv, input=stdin, capture_output=True, check=False)
 
@@ -318,7 +318,7 @@ def test_an_existing_disk_stops_the_run_before_anything_is_created(cluster: Clus
     kvm0 = Path(cluster.site.hosts["kvm0"].disk_dir)
     (kvm0 / "db.img").write_bytes(b"precious")
     before = domain_names(conns.get("kvm0"))
-    with pytest.raises(DiskExists) as err:
+    with pytest.raises(ProvisionBlocked) as err:
         provision(cluster, ["ldap", "db"], conns, log=quiet)
     assert str(err.value) == (f"db: its disk {kvm0 / 'db.img'} already exists and is never overwritten; attach it as it"
                               " is with --reuse-disk, or remove it with `invoke destroy --vm db --purge` if it is a"
@@ -389,6 +389,21 @@ def test_an_lvm_disk_is_made_with_exactly_one_lvcreate_and_purged_with_lvremove(
         lifecycle.destroy(cluster, "compute1", conns, purge=True, log=quiet)
         assert [call for call in recorder.calls if call[0].startswith("lv")] == [
             ["lvremove", "--yes", "vg0/vm-compute1"]]
+
+
+def test_a_missing_volume_group_stops_the_run_before_anything_is_created(cluster: Cluster) -> None:
+    def no_lvm(argv: Sequence[str], stdin: bytes | None) -> Result:
+        if argv[0] == "vgs":
+            return subprocess.CompletedProcess(list(argv), 5, b"", b'  Volume group "vg0" not found\n')
+        return Recorder()(argv, stdin)
+
+    with connections(cluster, execute=no_lvm) as conns:
+        with pytest.raises(ProvisionBlocked) as err:
+            provision(cluster, ["ldap", "compute1"], conns, log=quiet)
+        assert "ldap" not in domain_names(conns.get("kvm0"))
+    assert str(err.value) == ('compute1: volume group vg0 is not usable on kvm1 (Volume group "vg0" not found); create'
+                              " it there or change disk=lvm:<vg> in cluster.conf\nnothing was changed")
+    assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
 
 
 # --- destroy, start, stop ----------------------------------------------------------------------
