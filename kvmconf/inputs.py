@@ -1,4 +1,7 @@
-"""Which cluster the tasks act on: the same KVMCONF_* variables as `make`, plus KVMCONF_LAB for the lab.
+"""Which cluster the tasks act on: KVMCONF_CLUSTER/KVMCONF_SITE as for `make`, plus KVMCONF_LAB for the lab.
+
+KVMCONF_BUILD is not needed here: provisioning renders the domain XML and seed ISOs it needs in
+memory from the validated cluster, so a stale build/ can never be provisioned.
 
 With ``KVMCONF_LAB=<dir>`` (printed by `invoke lab.up`) every task acts on the lab in that
 directory instead of the real hosts of site.toml: see :func:`kvmconf.lab.remap`.
@@ -21,10 +24,6 @@ def cluster_path() -> Path:
 
 def site_path() -> Path:
     return Path(os.environ.get("KVMCONF_SITE", "site.toml"))
-
-
-def build_path() -> Path:
-    return Path(os.environ.get("KVMCONF_BUILD", "build"))
 
 
 def lab_dir() -> Path | None:
