@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -13,6 +18,7 @@ from generators.model import Boot, Cluster, Install
 from generators.urls import preseed_url
 from generators.validate import load_cluster
 from tests.golden import assert_golden
+from tests.tools import REQUIRE_TOOLS, require_tool, run
 
 PXELINUX = PurePosixPath("tftp/pxelinux.cfg")
 GRUB = PurePosixPath("tftp/grub")
@@ -124,3 +130,162 @@ def test_defaults_never_start_an_installer(example: Cluster) -> None:
     grub = _text(tree, GRUB / "grub.cfg")
     commands = [line for line in grub.splitlines() if line and not line.startswith("#")]
     assert commands == ["configfile $prefix/grub.cfg-$net_default_mac", "exit"]
+
+
+# --- real consumers: grub-script-check, and the boot chains under QEMU -----------------------------------------
+
+
+@pytest.mark.consumer
+def test_grub_script_check_accepts_every_grub_file(example: Cluster, tmp_path: Path) -> None:
+    check = require_tool("grub-script-check")
+    tree = pxe.render(_every_kind(example))
+    grub_files = [path for path in tree if path.parent == GRUB]
+    assert len(grub_files) > 1
+    for path in grub_files:
+        staged = tmp_path / path.name
+        staged.write_text(_text(tree, path))
+        result = run([check, str(staged)])
+        assert (result.returncode, result.stderr) == (0, ""), path
+
+
+@pytest.mark.consumer
+def test_grub_script_check_catches_an_unclosed_quote(example: Cluster, tmp_path: Path) -> None:
+    web = example.vm("web")
+    text = _text(pxe.render(example), GRUB / f"grub.cfg-{web.mac}").replace(" auto=true", " 'auto=true")
+    staged = tmp_path / "broken.cfg"
+    staged.write_text(text)
+    result = run([require_tool("grub-script-check"), str(staged)])
+    assert result.returncode != 0
+    assert "syntax error" in result.stderr
+
+
+INSTALLER_DIR = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")  # package
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+UNKNOWN_MAC = "52:54:00:99:99:99"
+
+
+def _tftp_root(cluster: Cluster, tmp_path: Path) -> Path:
+    """A TFTP root as dnsmasq.conf expects it: our files, the loaders (pxe.py's docstring) and the installer."""
+    root = tmp_path / "tftp"
+    for path, content in pxe.render(cluster).items():
+        target = root / path.relative_to("tftp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(str(content))
+    for name, source in pxe.BIOS_LOADER_FILES.items():
+        shutil.copy(source, root / name)
+    made = run([require_tool("grub-mknetdir"), "-d", "/usr/lib/grub/x86_64-efi", f"--net-directory={root}",
+                "--subdir=grub"])
+    assert made.returncode == 0, made.stderr
+    shutil.copy(root / "grub/x86_64-efi/core.efi", root / "grub/grubx64.efi")
+    for path in {release.kernel for release in cluster.site.oses.values()} | {
+            release.initrd for release in cluster.site.oses.values()}:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).symlink_to(INSTALLER_DIR / PurePosixPath(path).name)
+    return root
+
+
+def _events(pcap: Path) -> list[str]:
+    """TFTP read requests ("tftp <file>") and DHCP client vendor classes ("dhcp <class>") in a pcap file."""
+    data = pcap.read_bytes() if pcap.exists() else b""
+    events, pos = [], 24
+    while pos + 16 <= len(data):
+        (length,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        frame, pos = data[pos + 16:pos + 16 + length], pos + 16 + length
+        if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:  # IPv4 + UDP only
+            continue
+        udp = frame[14 + (frame[14] & 15) * 4:]
+        port, payload = struct.unpack(">H", udp[2:4])[0], udp[8:]
+        if port == 69 and payload[:2] == b"\x00\x01":
+            events.append("tftp " + payload[2:].split(b"\x00")[0].decode())
+        elif port == 67:
+            options, index = payload[240:], 0
+            while index + 1 < len(options) and options[index] != 255:
+                code, size = options[index], options[index + 1]
+                if code == 60:
+                    events.append("dhcp " + options[index + 2:index + 2 + size].decode(errors="replace"))
+                index += 2 + size if code else 1
+    return events
+
+
+def _boot(tmp_path: Path, root: Path, mac: str, uefi: bool, done: Callable[[list[str]], bool],
+          timeout: float = 240.0) -> list[str]:
+    """Boot a diskless guest from the network under QEMU until done(events) or timeout; return the events.
+
+    User-mode networking with restrict=on: QEMU's own DHCP and TFTP server, nothing leaves the process.
+    """
+    pcap = tmp_path / f"{mac.replace(':', '')}.pcap"
+    bootfile = "grub/grubx64.efi" if uefi else "pxelinux.0"
+    argv = [require_tool("qemu-system-x86_64"), "-m", "1024", "-display", "none", "-monitor", "none",
+            "-serial", "none", "-boot", "n",
+            "-netdev", f"user,id=n0,restrict=on,tftp={root},bootfile={bootfile}",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+            "-object", f"filter-dump,id=dump,netdev=n0,file={pcap}"]
+    if uefi:
+        firmware = tmp_path / "OVMF.fd"  # a copy: OVMF writes its variables into the image
+        shutil.copy(OVMF, firmware)
+        argv += ["-machine", "q35", "-bios", str(firmware)]
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and qemu.poll() is None and not done(_events(pcap)):
+            time.sleep(0.5)
+        assert qemu.poll() is None, f"qemu exited: {qemu.communicate()[1]}"
+        return _events(pcap)
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def _boot_requirements() -> None:
+    for path in (INSTALLER_DIR / "linux", OVMF, *map(Path, pxe.BIOS_LOADER_FILES.values())):
+        if not path.exists():
+            message = f"{path} is missing (make test-deps installs it)"
+            if REQUIRE_TOOLS:
+                pytest.fail(message)
+            pytest.skip(message)
+
+
+@pytest.mark.consumer
+@pytest.mark.slow
+@pytest.mark.parametrize("boot", list(Boot))
+def test_a_pxe_vm_boots_into_the_installer(example: Cluster, tmp_path: Path, boot: Boot) -> None:
+    _boot_requirements()
+    vm = example.vm("web" if boot is Boot.UEFI else "ldap")
+    assert vm.boot is boot and vm.install is Install.PXE
+    release = example.os_of(vm)
+    root = _tftp_root(example, tmp_path)
+    # The loader ran our `linux`/KERNEL and `initrd`/INITRD lines once it asks for the initrd. (Booted on, the
+    # installer sends its own DHCP request about 100 s later under emulation; too slow to wait for here.)
+    config = f"/grub/grub.cfg-01-{vm.mac_dashes}" if boot is Boot.UEFI else f"pxelinux.cfg/01-{vm.mac_dashes}"
+    kernel, initrd = (f"/{release.kernel}", f"/{release.initrd}") if boot is Boot.UEFI else (release.kernel,
+                                                                                             release.initrd)
+    events = _boot(tmp_path, root, vm.mac, boot is Boot.UEFI, lambda events: f"tftp {initrd}" in events)
+    fetched = [event.removeprefix("tftp ") for event in events if event.startswith("tftp ")]
+    assert initrd in fetched, events
+    assert fetched.index(config) < fetched.index(kernel) < fetched.index(initrd)
+
+
+@pytest.mark.consumer
+@pytest.mark.slow
+@pytest.mark.parametrize("boot", list(Boot))
+def test_an_unknown_mac_gets_no_installer(example: Cluster, tmp_path: Path, boot: Boot) -> None:
+    _boot_requirements()
+    root = _tftp_root(example, tmp_path)
+    if boot is Boot.UEFI:
+        # GRUB read grub.cfg, found no grub.cfg-<mac>, and left: the firmware starts its next boot entry.
+        last = f"tftp /grub/grub.cfg-{UNKNOWN_MAC}"
+        events = _boot(tmp_path, root, UNKNOWN_MAC, True,
+                       lambda events: last in events and events[-1].startswith("dhcp "))
+        assert last in events and events[-1].startswith("dhcp "), events
+    else:
+        # pxelinux read the default file; give it time to fetch a kernel, which it must not.
+        seen: list[float] = []
+
+        def settled(events: list[str]) -> bool:
+            if "tftp pxelinux.cfg/default" in events and not seen:
+                seen.append(time.monotonic())
+            return bool(seen) and time.monotonic() - seen[0] > 15
+
+        events = _boot(tmp_path, root, UNKNOWN_MAC, False, settled)
+        assert "tftp pxelinux.cfg/default" in events, events
+    assert not any("debian-installer" in event for event in events), events
