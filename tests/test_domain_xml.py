@@ -100,9 +100,9 @@ def test_no_cputune_without_cpuset(example: Cluster) -> None:
     assert _parse(example, "db").find("cputune") is None
 
 
-def test_pxe_boots_nic_first_then_disk(example: Cluster) -> None:
+def test_pxe_boots_its_disk_first_and_falls_through_to_the_network_when_empty(example: Cluster) -> None:
     assert example.vm("db").install == "pxe"
-    assert _boot_orders(_parse(example, "db")) == {"interface": "1", "disk": "2"}
+    assert _boot_orders(_parse(example, "db")) == {"disk": "1", "interface": "2"}
 
 
 def test_cloud_boots_disk_only_and_attaches_seed_iso(example: Cluster) -> None:
