@@ -50,7 +50,7 @@ def test_dns_for_dnsmasq_and_etc_hosts(example: Cluster, tree: dict[str, str]) -
     assert _hosts_file(tree["dnsmasq/hosts"]) == expected
     assert _hosts_file(tree["hosts"]) == expected
     for line in _lines(tree["hosts"]):
-        ip, fqdn, name = line.split()
+        _ip, fqdn, name = line.split()
         assert fqdn == f"{name}.{example.site.domain}"
 
 
