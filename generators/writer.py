@@ -137,7 +137,9 @@ def _walk(root: str) -> Iterator[str]:
                 yield path
 
 
-def _unchanged(path: str, content: bytes, content_hash: str, recorded: tuple[int, int, str] | None) -> os.stat_result | None:
+def _unchanged(
+    path: str, content: bytes, content_hash: str, recorded: tuple[int, int, str] | None
+) -> os.stat_result | None:
     """The old file's stat when it already holds ``content``, else None."""
     try:
         st = os.stat(path)

@@ -15,7 +15,8 @@ REQUIRE_TOOLS = os.environ.get("KVMCONF_REQUIRE_TOOLS") == "1"
 
 def require_tool(name: str) -> str:
     """The tool's path; fails under `make test` and skips otherwise when it is not installed."""
-    path = shutil.which(name) or next((p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{name}", os.X_OK)), None)
+    # sbin is not on every PATH (a plain `su`), but dnsmasq and nagios4 live there.
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
     if path is None:
         message = f"{name} is not installed (make test-deps installs it)"
         if REQUIRE_TOOLS:
