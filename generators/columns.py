@@ -13,7 +13,7 @@ from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
 from generators.errors import shown
-from generators.model import Boot, DiskKind, Install
+from generators.model import Boot, DiskKind, Install, Nic, NicKind
 
 
 class FieldError(ValueError):
@@ -186,6 +186,45 @@ def parse_after(text: str) -> tuple[str, ...]:
     return names
 
 
+MACVTAP_MODES = ("bridge", "vepa", "private", "passthrough")
+_PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
+_IFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+NIC_GRAMMAR = ("bridge:<network>[/<mac>], macvtap:<host interface or its MAC>[:bridge|vepa|private|passthrough]"
+               "[/<mac>], pci:<dddd:bb:ss.f>, vf:<physical function>[:<VF index>][/<mac>]")
+
+
+def parse_nic(text: str) -> Nic:
+    """One extra NIC: `kind:source[:detail][/mac]` (see NIC_GRAMMAR)."""
+    kind, sep, rest = text.partition(":")
+    rest, slash, mac_text = rest.partition("/")
+    mac = parse_mac(mac_text) if slash else None
+    if kind == "bridge" and sep and _WORD.fullmatch(rest):
+        return Nic(NicKind.BRIDGE, rest, mac=mac)
+    if kind == "macvtap" and sep:
+        # The interface may be given by its MAC, which holds colons itself.
+        by_mac = _MAC.match(rest.lower()) and rest[17:18] in ("", ":")
+        device, mode = (rest[:17].lower(), rest[18:]) if by_mac else rest.partition(":")[::2]
+        if (mode in MACVTAP_MODES or not mode) and (_MAC.fullmatch(device) or _IFACE_NAME.fullmatch(device)):
+            return Nic(NicKind.MACVTAP, device, mode or "bridge", mac=mac)
+        if mode and mode not in MACVTAP_MODES:
+            raise FieldError(f"has macvtap mode {shown(mode)} (expected one of: {', '.join(MACVTAP_MODES)})")
+    if kind == "pci" and sep and not slash:
+        if _PCI_ADDRESS.fullmatch(rest.lower()):
+            return Nic(NicKind.PCI, rest.lower())
+        raise FieldError("is not a PCI address (expected pci:dddd:bb:ss.f, e.g. pci:0000:1a:00.1)")
+    if kind == "vf" and sep:
+        pf, colon, index = rest.partition(":")
+        if _IFACE_NAME.fullmatch(pf) and (not colon or (index.isascii() and index.isdigit() and len(index) < 4)):
+            return Nic(NicKind.VF, pf, vf=int(index) if colon else None, mac=mac)
+    raise FieldError(f"is not a NIC (expected {NIC_GRAMMAR})")
+
+
+def parse_numa(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 3:
+        raise FieldError("is not a NUMA node (expected a node number, e.g. 0)")
+    return int(text)
+
+
 def parse_keep(text: str) -> int:
     return parse_positive(text, "a number of restore points, e.g. 4")
 
@@ -197,6 +236,7 @@ class Option:
     values: str  # what is allowed, for docs and messages
     default: str
     meaning: str
+    repeatable: bool = False  # may be given several times; its value is then the tuple of all, in order
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -214,6 +254,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpuset", parse_cpuset, "CPU list, e.g. `2-3` or `4,6`", "none",
            "pin vCPU i to the i-th CPU of the list; its size must equal the cpus column, it needs"
            " `host=<name>`, and no two VMs on a host may share a CPU"),
+    Option("nic", parse_nic, "`bridge:<network>`, `macvtap:<interface>[:<mode>]`, `pci:<dddd:bb:ss.f>`,"
+           " `vf:<pf>[:<index>]`; `/<mac>` after any but pci", "none",
+           "an extra NIC (repeatable, in order): a tap on a network's bridge; MACVTAP on a host interface"
+           " listed in `[hosts.*] interfaces` (by name or MAC; mode bridge, vepa, private or passthrough,"
+           " default bridge); a PCI function of `[hosts.*] pci` passed through, managed by libvirt; an SR-IOV"
+           " VF of a PF in `[hosts.*] sriov`, chosen by libvirt from the PF's free VFs when the VM starts, or"
+           " pinned by index. Without `/<mac>` the n-th NIC's MAC is the VM's MAC with 4×n added to its first"
+           " byte; a PCI function on two VMs of a host, or more VFs than the PF has, is refused", repeatable=True),
+    Option("numa", parse_numa, "a NUMA node number", "none",
+           "bind the VM's memory to this NUMA node of its host (below `[hosts.*] numa_nodes`); with `cpuset=`,"
+           " the emulator threads run on the host's `housekeeping_cpus`"),
     Option("after", parse_after, "comma list of VM names defined earlier", "none",
            "deploy dependencies: this VM is deployed after those"),
     Option("autostart", parse_bool, "yes, no", "yes", "start the VM when its host boots"),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import PurePosixPath
+from typing import Any
 
-from generators.model import Cluster, Install, Vm
+from generators.model import Cluster, Install, NicKind, Vm
 from generators.paths import disk_path, seed_iso_path
 from generators.render import banner_lines, environment
 
@@ -31,6 +32,48 @@ def _comment_safe(line: str) -> str:
     return re.sub(r"-(?=-)", "- ", line)
 
 
+def vf_pool_network(pf: str) -> str:
+    """The libvirt network (forward mode='hostdev' on ``pf``) from which libvirt picks a free VF."""
+    return f"vf-{pf}"
+
+
+def cpu_list(cpus: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2,5': the form libvirt writes back, so a read-back compares equal."""
+    parts: list[str] = []
+    for cpu in sorted(cpus):
+        if parts and cpu == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{cpu}"
+        else:
+            parts.append(str(cpu))
+    return ",".join(parts)
+
+
+def _pci(address: str) -> tuple[str, str, str, str]:
+    """'0000:1a:00.1' -> ('0x0000', '0x1a', '0x00', '0x1'), the attributes of libvirt's <address>."""
+    domain, bus, rest = address.split(":")
+    slot, function = rest.split(".")
+    return f"0x{domain}", f"0x{bus}", f"0x{slot}", f"0x{function}"
+
+
+def _nics(cluster: Cluster, vm: Vm) -> list[dict[str, Any]]:
+    """What the template needs of each extra NIC (most VMs have none: no work then)."""
+    views = []
+    host = cluster.host_of(vm)
+    for nic in vm.nics:
+        view: dict[str, Any] = {"kind": nic.kind, "mac": nic.mac, "source": nic.source, "mode": nic.mode,
+                                "vf": nic.vf, "pci": None}
+        if nic.kind is NicKind.BRIDGE:
+            view["network"] = cluster.site.networks[nic.source]
+        elif nic.kind is NicKind.PCI:
+            view["pci"] = _pci(nic.source)
+        elif nic.kind is NicKind.VF:
+            if nic.vf is not None:
+                view["pci"] = _pci(host.sriov_vfs[nic.source][nic.vf])
+            view["pool"] = vf_pool_network(nic.source)
+        views.append(view)
+    return views
+
+
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     # One template object for all VMs: per-VM work is only .render() (10,000 VMs must stay cheap).
     template = environment().get_template(TEMPLATE)
@@ -45,7 +88,9 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
             uuid=domain_uuid(cluster, vm),
             disk_path=disk_path(cluster, vm),
             seed_iso_path=seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None,
-            bridge=cluster.network_of(vm).bridge,
+            network=cluster.network_of(vm),
+            nics=_nics(cluster, vm) if vm.nics else (),
+            housekeeping=cpu_list(cluster.host_of(vm).housekeeping_cpus) if vm.cpuset else "",
         )
         for vm in cluster.vms
     }

@@ -29,6 +29,7 @@ class Row:
     cols: dict[str, int] = field(default_factory=dict)  # column name -> column
     options: dict[str, Any] = field(default_factory=dict)  # option key -> parsed value
     option_cols: dict[str, int] = field(default_factory=dict)  # option key -> column of "key="
+    repeat_cols: dict[str, list[int]] = field(default_factory=dict)  # repeatable option -> column of each
     ok: bool = True  # False when a field failed; such rows are left out of checks that need a whole VM
 
 
@@ -123,6 +124,15 @@ def _parse_options(path: str, number: int, start: int, text: str, row: Row, prob
             what = f"unknown option {shown(key)}" if sep else f"{shown(word)} is not a key=value option"
             problems.append(Problem(where, f"column 'options': {what} (expected one of: {_OPTION_KEYS})"))
             row.ok = False
+        elif option.repeatable:
+            row.option_cols.setdefault(key, col)
+            row.repeat_cols.setdefault(key, []).append(col)
+            try:
+                row.options[key] = (*row.options.get(key, ()), option.parse(value))
+            except FieldError as err:
+                expected = "" if "(expected" in str(err) else f" (expected {option.values})"
+                problems.append(Problem(where, f"column 'options': option {key!r}: {shown(value)} {err}{expected}"))
+                row.ok = False
         elif key in row.option_cols:
             problems.append(Problem(where, f"column 'options': option {key!r} is given twice (expected it once)"))
             row.ok = False

@@ -32,6 +32,15 @@ class Boot(StrEnum):
     UEFI = "uefi"
 
 
+class NicKind(StrEnum):
+    """What an extra NIC (`nic=` option) is on the host side."""
+
+    BRIDGE = "bridge"  # a tap on a network's bridge (Linux bridge, or Open vSwitch with a VLAN tag on the port)
+    MACVTAP = "macvtap"  # libvirt type='direct' on a host interface
+    PCI = "pci"  # a whole PCI function passed through (libvirt <hostdev managed='yes'>)
+    VF = "vf"  # an SR-IOV virtual function of a physical function
+
+
 class DomainType(StrEnum):
     KVM = "kvm"  # hardware virtualisation, what real hosts use
     QEMU = "qemu"  # software emulation, for labs and CI where KVM cannot run guests
@@ -42,6 +51,22 @@ class Disk:
     kind: DiskKind
     size_gb: int
     volume_group: str | None = None  # only for DiskKind.LVM
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One extra NIC of a VM, from a `nic=` option, in the order given.
+
+    ``source`` is the network name (bridge), the host interface name or MAC (macvtap), the PCI
+    address (pci) or the physical function's interface name (vf). ``mac`` is None only for pci,
+    which passes a whole device through, and before validate.py derives the missing ones.
+    """
+
+    kind: NicKind
+    source: str
+    mode: str = ""  # macvtap: bridge, vepa, private or passthrough
+    vf: int | None = None  # vf: the pinned VF's index; None lets libvirt pick a free VF of the PF
+    mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,8 @@ class Vm:
     keep: int | None = None  # restore points; None means site.toml's [backup] keep
     line: int = 0  # line in cluster.conf, for messages of later stages
     auto_placed: bool = False  # host chosen by `host=auto` placement, not written in cluster.conf
+    nics: tuple[Nic, ...] = ()  # extra NICs after the primary one
+    numa_node: int | None = None  # host NUMA node the VM's memory is bound to
 
     @property
     def mac_dashes(self) -> str:
@@ -82,6 +109,7 @@ class Network:
     vlan: int | None = None
     dns_servers: tuple[IPv4Address, ...] = ()
     dhcp_ranges: tuple[tuple[IPv4Address, IPv4Address], ...] = ()
+    ovs: bool = False  # the bridge is an Open vSwitch: the VLAN tag goes on the guest's port, not a tagged bridge
 
     @property
     def netmask(self) -> IPv4Address:
@@ -100,6 +128,12 @@ class PhysicalHost:
     cpu_overcommit: float = 1.0
     disk_overcommit: float = 1.0
     address: str | None = None
+    interfaces: Mapping[str, str] = field(default_factory=dict)  # host NIC name -> its MAC ("" when not given)
+    pci: tuple[str, ...] = ()  # PCI functions that may be passed through, e.g. 0000:1a:00.1
+    sriov: Mapping[str, int] = field(default_factory=dict)  # physical function -> its number of VFs
+    sriov_vfs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # PF -> VF PCI addresses, when listed
+    housekeeping_cpus: tuple[int, ...] = ()  # CPUs for emulator threads, never pinned to a vCPU
+    numa_nodes: int = 1
 
 
 @dataclass(frozen=True)

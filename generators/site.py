@@ -32,6 +32,8 @@ _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _IFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_PCI = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
 _HOSTGROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as in cluster.conf's hostgroups column
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
@@ -194,9 +196,10 @@ def _network(name: str, r: _Reader) -> Network | None:
         for first, last in ranges or ():
             if first not in subnet or last not in subnet:
                 r.problem("dhcp_ranges", f"'{first}-{last}' is outside subnet {subnet} (expected a range in it)")
-    if subnet is None or bridge is None:
+    ovs = r.get("ovs", bool, False, "true when the bridge is an Open vSwitch (VLAN tag on the guest port)")
+    if subnet is None or bridge is None or ovs is None:
         return None
-    return Network(name, subnet, bridge, gateway, vlan, dns or (), ranges or ())
+    return Network(name, subnet, bridge, gateway, vlan, dns or (), ranges or (), ovs=ovs)
 
 
 def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
@@ -230,9 +233,70 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
         disk_overcommit=r.positive("disk_overcommit", float, 1.0),
         address=r.get("address", str, None),
     )
+    values.update(_host_devices(r, values["cpus"]))
     if any(value is None for key, value in values.items() if key != "address"):
         return None
     return PhysicalHost(name=name, **values)
+
+
+def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
+    """What a host offers VMs beyond RAM/CPU/disk: interfaces, PCI functions, SR-IOV VFs, housekeeping CPUs, NUMA."""
+    values: dict[str, Any] = {}
+    raw = r.get("interfaces", object, [], "a list of interface names, or a table name = MAC")
+    interfaces: dict[str, str] | None = {}
+    items = raw.items() if isinstance(raw, dict) else ((name, "") for name in raw) if isinstance(raw, list) else None
+    for name, mac in items if items is not None else ():
+        if not isinstance(name, str) or not _IFACE.fullmatch(name) or not isinstance(mac, str) or (
+                mac and not _MAC.fullmatch(mac.lower())):
+            r.problem("interfaces", f"{shown(name)} = {shown(mac)} is not an interface (expected a name of at most 15"
+                      " letters, digits, '-', '_', '.', and optionally its MAC xx:xx:xx:xx:xx:xx)")
+            interfaces = None
+        elif interfaces is not None:
+            interfaces[name] = mac.lower()
+    if items is None:
+        r.problem("interfaces", f"{shown(raw)} is {_type_of(raw)} (expected a list of interface names, or a table"
+                  " name = MAC)")
+        interfaces = None
+    values["interfaces"] = interfaces
+    pci = r.get("pci", list, [], "a list of PCI addresses such as \"0000:1a:00.1\"")
+    bad = [item for item in pci or () if not isinstance(item, str) or not _PCI.fullmatch(item.lower())]
+    if bad:
+        r.problem("pci", f"{shown(bad[0])} is not a PCI address (expected dddd:bb:ss.f, e.g. 0000:1a:00.1)")
+    values["pci"] = None if bad or pci is None else tuple(item.lower() for item in pci)
+    sriov = r.get("sriov", dict, {}, "a table physical function = number of VFs, or = [VF PCI addresses]")
+    counts: dict[str, int] | None = {}
+    vfs: dict[str, tuple[str, ...]] = {}
+    for pf, value in (sriov or {}).items():
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 256:
+            if counts is not None:
+                counts[pf] = value
+        elif isinstance(value, list) and value and all(isinstance(a, str) and _PCI.fullmatch(a.lower())
+                                                       for a in value):
+            if counts is not None:
+                counts[pf] = len(value)
+                vfs[pf] = tuple(a.lower() for a in value)
+        else:
+            r.problem("sriov", f"{pf} = {shown(value)} is not a VF count (expected a number of VFs 1-256, or the"
+                      " list of the VFs' PCI addresses)")
+            counts = None
+    values["sriov"] = counts
+    values["sriov_vfs"] = vfs
+    housekeeping = r.get("housekeeping_cpus", str, "", "a CPU list such as \"0-1\"")
+    values["housekeeping_cpus"] = ()
+    if housekeeping:
+        from generators.columns import FieldError, parse_cpuset  # columns imports model only: no cycle
+
+        try:
+            values["housekeeping_cpus"] = parse_cpuset(housekeeping)
+        except FieldError as err:
+            r.problem("housekeeping_cpus", f"{shown(housekeeping)} {err}")
+            values["housekeeping_cpus"] = None
+        if values["housekeeping_cpus"] and cpus is not None and max(values["housekeeping_cpus"]) >= cpus:
+            r.problem("housekeeping_cpus", f"{shown(housekeeping)} names CPUs the host does not have (expected CPUs"
+                      f" 0-{cpus - 1})")
+            values["housekeeping_cpus"] = None
+    values["numa_nodes"] = r.positive("numa_nodes", int, 1)
+    return values
 
 
 def _os(name: str, r: _Reader) -> OsRelease | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from generators.errors import ConfigError, Location, Problem
 from generators.inventory import Row, read_rows
-from generators.model import Boot, Cluster, Disk, DiskKind, Install, Site, Vm
+from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
 from generators.site import load_site_located
 
 _RESOURCES = (("ram", "MB RAM"), ("cpus", "vCPUs"), ("disk", "GB disk"))
@@ -121,7 +121,8 @@ class _Checker:
         vms = self._place(vms, by_line)
         self._check_capacity(vms, by_line)
         self._check_cpusets(vms, by_line)
-        return vms
+        self._check_numa(vms, by_line)
+        return self._check_nics(vms, by_line)
 
     def _choice(self, row: Row, option: str, what: str) -> str | None:
         """The value of option host=, net= or os= if site.toml defines it, else None and a problem."""
@@ -171,7 +172,8 @@ class _Checker:
             disk=Disk(kind, v["disk"], volume_group), hostgroups=v["hostgroups"], host=refs.host,
             network=refs.network, install=refs.install, os=refs.os, boot=opts.get("boot", Boot.BIOS),
             cpuset=opts.get("cpuset", ()), after=opts.get("after", ()), autostart=opts.get("autostart", True),
-            backup=opts.get("backup", True), keep=opts.get("keep"), line=row.line,
+            backup=opts.get("backup", True), keep=opts.get("keep"), line=row.line, nics=opts.get("nic", ()),
+            numa_node=opts.get("numa"),
         )
 
     def _resolve_provision(self, rows: list[Row]) -> None:
@@ -294,6 +296,12 @@ class _Checker:
                 verb = "does" if len(missing) == 1 else "do"
                 self.report(row, "options", f"option 'cpuset': {_cpus(missing)} {verb} not exist on host {vm.host!r}"
                             f" (expected CPUs 0-{host_cpus - 1})", "cpuset")
+            housekeeping = [cpu for cpu in vm.cpuset if cpu in self.site.hosts[vm.host].housekeeping_cpus]
+            if housekeeping:
+                verb = "is" if len(housekeeping) == 1 else "are"
+                self.report(row, "options", f"option 'cpuset': {_cpus(housekeeping)} of host {vm.host!r} {verb}"
+                            f" reserved for housekeeping (expected CPUs outside [hosts.{vm.host}]"
+                            " housekeeping_cpus)", "cpuset")
             taken: dict[str, list[int]] = {}  # other VM -> CPUs of this cpuset it has pinned already
             for cpu in vm.cpuset:
                 if cpu < host_cpus:
@@ -305,6 +313,110 @@ class _Checker:
                 verb = "is" if len(cpus) == 1 else "are"
                 self.report(row, "options", f"option 'cpuset': {_cpus(cpus)} of host {vm.host!r} {verb} already"
                             f" pinned to {other!r} (expected CPUs no other VM on the host uses)", "cpuset")
+
+
+    def _check_numa(self, vms: list[Vm], rows: dict[int, Row]) -> None:
+        for vm in vms:
+            nodes = self.site.hosts[vm.host].numa_nodes
+            if vm.numa_node is not None and vm.numa_node >= nodes:
+                self.report(rows[vm.line], "options", f"option 'numa': host {vm.host!r} has no NUMA node"
+                            f" {vm.numa_node} (expected 0-{nodes - 1}; see [hosts.{vm.host}] numa_nodes)", "numa")
+
+    def _check_nics(self, vms: list[Vm], rows: dict[int, Row]) -> list[Vm]:
+        """Resolve each extra NIC against its host and give it a MAC; report what the host cannot offer."""
+        macs = {vm.mac: vm.name for vm in vms}
+        pci_owner: dict[tuple[str, str], str] = {}  # (host, PCI function) -> VM; pinned VFs count too
+        vf_users: dict[tuple[str, str], list[str]] = {}  # (host, PF) -> VMs, one entry per VF
+        result = []
+        for vm in vms:
+            if not vm.nics:
+                result.append(vm)
+                continue
+            row, host = rows[vm.line], self.site.hosts[vm.host]
+            placed = f"; host=auto chose {vm.host!r}" if vm.auto_placed else ""
+            nics = []
+            for number, (nic, col) in enumerate(zip(vm.nics, row.repeat_cols["nic"], strict=True), 1):
+                def report(message: str, col: int = col, line: int = row.line) -> None:
+                    self.problems.append(Problem(Location(self.path, line, col),
+                                                 f"column 'options': option 'nic': {message}"))
+
+                if nic.kind is NicKind.BRIDGE and nic.source not in self.site.networks:
+                    report(f"{nic.source!r} is not a network in {self.site.path} (expected one of:"
+                           f" {', '.join(sorted(self.site.networks))})")
+                elif nic.kind is NicKind.MACVTAP:
+                    by_mac = {mac: name for name, mac in host.interfaces.items() if mac}
+                    name = by_mac.get(nic.source, nic.source)
+                    if name not in host.interfaces:
+                        what = "no interface of host" if nic.source in by_mac or ":" in nic.source else "not an" \
+                            " interface of host"
+                        report(f"{nic.source!r} is {what} {vm.host!r} (expected one of:"
+                               f" {', '.join(sorted(host.interfaces)) or 'none listed'} from [hosts.{vm.host}]"
+                               f" interfaces in {self.site.path}{placed})")
+                    nic = dataclasses.replace(nic, source=name)
+                elif nic.kind is NicKind.PCI:
+                    if nic.source not in host.pci:
+                        report(f"{nic.source!r} is not a PCI function of host {vm.host!r} (expected one of:"
+                               f" {', '.join(host.pci) or 'none listed'} from [hosts.{vm.host}] pci in"
+                               f" {self.site.path}{placed})")
+                    elif (vm.host, nic.source) in pci_owner:
+                        report(f"PCI function {nic.source} of host {vm.host!r} is already given to"
+                               f" {pci_owner[vm.host, nic.source]!r} (expected each PCI function on one VM only)")
+                    else:
+                        pci_owner[vm.host, nic.source] = vm.name
+                elif nic.kind is NicKind.VF:
+                    self._check_vf(vm, nic, report, pci_owner, vf_users, placed)
+                if nic.kind is not NicKind.PCI:
+                    if nic.mac is None:
+                        nic = dataclasses.replace(nic, mac=derived_mac(vm.mac, number))
+                    assert nic.mac is not None  # for mypy
+                    if nic.mac in macs:
+                        report(f"MAC {nic.mac} is already used by {macs[nic.mac]!r} (expected unique MAC addresses;"
+                               " give this NIC one with /<mac>)")
+                    macs[nic.mac] = vm.name
+                nics.append(nic)
+            result.append(dataclasses.replace(vm, nics=tuple(nics)))
+        return result
+
+    def _check_vf(self, vm: Vm, nic: Nic, report: Callable[[str], None], pci_owner: dict[tuple[str, str], str],
+                  vf_users: dict[tuple[str, str], list[str]], placed: str) -> None:
+        host = self.site.hosts[vm.host]
+        count = host.sriov.get(nic.source)
+        if count is None:
+            report(f"{nic.source!r} is not an SR-IOV physical function of host {vm.host!r} (expected one of:"
+                   f" {', '.join(sorted(host.sriov)) or 'none listed'} from [hosts.{vm.host}] sriov in"
+                   f" {self.site.path}{placed})")
+            return
+        users = vf_users.setdefault((vm.host, nic.source), [])
+        users.append(vm.name)
+        if len(users) > count:
+            report(f"{nic.source} of host {vm.host!r} has {_count(count, 'VF')} and the VMs up to this line use"
+                   f" {len(users)} (expected at most {count}; see [hosts.{vm.host}] sriov)")
+            return
+        if nic.vf is None:
+            return
+        if nic.vf >= count:
+            report(f"{nic.source} of host {vm.host!r} has no VF {nic.vf} (expected 0-{count - 1})")
+        elif nic.source not in host.sriov_vfs:
+            report(f"pins VF {nic.vf} of {nic.source}, whose VF addresses {self.site.path} does not list (expected"
+                   f" [hosts.{vm.host}] sriov = {{{nic.source} = [\"dddd:bb:ss.f\", ...]}}, or vf:{nic.source}"
+                   " without an index)")
+        else:
+            address = host.sriov_vfs[nic.source][nic.vf]
+            if (vm.host, address) in pci_owner:
+                report(f"VF {nic.vf} of {nic.source} ({address}) on host {vm.host!r} is already given to"
+                       f" {pci_owner[vm.host, address]!r} (expected each PCI function on one VM only)")
+            else:
+                pci_owner[vm.host, address] = vm.name
+
+
+def derived_mac(mac: str, number: int) -> str:
+    """The n-th extra NIC's MAC: the VM's MAC with 4·n added to the first byte.
+
+    Adding a multiple of 4 keeps the two low bits, so the MAC stays unicast and locally
+    administered (52:54:00:... → 56:54:00:..., 5a:54:00:...); stable as long as the VM's MAC is.
+    """
+    first = (int(mac[:2], 16) + 4 * number) % 256
+    return f"{first:02x}{mac[2:]}"
 
 
 def _cpus(cpus: list[int]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from generators.columns import NIC_GRAMMAR
 from generators.errors import ConfigError
 from generators.validate import load_cluster
 
@@ -24,10 +25,12 @@ NEW = EXAMPLE_CONF.count("\n") + 1  # the line number of the first line a case a
 
 NAME_RULE = ("is not a valid VM name (expected an RFC 1123 label: lowercase letters, digits and '-', starting"
              " with a letter, not ending with '-', at most 63 characters)")
-OPTION_KEYS = "host, install, os, disk, net, boot, cpuset, after, autostart, backup, keep"
+OPTION_KEYS = "host, install, os, disk, net, boot, cpuset, nic, numa, after, autostart, backup, keep"
 FIELDS = "expected 7 or 8: name mac ip ram disk cpus hostgroups [options]"
 AFTER_RULE = ("is not a VM defined above this line (expected names of earlier VMs: cluster.conf order is deployment"
               " order)")
+DEVICES = ('interfaces = ["eno1", "eno2"]\npci = ["0000:1a:00.1"]\nsriov = {eno2 = 2}\n'
+           'housekeeping_cpus = "0-1"\n')
 HOSTGROUPS = "compute, databases, infrastructure, linux-servers, login-nodes, web-servers"
 
 
@@ -93,6 +96,11 @@ def site(line: int, col: int, message: str | Re) -> Expected:
 
 def option_problem(line: int, col: int, message: str) -> Expected:
     return conf(line, col, f"column 'options': {message}")
+
+
+def devices(text: str) -> str:
+    """The example site with host devices on kvm1."""
+    return sub("[hosts.kvm1]\n", "[hosts.kvm1]\n" + DEVICES)(text)
 
 
 CASES = [
@@ -224,6 +232,65 @@ CASES = [
     Case("cpuset-without-host", (option_problem(NEW, 49, "option 'cpuset': pins CPUs of no particular host (expected"
                                                          " host=<name> with it; host=auto chose 'kvm0')"),),
          add(vm(options="cpuset=0"))),
+    # --- extra NICs, housekeeping CPUs, NUMA (kvm1 gets the devices of DEVICES) -------------------------
+    Case("nic-not-a-nic", (option_problem(NEW, 59, f"option 'nic': 'tap:x' is not a NIC (expected {NIC_GRAMMAR})"),),
+         add(vm(options="host=kvm1 nic=tap:x")), site=devices),
+    Case("nic-macvtap-mode", (option_problem(NEW, 59, "option 'nic': 'macvtap:eno1:bridged' has macvtap mode"
+                                                      " 'bridged' (expected one of: bridge, vepa, private,"
+                                                      " passthrough)"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno1:bridged")), site=devices),
+    Case("nic-unknown-host-interface",
+         (option_problem(NEW, 59, "option 'nic': 'eno9' is not an interface of host 'kvm1' (expected one of: eno1,"
+                                  " eno2 from [hosts.kvm1] interfaces in {site})"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno9")), site=devices),
+    Case("nic-unknown-interface-mac",
+         (option_problem(NEW, 59, "option 'nic': 'aa:bb:cc:dd:ee:01' is no interface of host 'kvm1' (expected one"
+                                  " of: eno1, eno2 from [hosts.kvm1] interfaces in {site})"),),
+         add(vm(options="host=kvm1 nic=macvtap:aa:bb:cc:dd:ee:01:vepa")), site=devices),
+    Case("nic-unknown-network", (option_problem(NEW, 59, "option 'nic': 'wan' is not a network in {site} (expected"
+                                                         " one of: dmz, lan)"),),
+         add(vm(options="host=kvm1 nic=bridge:wan"))),
+    Case("nic-pci-not-on-host",
+         (option_problem(NEW, 59, "option 'nic': '0000:1a:00.2' is not a PCI function of host 'kvm1' (expected one"
+                                  " of: 0000:1a:00.1 from [hosts.kvm1] pci in {site})"),),
+         add(vm(options="host=kvm1 nic=pci:0000:1a:00.2")), site=devices),
+    Case("nic-duplicate-pci-function",
+         (option_problem(NEW + 1, 59, "option 'nic': PCI function 0000:1a:00.1 of host 'kvm1' is already given to"
+                                      " 'new' (expected each PCI function on one VM only)"),),
+         add(vm(options="host=kvm1 nic=pci:0000:1a:00.1"),
+             vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98", options="host=kvm1 nic=pci:0000:1A:00.1")),
+         site=devices),
+    Case("nic-too-many-vfs",
+         (option_problem(NEW, 83, "option 'nic': eno2 of host 'kvm1' has 2 VFs and the VMs up to this line use 3"
+                                  " (expected at most 2; see [hosts.kvm1] sriov)"),),
+         add(vm(options="host=kvm1 nic=vf:eno2 nic=vf:eno2 nic=vf:eno2")), site=devices),
+    Case("nic-vf-index-beyond-count",
+         (option_problem(NEW, 59, "option 'nic': eno2 of host 'kvm1' has no VF 5 (expected 0-1)"),),
+         add(vm(options="host=kvm1 nic=vf:eno2:5")), site=devices),
+    Case("nic-vf-pinned-without-addresses",
+         (option_problem(NEW, 59, "option 'nic': pins VF 1 of eno2, whose VF addresses {site} does not list"
+                                  " (expected [hosts.kvm1] sriov = {eno2 = [\"dddd:bb:ss.f\", ...]}, or vf:eno2"
+                                  " without an index)"),),
+         add(vm(options="host=kvm1 nic=vf:eno2:1")), site=devices),
+    Case("nic-not-a-pf", (option_problem(NEW, 59, "option 'nic': 'eno1' is not an SR-IOV physical function of"
+                                                  " host 'kvm1' (expected one of: eno2 from [hosts.kvm1] sriov in"
+                                                  " {site})"),),
+         add(vm(options="host=kvm1 nic=vf:eno1")), site=devices),
+    Case("nic-mac-taken", (option_problem(NEW, 59, "option 'nic': MAC 52:54:00:50:00:02 is already used by"
+                                                   " 'provision' (expected unique MAC addresses; give this NIC one"
+                                                   " with /<mac>)"),),
+         add(vm(options="host=kvm1 nic=bridge:dmz/52:54:00:50:00:02"))),
+    Case("cpuset-on-housekeeping-cpu",
+         (option_problem(NEW, 59, "option 'cpuset': CPU 1 of host 'kvm1' is reserved for housekeeping (expected CPUs"
+                                  " outside [hosts.kvm1] housekeeping_cpus)"),),
+         add(vm(options="host=kvm1 cpuset=1")), site=devices),
+    Case("numa-node-missing", (option_problem(NEW, 59, "option 'numa': host 'kvm1' has no NUMA node 1 (expected 0-0;"
+                                                       " see [hosts.kvm1] numa_nodes)"),),
+         add(vm(options="host=kvm1 numa=1"))),
+    Case("site-sriov-not-a-count",
+         (site(45, 1, "key 'hosts.kvm1.sriov': eno2 = 0 is not a VF count (expected a number of VFs 1-256, or the"
+                      " list of the VFs' PCI addresses)"),),
+         site=sub("[hosts.kvm1]\n", "[hosts.kvm1]\nsriov = {eno2 = 0}\n")),
     Case("after-unknown", (option_problem(NEW, 70, f"option 'after': 'nosuch' {AFTER_RULE}"),),
          add(vm(options="host=kvm1 after=ldap,nosuch"))),
     Case("after-later-vm", (option_problem(NEW, 65, f"option 'after': 'later' {AFTER_RULE}"),),
@@ -342,7 +409,8 @@ CASES = [
          site=sub('default_network = "lan"', 'timzone = "UTC"\ndefault_network = "lan"')),
     Case("site-unknown-host-key",
          (site(35, 3, "key 'hosts.kvm0.ram': unknown key (expected one of: address, cpu_overcommit, cpus, disk_dir,"
-                      " disk_gb, disk_overcommit, ram_mb, ram_overcommit, uri)"),),
+                      " disk_gb, disk_overcommit, housekeeping_cpus, interfaces, numa_nodes, pci, ram_mb,"
+                      " ram_overcommit, sriov, uri)"),),
          site=sub("[hosts.kvm0]\n", "[hosts.kvm0]\n  ram = 1\n")),
     Case("site-wrong-type", (site(36, 1, "key 'hosts.kvm0.ram_mb': 'lots' is a string (expected a positive"
                                          " integer)"),), site=sub("ram_mb = 131072", 'ram_mb = "lots"')),
