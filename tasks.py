@@ -136,4 +136,57 @@ def lab_down(c: Context, dir: str = "") -> None:
             print(f"no lab in {directory}")
 
 
-ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down))
+@task(name="backup", iterable=["vm"], help={
+    "vm": "a VM of cluster.conf (repeatable)", "all": "every VM with backup=yes whose host is this machine"})
+def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
+    """Back up VMs (live, full or incremental; shut-off VMs from their images); exits 1 if any failed."""
+    from kvmconf.backup.cluster import backup as backup_vms
+
+    with _user_errors():
+        cluster = inputs.load()
+        with connections(cluster) as conns:
+            outcomes = backup_vms(cluster, vm, all, conns, progress=sys.stderr.isatty())
+        failed = [o.vm for o in outcomes if not o.ok or o.error]
+        if failed:
+            raise Exit(f"kvmconf: backup failed for {', '.join(failed)}", 1)
+
+
+@task(name="restore", help={"vm": "the VM", "at": "the restore point (a time like 20261121T023000Z or its prefix;"
+                                                 " default: the newest)",
+                            "to": "write the flat image(s) here (a directory, or a file for a one-disk VM)",
+                            "force": "replace the VM's own disks (it must be shut off)"})
+def restore_task(c: Context, vm: str, at: str = "", to: str = "", force: bool = False) -> None:
+    """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force."""
+    from kvmconf.backup.cluster import restore_vm
+
+    with _user_errors():
+        cluster = inputs.load()
+        with connections(cluster) as conns:
+            restore_vm(cluster, vm, at or None, Path(to) if to else None, force, conns)
+
+
+@task(name="backup-status", iterable=["vm"], help={
+    "vm": "only these VMs (repeatable; default: every VM with backup=yes)",
+    "nagios": "one line and the Nagios exit code (0 OK, 1 WARNING, 2 CRITICAL)"})
+def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
+    """Per VM: last good backup, its age, chain length, sizes and the last failure."""
+    import datetime as dt
+
+    from kvmconf.backup import report
+
+    with _user_errors():
+        cluster = inputs.load()
+        b = cluster.site.backup
+        names = vm or [v.name for v in cluster.vms if v.backup]
+        now = dt.datetime.now(dt.UTC)
+        rows = [report.vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, n, now) for n in names]
+        limit = report.max_interval(b.schedule) + report.GRACE
+        if nagios:
+            code, line = report.nagios(rows, limit)
+            print(line)
+            raise Exit(code=code)
+        print(report.format_table(rows, limit))
+
+
+ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),
+                backup_task, restore_task, backup_status)

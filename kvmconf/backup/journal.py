@@ -1,0 +1,50 @@
+"""Per-VM lock and the journal of what a run has started, so the next run can undo an interrupted one."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kvmconf.backup.store import write_durably
+from kvmconf.errors import KvmconfError
+
+LOCK = ".lock"
+JOURNAL = "journal.json"
+LAST_RUN = "last-run.json"
+
+
+@contextmanager
+def vm_lock(vm_dir: Path) -> Iterator[None]:
+    """flock on <vm dir>/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next."""
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(vm_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KvmconfError(f"{vm_dir.name}: another backup or restore of this VM is running"
+                               f" (it holds {vm_dir / LOCK})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def read(vm_dir: Path, name: str = JOURNAL) -> dict[str, Any] | None:
+    path = vm_dir / name
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def write(vm_dir: Path, entry: dict[str, Any], name: str = JOURNAL) -> None:
+    write_durably(vm_dir / name, json.dumps(entry, indent=2, sort_keys=True) + "\n")
+
+
+def clear(vm_dir: Path) -> None:
+    (vm_dir / JOURNAL).unlink(missing_ok=True)

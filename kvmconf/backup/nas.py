@@ -1,0 +1,57 @@
+"""The NAS stage: copy finished restore points to the external directory, verify them there, prune there.
+
+It runs after the local backup succeeded, never inside the backup job (a slow NFS mount would slow the
+guest's writes through copy-before-write). A copy counts only after its checksums match on the NAS.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+
+from kvmconf.backup.store import PARTIAL, VmStore, expired_chains, fsync_dir, sha256_file, write_point_files
+from kvmconf.errors import KvmconfError
+
+Log = Callable[[str], None]
+
+
+class NasFailed(KvmconfError):
+    """Copying to the NAS or verifying the copy failed; the local backup is still good."""
+
+
+def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
+    """Copy every local point missing on the NAS (oldest first, so bases come before their incrementals)."""
+    nas.dir.mkdir(parents=True, exist_ok=True)
+    for partial in nas.partials():
+        shutil.rmtree(partial, ignore_errors=True)
+    there = {m.time for m in nas.points()}
+    copied = []
+    for manifest in local.points():
+        if manifest.time in there:
+            continue
+        partial = nas.dir / (manifest.time + PARTIAL)
+        partial.mkdir()
+        for disk in manifest.disks:
+            source = local.point_dir(manifest.time) / disk.file
+            result = subprocess.run(["cp", "--sparse=always", str(source), str(partial / disk.file)],
+                                    capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise NasFailed(f"{local.vm}: copying {manifest.time} to the NAS failed: {result.stderr.strip()}")
+        # Verified before the manifest makes it a point: a crash in between leaves only a partial copy.
+        problems = [d.file for d in manifest.disks if sha256_file(partial / d.file) != d.sha256]
+        if problems:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise NasFailed(f"{local.vm}: the NAS copy of {manifest.time} does not verify (checksum mismatch:"
+                            f" {', '.join(problems)})")
+        write_point_files(partial, manifest)
+        partial.rename(nas.point_dir(manifest.time))
+        fsync_dir(nas.dir)
+        copied.append(manifest.time)
+        log(f"{local.vm}: NAS: copied and verified {manifest.time}")
+    for chain in expired_chains(nas.points(), keep):
+        for m in [p for p in nas.points() if p.chain == chain][::-1]:
+            nas.remove_point(m.time)
+        log(f"{local.vm}: NAS retention: removed the chain starting {chain} (keep={keep})")
+    return copied

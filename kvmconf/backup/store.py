@@ -1,0 +1,176 @@
+"""The backup directory of one VM: restore points, their manifests and checksums, and chains.
+
+Layout (the same locally and on the NAS)::
+
+    <dir>/<vm>/<TS>/manifest.json   what this restore point holds (written last: no manifest, no point)
+    <dir>/<vm>/<TS>/SHA256SUMS      `sha256sum -c` can check the files by hand
+    <dir>/<vm>/<TS>/<dev>.qcow2     one thin qcow2 per disk; an incremental's backing file is
+                                    ../<parent TS>/<dev>.qcow2 (relative, so a copied tree still reads)
+    <dir>/<vm>/<TS>.partial/        a run in progress (or an interrupted one, removed by recovery)
+    <dir>/<vm>/journal.json         what the running (or interrupted) run has started
+    <dir>/<vm>/last-run.json        the outcome of the last run, for backup-status
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+PARTIAL = ".partial"
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    dev: str
+    source: str  # the VM's disk at backup time
+    format: str  # the VM disk's format (qcow2, raw): what a restore writes back
+    file: str  # name inside the point's directory
+    virtual_size: int
+    stored: int  # bytes this file occupies (thin: only written clusters)
+    sha256: str
+    backing: str | None  # relative backing file (incrementals), None for a self-contained file
+
+
+@dataclass(frozen=True)
+class Manifest:
+    vm: str
+    time: str  # the point's name, UTC, e.g. 20261121T023000Z
+    kind: str  # full | incremental | offline
+    chain: str  # the time of the chain's full (or offline) base
+    parent: str | None
+    checkpoint: str | None  # libvirt checkpoint this point ends at (None: the next backup must be full)
+    frozen: bool
+    notes: list[str]
+    disks: list[DiskFile]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["disks"] = [DiskFile(**d) for d in data["disks"]]
+        return cls(**data)
+
+    @property
+    def stored(self) -> int:
+        return sum(d.stored for d in self.disks)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def write_point_files(point: Path, manifest: Manifest) -> None:
+    sums = "".join(f"{d.sha256}  {d.file}\n" for d in manifest.disks)
+    write_durably(point / SUMS, sums)
+    write_durably(point / MANIFEST, manifest.to_json())
+
+
+class VmStore:
+    """The restore points of one VM under one root (the local backup dir or the NAS)."""
+
+    def __init__(self, root: Path, vm: str) -> None:
+        self.root = root
+        self.vm = vm
+        self.dir = root / vm
+
+    def points(self) -> list[Manifest]:
+        """Complete restore points, oldest first (a directory without a manifest is not one)."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for child in sorted(self.dir.iterdir()):
+            if child.name.endswith(PARTIAL) or not (child / MANIFEST).is_file():
+                continue
+            found.append(Manifest.from_json((child / MANIFEST).read_text()))
+        return found
+
+    def point_dir(self, time: str) -> Path:
+        return self.dir / time
+
+    def partials(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob(f"*{PARTIAL}")) if self.dir.is_dir() else []
+
+    def verify(self, manifest: Manifest) -> list[str]:
+        """Problems with one point's files (missing, checksum); empty when it is intact."""
+        problems = []
+        for disk in manifest.disks:
+            path = self.point_dir(manifest.time) / disk.file
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != disk.sha256:
+                problems.append(f"{path}: checksum mismatch")
+        return problems
+
+    def chain_of(self, manifest: Manifest) -> list[Manifest]:
+        """The point and every point it depends on, base first."""
+        by_time = {m.time: m for m in self.points()}
+        chain = [manifest]
+        while chain[0].parent is not None:
+            parent = by_time.get(chain[0].parent)
+            if parent is None:
+                raise FileNotFoundError(f"{self.vm}: restore point {chain[0].parent}, which {chain[0].time} needs,"
+                                        f" is missing from {self.dir}")
+            chain.insert(0, parent)
+        return chain
+
+    def remove_point(self, time: str) -> None:
+        """Remove a point: its manifest first, so a crash midway leaves no half point that looks whole."""
+        point = self.point_dir(time)
+        (point / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(point, ignore_errors=True)
+
+
+def chains(points: list[Manifest]) -> dict[str, list[Manifest]]:
+    grouped: dict[str, list[Manifest]] = {}
+    for m in points:
+        grouped.setdefault(m.chain, []).append(m)
+    return grouped
+
+
+def expired_chains(points: list[Manifest], keep: int) -> list[str]:
+    """The chains to delete so that the newest `keep` points stay restorable.
+
+    Only whole chains go: a chain holding any of the newest `keep` points is kept entirely (its base is
+    in use), so there may be more than `keep` points for a while, never fewer.
+    """
+    kept = {m.chain for m in points[-keep:]} if keep > 0 else set()
+    return sorted(c for c in chains(points) if c not in kept)

@@ -1,0 +1,334 @@
+"""Live backups and restores against running VMs in the lab (private libvirtd + QEMU under emulation).
+
+The VMs boot nothing (they sit in the firmware); "guest" writes go through the QEMU monitor's qemu-io
+on the virtio device's BlockBackend, which marks the dirty bitmaps exactly as guest writes do. The
+expected content of each restore point is rebuilt independently: a raw image with the same writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import libvirt_qemu
+import pytest
+
+from generators.validate import load_cluster
+from kvmconf import lab
+from kvmconf.backup import journal
+from kvmconf.backup.engine import Outcome, Settings, backup_vm
+from kvmconf.backup.restore import RestoreFailed, restore
+from kvmconf.backup.store import VmStore, sha256_file
+from tests.test_lab import FIXTURES, quiet, require_lab
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+NETNS_PREFIX = "kvmconf-bktest-"
+MIB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 12 MiB filesystem for the full-target test, mounted before the lab starts: the lab's daemons run
+    in a mount namespace of their own, which sees only the mounts that existed when it was made."""
+    require_lab()
+    small = tmp_path_factory.mktemp("small")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "kvmconf-bktest", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", "--lazy", str(small)], check=False)
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory, small_fs: Path) -> Iterator[lab.Lab]:
+    require_lab()
+    lab.remove_stale_netns(NETNS_PREFIX)
+    cluster = load_cluster(FIXTURES / "lab-cluster.conf", FIXTURES / "lab-site.toml")
+    started = lab.up(cluster, tmp_path_factory.mktemp("lab"), f"{NETNS_PREFIX}{os.getpid()}", log=quiet)
+    yield started
+    lab.teardown(started, quiet)
+
+
+@pytest.fixture
+def conn(the_lab: lab.Lab) -> Iterator[libvirt.virConnect]:
+    c = libvirt.open(the_lab.uri)
+    yield c
+    for dom in c.listAllDomains():
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    c.close()
+
+
+def make_disk(path: Path, fmt: str, size_mb: int) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), f"{size_mb}M"], check=True)
+    return path
+
+
+def define(conn: libvirt.virConnect, name: str, disks: list[tuple[Path, str]], start: bool = True) -> libvirt.virDomain:
+    root = ET.Element("domain", type="qemu")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "memory", unit="MiB").text = "64"
+    os_ = ET.SubElement(root, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    devices = ET.SubElement(root, "devices")
+    for i, (path, fmt) in enumerate(disks):
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=fmt)
+        ET.SubElement(disk, "source", file=str(path))
+        ET.SubElement(disk, "target", dev=f"vd{'abcd'[i]}", bus="virtio")
+    ET.SubElement(devices, "memballoon", model="none")
+    dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
+    if start:
+        dom.create()
+    return dom
+
+
+class Expected:
+    """The disk's content as the guest wrote it: the same writes replayed on a raw image."""
+
+    def __init__(self, path: Path, size_mb: int) -> None:
+        self.path = make_disk(path, "raw", size_mb)
+
+    def write(self, pattern: int, offset: str, length: str) -> None:
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern:#x} {offset} {length}", str(self.path)],
+                       check=True, capture_output=True)
+
+    def snapshot(self, path: Path) -> Path:
+        subprocess.run(["cp", "--sparse=always", str(self.path), str(path)], check=True)
+        return path
+
+
+def guest_write(dom: libvirt.virDomain, index: int, pattern: int, offset: str, length: str,
+                expected: Expected | None = None) -> None:
+    device = f"/machine/peripheral/virtio-disk{index}/virtio-backend"  # libvirt's alias for vd<a+index>
+    command = f'qemu-io -d {device} "write -P {pattern:#x} {offset} {length}"'
+    out = libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    assert not out.strip(), out  # HMP qemu-io prints only errors
+    if expected is not None:
+        expected.write(pattern, offset, length)
+
+
+def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "compare", str(a), str(b)], capture_output=True, text=True, check=False)
+
+
+def ok(outcome: Outcome) -> Outcome:
+    assert outcome.ok and not outcome.error, outcome
+    return outcome
+
+
+@pytest.fixture
+def name() -> str:
+    return f"bk{os.getpid()}{time.monotonic_ns() % 100000}"
+
+
+def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
+    expected = Expected(tmp_path / "expected.raw", 64)
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5, nas_dir=tmp_path / "nas")
+    snapshots = []
+
+    full = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    snapshots.append(expected.snapshot(tmp_path / "at0.raw"))
+    assert dom.isActive()
+    guest_write(dom, 0, 0x5A, "0", "4M", expected)
+    inc1 = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    snapshots.append(expected.snapshot(tmp_path / "at1.raw"))
+    assert dom.isActive()
+    guest_write(dom, 0, 0x33, "20M", "2M", expected)
+    guest_write(dom, 0, 0x77, "1M", "1M", expected)  # overwrites part of the first write
+    inc2 = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    snapshots.append(expected.snapshot(tmp_path / "at2.raw"))
+    assert dom.isActive()
+
+    assert full is not None and inc1 is not None and inc2 is not None
+    assert (full.kind, inc1.kind, inc2.kind) == ("full", "incremental", "incremental")
+    assert inc2.parent == inc1.time and inc1.parent == full.time and inc2.chain == full.time
+    # Incrementals hold about what was written (4 MiB, then 3 MiB), nowhere near the 64 MiB disk.
+    assert 4 * MIB <= inc1.stored < 6 * MIB, inc1.stored
+    assert 3 * MIB <= inc2.stored < 5 * MIB, inc2.stored
+    # Only the newest checkpoint is kept on the domain.
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [inc2.checkpoint]
+
+    store = VmStore(settings.dir, name)
+    for point, snapshot in zip((full, inc1, inc2), snapshots, strict=True):
+        out = restore(store, point.time, tmp_path / f"restored-{point.time}.raw", None, False, quiet)
+        assert out == [tmp_path / f"restored-{point.time}.raw"]
+        result = compare(out[0], snapshot)
+        assert result.returncode == 0, result.stdout
+    # Stock qemu-img reads the chain: the newest incremental names its parent as backing file.
+    info = subprocess.run(["qemu-img", "info", str(store.point_dir(inc2.time) / "vda.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"backing file: ../{inc1.time}/vda.qcow2" in info
+
+    nas = VmStore(settings.nas_dir, name)  # type: ignore[arg-type]
+    assert [m.time for m in nas.points()] == [full.time, inc1.time, inc2.time]
+    for m in nas.points():
+        for disk in m.disks:
+            assert sha256_file(nas.point_dir(m.time) / disk.file) == disk.sha256
+    assert compare(nas.point_dir(inc2.time) / "vda.qcow2", snapshots[2]).returncode == 0
+
+
+def test_qcow2_and_raw_disk_in_one_job(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "a.qcow2", "qcow2", 48), "qcow2"),
+                              (make_disk(tmp_path / "b.raw", "raw", 32), "raw")])
+    exp_a, exp_b = Expected(tmp_path / "ea.raw", 48), Expected(tmp_path / "eb.raw", 32)
+    settings = Settings(tmp_path / "backups", keep=3, full_every=3)
+    guest_write(dom, 1, 0x11, "0", "3M", exp_b)
+    full = ok(backup_vm(dom, settings, 3, quiet)).manifest
+    guest_write(dom, 0, 0x22, "8M", "2M", exp_a)
+    guest_write(dom, 1, 0x44, "16M", "1M", exp_b)
+    inc = ok(backup_vm(dom, settings, 3, quiet)).manifest
+    assert full is not None and inc is not None and inc.kind == "incremental"
+    by_dev = {d.dev: d for d in inc.disks}
+    assert by_dev["vda"].backing is not None and by_dev["vdb"].backing is None  # the raw disk: whole, every time
+    assert by_dev["vdb"].stored < 8 * MIB  # ... but thin
+    out = restore(VmStore(settings.dir, name), None, tmp_path / "restored", None, False, quiet)
+    assert sorted(p.name for p in out) == [f"{name}-vda.qcow2", f"{name}-vdb.raw"]
+    assert compare(tmp_path / "restored" / f"{name}-vda.qcow2", exp_a.path).returncode == 0
+    assert compare(tmp_path / "restored" / f"{name}-vdb.raw", exp_b.path).returncode == 0
+
+
+def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 32)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 2M 3M", str(disk)], check=True, capture_output=True)
+    dom = define(conn, name, [(disk, "qcow2")], start=False)
+    settings = Settings(tmp_path / "backups", keep=3, full_every=3)
+    point = ok(backup_vm(dom, settings, 3, quiet)).manifest
+    assert point is not None and point.kind == "offline" and point.checkpoint is None
+    assert not dom.isActive()
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 0 8M", str(disk)], check=True, capture_output=True)
+    store = VmStore(settings.dir, name)
+    with pytest.raises(RestoreFailed, match="confirm with --force"):
+        restore(store, None, None, dom, False, quiet)
+    dom.create()
+    with pytest.raises(RestoreFailed, match="is running: shut it off first"):
+        restore(store, None, None, dom, True, quiet)
+    dom.destroy()
+    restore(store, None, None, dom, True, quiet)
+    kept = tmp_path / f"vda.qcow2.before-restore-{point.time}"
+    assert kept.is_file()  # the replaced disk stays until the restored VM has run
+    assert compare(disk, store.point_dir(point.time) / "vda.qcow2").returncode == 0
+    dom.create()
+    ok(backup_vm(dom, settings, 3, quiet))  # running now: the replaced disk goes
+    assert not kept.exists()
+
+
+def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
+    settings = Settings(tmp_path / "backups", keep=2, full_every=1, nas_dir=tmp_path / "nas")
+    made = []
+    for i in range(5):
+        guest_write(dom, 0, 0x10 + i, f"{i}M", "1M")
+        m = ok(backup_vm(dom, settings, 2, quiet)).manifest
+        assert m is not None
+        made.append(m)
+    assert [m.kind for m in made] == ["full", "incremental", "full", "incremental", "full"]
+    for root in (settings.dir, tmp_path / "nas"):
+        left = [m.time for m in VmStore(root, name).points()]
+        # The first chain is gone whole; the chain of the 2nd-newest point keeps its base.
+        assert left == [made[2].time, made[3].time, made[4].time], root
+    for m in made[2:]:
+        restore(VmStore(settings.dir, name), m.time, tmp_path / f"r{m.time}.qcow2", None, False, quiet)
+
+
+def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Popen[str]:
+    code = (
+        "import sys, libvirt; from pathlib import Path; import kvmconf.connection\n"
+        "from kvmconf.backup.engine import Settings, backup_vm\n"
+        f"dom = libvirt.open({uri!r}).lookupByName({name!r})\n"
+        f"o = backup_vm(dom, Settings(Path({str(settings.dir)!r}), 5, 5), 5)\n"
+        "sys.exit(0 if o.ok else 1)\n")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(predicate: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
+    expected = Expected(tmp_path / "expected.raw", 512)
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    store = VmStore(settings.dir, name)
+    guest_write(dom, 0, 0x21, "0", "8M", expected)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    at_first = expected.snapshot(tmp_path / "at-first.raw")
+    guest_write(dom, 0, 0x42, "64M", "400M", expected)  # enough that the next backup takes a while
+    child = _backup_in_child(the_lab.uri, name, settings)
+    _wait_for(lambda: store.partials() and (store.dir / journal.JOURNAL).is_file())
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert store.partials()  # it was killed midway: a partial point and a journal are left
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert any("recovery" in n or "removed the partial" in n for n in outcome.notes), outcome.notes
+    assert not store.partials() and not (store.dir / journal.JOURNAL).exists()
+    assert outcome.manifest is not None and outcome.manifest.kind == "incremental"
+    assert dom.isActive()
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [outcome.manifest.checkpoint]
+    assert first is not None
+    restore(store, first.time, tmp_path / "r1.raw", None, False, quiet)
+    assert compare(tmp_path / "r1.raw", at_first).returncode == 0
+    restore(store, outcome.manifest.time, tmp_path / "r2.raw", None, False, quiet)
+    assert compare(tmp_path / "r2.raw", expected.path).returncode == 0
+
+
+def _qemu_pid(name: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and b"qemu-system" in cmdline[0] and f"guest={name},".encode() in b" ".join(cmdline):
+                return int(entry.name)
+    raise AssertionError(f"no QEMU process for {name}")
+
+
+def test_qemu_killed_during_backup_next_is_full(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
+                                                name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    store = VmStore(settings.dir, name)
+    ok(backup_vm(dom, settings, 5, quiet))
+    guest_write(dom, 0, 0x42, "0", "400M")
+    child = _backup_in_child(the_lab.uri, name, settings)
+    _wait_for(lambda: store.partials() and (store.dir / journal.JOURNAL).is_file())
+    os.kill(_qemu_pid(name), signal.SIGKILL)
+    output, _ = child.communicate(timeout=120)
+    _wait_for(lambda: not dom.isActive())
+    dom.create()
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert outcome.manifest is not None and outcome.manifest.kind == "full", (output, outcome)
+    assert not store.partials()
+    assert len(store.points()) in (2, 3)  # the killed run added a point only if its job had finished
+    restore(store, None, tmp_path / "r.qcow2", None, False, quiet)
+
+
+def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, conn: libvirt.virConnect,
+                                                              tmp_path: Path, name: str) -> None:
+    small = small_fs
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
+    guest_write(dom, 0, 0x5A, "0", "40M")
+    settings = Settings(small / "backups", keep=5, full_every=5)
+    outcome = backup_vm(dom, settings, 5, quiet)
+    assert not outcome.ok
+    assert "is full (no space left on device)" in outcome.error, outcome.error
+    store = VmStore(settings.dir, name)
+    assert store.points() == [] and store.partials() == []
+    assert not (store.dir / journal.JOURNAL).exists()
+    assert dom.listAllCheckpoints() == []  # the failed run's checkpoint is gone
+    assert dom.isActive()

@@ -1,0 +1,85 @@
+"""The backup's pure parts: chain retention, the libvirt XML it sends, the schedule limit, status and Nagios."""
+
+from __future__ import annotations
+
+import datetime as dt
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from kvmconf.backup import journal, report
+from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks
+from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
+
+
+def point(time: str, chain: str, parent: str | None = None) -> Manifest:
+    return Manifest("vm", time, "full" if parent is None else "incremental", chain, parent, f"kvmconf-{time}", False,
+                    [], [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 30, 1 << 20, "0" * 64, None)], 1.0)
+
+
+def test_retention_deletes_whole_chains_only() -> None:
+    points = [point("1", "1"), point("2", "1", "1"), point("3", "3"), point("4", "3", "3"), point("5", "5")]
+    assert expired_chains(points, 2) == ["1"]  # 4 and 5 are kept; 4 needs its base 3
+    assert expired_chains(points, 1) == ["1", "3"]
+    assert expired_chains(points, 3) == ["1"]
+    assert expired_chains(points, 4) == []  # point 2 is among the newest 4: its chain (and base 1) stays
+    assert expired_chains(points[:2], 1) == []  # never the chain of the newest point
+
+
+def test_store_lists_only_complete_points_and_follows_chains(tmp_path: Path) -> None:
+    store = VmStore(tmp_path, "vm")
+    for m in (point("20260101T000000Z", "20260101T000000Z"),
+              point("20260102T000000Z", "20260101T000000Z", "20260101T000000Z")):
+        store.point_dir(m.time).mkdir(parents=True)
+        write_point_files(store.point_dir(m.time), m)
+    (store.dir / "20260103T000000Z.partial").mkdir()
+    (store.dir / "20260104T000000Z").mkdir()  # no manifest: not a point
+    assert [m.time for m in store.points()] == ["20260101T000000Z", "20260102T000000Z"]
+    assert [m.time for m in store.chain_of(store.points()[-1])] == ["20260101T000000Z", "20260102T000000Z"]
+    assert store.verify(store.points()[0]) == [f"{store.dir}/20260101T000000Z/vda.qcow2: missing"]
+    assert (store.point_dir("20260101T000000Z") / "SHA256SUMS").read_text() == f"{'0' * 64}  vda.qcow2\n"
+
+
+def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><driver type='qcow2'/><source file='/d/a.qcow2'/><target dev='vda'/></disk>
+      <disk type='block' device='disk'><driver type='raw'/><source dev='/dev/vg/b'/><target dev='vdb'/></disk>
+      <disk type='file' device='cdrom'><source file='/d/seed.iso'/><target dev='sda'/></disk>
+    </devices></domain>"""
+    disks, skipped = domain_disks(xml)
+    assert disks == [VmDisk("vda", "/d/a.qcow2", "qcow2", ""), VmDisk("vdb", "/dev/vg/b", "raw", "")]
+    assert skipped == ["sda"]
+    root = ET.fromstring(backup_xml({"vda": Path("/b/vda.qcow2"), "vdb": Path("/b/vdb.qcow2")}, disks, skipped, "cp1"))
+    assert root.get("mode") == "push" and root.findtext("incremental") == "cp1"
+    modes = {d.get("name"): (d.get("backup"), d.get("backupmode")) for d in root.iter("disk")}
+    assert modes == {"vda": ("yes", None), "vdb": ("yes", "full"), "sda": ("no", None)}
+    assert root.find("./disks/disk[@name='vdb']/target").get("file") == "/b/vdb.qcow2"  # type: ignore[union-attr]
+    cp = ET.fromstring(checkpoint_xml("kvmconf-1", disks, skipped))
+    assert {d.get("name"): d.get("checkpoint") for d in cp.iter("disk")} == {"vda": "bitmap", "vdb": "no", "sda": "no"}
+
+
+def test_max_interval_of_schedules() -> None:
+    assert report.max_interval("30 2 * * *") == dt.timedelta(days=1)
+    assert report.max_interval("0 */6 * * *") == dt.timedelta(hours=6)
+    assert report.max_interval("0 3 * * 1-5") == dt.timedelta(days=3)  # Friday to Monday
+    assert report.max_interval("15 1 * * 0") == dt.timedelta(days=7)
+
+
+def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
+    store = VmStore(tmp_path, "vm")
+    m = point("20261120T023000Z", "20261120T023000Z")
+    store.point_dir(m.time).mkdir(parents=True)
+    write_point_files(store.point_dir(m.time), m)
+    limit = report.max_interval("30 2 * * *") + report.GRACE
+    fresh = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
+    assert (fresh.last_good, fresh.chain_length, fresh.points) == ("20261120T023000Z", 1, 1)
+    assert report.nagios([fresh], limit) == (0, "BACKUP OK - vm 24.5 h")
+    stale = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 5, 0, tzinfo=dt.UTC))
+    code, line = report.nagios([stale], limit)
+    assert code == 2 and line.startswith("BACKUP CRITICAL - vm: last good 20261120T023000Z, 26.5 h old"), line
+    none = report.vm_status(tmp_path, None, "other", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
+    assert report.nagios([fresh, none], limit)[0] == 2
+    journal.write(store.dir, {"time": "20261121T023000Z", "ok": False, "error": "boom"}, journal.LAST_RUN)
+    failed = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
+    assert report.nagios([failed], limit) == (1, "BACKUP WARNING - vm: last run failed (20261121T023000Z: boom)")
+    table = report.format_table([failed, none], limit)
+    assert "no backup yet" in table and "boom" in table
