@@ -1,0 +1,63 @@
+"""Fabric tasks (`fab --list`): put the recipes of hosts/ on the VMs, and prepare the physical hosts.
+
+They act on the cluster of $KVMCONF_CLUSTER / $KVMCONF_SITE (default cluster.conf / site.toml) and reach the
+VMs through the generated ssh config ($KVMCONF_SSH_CONFIG, default build/ssh/config; run `make` first, and
+`invoke keyscan` once so host keys are known).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fabric import task
+from invoke import Context, Exit
+
+from generators.errors import ConfigError, UsageError
+from kvmconf import inputs
+from kvmconf.deploy import Options, RunReport, run_cluster
+from kvmconf.errors import KvmconfError
+from kvmconf.remote import DEFAULT_SSH_CONFIG
+
+
+def _ssh_config() -> Path:
+    path = Path(os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
+    if not path.is_file():
+        raise Exit(f"kvmconf: {path} does not exist: run `make` first (it generates the ssh config)", 1)
+    return path
+
+
+def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
+    try:
+        cluster = inputs.load()
+        report = run_cluster(cluster, vm, full, Options(_ssh_config(), max(1, parallel), dry_run))
+    except ConfigError as err:
+        raise Exit("\n".join(map(str, err.problems)), 1) from None
+    except (UsageError, KvmconfError) as err:
+        raise Exit(f"kvmconf: {err}", 1) from None
+    _print(report, dry_run)
+
+
+def _print(report: RunReport, dry_run: bool) -> None:
+    for vm_report in report.reports:
+        for diff in vm_report.diffs:
+            print(f"== {vm_report.vm}\n{diff}", end="" if diff.endswith("\n") else "\n")
+    print(("(dry run: nothing changed)\n" if dry_run else "") + report.summary())
+    if report.failed:
+        raise Exit(code=1)
+
+
+@task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: all, in cluster.conf order)",
+                             "parallel": "VMs at a time, in waves by after= (default 1: one by one)",
+                             "dry-run": "print the diff of every file that would change; change nothing"})
+def deploy(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
+    """Install packages, files and hooks of hosts/ on the VMs, in cluster.conf order."""
+    _run(vm, True, parallel, dry_run)
+
+
+@task(name="update-confs", iterable=["vm"],
+      help={"vm": "only this VM (repeatable; default: all)", "parallel": "VMs at a time, in waves by after=",
+            "dry-run": "print the diff of every file that would change; change nothing"})
+def update_confs(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
+    """Push only the files that differ on the VMs, back up what they replace, reload only their services."""
+    _run(vm, False, parallel, dry_run)

@@ -1,0 +1,102 @@
+"""SSH to a VM the way `ssh <vm>` would: address, port, user, keys and known_hosts from the generated ssh config.
+
+``ssh -G`` resolves the config (Include, Match, defaults) exactly as OpenSSH does, so Fabric connects where the
+admin's own ssh would. Host keys are checked against the config's UserKnownHostsFile only; an unknown or
+changed key is refused (Fabric's default would add any key silently).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fabric import Config, Connection
+from invoke.runners import Result
+from paramiko import BadHostKeyException, RejectPolicy, SSHException
+
+from kvmconf.errors import KvmconfError
+
+DEFAULT_SSH_CONFIG = Path("build/ssh/config")
+
+
+class RemoteError(KvmconfError):
+    """A VM could not be reached, or a command on it failed."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # the VM name as in cluster.conf and the ssh config's Host line
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]
+    known_hosts: str
+
+
+def resolve(name: str, ssh_config: Path) -> Target:
+    """What `ssh -F ssh_config name` would connect to."""
+    proc = subprocess.run(["ssh", "-G", "-F", str(ssh_config), "--", name], capture_output=True, text=True,
+                          check=False, timeout=30)
+    if proc.returncode != 0:
+        raise RemoteError(f"{name}: ssh -G -F {ssh_config} failed: {proc.stderr.strip()}")
+    values: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        values.setdefault(key, []).append(value)
+    known = values.get("userknownhostsfile", ["~/.ssh/known_hosts"])[0].split()[0]
+    identities = tuple(p for p in (os.path.expanduser(f) for f in values.get("identityfile", [])) if os.path.exists(p))
+    return Target(name, values["hostname"][0], int(values["port"][0]), values["user"][0], identities,
+                  os.path.expanduser(known))
+
+
+def known_hosts_name(target: Target) -> str:
+    """The host field of a known_hosts line, as ssh and paramiko look it up."""
+    return target.hostname if target.port == 22 else f"[{target.hostname}]:{target.port}"
+
+
+def accept_hint(name: str) -> str:
+    return f"if the VM was reinstalled, accept its new key with `invoke keyscan --vm {name} --accept-changed`"
+
+
+def connect(target: Target, timeout: int = 20) -> Connection:
+    kwargs: dict[str, object] = {"look_for_keys": not target.identity_files, "allow_agent": True}
+    if target.identity_files:
+        kwargs["key_filename"] = list(target.identity_files)
+    config = Config(overrides={"load_ssh_configs": False})
+    conn = Connection(target.hostname, user=target.user, port=target.port, config=config,
+                      connect_kwargs=kwargs, connect_timeout=timeout)
+    conn.client.set_missing_host_key_policy(RejectPolicy())
+    if os.path.exists(target.known_hosts):
+        conn.client.load_host_keys(target.known_hosts)
+    try:
+        conn.open()
+    except BadHostKeyException:
+        raise RemoteError(f"{target.name}: its SSH host key CHANGED (known_hosts {target.known_hosts});"
+                          f" refusing to connect. {accept_hint(target.name)}") from None
+    except SSHException as err:
+        if "not found in known_hosts" in str(err):
+            raise RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}):"
+                              f" record it with `invoke keyscan --vm {target.name}`") from None
+        raise RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {err}") from None
+    except OSError as err:
+        raise RemoteError(f"{target.name}: ssh to {target.hostname}:{target.port}: {err}") from None
+    return conn
+
+
+def command(*args: str) -> str:
+    """One remote command line from words; every word quoted, so no name or path is ever shell syntax."""
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def script(body: str, *args: str) -> str:
+    """A fixed shell script run with ``sh -c`` and data passed as positional parameters, never spliced in."""
+    return command("sh", "-c", body, "kvmconf", *args)
+
+
+def run(conn: Connection, line: str) -> Result:
+    result = conn.run(line, hide=True, warn=True, in_stream=False)
+    assert result is not None
+    return result

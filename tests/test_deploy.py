@@ -1,0 +1,207 @@
+"""fab deploy / update-confs / invoke keyscan against real sshds on 127.0.0.x, one chrooted overlay root per VM."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from generators.model import Cluster
+from kvmconf.deploy import Options, RunReport, recipes, run_cluster, waves
+from kvmconf.keyscan import HostKeyChanged, keyscan
+from kvmconf.recipes import RECIPE_DIR, RecipeError
+from kvmconf.remote import RemoteError, command, connect, resolve, script
+from tests import sshfarm
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def farm(example: Cluster) -> Iterator[sshfarm.Farm]:
+    started = sshfarm.start([vm.name for vm in example.vms])
+    try:
+        keyscan([vm.name for vm in example.vms], started.ssh_config)
+        yield started
+    finally:
+        sshfarm.teardown(started.base)
+
+
+@pytest.fixture()
+def hosts_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+
+
+def _run(cluster: Cluster, farm: sshfarm.Farm, full: bool, recipe_dir: Path | None = None, parallel: int = 4,
+         dry_run: bool = False, vms: tuple[str, ...] = ()) -> RunReport:
+    return run_cluster(cluster, list(vms), full, Options(farm.ssh_config, parallel, dry_run, recipe_dir))
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshfarm.Farm) -> None:
+    report = _run(example, farm, full=True)
+    assert not report.failed, report.summary()
+    # Every file of every recipe is on its VM, byte for byte as rendered, with its mode.
+    planned = recipes(example, example.vms)
+    assert {f.dest for f in planned["mcp"].files} >= {"/etc/nagios4/conf.d/kvmconf/hosts.cfg", "/etc/motd"}
+    assert "/etc/kvmconf/dnsmasq/dnsmasq.conf" in {f.dest for f in planned["provision"].files}
+    for name, recipe in planned.items():
+        for spec in recipe.files:
+            placed = farm.upper(name) / spec.dest.lstrip("/")
+            assert placed.read_bytes() == spec.content, (name, spec.dest)
+            assert oct(placed.stat().st_mode & 0o7777) == oct(int(spec.mode, 8))
+    assert not (farm.upper("scratch") / "etc/motd").exists()  # no hostgroup, no recipe
+    # Waves from after=: a VM starts only after everything of the earlier waves has ended.
+    expected = [["provision", "scratch"], ["mcp", "ldap"], ["db", "login", "compute1"], ["web"]]
+    assert [[vm.name for vm in wave] for wave in waves(example, example.vms)] == expected
+    times = {(vm, kind): t for t, vm, kind in report.events}
+    for earlier, later in itertools.pairwise(expected):
+        assert max(times[vm, "end"] for vm in earlier) <= min(times[vm, "start"] for vm in later)
+    # The mcp hook dropped Debian's localhost.cfg and nagios4 -v accepted the generated config (else it fails).
+    nagios_cfg = (farm.upper("mcp") / "etc/nagios4/nagios.cfg").read_text()
+    assert "\n#cfg_file=/etc/nagios4/objects/localhost.cfg\n" in nagios_cfg
+    assert report.reports[[r.vm for r in report.reports].index("mcp")].hooks == ["mcp/hooks/nagios-localhost.sh"]
+    # Only the packages missing in the VM are installed, through apt-get.
+    ldap = next(r for r in report.reports if r.vm == "ldap")
+    assert all(f"install -y -q -- {' '.join(ldap.installed)}" == line for line in farm.log("ldap", "apt-get"))
+    assert "reload-or-restart -- nagios4" in farm.log("mcp", "systemctl")
+
+
+def test_sequential_deploy_follows_cluster_conf_order(example: Cluster, farm: sshfarm.Farm) -> None:
+    report = _run(example, farm, full=True, parallel=1)
+    assert not report.failed, report.summary()
+    starts = [vm for _, vm, kind in sorted(report.events) if kind == "start"]
+    assert starts == [vm.name for vm in example.vms]
+
+
+def test_second_update_confs_transfers_and_reloads_nothing(example: Cluster, farm: sshfarm.Farm) -> None:
+    assert not _run(example, farm, full=True).failed
+    farm.clear_logs()
+    report = _run(example, farm, full=False)
+    assert not report.failed, report.summary()
+    done = sorted((r.vm, r.pushed, r.reloaded) for r in report.reports)
+    assert done == sorted((vm.name, [], []) for vm in example.vms)
+    assert all(farm.log(vm.name, "systemctl") == [] for vm in example.vms)
+    assert "8 file(s)" not in report.summary() and "provision: done (0 file(s) changed)" in report.summary()
+
+
+def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    assert not _run(example, farm, full=False).failed
+    before = (farm.upper("provision") / "etc/dnsmasq.d/kvmconf.conf").read_text()
+    template = hosts_copy / "provision/dnsmasq-include.conf.j2"
+    template.write_text(template.read_text() + "log-dhcp\n")
+    farm.clear_logs()
+    report = _run(example, farm, full=False, recipe_dir=hosts_copy)
+    assert not report.failed, report.summary()
+    assert {r.vm: r.pushed for r in report.reports if r.pushed} == {"provision": ["/etc/dnsmasq.d/kvmconf.conf"]}
+    assert {r.vm: r.reloaded for r in report.reports if r.reloaded} == {"provision": ["dnsmasq"]}
+    assert farm.log("provision", "systemctl") == ["reload-or-restart -- dnsmasq"]
+    assert (farm.upper("provision") / "etc/dnsmasq.d/kvmconf.conf").read_text().endswith("log-dhcp\n")
+    backups = list((farm.upper("provision") / "var/lib/kvmconf/backup/etc/dnsmasq.d").glob("kvmconf.conf.*"))
+    assert any(b.read_text() == before for b in backups)
+    # A template several VMs share goes to exactly those VMs (every linux-server), one file each, no reload.
+    motd = hosts_copy / "group/linux-servers/motd.j2"
+    motd.write_text(motd.read_text() + "Welcome.\n")
+    report = _run(example, farm, full=False, recipe_dir=hosts_copy)
+    servers = [vm.name for vm in example.vms if "linux-servers" in vm.hostgroups]
+    assert {r.vm: r.pushed for r in report.reports if r.pushed} == {vm: ["/etc/motd"] for vm in servers}
+    assert all(not r.reloaded for r in report.reports)
+    assert all(r.pushed == [] for r in _run(example, farm, full=False, recipe_dir=hosts_copy).reports)
+    assert not _run(example, farm, full=False).failed  # back to the repository's recipes
+
+
+def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    assert not _run(example, farm, full=False).failed
+    template = hosts_copy / "provision/dnsmasq-include.conf.j2"
+    template.write_text(template.read_text() + "log-queries\n")
+    farm.clear_logs()
+    before = {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms}
+    report = _run(example, farm, full=True, recipe_dir=hosts_copy, dry_run=True)
+    assert not report.failed, report.summary()
+    provision = next(r for r in report.reports if r.vm == "provision")
+    assert provision.pushed == ["/etc/dnsmasq.d/kvmconf.conf"] and provision.reloaded == ["dnsmasq"]
+    assert "+log-queries\n" in provision.diffs[0] and provision.diffs[0].startswith("--- /etc/dnsmasq.d/kvmconf.conf")
+    assert {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms} == before
+
+
+def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    (hosts_copy / "ldap/hooks").mkdir()
+    (hosts_copy / "ldap/hooks/fail.sh").write_text("#!/bin/sh\necho 'slapd would not start' >&2\nexit 3\n")
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text('hooks = ["hooks/fail.sh"]\n' + recipe.read_text())
+    report = _run(example, farm, full=True, recipe_dir=hosts_copy)
+    assert [(r.vm, r.failed_step) for r in report.failed] == [("ldap", "hook ldap/hooks/fail.sh")]
+    assert report.not_started == ["db", "login", "compute1", "web"]
+    assert {r.vm for r in report.reports} == {"provision", "scratch", "mcp", "ldap"}
+    summary = report.summary()
+    assert "deploy: FAILED at ldap (hook ldap/hooks/fail.sh)" in summary
+    assert "ldap: FAILED at hook ldap/hooks/fail.sh: exit 3: slapd would not start" in summary
+    assert "mcp: done (" in summary and "not started (an earlier failure stopped later waves): db, login" in summary
+
+
+def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfarm.Farm) -> None:
+    target = resolve("web", farm.ssh_config)
+    host = f"[{target.hostname}]:{target.port}"
+    original = farm.known_hosts.read_text()
+    forged = "AAAAC3NzaC1lZDI1NTE5AAAAIBFvq3ekr8hCxWn5tLCX6TfvWO5w8VFtOr3kRxK9Vp3m"
+    lines = [f"{host} ssh-ed25519 {forged}" if line.startswith(host + " ") else line for line in original.splitlines()]
+    farm.known_hosts.write_text("\n".join(lines) + "\n")
+    try:
+        with pytest.raises(RemoteError, match=r"web: its SSH host key CHANGED .*invoke keyscan --vm web --accept-chan"):
+            connect(target)
+        with pytest.raises(HostKeyChanged, match=r"web: host key \(ssh-ed25519\) of .* CHANGED .*--accept-changed"):
+            keyscan(["web"], farm.ssh_config)
+        assert keyscan(["web"], farm.ssh_config, accept_changed=True) == [f"web: replaced changed key(s) of {host}"]
+        assert sorted(farm.known_hosts.read_text().splitlines()) == sorted(original.splitlines())
+    finally:
+        farm.known_hosts.write_text(original)
+    with connect(target) as conn:
+        assert conn.run("true", hide=True, in_stream=False).ok
+
+
+def test_unknown_host_key_is_refused(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(farm.ssh_config.read_text().replace(str(farm.known_hosts), str(tmp_path / "empty")))
+    with pytest.raises(RemoteError, match=r"db: host key unknown .* `invoke keyscan --vm db`"):
+        connect(resolve("db", config))
+
+
+def test_names_cannot_inject_shell(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    # Quoting: a word with shell syntax arrives as that one word.
+    with connect(resolve("scratch", farm.ssh_config)) as conn:
+        word = "$(touch /pwned); `id` 'x' \"y\" * ;"
+        assert conn.run(command("printf", "%s", word), hide=True, in_stream=False).stdout == word
+        assert conn.run(script('printf "%s|" "$@"', word, "b c"), hide=True, in_stream=False).stdout == f"{word}|b c|"
+    assert not (farm.upper("scratch") / "pwned").exists()
+    # Recipes are checked before anything runs: a dest or service with shell syntax is refused.
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text(recipe.read_text() + '\n[[file]]\ndest = "/etc/x;touch /pwned"\ntemplate = "recipe.toml"\n')
+    with pytest.raises(RecipeError, match=r"hosts/ldap/recipe.toml: '/etc/x;touch /pwned' is not an absolute path"):
+        _run(example, farm, full=False, recipe_dir=hosts_copy)
+    assert PurePosixPath("/etc/x;touch /pwned").is_absolute()
+
+
+def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm) -> None:
+    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)}
+    scan = subprocess.run([".venv/bin/invoke", "keyscan", "--vm", "db", "--vm", "web"], env=env, capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert (scan.returncode, scan.stdout) == (0, "db: known\nweb: known\n"), scan.stderr
+    assert not _run(example, farm, full=False).failed
+    fab = subprocess.run([".venv/bin/fab", "update-confs", "--vm", "provision", "--dry-run"], env=env,
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert fab.returncode == 0, fab.stderr
+    assert fab.stdout == "(dry run: nothing changed)\nupdate-confs: ok\n  provision: done (0 file(s) changed)\n"
+    bad = subprocess.run([".venv/bin/fab", "deploy", "--vm", "nosuchvm"], env=env, capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert (bad.returncode, bad.stderr) == (1, "kvmconf: nosuchvm: not a VM of cluster.conf\n")
