@@ -170,17 +170,11 @@ def restore_task(c: Context, vm: str, at: str = "", to: str = "", force: bool = 
     "nagios": "one line and the Nagios exit code (0 OK, 1 WARNING, 2 CRITICAL)"})
 def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
     """Per VM: last good backup, its age, chain length, sizes and the last failure."""
-    import datetime as dt
-
     from kvmconf.backup import report
+    from kvmconf.backup.cluster import status_rows
 
     with _user_errors():
-        cluster = inputs.load()
-        b = cluster.site.backup
-        names = vm or [v.name for v in cluster.vms if v.backup]
-        now = dt.datetime.now(dt.UTC)
-        rows = [report.vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, n, now) for n in names]
-        limit = report.max_interval(b.schedule) + report.GRACE
+        rows, limit = status_rows(inputs.load(), vm)
         if nagios:
             code, line = report.nagios(rows, limit)
             print(line)

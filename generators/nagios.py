@@ -13,9 +13,11 @@ One clash remains with the stock config: Debian's objects/localhost.cfg defines 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from generators.crontab import GRACE, max_interval
 from generators.model import Cluster
 from generators.render import render as render_template
 
@@ -24,6 +26,7 @@ TEMPLATES = {
     "hosts.cfg": "nagios-hosts.cfg.j2",
     "services.cfg": "nagios-services.cfg.j2",
     "contacts.cfg": "nagios-contacts.cfg.j2",
+    "backup.cfg": "nagios-backup.cfg.j2",
 }
 
 
@@ -48,9 +51,23 @@ def hostgroups(cluster: Cluster) -> list[Hostgroup]:
     return [Hostgroup(name, object_value(cluster.hostgroup_alias(name)) or name) for name in cluster.hostgroups]
 
 
+def backup_check(cluster: Cluster) -> dict[str, object]:
+    """What backup.cfg needs: each backed-up VM with the address of its physical host (where its backups are)."""
+    backup = cluster.site.backup
+    limit = max_interval(backup.schedule) + GRACE
+    hours = limit.total_seconds() / 3600
+    return {
+        "covered": [(vm.name, cluster.site.hosts[vm.host].address or vm.host) for vm in cluster.vms if vm.backup],
+        "checkout": shlex.quote(backup.checkout),
+        "schedule": " ".join(backup.schedule.split()),
+        "limit": f"{hours:g} h",
+    }
+
+
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     groups = hostgroups(cluster)
+    check = backup_check(cluster)
     return {
-        PurePosixPath("nagios", name): render_template(template, cluster, groups=groups)
+        PurePosixPath("nagios", name): render_template(template, cluster, groups=groups, **check)
         for name, template in TEMPLATES.items()
     }

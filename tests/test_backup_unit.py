@@ -83,3 +83,27 @@ def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
     assert report.nagios([failed], limit) == (1, "BACKUP WARNING - vm: last run failed (20261121T023000Z: boom)")
     table = report.format_table([failed, none], limit)
     assert "no backup yet" in table and "boom" in table
+
+
+def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    site = (root / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"')
+    assert f'dir = "{tmp_path}/b"' in site
+    (tmp_path / "site.toml").write_text(site)
+    env = {**os.environ, "KVMCONF_CLUSTER": str(root / "cluster.conf"), "KVMCONF_SITE": str(tmp_path / "site.toml")}
+    env.pop("KVMCONF_LAB", None)
+
+    def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    result = invoke("backup-status", "--nagios", "--vm", "provision")
+    assert (result.returncode, result.stdout) == (2, "BACKUP CRITICAL - provision: no backup (limit 26.0 h)\n")
+    table = invoke("backup-status")
+    assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
+    unknown = invoke("backup-status", "--vm", "nosuch")
+    assert unknown.returncode == 1 and "nosuch: not a VM of cluster.conf" in unknown.stderr, unknown.stderr

@@ -118,7 +118,8 @@ def test_nagios_accepts_objects_with_only_debian_commands_and_timeperiods(exampl
     _write_objects(example, tmp_path / "objects")
     output = _verify(_standalone_cfg(tmp_path, tmp_path / "objects"))
     # Proves our files were read, not just an empty object set accepted.
-    for count in ("Checked 16 services.", "Checked 8 hosts.", "Checked 6 host groups.", "Checked 1 contacts."):
+    # 16 = PING + SSH per VM, 7 = BACKUP for the VMs with backup=yes.
+    for count in ("Checked 23 services.", "Checked 8 hosts.", "Checked 6 host groups.", "Checked 1 contacts."):
         assert count in output, output
 
 

@@ -7,14 +7,17 @@ are left to their own host's cron.
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
 
+from generators.crontab import GRACE, max_interval
 from generators.model import Cluster, Vm
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
+from kvmconf.backup.report import VmStatus, vm_status
 from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
@@ -83,3 +86,12 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
     if to is None:
         dom = lookup(conns.get(vm.host), vm.name)
     return restore(VmStore(Path(cluster.site.backup.dir), vm.name), at, to, dom, force, log)
+
+
+def status_rows(cluster: Cluster, names: list[str]) -> tuple[list[VmStatus], dt.timedelta]:
+    """Status of the named VMs (default: every VM with backup=yes) and the age the schedule allows."""
+    b = cluster.site.backup
+    vms = [_vm(cluster, n) for n in names] if names else [v for v in cluster.vms if v.backup]
+    now = dt.datetime.now(dt.UTC)
+    rows = [vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, vm.name, now) for vm in vms]
+    return rows, max_interval(b.schedule) + GRACE
