@@ -204,5 +204,48 @@ def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: boo
             print(message)
 
 
+
+@task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)",
+                               "offline": "from cluster.conf and site.toml only, without asking libvirt"})
+def capacity(c: Context, host: list[str], offline: bool = False) -> None:
+    """Show per physical host: RAM/vCPUs/disk committed vs capacity and overcommit, pinned CPUs, VFs, PCI."""
+    from kvmconf.capacity import capacity as host_capacity
+    from kvmconf.capacity import format_capacity
+
+    with _user_errors():
+        cluster = inputs.load()
+        unknown = sorted(set(host) - set(cluster.site.hosts))
+        if unknown:
+            raise Exit(f"kvmconf: {', '.join(unknown)}: not a host of {cluster.site.path}"
+                       f" (expected one of: {', '.join(sorted(cluster.site.hosts))})", 2)
+        if offline:
+            print(format_capacity(host_capacity(cluster, None, host)))
+            return
+        with connections(cluster) as conns:
+            result = host_capacity(cluster, conns, host)
+        print(format_capacity(result))
+        if any(h.error for h in result):
+            raise Exit("kvmconf: some hosts could not be reached", 1)
+
+
+@task(help={"vm": "the VM to move", "to": "the physical host to move it to",
+            "force": "power the VM off at once instead of asking the guest to shut down",
+            "edit": "set host=<to> on the VM's line of cluster.conf afterwards"})
+def migrate(c: Context, vm: str, to: str, force: bool = False, edit: bool = False) -> None:
+    """Move a VM to another host (cold: stop, copy disk, define+start there, then undefine the source)."""
+    from kvmconf import migrate as moving
+
+    with _user_errors():
+        cluster = inputs.load()
+        with connections(cluster) as conns:
+            moved = moving.migrate(cluster, vm, to, conns, force)
+        path = inputs.cluster_path()
+        if edit:
+            moving.edit_host(path, moved, to)
+            print(f"{path}:{moved.line}: set host={to}")
+        else:
+            _old, new = moving.host_line(path, moved, to)
+            print(f"{path}:{moved.line} must now say host={to} (or run with --edit); the line becomes:\n{new}")
+
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),
-                backup_task, restore_task, backup_status, keyscan)
+                backup_task, restore_task, backup_status, keyscan, capacity, migrate)

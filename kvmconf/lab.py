@@ -1,16 +1,19 @@
 """A throwaway lab on one machine: try provisioning without a server and without touching its network.
 
 ``up`` creates a network namespace holding the bridges of site.toml, starts a private virtlogd +
-libvirtd *inside* it (so the taps libvirt makes for ``<interface type='bridge'>``, and the QEMU
-processes, are in the namespace too) and the generated dnsmasq serving the provision network's
-bridge. The daemons get their own /run, /etc/libvirt, /var/lib/libvirt, /var/cache/libvirt and
-/var/log/libvirt (bind mounts in the namespace's own mount namespace, which ``ip netns exec``
-creates), so they never meet the machine's own libvirt; they are reached through a socket in the
-lab directory. ``down`` stops exactly the processes ``up`` started, by PID, then anything still in
-the namespace (QEMUs), and removes the namespace and the lab's files.
+libvirtd per physical host of site.toml *inside* it (so the taps libvirt makes for
+``<interface type='bridge'>``, and the QEMU processes, are in the namespace too) and the
+generated dnsmasq serving the provision network's bridge. The daemons get their own /run,
+/etc/libvirt, /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt (bind mounts in a mount
+namespace of their own, which ``ip netns exec`` creates), so they never meet the machine's own
+libvirt nor each other; each is reached through its own socket below the lab directory. ``down``
+stops exactly the processes ``up`` started, by PID, then anything still in the namespace (QEMUs),
+and removes the namespace and the lab's files.
 
-Tasks see the lab through :func:`remap`: every physical host of site.toml becomes the lab's
-daemon, disks go to the lab directory, and the domain type is ``qemu`` (software emulation)
+The first host (by name) keeps its daemons' state in the lab directory itself, every other host
+in ``hosts/<name>/`` below it: separate machines on one network (they share the namespace's
+bridges). Tasks see the lab through :func:`remap`: every physical host of site.toml becomes its
+own lab daemon, disks go to the lab directory, and the domain type is ``qemu`` (software emulation)
 unless the lab was started with ``kvm=True``: nested KVM often cannot run guests.
 """
 
@@ -71,14 +74,39 @@ class Lab:
     kvm: bool = False
     pids: dict[str, int] = field(default_factory=dict)  # what up() started: reaper, virtlogd, libvirtd, dnsmasq
     bridges: dict[str, str] = field(default_factory=dict)  # bridge -> its address/prefix in the namespace ("" for none)
+    # Physical hosts with a daemon of their own, sorted; the first one's lives in `dir` itself and its
+    # processes keep the plain names (libvirtd, ...), the others' are <name>@<host> in hosts/<host>/.
+    hosts: list[str] = field(default_factory=list)
+
+    def host_dir(self, host: str | None = None) -> Path:
+        """Where a host's daemon keeps its state, socket, pid files and logs."""
+        if host is None or not self.hosts or host == self.hosts[0] or host not in self.hosts:
+            return self.dir
+        return self.dir / "hosts" / host
+
+    def pid_key(self, name: str, host: str | None) -> str:
+        return name if self.host_dir(host) == self.dir else f"{name}@{host}"
+
+    def socket_of(self, host: str | None) -> Path:
+        return self.host_dir(host) / "sock" / "libvirt-sock"
+
+    def uri_of(self, host: str | None) -> str:
+        """The libvirt URI of ``host``'s daemon (the first daemon's for a host the lab does not know)."""
+        return f"qemu+unix:///system?socket={self.socket_of(host)}"
 
     @property
     def socket(self) -> Path:
-        return self.dir / "sock" / "libvirt-sock"
+        return self.socket_of(None)
 
     @property
     def uri(self) -> str:
-        return f"qemu+unix:///system?socket={self.socket}"
+        """The first host's daemon."""
+        return self.uri_of(None)
+
+    @property
+    def daemons(self) -> list[str | None]:
+        """One entry per libvirtd: the host it stands for (None for a lab from before one daemon per host)."""
+        return list(self.hosts) or [None]
 
     @property
     def images(self) -> Path:
@@ -89,7 +117,8 @@ class Lab:
         return self.dir / "base"
 
     def save(self) -> None:
-        data = {"dir": str(self.dir), "netns": self.netns, "kvm": self.kvm, "pids": self.pids, "bridges": self.bridges}
+        data = {"dir": str(self.dir), "netns": self.netns, "kvm": self.kvm, "pids": self.pids, "bridges": self.bridges,
+                "hosts": self.hosts}
         tmp = self.dir / f"{STATE_FILE}.new"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(self.dir / STATE_FILE)
@@ -100,7 +129,7 @@ class Lab:
             data = json.loads((lab_dir / STATE_FILE).read_text())
         except FileNotFoundError:
             return None
-        return cls(Path(data["dir"]), data["netns"], data["kvm"], data["pids"], data["bridges"])
+        return cls(Path(data["dir"]), data["netns"], data["kvm"], data["pids"], data["bridges"], data.get("hosts", []))
 
 
 # --- the lab as the tasks see it ----------------------------------------------------------------
@@ -112,10 +141,11 @@ def provision_network(cluster: Cluster) -> Network | None:
 
 
 def remap(cluster: Cluster, lab: Lab, images: Path | None = None) -> Cluster:
-    """The cluster as it runs in the lab: every host is the lab's libvirtd, files live in the lab directory."""
+    """The cluster as it runs in the lab: every host is its lab libvirtd, files live in the lab directory."""
     site = cluster.site
     images = images or lab.images
-    hosts = {name: dataclasses.replace(h, uri=lab.uri, disk_dir=str(images / name)) for name, h in site.hosts.items()}
+    hosts = {name: dataclasses.replace(h, uri=lab.uri_of(name), disk_dir=str(images / name))
+             for name, h in site.hosts.items()}
     oses = {name: dataclasses.replace(o, cloud_image=str(lab.base / f"{name}.qcow2") if o.cloud_image else None)
             for name, o in site.oses.items()}
     net = provision_network(cluster)
@@ -226,7 +256,7 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     if netns_exists(netns):
         raise KvmconfError(f"network namespace {netns} exists already and is not this lab's"
                            f" (see `ip netns pids {netns}`; remove it with `ip netns del {netns}` if it is a leftover)")
-    lab = Lab(lab_dir, netns, kvm, bridges=bridge_addresses(cluster))
+    lab = Lab(lab_dir, netns, kvm, bridges=bridge_addresses(cluster), hosts=sorted(cluster.site.hosts))
     try:
         _make_files(lab, cluster)
         _make_netns(lab)
@@ -236,24 +266,31 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     except BaseException:
         teardown(lab, log)
         raise
-    log(f"lab up: namespace {netns} with {', '.join(lab.bridges)}; libvirtd {lab.pids['libvirtd']},"
-        f" virtlogd {lab.pids['virtlogd']}" + (f", dnsmasq {lab.pids['dnsmasq']}" if "dnsmasq" in lab.pids else "")
+    daemons = "; ".join(f"{host or 'libvirtd'}: libvirtd {lab.pids[lab.pid_key('libvirtd', host)]}, virtlogd"
+                        f" {lab.pids[lab.pid_key('virtlogd', host)]}" for host in lab.daemons)
+    log(f"lab up: namespace {netns} with {', '.join(lab.bridges)}; {daemons}"
+        + (f"; dnsmasq {lab.pids['dnsmasq']}" if "dnsmasq" in lab.pids else "")
         + f"; domain type {'kvm' if kvm else 'qemu'}")
-    log(f"libvirt: virsh -c '{lab.uri}' list --all")
+    for host in lab.daemons:
+        log(f"libvirt{f' of {host}' if host else ''}: virsh -c '{lab.uri_of(host)}' list --all")
     return lab
 
 
 def _make_files(lab: Lab, cluster: Cluster) -> None:
-    for sub in ("libvirt/etc", "libvirt/lib", "libvirt/cache", "libvirt/log", "sock", "base", "kvmconf", "tftp"):
+    for sub in ("base", "kvmconf", "tftp"):
         (lab.dir / sub).mkdir(parents=True, exist_ok=True)
-    for host in cluster.site.hosts:
-        (lab.images / host).mkdir(parents=True, exist_ok=True)
+    for name in cluster.site.hosts:
+        (lab.images / name).mkdir(parents=True, exist_ok=True)
     lab.save()
-    context = {"banner": f"Generated by kvmconf for the lab in {lab.dir}; removed by `invoke lab.down`.",
-               "netns": lab.netns, "socket_dir": str(lab.socket.parent)}
-    for name, log_name in (("libvirtd", "libvirtd.log"), ("qemu", ""), ("virtlogd", "virtlogd.log")):
-        text = environment().get_template(f"lab-{name}.conf.j2").render(**context, log_file=str(lab.dir / log_name))
-        (lab.dir / "libvirt" / "etc" / f"{name}.conf").write_text(text)
+    for host in lab.daemons:
+        home = lab.host_dir(host)
+        for sub in ("libvirt/etc", "libvirt/lib", "libvirt/cache", "libvirt/log", "sock"):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+        context = {"banner": f"Generated by kvmconf for the lab in {lab.dir}; removed by `invoke lab.down`.",
+                   "netns": lab.netns, "socket_dir": str(lab.socket_of(host).parent)}
+        for name, log_name in (("libvirtd", "libvirtd.log"), ("qemu", ""), ("virtlogd", "virtlogd.log")):
+            text = environment().get_template(f"lab-{name}.conf.j2").render(**context, log_file=str(home / log_name))
+            (home / "libvirt" / "etc" / f"{name}.conf").write_text(text)
     for os_name, release in cluster.site.oses.items():
         image = lab.base / f"{os_name}.qcow2"
         if release.cloud_image and not image.exists():
@@ -273,30 +310,36 @@ def _make_netns(lab: Lab) -> None:
 
 
 def _start_libvirt(lab: Lab) -> None:
-    for name in _DAEMONS:
-        (lab.dir / f"{name}.pid").unlink(missing_ok=True)
+    """One reaper + virtlogd + libvirtd per host, each in its own mount namespace with its own state."""
     reaper = Path(__file__).with_name("reaper.py")
-    _run(["ip", "netns", "exec", lab.netns, sys.executable, str(reaper), str(lab.dir), _LAUNCH])
-    for name in _DAEMONS:
-        lab.pids[name] = _read_pid(lab.dir / f"{name}.pid")
-        lab.save()
+    for host in lab.daemons:
+        home = lab.host_dir(host)
+        for name in _DAEMONS:
+            (home / f"{name}.pid").unlink(missing_ok=True)
+        _run(["ip", "netns", "exec", lab.netns, sys.executable, str(reaper), str(home), _LAUNCH])
+        for name in _DAEMONS:
+            lab.pids[lab.pid_key(name, host)] = _read_pid(home / f"{name}.pid")
+            lab.save()
 
 
 def wait_for_libvirt(lab: Lab, timeout: float = _START_TIMEOUT) -> None:
+    """Wait for every daemon; they start together, so their QEMU capability probes overlap."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn = libvirt.open(lab.uri)
+    for host in lab.daemons:
+        uri = lab.uri_of(host)
+        while True:
             try:
-                conn.getCapabilities()  # the first call waits for the QEMU driver's capability probe
-            finally:
-                conn.close()
-            return
-        except libvirt.libvirtError as err:
-            if time.monotonic() > deadline or not alive(lab.pids.get("libvirtd", 0)):
-                raise KvmconfError(f"lab: libvirtd does not answer at {lab.uri} ({err.get_error_message()});"
-                                   f" see {lab.dir / 'libvirtd.log'}") from None
-            time.sleep(0.2)
+                conn = libvirt.open(uri)
+                try:
+                    conn.getCapabilities()  # the first call waits for the QEMU driver's capability probe
+                finally:
+                    conn.close()
+                break
+            except libvirt.libvirtError as err:
+                if time.monotonic() > deadline or not alive(lab.pids.get(lab.pid_key("libvirtd", host), 0)):
+                    raise KvmconfError(f"lab: libvirtd does not answer at {uri} ({err.get_error_message()});"
+                                       f" see {lab.host_dir(host) / 'libvirtd.log'}") from None
+                time.sleep(0.2)
 
 
 def refresh_dnsmasq(cluster: Cluster, lab: Lab, log: Log = print) -> None:
@@ -346,9 +389,12 @@ def down(lab_dir: Path = DEFAULT_DIR, log: Log = print) -> bool:
 
 def teardown(lab: Lab, log: Log = print) -> None:
     """Stop what the lab started and remove it; safe on a half-started or already dead lab."""
-    if alive(lab.pids.get("libvirtd", 0)):
-        _power_off_all(lab)
-    for name in ("dnsmasq", "libvirtd", "virtlogd", "reaper"):  # the reaper exits by itself after the others
+    for host in lab.daemons:
+        if alive(lab.pids.get(lab.pid_key("libvirtd", host), 0)):
+            _power_off_all(lab, host)
+    # The reaper exits by itself after the others; other keys are the provision server's, stopped first.
+    ours = [lab.pid_key(name, host) for host in lab.daemons for name in ("libvirtd", "virtlogd", "reaper")]
+    for name in [*(key for key in lab.pids if key not in ours), *ours]:
         pid = lab.pids.get(name)
         if pid and alive(pid) and in_netns(pid, lab.netns):
             stop_pid(pid)
@@ -368,9 +414,9 @@ def teardown(lab: Lab, log: Log = print) -> None:
                 entry.unlink(missing_ok=True)
 
 
-def _power_off_all(lab: Lab) -> None:
+def _power_off_all(lab: Lab, host: str | None) -> None:
     try:
-        conn = libvirt.open(lab.uri)
+        conn = libvirt.open(lab.uri_of(host))
     except libvirt.libvirtError:
         return
     try:

@@ -74,14 +74,27 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def domains_on(the_lab: lab.Lab, host: str | None = None) -> list[str]:
+    """Names of the domains the lab daemon of ``host`` has (every daemon's when None), sorted."""
+    names = []
+    for daemon in [host] if host else the_lab.daemons:
+        conn = libvirt.open(the_lab.uri_of(daemon))
+        try:
+            names += [dom.name() for dom in conn.listAllDomains()]
+        finally:
+            conn.close()
+    return sorted(names)
+
+
 def _empty(the_lab: lab.Lab) -> None:
-    conn = libvirt.open(the_lab.uri)
-    try:
-        for dom in conn.listAllDomains():
-            domains.power_off(dom)
-            domains.undefine(dom, keep_nvram=False)
-    finally:
-        conn.close()
+    for host in the_lab.daemons:
+        conn = libvirt.open(the_lab.uri_of(host))
+        try:
+            for dom in conn.listAllDomains():
+                domains.power_off(dom)
+                domains.undefine(dom, keep_nvram=False)
+        finally:
+            conn.close()
     shutil.rmtree(the_lab.images, ignore_errors=True)
     for host in ("kvm0", "kvm1"):
         (the_lab.images / host).mkdir(parents=True)
@@ -200,11 +213,7 @@ def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_p
     assert refused.stderr == (f"kvmconf: db: its disk {disk} already exists and is never overwritten; attach it as it"
                               " is with --reuse-disk, or remove it with `invoke destroy --vm db --purge` if it is a"
                               " leftover\nnothing was changed\n")
-    conn = libvirt.open(clean.uri)
-    try:
-        assert conn.listAllDomains() == []
-    finally:
-        conn.close()
+    assert domains_on(clean) == []
     assert sorted(p.name for p in clean.images.rglob("*") if p.is_file()) == ["db.img"]
     assert (disk.stat().st_mtime_ns, disk.stat().st_ino) == (before.st_mtime_ns, before.st_ino)
     unasked = invoke(workdir, clean, "destroy", "--vm", "db", "--purge")
@@ -222,11 +231,7 @@ def test_a_failing_disk_create_midway_leaves_nothing_the_run_created(
     assert failed.returncode == 1
     assert failed.stderr.startswith("kvmconf: provisioning failed: localhost: `qemu-img create -q -f qcow2")
     assert "\nundone: web: started; web: defined on kvm0; web: created qcow2 disk" in failed.stderr
-    conn = libvirt.open(clean.uri)
-    try:
-        assert conn.listAllDomains() == []
-    finally:
-        conn.close()
+    assert domains_on(clean) == []
     assert [p for p in clean.images.rglob("*") if p.is_file()] == []
 
 
@@ -237,11 +242,7 @@ def test_an_unreachable_uri_creates_nothing(cluster: Cluster, clean: lab.Lab) ->
     with connections(broken) as conns, pytest.raises(HostUnreachable, match=f"host 'kvm1': cannot connect to libvirt"
                                                                            f" at {re.escape(nowhere)}"):
         provision(broken, ["web", "cloud"], conns, log=quiet)
-    conn = libvirt.open(clean.uri)
-    try:
-        assert conn.listAllDomains() == []
-    finally:
-        conn.close()
+    assert domains_on(clean) == []
     assert [p for p in clean.images.rglob("*") if p.is_file()] == []
 
 
@@ -384,6 +385,130 @@ def test_every_example_vm_defines_in_the_lab_without_a_diff(example: Cluster, cl
     assert {p.vm.name: p.diff for p in again.vms} == {vm.name: [] for vm in cluster.vms}
 
 
+# --- several physical hosts: one daemon each, placement, capacity, migration -------------------------
+
+def append_vms(workdir: Path, *lines: str) -> None:
+    with (workdir / "cluster.conf").open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def test_each_host_has_a_daemon_with_its_own_state_socket_and_uri(cluster: Cluster, clean: lab.Lab) -> None:
+    assert clean.hosts == ["kvm0", "kvm1"]
+    uris = {host: clean.uri_of(host) for host in clean.hosts}
+    assert len(set(uris.values())) == 2 and all(clean.socket_of(host).is_socket() for host in clean.hosts)
+    assert {name: h.uri for name, h in cluster.site.hosts.items()} == uris
+    pids = [clean.pids["libvirtd"], clean.pids["libvirtd@kvm1"]]
+    assert pids[0] != pids[1] and all(lab.alive(pid) and lab.in_netns(pid, clean.netns) for pid in pids)
+    # each daemon sees its own /var/lib/libvirt: the bind mount of its host's directory
+    roots = {os.stat(f"/proc/{pid}/root/var/lib/libvirt").st_ino for pid in pids}
+    assert roots == {(clean.host_dir(host) / "libvirt" / "lib").stat().st_ino for host in clean.hosts}
+    assert len(roots) == 2
+    with connections(cluster) as conns:
+        provision(cluster, ["web", "cloud"], conns, log=quiet)
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], ["cloud"])
+
+
+def test_vms_placed_by_host_and_auto_run_on_both_hosts_and_status_and_capacity_show_both(
+        workdir: Path, clean: lab.Lab) -> None:
+    # kvm0 has web+db (288 MB), kvm1 cloud (128 MB): auto1 goes to kvm1 (more free RAM), then auto2 to kvm0.
+    # The lab hosts have 2 CPUs each, all taken by web, db and cloud: allow 4 vCPUs per CPU.
+    site = (workdir / "site.toml").read_text()
+    (workdir / "site.toml").write_text(re.sub(r"(\[hosts\.kvm\d\]\n)", r"\1cpu_overcommit = 4.0\n", site))
+    append_vms(workdir, "auto1\t52:54:00:50:00:41\t192.168.50.41\t256\t1\t1\t-\thost=auto install=none",
+               "auto2\t52:54:00:50:00:42\t192.168.50.42\t256\t1\t1\t-\tinstall=none")
+    done = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "cloud", "--vm", "auto1", "--vm", "auto2")
+    assert done.returncode == 0, done.stderr
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["auto2", "web"], ["auto1", "cloud"])
+    status = invoke(workdir, clean, "status")
+    assert status.returncode == 0, status.stderr
+    sections = dict(re.findall(r"^(kvm\d) \(qemu\+unix:[^)]*\):\n((?:  .*\n?)*)", status.stdout, re.M))
+    running = {host: sorted(re.findall(r"^  (\w+) +running", text, re.M)) for host, text in sections.items()}
+    assert running == {"kvm0": ["auto2", "web"], "kvm1": ["auto1", "cloud"]}
+    capacity = invoke(workdir, clean, "capacity")
+    assert capacity.returncode == 0, capacity.stderr
+    assert re.search(r"^kvm0 \(qemu\+unix:.*\): 3 VMs in cluster.conf, 2 defined, 2 running$", capacity.stdout, re.M)
+    assert re.search(r"^kvm1 \(qemu\+unix:.*\): 2 VMs in cluster.conf, 2 defined, 2 running$", capacity.stdout, re.M)
+    assert re.search(r"^  RAM +544 MB +of 4096 \(limit 4096 at overcommit 1: 13% used\)$", capacity.stdout, re.M)
+    assert re.search(r"^  RAM +384 MB +of 4096 \(limit 4096 at overcommit 1: 9% used\)$", capacity.stdout, re.M)
+
+
+def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_the_target_runs(
+        workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
+    source = clean.images / "kvm0" / "db.img"
+    pattern = os.urandom(1 << 20)
+    with source.open("r+b") as disk:  # data the guest would have written
+        disk.seek(1 << 30)
+        disk.write(pattern)
+    moved = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--force", "--edit")
+    assert moved.returncode == 0, moved.stderr
+    target = clean.images / "kvm1" / "db.img"
+    assert moved.stdout.splitlines() == [
+        "db: powered off on kvm0", f"db: copied {source} to kvm1:{target}", "db: running on kvm1",
+        f"db: undefined on kvm0; its files there are kept: {source}", f"{workdir / 'cluster.conf'}:4: set host=kvm1"]
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["db"])
+    conn = libvirt.open(clean.uri_of("kvm1"))
+    try:
+        dom = conn.lookupByName("db")
+        assert dom.isActive() and dom.blockInfo("vda")[0] == 2 * GIB
+        assert ET.fromstring(dom.XMLDesc(0)).find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
+    finally:
+        conn.close()
+    with target.open("rb") as disk:
+        disk.seek(1 << 30)
+        assert disk.read(len(pattern)) == pattern
+    assert target.stat().st_size == source.stat().st_size == 2 * GIB
+    assert "db\t52:54:00:50:00:20\t192.168.50.20\t160\t2\t1\tlinux-servers,databases\thost=kvm1 disk=raw" \
+        " install=none\n" in (workdir / "cluster.conf").read_text()
+    status = invoke(workdir, clean, "status", "--host", "kvm1")
+    assert re.search(r"^  db +running .* none$", status.stdout, re.M), status.stdout  # no drift: cluster.conf agrees
+    again = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1")
+    assert (again.returncode, again.stderr) == (1, "kvmconf: db: cluster.conf places it on kvm1 already\n")
+
+
+def test_a_migration_whose_target_has_the_disk_already_changes_nothing(workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
+    (clean.images / "kvm1" / "db.img").write_bytes(b"someone else's")
+    refused = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--force")
+    assert refused.returncode == 1
+    assert refused.stderr == (f"kvmconf: db: {clean.images / 'kvm1' / 'db.img'} exists on kvm1 already and is never"
+                              " overwritten; nothing was changed\n")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["db"], [])
+    assert (clean.images / "kvm1" / "db.img").read_bytes() == b"someone else's"
+
+
+def test_a_macvtap_nic_on_a_veth_interface_of_the_lab_runs(workdir: Path, clean: lab.Lab) -> None:
+    # A veth pair stands for the host NIC (this kernel may lack the dummy driver); it lives in the lab's namespace.
+    ns = ["ip", "netns", "exec", clean.netns]
+    subprocess.run([*ns, "ip", "link", "add", "kvmdummy0", "type", "veth", "peer", "name", "kvmdummy1"], check=True)
+    try:
+        for end in ("kvmdummy0", "kvmdummy1"):
+            subprocess.run([*ns, "ip", "link", "set", end, "up"], check=True)
+        site = (workdir / "site.toml").read_text()
+        site = site.replace("[hosts.kvm0]\n", '[hosts.kvm0]\ninterfaces = ["kvmdummy0"]\ncpu_overcommit = 2.0\n')
+        (workdir / "site.toml").write_text(site)
+        append_vms(workdir, "tap\t52:54:00:50:00:43\t192.168.50.43\t128\t1\t1\t-\thost=kvm0 install=none"
+                            " nic=macvtap:kvmdummy0:bridge")
+        done = invoke(workdir, clean, "provision", "--vm", "tap")
+        assert done.returncode == 0, done.stderr
+        conn = libvirt.open(clean.uri_of("kvm0"))
+        try:
+            dom = conn.lookupByName("tap")
+            assert dom.isActive()
+            nic = ET.fromstring(dom.XMLDesc(0)).find("devices/interface[@type='direct']")
+            assert nic is not None and nic.find("source").attrib == {"dev": "kvmdummy0", "mode": "bridge"}  # type: ignore[union-attr]
+            assert nic.find("mac").get("address") == "56:54:00:50:00:43"  # type: ignore[union-attr]
+            device = nic.find("target").get("dev")  # type: ignore[union-attr]
+        finally:
+            conn.close()
+        links = subprocess.run([*ns, "ip", "-d", "-o", "link", "show", "dev", str(device)], capture_output=True,
+                               text=True, check=True).stdout
+        assert "@kvmdummy0" in links and "macvtap mode bridge" in links and "56:54:00:50:00:43" in links
+    finally:
+        _empty(clean)
+        subprocess.run([*ns, "ip", "link", "del", "kvmdummy0"], check=False)
+
+
 # --- the lab itself ---------------------------------------------------------------------------------
 
 def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: Path) -> None:
@@ -394,14 +519,16 @@ def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: 
         assert up.returncode == 0, up.stderr
         assert f"act on the lab with: export KVMCONF_LAB={directory}" in up.stdout
         started = lab.Lab.load(directory)
-        assert started is not None and set(started.pids) == {"reaper", "virtlogd", "libvirtd", "dnsmasq"}
+        assert started is not None and started.hosts == ["kvm0", "kvm1"]
+        daemons = {"reaper", "virtlogd", "libvirtd", "reaper@kvm1", "virtlogd@kvm1", "libvirtd@kvm1", "dnsmasq"}
+        assert daemons <= set(started.pids)
         assert all(lab.alive(pid) and lab.in_netns(pid, netns) for pid in started.pids.values())
         assert invoke(workdir, started, "provision", "--vm", "db").returncode == 0
         qemus = set(lab.netns_pids(netns)) - set(started.pids.values())
         assert len(qemus) == 1  # the VM's QEMU, started by the lab's libvirtd inside the namespace
         down = invoke(workdir, None, "lab.down", "--dir", str(directory))
         assert down.returncode == 0, down.stderr
-        for name in ("dnsmasq", "libvirtd", "virtlogd"):
+        for name in ("dnsmasq", "libvirtd", "virtlogd", "libvirtd@kvm1", "virtlogd@kvm1"):
             assert f"lab: stopped {name} ({started.pids[name]})" in down.stdout
         assert "left in the namespace" not in down.stdout  # the VM was powered off through libvirt first
         assert not any(lab.alive(pid) for pid in [*started.pids.values(), *qemus])
@@ -433,9 +560,5 @@ def test_options_reach_the_lab_through_the_tasks(workdir: Path, clean: lab.Lab) 
     dry = invoke(workdir, clean, "provision", "--all", "--dry-run", "--no-start")
     assert dry.returncode == 0, dry.stderr
     assert "  + web  create qcow2 disk" in dry.stdout and "; autostart on\n" in dry.stdout
-    conn = libvirt.open(clean.uri)
-    try:
-        assert conn.listAllDomains() == []
-    finally:
-        conn.close()
+    assert domains_on(clean) == []
     assert Options().start and not Options().apply
