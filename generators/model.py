@@ -134,6 +134,9 @@ class PhysicalHost:
     sriov_vfs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # PF -> VF PCI addresses, when listed
     housekeeping_cpus: tuple[int, ...] = ()  # CPUs for emulator threads, never pinned to a vCPU
     numa_nodes: int = 1
+    network_stack: str = "ifupdown"  # how `fab kvm-setup` writes the bridges: ifupdown, netplan or networkmanager
+    uplink: str = ""  # the NIC the bridges (and their VLAN subinterfaces) sit on; "" = bridges without a port
+    nested: bool = False  # `fab kvm-setup` checks that nested virtualisation is on
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,7 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
         address=r.get("address", str, None),
     )
     values.update(_host_devices(r, values["cpus"]))
+    values.update(_host_setup(r))
     if any(value is None for key, value in values.items() if key != "address"):
         return None
     return PhysicalHost(name=name, **values)
@@ -297,6 +298,21 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
             values["housekeeping_cpus"] = None
     values["numa_nodes"] = r.positive("numa_nodes", int, 1)
     return values
+
+
+def _host_setup(r: _Reader) -> dict[str, Any]:
+    """How `fab kvm-setup` prepares the host: the network stack for the bridges, their uplink NIC, nested virt."""
+    stack = r.get("network_stack", str, "ifupdown", "ifupdown, netplan or networkmanager")
+    if stack is not None and stack not in ("ifupdown", "netplan", "networkmanager"):
+        r.problem("network_stack", f"{shown(stack)} is not a network stack (expected ifupdown, netplan or"
+                  " networkmanager)")
+        stack = None
+    uplink = r.get("uplink", str, "", "the interface the bridges are on, such as eno1")
+    if uplink and not _IFACE.fullmatch(uplink):
+        r.problem("uplink", f"{shown(uplink)} is not an interface name (expected at most 15 letters, digits,"
+                  " '-', '_', '.')")
+        uplink = None
+    return {"network_stack": stack, "uplink": uplink, "nested": r.get("nested", bool, False)}
 
 
 def _os(name: str, r: _Reader) -> OsRelease | None:

@@ -409,8 +409,8 @@ CASES = [
          site=sub('default_network = "lan"', 'timzone = "UTC"\ndefault_network = "lan"')),
     Case("site-unknown-host-key",
          (site(35, 3, "key 'hosts.kvm0.ram': unknown key (expected one of: address, cpu_overcommit, cpus, disk_dir,"
-                      " disk_gb, disk_overcommit, housekeeping_cpus, interfaces, numa_nodes, pci, ram_mb,"
-                      " ram_overcommit, sriov, uri)"),),
+                      " disk_gb, disk_overcommit, housekeeping_cpus, interfaces, nested, network_stack, numa_nodes,"
+                      " pci, ram_mb, ram_overcommit, sriov, uplink, uri)"),),
          site=sub("[hosts.kvm0]\n", "[hosts.kvm0]\n  ram = 1\n")),
     Case("site-wrong-type", (site(36, 1, "key 'hosts.kvm0.ram_mb': 'lots' is a string (expected a positive"
                                          " integer)"),), site=sub("ram_mb = 131072", 'ram_mb = "lots"')),
