@@ -61,3 +61,25 @@ def deploy(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) 
 def update_confs(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
     """Push only the files that differ on the VMs, back up what they replace, reload only their services."""
     _run(vm, False, parallel, dry_run)
+
+
+@task(name="kvm-setup", help={"host": "the physical host of site.toml",
+                              "ssh-config": "ssh config to reach it (default: your own, ~/.ssh/config)",
+                              "dry-run": "print what would be done (with diffs); change nothing",
+                              "dry-run-network": "do everything but the bridges, which are only printed"})
+def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False,
+              dry_run_network: bool = False) -> None:
+    """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories."""
+    from kvmconf.hostsetup import setup
+
+    try:
+        report = setup(inputs.load(), host, Path(ssh_config) if ssh_config else None, dry_run, dry_run_network)
+    except ConfigError as err:
+        raise Exit("\n".join(map(str, err.problems)), 1) from None
+    except (UsageError, KvmconfError) as err:
+        raise Exit(f"kvmconf: {err}", 1) from None
+    for diff in report.diffs:
+        print(diff, end="" if diff.endswith("\n") else "\n")
+    print(("(dry run: nothing changed)\n" if dry_run else "") + "\n".join(f"{host}: {line}" for line in report.lines))
+    if report.error:
+        raise Exit(f"kvmconf: {host}: FAILED at {report.error}", 1)

@@ -36,10 +36,10 @@ class Target:
     known_hosts: str
 
 
-def resolve(name: str, ssh_config: Path) -> Target:
-    """What `ssh -F ssh_config name` would connect to."""
-    proc = subprocess.run(["ssh", "-G", "-F", str(ssh_config), "--", name], capture_output=True, text=True,
-                          check=False, timeout=30)
+def resolve(name: str, ssh_config: Path | None) -> Target:
+    """What `ssh -F ssh_config name` (or plain `ssh name` when ssh_config is None) would connect to."""
+    config = ["-F", str(ssh_config)] if ssh_config else []
+    proc = subprocess.run(["ssh", "-G", *config, "--", name], capture_output=True, text=True, check=False, timeout=30)
     if proc.returncode != 0:
         raise RemoteError(f"{name}: ssh -G -F {ssh_config} failed: {proc.stderr.strip()}")
     values: dict[str, list[str]] = {}

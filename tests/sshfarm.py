@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BASE_PREFIX = "kvmconf-sshfarm-"
+# Tools that would act on this machine's kernel or services (sysctl and modprobe through the bind-mounted /proc).
+STUBBED = ("systemctl", "apt-get", "sysctl", "modprobe", "ifup", "netplan", "nmcli")
 STUB = """#!/bin/sh
 mkdir -p /var/log/kvmconf-test
 echo "$*" >> /var/log/kvmconf-test/{name}.log
@@ -127,7 +129,7 @@ def _start_vm(farm: Farm, name: str, address: str) -> int:
     root = vm_dir / "root"
     for special in ("proc", "dev"):
         _mount("--bind", f"/{special}", str(root / special))
-    for tool in ("systemctl", "apt-get"):
+    for tool in STUBBED:
         stub = root / "usr/local/sbin" / tool
         stub.parent.mkdir(parents=True, exist_ok=True)
         stub.write_text(STUB.format(name=tool))

@@ -1,0 +1,188 @@
+"""`fab kvm-setup`: prepare a physical host of site.toml for its VMs, idempotently, like update-confs.
+
+Steps: packages (QEMU/KVM, libvirt, the network stack's tools), /etc/sysctl.d + /etc/modules-load.d files
+(IP forwarding, br_netfilter), the bridges of every network of site.toml (VLAN ones on a tagged subinterface
+of the host's ``uplink``) for its ``network_stack``, a nested-virtualisation check where ``nested = true``,
+and the disk and backup directories. Files are pushed only when they differ, and a setting is applied only
+when its file changed. ``dry_run`` prints everything; ``network_dry_run`` does all but the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabric import Connection
+
+from generators.model import Cluster, PhysicalHost
+from generators.render import render
+from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
+from kvmconf.errors import KvmconfError
+from kvmconf.recipes import FileSpec
+from kvmconf.remote import command, connect, resolve, run, script
+
+PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients")
+STACK_PACKAGES = {"ifupdown": ("ifupdown", "bridge-utils", "vlan"), "netplan": ("netplan.io",),
+                  "networkmanager": ("network-manager",)}
+SYSCTL = "/etc/sysctl.d/90-kvmconf.conf"
+MODULES = "/etc/modules-load.d/kvmconf.conf"
+BRIDGE_FILES = {"ifupdown": ("/etc/network/interfaces.d/kvmconf-bridges", "kvm-setup-interfaces.j2", "0644"),
+                "netplan": ("/etc/netplan/60-kvmconf-bridges.yaml", "kvm-setup-netplan.yaml.j2", "0600")}
+_MISSING_DIRS = 'for d do [ -d "$d" ] || printf "%s\\n" "$d"; done'
+_NESTED = "cat /sys/module/kvm_intel/parameters/nested /sys/module/kvm_amd/parameters/nested 2>/dev/null; true"
+
+
+@dataclass(frozen=True)
+class Bridge:
+    network: str
+    name: str
+    vlan: int | None
+    port: str  # the uplink, its VLAN subinterface, or "" when the host has no uplink in site.toml
+
+
+@dataclass
+class SetupReport:
+    host: str
+    lines: list[str] = field(default_factory=list)
+    diffs: list[str] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)  # network commands run (or, in a dry run, listed)
+    files: dict[str, bytes] = field(default_factory=dict)  # the rendered bridge file(s), for checks
+    error: str | None = None
+
+
+def bridges(cluster: Cluster, host: PhysicalHost) -> list[Bridge]:
+    """Every network of site.toml gets its bridge on every host, so any VM can run (or migrate) anywhere."""
+    result = []
+    for name in sorted(cluster.site.networks):
+        net = cluster.site.networks[name]
+        port = (f"{host.uplink}.{net.vlan}" if net.vlan else host.uplink) if host.uplink else ""
+        result.append(Bridge(name, net.bridge, net.vlan, port))
+    return result
+
+
+def host_files(cluster: Cluster, host: PhysicalHost) -> tuple[list[FileSpec], FileSpec | None]:
+    """(system files, the bridge file or None for NetworkManager), rendered from templates/."""
+    context = {"host": host, "bridges": bridges(cluster, host)}
+    system = [FileSpec(SYSCTL, render("kvm-setup-sysctl.conf.j2", cluster, **context).encode(),
+                       source="templates/kvm-setup-sysctl.conf.j2"),
+              FileSpec(MODULES, render("kvm-setup-modules.conf.j2", cluster, **context).encode(),
+                       source="templates/kvm-setup-modules.conf.j2")]
+    if host.network_stack not in BRIDGE_FILES:
+        return system, None
+    dest, template, mode = BRIDGE_FILES[host.network_stack]
+    return system, FileSpec(dest, render(template, cluster, **context).encode(), mode=mode,
+                            source=f"templates/{template}")
+
+
+def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str]) -> list[list[str]]:
+    """nmcli argument lists creating the connections not yet in ``existing`` (named kvmconf-<bridge>[-port])."""
+    commands: list[list[str]] = []
+    for bridge in bridges(cluster, host):
+        con = f"kvmconf-{bridge.name}"
+        if con not in existing:
+            commands.append(["nmcli", "connection", "add", "type", "bridge", "con-name", con, "ifname", bridge.name,
+                             "bridge.stp", "no", "bridge.forward-delay", "0", "ipv4.method", "disabled",
+                             "ipv6.method", "ignore"])
+        if bridge.port and f"{con}-port" not in existing:
+            kind = ["type", "vlan", "dev", host.uplink, "id", str(bridge.vlan)] if bridge.vlan else ["type", "ethernet"]
+            commands.append(["nmcli", "connection", "add", *kind, "con-name", f"{con}-port", "ifname", bridge.port,
+                             "master", bridge.name, "slave-type", "bridge"])
+    ups = [["nmcli", "connection", "up", f"kvmconf-{b.name}"] for b in bridges(cluster, host)]
+    return commands + ups if commands else []
+
+
+def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = False,
+          network_dry_run: bool = False) -> SetupReport:
+    if name not in cluster.site.hosts:
+        raise KvmconfError(f"{name}: not a host of {cluster.site.path} (expected one of:"
+                           f" {', '.join(sorted(cluster.site.hosts))})")
+    host = cluster.site.hosts[name]
+    report = SetupReport(name)
+    with connect(resolve(host.address or name, ssh_config)) as conn:
+        try:
+            _steps(conn, cluster, host, report, dry_run, network_dry_run or dry_run)
+        except _StepFailed as err:
+            report.error = f"{err.step}: {err}"
+    return report
+
+
+def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool,
+           network_dry_run: bool) -> None:
+    packages = PACKAGES + STACK_PACKAGES[host.network_stack]
+    state = VmReport(host.name)
+    if dry_run:
+        res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
+        present = {line.split()[0] for line in res.stdout.splitlines() if line.endswith(" installed")}
+        missing = [p for p in packages if p not in present]
+        report.lines.append(f"packages: would install {' '.join(missing)}" if missing else "packages: all present")
+    else:
+        install_packages(conn, packages, state)
+        report.lines.append(f"packages: installed {' '.join(state.installed)}" if state.installed
+                            else "packages: all present")
+    system, bridge_file = host_files(cluster, host)
+    changed = set(_push(conn, system, report, dry_run, "settings"))
+    settings = []
+    if MODULES in changed:
+        settings.append(["modprobe", "br_netfilter"])
+    if SYSCTL in changed:
+        settings.append(["sysctl", "-q", "-p", SYSCTL])
+    _apply(conn, settings, report, dry_run, "settings")
+    _network(conn, cluster, host, bridge_file, report, network_dry_run)
+    if host.nested:
+        res = run(conn, _NESTED)
+        if not {"Y", "1"} & set(res.stdout.split()):
+            raise _StepFailed("nested", "nested virtualisation is off (site.toml says nested = true): set `options"
+                              " kvm_intel nested=1` (or kvm_amd) in /etc/modprobe.d/ and reload the module")
+        report.lines.append("nested: on")
+    dirs = [host.disk_dir, cluster.site.backup.dir]
+    res = run(conn, script(_MISSING_DIRS, *dirs))
+    missing_dirs = res.stdout.splitlines()
+    if missing_dirs and not dry_run:
+        res = run(conn, command("mkdir", "-p", "--", *missing_dirs))
+        if not res.ok:
+            raise _StepFailed("directories", _failure(res))
+    verb = "would create" if dry_run else "created"
+    report.lines.append(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
+
+
+def _push(conn: Connection, files: list[FileSpec], report: SetupReport, dry_run: bool, what: str) -> list[str]:
+    state = VmReport(report.host)
+    push(conn, files, state, dry_run)
+    report.diffs += state.diffs
+    verb = "would change" if dry_run else "changed"
+    report.lines.append(f"{what}: {verb}: {', '.join(state.pushed)}" if state.pushed else f"{what}: unchanged")
+    return state.pushed
+
+
+def _apply(conn: Connection, commands: list[list[str]], report: SetupReport, dry_run: bool, what: str) -> None:
+    for words in commands:
+        if dry_run:
+            report.lines.append(f"{what}: would run: {command(*words)}")
+            continue
+        res = run(conn, command(*words))
+        if not res.ok:
+            raise _StepFailed(what, f"{command(*words)}: {_failure(res)}")
+        report.lines.append(f"{what}: ran: {command(*words)}")
+
+
+def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file: FileSpec | None,
+             report: SetupReport, dry_run: bool) -> None:
+    what = f"network ({host.network_stack})"
+    if bridge_file is None:  # NetworkManager: connections, not files
+        res = run(conn, command("nmcli", "-g", "NAME", "connection", "show"))
+        existing = set(res.stdout.split()) if res.ok else set()
+        commands = nmcli_commands(cluster, host, existing)
+        report.commands = commands
+        if not commands:
+            report.lines.append(f"{what}: connections present")
+        _apply(conn, commands, report, dry_run, what)
+        return
+    report.files[bridge_file.dest] = bridge_file.content
+    if not _push(conn, [bridge_file], report, dry_run, what):
+        return
+    if host.network_stack == "netplan":
+        report.commands = [["netplan", "apply"]]
+    else:  # ifupdown: the VLAN subinterfaces before the bridges on them
+        all_bridges = bridges(cluster, host)
+        report.commands = [["ifup", "--", *[b.port for b in all_bridges if b.vlan], *[b.name for b in all_bridges]]]
+    _apply(conn, report.commands, report, dry_run, what)

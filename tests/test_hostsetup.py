@@ -1,0 +1,140 @@
+"""fab kvm-setup against a real sshd on 127.0.0.x chrooted into an overlay root, and its bridge files checked."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from generators.errors import ConfigError
+from generators.model import Cluster
+from generators.validate import load_cluster
+from kvmconf.hostsetup import MODULES, SYSCTL, bridges, nmcli_commands, setup
+from kvmconf.keyscan import keyscan
+from tests import sshfarm
+from tests.tools import require_tool, run
+
+
+def _with_host(cluster: Cluster, **changes: object) -> Cluster:
+    hosts = dict(cluster.site.hosts)
+    hosts["kvm0"] = dataclasses.replace(hosts["kvm0"], address=None, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts))
+
+
+def test_bridges_follow_site_toml(example: Cluster) -> None:
+    cluster = _with_host(example, uplink="eno1")
+    assert [(b.name, b.vlan, b.port) for b in bridges(cluster, cluster.site.hosts["kvm0"])] == [
+        ("br60", 60, "eno1.60"), ("br0", None, "eno1")]
+
+
+def test_network_manager_commands_are_listed_and_only_for_missing_connections(example: Cluster) -> None:
+    host = _with_host(example, uplink="eno1", network_stack="networkmanager").site.hosts["kvm0"]
+    assert nmcli_commands(example, host, set()) == [
+        ["nmcli", "connection", "add", "type", "bridge", "con-name", "kvmconf-br60", "ifname", "br60",
+         "bridge.stp", "no", "bridge.forward-delay", "0", "ipv4.method", "disabled", "ipv6.method", "ignore"],
+        ["nmcli", "connection", "add", "type", "vlan", "dev", "eno1", "id", "60", "con-name", "kvmconf-br60-port",
+         "ifname", "eno1.60", "master", "br60", "slave-type", "bridge"],
+        ["nmcli", "connection", "add", "type", "bridge", "con-name", "kvmconf-br0", "ifname", "br0",
+         "bridge.stp", "no", "bridge.forward-delay", "0", "ipv4.method", "disabled", "ipv6.method", "ignore"],
+        ["nmcli", "connection", "add", "type", "ethernet", "con-name", "kvmconf-br0-port", "ifname", "eno1",
+         "master", "br0", "slave-type", "bridge"],
+        ["nmcli", "connection", "up", "kvmconf-br60"], ["nmcli", "connection", "up", "kvmconf-br0"]]
+    every = {"kvmconf-br60", "kvmconf-br60-port", "kvmconf-br0", "kvmconf-br0-port"}
+    assert nmcli_commands(example, host, every) == []
+
+
+def test_site_toml_network_keys_are_validated(tmp_path: Path) -> None:
+    site = Path("site.toml").read_text().replace("[hosts.kvm0]\n", '[hosts.kvm0]\nnetwork_stack = "systemd"\n'
+                                                 'uplink = "eth0; reboot"\n')
+    (tmp_path / "site.toml").write_text(site)
+    with pytest.raises(ConfigError) as err:
+        load_cluster(Path("cluster.conf"), tmp_path / "site.toml")
+    messages = [p.message for p in err.value.problems]
+    assert "'systemd' is not a network stack (expected ifupdown, netplan or networkmanager)" in messages[0]
+    assert "'eth0; reboot' is not an interface name" in messages[1]
+
+
+@pytest.fixture(scope="module")
+def farm() -> Iterator[sshfarm.Farm]:
+    started = sshfarm.start(["kvm0"], tag="-hostsetup")
+    try:
+        keyscan(["kvm0"], started.ssh_config)
+        yield started
+    finally:
+        sshfarm.teardown(started.base)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    # The stubs' own logs aside (a dry run may read state with `nmcli ... show`, which the stub logs).
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "kvmconf-test" not in p.parts}
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_ifupdown_host_setup_is_idempotent_with_network_in_dry_run(
+        example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
+    ifquery = require_tool("ifquery")
+    cluster = _with_host(example, uplink="eno1", network_stack="ifupdown")
+    report = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    assert report.error is None, report.lines
+    upper = farm.upper("kvm0")
+    assert b"net.ipv4.ip_forward = 1\n" in (upper / SYSCTL.lstrip("/")).read_bytes()
+    assert (upper / MODULES.lstrip("/")).read_text().endswith("\nbr_netfilter\n")
+    assert farm.log("kvm0", "modprobe") == ["br_netfilter"] and farm.log("kvm0", "sysctl") == [f"-q -p {SYSCTL}"]
+    assert (upper / "var/lib/libvirt/images").is_dir() or Path("/var/lib/libvirt/images").is_dir()
+    assert (farm.root("kvm0") / "var/backups/kvmconf").is_dir()
+    # The network step only printed its file and command.
+    bridge_file = "/etc/network/interfaces.d/kvmconf-bridges"
+    assert not (upper / bridge_file.lstrip("/")).exists() and farm.log("kvm0", "ifup") == []
+    assert "network (ifupdown): would run: ifup -- eno1.60 br60 br0" in report.lines
+    assert any(d.startswith(f"--- {bridge_file}") for d in report.diffs)
+    # ifupdown itself reads the generated file: the VLAN subinterface and the bridges on it.
+    interfaces = tmp_path / "interfaces"
+    interfaces.write_bytes(report.files[bridge_file])
+    listed = run([ifquery, "-i", str(interfaces), "-l"])
+    assert (listed.returncode, listed.stdout.split()) == (0, ["lo", "eno1.60", "br60", "br0"]), listed.stderr
+    br60 = run([ifquery, "-i", str(interfaces), "br60"])
+    assert br60.returncode == 0 and "bridge_ports: eno1.60\n" in br60.stdout, br60.stderr
+    vlan = run([ifquery, "-i", str(interfaces), "eno1.60"])
+    assert vlan.returncode == 0 and "vlan-raw-device: eno1\n" in vlan.stdout, vlan.stderr
+    # Idempotent: a second run changes and applies nothing.
+    farm.clear_logs()
+    again = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    assert again.lines[1:] == ["settings: unchanged", "network (ifupdown): would change: " + bridge_file,
+                               "network (ifupdown): would run: ifup -- eno1.60 br60 br0", "directories: present"]
+    assert farm.log("kvm0", "modprobe") == farm.log("kvm0", "sysctl") == []
+    # (The apt-get stub installs nothing, so the same packages are still missing and asked for again.)
+    assert again.lines[0] == report.lines[0]
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_netplan_and_networkmanager_dry_runs_change_nothing(example: Cluster, farm: sshfarm.Farm) -> None:
+    before = _files(farm.upper("kvm0"))
+    netplan = setup(_with_host(example, uplink="eno1", network_stack="netplan"), "kvm0", farm.ssh_config,
+                    dry_run=True)
+    assert netplan.error is None and netplan.lines[0].startswith("packages: ")
+    doc = yaml.safe_load(netplan.files["/etc/netplan/60-kvmconf-bridges.yaml"])
+    assert doc["network"]["vlans"] == {"eno1.60": {"id": 60, "link": "eno1"}}
+    assert {name: b["interfaces"] for name, b in doc["network"]["bridges"].items()} == {
+        "br0": ["eno1"], "br60": ["eno1.60"]}
+    assert "network (netplan): would run: netplan apply" in netplan.lines
+    nm = setup(_with_host(example, uplink="eno1", network_stack="networkmanager"), "kvm0", farm.ssh_config,
+               dry_run=True)
+    assert nm.error is None and len(nm.commands) == 6
+    assert "network (networkmanager): would run: nmcli connection add type vlan dev eno1 id 60 con-name" \
+           " kvmconf-br60-port ifname eno1.60 master br60 slave-type bridge" in nm.lines
+    assert _files(farm.upper("kvm0")) == before
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_nested_virtualisation_check_names_the_fix(example: Cluster, farm: sshfarm.Farm) -> None:
+    report = setup(_with_host(example, nested=True), "kvm0", farm.ssh_config, dry_run=True)
+    # The chroot has an empty /sys: no KVM module says nested=Y there.
+    assert report.error is not None and report.error.startswith("nested: nested virtualisation is off")
+    assert "options kvm_intel nested=1" in report.error
