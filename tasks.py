@@ -229,16 +229,17 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
 
 
 @task(help={"vm": "the VM to move", "to": "the physical host to move it to",
-            "force": "power the VM off at once instead of asking the guest to shut down",
+            "cold": "shut the VM down and copy its disk, even when it runs (default: live when it runs)",
+            "force": "cold: power the VM off at once instead of asking the guest to shut down",
             "edit": "set host=<to> on the VM's line of cluster.conf afterwards"})
-def migrate(c: Context, vm: str, to: str, force: bool = False, edit: bool = False) -> None:
-    """Move a VM to another host (cold: stop, copy disk, define+start there, then undefine the source)."""
+def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = False, edit: bool = False) -> None:
+    """Move a VM to another host: live when it runs, else cold; the source is undefined once the target runs."""
     from kvmconf import migrate as moving
 
     with _user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
-            moved = moving.migrate(cluster, vm, to, conns, force)
+            moved = moving.migrate(cluster, vm, to, conns, force, cold=cold)
         path = inputs.cluster_path()
         if edit:
             moving.edit_host(path, moved, to)

@@ -1,14 +1,19 @@
-"""`invoke migrate`: move a VM to another physical host, cold.
+"""`invoke migrate`: move a VM to another physical host, live when it runs, else cold.
+
+Live (the VM runs and ``cold`` is not asked): the target's disk is created empty as provisioning
+would, the seed ISO copied, and libvirt copies memory and disk while the guest runs
+(VIR_MIGRATE_LIVE | NON_SHARED_DISK: no shared storage needed); the source domain stays defined
+(shut off) until the target runs, then is undefined. If libvirt refuses or fails, the guest keeps
+running on the source and the target's files are removed: the message names ``--cold``.
 
 Cold, in an order that never leaves the VM without a working copy: shut the VM down (ACPI; or
 power it off with ``force``), copy its disk (and seed ISO) to the target host's paths, define it
 there from the generated XML, start it, wait until it runs, and only then undefine it on the
-source. The source's disk files stay where they were (the message says where) until the admin
-removes them. cluster.conf still says the old ``host=``: the task says which line to change, or
-changes it with ``edit``.
+source.
 
-Live migration (both hosts up, storage copied while the guest runs) is not done here: it needs
-hosts that reach each other's libvirtd and QEMU migration ports, which this tool cannot check.
+Either way the source's disk files stay where they were (the message says where) until the admin
+removes them, and cluster.conf still says the old ``host=``: the task says which line to change,
+or changes it with ``edit``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +29,7 @@ import libvirt
 
 from generators.model import Cluster, DiskKind, Install, Vm
 from generators.paths import disk_path, seed_iso_path
-from kvmconf import domains
+from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, UnknownVm
 from kvmconf.plan import Artifacts
@@ -78,8 +84,49 @@ def _wait(what: str, done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def _live_xml(xml: str, moves: Moves) -> str:
+    """The running domain's migratable XML with the disk and seed paths of the target host."""
+    root = ET.fromstring(xml)
+    paths = dict(moves.files)
+    for source in root.iterfind("devices/disk/source"):
+        for attr in ("file", "dev"):
+            if source.get(attr) in paths:
+                source.set(attr, paths[source.get(attr, "")])
+    return ET.tostring(root, encoding="unicode")
+
+
+def _migrate_live(cluster: Cluster, vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster,
+                  moved: Vm, moves: Moves, log: Log) -> libvirt.virDomain:
+    """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
+    src_run, dst_run = conns.runner(vm.host), conns.runner(to)
+    created: list[str] = []
+    try:
+        disks.create(dst_run, disks.disk_spec(target, moved))  # empty, same size: libvirt mirrors into it
+        created.append(moves.files[0][1])
+        for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
+            copy_file(src_run, dst_run, src, dst)
+            created.append(dst)
+        xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
+        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
+                                     libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
+        if src_run.ssh is None and dst_run.ssh is None:
+            # Both "hosts" are this machine (the lab): QEMU's streams go over loopback, not the machine's name.
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = "tcp://127.0.0.1"
+            params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = "127.0.0.1"
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        log(f"{vm.name}: migrating live to {to} (memory and disk) ...")
+        new = dom.migrate3(conns.get(to), params, flags)
+    except (KvmconfError, libvirt.libvirtError, OSError) as err:
+        for dst in created:
+            dst_run.remove(dst)
+        raise MigrationFailed(f"{vm.name}: live migration to {to} failed: {err}; it still runs on {vm.host} and the"
+                              f" files made on {to} were removed (try --cold: shut down, copy, start there)"
+                              ) from None
+    return new
+
+
 def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: bool = False,
-            shutdown_timeout: float = 120.0, log: Log = print) -> Vm:
+            shutdown_timeout: float = 120.0, log: Log = print, cold: bool = False) -> Vm:
     """Move VM ``name`` from its host in cluster.conf to host ``to``; returns the VM as it is now placed."""
     try:
         vm = cluster.vm(name)
@@ -109,6 +156,14 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         raise KvmconfError(f"{name}: {', '.join(sorted(in_the_way))} exists on {to} already and is never"
                            " overwritten; nothing was changed")
 
+    if domains.is_active(dom) and not cold:
+        new = _migrate_live(cluster, vm, to, conns, dom, target, moved, moves, log)
+        if not _wait("start", lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
+            raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
+                                  f" {vm.host}: check both with `invoke status`")
+        domains.set_autostart(new, moved.autostart)
+        _undefine_source(dom, vm, to, moves, log)
+        return moved
     if domains.is_active(dom):
         if force:
             domains.power_off(dom)
@@ -141,11 +196,16 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         raise MigrationFailed(f"{name}: migration to {to} failed: {err}; the copies on {to} were removed and the"
                               f" VM is still defined (shut off) on {vm.host}: start it there with `invoke start`"
                               ) from None
-    log(f"{name}: running on {to}")
+    _undefine_source(dom, vm, to, moves, log)
+    return moved
+
+
+def _undefine_source(dom: libvirt.virDomain, vm: Vm, to: str, moves: Moves, log: Log) -> None:
+    """Only called once the VM runs on ``to``."""
+    log(f"{vm.name}: running on {to}")
     domains.set_autostart(dom, False)
     domains.undefine(dom, keep_nvram=False)
-    log(f"{name}: undefined on {vm.host}; its files there are kept: {', '.join(src for src, _ in moves.files)}")
-    return moved
+    log(f"{vm.name}: undefined on {vm.host}; its files there are kept: {', '.join(src for src, _ in moves.files)}")
 
 
 def host_line(path: Path, vm: Vm, to: str) -> tuple[str, str]:

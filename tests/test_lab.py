@@ -22,6 +22,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from generators.model import Cluster, Disk, DiskKind
@@ -440,7 +441,7 @@ def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_t
     with source.open("r+b") as disk:  # data the guest would have written
         disk.seek(1 << 30)
         disk.write(pattern)
-    moved = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--force", "--edit")
+    moved = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--cold", "--force", "--edit")
     assert moved.returncode == 0, moved.stderr
     target = clean.images / "kvm1" / "db.img"
     assert moved.stdout.splitlines() == [
@@ -464,6 +465,39 @@ def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_t
     assert re.search(r"^  db +running .* none$", status.stdout, re.M), status.stdout  # no drift: cluster.conf agrees
     again = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1")
     assert (again.returncode, again.stderr) == (1, "kvmconf: db: cluster.conf places it on kvm1 already\n")
+
+
+def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0  # qcow2, running
+    conn = libvirt.open(clean.uri_of("kvm0"))
+    try:
+        dom = conn.lookupByName("web")
+        # Written by QEMU itself into the running guest's disk: what the guest would have written.
+        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 64k"'
+        hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        assert libvirt_qemu.qemuMonitorCommand(dom, command, hmp).strip() == ""
+    finally:
+        conn.close()
+    moved = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm1")
+    assert moved.returncode == 0, moved.stderr
+    source, target = clean.images / "kvm0" / "web.qcow2", clean.images / "kvm1" / "web.qcow2"
+    assert moved.stdout.splitlines()[:3] == [
+        "web: migrating live to kvm1 (memory and disk) ...", "web: running on kvm1",
+        f"web: undefined on kvm0; its files there are kept: {source}"]
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["web"])
+    conn = libvirt.open(clean.uri_of("kvm1"))
+    try:
+        dom = conn.lookupByName("web")
+        assert dom.isActive() and dom.blockInfo("vda")[0] == GIB
+        assert ET.fromstring(dom.XMLDesc(0)).find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
+        persistent = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert persistent.find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
+        domains.power_off(dom)
+    finally:
+        conn.close()
+    check = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64k", str(target)],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout, check.stdout + check.stderr
 
 
 def test_a_migration_whose_target_has_the_disk_already_changes_nothing(workdir: Path, clean: lab.Lab) -> None:
