@@ -62,9 +62,9 @@ def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections
             if all_vms:
                 log(f"{vm.name}: not defined on {vm.host}: skipped")
                 continue
-            outcomes.append(Outcome(vm.name, False, error=f"not defined on {vm.host}"))
-            continue
-        outcome = backup_vm(dom, settings(cluster, progress), keep_of(cluster, vm), log)
+            outcome = Outcome(vm.name, False, error=f"not defined on {vm.host}")
+        else:
+            outcome = backup_vm(dom, settings(cluster, progress), keep_of(cluster, vm), log)
         outcomes.append(outcome)
         log(describe(outcome))
     return outcomes
