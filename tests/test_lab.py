@@ -543,6 +543,27 @@ def test_a_macvtap_nic_on_a_veth_interface_of_the_lab_runs(workdir: Path, clean:
         subprocess.run([*ns, "ip", "link", "del", "kvmdummy0"], check=False)
 
 
+def test_a_pinned_vm_runs_with_its_vcpu_and_emulator_threads_where_site_toml_says(
+        workdir: Path, clean: lab.Lab) -> None:
+    site = (workdir / "site.toml").read_text()
+    (workdir / "site.toml").write_text(site.replace("[hosts.kvm1]\n", '[hosts.kvm1]\nhousekeeping_cpus = "0"\n'
+                                                                      "cpu_overcommit = 2.0\n"))
+    append_vms(workdir, "pin\t52:54:00:50:00:44\t192.168.50.44\t128\t1\t1\t-\thost=kvm1 install=none cpuset=1")
+    done = invoke(workdir, clean, "provision", "--vm", "pin")
+    assert done.returncode == 0, done.stderr
+    conn = libvirt.open(clean.uri_of("kvm1"))
+    try:
+        dom = conn.lookupByName("pin")
+        assert dom.isActive()
+        def on(cpumap: Sequence[bool]) -> list[int]:
+            return [cpu for cpu, pinned in enumerate(cpumap) if pinned]
+
+        assert [on(m) for m in dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)] == [[1]]  # vCPU 0 on host CPU 1
+        assert on(dom.emulatorPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)) == [0]  # QEMU's own threads on CPU 0
+    finally:
+        conn.close()
+
+
 # --- the lab itself ---------------------------------------------------------------------------------
 
 def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: Path) -> None:
