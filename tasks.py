@@ -15,8 +15,9 @@ from pathlib import Path
 from invoke import Collection, Context, Exit, task
 
 from generators.errors import ConfigError, UsageError
+from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf import inputs, lab, lifecycle
+from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import format_plan, make_plan, select
@@ -248,5 +249,39 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
             _old, new = moving.host_line(path, moved, to)
             print(f"{path}:{moved.line} must now say host={to} (or run with --edit); the line becomes:\n{new}")
 
+def _provision_dnsmasq(cluster: Cluster) -> provision_server.Dnsmasq:
+    """The lab's dnsmasq with $KVMCONF_LAB, else the one kvmconf runs on this machine (the provision server)."""
+    directory = inputs.lab_dir()
+    the_lab = lab.Lab.load(directory.absolute()) if directory else None
+    if the_lab is not None:
+        return provision_server.lab_dnsmasq(the_lab)
+    return provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir))
+
+
+@task(name="provision-server")
+def provision_server_task(c: Context) -> None:
+    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
+    with _user_errors():
+        cluster = inputs.load()
+        directory = inputs.lab_dir()
+        the_lab = lab.Lab.load(directory.absolute()) if directory else None
+        if the_lab is not None:
+            provision_server.serve_lab(cluster, the_lab)
+            return
+        provision_server.deploy(cluster, _provision_dnsmasq(cluster))
+        host, port = provision_server.http_address(cluster.site.provision.http_url)
+        print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
+              f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
+              f" --dnsmasq-pid-file={cluster.site.provision.config_dir}/dnsmasq.pid")
+
+
+@task(help={"vm": "the install=pxe VM to install again at its next network boot"})
+def reinstall(c: Context, vm: str) -> None:
+    """Give an installed VM its network installer again (undoes the mark its install left)."""
+    with _user_errors():
+        cluster = inputs.load()
+        provision_server.reinstall(cluster, vm, _provision_dnsmasq(cluster))
+
+
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),
-                backup_task, restore_task, backup_status, keyscan, capacity, migrate)
+                provision_server_task, reinstall, backup_task, restore_task, backup_status, keyscan, capacity, migrate)

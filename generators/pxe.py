@@ -65,6 +65,8 @@ def installer_args(cluster: Cluster, vm: Vm) -> tuple[str, ...]:
         "interface=auto",
         f"BOOTIF=01-{vm.mac_dashes}",
         "netcfg/dhcp_timeout=60",
+        # The domains are headless (`virsh console` is the screen): the installer talks on the serial port.
+        "console=ttyS0,115200n8",
         "---",
     )
 

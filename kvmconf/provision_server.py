@@ -1,0 +1,413 @@
+"""The provision server: dnsmasq (DHCP/DNS/TFTP) with the generated config, the TFTP tree, and HTTP for installers.
+
+Layout under ``[provision] config_dir`` (default /etc/kvmconf) on the provision server:
+
+  build/            the generated files as built (dnsmasq/, preseed/, cloud-init/): the server's pristine copy
+  dnsmasq/          what dnsmasq reads: build/dnsmasq with ``set:install`` dropped for every installed VM
+  installed         the VMs whose network install is done, one name a line: the state a rebuild must keep
+  http.log          one line per HTTP request (client, path, status)
+
+A VM's install is marked done by its installer's late_command fetching ``<http_url>/installed/<vm>``:
+the server drops ``set:install`` from that VM's dhcp-hosts line and SIGHUPs dnsmasq, so the VM's
+next PXE request gets no boot file and the firmware goes on to the disk. ``invoke reinstall --vm``
+flips it back. Because every deploy renders dnsmasq/ from build/ *and* ``installed``, a later
+`make` + deploy never turns an installed VM back into one that reinstalls.
+
+Reloading: a deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmasq
+re-reads those, same PID); a changed main conf is first checked with ``dnsmasq --test`` (together
+with every hostsfile line, which --test alone never reads) and only then replaces the deployed one
+and restarts dnsmasq. A failed check leaves the running daemon and its files as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from generators.build import input_digest, render_all
+from generators.errors import UsageError
+from generators.model import Cluster, Install
+from generators.pxe import BIOS_LOADER_FILES
+from generators.writer import write_tree
+from kvmconf.errors import KvmconfError
+from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq
+
+Log = Callable[[str], None]
+
+INSTALL_TAG = "set:install,"
+STATE_FILE = "installed"
+HTTP_LOG = "http.log"
+SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <http_url>/<dir>/...
+# The Debian netboot package per suite: debian-installer-<N>-netboot-amd64 puts its tree here.
+NETBOOT_RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
+NETBOOT_DIR = "/usr/lib/debian-installer/images/{release}/amd64/text"
+GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
+
+
+# --- installed state --------------------------------------------------------------------------------
+
+def read_installed(config_dir: Path) -> set[str]:
+    try:
+        text = (config_dir / STATE_FILE).read_text()
+    except FileNotFoundError:
+        return set()
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def write_installed(config_dir: Path, names: Iterable[str]) -> None:
+    body = "".join(f"{name}\n" for name in sorted(set(names)))
+    _write_atomic(config_dir / STATE_FILE, "# VMs whose network install is done (kvmconf provision server)\n" + body)
+
+
+def hostsfile_text(pristine: str, installed: bool) -> str:
+    """A VM's dhcp-hosts file as dnsmasq should read it: without set:install once the VM is installed."""
+    return pristine.replace("," + INSTALL_TAG, ",") if installed else pristine
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- dnsmasq -----------------------------------------------------------------------------------------
+
+@dataclass
+class Dnsmasq:
+    """The running dnsmasq: found through its pid file, (re)started with ``start(conf)``."""
+
+    pid_file: Path
+    start: Callable[[Path], None]
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the hostsfiles and the hosts file. False when it is not running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGHUP)
+        return True
+
+    def restart(self, conf: Path) -> None:
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and _running(pid):
+                time.sleep(0.05)
+        self.start(conf)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def system_dnsmasq(config_dir: Path) -> Dnsmasq:
+    """dnsmasq on a real provision server, run by kvmconf with the deployed config (not /etc/dnsmasq.conf)."""
+    pid_file = config_dir / "dnsmasq.pid"
+
+    def start(conf: Path) -> None:
+        _check_call(["dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}"])
+
+    return Dnsmasq(pid_file, start)
+
+
+def _check_call(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise KvmconfError(f"`{' '.join(argv)}` failed with exit status {result.returncode}:"
+                           f" {(result.stderr or result.stdout).strip()}")
+    return result.stdout
+
+
+def check_dnsmasq(conf_text: str, hostsfile_lines: Iterable[str], scratch: Path) -> None:
+    """``dnsmasq --test`` on the main conf plus every hostsfile line as a dhcp-host= option (--test skips files)."""
+    check = scratch / "dnsmasq-check.conf"
+    check.write_text(conf_text + "\n" + "".join(f"dhcp-host={line}\n" for line in hostsfile_lines))
+    try:
+        result = subprocess.run(["dnsmasq", "--test", f"--conf-file={check}"], capture_output=True, text=True,
+                                timeout=60, check=False)
+    finally:
+        check.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise KvmconfError("dnsmasq --test rejected the new configuration; the running one stays:"
+                           f" {(result.stderr or result.stdout).strip()}")
+
+
+def _entries(directory: Path) -> dict[str, str]:
+    if not directory.is_dir():
+        return {}
+    return {p.name: p.read_text() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _config_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
+    """Make config_dir/dnsmasq from config_dir/build/dnsmasq and the installed state; reload or restart.
+
+    Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started".
+    """
+    source = config_dir / "build" / "dnsmasq"
+    live = config_dir / "dnsmasq"
+    installed = read_installed(config_dir)
+    conf = (source / "dnsmasq.conf").read_text()
+    hosts = {name: hostsfile_text(text, name in installed) for name, text in _entries(source / "dhcp-hosts").items()}
+    addn = (source / "hosts").read_text()
+    old_conf = (live / "dnsmasq.conf").read_text() if (live / "dnsmasq.conf").exists() else None
+    conf_changed = old_conf != conf
+    # Always checked, also when only hostsfiles changed: at runtime dnsmasq skips a bad line silently.
+    check_dnsmasq(conf, [line for text in hosts.values() for line in _config_lines(text)], config_dir)
+    old_hosts = _entries(live / "dhcp-hosts")
+    old_addn = (live / "hosts").read_text() if (live / "hosts").exists() else None
+    (live / "dhcp-hosts").mkdir(parents=True, exist_ok=True)
+    for name, text in hosts.items():
+        if old_hosts.get(name) != text:
+            _write_atomic(live / "dhcp-hosts" / name, text)
+    for name in old_hosts.keys() - hosts.keys():
+        (live / "dhcp-hosts" / name).unlink()
+    if old_addn != addn:
+        _write_atomic(live / "hosts", addn)
+    if conf_changed:
+        _write_atomic(live / "dnsmasq.conf", conf)
+    running = dnsmasq.pid() is not None
+    if conf_changed or not running:
+        dnsmasq.restart(live / "dnsmasq.conf")
+        what = "restarted" if running else "started"
+    elif old_hosts != hosts or old_addn != addn:
+        dnsmasq.reload()
+        what = "reloaded"
+    else:
+        what = "unchanged"
+    log(f"provision server: dnsmasq {what}")
+    return what
+
+
+def set_installed(config_dir: Path, vm: str, done: bool, dnsmasq: Dnsmasq) -> bool:
+    """Mark a VM's install done (or to be redone), rewrite its dhcp-hosts file, SIGHUP. False: no such VM."""
+    pristine = config_dir / "build" / "dnsmasq" / "dhcp-hosts" / vm
+    if not vm or "/" in vm or vm.startswith(".") or not pristine.is_file():
+        return False
+    installed = read_installed(config_dir)
+    write_installed(config_dir, installed | {vm} if done else installed - {vm})
+    live = config_dir / "dnsmasq" / "dhcp-hosts"
+    live.mkdir(parents=True, exist_ok=True)
+    _write_atomic(live / vm, hostsfile_text(pristine.read_text(), done))
+    dnsmasq.reload()
+    return True
+
+
+# --- TFTP tree -----------------------------------------------------------------------------------------
+
+def netboot_dir(suite: str) -> Path:
+    release = NETBOOT_RELEASES.get(suite)
+    if release is None:
+        raise KvmconfError(f"no Debian netboot images known for suite {suite!r} (known: {', '.join(NETBOOT_RELEASES)})")
+    path = Path(NETBOOT_DIR.format(release=release))
+    if not path.is_dir():
+        raise KvmconfError(f"{path} is missing: install the package debian-installer-{release}-netboot-amd64")
+    return path
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        raise KvmconfError(f"{src} is missing (needed in the TFTP root as {dst.name})")
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.new")
+    shutil.copy2(src, tmp)
+    tmp.chmod(0o644)  # TFTP serves world-readable files only
+    tmp.replace(dst)
+
+
+def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
+    """The TFTP root: the generated boot configs, pxelinux, a GRUB EFI image with prefix /grub, each OS's installer."""
+    tftp_root.mkdir(parents=True, exist_ok=True)
+    if (build / "tftp").is_dir():
+        shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True)
+    for name, src in BIOS_LOADER_FILES.items():
+        _copy_if_changed(Path(src), tftp_root / name)
+    if not (tftp_root / "grub" / "x86_64-efi" / "core.efi").exists():
+        if not GRUB_EFI_MODULES.is_dir():
+            raise KvmconfError(f"{GRUB_EFI_MODULES} is missing: install the package grub-efi-amd64-bin")
+        # Debian's netboot grubx64.efi has /debian-installer/amd64/grub built in as its prefix: it would never
+        # read grub/grub.cfg. grub-mknetdir makes an image whose prefix is the TFTP directory grub/.
+        _check_call(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}", "--subdir=grub"])
+    _copy_if_changed(tftp_root / "grub" / "x86_64-efi" / "core.efi", tftp_root / "grub" / "grubx64.efi")
+    for release in cluster.site.oses.values():
+        if release.family != "debian" or not release.kernel or not release.initrd:
+            continue
+        source = netboot_dir(release.suite)
+        for rel in (release.kernel, release.initrd):
+            _copy_if_changed(source / rel.lstrip("/"), tftp_root / rel.lstrip("/"))
+
+
+# --- building and deploying -------------------------------------------------------------------------------
+
+def stage_build(cluster: Cluster, config_dir: Path) -> Path:
+    """Render the cluster into config_dir/build (only files that changed are rewritten)."""
+    build = config_dir / "build"
+    write_tree(build, render_all(cluster), input_digest(cluster))
+    return build
+
+
+def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
+    """Everything the provision server serves, from the cluster: build, TFTP tree, dnsmasq (reload or restart)."""
+    config_dir = Path(cluster.site.provision.config_dir)
+    build = stage_build(cluster, config_dir)
+    assemble_tftp(cluster, build, Path(cluster.site.provision.tftp_root))
+    return deploy_dnsmasq(config_dir, dnsmasq, log)
+
+
+def reinstall(cluster: Cluster, name: str, dnsmasq: Dnsmasq, log: Log = print) -> None:
+    """Undo an install mark: the VM's next PXE request gets its installer again (its disk must be empty to ask)."""
+    if name not in {vm.name for vm in cluster.vms}:
+        raise UsageError(f"no VM {name!r} in cluster.conf")
+    vm = cluster.vm(name)
+    if vm.install is not Install.PXE:
+        raise KvmconfError(f"{name} is install={vm.install.value} in cluster.conf: only install=pxe VMs are"
+                           " reinstalled over the network")
+    if not set_installed(Path(cluster.site.provision.config_dir), name, False, dnsmasq):
+        raise KvmconfError(f"{name} is not deployed on the provision server yet: run `invoke provision-server`")
+    log(f"{name}: network install enabled again (dnsmasq reloaded); it installs at its next PXE boot")
+
+
+# --- HTTP --------------------------------------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    server: ProvisionHTTPServer
+
+    def do_GET(self) -> None:
+        path = unquote(urlsplit(self.path).path)
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] == "installed":
+            done = set_installed(self.server.config_dir, parts[1], True, self.server.dnsmasq)
+            self._answer(200 if done else 404, b"installed\n" if done else b"no such VM\n")
+            return
+        if len(parts) >= 2 and parts[0] in SERVED and not any(p.startswith(".") for p in parts):
+            file = self.server.config_dir / "build" / Path(*parts)
+            if file.is_file():
+                self._answer(200, file.read_bytes())
+                return
+        self._answer(404, b"not found\n")
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.client_address[0]} {self.command} {self.path} {code}\n"
+        with self.server.lock, (self.server.config_dir / HTTP_LOG).open("a") as f:
+            f.write(line)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # errors are in http.log through log_request
+
+
+class ProvisionHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], config_dir: Path, dnsmasq: Dnsmasq) -> None:
+        super().__init__(address, Handler)
+        self.config_dir = config_dir
+        self.dnsmasq = dnsmasq
+        self.lock = threading.Lock()
+
+
+def http_address(http_url: str) -> tuple[str, int]:
+    parts = urlsplit(http_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise KvmconfError(f"[provision] http_url {http_url!r}: the provision server serves plain http://host[:port]")
+    return parts.hostname, parts.port or 80
+
+
+def _no_start(_conf: Path) -> None:
+    raise KvmconfError("programming error: this Dnsmasq is only reloaded or looked up")
+
+
+# --- the lab ------------------------------------------------------------------------------------------------
+
+def lab_dnsmasq(the_lab: Lab) -> Dnsmasq:
+    """The lab's dnsmasq: started by kvmconf.lab inside the namespace, with its state in the lab directory."""
+    return Dnsmasq(the_lab.dir / "dnsmasq.pid", lambda conf: start_dnsmasq(the_lab, conf))
+
+
+def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
+    """The provision server inside the lab's namespace: deploy (``cluster`` is already remapped), then HTTP."""
+    what = deploy(cluster, lab_dnsmasq(the_lab), log)
+    # Its PID stays in http.pid, not in Lab.pids (the lab's own daemons); lab teardown stops it with the
+    # namespace's other processes.
+    pid_file = the_lab.dir / "http.pid"
+    pid = Dnsmasq(pid_file, _no_start).pid()
+    if pid and alive(pid) and in_netns(pid, the_lab.netns):
+        return what
+    pid_file.unlink(missing_ok=True)
+    host, port = http_address(cluster.site.provision.http_url)
+    config_dir = Path(cluster.site.provision.config_dir)
+    root = Path(__file__).resolve().parent.parent
+    with (the_lab.dir / "http-server.log").open("ab") as out:
+        subprocess.Popen(
+            ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",
+             f"--config-dir={config_dir}", f"--bind={host}:{port}",
+             f"--dnsmasq-pid-file={the_lab.dir / 'dnsmasq.pid'}", f"--pid-file={pid_file}"],
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        if time.monotonic() > deadline:
+            raise KvmconfError(f"lab: the provision HTTP server did not start; see {the_lab.dir / 'http-server.log'}")
+        time.sleep(0.05)
+    log(f"lab: provision server at {cluster.site.provision.http_url} (pid {pid_file.read_text().strip()})")
+    return what
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m kvmconf.provision_server serve`: the HTTP server, in the foreground (the lab runs it so)."""
+    parser = argparse.ArgumentParser(prog="kvmconf.provision_server")
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("--config-dir", type=Path, required=True)
+    parser.add_argument("--bind", required=True, help="host:port")
+    parser.add_argument("--dnsmasq-pid-file", type=Path, required=True)
+    parser.add_argument("--pid-file", type=Path)
+    args = parser.parse_args(argv)
+    host, _, port = args.bind.rpartition(":")
+
+    server = ProvisionHTTPServer((host, int(port)), args.config_dir, Dnsmasq(args.dnsmasq_pid_file, _no_start))
+    if args.pid_file:
+        _write_atomic(args.pid_file, f"{os.getpid()}\n")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The provision server without a lab: install marks, the HTTP server on loopback, the reload decisions."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from generators.model import Cluster
+from kvmconf import provision_server
+from kvmconf.errors import KvmconfError
+from kvmconf.provision_server import Dnsmasq, ProvisionHTTPServer
+from tests.tools import require_tool
+
+LINE = "52:54:00:50:00:03,set:install,192.168.50.3,mcp,infinite"
+
+
+class FakeDnsmasq(Dnsmasq):
+    """Records reloads and restarts instead of signalling a process."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp / "dnsmasq.pid", self._start)
+        self.calls: list[str] = []
+        self.running = False
+
+    def _start(self, conf: Path) -> None:
+        self.calls.append(f"start {conf.name}")
+        self.running = True
+
+    def pid(self) -> int | None:
+        return 4242 if self.running else None
+
+    def reload(self) -> bool:
+        self.calls.append("reload")
+        return self.running
+
+    def restart(self, conf: Path) -> None:
+        if self.running:
+            self.calls.append("stop")
+        self._start(conf)
+
+
+def test_an_installed_vm_loses_only_its_install_tag() -> None:
+    text = f"# banner\n{LINE}\n"
+    done = "# banner\n52:54:00:50:00:03,192.168.50.3,mcp,infinite\n"
+    assert provision_server.hostsfile_text(text, installed=True) == done
+    assert provision_server.hostsfile_text(text, installed=False) == text
+
+
+def test_the_installed_state_round_trips_sorted(tmp_path: Path) -> None:
+    assert provision_server.read_installed(tmp_path) == set()
+    provision_server.write_installed(tmp_path, ["web", "mcp", "web"])
+    assert (tmp_path / "installed").read_text().splitlines()[1:] == ["mcp", "web"]
+    assert provision_server.read_installed(tmp_path) == {"mcp", "web"}
+
+
+@pytest.fixture
+def served(example: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, FakeDnsmasq]]:
+    config_dir = tmp_path / "kvmconf"
+    build = provision_server.stage_build(example, config_dir)
+    shutil.copytree(build / "dnsmasq", config_dir / "dnsmasq")
+    fake = FakeDnsmasq(tmp_path)
+    fake.running = True
+    server = ProvisionHTTPServer(("127.0.0.1", 0), config_dir, fake)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", config_dir, fake
+    server.shutdown()
+    server.server_close()
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(
+        served: tuple[str, Path, FakeDnsmasq]) -> None:
+    url, config_dir, _ = served
+    assert _get(f"{url}/preseed/mcp.cfg") == (200, (config_dir / "build/preseed/mcp.cfg").read_bytes())
+    assert _get(f"{url}/cloud-init/login/user-data") == (200, (config_dir / "build/cloud-init/login/user-data")
+                                                         .read_bytes())
+    for path in ("/preseed/nosuch.cfg", "/preseed/../dnsmasq/dnsmasq.conf", "/preseed/%2e%2e/installed",
+                 "/dnsmasq/dnsmasq.conf", "/build/preseed/mcp.cfg"):
+        assert _get(url + path)[0] == 404, path
+    log = (config_dir / provision_server.HTTP_LOG).read_text().splitlines()
+    assert log[0].split()[1:] == ["127.0.0.1", "GET", "/preseed/mcp.cfg", "200"]
+
+
+def test_installed_url_drops_the_install_tag_and_reloads_and_reinstall_restores_it(
+        served: tuple[str, Path, FakeDnsmasq], example: Cluster) -> None:
+    url, config_dir, fake = served
+    hostsfile = config_dir / "dnsmasq" / "dhcp-hosts" / "mcp"
+    assert hostsfile.read_text().splitlines()[-1] == LINE
+    assert _get(f"{url}/installed/mcp") == (200, b"installed\n")
+    assert hostsfile.read_text().splitlines()[-1] == "52:54:00:50:00:03,192.168.50.3,mcp,infinite"
+    assert provision_server.read_installed(config_dir) == {"mcp"} and fake.calls == ["reload"]
+    assert _get(f"{url}/installed/nosuch")[0] == 404 and fake.calls == ["reload"]
+    cluster = _at(example, config_dir)
+    lines: list[str] = []
+    provision_server.reinstall(cluster, "mcp", fake, lines.append)
+    assert hostsfile.read_text().splitlines()[-1] == LINE and provision_server.read_installed(config_dir) == set()
+    assert fake.calls == ["reload", "reload"]
+    assert lines == ["mcp: network install enabled again (dnsmasq reloaded); it installs at its next PXE boot"]
+    with pytest.raises(KvmconfError, match=r"login is install=cloud in cluster\.conf: only install=pxe VMs"):
+        provision_server.reinstall(cluster, "login", fake)
+
+
+def _at(cluster: Cluster, config_dir: Path) -> Cluster:
+    import dataclasses
+
+    provision = dataclasses.replace(cluster.site.provision, config_dir=str(config_dir))
+    return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, provision=provision))
+
+
+@pytest.mark.consumer
+def test_deploy_starts_then_reloads_only_for_hostsfiles_and_keeps_install_marks(
+        example: Cluster, tmp_path: Path) -> None:
+    require_tool("dnsmasq")
+    config_dir = tmp_path / "kvmconf"
+    provision_server.stage_build(example, config_dir)
+    fake = FakeDnsmasq(tmp_path)
+    assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "started"
+    assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "unchanged"
+    provision_server.write_installed(config_dir, ["mcp"])
+    assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "reloaded"
+    assert "set:install" not in (config_dir / "dnsmasq/dhcp-hosts/mcp").read_text()
+    assert "set:install" in (config_dir / "dnsmasq/dhcp-hosts/ldap").read_text()
+    assert fake.calls == ["start dnsmasq.conf", "reload"]
+    conf = config_dir / "build/dnsmasq/dnsmasq.conf"
+    good = conf.read_text()
+    conf.write_text(good + "dhcp-range=not-an-address\n")
+    with pytest.raises(KvmconfError, match="dnsmasq --test rejected the new configuration; the running one stays"):
+        provision_server.deploy_dnsmasq(config_dir, fake, print)
+    assert (config_dir / "dnsmasq/dnsmasq.conf").read_text() == good and fake.calls == ["start dnsmasq.conf", "reload"]
+    conf.write_text(good + "log-queries\n")
+    assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "restarted"
+    assert fake.calls[-2:] == ["stop", "start dnsmasq.conf"]
