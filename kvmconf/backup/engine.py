@@ -366,6 +366,7 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targ
             sizes: dict[str, int], parent: Manifest | None, checkpoint: str | None, kind: str, frozen: bool,
             notes: list[str], started: float) -> Manifest:
     files = []
+    copied = time.monotonic()
     for disk in disks:
         target = targets[disk.dev]
         _fsync(target)
@@ -374,7 +375,9 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targ
                               sha256_file(target), backing))
     manifest = Manifest(store.vm, stamp, kind, stamp if parent is None else parent.chain,
                         None if parent is None else parent.time, checkpoint, frozen, notes, files,
-                        round(time.monotonic() - started, 3))
+                        round(time.monotonic() - started, 3),
+                        {"copy_seconds": round(copied - started, 3),
+                         "checksum_seconds": round(time.monotonic() - copied, 3)})
     write_point_files(partial, manifest)
     final = store.point_dir(stamp)
     partial.rename(final)  # the point exists from here on, complete
