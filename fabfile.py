@@ -30,7 +30,9 @@ def _ssh_config() -> Path:
 def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
     try:
         cluster = inputs.load()
-        report = run_cluster(cluster, vm, full, Options(_ssh_config(), max(1, parallel), dry_run))
+        # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
+        recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
+        report = run_cluster(cluster, vm, full, Options(_ssh_config(), max(1, parallel), dry_run, recipes))
     except ConfigError as err:
         raise Exit("\n".join(map(str, err.problems)), 1) from None
     except (UsageError, KvmconfError) as err:
