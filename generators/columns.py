@@ -253,18 +253,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("boot", _enum_parser(Boot), "bios, uefi", "bios", "firmware"),
     Option("cpuset", parse_cpuset, "CPU list, e.g. `2-3` or `4,6`", "none",
            "pin vCPU i to the i-th CPU of the list; its size must equal the cpus column, it needs"
-           " `host=<name>`, and no two VMs on a host may share a CPU"),
+           " `host=<name>`, and no two VMs on a host may share a CPU; the host's `housekeeping_cpus` are"
+           " refused, and the VM's emulator threads are pinned to them"),
     Option("nic", parse_nic, "`bridge:<network>`, `macvtap:<interface>[:<mode>]`, `pci:<dddd:bb:ss.f>`,"
            " `vf:<pf>[:<index>]`; `/<mac>` after any but pci", "none",
            "an extra NIC (repeatable, in order): a tap on a network's bridge; MACVTAP on a host interface"
            " listed in `[hosts.*] interfaces` (by name or MAC; mode bridge, vepa, private or passthrough,"
            " default bridge); a PCI function of `[hosts.*] pci` passed through, managed by libvirt; an SR-IOV"
-           " VF of a PF in `[hosts.*] sriov`, chosen by libvirt from the PF's free VFs when the VM starts, or"
-           " pinned by index. Without `/<mac>` the n-th NIC's MAC is the VM's MAC with 4×n added to its first"
+           " VF of a PF in `[hosts.*] sriov`, chosen by libvirt from the PF's free VFs when the VM starts"
+           " (through the host's hostdev network `vf-<pf>`), or pinned by index (needs the PF's VF addresses"
+           " listed in `sriov`). Without `/<mac>` the n-th NIC's MAC is the VM's MAC with 4×n added to its first"
            " byte; a PCI function on two VMs of a host, or more VFs than the PF has, is refused", repeatable=True),
     Option("numa", parse_numa, "a NUMA node number", "none",
-           "bind the VM's memory to this NUMA node of its host (below `[hosts.*] numa_nodes`); with `cpuset=`,"
-           " the emulator threads run on the host's `housekeeping_cpus`"),
+           "bind the VM's memory to this NUMA node of its host (strict; below `[hosts.*] numa_nodes`)"),
     Option("after", parse_after, "comma list of VM names defined earlier", "none",
            "deploy dependencies: this VM is deployed after those"),
     Option("autostart", parse_bool, "yes, no", "yes", "start the VM when its host boots"),
