@@ -6,6 +6,8 @@ import datetime as dt
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from kvmconf.backup import journal, report
 from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
@@ -107,3 +109,20 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")
     assert unknown.returncode == 1 and "nosuch: not a VM of cluster.conf" in unknown.stderr, unknown.stderr
+
+
+def test_progress_shows_bytes_done_and_total_per_disk(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvmconf.backup.engine import _Progress
+
+    class FakeDomain:
+        def blockJobInfo(self, dev: str, flags: int) -> dict[str, int]:
+            return {"vda": {"cur": 3 << 20, "end": 64 << 20}, "vdb": {"cur": 32 << 20, "end": 32 << 20}}[dev]
+
+    disks = [VmDisk("vda", "/d/a", "qcow2", ""), VmDisk("vdb", "/d/b", "raw", "")]
+    progress = _Progress("vm", disks, enabled=True)
+    progress.update(FakeDomain())
+    progress.done()
+    silent = _Progress("vm", disks, enabled=False)  # cron: no terminal, no progress lines in the log
+    silent.update(FakeDomain())
+    silent.done()
+    assert capsys.readouterr().err == "\rvm: vda 3/64 MiB, vdb 32/32 MiB   \n"
