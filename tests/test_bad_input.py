@@ -291,6 +291,28 @@ CASES = [
          (site(45, 1, "key 'hosts.kvm1.sriov': eno2 = 0 is not a VF count (expected a number of VFs 1-256, or the"
                       " list of the VFs' PCI addresses)"),),
          site=sub("[hosts.kvm1]\n", "[hosts.kvm1]\nsriov = {eno2 = 0}\n")),
+    Case("site-pci-not-an-address",
+         (site(45, 1, "key 'hosts.kvm1.pci': '1a:00.1' is not a PCI address (expected dddd:bb:ss.f, e.g."
+                      " 0000:1a:00.1)"),),
+         site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\npci = ["1a:00.1"]\n')),
+    Case("site-housekeeping-beyond-host",
+         (site(45, 1, "key 'hosts.kvm1.housekeeping_cpus': '14-16' names CPUs the host does not have (expected"
+                      " CPUs 0-15)"),),
+         site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\nhousekeeping_cpus = "14-16"\n')),
+    Case("site-interface-bad-mac",
+         (site(45, 1, "key 'hosts.kvm1.interfaces': 'eno1' = 'zz' is not an interface (expected a name of at most"
+                      " 15 letters, digits, '-', '_', '.', and optionally its MAC xx:xx:xx:xx:xx:xx)"),),
+         site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\ninterfaces = {eno1 = "zz"}\n')),
+    Case("nic-vf-pinned-twice",
+         (option_problem(NEW + 1, 59, "option 'nic': VF 1 of eno2 (0000:3b:02.1) on host 'kvm1' is already given"
+                                      " to 'new' (expected each PCI function on one VM only)"),),
+         add(vm(options="host=kvm1 nic=vf:eno2:1"),
+             vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98", options="host=kvm1 nic=vf:eno2:1")),
+         site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\nsriov = {eno2 = ["0000:3b:02.0", "0000:3b:02.1"]}\n')),
+    Case("nic-macvtap-on-auto-placed-vm",
+         (option_problem(NEW, 49, "option 'nic': 'eno1' is not an interface of host 'kvm0' (expected one of: none"
+                                  " listed from [hosts.kvm0] interfaces in {site}; host=auto chose 'kvm0')"),),
+         add(vm(options="nic=macvtap:eno1")), site=devices),
     Case("after-unknown", (option_problem(NEW, 70, f"option 'after': 'nosuch' {AFTER_RULE}"),),
          add(vm(options="host=kvm1 after=ldap,nosuch"))),
     Case("after-later-vm", (option_problem(NEW, 65, f"option 'after': 'later' {AFTER_RULE}"),),
