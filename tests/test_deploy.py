@@ -18,12 +18,15 @@ from kvmconf.keyscan import HostKeyChanged, keyscan
 from kvmconf.recipes import RECIPE_DIR, RecipeError
 from kvmconf.remote import RemoteError, command, connect, resolve, script
 from tests import sshfarm
+from tests.tools import require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def farm(example: Cluster) -> Iterator[sshfarm.Farm]:
+    require_tool("sshd")
+    require_tool("nagios4")  # mcp's hook checks the deployed configuration with it
     started = sshfarm.start([vm.name for vm in example.vms])
     try:
         keyscan([vm.name for vm in example.vms], started.ssh_config)

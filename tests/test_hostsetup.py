@@ -59,6 +59,7 @@ def test_site_toml_network_keys_are_validated(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def farm() -> Iterator[sshfarm.Farm]:
+    require_tool("sshd")
     started = sshfarm.start(["kvm0"], tag="-hostsetup")
     try:
         keyscan(["kvm0"], started.ssh_config)
