@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf.connection import Connections
+from kvmconf import domains
+from kvmconf.connection import Connections, connections
 from kvmconf.errors import KvmconfError
-from kvmconf.migrate import edit_host, files_to_copy, host_line, migrate, on_host
+from kvmconf.migrate import MigrationFailed, edit_host, files_to_copy, host_line, migrate, on_host
+from kvmconf.plan import Artifacts
 
 
 def test_files_go_to_the_target_hosts_disk_dir(example: Cluster) -> None:
@@ -64,3 +68,80 @@ def test_refused_requests_touch_no_host(example: Cluster, vm: str, to: str, mess
     conns = Connections(example, opener=no_libvirt)
     with pytest.raises(KvmconfError, match=message.replace("(", r"\(").replace(")", r"\)")):
         migrate(example, vm, to, conns)
+
+
+# --- the move itself, on two private instances of libvirt's test driver (two "hosts") ------------------
+
+@pytest.fixture
+def two_hosts(example: Cluster, tmp_path: Path) -> Cluster:
+    """The example cluster with kvm0 and kvm1 as separate test-driver instances and disk dirs in tmp_path."""
+    hosts = {}
+    for name, host in example.site.hosts.items():
+        (tmp_path / f"{name}.xml").write_text("<node/>\n")
+        (tmp_path / name).mkdir()
+        hosts[name] = dataclasses.replace(host, uri=f"test://{tmp_path}/{name}.xml", disk_dir=str(tmp_path / name))
+    return dataclasses.replace(example, site=dataclasses.replace(example.site, hosts=hosts))
+
+
+def _running_db(cluster: Cluster, conns: Connections) -> Path:
+    vm = cluster.vm("db")
+    disk = Path(cluster.site.hosts["kvm0"].disk_dir) / "db.img"
+    with disk.open("wb") as f:
+        f.truncate(1 << 30)
+        f.seek(1 << 20)
+        f.write(b"kvmconf data" * 1000)
+    domains.start(domains.define(conns.get("kvm0"), Artifacts(cluster).domain_xml(vm)))
+    return disk
+
+
+def test_cold_move_copies_the_disk_and_undefines_the_source_only_while_the_target_runs(
+        two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        real_undefine = domains.undefine
+
+        def undefine(dom: libvirt.virDomain, keep_nvram: bool) -> None:
+            target = domains.lookup(conns.get("kvm1"), "db")
+            seen.append(target is not None and domains.is_active(target))
+            real_undefine(dom, keep_nvram)
+
+        monkeypatch.setattr(domains, "undefine", undefine)
+        log: list[str] = []
+        moved = migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
+        assert moved.host == "kvm1"
+        assert seen == [True]  # the source went away only while the target ran
+        assert domains.lookup(conns.get("kvm0"), "db") is None
+        assert domains.is_active(conns.get("kvm1").lookupByName("db"))
+    target = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"
+    assert target.read_bytes() == source.read_bytes()
+    assert log[0] == "db: powered off on kvm0" and log[-1].startswith("db: undefined on kvm0; its files there")
+
+
+def test_a_target_that_does_not_start_leaves_the_source_defined_and_nothing_on_the_target(
+        two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+
+        def start(dom: libvirt.virDomain) -> bool:
+            raise libvirt.libvirtError("no QEMU today")
+
+        monkeypatch.setattr(domains, "start", start)
+        with pytest.raises(MigrationFailed, match=r"db: migration to kvm1 failed: no QEMU today; the copies on kvm1"
+                                                  r" were removed and the VM is still defined \(shut off\) on kvm0"):
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.lookup(conns.get("kvm0"), "db") is not None
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+def test_a_failed_live_migration_keeps_the_vm_running_on_the_source(two_hosts: Cluster) -> None:
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        # The test driver cannot migrate: a real refusal from libvirt.
+        with pytest.raises(MigrationFailed, match=r"db: live migration to kvm1 failed: .*; it still runs on kvm0 and"
+                                                  r" the files made on kvm1 were removed \(try --cold"):
+            migrate(two_hosts, "db", "kvm1", conns, log=lambda _: None)
+        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
