@@ -9,6 +9,7 @@ changed. VMs run in waves: a VM starts once the VMs of its ``after=`` are done, 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 import threading
 import time
@@ -138,8 +139,6 @@ def remote_state(conn: Connection, paths: Sequence[str]) -> list[str]:
 
 
 def _wanted_state(spec: FileSpec) -> str:
-    import hashlib
-
     return f"{spec.owner}:{spec.group}:{int(spec.mode, 8):o} {hashlib.sha256(spec.content).hexdigest()}"
 
 

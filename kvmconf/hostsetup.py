@@ -184,5 +184,6 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         report.commands = [["netplan", "apply"]]
     else:  # ifupdown: the VLAN subinterfaces before the bridges on them
         all_bridges = bridges(cluster, host)
-        report.commands = [["ifup", "--", *[b.port for b in all_bridges if b.vlan], *[b.name for b in all_bridges]]]
+        vlans = [b.port for b in all_bridges if b.vlan and b.port]
+        report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
     _apply(conn, report.commands, report, dry_run, what)

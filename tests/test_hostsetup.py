@@ -139,3 +139,21 @@ def test_nested_virtualisation_check_names_the_fix(example: Cluster, farm: sshfa
     # The chroot has an empty /sys: no KVM module says nested=Y there.
     assert report.error is not None and report.error.startswith("nested: nested virtualisation is off")
     assert "options kvm_intel nested=1" in report.error
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_fab_kvm_setup_dry_run_on_the_example_site(farm: sshfarm.Farm, tmp_path: Path) -> None:
+    # The example site.toml names no uplink: bridges without ports, and no VLAN subinterface to create.
+    proc = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(farm.ssh_config), "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "(dry run: nothing changed)\nkvm0: packages: " in proc.stdout
+    assert "\nkvm0: network (ifupdown): would run: ifup -- br60 br0\n" in proc.stdout
+    interfaces = tmp_path / "interfaces"
+    body = proc.stdout.split("+++ /etc/network/interfaces.d/kvmconf-bridges (from templates/kvm-setup-interfaces.j2)\n")
+    interfaces.write_text("".join(line[1:] + "\n" for line in body[1].splitlines()[1:] if line.startswith("+")))
+    listed = run([require_tool("ifquery"), "-i", str(interfaces), "br60"])
+    assert (listed.returncode, listed.stdout) == (0, "bridge_ports: none\nbridge_stp: off\nbridge_fd: 0\n"
+                                                     "bridge_maxwait: 0\n"), listed.stderr
+    bad = run([".venv/bin/fab", "kvm-setup", "--host", "kvm9", "--dry-run"])
+    assert (bad.returncode, bad.stderr) == (1, "kvmconf: kvm9: not a host of site.toml (expected one of: kvm0, kvm1)\n")
