@@ -1,0 +1,67 @@
+"""Fast checks of the deploy building blocks: recipes, waves, quoting, and ssh config resolution."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from generators import ssh_config
+from generators.model import Cluster
+from kvmconf.deploy import recipes, waves
+from kvmconf.recipes import RECIPE_DIR, RecipeError
+from kvmconf.remote import command, resolve, script
+
+
+def test_example_recipes(example: Cluster) -> None:
+    planned = recipes(example, example.vms)
+    mcp = {f.dest: f for f in planned["mcp"].files}
+    assert planned["mcp"].packages == ("openssh-server", "nagios4")
+    assert mcp["/etc/nagios4/conf.d/kvmconf/hostgroups.cfg"].reload == ("nagios4",)
+    assert [h.name for h in planned["mcp"].hooks] == ["mcp/hooks/nagios-localhost.sh"]
+    provision = {f.dest: f for f in planned["provision"].files}
+    assert "/etc/kvmconf/dnsmasq/dhcp-hosts/web" in provision and "/srv/tftp/pxelinux.cfg/default" in provision
+    assert provision["/etc/dnsmasq.d/kvmconf.conf"].content.endswith(b"\nconf-file=/etc/kvmconf/dnsmasq/dnsmasq.conf\n")
+    assert b"192.168.50.20\tdb.phys.example.org db\n" in {f.dest: f for f in planned["web"].files}["/etc/hosts"].content
+    assert planned["scratch"].files == () and planned["scratch"].packages == ()
+
+
+def test_template_errors_name_the_recipe(example: Cluster, tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "group/linux-servers/motd.j2").write_text("{{ vm.nmae }}\n")
+    with pytest.raises(RecipeError, match=r"hosts/group/linux-servers/recipe.toml: hosts/group/linux-servers/motd.j2:"
+                                          r" .*has no attribute 'nmae'"):
+        recipes(example, example.vms, hosts)
+    (hosts / "group/linux-servers/motd.j2").write_text("ok\n")
+    (hosts / "mcp/recipe.toml").write_text('[[file]]\ndest = "/etc/x"\nbuild = "nagios/nope.cfg"\n')
+    with pytest.raises(RecipeError, match=r"hosts/mcp/recipe.toml: file /etc/x: build/nagios/nope.cfg is not a"):
+        recipes(example, example.vms, hosts)
+    (hosts / "mcp/recipe.toml").write_text('[[file]]\ndest = "/etc/x"\ntemplate = "a"\nmode = "u+rwx"\n')
+    with pytest.raises(RecipeError, match=r"'u\+rwx' is not an octal mode"):
+        recipes(example, example.vms, hosts)
+
+
+def test_waves_for_a_subset(example: Cluster) -> None:
+    chosen = [vm for vm in example.vms if vm.name in ("db", "web", "login")]
+    # ldap is not chosen, so db and login may start at once; web still waits for db.
+    assert [[vm.name for vm in wave] for wave in waves(example, chosen)] == [["db", "login"], ["web"]]
+
+
+def test_remote_words_are_quoted() -> None:
+    name = "x'; rm -rf / #"
+    assert shlex.split(command("mkdir", "-p", "--", name)) == ["mkdir", "-p", "--", name]
+    out = subprocess.run(script('printf "%s|" "$@"', name, "$(id)"), shell=True, capture_output=True, text=True,
+                         check=True).stdout
+    assert out == f"{name}|$(id)|"
+
+
+def test_targets_come_from_the_generated_ssh_config(example: Cluster, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(str(ssh_config.render(example)[PurePosixPath("ssh/config")]))
+    target = resolve("db", config)
+    assert (target.hostname, target.port, target.user) == ("192.168.50.20", 22, "root")
+    assert target.known_hosts == os.path.expanduser("~/.ssh/kvmconf_known_hosts")
