@@ -272,7 +272,7 @@ def provision_server_task(c: Context) -> None:
         host, port = provision_server.http_address(cluster.site.provision.http_url)
         print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
               f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
-              f" --dnsmasq-pid-file={cluster.site.provision.config_dir}/dnsmasq.pid")
+              f" --tftp-root={cluster.site.provision.tftp_root}")
 
 
 @task(help={"vm": "the install=pxe VM to install again at its next network boot"})
@@ -280,7 +280,7 @@ def reinstall(c: Context, vm: str) -> None:
     """Give an installed VM its network installer again (undoes the mark its install left)."""
     with _user_errors():
         cluster = inputs.load()
-        provision_server.reinstall(cluster, vm, _provision_dnsmasq(cluster))
+        provision_server.reinstall(cluster, vm)
 
 
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),

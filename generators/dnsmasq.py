@@ -11,7 +11,7 @@ from ipaddress import IPv4Address
 from pathlib import PurePosixPath
 from posixpath import join
 
-from generators.model import Cluster, Install, Network
+from generators.model import Cluster, Network
 from generators.render import banner_lines, environment
 
 CONF_TEMPLATE = "dnsmasq.conf.j2"
@@ -62,6 +62,6 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     host_banner = banner_lines(cluster, HOST_TEMPLATE)
     for vm in cluster.vms:
         tree[HOSTS_DIR / vm.name] = host_template.render(
-            banner=host_banner, vm=vm, install=vm.install is Install.PXE
+            banner=host_banner, vm=vm
         )
     return tree

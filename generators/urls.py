@@ -21,5 +21,5 @@ def seed_url(cluster: Cluster, vm: Vm) -> str:
 
 def installed_url(cluster: Cluster, vm: Vm) -> str:
     """Fetched by the installer's late_command when the install is done, so the server can flip the VM to
-    local boot (drop ``set:install`` from its dhcp-hosts line) before it comes back through PXE."""
+    local boot (remove its per-MAC TFTP entries) before it comes back through PXE."""
     return f"{cluster.site.provision.http_url}/installed/{vm.name}"

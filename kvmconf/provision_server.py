@@ -2,16 +2,18 @@
 
 Layout under ``[provision] config_dir`` (default /etc/kvmconf) on the provision server:
 
-  build/            the generated files as built (dnsmasq/, preseed/, cloud-init/): the server's pristine copy
-  dnsmasq/          what dnsmasq reads: build/dnsmasq with ``set:install`` dropped for every installed VM
+  build/            the generated files as built (dnsmasq/, preseed/, cloud-init/, tftp/): the server's copy
+  dnsmasq/          what dnsmasq reads (build/dnsmasq, checked before it replaces the running config)
   installed         the VMs whose network install is done, one name a line: the state a rebuild must keep
   http.log          one line per HTTP request (client, path, status)
 
 A VM's install is marked done by its installer's late_command fetching ``<http_url>/installed/<vm>``:
-the server drops ``set:install`` from that VM's dhcp-hosts line and SIGHUPs dnsmasq, so the VM's
-next PXE request gets no boot file and the firmware goes on to the disk. ``invoke reinstall --vm``
-flips it back. Because every deploy renders dnsmasq/ from build/ *and* ``installed``, a later
-`make` + deploy never turns an installed VM back into one that reinstalls.
+the server removes that VM's per-MAC boot entries from the TFTP root, so its next PXE boot reads
+the defaults (pxelinux: LOCALBOOT; GRUB: exit to the next boot device, the disk).
+``invoke reinstall --vm`` puts them back. Because every deploy assembles the TFTP root from build/
+*and* ``installed``, a later `make` + deploy never turns an installed VM back into one that reinstalls.
+The mark never touches dnsmasq: its hostsfile lines carry no tags, because dnsmasq 2.90 crashed
+(segfault) on SIGHUP after it had answered a VM whose hostsfile line set one (``set:install``).
 
 Reloading: a deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmasq
 re-reads those, same PID); a changed main conf is first checked with ``dnsmasq --test`` (together
@@ -45,7 +47,6 @@ from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq
 
 Log = Callable[[str], None]
 
-INSTALL_TAG = "set:install,"
 STATE_FILE = "installed"
 HTTP_LOG = "http.log"
 SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <http_url>/<dir>/...
@@ -70,9 +71,16 @@ def write_installed(config_dir: Path, names: Iterable[str]) -> None:
     _write_atomic(config_dir / STATE_FILE, "# VMs whose network install is done (kvmconf provision server)\n" + body)
 
 
-def hostsfile_text(pristine: str, installed: bool) -> str:
-    """A VM's dhcp-hosts file as dnsmasq should read it: without set:install once the VM is installed."""
-    return pristine.replace("," + INSTALL_TAG, ",") if installed else pristine
+def boot_entries(config_dir: Path, vm: str) -> list[str]:
+    """The VM's per-MAC boot configs, relative to the TFTP root (its MAC from its hostsfile line in build/)."""
+    try:
+        text = (config_dir / "build" / "dnsmasq" / "dhcp-hosts" / vm).read_text()
+    except FileNotFoundError:
+        return []
+    mac = next(line for line in text.splitlines() if line.strip() and not line.startswith("#")).split(",")[0].lower()
+    dashes = mac.replace(":", "-")
+    return [f"pxelinux.cfg/01-{dashes}", f"grub/grub.cfg-01-{dashes}", f"grub/grub.cfg-{dashes}",
+            f"grub/grub.cfg-{mac}"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -176,9 +184,8 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     """
     source = config_dir / "build" / "dnsmasq"
     live = config_dir / "dnsmasq"
-    installed = read_installed(config_dir)
     conf = (source / "dnsmasq.conf").read_text()
-    hosts = {name: hostsfile_text(text, name in installed) for name, text in _entries(source / "dhcp-hosts").items()}
+    hosts = _entries(source / "dhcp-hosts")
     addn = (source / "hosts").read_text()
     old_conf = (live / "dnsmasq.conf").read_text() if (live / "dnsmasq.conf").exists() else None
     conf_changed = old_conf != conf
@@ -209,17 +216,21 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     return what
 
 
-def set_installed(config_dir: Path, vm: str, done: bool, dnsmasq: Dnsmasq) -> bool:
-    """Mark a VM's install done (or to be redone), rewrite its dhcp-hosts file, SIGHUP. False: no such VM."""
-    pristine = config_dir / "build" / "dnsmasq" / "dhcp-hosts" / vm
-    if not vm or "/" in vm or vm.startswith(".") or not pristine.is_file():
+def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> bool:
+    """Mark a VM's install done (remove its boot entries) or to be redone (restore them). False: no such VM."""
+    if not vm or "/" in vm or vm.startswith("."):
+        return False
+    entries = boot_entries(config_dir, vm)
+    if not entries:
         return False
     installed = read_installed(config_dir)
     write_installed(config_dir, installed | {vm} if done else installed - {vm})
-    live = config_dir / "dnsmasq" / "dhcp-hosts"
-    live.mkdir(parents=True, exist_ok=True)
-    _write_atomic(live / vm, hostsfile_text(pristine.read_text(), done))
-    dnsmasq.reload()
+    for rel in entries:
+        built = config_dir / "build" / "tftp" / rel
+        if done:
+            (tftp_root / rel).unlink(missing_ok=True)
+        elif built.is_file():
+            _copy_if_changed(built, tftp_root / rel)
     return True
 
 
@@ -248,10 +259,14 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
 
 
 def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
-    """The TFTP root: the generated boot configs, pxelinux, a GRUB EFI image with prefix /grub, each OS's installer."""
+    """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
+    prefix /grub, each OS's installer kernel and initrd."""
     tftp_root.mkdir(parents=True, exist_ok=True)
     if (build / "tftp").is_dir():
         shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True)
+    for vm in read_installed(build.parent):
+        for rel in boot_entries(build.parent, vm):
+            (tftp_root / rel).unlink(missing_ok=True)
     for name, src in BIOS_LOADER_FILES.items():
         _copy_if_changed(Path(src), tftp_root / name)
     if not (tftp_root / "grub" / "x86_64-efi" / "core.efi").exists():
@@ -286,7 +301,7 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
     return deploy_dnsmasq(config_dir, dnsmasq, log)
 
 
-def reinstall(cluster: Cluster, name: str, dnsmasq: Dnsmasq, log: Log = print) -> None:
+def reinstall(cluster: Cluster, name: str, log: Log = print) -> None:
     """Undo an install mark: the VM's next PXE request gets its installer again (its disk must be empty to ask)."""
     if name not in {vm.name for vm in cluster.vms}:
         raise UsageError(f"no VM {name!r} in cluster.conf")
@@ -294,9 +309,10 @@ def reinstall(cluster: Cluster, name: str, dnsmasq: Dnsmasq, log: Log = print) -
     if vm.install is not Install.PXE:
         raise KvmconfError(f"{name} is install={vm.install.value} in cluster.conf: only install=pxe VMs are"
                            " reinstalled over the network")
-    if not set_installed(Path(cluster.site.provision.config_dir), name, False, dnsmasq):
+    site = cluster.site
+    if not set_installed(Path(site.provision.config_dir), Path(site.provision.tftp_root), name, False):
         raise KvmconfError(f"{name} is not deployed on the provision server yet: run `invoke provision-server`")
-    log(f"{name}: network install enabled again (dnsmasq reloaded); it installs at its next PXE boot")
+    log(f"{name}: network install enabled again; it installs at its next PXE boot (with an empty disk)")
 
 
 # --- HTTP --------------------------------------------------------------------------------------------------
@@ -308,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         parts = [p for p in path.split("/") if p]
         if len(parts) == 2 and parts[0] == "installed":
-            done = set_installed(self.server.config_dir, parts[1], True, self.server.dnsmasq)
+            done = set_installed(self.server.config_dir, self.server.tftp_root, parts[1], True)
             self._answer(200 if done else 404, b"installed\n" if done else b"no such VM\n")
             return
         if len(parts) >= 2 and parts[0] in SERVED and not any(p.startswith(".") for p in parts):
@@ -337,10 +353,10 @@ class Handler(BaseHTTPRequestHandler):
 class ProvisionHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], config_dir: Path, dnsmasq: Dnsmasq) -> None:
+    def __init__(self, address: tuple[str, int], config_dir: Path, tftp_root: Path) -> None:
         super().__init__(address, Handler)
         self.config_dir = config_dir
-        self.dnsmasq = dnsmasq
+        self.tftp_root = tftp_root
         self.lock = threading.Lock()
 
 
@@ -379,7 +395,7 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
         subprocess.Popen(
             ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",
              f"--config-dir={config_dir}", f"--bind={host}:{port}",
-             f"--dnsmasq-pid-file={the_lab.dir / 'dnsmasq.pid'}", f"--pid-file={pid_file}"],
+             f"--tftp-root={cluster.site.provision.tftp_root}", f"--pid-file={pid_file}"],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdin=subprocess.DEVNULL, stdout=out,
             stderr=out, start_new_session=True)
     deadline = time.monotonic() + 30
@@ -397,12 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--config-dir", type=Path, required=True)
     parser.add_argument("--bind", required=True, help="host:port")
-    parser.add_argument("--dnsmasq-pid-file", type=Path, required=True)
+    parser.add_argument("--tftp-root", type=Path, required=True)
     parser.add_argument("--pid-file", type=Path)
     args = parser.parse_args(argv)
     host, _, port = args.bind.rpartition(":")
 
-    server = ProvisionHTTPServer((host, int(port)), args.config_dir, Dnsmasq(args.dnsmasq_pid_file, _no_start))
+    server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root)
     if args.pid_file:
         _write_atomic(args.pid_file, f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -17,7 +17,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.provision_server import Dnsmasq, ProvisionHTTPServer
 from tests.tools import require_tool
 
-LINE = "52:54:00:50:00:03,set:install,192.168.50.3,mcp,infinite"
+MCP_ENTRY = "pxelinux.cfg/01-52-54-00-50-00-03"  # mcp: install=pxe, boot=bios in the example
 
 
 class FakeDnsmasq(Dnsmasq):
@@ -45,11 +45,12 @@ class FakeDnsmasq(Dnsmasq):
         self._start(conf)
 
 
-def test_an_installed_vm_loses_only_its_install_tag() -> None:
-    text = f"# banner\n{LINE}\n"
-    done = "# banner\n52:54:00:50:00:03,192.168.50.3,mcp,infinite\n"
-    assert provision_server.hostsfile_text(text, installed=True) == done
-    assert provision_server.hostsfile_text(text, installed=False) == text
+def test_a_vms_boot_entries_are_its_per_mac_files_for_both_loaders(example: Cluster, tmp_path: Path) -> None:
+    provision_server.stage_build(example, tmp_path)
+    assert provision_server.boot_entries(tmp_path, "web") == [
+        "pxelinux.cfg/01-52-54-00-50-00-21", "grub/grub.cfg-01-52-54-00-50-00-21", "grub/grub.cfg-52-54-00-50-00-21",
+        "grub/grub.cfg-52:54:00:50:00:21"]
+    assert provision_server.boot_entries(tmp_path, "nosuch") == []
 
 
 def test_the_installed_state_round_trips_sorted(tmp_path: Path) -> None:
@@ -60,16 +61,14 @@ def test_the_installed_state_round_trips_sorted(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def served(example: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, FakeDnsmasq]]:
-    config_dir = tmp_path / "kvmconf"
+def served(example: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
     build = provision_server.stage_build(example, config_dir)
-    shutil.copytree(build / "dnsmasq", config_dir / "dnsmasq")
-    fake = FakeDnsmasq(tmp_path)
-    fake.running = True
-    server = ProvisionHTTPServer(("127.0.0.1", 0), config_dir, fake)
+    shutil.copytree(build / "tftp", tftp_root)
+    server = ProvisionHTTPServer(("127.0.0.1", 0), config_dir, tftp_root)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", config_dir, fake
+    yield f"http://127.0.0.1:{server.server_address[1]}", config_dir, tftp_root
     server.shutdown()
     server.server_close()
 
@@ -82,8 +81,7 @@ def _get(url: str) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(
-        served: tuple[str, Path, FakeDnsmasq]) -> None:
+def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(served: tuple[str, Path, Path]) -> None:
     url, config_dir, _ = served
     assert _get(f"{url}/preseed/mcp.cfg") == (200, (config_dir / "build/preseed/mcp.cfg").read_bytes())
     assert _get(f"{url}/cloud-init/login/user-data") == (200, (config_dir / "build/cloud-init/login/user-data")
@@ -95,34 +93,37 @@ def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(
     assert log[0].split()[1:] == ["127.0.0.1", "GET", "/preseed/mcp.cfg", "200"]
 
 
-def test_installed_url_drops_the_install_tag_and_reloads_and_reinstall_restores_it(
-        served: tuple[str, Path, FakeDnsmasq], example: Cluster) -> None:
-    url, config_dir, fake = served
-    hostsfile = config_dir / "dnsmasq" / "dhcp-hosts" / "mcp"
-    assert hostsfile.read_text().splitlines()[-1] == LINE
+def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
+        served: tuple[str, Path, Path], example: Cluster) -> None:
+    url, config_dir, tftp_root = served
+    entry = tftp_root / MCP_ENTRY
+    original = entry.read_text()
+    assert "LABEL install" in original
     assert _get(f"{url}/installed/mcp") == (200, b"installed\n")
-    assert hostsfile.read_text().splitlines()[-1] == "52:54:00:50:00:03,192.168.50.3,mcp,infinite"
-    assert provision_server.read_installed(config_dir) == {"mcp"} and fake.calls == ["reload"]
-    assert _get(f"{url}/installed/nosuch")[0] == 404 and fake.calls == ["reload"]
-    cluster = _at(example, config_dir)
+    assert not entry.exists() and (tftp_root / "pxelinux.cfg/01-52-54-00-50-00-10").exists()  # ldap keeps its own
+    assert provision_server.read_installed(config_dir) == {"mcp"}
+    assert _get(f"{url}/installed/nosuch")[0] == 404 and provision_server.read_installed(config_dir) == {"mcp"}
+    cluster = _at(example, config_dir, tftp_root)
+    # A rebuild keeps the mark: the entry stays away.
+    provision_server.assemble_tftp(cluster, provision_server.stage_build(cluster, config_dir), tftp_root)
+    assert not entry.exists()
     lines: list[str] = []
-    provision_server.reinstall(cluster, "mcp", fake, lines.append)
-    assert hostsfile.read_text().splitlines()[-1] == LINE and provision_server.read_installed(config_dir) == set()
-    assert fake.calls == ["reload", "reload"]
-    assert lines == ["mcp: network install enabled again (dnsmasq reloaded); it installs at its next PXE boot"]
+    provision_server.reinstall(cluster, "mcp", lines.append)
+    assert entry.read_text() == original and provision_server.read_installed(config_dir) == set()
+    assert lines == ["mcp: network install enabled again; it installs at its next PXE boot (with an empty disk)"]
     with pytest.raises(KvmconfError, match=r"login is install=cloud in cluster\.conf: only install=pxe VMs"):
-        provision_server.reinstall(cluster, "login", fake)
+        provision_server.reinstall(cluster, "login")
 
 
-def _at(cluster: Cluster, config_dir: Path) -> Cluster:
+def _at(cluster: Cluster, config_dir: Path, tftp_root: Path) -> Cluster:
     import dataclasses
 
-    provision = dataclasses.replace(cluster.site.provision, config_dir=str(config_dir))
+    provision = dataclasses.replace(cluster.site.provision, config_dir=str(config_dir), tftp_root=str(tftp_root))
     return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, provision=provision))
 
 
 @pytest.mark.consumer
-def test_deploy_starts_then_reloads_only_for_hostsfiles_and_keeps_install_marks(
+def test_deploy_starts_then_reloads_only_for_hostsfiles_and_restarts_only_for_a_checked_conf(
         example: Cluster, tmp_path: Path) -> None:
     require_tool("dnsmasq")
     config_dir = tmp_path / "kvmconf"
@@ -130,10 +131,9 @@ def test_deploy_starts_then_reloads_only_for_hostsfiles_and_keeps_install_marks(
     fake = FakeDnsmasq(tmp_path)
     assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "started"
     assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "unchanged"
-    provision_server.write_installed(config_dir, ["mcp"])
+    (config_dir / "build/dnsmasq/dhcp-hosts/newvm").write_text("52:54:00:50:00:99,192.168.50.99,newvm,infinite\n")
     assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "reloaded"
-    assert "set:install" not in (config_dir / "dnsmasq/dhcp-hosts/mcp").read_text()
-    assert "set:install" in (config_dir / "dnsmasq/dhcp-hosts/ldap").read_text()
+    assert (config_dir / "dnsmasq/dhcp-hosts/newvm").exists()
     assert fake.calls == ["start dnsmasq.conf", "reload"]
     conf = config_dir / "build/dnsmasq/dnsmasq.conf"
     good = conf.read_text()
