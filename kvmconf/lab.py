@@ -248,6 +248,7 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     existing = Lab.load(lab_dir)
     if existing is not None and alive(existing.pids.get("libvirtd", 0)):
         refresh_dnsmasq(remap(cluster, existing), existing, log)
+        _serve_provision(remap(cluster, existing), existing, log)
         log(f"lab already up in {lab_dir} (namespace {existing.netns}); dnsmasq files refreshed")
         return existing
     if existing is not None:
@@ -263,6 +264,7 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
         _start_libvirt(lab)
         wait_for_libvirt(lab)
         refresh_dnsmasq(remap(cluster, lab), lab, log)
+        _serve_provision(remap(cluster, lab), lab, log)
     except BaseException:
         teardown(lab, log)
         raise
@@ -274,6 +276,13 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     for host in lab.daemons:
         log(f"libvirt{f' of {host}' if host else ''}: virsh -c '{lab.uri_of(host)}' list --all")
     return lab
+
+
+def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:
+    """The provision server's TFTP tree, installed state and HTTP server in the namespace (kvmconf.provision_server)."""
+    from kvmconf.provision_server import serve_lab  # it builds on this module
+
+    serve_lab(cluster, lab, log)
 
 
 def _make_files(lab: Lab, cluster: Cluster) -> None:
