@@ -49,6 +49,7 @@ Log = Callable[[str], None]
 
 STATE_FILE = "installed"
 HTTP_LOG = "http.log"
+HTTP_PID_KEY = "provision-http"  # the HTTP server's entry in the lab's pids
 SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <http_url>/<dir>/...
 # The Debian netboot package per suite: debian-installer-<N>-netboot-amd64 puts its tree here.
 NETBOOT_RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
@@ -367,10 +368,6 @@ def http_address(http_url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 80
 
 
-def _no_start(_conf: Path) -> None:
-    raise KvmconfError("programming error: this Dnsmasq is only reloaded or looked up")
-
-
 # --- the lab ------------------------------------------------------------------------------------------------
 
 def lab_dnsmasq(the_lab: Lab) -> Dnsmasq:
@@ -381,10 +378,9 @@ def lab_dnsmasq(the_lab: Lab) -> Dnsmasq:
 def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
     """The provision server inside the lab's namespace: deploy (``cluster`` is already remapped), then HTTP."""
     what = deploy(cluster, lab_dnsmasq(the_lab), log)
-    # Its PID stays in http.pid, not in Lab.pids (the lab's own daemons); lab teardown stops it with the
-    # namespace's other processes.
+    # Recorded in Lab.pids, so that lab teardown stops it by name (before the lab's own daemons).
     pid_file = the_lab.dir / "http.pid"
-    pid = Dnsmasq(pid_file, _no_start).pid()
+    pid = the_lab.pids.get(HTTP_PID_KEY)
     if pid and alive(pid) and in_netns(pid, the_lab.netns):
         return what
     pid_file.unlink(missing_ok=True)
@@ -403,7 +399,9 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
         if time.monotonic() > deadline:
             raise KvmconfError(f"lab: the provision HTTP server did not start; see {the_lab.dir / 'http-server.log'}")
         time.sleep(0.05)
-    log(f"lab: provision server at {cluster.site.provision.http_url} (pid {pid_file.read_text().strip()})")
+    the_lab.pids[HTTP_PID_KEY] = int(pid_file.read_text())
+    the_lab.save()
+    log(f"lab: provision server at {cluster.site.provision.http_url} (pid {the_lab.pids[HTTP_PID_KEY]})")
     return what
 
 
