@@ -41,6 +41,13 @@ def _user_errors() -> Iterator[None]:
         raise Exit(f"kvmconf: {err}", 1) from None
 
 
+def _check_hosts(cluster: Cluster, hosts: list[str]) -> None:
+    unknown = sorted(set(hosts) - set(cluster.site.hosts))
+    if unknown:
+        raise Exit(f"kvmconf: {', '.join(unknown)}: not a host of {cluster.site.path}"
+                   f" (expected one of: {', '.join(sorted(cluster.site.hosts))})", 2)
+
+
 def _ask(question: str) -> bool:
     if not sys.stdin.isatty():
         raise Exit(f"kvmconf: {question} There is no terminal to ask on: confirm with --force.", 1)
@@ -78,10 +85,7 @@ def status(c: Context, host: list[str]) -> None:
     """Show a table per physical host: state, IP, RAM, vCPUs, disk, autostart, drift from cluster.conf."""
     with _user_errors():
         cluster = inputs.load()
-        unknown = sorted(set(host) - set(cluster.site.hosts))
-        if unknown:
-            raise Exit(f"kvmconf: {', '.join(unknown)}: not a host of {cluster.site.path}"
-                       f" (expected one of: {', '.join(sorted(cluster.site.hosts))})", 2)
+        _check_hosts(cluster, host)
         with connections(cluster) as conns:
             result = host_status(cluster, conns, host)
         print(format_status(result))
@@ -137,6 +141,40 @@ def lab_down(c: Context, dir: str = "") -> None:
             print(f"no lab in {directory}")
 
 
+def _provision_dnsmasq(cluster: Cluster) -> provision_server.Dnsmasq:
+    """The lab's dnsmasq with $KVMCONF_LAB, else the one kvmconf runs on this machine (the provision server)."""
+    directory = inputs.lab_dir()
+    the_lab = lab.Lab.load(directory.absolute()) if directory else None
+    if the_lab is not None:
+        return provision_server.lab_dnsmasq(the_lab)
+    return provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir))
+
+
+@task(name="provision-server")
+def provision_server_task(c: Context) -> None:
+    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
+    with _user_errors():
+        cluster = inputs.load()
+        directory = inputs.lab_dir()
+        the_lab = lab.Lab.load(directory.absolute()) if directory else None
+        if the_lab is not None:
+            provision_server.serve_lab(cluster, the_lab)
+            return
+        provision_server.deploy(cluster, _provision_dnsmasq(cluster))
+        host, port = provision_server.http_address(cluster.site.provision.http_url)
+        print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
+              f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
+              f" --tftp-root={cluster.site.provision.tftp_root}")
+
+
+@task(help={"vm": "the install=pxe VM to install again at its next network boot"})
+def reinstall(c: Context, vm: str) -> None:
+    """Give an installed VM its network installer again (undoes the mark its install left)."""
+    with _user_errors():
+        cluster = inputs.load()
+        provision_server.reinstall(cluster, vm)
+
+
 @task(name="backup", iterable=["vm"], help={
     "vm": "a VM of cluster.conf (repeatable)", "all": "every VM with backup=yes whose host is this machine"})
 def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
@@ -183,29 +221,6 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
         print(report.format_table(rows, limit))
 
 
-@task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: every VM of cluster.conf)",
-                             "ssh-config": "the ssh config naming the VMs (default: $KVMCONF_SSH_CONFIG or"
-                                           " build/ssh/config)",
-                             "accept-changed": "replace recorded keys that changed (after checking why!)"})
-def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
-    """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""
-    import os
-
-    from kvmconf.deploy import select as select_vms
-    from kvmconf.keyscan import keyscan as scan_keys
-    from kvmconf.remote import DEFAULT_SSH_CONFIG
-
-    with _user_errors():
-        cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
-        names = [v.name for v in select_vms(cluster, vm)]
-        path = Path(ssh_config or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
-        if not path.is_file():
-            raise Exit(f"kvmconf: {path} does not exist: run `make` first (it generates the ssh config)", 1)
-        for message in scan_keys(names, path, accept_changed):
-            print(message)
-
-
-
 @task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)",
                                "offline": "from cluster.conf and site.toml only, without asking libvirt"})
 def capacity(c: Context, host: list[str], offline: bool = False) -> None:
@@ -215,10 +230,7 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
 
     with _user_errors():
         cluster = inputs.load()
-        unknown = sorted(set(host) - set(cluster.site.hosts))
-        if unknown:
-            raise Exit(f"kvmconf: {', '.join(unknown)}: not a host of {cluster.site.path}"
-                       f" (expected one of: {', '.join(sorted(cluster.site.hosts))})", 2)
+        _check_hosts(cluster, host)
         if offline:
             print(format_capacity(host_capacity(cluster, None, host)))
             return
@@ -249,39 +261,29 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
             _old, new = moving.host_line(path, moved, to)
             print(f"{path}:{moved.line} must now say host={to} (or run with --edit); the line becomes:\n{new}")
 
-def _provision_dnsmasq(cluster: Cluster) -> provision_server.Dnsmasq:
-    """The lab's dnsmasq with $KVMCONF_LAB, else the one kvmconf runs on this machine (the provision server)."""
-    directory = inputs.lab_dir()
-    the_lab = lab.Lab.load(directory.absolute()) if directory else None
-    if the_lab is not None:
-        return provision_server.lab_dnsmasq(the_lab)
-    return provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir))
 
+@task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: every VM of cluster.conf)",
+                             "ssh-config": "the ssh config naming the VMs (default: $KVMCONF_SSH_CONFIG or"
+                                           " build/ssh/config)",
+                             "accept-changed": "replace recorded keys that changed (after checking why!)"})
+def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
+    """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""
+    import os
 
-@task(name="provision-server")
-def provision_server_task(c: Context) -> None:
-    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
+    from kvmconf.deploy import select as select_vms
+    from kvmconf.keyscan import keyscan as scan_keys
+    from kvmconf.remote import DEFAULT_SSH_CONFIG
+
     with _user_errors():
-        cluster = inputs.load()
-        directory = inputs.lab_dir()
-        the_lab = lab.Lab.load(directory.absolute()) if directory else None
-        if the_lab is not None:
-            provision_server.serve_lab(cluster, the_lab)
-            return
-        provision_server.deploy(cluster, _provision_dnsmasq(cluster))
-        host, port = provision_server.http_address(cluster.site.provision.http_url)
-        print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
-              f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
-              f" --tftp-root={cluster.site.provision.tftp_root}")
-
-
-@task(help={"vm": "the install=pxe VM to install again at its next network boot"})
-def reinstall(c: Context, vm: str) -> None:
-    """Give an installed VM its network installer again (undoes the mark its install left)."""
-    with _user_errors():
-        cluster = inputs.load()
-        provision_server.reinstall(cluster, vm)
+        cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
+        names = [v.name for v in select_vms(cluster, vm)]
+        path = Path(ssh_config or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
+        if not path.is_file():
+            raise Exit(f"kvmconf: {path} does not exist: run `make` first (it generates the ssh config)", 1)
+        for message in scan_keys(names, path, accept_changed):
+            print(message)
 
 
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),
-                provision_server_task, reinstall, backup_task, restore_task, backup_status, keyscan, capacity, migrate)
+                provision_server_task, reinstall, backup_task, restore_task, backup_status, capacity, migrate,
+                keyscan)

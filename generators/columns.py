@@ -21,7 +21,7 @@ class FieldError(ValueError):
 
 
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # lower case; also used by site.py
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
@@ -44,7 +44,7 @@ def parse_name(text: str) -> str:
 
 def parse_mac(text: str) -> str:
     mac = text.lower()
-    if not _MAC.fullmatch(mac):
+    if not MAC_PATTERN.fullmatch(mac):
         raise FieldError("is not a MAC address (expected xx:xx:xx:xx:xx:xx)")
     if int(mac[:2], 16) & 1:
         raise FieldError("is a multicast MAC address (expected a unicast MAC, e.g. 52:54:00:xx:xx:xx)")
@@ -202,9 +202,9 @@ def parse_nic(text: str) -> Nic:
         return Nic(NicKind.BRIDGE, rest, mac=mac)
     if kind == "macvtap" and sep:
         # The interface may be given by its MAC, which holds colons itself.
-        by_mac = _MAC.match(rest.lower()) and rest[17:18] in ("", ":")
+        by_mac = MAC_PATTERN.match(rest.lower()) and rest[17:18] in ("", ":")
         device, mode = (rest[:17].lower(), rest[18:]) if by_mac else rest.partition(":")[::2]
-        if (mode in MACVTAP_MODES or not mode) and (_MAC.fullmatch(device) or _IFACE_NAME.fullmatch(device)):
+        if (mode in MACVTAP_MODES or not mode) and (MAC_PATTERN.fullmatch(device) or _IFACE_NAME.fullmatch(device)):
             return Nic(NicKind.MACVTAP, device, mode or "bridge", mac=mac)
         if mode and mode not in MACVTAP_MODES:
             raise FieldError(f"has macvtap mode {shown(mode)} (expected one of: {', '.join(MACVTAP_MODES)})")

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from generators.columns import MAC_PATTERN
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
     Accounts,
@@ -32,7 +33,6 @@ _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _IFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _PCI = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
 _HOSTGROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as in cluster.conf's hostgroups column
@@ -248,7 +248,7 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
     items = raw.items() if isinstance(raw, dict) else ((name, "") for name in raw) if isinstance(raw, list) else None
     for name, mac in items if items is not None else ():
         if not isinstance(name, str) or not _IFACE.fullmatch(name) or not isinstance(mac, str) or (
-                mac and not _MAC.fullmatch(mac.lower())):
+                mac and not MAC_PATTERN.fullmatch(mac.lower())):
             r.problem("interfaces", f"{shown(name)} = {shown(mac)} is not an interface (expected a name of at most 15"
                       " letters, digits, '-', '_', '.', and optionally its MAC xx:xx:xx:xx:xx:xx)")
             interfaces = None

@@ -35,7 +35,7 @@ from kvmconf.backup.store import (
     VmStore,
     allocated,
     expired_chains,
-    fsync_dir,
+    fsync_path,
     sha256_file,
     write_point_files,
 )
@@ -89,13 +89,6 @@ def run_tool(argv: list[str], show: bool = False) -> None:
     if result.returncode != 0:
         raise BackupFailed(f"{' '.join(argv)}: {result.stderr.strip() or 'exit status ' + str(result.returncode)}")
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def explain_os_error(err: OSError, where: Path) -> str:
@@ -369,7 +362,7 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targ
     copied = time.monotonic()
     for disk in disks:
         target = targets[disk.dev]
-        _fsync(target)
+        fsync_path(target)
         backing = f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
         files.append(DiskFile(disk.dev, disk.path, disk.format, target.name, sizes[disk.dev], allocated(target),
                               sha256_file(target), backing))
@@ -381,7 +374,7 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targ
     write_point_files(partial, manifest)
     final = store.point_dir(stamp)
     partial.rename(final)  # the point exists from here on, complete
-    fsync_dir(store.dir)
+    fsync_path(store.dir)
     journal.clear(store.dir)
     return manifest
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from kvmconf.backup.store import PARTIAL, VmStore, expired_chains, fsync_dir, sha256_file, write_point_files
+from kvmconf.backup.store import PARTIAL, VmStore, expired_chains, fsync_path, sha256_file, write_point_files
 from kvmconf.errors import KvmconfError
 
 Log = Callable[[str], None]
@@ -47,7 +47,7 @@ def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
                             f" {', '.join(problems)})")
         write_point_files(partial, manifest)
         partial.rename(nas.point_dir(manifest.time))
-        fsync_dir(nas.dir)
+        fsync_path(nas.dir)
         copied.append(manifest.time)
         log(f"{local.vm}: NAS: copied and verified {manifest.time}")
     for chain in expired_chains(nas.points(), keep):

@@ -79,7 +79,8 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (after a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,7 +96,7 @@ def write_durably(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_point_files(point: Path, manifest: Manifest) -> None:
