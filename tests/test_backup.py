@@ -20,13 +20,12 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from generators.validate import load_cluster
 from kvmconf import lab
 from kvmconf.backup import journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import VmStore, sha256_file
-from tests.test_lab import FIXTURES, quiet, require_lab
+from tests.labs import FIXTURES, quiet, require_lab, running_lab
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -48,12 +47,7 @@ def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def the_lab(tmp_path_factory: pytest.TempPathFactory, small_fs: Path) -> Iterator[lab.Lab]:
-    require_lab()
-    lab.remove_stale_netns(NETNS_PREFIX)
-    cluster = load_cluster(FIXTURES / "lab-cluster.conf", FIXTURES / "lab-site.toml")
-    started = lab.up(cluster, tmp_path_factory.mktemp("lab"), f"{NETNS_PREFIX}{os.getpid()}", log=quiet)
-    yield started
-    lab.teardown(started, quiet)
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
 
 
 @pytest.fixture

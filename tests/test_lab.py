@@ -33,38 +33,20 @@ from kvmconf.errors import HostUnreachable
 from kvmconf.plan import Action, make_plan
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result
-from tests.tools import REQUIRE_TOOLS, require_tool
+from tests.labs import FIXTURES, quiet, require_lab, running_lab
+from tests.tools import require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 NETNS_PREFIX = "kvmconf-test-"  # + the pytest process's PID: a killed run's namespaces are found and removed
 GIB = 1024**3
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
-def require_lab() -> None:
-    for tool in lab.TOOLS:
-        require_tool(tool)
-    if os.geteuid() != 0:
-        message = "the lab needs root (network namespaces, libvirtd)"
-        if REQUIRE_TOOLS:
-            pytest.fail(message)
-        pytest.skip(message)
-
 
 @pytest.fixture(scope="module")
 def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
-    require_lab()
-    lab.remove_stale_netns(NETNS_PREFIX)
-    cluster = load_cluster(FIXTURES / "lab-cluster.conf", FIXTURES / "lab-site.toml")
-    started = lab.up(cluster, tmp_path_factory.mktemp("lab"), f"{NETNS_PREFIX}{os.getpid()}", log=quiet)
-    yield started
-    lab.teardown(started, quiet)
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
 
 
 @pytest.fixture

@@ -30,20 +30,16 @@ from kvmconf import domains, lab, provision_server
 from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
-from tests.test_lab import require_lab
+from tests.labs import FIXTURES, quiet, running_lab
 
 # The first test sets up the boots; pytest-timeout counts that setup.
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 NETNS_PREFIX = "kvmconf-pxetest-"  # + the pytest PID: a killed run's namespaces are removed by the next run
 BOOT_DEADLINE = 840.0  # seconds to the preseed request: ~80 s alone under emulation, 3-4 min on 2 busy shared cores
 STRANGER = "stranger\t52:54:00:50:00:99\t192.168.50.99\t128\t1\t1\t-\thost=kvm0 install=pxe\n"
 
-
-def quiet(_line: str) -> None:
-    pass
 
 
 @dataclass
@@ -124,12 +120,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pxe_lab(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
-    require_lab()
-    lab.remove_stale_netns(NETNS_PREFIX)
-    cluster = load_cluster(workdir / "cluster.conf", workdir / "site.toml")
-    started = lab.up(cluster, tmp_path_factory.mktemp("pxelab"), f"{NETNS_PREFIX}{os.getpid()}", log=quiet)
-    yield started
-    lab.teardown(started, quiet)
+    yield from running_lab(tmp_path_factory.mktemp("pxelab"), NETNS_PREFIX, workdir / "cluster.conf",
+                           workdir / "site.toml")
 
 
 @pytest.fixture(scope="module")
