@@ -65,6 +65,16 @@ def _texts(cluster: Cluster) -> dict[PurePosixPath, str]:
     return texts
 
 
+def _pxe_answers(cluster: Cluster) -> list[tuple[Vm, dict[str, tuple[str, str]]]]:
+    """Each install=pxe VM with its preseed's answers, every preseed rendered once; never empty, so a
+    test looping over it cannot pass by checking nothing."""
+    texts = _texts(cluster)
+    found = [(vm, _answers(texts[PurePosixPath(f"preseed/{vm.name}.cfg")]))
+             for vm in cluster.vms if vm.install is Install.PXE]
+    assert found, "the cluster has no install=pxe VM to check"
+    return found
+
+
 def test_golden(example: Cluster, regenerate: bool) -> None:
     assert_golden("preseed", preseed.render(example), regenerate)
 
@@ -114,10 +124,7 @@ def test_no_password_in_clear(example: Cluster) -> None:
 
 def test_static_network_from_the_vm_row(example: Cluster) -> None:
     cluster = _variant(example)
-    for vm in cluster.vms:
-        if vm.install is not Install.PXE:
-            continue
-        answers = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])
+    for vm, answers in _pxe_answers(cluster):
         net = cluster.network_of(vm)
         assert answers["netcfg/disable_autoconfig"] == ("boolean", "true")
         assert answers["netcfg/get_ipaddress"][1] == str(vm.ip)
@@ -134,10 +141,8 @@ def test_static_network_from_the_vm_row(example: Cluster) -> None:
 def test_late_command_installs_the_keys_and_reports_the_install(example: Cluster) -> None:
     cluster = _variant(example)
     admin = cluster.site.accounts.admin_user
-    for vm in cluster.vms:
-        if vm.install is not Install.PXE:
-            continue
-        command = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])["preseed/late_command"][1]
+    for vm, answers in _pxe_answers(cluster):
+        command = answers["preseed/late_command"][1]
         assert "\\" not in command
         words = shlex.split(command)  # the shell's reading, so quoting of an odd key comment is checked too
         for directory in ("/target/root/.ssh/authorized_keys", f"/target/home/{admin}/.ssh/authorized_keys"):
@@ -197,10 +202,7 @@ def test_a_locked_admin_gets_sudo_without_password_and_only_then(example: Cluste
 
 def test_uefi_vms_get_an_efi_partition_and_removable_grub(example: Cluster) -> None:
     cluster = _variant(example)
-    for vm in cluster.vms:
-        if vm.install is not Install.PXE:
-            continue
-        answers = _answers(_texts(cluster)[PurePosixPath(f"preseed/{vm.name}.cfg")])
+    for vm, answers in _pxe_answers(cluster):
         recipe = answers["partman-auto/expert_recipe"][1]
         uefi = vm.boot is Boot.UEFI
         assert ("method{ efi }" in recipe) == uefi
