@@ -9,7 +9,7 @@ BUILD   ?= $(or $(KVMCONF_BUILD),build)
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all build check lint types test test-deps clean doc
+.PHONY: all build check lint test test-deps clean doc
 
 all: build
 
@@ -31,16 +31,16 @@ build: $(VENV)/.base
 
 test-deps: $(VENV)/.test
 
-# Fast tier: lint, types, unit and golden tests; no real consumers, no services.
-check: $(VENV)/.test
+lint: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+
+# Fast tier: lint, types, unit and golden tests; no real consumers, no services.
+check: lint
 	$(PY) -m pytest -q -m "not consumer and not services and not slow" $(PYTEST_ARGS)
 
 # Everything: the fast tier plus real consumers and real services. Nothing is skipped here.
-test: $(VENV)/.test
-	$(PY) -m ruff check .
-	$(PY) -m mypy
+test: lint
 	KVMCONF_REQUIRE_TOOLS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Include the generated ssh config from the user's own, once, above their entries.

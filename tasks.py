@@ -141,15 +141,6 @@ def lab_down(c: Context, dir: str = "") -> None:
             print(f"no lab in {directory}")
 
 
-def _provision_dnsmasq(cluster: Cluster) -> provision_server.Dnsmasq:
-    """The lab's dnsmasq with $KVMCONF_LAB, else the one kvmconf runs on this machine (the provision server)."""
-    directory = inputs.lab_dir()
-    the_lab = lab.Lab.load(directory.absolute()) if directory else None
-    if the_lab is not None:
-        return provision_server.lab_dnsmasq(the_lab)
-    return provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir))
-
-
 @task(name="provision-server")
 def provision_server_task(c: Context) -> None:
     """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
@@ -160,7 +151,7 @@ def provision_server_task(c: Context) -> None:
         if the_lab is not None:
             provision_server.serve_lab(cluster, the_lab)
             return
-        provision_server.deploy(cluster, _provision_dnsmasq(cluster))
+        provision_server.deploy(cluster, provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir)))
         host, port = provision_server.http_address(cluster.site.provision.http_url)
         print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
               f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"

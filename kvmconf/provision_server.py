@@ -43,7 +43,7 @@ from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
-from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq
+from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq, stop_pid
 
 Log = Callable[[str], None]
 
@@ -121,19 +121,8 @@ class Dnsmasq:
     def restart(self, conf: Path) -> None:
         pid = self.pid()
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _running(pid):
-                time.sleep(0.05)
+            stop_pid(pid)  # SIGKILL after the grace time: a stuck old dnsmasq would keep the ports
         self.start(conf)
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def system_dnsmasq(config_dir: Path) -> Dnsmasq:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from generators.crontab import GRACE, max_interval
 from kvmconf.backup import journal, report
 from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
@@ -60,10 +61,10 @@ def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:
 
 
 def test_max_interval_of_schedules() -> None:
-    assert report.max_interval("30 2 * * *") == dt.timedelta(days=1)
-    assert report.max_interval("0 */6 * * *") == dt.timedelta(hours=6)
-    assert report.max_interval("0 3 * * 1-5") == dt.timedelta(days=3)  # Friday to Monday
-    assert report.max_interval("15 1 * * 0") == dt.timedelta(days=7)
+    assert max_interval("30 2 * * *") == dt.timedelta(days=1)
+    assert max_interval("0 */6 * * *") == dt.timedelta(hours=6)
+    assert max_interval("0 3 * * 1-5") == dt.timedelta(days=3)  # Friday to Monday
+    assert max_interval("15 1 * * 0") == dt.timedelta(days=7)
 
 
 def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
     m = point("20261120T023000Z", "20261120T023000Z")
     store.point_dir(m.time).mkdir(parents=True)
     write_point_files(store.point_dir(m.time), m)
-    limit = report.max_interval("30 2 * * *") + report.GRACE
+    limit = max_interval("30 2 * * *") + GRACE
     fresh = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
     assert (fresh.last_good, fresh.chain_length, fresh.points) == ("20261120T023000Z", 1, 1)
     assert report.nagios([fresh], limit) == (0, "BACKUP OK - vm 24.5 h")

@@ -79,14 +79,15 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_ifupdown_host_setup_is_idempotent_with_network_in_dry_run(
         example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
     ifquery = require_tool("ifquery")
-    cluster = _with_host(example, uplink="eno1", network_stack="ifupdown")
+    # A disk_dir of its own: /var/lib/libvirt/images exists on this machine (and so in the VM's overlay).
+    cluster = _with_host(example, uplink="eno1", network_stack="ifupdown", disk_dir="/var/lib/kvmconf-test-images")
     report = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
     assert report.error is None, report.lines
     upper = farm.upper("kvm0")
     assert b"net.ipv4.ip_forward = 1\n" in (upper / SYSCTL.lstrip("/")).read_bytes()
     assert (upper / MODULES.lstrip("/")).read_text().endswith("\nbr_netfilter\n")
     assert farm.log("kvm0", "modprobe") == ["br_netfilter"] and farm.log("kvm0", "sysctl") == [f"-q -p {SYSCTL}"]
-    assert (upper / "var/lib/libvirt/images").is_dir() or Path("/var/lib/libvirt/images").is_dir()
+    assert (upper / "var/lib/kvmconf-test-images").is_dir()
     assert (farm.root("kvm0") / "var/backups/kvmconf").is_dir()
     # The network step only printed its file and command.
     bridge_file = "/etc/network/interfaces.d/kvmconf-bridges"

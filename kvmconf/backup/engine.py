@@ -34,7 +34,6 @@ from kvmconf.backup.store import (
     Manifest,
     VmStore,
     allocated,
-    expired_chains,
     fsync_path,
     sha256_file,
     write_point_files,
@@ -105,7 +104,7 @@ def _space_message(text: str, where: Path) -> str:
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
-def _our_checkpoints(dom: libvirt.virDomain) -> list[libvirt.virDomainCheckpoint]:
+def our_checkpoints(dom: libvirt.virDomain) -> list[libvirt.virDomainCheckpoint]:
     return [cp for cp in dom.listAllCheckpoints() if cp.getName().startswith(CHECKPOINT_PREFIX)]
 
 
@@ -291,7 +290,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     notes: list[str] = []
     if parent is None:
         notes.append(f"full: {why_full}")
-        for cp in _our_checkpoints(dom):  # stale ones only collect dirty blocks from now on
+        for cp in our_checkpoints(dom):  # stale ones only collect dirty blocks from now on
             delete_checkpoint(dom, cp.getName(), disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
@@ -379,11 +378,6 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targ
     return manifest
 
 
-def _fail(dom: libvirt.virDomain, store: VmStore, log: Log) -> None:
-    """Undo a failed run at once (the same as the next run's recovery would)."""
-    recover(dom, store, log)
-
-
 def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = print) -> Outcome:
     """Back up one VM under its lock, recovering an interrupted run first; never raises for a failed backup."""
     store = VmStore(settings.dir, dom.name())
@@ -395,21 +389,16 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
                 manifest = (_running_backup(dom, store, settings, log) if dom.isActive()
                             else _offline_backup(dom, store, settings))
             except BaseException:
-                _fail(dom, store, log)
+                recover(dom, store, log)  # undo at once what the next run's recovery would
                 raise
             outcome.manifest = manifest
             outcome.ok = True
             _remove_replaced(store, dom, log)
-            for chain in expired_chains(store.points(), keep):
-                for m in [p for p in store.points() if p.chain == chain][::-1]:
-                    store.remove_point(m.time)
-                log(f"{store.vm}: retention: removed the chain starting {chain} (keep={keep})")
+            store.prune(keep, log)
             if settings.nas_dir is not None:
                 from kvmconf.backup.nas import stage
                 stage(store, VmStore(settings.nas_dir, store.vm), keep, log)
-    except BackupFailed as err:
-        outcome.error = str(err)
-    except KvmconfError as err:
+    except KvmconfError as err:  # BackupFailed included
         outcome.error = str(err)
     except OSError as err:
         outcome.error = explain_os_error(err, store.dir)

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from kvmconf.backup.store import PARTIAL, VmStore, expired_chains, fsync_path, sha256_file, write_point_files
+from kvmconf.backup.store import PARTIAL, VmStore, fsync_path, sha256_file, write_point_files
 from kvmconf.errors import KvmconfError
 
 Log = Callable[[str], None]
@@ -50,8 +50,5 @@ def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
         fsync_path(nas.dir)
         copied.append(manifest.time)
         log(f"{local.vm}: NAS: copied and verified {manifest.time}")
-    for chain in expired_chains(nas.points(), keep):
-        for m in [p for p in nas.points() if p.chain == chain][::-1]:
-            nas.remove_point(m.time)
-        log(f"{local.vm}: NAS retention: removed the chain starting {chain} (keep={keep})")
+    nas.prune(keep, log, "NAS retention")
     return copied

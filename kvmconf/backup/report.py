@@ -6,7 +6,6 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from generators.crontab import GRACE, max_interval  # noqa: F401 (the tasks and tests use them from here)
 from kvmconf.backup import journal
 from kvmconf.backup.store import VmStore
 

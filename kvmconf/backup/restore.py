@@ -9,7 +9,7 @@ from pathlib import Path
 import libvirt
 
 from kvmconf.backup import journal
-from kvmconf.backup.engine import CHECKPOINT_PREFIX, run_tool
+from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.store import Manifest, VmStore
 from kvmconf.errors import KvmconfError
 
@@ -88,9 +88,8 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             written.append(source)
         journal.write(store.dir, {"files": replaced}, "replaced.json")
         # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.
-        for cp in dom.listAllCheckpoints():
-            if cp.getName().startswith(CHECKPOINT_PREFIX):
-                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        for cp in our_checkpoints(dom):
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
         return written

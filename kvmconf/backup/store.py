@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,15 @@ class VmStore:
                                         f" is missing from {self.dir}")
             chain.insert(0, parent)
         return chain
+
+    def prune(self, keep: int, log: Callable[[str], None], label: str = "retention") -> None:
+        """Delete whole expired chains, newest point first, so a crash midway never leaves an orphaned overlay."""
+        points = self.points()
+        grouped = chains(points)
+        for chain in expired_chains(points, keep):
+            for m in reversed(grouped[chain]):
+                self.remove_point(m.time)
+            log(f"{self.vm}: {label}: removed the chain starting {chain} (keep={keep})")
 
     def remove_point(self, time: str) -> None:
         """Remove a point: its manifest first, so a crash midway leaves no half point that looks whole."""
