@@ -16,6 +16,7 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
+from generators.dnsmasq import dns_servers
 from generators.model import Accounts, Cluster, Install, Vm
 from generators.nocloud_iso import seed_iso
 from generators.render import banner_lines, environment
@@ -76,8 +77,9 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         if vm.install is not Install.CLOUD:
             continue
         user_data = user_data_template.render(user_data_context, vm=vm, fqdn=cluster.fqdn(vm))
-        network_config = network_config_template.render(network_config_context, vm=vm,
-                                                        network=cluster.network_of(vm))
+        network = cluster.network_of(vm)
+        network_config = network_config_template.render(network_config_context, vm=vm, network=network,
+                                                        nameservers=dns_servers(cluster, network))
         meta_data = meta_data_template.render(meta_data_context, vm=vm,
                                               instance_id=instance_id(vm, user_data, network_config))
         seed = f"cloud-init/{vm.name}"

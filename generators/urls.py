@@ -1,5 +1,5 @@
-"""URLs the provision server serves, built in one place so the kernel command lines, the preseeds,
-the seeds and the server's own HTTP handler cannot disagree about them.
+"""URLs the provision server serves, built in one place so the kernel command lines, the preseeds
+and the server's own HTTP handler cannot disagree about them.
 
 ``[provision] http_url`` has no trailing slash (site.py strips it).
 """
@@ -12,11 +12,6 @@ from generators.model import Cluster, Vm
 def preseed_url(cluster: Cluster, vm: Vm) -> str:
     """The VM's preseed (build/preseed/<vm>.cfg), given to the installer as ``url=`` on its kernel line."""
     return f"{cluster.site.provision.http_url}/preseed/{vm.name}.cfg"
-
-
-def seed_url(cluster: Cluster, vm: Vm) -> str:
-    """The VM's NoCloud seed directory (build/cloud-init/<vm>/); NoCloud needs the trailing slash."""
-    return f"{cluster.site.provision.http_url}/cloud-init/{vm.name}/"
 
 
 def installed_url(cluster: Cluster, vm: Vm) -> str:

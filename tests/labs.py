@@ -7,11 +7,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from generators.validate import load_cluster
 from kvmconf import lab
-from tests.tools import REQUIRE_TOOLS, require_tool
+from tests.tools import missing, require_tool
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -24,10 +22,7 @@ def require_lab() -> None:
     for tool in lab.TOOLS:
         require_tool(tool)
     if os.geteuid() != 0:
-        message = "the lab needs root (network namespaces, libvirtd)"
-        if REQUIRE_TOOLS:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("the lab needs root (network namespaces, libvirtd)")
 
 
 def running_lab(directory: Path, netns_prefix: str, cluster_conf: Path = FIXTURES / "lab-cluster.conf",

@@ -303,3 +303,14 @@ def test_xorriso_and_blkid_read_every_iso(example: Cluster, tmp_path: Path) -> N
         label = run([blkid, "-p", "-o", "export", str(iso)])
         assert label.returncode == 0, label.stderr
         assert "LABEL=cidata" in label.stdout.splitlines() and "TYPE=iso9660" in label.stdout.splitlines()
+
+
+def test_a_network_without_dns_gets_the_provision_server_as_name_server(example: Cluster) -> None:
+    """As in DHCP and the preseeds: a cloud VM must not come up with no name server at all."""
+    site = example.site
+    dmz = replace(site.networks["dmz"], dns_servers=())
+    cluster = replace(example, site=replace(site, networks={**site.networks, "dmz": dmz}))
+    assert cluster.vm("login").network == "dmz"
+    network_config = yaml.safe_load(cloud_init.render(cluster)[PurePosixPath("cloud-init/login/network-config")])
+    (ethernet,) = network_config["ethernets"].values()
+    assert ethernet["nameservers"]["addresses"] == [str(site.provision.server)]

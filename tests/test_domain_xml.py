@@ -15,7 +15,7 @@ from generators import domain_xml
 from generators.model import Cluster, DomainType, Vm
 from generators.paths import disk_path, lvm_volume_name, seed_iso_path
 from tests.golden import assert_golden
-from tests.tools import require_tool, run
+from tests.tools import require_module, require_tool, run
 
 
 def _xml(cluster: Cluster, name: str) -> str:
@@ -202,7 +202,7 @@ def test_virt_xml_validate_accepts_every_domain(example: Cluster, tmp_path: Path
 
 
 def _readback(cluster: Cluster, vm: Vm, text: str) -> None:
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = require_module("libvirt")
     connection = libvirt.open("test:///default")
     try:
         domain = connection.defineXML(text)

@@ -14,7 +14,7 @@ from generators.columns import parse_nic
 from generators.model import Cluster, Nic, NicKind
 from generators.validate import derived_mac, load_cluster
 from tests.golden import assert_golden
-from tests.tools import require_tool, run
+from tests.tools import require_module, require_tool, run
 
 FIXTURES = Path("tests/fixtures")  # relative (conftest chdirs to the repo): the golden banner names it
 
@@ -143,7 +143,7 @@ def _nic_summary(domain: ET.Element) -> list[tuple[str, str | None, str | None, 
 
 @pytest.mark.consumer
 def test_libvirt_test_driver_defines_every_kind_and_keeps_each_nic(nics: Cluster) -> None:
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = require_module("libvirt")
     connection = libvirt.open("test:///default")
     try:
         for path, content in domain_xml.render(nics).items():
