@@ -123,7 +123,6 @@ def main() -> int:
                 raise SystemExit(f"our backup failed: {outcome.error}")
 
         our_full = timed(ours)
-        full_extra = outcome.manifest.extra if outcome is not None and outcome.manifest is not None else {}
         vnb_full = timed(lambda: vnb(the_lab.uri, other.name(), "full", work / "vnb", work / "scratch"))
         sizes_full = (du(work / "floor.qcow2"), du(work / "ours"), du(work / "vnb"))
 
@@ -146,9 +145,6 @@ def main() -> int:
     print(f"{'':28} {'seconds':>8} {'stored MiB':>11}")
     print(f"{'full: qemu-img convert':28} {floor:8.2f} {sizes_full[0] / MIB:11.1f}   (floor)")
     print(f"{'full: ours':28} {our_full:8.2f} {sizes_full[1] / MIB:11.1f}")
-    if full_extra:
-        print(f"{'':28} (ours: copy {full_extra['copy_seconds']:.2f} s + sync and checksum"
-              f" {full_extra['checksum_seconds']:.2f} s)")
     print(f"{'full: virtnbdbackup -l full':28} {vnb_full:8.2f} {sizes_full[2] / MIB:11.1f}")
     print(f"{'inc:  ours':28} {our_inc:8.2f} {sizes_inc[0] / MIB:11.1f}")
     print(f"{'inc:  virtnbdbackup -l inc':28} {vnb_inc:8.2f} {sizes_inc[1] / MIB:11.1f}")

@@ -8,6 +8,7 @@ expected content of each restore point is rebuilt independently: a raw image wit
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +23,9 @@ import pytest
 
 from kvmconf import lab
 from kvmconf.backup import journal
-from kvmconf.backup.engine import Outcome, Settings, backup_vm
+from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
-from kvmconf.backup.store import VmStore, sha256_file
+from kvmconf.backup.store import VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -48,6 +49,19 @@ def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def the_lab(tmp_path_factory: pytest.TempPathFactory, small_fs: Path) -> Iterator[lab.Lab]:
     yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
+    _remove_orphaned_job_dirs()
+
+
+def _remove_orphaned_job_dirs() -> None:
+    """Job directories of backup processes that are gone (killed by these tests, or by a killed earlier run).
+
+    In production the VM's journal names them for the next run's recovery; here the VMs' backup
+    directories are temporary, so nothing else would remove them.
+    """
+    for job_dir in Path(JOB_DIR_PARENT).glob("kvmconf-backup-*-*"):
+        pid = job_dir.name.split("-")[2]
+        if pid.isdigit() and not lab.alive(int(pid)):
+            shutil.rmtree(job_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -110,6 +124,10 @@ def guest_write(dom: libvirt.virDomain, index: int, pattern: int, offset: str, l
         expected.write(pattern, offset, length)
 
 
+def store_dir(settings: Settings, name: str) -> Path:
+    return VmStore(settings.dir, name).dir
+
+
 def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", "compare", str(a), str(b)], capture_output=True, text=True, check=False)
 
@@ -158,6 +176,11 @@ def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, t
         assert out == [tmp_path / f"restored-{point.time}.raw"]
         result = compare(out[0], snapshot)
         assert result.returncode == 0, result.stdout
+    # The checksums check by hand with the stock tool, as the store's docstring tells the admin.
+    for point in (full, inc1, inc2):
+        sums = subprocess.run(["b3sum", "-c", "B3SUMS"], cwd=store.point_dir(point.time), capture_output=True,
+                              text=True, check=False)
+        assert (sums.returncode, sums.stdout) == (0, "vda.qcow2: OK\n"), sums
     # Stock qemu-img reads the chain: the newest incremental names its parent as backing file.
     info = subprocess.run(["qemu-img", "info", str(store.point_dir(inc2.time) / "vda.qcow2")],
                           capture_output=True, text=True, check=True).stdout
@@ -167,7 +190,7 @@ def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, t
     assert [m.time for m in nas.points()] == [full.time, inc1.time, inc2.time]
     for m in nas.points():
         for disk in m.disks:
-            assert sha256_file(nas.point_dir(m.time) / disk.file) == disk.sha256
+            assert checksum_file(nas.point_dir(m.time) / disk.file) == disk.blake3
     assert compare(nas.point_dir(inc2.time) / "vda.qcow2", snapshots[2]).returncode == 0
 
 
@@ -245,6 +268,13 @@ def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Pope
                             text=True)
 
 
+def _copying(store: VmStore) -> bool:
+    """The run is midway: its journal is written and it has copied some data into its partial point."""
+    partials = store.partials()
+    return bool(partials) and (store.dir / journal.JOURNAL).is_file() and any(
+        f.stat().st_blocks * 512 > 8 * MIB for f in partials[0].glob("*.qcow2"))
+
+
 def _wait_for(predicate: object, timeout: float = 300.0) -> None:  # generous: a shared, loaded machine
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
@@ -262,7 +292,7 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     at_first = expected.snapshot(tmp_path / "at-first.raw")
     guest_write(dom, 0, 0x42, "64M", "400M", expected)  # enough that the next backup takes a while
     child = _backup_in_child(the_lab.uri, name, settings)
-    _wait_for(lambda: store.partials() and (store.dir / journal.JOURNAL).is_file())
+    _wait_for(lambda: _copying(store))
     child.send_signal(signal.SIGKILL)
     output, _ = child.communicate()
     assert child.returncode == -signal.SIGKILL, output
@@ -278,6 +308,36 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     assert compare(tmp_path / "r1.raw", at_first).returncode == 0
     restore(store, outcome.manifest.time, tmp_path / "r2.raw", None, False, quiet)
     assert compare(tmp_path / "r2.raw", expected.path).returncode == 0
+
+
+def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
+                                                    name: str) -> None:
+    """Killed inside backupBegin, libvirt finishes the begin alone: recovery waits for it, then undoes it.
+
+    Recovering at once (deleting the new checkpoint while libvirt still set the job up) crashed
+    libvirtd 9.0; the daemon must still answer afterwards.
+    """
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    store = VmStore(settings.dir, name)
+    ok(backup_vm(dom, settings, 5, quiet))
+    guest_write(dom, 0, 0x42, "0", "8M")
+    child = _backup_in_child(the_lab.uri, name, settings)
+
+    def job_dir_made() -> bool:
+        entry = journal.read(store.dir) if (store.dir / journal.JOURNAL).is_file() else None
+        return entry is not None and Path(entry["job_dir"]).is_dir()
+
+    _wait_for(job_dir_made)
+    time.sleep(0.01)  # into backupBegin (measured: the begin takes 40-90 ms)
+    job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert conn.getVersion() > 0 and dom.isActive()  # libvirtd survived the recovery
+    assert outcome.manifest is not None and outcome.manifest.kind == "incremental"
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [outcome.manifest.checkpoint]
+    assert not job_dir.exists() and not store.partials()
 
 
 def _qemu_pid(name: str) -> int:
@@ -300,7 +360,7 @@ def test_qemu_killed_during_backup_next_is_full(the_lab: lab.Lab, conn: libvirt.
     ok(backup_vm(dom, settings, 5, quiet))
     guest_write(dom, 0, 0x42, "0", "400M")
     child = _backup_in_child(the_lab.uri, name, settings)
-    _wait_for(lambda: store.partials() and (store.dir / journal.JOURNAL).is_file())
+    _wait_for(lambda: _copying(store))
     os.kill(_qemu_pid(name), signal.SIGKILL)
     output, _ = child.communicate(timeout=600)
     _wait_for(lambda: not dom.isActive())
@@ -320,7 +380,10 @@ def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, con
     settings = Settings(small / "backups", keep=5, full_every=5)
     outcome = backup_vm(dom, settings, 5, quiet)
     assert not outcome.ok
-    assert "is full (no space left on device)" in outcome.error, outcome.error
+    # The files are sized before a byte is written: refused up front, with what it needs and has.
+    assert f"the backup target {store_dir(settings, name)} is too small for this backup: it needs 40 MiB," \
+        in outcome.error, outcome.error
+    assert "MiB are free: free space or move [backup] dir" in outcome.error
     store = VmStore(settings.dir, name)
     assert store.points() == [] and store.partials() == []
     assert not (store.dir / journal.JOURNAL).exists()

@@ -39,7 +39,7 @@ def test_store_lists_only_complete_points_and_follows_chains(tmp_path: Path) -> 
     assert [m.time for m in store.points()] == ["20260101T000000Z", "20260102T000000Z"]
     assert [m.time for m in store.chain_of(store.points()[-1])] == ["20260101T000000Z", "20260102T000000Z"]
     assert store.verify(store.points()[0]) == [f"{store.dir}/20260101T000000Z/vda.qcow2: missing"]
-    assert (store.point_dir("20260101T000000Z") / "SHA256SUMS").read_text() == f"{'0' * 64}  vda.qcow2\n"
+    assert (store.point_dir("20260101T000000Z") / "B3SUMS").read_text() == f"{'0' * 64}  vda.qcow2\n"
 
 
 def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:
@@ -51,11 +51,15 @@ def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:
     disks, skipped = domain_disks(xml)
     assert disks == [VmDisk("vda", "/d/a.qcow2", "qcow2", ""), VmDisk("vdb", "/dev/vg/b", "raw", "")]
     assert skipped == ["sda"]
-    root = ET.fromstring(backup_xml({"vda": Path("/b/vda.qcow2"), "vdb": Path("/b/vdb.qcow2")}, disks, skipped, "cp1"))
-    assert root.get("mode") == "push" and root.findtext("incremental") == "cp1"
+    root = ET.fromstring(backup_xml(Path("/j/nbd.sock"), Path("/j"), disks, skipped, "cp1"))
+    assert root.get("mode") == "pull" and root.findtext("incremental") == "cp1"
+    server = root.find("server")
+    assert server is not None and server.attrib == {"transport": "unix", "socket": "/j/nbd.sock"}
     modes = {d.get("name"): (d.get("backup"), d.get("backupmode")) for d in root.iter("disk")}
     assert modes == {"vda": ("yes", None), "vdb": ("yes", "full"), "sda": ("no", None)}
-    assert root.find("./disks/disk[@name='vdb']/target").get("file") == "/b/vdb.qcow2"  # type: ignore[union-attr]
+    assert root.find("./disks/disk[@name='vdb']/scratch").get("file") == "/j/vdb.scratch"  # type: ignore[union-attr]
+    full = ET.fromstring(backup_xml(Path("/j/nbd.sock"), Path("/j"), disks, skipped, None))
+    assert full.find("incremental") is None and full.find("./disks/disk[@name='vdb']").get("backupmode") is None  # type: ignore[union-attr]
     cp = ET.fromstring(checkpoint_xml("kvmconf-1", disks, skipped))
     assert {d.get("name"): d.get("checkpoint") for d in cp.iter("disk")} == {"vda": "bitmap", "vdb": "no", "sda": "no"}
 
@@ -115,15 +119,14 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
 def test_progress_shows_bytes_done_and_total_per_disk(capsys: pytest.CaptureFixture[str]) -> None:
     from kvmconf.backup.engine import _Progress
 
-    class FakeDomain:
-        def blockJobInfo(self, dev: str, flags: int) -> dict[str, int]:
-            return {"vda": {"cur": 3 << 20, "end": 64 << 20}, "vdb": {"cur": 32 << 20, "end": 32 << 20}}[dev]
-
-    disks = [VmDisk("vda", "/d/a", "qcow2", ""), VmDisk("vdb", "/d/b", "raw", "")]
-    progress = _Progress("vm", disks, enabled=True)
-    progress.update(FakeDomain())
+    progress = _Progress("vm", enabled=True)
+    vda, vdb = progress.disk("vda", 64 << 20), progress.disk("vdb", 32 << 20)
+    vda(3 << 20)
+    vda(4 << 20)  # within 0.2 s of the last redraw: skipped
+    vda(64 << 20)  # the end of a disk is always shown, and keeps its line
+    vdb(32 << 20)
     progress.done()
-    silent = _Progress("vm", disks, enabled=False)  # cron: no terminal, no progress lines in the log
-    silent.update(FakeDomain())
+    silent = _Progress("vm", enabled=False)  # cron: no terminal, no progress lines in the log
+    silent.disk("vda", 64 << 20)(64 << 20)
     silent.done()
-    assert capsys.readouterr().err == "\rvm: vda 3/64 MiB, vdb 32/32 MiB   \n"
+    assert capsys.readouterr().err == "\rvm: vda 3/64 MiB   \rvm: vda 64/64 MiB\n\rvm: vdb 32/32 MiB\n"

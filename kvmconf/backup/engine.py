@@ -1,11 +1,14 @@
 """Back up one VM: recover what an interrupted run left, then a full, incremental or offline restore point.
 
-Running VM: one libvirt push-mode backup job for all its disks (a single point in time) into thin
-qcow2 files made beforehand (REUSE_EXTERNAL), with a new checkpoint created atomically with the job.
-An incremental's qcow2 files have the previous point's files as backing files, so the job writes
-only the clusters dirtied since the previous checkpoint and stock `qemu-img` reads the chain. Raw
-disks carry no bitmap: they are copied whole (backupmode='full') in the same job. The VM's own
-disks and their backing chains are never changed: no snapshot, no overlay.
+Running VM: one libvirt pull-mode backup job for all its disks (a single point in time), with a new
+checkpoint created atomically with the job. QEMU exports each disk over NBD on a unix socket; this
+process reads the export and writes each disk's thin qcow2 file itself, front to back, hashing as
+it writes (stream.py), because that is as fast as the disk reads: a push job, or qemu-img plus a
+separate checksum pass, read the data twice or the whole virtual size. A full stores what holds
+data; an incremental stores the blocks dirtied since the previous checkpoint, in a qcow2 whose
+backing file is the previous point's, so stock `qemu-img` reads the chain. Raw disks carry no bitmap:
+they are copied whole (backupmode='full') in the same job. The VM's own disks and their backing
+chains are never changed: no snapshot, no overlay.
 
 Shut-off VM: `qemu-img convert` of each image (the image lock keeps the VM from starting meanwhile);
 such a point starts a new chain because no checkpoint can be created on an inactive domain.
@@ -26,23 +29,26 @@ from pathlib import Path
 
 import libvirt
 
-from kvmconf.backup import journal
-from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks
+from kvmconf.backup import durability, journal, qcow2, stream
+from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, dirty_context, domain_disks, qemu_owner
+from kvmconf.backup.nbd import NbdClient, NbdError
 from kvmconf.backup.store import (
     PARTIAL,
     DiskFile,
     Manifest,
     VmStore,
     allocated,
+    checksum_file,
+    expired_chains,
     fsync_path,
-    sha256_file,
     write_point_files,
 )
 from kvmconf.errors import KvmconfError
 
 CHECKPOINT_PREFIX = "kvmconf-"
+JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _job_dir
 Log = Callable[[str], None]
-_POLL = 0.2
+_POLL = 0.05
 
 
 class BackupFailed(KvmconfError):
@@ -133,14 +139,14 @@ def delete_checkpoint(dom: libvirt.virDomain, name: str, disks: list[VmDisk], lo
 def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str]:
     """Undo what an interrupted run of this VM left (called with the VM's lock held). Idempotent.
 
-    Aborts the backup job it started (a push job outlives a killed client), deletes the checkpoint it
-    created (its parent then still covers every write), and removes its partial files. The VM's disks
-    are never touched.
+    Aborts the backup job it started (a pull job lasts until aborted, also after its client died),
+    deletes the checkpoint it created (its parent then still covers every write), and removes its
+    partial files and its job directory. The VM's disks are never touched.
     """
     notes: list[str] = []
     entry = journal.read(store.dir)
     if entry is not None and dom is not None:
-        if dom.isActive() and _job_active(dom):
+        if dom.isActive() and _job_active_when_settled(dom):
             try:
                 dom.abortJob()
                 notes.append(f"aborted the backup job of the interrupted run {entry['time']}")
@@ -152,6 +158,8 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
             disks, _ = domain_disks(dom.XMLDesc(0))
             if delete_checkpoint(dom, checkpoint, disks, lambda _m: None):
                 notes.append(f"deleted checkpoint {checkpoint} of the interrupted run")
+    if entry is not None and entry.get("job_dir"):
+        shutil.rmtree(entry["job_dir"], ignore_errors=True)  # the NBD socket and scratch files
     for partial in store.partials():
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed the partial backup {partial.name}")
@@ -167,6 +175,24 @@ def _job_active(dom: libvirt.virDomain) -> bool:
         return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
     except libvirt.libvirtError:
         return False
+
+
+def _job_active_when_settled(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
+    """Whether a job runs, once libvirt can say so.
+
+    A client killed during backupBegin leaves libvirt finishing the begin on its own for a moment,
+    answering "backup job data missing" meanwhile. Deleting the checkpoint in that moment crashed
+    libvirtd 9.0 here, so recovery waits for a clear answer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+        except libvirt.libvirtError as err:
+            if time.monotonic() > deadline:
+                raise BackupFailed(f"libvirt cannot say whether the interrupted run's backup job still runs:"
+                                   f" {err.get_error_message()}") from None
+        time.sleep(_POLL)
 
 
 def _wait_job_end(dom: libvirt.virDomain, timeout: float) -> None:
@@ -198,35 +224,30 @@ def _decide_incremental(dom: libvirt.virDomain, disks: list[VmDisk], points: lis
 
 
 class _Progress:
-    def __init__(self, vm: str, disks: list[VmDisk], enabled: bool) -> None:
-        self.vm = vm
-        self.disks = disks
-        self.enabled = enabled
-        self.shown = False
+    """Bytes done/total per disk, one terminal line per disk, redrawn a few times a second."""
 
-    def update(self, dom: libvirt.virDomain) -> None:
-        if not self.enabled:
-            return
-        parts = []
-        for disk in self.disks:
-            try:
-                info = dom.blockJobInfo(disk.dev, 0)
-            except libvirt.libvirtError:
-                info = {}
-            if info and info.get("end"):
-                parts.append(f"{disk.dev} {info['cur'] >> 20}/{info['end'] >> 20} MiB")
-        if not parts:
-            stats = dom.jobStats(0)
-            if "disk_total" in stats:
-                parts.append(f"all disks {stats.get('disk_processed', 0) >> 20}/{stats['disk_total'] >> 20} MiB")
-        if parts:
-            sys.stderr.write(f"\r{self.vm}: " + ", ".join(parts) + "   ")
+    def __init__(self, vm: str, enabled: bool) -> None:
+        self.vm = vm
+        self.enabled = enabled
+        self.open_line = False
+        self.last = 0.0
+
+    def disk(self, dev: str, total: int) -> Callable[[int], None]:
+        def update(done: int) -> None:
+            now = time.monotonic()
+            if not self.enabled or (now - self.last < 0.2 and done < total):
+                return
+            self.last = now
+            sys.stderr.write(f"\r{self.vm}: {dev} {done >> 20}/{total >> 20} MiB" + ("\n" if done >= total else "   "))
             sys.stderr.flush()
-            self.shown = True
+            self.open_line = done < total
+        return update
 
     def done(self) -> None:
-        if self.shown:
+        """End a line left open (a disk that failed midway)."""
+        if self.open_line:
             sys.stderr.write("\n")
+            self.open_line = False
 
 
 def _freeze(dom: libvirt.virDomain) -> str | None:
@@ -245,40 +266,84 @@ def _thaw(dom: libvirt.virDomain, log: Log) -> None:
         log(f"{dom.name()}: WARNING: thawing the guest's filesystems failed: {err.get_error_message()}")
 
 
-def _wait_push_job(dom: libvirt.virDomain, progress: _Progress, where: Path) -> None:
-    while True:
-        try:
-            active = dom.isActive() and _job_active(dom)
-        except libvirt.libvirtError as err:
-            raise BackupFailed(f"lost the VM during the backup: {err.get_error_message()}") from None
-        if not active:
-            break
-        progress.update(dom)
-        time.sleep(_POLL)
-    progress.done()
-    if not dom.isActive():
-        raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")
+def _job_dir(dom: libvirt.virDomain, stamp: str) -> Path:
+    """Where the job's NBD socket and scratch files go: private to QEMU (it creates them) and root.
+
+    Short (a unix socket path has at most 107 bytes) and outside /run (QEMU may have a /run of its
+    own). The name is known before it exists, so the journal can name it first.
+    """
+    return Path(JOB_DIR_PARENT) / f"kvmconf-backup-{os.getpid()}-{stamp}"
+
+
+def _make_job_dir(dom: libvirt.virDomain, where: Path) -> None:
+    shutil.rmtree(where, ignore_errors=True)  # a reused PID's leftover
+    where.mkdir(mode=0o700)
+    owner = qemu_owner(dom.XMLDesc(0))
+    if owner is not None:
+        os.chown(where, *owner)
+
+
+def _begin(dom: libvirt.virDomain, job: Path, disks: list[VmDisk], skipped: list[str], parent: Manifest | None,
+           checkpoint: str, notes: list[str], log: Log) -> Manifest | None:
+    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on."""
+    frozen_error = _freeze(dom)
+    if frozen_error is not None:
+        notes.append(f"not frozen (crash-consistent): {frozen_error}")
+    since = None if parent is None else parent.checkpoint
     try:
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError as err:
-        raise BackupFailed(f"cannot read the backup job's result: {err.get_error_message()}") from None
-    if stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
-        raise BackupFailed(_space_message(str(stats.get("errmsg", "the backup job failed")), where))
+        try:
+            dom.backupBegin(backup_xml(job / "nbd.sock", job, disks, skipped, since),
+                            checkpoint_xml(checkpoint, disks, skipped), 0)
+        except libvirt.libvirtError as err:
+            if parent is None or err.get_error_code() != libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
+                raise BackupFailed(err.get_error_message()) from None
+            # A bitmap broken by a crash of QEMU: drop that checkpoint and start a new chain at once.
+            notes.append(f"full: checkpoint {parent.checkpoint} is broken ({err.get_error_message()})")
+            delete_checkpoint(dom, str(parent.checkpoint), disks, log)
+            parent = None
+            dom.backupBegin(backup_xml(job / "nbd.sock", job, disks, skipped, None),
+                            checkpoint_xml(checkpoint, disks, skipped), 0)
+    finally:
+        if frozen_error is None:
+            _thaw(dom, log)
+    return parent
 
 
-def _make_targets(disks: list[VmDisk], partial: Path, parent: Manifest | None, dom: libvirt.virDomain,
-                  sizes: dict[str, int]) -> dict[str, Path]:
-    targets = {}
-    for disk in disks:
-        target = partial / f"{disk.dev}.qcow2"
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        if parent is not None and disk.tracked:
+def _end_job(dom: libvirt.virDomain) -> None:
+    """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end)."""
+    with suppress(libvirt.libvirtError):
+        if dom.isActive() and _job_active(dom):
+            dom.abortJob()
+
+
+def _plan_disks(job: Path, disks: list[VmDisk], parent: Manifest | None,
+                ) -> list[tuple[VmDisk, NbdClient, qcow2.Layout]]:
+    """Connect to each disk's export and lay its file out; the caller closes the clients."""
+    plans = []
+    clients: list[NbdClient] = []
+    try:
+        for disk in disks:
+            incremental = parent is not None and disk.tracked
+            context = dirty_context(disk) if incremental else None
+            client = NbdClient.connect(str(job / "nbd.sock"), disk.dev,
+                                       ["base:allocation"] + ([context] if context else []))
+            clients.append(client)
             # Relative, so the tree still reads after it is copied (NAS) or the directory is renamed.
-            argv += ["-F", "qcow2", "-b", f"../{parent.time}/{disk.dev}.qcow2"]
-        argv += [str(target), str(sizes[disk.dev])]
-        run_tool(argv)
-        targets[disk.dev] = target
-    return targets
+            backing = f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and incremental else None
+            plans.append((disk, client, stream.plan(client, context, backing)))
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return plans
+
+
+def _check_space(where: Path, needed: int) -> None:
+    """Refuse before writing anything when the files cannot fit (they are sized exactly in advance)."""
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise BackupFailed(f"the backup target {where} is too small for this backup: it needs {needed >> 20} MiB,"
+                           f" {free >> 20} MiB are free: free space or move [backup] dir")
 
 
 def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, log: Log) -> Manifest:
@@ -295,36 +360,41 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
-    sizes = {d.dev: dom.blockInfo(d.dev)[0] for d in disks}
     started = time.monotonic()
-    journal.write(store.dir, {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name})
-    partial.mkdir(parents=True)
-    targets = _make_targets(disks, partial, parent, dom, sizes)
-    frozen_error = _freeze(dom)
-    if frozen_error is not None:
-        notes.append(f"not frozen (crash-consistent): {frozen_error}")
+    job = _job_dir(dom, stamp)
+    journal.write(store.dir, {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
+                              "job_dir": str(job)})
+    partial.mkdir()
+    _make_job_dir(dom, job)
+    checksums: dict[str, str] = {}
+    progress = _Progress(store.vm, settings.progress)
     try:
+        parent = _begin(dom, job, disks, skipped, parent, checkpoint, notes, log)
+        plans = _plan_disks(job, disks, parent)
         try:
-            dom.backupBegin(backup_xml(targets, disks, skipped, None if parent is None else parent.checkpoint),
-                            checkpoint_xml(checkpoint, disks, skipped), libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
-        except libvirt.libvirtError as err:
-            if parent is None or err.get_error_code() != libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
-                raise BackupFailed(_space_message(err.get_error_message(), store.dir)) from None
-            # A bitmap broken by a crash of QEMU: drop that checkpoint and start a new chain at once.
-            notes.append(f"full: checkpoint {parent.checkpoint} is broken ({err.get_error_message()})")
-            delete_checkpoint(dom, str(parent.checkpoint), disks, log)
-            parent = None
-            shutil.rmtree(partial)
-            partial.mkdir()
-            targets = _make_targets(disks, partial, None, dom, sizes)
-            dom.backupBegin(backup_xml(targets, disks, skipped, None), checkpoint_xml(checkpoint, disks, skipped),
-                            libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
+            for disk, client, layout in plans:
+                copied = stream.copy(client, layout, partial / f"{disk.dev}.qcow2",
+                                     progress.disk(disk.dev, layout.file_size))
+                checksums[disk.dev] = copied.blake3
+        finally:
+            progress.done()
+            for _, client, _ in plans:
+                client.close()
+    except NbdError as err:
+        if not dom.isActive():
+            raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")\
+                from None
+        raise BackupFailed(str(err)) from None
     finally:
-        if frozen_error is None:
-            _thaw(dom, log)
-    _wait_push_job(dom, _Progress(store.vm, disks, settings.progress), store.dir)
-    manifest = _finish(store, stamp, partial, disks, targets, sizes, parent, checkpoint, "incremental" if parent else
-                       "full", frozen_error is None, notes, started)
+        _end_job(dom)
+        shutil.rmtree(job, ignore_errors=True)
+    if not dom.isActive():
+        raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")
+    sizes = {d.dev: dom.blockInfo(d.dev)[0] for d in disks}
+    manifest = _finish(store, stamp, partial, disks, checksums, sizes, parent, checkpoint,
+                       "incremental" if parent else "full", not any(n.startswith("not frozen") for n in notes), notes,
+                       started)
     if parent is not None and parent.checkpoint:
         # One checkpoint per VM is enough (the next incremental starts at the newest): fewer bitmaps to keep up.
         delete_checkpoint(dom, parent.checkpoint, disks, log)
@@ -340,7 +410,7 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
     started = time.monotonic()
     journal.write(store.dir, {"time": stamp, "checkpoint": None, "pid": os.getpid(), "partial": partial.name})
     partial.mkdir(parents=True)
-    targets, sizes = {}, {}
+    checksums, sizes = {}, {}
     for disk in disks:
         target = partial / f"{disk.dev}.qcow2"
         if settings.progress:
@@ -348,28 +418,26 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
         # Zeros are not written (thin); without -U the image lock keeps the VM from starting meanwhile.
         run_tool(["qemu-img", "convert", *(["-p"] if settings.progress else []), "-f", disk.format, "-O", "qcow2",
                   disk.path, str(target)], show=settings.progress)
-        targets[disk.dev] = target
+        checksums[disk.dev] = checksum_file(target)
         sizes[disk.dev] = dom.blockInfo(disk.dev)[0]
-    return _finish(store, stamp, partial, disks, targets, sizes, None, None, "offline", False,
+    return _finish(store, stamp, partial, disks, checksums, sizes, None, None, "offline", False,
                    ["shut off: copied from its images (the next running backup starts a new chain)"], started)
 
 
-def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], targets: dict[str, Path],
+def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], checksums: dict[str, str],
             sizes: dict[str, int], parent: Manifest | None, checkpoint: str | None, kind: str, frozen: bool,
             notes: list[str], started: float) -> Manifest:
+    """Write the manifest (the files are complete and on disk) and turn the partial directory into the point."""
     files = []
-    copied = time.monotonic()
     for disk in disks:
-        target = targets[disk.dev]
-        fsync_path(target)
+        target = partial / f"{disk.dev}.qcow2"
         backing = f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
         files.append(DiskFile(disk.dev, disk.path, disk.format, target.name, sizes[disk.dev], allocated(target),
-                              sha256_file(target), backing))
+                              checksums[disk.dev], backing))
     manifest = Manifest(store.vm, stamp, kind, stamp if parent is None else parent.chain,
                         None if parent is None else parent.time, checkpoint, frozen, notes, files,
-                        round(time.monotonic() - started, 3),
-                        {"copy_seconds": round(copied - started, 3),
-                         "checksum_seconds": round(time.monotonic() - copied, 3)})
+                        round(time.monotonic() - started, 3))
+    durability.record(store, stamp)  # before the manifest: a crash from here on leaves the point recorded
     write_point_files(partial, manifest)
     final = store.point_dir(stamp)
     partial.rename(final)  # the point exists from here on, complete
@@ -385,6 +453,7 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
     try:
         with journal.vm_lock(store.dir):
             outcome.notes += recover(dom, store, log)
+            outcome.notes += durability.settle(store, log, flush=False)  # after a reboot: verify, drop lost points
             try:
                 manifest = (_running_backup(dom, store, settings, log) if dom.isActive()
                             else _offline_backup(dom, store, settings))
@@ -394,6 +463,8 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
             outcome.manifest = manifest
             outcome.ok = True
             _remove_replaced(store, dom, log)
+            if expired_chains(store.points(), keep):
+                outcome.notes += durability.settle(store, log)  # the points that stay must be on disk first
             store.prune(keep, log)
             if settings.nas_dir is not None:
                 from kvmconf.backup.nas import stage

@@ -1,8 +1,9 @@
 """The XML the backup needs from and for libvirt: a domain's disks, backup and checkpoint definitions.
 
 Built with ElementTree (never by string formatting) from the forms verified on libvirt 9.0 / QEMU 7.2:
-push mode into pre-created qcow2 targets (REUSE_EXTERNAL), raw disks with backupmode='full' and
-checkpoint='no' (libvirt refuses a checkpoint on raw storage), see shared/reference/backup-notes.md §7.2-7.3.
+pull mode with a unix-socket NBD server and a scratch file per disk, raw disks with backupmode='full'
+and checkpoint='no' (libvirt refuses a checkpoint on raw storage), see shared/reference/backup-notes.md
+§7.2-7.3.
 """
 
 from __future__ import annotations
@@ -47,21 +48,43 @@ def domain_disks(xml: str) -> tuple[list[VmDisk], list[str]]:
     return disks, skipped
 
 
-def backup_xml(targets: dict[str, Path], disks: list[VmDisk], skipped: list[str], incremental: str | None) -> str:
-    root = ET.Element("domainbackup", mode="push")
+def backup_xml(socket: Path, scratch_dir: Path, disks: list[VmDisk], skipped: list[str],
+               incremental: str | None) -> str:
+    """A pull-mode job: QEMU exports each disk (export name = its dev) over NBD on `socket`.
+
+    QEMU copies a block to the disk's scratch file before the guest overwrites it, so the export
+    stays at the job's point in time; libvirt 9.0 needs the scratch file named (it has no default).
+    """
+    root = ET.Element("domainbackup", mode="pull")
     if incremental is not None:
         ET.SubElement(root, "incremental").text = incremental
+    ET.SubElement(root, "server", transport="unix", socket=str(socket))
     elements = ET.SubElement(root, "disks")
     for disk in disks:
         attributes = {"name": disk.dev, "backup": "yes", "type": "file"}
         if incremental is not None and not disk.tracked:
             attributes["backupmode"] = "full"  # raw/LVM: a whole copy in the same point-in-time job
         element = ET.SubElement(elements, "disk", attributes)
-        ET.SubElement(element, "target", file=str(targets[disk.dev]))
-        ET.SubElement(element, "driver", type="qcow2")
+        ET.SubElement(element, "scratch", file=str(scratch_dir / f"{disk.dev}.scratch"))
     for dev in skipped:
         ET.SubElement(elements, "disk", name=dev, backup="no")
     return ET.tostring(root, encoding="unicode")
+
+
+def dirty_context(disk: VmDisk) -> str:
+    """The NBD meta context of an incremental job's dirty blocks for this disk (libvirt names the bitmap)."""
+    return f"qemu:dirty-bitmap:backup-{disk.dev}"
+
+
+def qemu_owner(xml: str) -> tuple[int, int] | None:
+    """The uid and gid QEMU runs as (the live XML's DAC label, e.g. '+64055:+994'), None if not said."""
+    for seclabel in ET.fromstring(xml).iterfind("./seclabel[@model='dac']"):
+        label = seclabel.findtext("label")
+        if label:
+            uid, _, gid = label.replace("+", "").partition(":")
+            if uid.isdigit() and gid.isdigit():
+                return int(uid), int(gid)
+    return None
 
 
 def checkpoint_xml(name: str, disks: list[VmDisk], skipped: list[str]) -> str:

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from kvmconf.backup.store import PARTIAL, VmStore, fsync_path, sha256_file, write_point_files
+from kvmconf.backup.store import PARTIAL, VmStore, checksum_file, fsync_path, write_point_files
 from kvmconf.errors import KvmconfError
 
 Log = Callable[[str], None]
@@ -39,8 +39,11 @@ def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
             if result.returncode != 0:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise NasFailed(f"{local.vm}: copying {manifest.time} to the NAS failed: {result.stderr.strip()}")
-        # Verified before the manifest makes it a point: a crash in between leaves only a partial copy.
-        problems = [d.file for d in manifest.disks if sha256_file(partial / d.file) != d.sha256]
+        # On the NAS's disk and verified before the manifest makes it a point (the NAS prunes its older
+        # chains next): a crash in between leaves only a partial copy.
+        for disk in manifest.disks:
+            fsync_path(partial / disk.file)
+        problems = [d.file for d in manifest.disks if checksum_file(partial / d.file) != d.blake3]
         if problems:
             shutil.rmtree(partial, ignore_errors=True)
             raise NasFailed(f"{local.vm}: the NAS copy of {manifest.time} does not verify (checksum mismatch:"

@@ -3,7 +3,7 @@
 Layout (the same locally and on the NAS)::
 
     <dir>/<vm>/<TS>/manifest.json   what this restore point holds (written last: no manifest, no point)
-    <dir>/<vm>/<TS>/SHA256SUMS      `sha256sum -c` can check the files by hand
+    <dir>/<vm>/<TS>/B3SUMS          BLAKE3 checksums: `b3sum -c B3SUMS` (Debian package b3sum) checks by hand
     <dir>/<vm>/<TS>/<dev>.qcow2     one thin qcow2 per disk; an incremental's backing file is
                                     ../<parent TS>/<dev>.qcow2 (relative, so a copied tree still reads)
     <dir>/<vm>/<TS>.partial/        a run in progress (or an interrupted one, removed by recovery)
@@ -13,7 +13,6 @@ Layout (the same locally and on the NAS)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 MANIFEST = "manifest.json"
-SUMS = "SHA256SUMS"
+SUMS = "B3SUMS"
 PARTIAL = ".partial"
-_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DiskFile:
     file: str  # name inside the point's directory
     virtual_size: int
     stored: int  # bytes this file occupies (thin: only written clusters)
-    sha256: str
+    blake3: str  # of the file; BLAKE3 because it is ~4x faster than SHA-256 and as strong (see stream.py)
     backing: str | None  # relative backing file (incrementals), None for a self-contained file
 
 
@@ -68,12 +68,9 @@ class Manifest:
         return sum(d.stored for d in self.disks)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def checksum_file(path: Path) -> str:
+    """The BLAKE3 of a file (mapped, hashed on every core): for files not written by stream.copy."""
+    return str(blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest())
 
 
 def allocated(path: Path) -> int:
@@ -101,7 +98,7 @@ def write_durably(path: Path, text: str) -> None:
 
 
 def write_point_files(point: Path, manifest: Manifest) -> None:
-    sums = "".join(f"{d.sha256}  {d.file}\n" for d in manifest.disks)
+    sums = "".join(f"{d.blake3}  {d.file}\n" for d in manifest.disks)
     write_durably(point / SUMS, sums)
     write_durably(point / MANIFEST, manifest.to_json())
 
@@ -138,7 +135,7 @@ class VmStore:
             path = self.point_dir(manifest.time) / disk.file
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif sha256_file(path) != disk.sha256:
+            elif checksum_file(path) != disk.blake3:
                 problems.append(f"{path}: checksum mismatch")
         return problems
 

@@ -1,0 +1,214 @@
+"""Copy one disk of a pull-mode backup into a thin qcow2 file in one sequential pass, hashing as it goes.
+
+What to store comes from the export's extents: a full stores what ``base:allocation`` says holds
+data; an incremental stores the dirty blocks (the job's ``qemu:dirty-bitmap:backup-<dev>``) that hold
+data and marks the dirty blocks that now read as zeros. ``qcow2.plan`` lays the file out before a
+byte is written, so the file is written front to back and its BLAKE3 checksum is computed from the
+same buffers: the backup is never read a second time.
+
+Three stages overlap, each on its own thread, so a 2-core host keeps the NBD server, the hash and
+the disk busy at once: the caller's thread keeps reads in flight on the export, a hasher thread
+hashes each buffer in file order, a writer thread writes it.
+
+The file is written through the page cache and not flushed here: reading the export and flushing
+the copy share one disk, and waiting for the flush would keep the backup job (and the guest's
+copy-before-write) running up to twice as long. durability.py makes sure no restore point is
+trusted, or any older one deleted, before its files are known to be on disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from kvmconf.backup import qcow2
+from kvmconf.backup.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
+
+CHUNK = 4 * 1024 * 1024  # per NBD read and per write: large enough for throughput, a multiple of the cluster
+DEPTH = 8  # reads in flight
+_BUFFERS = DEPTH + 4  # in flight + being hashed/written + queued between the stages
+_PROBE = bytes(16)
+_ZERO_CLUSTER = bytes(qcow2.CLUSTER_SIZE)
+
+Progress = Callable[[int], None]  # called with the bytes of this disk done so far
+
+
+@dataclass(frozen=True)
+class Copied:
+    blake3: str
+    stored: int  # bytes of data the file holds (metadata included, zero clusters left out)
+
+
+def plan(client: NbdClient, dirty_context: str | None, backing: str | None) -> qcow2.Layout:
+    """The file for this export: everything with data (full), or the dirty blocks over `backing`."""
+    allocation = list(client.extents("base:allocation"))
+    if dirty_context is None:
+        return qcow2.plan(client.size, [(e.offset, e.length) for e in allocation if not e.flags & STATE_ZERO])
+    dirty = [e for e in client.extents(dirty_context) if e.flags & STATE_DIRTY]
+    data: list[tuple[int, int]] = []
+    zero: list[tuple[int, int]] = []
+    for part in intersect(dirty, allocation):
+        (zero if part.flags & STATE_ZERO else data).append((part.offset, part.length))
+    return qcow2.plan(client.size, data, zero, backing)
+
+
+def intersect(dirty: list[Extent], allocation: list[Extent]) -> Iterator[Extent]:
+    """The dirty ranges, cut where the allocation extents change, each with its allocation flags."""
+    i = 0
+    for d in dirty:
+        while i < len(allocation) and allocation[i].end <= d.offset:
+            i += 1
+        j = i
+        while j < len(allocation) and allocation[j].offset < d.end:
+            a = allocation[j]
+            start, end = max(a.offset, d.offset), min(a.end, d.end)
+            if start < end:
+                yield Extent(start, end - start, a.flags)
+            j += 1
+
+
+def copy(client: NbdClient, layout: qcow2.Layout, target: Path, progress: Progress = lambda _n: None) -> Copied:
+    """Write `layout`'s file at `target` (a new file) from the export, front to back."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, layout.file_size)  # sparse: clusters of zeros are simply never written
+        return _Pipeline(client, fd, progress).run(layout)
+    finally:
+        os.close(fd)
+
+
+class _Pipeline:
+    def __init__(self, client: NbdClient, fd: int, progress: Progress) -> None:
+        self.client = client
+        self.fd = fd
+        self.progress = progress
+        self.chunk = min(CHUNK, client.max_request) // qcow2.CLUSTER_SIZE * qcow2.CLUSTER_SIZE
+        # NBD reads land in these buffers directly; they go round the three stages.
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(_BUFFERS):
+            self.free.put(mmap.mmap(-1, self.chunk))
+        self.to_hash: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
+        self.to_write: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
+        self.hash = blake3.blake3()
+        self.stored = 0
+        self.failed: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self, layout: qcow2.Layout) -> Copied:
+        hasher = threading.Thread(target=self._guard, args=(self._hash_stage,), name="backup-hash", daemon=True)
+        writer = threading.Thread(target=self._guard, args=(self._write_stage,), name="backup-write", daemon=True)
+        hasher.start()
+        writer.start()
+        try:
+            self._metadata(layout.metadata)
+            done = 0
+            for host, length, buffer in self._reads(layout):
+                self.to_hash.put((host, length, buffer))
+                done += length
+                self.progress(done)
+                if self.failed is not None:
+                    break
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self.to_hash.put(None)
+            hasher.join()
+            writer.join()
+        if self.failed is not None:
+            raise self.failed
+        return Copied(self.hash.hexdigest(), self.stored)
+
+    def _metadata(self, metadata: bytes) -> None:
+        for at in range(0, len(metadata), self.chunk):
+            piece = metadata[at:at + self.chunk]
+            buffer = self._take()
+            buffer[:len(piece)] = piece
+            self.to_hash.put((at, len(piece), buffer))
+
+    def _take(self) -> mmap.mmap:
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def _reads(self, layout: qcow2.Layout) -> Iterator[tuple[int, int, mmap.mmap]]:
+        """(host offset, length, buffer) of every data chunk, in file order, as the reads complete."""
+        pieces: deque[tuple[int, int, mmap.mmap]] = deque()  # requested, not yet complete
+
+        def requests() -> Iterator[tuple[int, memoryview]]:
+            host = layout.data_offset
+            for guest, length in layout.runs:
+                for at in range(0, length, self.chunk):
+                    n = min(self.chunk, length - at)
+                    # Runs are whole clusters: the last one may pass a virtual size that is not a cluster
+                    # multiple. Its tail is not on the export; it must read as zeros in the file.
+                    readable = min(n, self.client.size - (guest + at))
+                    buffer = self._take()
+                    if readable < n:
+                        buffer[readable:n] = bytes(n - readable)
+                    pieces.append((host + at, n, buffer))
+                    yield guest + at, memoryview(buffer)[:readable]
+                host += length
+
+        for _ in self.client.read_many(requests(), DEPTH):
+            yield pieces.popleft()
+
+    def _guard(self, stage: Callable[[], None]) -> None:
+        try:
+            stage()
+        except BaseException as err:  # handed to the caller's thread, which raises it
+            if self.failed is None:
+                self.failed = err
+            self.stop.set()
+            self.to_write.put(None)
+
+    def _hash_stage(self) -> None:
+        while (item := self.to_hash.get()) is not None:
+            if not self.stop.is_set():
+                _host, length, buffer = item
+                self.hash.update(memoryview(buffer)[:length])
+            self.to_write.put(item)
+        self.to_write.put(None)
+
+    def _write_stage(self) -> None:
+        while (item := self.to_write.get()) is not None:
+            host, length, buffer = item
+            try:
+                if not self.stop.is_set():
+                    self._write(host, length, buffer)
+            finally:
+                self.free.put(buffer)
+
+    def _write(self, host: int, length: int, buffer: mmap.mmap) -> None:
+        """Write the buffer's clusters that are not all zeros (the file is sparse: zeros cost nothing)."""
+        view = memoryview(buffer)
+        start = None  # start of the current run of non-zero clusters
+        for at in range(0, length, qcow2.CLUSTER_SIZE):
+            end = at + qcow2.CLUSTER_SIZE  # lengths are whole clusters
+            # The 16-byte probe keeps the full comparison (a copy) for clusters that start with zeros.
+            if view[at:at + 16] == _PROBE and view[at:end].tobytes() == _ZERO_CLUSTER:
+                if start is not None:
+                    self._pwrite(view[start:at], host + start)
+                    start = None
+            elif start is None:
+                start = at
+        if start is not None:
+            self._pwrite(view[start:length], host + start)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        self.stored += len(view)

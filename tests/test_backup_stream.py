@@ -1,0 +1,184 @@
+"""The NBD client and the one-pass copier against a real NBD server: qemu-nbd serving qcow2 images.
+
+qemu-nbd speaks the same protocol as the export of a libvirt pull-mode backup job, including the
+dirty-bitmap meta context (`--bitmap`), so full and incremental copies are checked here without a VM:
+the result must read back identical (`qemu-img compare`), pass `qemu-img check`, be thin, and carry
+the checksum of its own bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmconf.backup import qcow2, stream
+from kvmconf.backup.engine import explain_os_error
+from kvmconf.backup.nbd import Extent, NbdClient, NbdError
+from kvmconf.backup.store import allocated, checksum_file
+from kvmconf.lab import stop_pid
+from tests.tools import require_tool
+
+MIB = 1024 * 1024
+
+pytestmark = pytest.mark.services
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    argv = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run([*argv, str(image)], check=True, capture_output=True)
+
+
+def make_image(path: Path, size: str, *writes: str) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    if writes:
+        qemu_io(path, *writes)
+    return path
+
+
+Serve = Callable[..., Path]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """Start qemu-nbd on an image (read-only, export 'vda'); stopped by PID after the test."""
+    require_tool("qemu-nbd")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(image: Path, bitmap: str | None = None) -> Path:
+        sock = tmp_path / f"nbd{len(started)}.sock"
+        argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=4", "--export-name=vda", "--format=qcow2",
+                f"--socket={sock}", *([f"--bitmap={bitmap}"] if bitmap else []), str(image)]
+        started.append(subprocess.Popen(argv, stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert started[-1].poll() is None, started[-1].stderr.read() if started[-1].stderr else ""
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        return sock
+
+    yield start
+    for process in started:
+        stop_pid(process.pid)
+        process.wait()
+
+
+def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "compare", str(a), str(b)], capture_output=True, text=True, check=False)
+
+
+def check(image: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True, check=False)
+
+
+def test_extents_are_merged_and_cover_the_export(tmp_path: Path, serve: Serve) -> None:
+    image = make_image(tmp_path / "d.qcow2", "16M", "write -P 0x11 0 4M", "write -P 0x22 8M 4M")
+    with NbdClient.connect(str(serve(image)), "vda") as client:
+        assert client.size == 16 * MIB
+        assert list(client.extents("base:allocation")) == [
+            Extent(0, 4 * MIB, 0), Extent(4 * MIB, 4 * MIB, 3), Extent(8 * MIB, 4 * MIB, 0),
+            Extent(12 * MIB, 4 * MIB, 3)]
+        assert list(client.extents("base:allocation", 6 * MIB, 4 * MIB)) == [
+            Extent(6 * MIB, 2 * MIB, 3), Extent(8 * MIB, 2 * MIB, 0)]
+
+
+def test_unknown_export_and_context_are_refused_by_name(tmp_path: Path, serve: Serve) -> None:
+    sock = serve(make_image(tmp_path / "d.qcow2", "1M"))
+    with pytest.raises(NbdError, match="export 'vdb'"):
+        NbdClient.connect(str(sock), "vdb")
+    with pytest.raises(NbdError, match="export 'vda' has no meta context qemu:dirty-bitmap:nosuch"):
+        NbdClient.connect(str(sock), "vda", ["base:allocation", "qemu:dirty-bitmap:nosuch"])
+    with pytest.raises(NbdError, match=f"cannot connect to the NBD export 'vda' at {tmp_path}/none.sock"):
+        NbdClient.connect(str(tmp_path / "none.sock"), "vda")
+
+
+def test_full_copy_is_thin_identical_and_hashed_as_written(tmp_path: Path, serve: Serve) -> None:
+    # An unaligned size, data in two L2 regions, a cluster of explicit zeros (stored by the source,
+    # left out of ours), and more data than one pipeline round of buffers holds.
+    image = make_image(tmp_path / "d.qcow2", str(600 * MIB + 4096), "write -P 0x11 1M 70M",
+                       "write -P 0x22 520M 9M", "write -P 0 100M 64k", "write -P 0x33 600M 4096")
+    done: list[int] = []
+    with NbdClient.connect(str(serve(image)), "vda") as client:
+        layout = stream.plan(client, None, None)
+        copied = stream.copy(client, layout, tmp_path / "full.qcow2", done.append)
+    out = tmp_path / "full.qcow2"
+    assert compare(out, image).returncode == 0, compare(out, image).stdout
+    assert check(out).returncode == 0, check(out).stdout
+    assert copied.blake3 == checksum_file(out)  # the hash of the bytes as written is the hash of the file
+    assert done[-1] == sum(length for _, length in layout.runs) and done == sorted(done)
+    # Thin: about the 79 MiB of data (plus metadata), not the 600 MiB disk; the zero cluster is a hole.
+    assert 79 * MIB <= allocated(out) < 80 * MIB, allocated(out)
+    assert copied.stored == allocated(out)
+
+
+def test_incremental_stores_dirty_blocks_over_the_previous_copy(tmp_path: Path, serve: Serve) -> None:
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 32M")
+    previous = tmp_path / "prev.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(previous)], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "since-prev"], check=True)
+    # After the previous copy: new data, an overwrite, and zeros over old data (they must not fall
+    # through to the backing file's 0x11).
+    qemu_io(image, "write -P 0x22 40M 2M", "write -P 0x33 1M 1M", "write -z 8M 4M")
+    context = "qemu:dirty-bitmap:since-prev"
+    with NbdClient.connect(str(serve(image, "since-prev")), "vda", ["base:allocation", context]) as client:
+        layout = stream.plan(client, context, "prev.qcow2")
+        copied = stream.copy(client, layout, tmp_path / "inc.qcow2")
+    inc = tmp_path / "inc.qcow2"
+    assert compare(inc, image).returncode == 0, compare(inc, image).stdout
+    assert check(inc).returncode == 0, check(inc).stdout
+    info = subprocess.run(["qemu-img", "info", str(inc)], capture_output=True, text=True, check=True).stdout
+    assert "backing file: prev.qcow2" in info
+    assert copied.blake3 == checksum_file(inc)
+    assert 3 * MIB <= allocated(inc) < 4 * MIB, allocated(inc)  # the 3 MiB written, not the zeros or the rest
+
+
+def test_a_full_target_raises_enospc_with_a_clear_message(tmp_path: Path, serve: Serve) -> None:
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 16M")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kvmconf-stream-test", str(small)], check=True)
+    try:
+        with NbdClient.connect(str(serve(image)), "vda") as client:
+            layout = stream.plan(client, None, None)
+            with pytest.raises(OSError) as raised:
+                stream.copy(client, layout, small / "full.qcow2")
+        assert raised.value.errno == errno.ENOSPC
+        assert explain_os_error(raised.value, small) == \
+            f"the backup target {small} is full (no space left on device): free space or move [backup] dir"
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=False)
+
+
+def test_server_gone_midway_is_an_nbd_error(tmp_path: Path, serve: Serve) -> None:
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
+    client = NbdClient.connect(str(serve(image)), "vda")
+    layout = stream.plan(client, None, None)
+    subprocess.run(["pkill", "-KILL", "-f", f"qemu-nbd.*{tmp_path}/nbd0.sock"], check=True)  # as QEMU dying
+    with pytest.raises(NbdError, match="export 'vda': the NBD server went away"):
+        stream.copy(client, layout, tmp_path / "full.qcow2")
+    client.close()
+
+
+def test_intersect_cuts_dirty_ranges_at_allocation_changes() -> None:
+    allocation = [Extent(0, 10, 0), Extent(10, 10, 3), Extent(20, 10, 0)]
+    dirty = [Extent(5, 10, 1), Extent(18, 4, 1), Extent(29, 1, 1)]
+    assert list(stream.intersect(dirty, allocation)) == [
+        Extent(5, 5, 0), Extent(10, 5, 3), Extent(18, 2, 3), Extent(20, 2, 0), Extent(29, 1, 0)]
+
+
+def test_plan_of_a_full_leaves_holes_and_zeros_out() -> None:
+    class Fake:
+        size = 4 * qcow2.CLUSTER_SIZE
+
+        def extents(self, context: str) -> list[Extent]:
+            c = qcow2.CLUSTER_SIZE
+            return [Extent(0, c, 0), Extent(c, c, 3), Extent(2 * c, c, 2), Extent(3 * c, c, 0)]
+
+    layout = stream.plan(Fake(), None, None)  # type: ignore[arg-type]
+    assert layout.runs == ((0, qcow2.CLUSTER_SIZE), (3 * qcow2.CLUSTER_SIZE, qcow2.CLUSTER_SIZE))
