@@ -266,34 +266,59 @@ def _thaw(dom: libvirt.virDomain, log: Log) -> None:
         log(f"{dom.name()}: WARNING: thawing the guest's filesystems failed: {err.get_error_message()}")
 
 
-def _job_dir(dom: libvirt.virDomain, stamp: str) -> Path:
-    """Where the job's NBD socket and scratch files go: private to QEMU (it creates them) and root.
+@dataclass(frozen=True)
+class _Job:
+    """Where a pull job's NBD socket and scratch files go: private to QEMU (it creates the socket) and root.
 
     Short (a unix socket path has at most 107 bytes) and outside /run (QEMU may have a /run of its
     own). The name is known before it exists, so the journal can name it first.
     """
-    return Path(JOB_DIR_PARENT) / f"kvmconf-backup-{os.getpid()}-{stamp}"
+
+    dir: Path
+    sizes: dict[str, int]  # dev -> virtual size
+    owner: tuple[int, int] | None  # QEMU's uid and gid
+
+    @classmethod
+    def plan(cls, dom: libvirt.virDomain, disks: list[VmDisk], stamp: str) -> _Job:
+        return cls(Path(JOB_DIR_PARENT) / f"kvmconf-backup-{os.getpid()}-{stamp}",
+                   {d.dev: dom.blockInfo(d.dev)[0] for d in disks}, qemu_owner(dom.XMLDesc(0)))
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "nbd.sock"
+
+    def make(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # a reused PID's leftover
+        self.dir.mkdir(mode=0o700)
+        self._chown(self.dir)
+
+    def make_scratch(self) -> None:
+        """An empty qcow2 scratch file per disk, made here in microseconds (REUSE_EXTERNAL): libvirt would
+        create each with a QEMU job of its own, a noticeable part of a small incremental's time."""
+        for dev, size in self.sizes.items():
+            scratch = self.dir / f"{dev}.scratch"
+            scratch.unlink(missing_ok=True)
+            scratch.write_bytes(qcow2.plan(size, []).metadata)
+            self._chown(scratch)
+
+    def _chown(self, path: Path) -> None:
+        if self.owner is not None:
+            os.chown(path, *self.owner)
 
 
-def _make_job_dir(dom: libvirt.virDomain, where: Path) -> None:
-    shutil.rmtree(where, ignore_errors=True)  # a reused PID's leftover
-    where.mkdir(mode=0o700)
-    owner = qemu_owner(dom.XMLDesc(0))
-    if owner is not None:
-        os.chown(where, *owner)
-
-
-def _begin(dom: libvirt.virDomain, job: Path, disks: list[VmDisk], skipped: list[str], parent: Manifest | None,
+def _begin(dom: libvirt.virDomain, job: _Job, disks: list[VmDisk], skipped: list[str], parent: Manifest | None,
            checkpoint: str, notes: list[str], log: Log) -> Manifest | None:
     """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on."""
     frozen_error = _freeze(dom)
     if frozen_error is not None:
         notes.append(f"not frozen (crash-consistent): {frozen_error}")
     since = None if parent is None else parent.checkpoint
+    flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL  # the scratch files are ours
     try:
+        job.make_scratch()
         try:
-            dom.backupBegin(backup_xml(job / "nbd.sock", job, disks, skipped, since),
-                            checkpoint_xml(checkpoint, disks, skipped), 0)
+            dom.backupBegin(backup_xml(job.socket, job.dir, disks, skipped, since),
+                            checkpoint_xml(checkpoint, disks, skipped), flags)
         except libvirt.libvirtError as err:
             if parent is None or err.get_error_code() != libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
                 raise BackupFailed(err.get_error_message()) from None
@@ -301,8 +326,9 @@ def _begin(dom: libvirt.virDomain, job: Path, disks: list[VmDisk], skipped: list
             notes.append(f"full: checkpoint {parent.checkpoint} is broken ({err.get_error_message()})")
             delete_checkpoint(dom, str(parent.checkpoint), disks, log)
             parent = None
-            dom.backupBegin(backup_xml(job / "nbd.sock", job, disks, skipped, None),
-                            checkpoint_xml(checkpoint, disks, skipped), 0)
+            job.make_scratch()
+            dom.backupBegin(backup_xml(job.socket, job.dir, disks, skipped, None),
+                            checkpoint_xml(checkpoint, disks, skipped), flags)
     finally:
         if frozen_error is None:
             _thaw(dom, log)
@@ -316,7 +342,7 @@ def _end_job(dom: libvirt.virDomain) -> None:
             dom.abortJob()
 
 
-def _plan_disks(job: Path, disks: list[VmDisk], parent: Manifest | None,
+def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
                 ) -> list[tuple[VmDisk, NbdClient, qcow2.Layout]]:
     """Connect to each disk's export and lay its file out; the caller closes the clients."""
     plans = []
@@ -325,7 +351,7 @@ def _plan_disks(job: Path, disks: list[VmDisk], parent: Manifest | None,
         for disk in disks:
             incremental = parent is not None and disk.tracked
             context = dirty_context(disk) if incremental else None
-            client = NbdClient.connect(str(job / "nbd.sock"), disk.dev,
+            client = NbdClient.connect(str(job.socket), disk.dev,
                                        ["base:allocation"] + ([context] if context else []))
             clients.append(client)
             # Relative, so the tree still reads after it is copied (NAS) or the directory is renamed.
@@ -361,11 +387,11 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
     started = time.monotonic()
-    job = _job_dir(dom, stamp)
+    job = _Job.plan(dom, disks, stamp)
     journal.write(store.dir, {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
-                              "job_dir": str(job)})
+                              "job_dir": str(job.dir)})
     partial.mkdir()
-    _make_job_dir(dom, job)
+    job.make()
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
     try:
@@ -388,11 +414,10 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
         raise BackupFailed(str(err)) from None
     finally:
         _end_job(dom)
-        shutil.rmtree(job, ignore_errors=True)
+        shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():
         raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")
-    sizes = {d.dev: dom.blockInfo(d.dev)[0] for d in disks}
-    manifest = _finish(store, stamp, partial, disks, checksums, sizes, parent, checkpoint,
+    manifest = _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
                        "incremental" if parent else "full", not any(n.startswith("not frozen") for n in notes), notes,
                        started)
     if parent is not None and parent.checkpoint:

@@ -53,7 +53,8 @@ def backup_xml(socket: Path, scratch_dir: Path, disks: list[VmDisk], skipped: li
     """A pull-mode job: QEMU exports each disk (export name = its dev) over NBD on `socket`.
 
     QEMU copies a block to the disk's scratch file before the guest overwrites it, so the export
-    stays at the job's point in time; libvirt 9.0 needs the scratch file named (it has no default).
+    stays at the job's point in time. libvirt 9.0 needs the scratch file named (it has no default);
+    the engine creates them itself (REUSE_EXTERNAL) as <scratch_dir>/<dev>.scratch.
     """
     root = ET.Element("domainbackup", mode="pull")
     if incremental is not None:
