@@ -7,49 +7,56 @@ from pathlib import Path
 import blake3
 import pytest
 
-from kvmconf.backup import durability
+from kvmconf.backup import durability, journal
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, write_point_files
 
 OTHER_BOOT = "00000000-0000-0000-0000-000000000000"
 
 
-def add_point(store: VmStore, time: str, chain: str, parent: str | None, content: bytes) -> Manifest:
+def add_point(store: VmStore, time: str, chain: str, parent: str | None, content: bytes,
+              boot: str | None = None) -> Manifest:
     point = store.point_dir(time)
     point.mkdir(parents=True)
     (point / "vda.qcow2").write_bytes(content)
     m = Manifest("vm", time, "full" if parent is None else "incremental", chain, parent, None, False, [],
                  [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 20, len(content),
-                           blake3.blake3(content).hexdigest(), None)], 1.0)
-    durability.record(store, time)
+                           blake3.blake3(content).hexdigest(), None)], 1.0,
+                 boot_id=durability.boot_id() if boot is None else boot)
     write_point_files(point, m)
     return m
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> VmStore:
-    s = VmStore(tmp_path, "vm")
-    add_point(s, "20260101T000000Z", "20260101T000000Z", None, b"full")
-    add_point(s, "20260102T000000Z", "20260101T000000Z", "20260101T000000Z", b"inc1")
-    add_point(s, "20260103T000000Z", "20260101T000000Z", "20260102T000000Z", b"inc2")
-    return s
+def add_chain(store: VmStore, boot: str | None = None) -> None:
+    add_point(store, "20260101T000000Z", "20260101T000000Z", None, b"full", boot)
+    add_point(store, "20260102T000000Z", "20260101T000000Z", "20260101T000000Z", b"inc1", boot)
+    add_point(store, "20260103T000000Z", "20260101T000000Z", "20260102T000000Z", b"inc2", boot)
 
 
 def times(store: VmStore) -> list[str]:
     return [m.time for m in store.points()]
 
 
-def test_same_boot_points_stay_recorded_until_flushed(store: VmStore) -> None:
-    marker = store.dir / durability.UNFLUSHED
+def through(store: VmStore) -> str | None:
+    mark = journal.read(store.dir, durability.DURABLE)
+    return None if mark is None else str(mark["through"])
+
+
+def test_points_of_this_boot_are_flushed_only_when_asked(tmp_path: Path) -> None:
+    store = VmStore(tmp_path, "vm")
+    add_chain(store)
     assert durability.settle(store, print, flush=False) == []
-    assert marker.is_file()  # nothing depends on their being on disk yet: no flush paid
+    assert through(store) is None  # nothing depends on their being on disk yet: no flush paid
     assert durability.settle(store, print) == []
-    assert not marker.exists() and len(times(store)) == 3
+    assert through(store) == "20260103T000000Z" and len(times(store)) == 3
+    add_point(store, "20260104T000000Z", "20260104T000000Z", None, b"full2")
+    durability.settle(store, print)
+    assert through(store) == "20260104T000000Z"
 
 
-def test_after_a_reboot_a_lost_point_goes_with_the_points_built_on_it(store: VmStore,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_a_reboot_a_lost_point_goes_with_the_points_built_on_it(tmp_path: Path) -> None:
+    store = VmStore(tmp_path, "vm")
+    add_chain(store, OTHER_BOOT)
     (store.point_dir("20260102T000000Z") / "vda.qcow2").write_bytes(b"\0\0\0\0")  # what a crash can leave
-    monkeypatch.setattr(durability, "boot_id", lambda: OTHER_BOOT)
     logged: list[str] = []
     notes = durability.settle(store, logged.append, flush=False)
     assert times(store) == ["20260101T000000Z"]  # the full verified; inc1 is lost and inc2 needs it
@@ -57,19 +64,26 @@ def test_after_a_reboot_a_lost_point_goes_with_the_points_built_on_it(store: VmS
                      f" ({store.dir}/20260102T000000Z/vda.qcow2: checksum mismatch): removed it and the 1 point(s)"
                      " built on it; the next backup starts a new chain"]
     assert logged == [f"vm: {notes[0]}"]
-    assert not (store.dir / durability.UNFLUSHED).exists()
+    assert through(store) == "20260101T000000Z"  # it survived the reboot: on disk, never checked again
 
 
-def test_after_a_reboot_intact_points_are_kept(store: VmStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(durability, "boot_id", lambda: OTHER_BOOT)
+def test_after_a_reboot_intact_points_are_kept_and_checked_once(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = VmStore(tmp_path, "vm")
+    add_chain(store, OTHER_BOOT)
     assert durability.settle(store, print, flush=False) == []
-    assert len(times(store)) == 3 and not (store.dir / durability.UNFLUSHED).exists()
+    assert len(times(store)) == 3 and through(store) == "20260103T000000Z"
+    checked: list[str] = []
+    monkeypatch.setattr(VmStore, "verify", lambda self, m: checked.append(m.time) or [])
+    durability.settle(store, print, flush=False)
+    assert checked == []
 
 
-def test_a_new_boot_starts_a_new_record(store: VmStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    durability.settle(store, print)
+def test_points_already_on_disk_are_not_checked_after_a_reboot(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = VmStore(tmp_path, "vm")
+    add_chain(store)
+    durability.settle(store, print)  # flushed in their boot
     monkeypatch.setattr(durability, "boot_id", lambda: OTHER_BOOT)
-    add_point(store, "20260104T000000Z", "20260104T000000Z", None, b"full2")
-    from kvmconf.backup import journal
-
-    assert journal.read(store.dir, durability.UNFLUSHED) == {"boot_id": OTHER_BOOT, "points": ["20260104T000000Z"]}
+    (store.point_dir("20260102T000000Z") / "vda.qcow2").write_bytes(b"rot!")  # not durability's business
+    assert durability.settle(store, print, flush=False) == [] and len(times(store)) == 3

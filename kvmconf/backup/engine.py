@@ -461,8 +461,7 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], chec
                               checksums[disk.dev], backing))
     manifest = Manifest(store.vm, stamp, kind, stamp if parent is None else parent.chain,
                         None if parent is None else parent.time, checkpoint, frozen, notes, files,
-                        round(time.monotonic() - started, 3))
-    durability.record(store, stamp)  # before the manifest: a crash from here on leaves the point recorded
+                        round(time.monotonic() - started, 3), boot_id=durability.boot_id())
     write_point_files(partial, manifest)
     final = store.point_dir(stamp)
     partial.rename(final)  # the point exists from here on, complete
@@ -521,4 +520,4 @@ def _record(store: VmStore, outcome: Outcome) -> None:
     entry = {"time": utc_now(), "ok": outcome.ok, "error": outcome.error,
              "point": outcome.manifest.time if outcome.manifest else None}
     with suppress(OSError):  # a full disk must not hide the backup's own error
-        journal.write(store.dir, entry, journal.LAST_RUN)
+        journal.write(store.dir, entry, journal.LAST_RUN, durable=False)  # for backup-status: not worth a flush

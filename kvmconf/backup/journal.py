@@ -42,8 +42,14 @@ def read(vm_dir: Path, name: str = JOURNAL) -> dict[str, Any] | None:
     return data
 
 
-def write(vm_dir: Path, entry: dict[str, Any], name: str = JOURNAL) -> None:
-    write_durably(vm_dir / name, json.dumps(entry, indent=2, sort_keys=True) + "\n")
+def write(vm_dir: Path, entry: dict[str, Any], name: str = JOURNAL, durable: bool = True) -> None:
+    text = json.dumps(entry, indent=2, sort_keys=True) + "\n"
+    if durable:
+        write_durably(vm_dir / name, text)
+    else:  # still whole or absent (rename), just not flushed
+        tmp = vm_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(vm_dir / name)
 
 
 def clear(vm_dir: Path) -> None:

@@ -9,6 +9,7 @@ Layout (the same locally and on the NAS)::
     <dir>/<vm>/<TS>.partial/        a run in progress (or an interrupted one, removed by recovery)
     <dir>/<vm>/journal.json         what the running (or interrupted) run has started
     <dir>/<vm>/last-run.json        the outcome of the last run, for backup-status
+    <dir>/<vm>/durable.json         the newest point known to be on disk (durability.py)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Manifest:
     disks: list[DiskFile]
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    boot_id: str = ""  # the host's boot it was written in (durability.py checks points of earlier boots)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -98,9 +100,14 @@ def write_durably(path: Path, text: str) -> None:
 
 
 def write_point_files(point: Path, manifest: Manifest) -> None:
-    sums = "".join(f"{d.blake3}  {d.file}\n" for d in manifest.disks)
-    write_durably(point / SUMS, sums)
-    write_durably(point / MANIFEST, manifest.to_json())
+    """B3SUMS and the manifest, on disk with their directory entries before the caller renames `point`."""
+    for name, text in ((SUMS, "".join(f"{d.blake3}  {d.file}\n" for d in manifest.disks)),
+                       (MANIFEST, manifest.to_json())):
+        with (point / name).open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_path(point)
 
 
 class VmStore:
