@@ -22,7 +22,7 @@ import libvirt_qemu
 import pytest
 
 from kvmconf import lab
-from kvmconf.backup import journal
+from kvmconf.backup import durability, journal
 from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import VmStore, checksum_file
@@ -255,6 +255,8 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
         assert left == [made[2].time, made[3].time, made[4].time], root
     for m in made[2:]:
         restore(VmStore(settings.dir, name), m.time, tmp_path / f"r{m.time}.qcow2", None, False, quiet)
+    # The 4th run deleted the first chain, so it flushed the points that stay first (the 5th deleted nothing).
+    assert journal.read(VmStore(settings.dir, name).dir, durability.DURABLE) == {"through": made[3].time}
 
 
 def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Popen[str]:
