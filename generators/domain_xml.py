@@ -12,7 +12,7 @@ import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
-from generators.model import Cluster, Install, NicKind, Vm
+from generators.model import Cluster, NicKind, Vm
 from generators.paths import disk_path, seed_iso_path
 from generators.render import banner_lines, environment
 
@@ -87,7 +87,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
             fqdn=cluster.fqdn(vm),
             uuid=domain_uuid(cluster, vm),
             disk_path=disk_path(cluster, vm),
-            seed_iso_path=seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None,
+            seed_iso_path=seed_iso_path(cluster, vm),
             network=cluster.network_of(vm),
             nics=_nics(cluster, vm) if vm.nics else (),
             housekeeping=cpu_list(cluster.host_of(vm).housekeeping_cpus) if vm.cpuset else "",

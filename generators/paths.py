@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from posixpath import join
 
-from generators.model import Cluster, DiskKind, Vm
+from generators.model import Cluster, DiskKind, Install, Vm
 
 
 def lvm_volume_name(vm: Vm) -> str:
@@ -27,6 +27,11 @@ def disk_path(cluster: Cluster, vm: Vm) -> str:
     return join(cluster.host_of(vm).disk_dir, vm.name + suffix)
 
 
-def seed_iso_path(cluster: Cluster, vm: Vm) -> str:
-    """The cloud-init NoCloud seed ISO (build/cloud-init/<vm>.iso copied to the host) for install=cloud."""
+def seed_iso_path(cluster: Cluster, vm: Vm) -> str | None:
+    """The cloud-init NoCloud seed ISO (build/cloud-init/<vm>.iso copied to the host); None unless install=cloud.
+
+    Only cloud VMs read a seed; the domain XML, provisioning and migration all ask here.
+    """
+    if vm.install is not Install.CLOUD:
+        return None
     return join(cluster.host_of(vm).disk_dir, f"{vm.name}-seed.iso")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from generators.model import Cluster, Install
+from generators.model import Cluster
 from generators.paths import seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
@@ -62,7 +62,7 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     conn, runner = conns.get(vm.host), conns.runner(vm.host)
     dom = domains.lookup(conn, name)
     disk = disks.disk_spec(cluster, vm)
-    seed = seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None
+    seed = seed_iso_path(cluster, vm)
     doomed = [path for path in (disk.path, seed) if path and runner.exists(path)] if purge else []
     steps = []
     if dom is not None:

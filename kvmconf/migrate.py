@@ -27,7 +27,7 @@ from pathlib import Path
 
 import libvirt
 
-from generators.model import Cluster, DiskKind, Install, Vm
+from generators.model import Cluster, DiskKind, Vm
 from generators.paths import disk_path, seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
@@ -58,8 +58,9 @@ def on_host(cluster: Cluster, vm: Vm, host: str) -> tuple[Cluster, Vm]:
 
 def files_to_copy(cluster: Cluster, vm: Vm, target: Cluster, moved: Vm) -> Moves:
     pairs = [(disk_path(cluster, vm), disk_path(target, moved))]
-    if vm.install is Install.CLOUD:
-        pairs.append((seed_iso_path(cluster, vm), seed_iso_path(target, moved)))
+    seed, moved_seed = seed_iso_path(cluster, vm), seed_iso_path(target, moved)
+    if seed is not None and moved_seed is not None:
+        pairs.append((seed, moved_seed))
     return Moves(tuple(pairs))
 
 
@@ -75,7 +76,7 @@ def copy_file(source: Runner, target: Runner, src: str, dst: str) -> None:
     target.check(["mv", "-f", "--", tmp, dst])
 
 
-def _wait(what: str, done: Callable[[], bool], timeout: float) -> bool:
+def _wait(done: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
@@ -95,8 +96,8 @@ def _live_xml(xml: str, moves: Moves) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def _migrate_live(cluster: Cluster, vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster,
-                  moved: Vm, moves: Moves, log: Log) -> libvirt.virDomain:
+def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
+                  moves: Moves, log: Log) -> libvirt.virDomain:
     """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
     src_run, dst_run = conns.runner(vm.host), conns.runner(to)
     created: list[str] = []
@@ -157,8 +158,8 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
                            " overwritten; nothing was changed")
 
     if domains.is_active(dom) and not cold:
-        new = _migrate_live(cluster, vm, to, conns, dom, target, moved, moves, log)
-        if not _wait("start", lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
+        new = _migrate_live(vm, to, conns, dom, target, moved, moves, log)
+        if not _wait(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
                                   f" {vm.host}: check both with `invoke status`")
         domains.set_autostart(new, moved.autostart)
@@ -171,7 +172,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         else:
             domains.shutdown(dom)
             log(f"{name}: shutting down on {vm.host} ...")
-            if not _wait("shutdown", lambda: not domains.is_active(dom), shutdown_timeout):
+            if not _wait(lambda: not domains.is_active(dom), shutdown_timeout):
                 raise MigrationFailed(f"{name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
                                       f" {vm.host} (run again with --force to power it off)")
     copied: list[str] = []
@@ -184,7 +185,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         try:
             domains.set_autostart(new, moved.autostart)
             domains.start(new)
-            if not _wait("start", lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
+            if not _wait(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
                 raise MigrationFailed(f"{name}: defined on {to} but it does not run")
         except BaseException:
             domains.power_off(new)

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 import libvirt
 
 from generators import cloud_init, domain_xml
-from generators.model import Cluster, Install, Vm
+from generators.model import Cluster, Vm
 from generators.paths import seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
@@ -134,7 +134,7 @@ def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, ar
     """The plan for one VM; ``exists`` tells whether its disk is on the host already."""
     xml = artifacts.domain_xml(vm)
     disk = disks.disk_spec(cluster, vm)
-    seed = seed_iso_path(cluster, vm) if vm.install is Install.CLOUD else None
+    seed = seed_iso_path(cluster, vm)
     dom = domains.lookup(conn, vm.name)
     if dom is None:
         return VmPlan(vm, Action.CREATE, xml, disk, exists, seed_path=seed)
