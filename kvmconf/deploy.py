@@ -99,7 +99,7 @@ class _StepFailed(Exception):
         self.step = step
 
 
-def waves(cluster: Cluster, vms: Sequence[Vm]) -> list[list[Vm]]:
+def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
     """Group VMs so each wave only needs earlier waves (after= names earlier VMs; unselected ones count as met)."""
     level: dict[str, int] = {}
     chosen = {vm.name for vm in vms}
@@ -282,7 +282,7 @@ def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Opt
             result.events.append((time.monotonic(), vm.name, "end"))
         return report
 
-    groups = waves(cluster, vms) if options.parallel > 1 else [[vm] for vm in vms]
+    groups = waves(vms) if options.parallel > 1 else [[vm] for vm in vms]
     with ThreadPoolExecutor(max_workers=max(1, options.parallel)) as pool:
         for index, group in enumerate(groups):
             result.reports += list(pool.map(work, group))

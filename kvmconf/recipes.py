@@ -78,7 +78,7 @@ def _check(value: object, pattern: re.Pattern[str], what: str, where: str) -> st
     return value
 
 
-def _recipe_dirs(cluster: Cluster, vm: Vm, root: Path) -> list[Path]:
+def _recipe_dirs(vm: Vm, root: Path) -> list[Path]:
     dirs = [root / "group" / group for group in vm.hostgroups] + [root / vm.name]
     return [d for d in dirs if (d / RECIPE).is_file()]
 
@@ -89,7 +89,7 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
     packages: list[str] = []
     files: dict[str, FileSpec] = {}
     hooks: list[Hook] = []
-    for directory in _recipe_dirs(cluster, vm, root):
+    for directory in _recipe_dirs(vm, root):
         where = str((directory / RECIPE).relative_to(root.parent))
         try:
             data = tomllib.loads((directory / RECIPE).read_text())

@@ -65,7 +65,7 @@ def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshf
     assert not (farm.upper("scratch") / "etc/motd").exists()  # no hostgroup, no recipe
     # Waves from after=: a VM starts only after everything of the earlier waves has ended.
     expected = [["provision", "scratch"], ["mcp", "ldap"], ["db", "login", "compute1"], ["web"]]
-    assert [[vm.name for vm in wave] for wave in waves(example, example.vms)] == expected
+    assert [[vm.name for vm in wave] for wave in waves(example.vms)] == expected
     times = {(vm, kind): t for t, vm, kind in report.events}
     for earlier, later in itertools.pairwise(expected):
         assert max(times[vm, "end"] for vm in earlier) <= min(times[vm, "start"] for vm in later)

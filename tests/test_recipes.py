@@ -48,7 +48,7 @@ def test_template_errors_name_the_recipe(example: Cluster, tmp_path: Path) -> No
 def test_waves_for_a_subset(example: Cluster) -> None:
     chosen = [vm for vm in example.vms if vm.name in ("db", "web", "login")]
     # ldap is not chosen, so db and login may start at once; web still waits for db.
-    assert [[vm.name for vm in wave] for wave in waves(example, chosen)] == [["db", "login"], ["web"]]
+    assert [[vm.name for vm in wave] for wave in waves(chosen)] == [["db", "login"], ["web"]]
 
 
 def test_remote_words_are_quoted() -> None:
