@@ -80,8 +80,13 @@ class Layout:
         return len(self.metadata)
 
     @property
+    def data_size(self) -> int:
+        """The guest bytes the file holds (what a copy reads from the disk)."""
+        return sum(length for _, length in self.runs)
+
+    @property
     def file_size(self) -> int:
-        return self.data_offset + sum(length for _, length in self.runs)
+        return self.data_offset + self.data_size
 
     @property
     def virtual_size(self) -> int:

@@ -109,6 +109,7 @@ class _Pipeline:
         try:
             self._metadata(layout.metadata)
             done = 0
+            self.progress(done)  # a disk with nothing to copy shows 0/0 and is done
             for host, length, buffer in self._reads(layout):
                 self.filled.put((host, length, buffer))
                 done += length
