@@ -11,7 +11,8 @@ A VM's install is marked done by its installer's late_command fetching ``<http_u
 the server removes that VM's per-MAC boot entries from the TFTP root, so its next PXE boot reads
 the defaults (pxelinux: LOCALBOOT; GRUB: exit to the next boot device, the disk).
 ``invoke reinstall --vm`` puts them back. Because every deploy assembles the TFTP root from build/
-*and* ``installed``, a later `make` + deploy never turns an installed VM back into one that reinstalls.
+*and* ``installed``, a later `make` + deploy never turns an installed VM back into one that reinstalls;
+and per-MAC entries the build no longer has (a VM removed, a MAC changed) are deleted.
 The mark never touches dnsmasq: its hostsfile lines carry no tags, because dnsmasq 2.90 crashed
 (segfault) on SIGHUP after it had answered a VM whose hostsfile line set one (``set:install``).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +57,8 @@ SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <ht
 NETBOOT_RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
 NETBOOT_DIR = "/usr/lib/debian-installer/images/{release}/amd64/text"
 GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
+# The names boot_entries gives a VM's per-MAC configs (both loaders, every spelling GRUB tries).
+_PER_MAC_ENTRY = re.compile(r"(pxelinux\.cfg/01-|grub/grub\.cfg-(01-)?)[0-9a-f]{2}([-:][0-9a-f]{2}){5}")
 
 
 # --- installed state --------------------------------------------------------------------------------
@@ -254,6 +258,7 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     tftp_root.mkdir(parents=True, exist_ok=True)
     if (build / "tftp").is_dir():
         shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True)
+    _remove_stale_boot_entries(build / "tftp", tftp_root)
     for vm in read_installed(build.parent):
         for rel in boot_entries(build.parent, vm):
             (tftp_root / rel).unlink(missing_ok=True)
@@ -272,6 +277,20 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
         source = netboot_dir(release.suite)
         for rel in (release.kernel, release.initrd):
             _copy_if_changed(source / rel.lstrip("/"), tftp_root / rel.lstrip("/"))
+
+
+def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
+    """Per-MAC boot configs that the build no longer has: VMs removed from cluster.conf, or whose MAC changed.
+
+    Left behind, such an entry would install over whatever machine later boots with that MAC.
+    """
+    for directory in ("pxelinux.cfg", "grub"):
+        if not (tftp_root / directory).is_dir():
+            continue
+        for path in (tftp_root / directory).iterdir():
+            rel = f"{directory}/{path.name}"
+            if _PER_MAC_ENTRY.fullmatch(rel) and not (built / rel).exists():
+                path.unlink()
 
 
 # --- building and deploying -------------------------------------------------------------------------------

@@ -115,6 +115,26 @@ def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
         provision_server.reinstall(cluster, "login")
 
 
+def test_a_rebuild_removes_the_boot_entries_of_vms_gone_from_cluster_conf(example: Cluster, tmp_path: Path) -> None:
+    import dataclasses
+
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    provision_server.assemble_tftp(cluster, provision_server.stage_build(cluster, config_dir), tftp_root)
+    # web boots UEFI (its GRUB entries), mcp BIOS (its pxelinux entry)
+    web = [p for p in (tftp_root / rel for rel in provision_server.boot_entries(config_dir, "web")) if p.exists()]
+    mcp = [tftp_root / MCP_ENTRY]
+    assert [p.name for p in web] == ["grub.cfg-01-52-54-00-50-00-21", "grub.cfg-52-54-00-50-00-21",
+                                     "grub.cfg-52:54:00:50:00:21"]
+    assert mcp[0].is_file()
+    (tftp_root / "pxelinux.cfg" / "default.local").write_text("not a per-MAC entry\n")
+    without_web = dataclasses.replace(cluster, vms=tuple(vm for vm in cluster.vms if vm.name != "web"))
+    provision_server.assemble_tftp(without_web, provision_server.stage_build(without_web, config_dir), tftp_root)
+    assert [p for p in web if p.exists()] == []  # a machine that later boots with web's MAC gets no installer
+    assert all(p.is_file() for p in mcp) and (tftp_root / "pxelinux.cfg" / "default").is_file()
+    assert (tftp_root / "pxelinux.cfg" / "default.local").is_file()  # not ours to remove
+
+
 def _at(cluster: Cluster, config_dir: Path, tftp_root: Path) -> Cluster:
     import dataclasses
 
