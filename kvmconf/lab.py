@@ -35,10 +35,8 @@ from pathlib import Path
 
 import libvirt
 
-from generators.build import input_digest, render_all
 from generators.model import Cluster, DomainType, Network
 from generators.render import environment
-from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
 
 Log = Callable[[str], None]
@@ -247,7 +245,6 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     lab_dir = lab_dir.absolute()
     existing = Lab.load(lab_dir)
     if existing is not None and alive(existing.pids.get("libvirtd", 0)):
-        refresh_dnsmasq(remap(cluster, existing), existing, log)
         _serve_provision(remap(cluster, existing), existing, log)
         log(f"lab already up in {lab_dir} (namespace {existing.netns}); dnsmasq files refreshed")
         return existing
@@ -263,7 +260,6 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
         _make_netns(lab)
         _start_libvirt(lab)
         wait_for_libvirt(lab)
-        refresh_dnsmasq(remap(cluster, lab), lab, log)
         _serve_provision(remap(cluster, lab), lab, log)
     except BaseException:
         teardown(lab, log)
@@ -279,7 +275,8 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
 
 
 def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:
-    """The provision server's TFTP tree, installed state and HTTP server in the namespace (kvmconf.provision_server)."""
+    """The provision server in the namespace (kvmconf.provision_server): the build, the TFTP tree, dnsmasq
+    (deployed as on a real server: a changed config passes `dnsmasq --test` first) and HTTP."""
     from kvmconf.provision_server import serve_lab  # it builds on this module
 
     serve_lab(cluster, lab, log)
@@ -349,29 +346,6 @@ def wait_for_libvirt(lab: Lab, timeout: float = _START_TIMEOUT) -> None:
                     raise KvmconfError(f"lab: libvirtd does not answer at {uri} ({err.get_error_message()});"
                                        f" see {lab.host_dir(host) / 'libvirtd.log'}") from None
                 time.sleep(0.2)
-
-
-def refresh_dnsmasq(cluster: Cluster, lab: Lab, log: Log = print) -> None:
-    """Build the (lab-adjusted) cluster into the lab, deploy dnsmasq's and TFTP's files, (re)start dnsmasq."""
-    build = lab.dir / "build"
-    write_tree(build, render_all(cluster), input_digest(cluster))
-    config_dir = Path(cluster.site.provision.config_dir)
-    conf = config_dir / "dnsmasq" / "dnsmasq.conf"
-    old_conf = conf.read_bytes() if conf.exists() else None
-    shutil.rmtree(config_dir / "dnsmasq", ignore_errors=True)
-    if not (build / "dnsmasq" / "dnsmasq.conf").exists():
-        log("lab: no dnsmasq/dnsmasq.conf was generated; the lab runs without DHCP/DNS/TFTP")
-        return
-    shutil.copytree(build / "dnsmasq", config_dir / "dnsmasq")
-    if (build / "tftp").is_dir():
-        shutil.copytree(build / "tftp", cluster.site.provision.tftp_root, dirs_exist_ok=True)
-    pid = lab.pids.get("dnsmasq")
-    if pid and alive(pid) and in_netns(pid, lab.netns):
-        if old_conf == conf.read_bytes():
-            os.kill(pid, signal.SIGHUP)  # re-reads dhcp-hosts/ and the hosts file, as on the provision server
-            return
-        stop_pid(pid)
-    start_dnsmasq(lab, conf)
 
 
 def start_dnsmasq(lab: Lab, conf: Path) -> None:
