@@ -9,12 +9,8 @@ before is touched.
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 
 import libvirt
 
@@ -24,6 +20,7 @@ from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, ProvisionBlocked, ProvisionFailed
 from kvmconf.plan import Action, Artifacts, Plan, VmPlan, describe_change, format_plan, make_plan, select
 from kvmconf.runner import Runner
+from kvmconf.signals import sigterm_as_interrupt
 
 Log = Callable[[str], None]
 Undo = Callable[[], object]
@@ -59,23 +56,6 @@ class Journal:
                 failed.append(f"{what} ({err})")
         self.steps.clear()
         return undone, failed
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Let `kill <pid>` roll a run back like Ctrl-C does (only the main thread can take signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def provision(cluster: Cluster, names: Sequence[str], conns: Connections, options: Options = Options(),

@@ -312,6 +312,27 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     assert compare(tmp_path / "r2.raw", expected.path).returncode == 0
 
 
+def test_sigterm_midway_undoes_the_run_before_it_exits(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
+                                                       name: str) -> None:
+    """cron's and systemd's timeouts send SIGTERM: the run cleans up itself instead of leaving it to the next."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    store = VmStore(settings.dir, name)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    guest_write(dom, 0, 0x42, "0", "400M")
+    child = _backup_in_child(the_lab.uri, name, settings)
+    _wait_for(lambda: _copying(store))
+    job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
+    child.send_signal(signal.SIGTERM)
+    output, _ = child.communicate(timeout=300)
+    assert child.returncode != 0, output
+    assert "recovery: aborted the backup job" not in output  # it had ended its job itself
+    assert not store.partials() and not (store.dir / journal.JOURNAL).exists() and not job_dir.exists()
+    assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE and dom.isActive()
+    assert first is not None and [cp.getName() for cp in dom.listAllCheckpoints()] == [first.checkpoint]
+    assert [m.time for m in store.points()] == [first.time]
+
+
 def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
                                                     name: str) -> None:
     """Killed inside backupBegin, libvirt finishes the begin alone: recovery waits for it, then undoes it.

@@ -44,6 +44,7 @@ from kvmconf.backup.store import (
     write_point_files,
 )
 from kvmconf.errors import KvmconfError
+from kvmconf.signals import sigterm_as_interrupt
 
 CHECKPOINT_PREFIX = "kvmconf-"
 JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _job_dir
@@ -471,11 +472,14 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], chec
 
 
 def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = print) -> Outcome:
-    """Back up one VM under its lock, recovering an interrupted run first; never raises for a failed backup."""
+    """Back up one VM under its lock, recovering an interrupted run first; never raises for a failed backup.
+
+    Ctrl-C or SIGTERM undoes the run at once (job, checkpoint, partial files) and then propagates.
+    """
     store = VmStore(settings.dir, dom.name())
     outcome = Outcome(dom.name(), ok=False)
     try:
-        with journal.vm_lock(store.dir):
+        with sigterm_as_interrupt(), journal.vm_lock(store.dir):
             outcome.notes += recover(dom, store, log)
             outcome.notes += durability.settle(store, log, flush=False)  # after a reboot: verify, drop lost points
             try:
