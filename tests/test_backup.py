@@ -25,7 +25,7 @@ from kvmconf import lab
 from kvmconf.backup import durability, journal
 from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
-from kvmconf.backup.store import VmStore, checksum_file
+from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -312,15 +312,22 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     assert compare(tmp_path / "r2.raw", expected.path).returncode == 0
 
 
+def _second_backup_in_child(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path, name: str, disk_mb: int,
+                            written_mb: int) -> tuple[libvirt.virDomain, Settings, VmStore, Manifest,
+                                                      subprocess.Popen[str]]:
+    """A VM with one backup, `written_mb` written since, and a second backup running in a child process."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", disk_mb), "qcow2")])
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert first is not None
+    guest_write(dom, 0, 0x42, "0", f"{written_mb}M")
+    return dom, settings, VmStore(settings.dir, name), first, _backup_in_child(the_lab.uri, name, settings)
+
+
 def test_sigterm_midway_undoes_the_run_before_it_exits(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
                                                        name: str) -> None:
     """cron's and systemd's timeouts send SIGTERM: the run cleans up itself instead of leaving it to the next."""
-    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
-    store = VmStore(settings.dir, name)
-    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
-    guest_write(dom, 0, 0x42, "0", "400M")
-    child = _backup_in_child(the_lab.uri, name, settings)
+    dom, _, store, first, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 512, 400)
     _wait_for(lambda: _copying(store))
     job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
     child.send_signal(signal.SIGTERM)
@@ -329,7 +336,7 @@ def test_sigterm_midway_undoes_the_run_before_it_exits(the_lab: lab.Lab, conn: l
     assert "recovery: aborted the backup job" not in output  # it had ended its job itself
     assert not store.partials() and not (store.dir / journal.JOURNAL).exists() and not job_dir.exists()
     assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE and dom.isActive()
-    assert first is not None and [cp.getName() for cp in dom.listAllCheckpoints()] == [first.checkpoint]
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [first.checkpoint]
     assert [m.time for m in store.points()] == [first.time]
 
 
@@ -340,12 +347,7 @@ def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libv
     Recovering at once (deleting the new checkpoint while libvirt still set the job up) crashed
     libvirtd 9.0; the daemon must still answer afterwards.
     """
-    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
-    store = VmStore(settings.dir, name)
-    ok(backup_vm(dom, settings, 5, quiet))
-    guest_write(dom, 0, 0x42, "0", "8M")
-    child = _backup_in_child(the_lab.uri, name, settings)
+    dom, settings, store, _, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 64, 8)
 
     def job_dir_made() -> bool:
         entry = journal.read(store.dir) if (store.dir / journal.JOURNAL).is_file() else None
@@ -377,12 +379,7 @@ def _qemu_pid(name: str) -> int:
 
 def test_qemu_killed_during_backup_next_is_full(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
                                                 name: str) -> None:
-    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
-    store = VmStore(settings.dir, name)
-    ok(backup_vm(dom, settings, 5, quiet))
-    guest_write(dom, 0, 0x42, "0", "400M")
-    child = _backup_in_child(the_lab.uri, name, settings)
+    dom, settings, store, _, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 512, 400)
     _wait_for(lambda: _copying(store))
     os.kill(_qemu_pid(name), signal.SIGKILL)
     output, _ = child.communicate(timeout=600)
