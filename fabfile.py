@@ -51,7 +51,8 @@ def _print(report: RunReport, dry_run: bool) -> None:
 
 @task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: all, in cluster.conf order)",
                              "parallel": "VMs at a time, in waves by after= (default 1: one by one)",
-                             "dry-run": "print the diff of every file that would change; change nothing"})
+                             "dry-run": "print the packages it would install, the diff of every file it would"
+                                        " change and the hooks it would run; change nothing"})
 def deploy(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
     """Install packages, files and hooks of hosts/ on the VMs, in cluster.conf order."""
     _run(vm, True, parallel, dry_run)

@@ -58,10 +58,13 @@ class VmReport:
     diffs: list[str] = field(default_factory=list)  # --dry-run only
     failed_step: str | None = None
     error: str | None = None
+    dry_run: bool = False  # installed, pushed, reloaded and hooks say what would be done
 
     def line(self) -> str:
         if self.failed_step:
             return f"{self.vm}: FAILED at {self.failed_step}: {self.error}"
+        if self.dry_run:
+            return f"{self.vm}: would {'; '.join(self._would())}"
         parts = [f"{len(self.pushed)} file(s) changed"]
         if "packages" in self.steps:
             parts.insert(0, f"{len(self.installed)} package(s) installed")
@@ -70,6 +73,19 @@ class VmReport:
         if "hooks" in self.steps:
             parts.append(f"{len(self.hooks)} hook(s) run")
         return f"{self.vm}: done ({'; '.join(parts)})"
+
+    def _would(self) -> list[str]:
+        def named(count: int, what: str, names: list[str]) -> str:
+            return f"{count} {what}" + (f" ({', '.join(names)})" if names else "")
+
+        parts = ["change " + named(len(self.pushed), "file(s)", self.pushed)]
+        if "packages" in self.steps:
+            parts.insert(0, "install " + named(len(self.installed), "package(s)", self.installed))
+        if self.reloaded:
+            parts.append(f"reload {', '.join(self.reloaded)}")
+        if "hooks" in self.steps:
+            parts.append("run " + named(len(self.hooks), "hook(s)", self.hooks))
+        return parts
 
 
 @dataclass
@@ -191,12 +207,17 @@ def _diff(conn: Connection, spec: FileSpec, state: str) -> str:
         return head + "binary content differs\n"
 
 
-def install_packages(conn: Connection, packages: Sequence[str], report: VmReport) -> None:
+def missing_packages(conn: Connection, packages: Sequence[str]) -> list[str]:
+    """The recipe's packages that are not installed on the VM (read-only: dpkg-query)."""
     if not packages:
-        return
+        return []
     res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
     installed = {line.split()[0] for line in res.stdout.splitlines() if line.endswith(" installed")}
-    missing = [p for p in packages if p not in installed]
+    return [p for p in packages if p not in installed]
+
+
+def install_packages(conn: Connection, packages: Sequence[str], report: VmReport) -> None:
+    missing = missing_packages(conn, packages)
     if missing:
         res = run(conn, "DEBIAN_FRONTEND=noninteractive " + command("apt-get", "install", "-y", "-q", "--", *missing))
         _check(res.ok, "packages", f"apt-get install {' '.join(missing)}: {_failure(res)}")
@@ -243,20 +264,26 @@ def recipes(cluster: Cluster, vms: Sequence[Vm], recipe_dir: Path | None = None)
 
 
 def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
-    report = VmReport(vm.name)
+    report = VmReport(vm.name, dry_run=options.dry_run)
     step = "connect"
     try:
         with connect(resolve(vm.name, options.ssh_config)) as conn:
-            if full and not options.dry_run:
+            if full:
                 step = "packages"
-                install_packages(conn, recipe.packages, report)
+                if options.dry_run:
+                    report.installed = missing_packages(conn, recipe.packages)
+                else:
+                    install_packages(conn, recipe.packages, report)
                 report.steps.append("packages")
             step = "files"
             push(conn, recipe.files, report, options.dry_run)
             report.steps.append("files")
-            if full and not options.dry_run:
+            if full:
                 step = "hooks"
-                run_hooks(conn, recipe, report)
+                if options.dry_run:
+                    report.hooks = [hook.name for hook in recipe.hooks]  # hooks change things: listed, not run
+                else:
+                    run_hooks(conn, recipe, report)
                 report.steps.append("hooks")
     except _StepFailed as err:
         report.failed_step, report.error = err.step, str(err)

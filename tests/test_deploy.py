@@ -135,7 +135,18 @@ def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfar
     provision = next(r for r in report.reports if r.vm == "provision")
     assert provision.pushed == ["/etc/dnsmasq.d/kvmconf.conf"] and provision.reloaded == ["dnsmasq"]
     assert "+log-queries\n" in provision.diffs[0] and provision.diffs[0].startswith("--- /etc/dnsmasq.d/kvmconf.conf")
-    assert {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms} == before
+    assert provision.line().startswith("provision: would install ")  # what it lacks depends on this machine
+    assert provision.line().endswith("; change 1 file(s) (/etc/dnsmasq.d/kvmconf.conf); reload dnsmasq; run 0 hook(s)")
+    # Packages are checked (read-only), hooks only listed: what the run would do, in the summary's words.
+    planned = recipes(example, [example.vm("ldap"), example.vm("mcp")], hosts_copy)
+    ldap, mcp = (next(r for r in report.reports if r.vm == name) for name in ("ldap", "mcp"))
+    assert ldap.installed and set(ldap.installed) <= set(planned["ldap"].packages)  # slapd is not on this machine
+    assert ldap.line() == f"ldap: would install {len(ldap.installed)} package(s) ({', '.join(ldap.installed)});" \
+        " change 0 file(s); run 0 hook(s)"
+    assert mcp.hooks == [hook.name for hook in planned["mcp"].hooks] != []
+    assert f"; run 1 hook(s) ({mcp.hooks[0]})" in mcp.line()
+    assert {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms} == before  # no hook ran, nothing installed
+    assert farm.log("ldap", "apt-get") == []
 
 
 def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
@@ -205,7 +216,7 @@ def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm) -> None:
     fab = subprocess.run([".venv/bin/fab", "update-confs", "--vm", "provision", "--dry-run"], env=env,
                          capture_output=True, text=True, check=False, timeout=120)
     assert fab.returncode == 0, fab.stderr
-    assert fab.stdout == "(dry run: nothing changed)\nupdate-confs: ok\n  provision: done (0 file(s) changed)\n"
+    assert fab.stdout == "(dry run: nothing changed)\nupdate-confs: ok\n  provision: would change 0 file(s)\n"
     bad = subprocess.run([".venv/bin/fab", "deploy", "--vm", "nosuchvm"], env=env, capture_output=True, text=True,
                          check=False, timeout=120)
     assert (bad.returncode, bad.stderr) == (1, "kvmconf: nosuchvm: not a VM of cluster.conf\n")
