@@ -47,7 +47,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 
 CHECKPOINT_PREFIX = "kvmconf-"
-JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _job_dir
+JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _Job
 Log = Callable[[str], None]
 _POLL = 0.05
 
