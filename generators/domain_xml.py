@@ -7,14 +7,13 @@ redefining a domain keeps its identity.
 
 from __future__ import annotations
 
-import re
 import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
 from generators.model import Cluster, NicKind, Vm
 from generators.paths import disk_path, seed_iso_path
-from generators.render import banner_lines, environment
+from generators.render import environment, xml_banner
 
 TEMPLATE = "domain.xml.j2"
 
@@ -25,11 +24,6 @@ DOMAIN_UUID_NAMESPACE = uuid.UUID("15b3141f-7b0f-4726-a9e4-14f85a78bb32")
 
 def domain_uuid(cluster: Cluster, vm: Vm) -> uuid.UUID:
     return uuid.uuid5(DOMAIN_UUID_NAMESPACE, cluster.fqdn(vm))
-
-
-def _comment_safe(line: str) -> str:
-    """XML forbids `--` inside a comment; the banner names user-chosen paths, which may hold it."""
-    return re.sub(r"-(?=-)", "- ", line)
 
 
 def vf_pool_network(pf: str) -> str:
@@ -77,7 +71,7 @@ def _nics(cluster: Cluster, vm: Vm) -> list[dict[str, Any]]:
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     # One template object for all VMs: per-VM work is only .render() (10,000 VMs must stay cheap).
     template = environment().get_template(TEMPLATE)
-    banner = [_comment_safe(line) for line in banner_lines(cluster, TEMPLATE)]
+    banner = xml_banner(cluster, TEMPLATE)
     return {
         PurePosixPath("libvirt", f"{vm.name}.xml"): template.render(
             cluster=cluster,

@@ -2,20 +2,23 @@
 
 Steps: packages (QEMU/KVM, libvirt, the network stack's tools), /etc/sysctl.d + /etc/modules-load.d files
 (IP forwarding, br_netfilter), the bridges of every network of site.toml (VLAN ones on a tagged subinterface
-of the host's ``uplink``) for its ``network_stack``, a nested-virtualisation check where ``nested = true``,
-and the disk and backup directories. Files are pushed only when they differ, and a setting is applied only
-when its file changed. ``dry_run`` prints everything; ``network_dry_run`` does all but the network.
+of the host's ``uplink``) for its ``network_stack``, a libvirt hostdev network ``vf-<pf>`` per SR-IOV
+physical function of site.toml (the pool a VM's ``nic=vf:<pf>`` takes a free VF from), a
+nested-virtualisation check where ``nested = true``, and the disk and backup directories. Files are pushed
+only when they differ, and a setting is applied only when its file changed. ``dry_run`` prints everything;
+``network_dry_run`` does all but the network.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fabric import Connection
 
+from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
-from generators.render import render
+from generators.render import environment, render, xml_banner
 from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
 from kvmconf.errors import KvmconfError
 from kvmconf.recipes import FileSpec
@@ -28,6 +31,9 @@ SYSCTL = "/etc/sysctl.d/90-kvmconf.conf"
 MODULES = "/etc/modules-load.d/kvmconf.conf"
 BRIDGE_FILES = {"ifupdown": ("/etc/network/interfaces.d/kvmconf-bridges", "kvm-setup-interfaces.j2", "0644"),
                 "netplan": ("/etc/netplan/60-kvmconf-bridges.yaml", "kvm-setup-netplan.yaml.j2", "0600")}
+VF_NETWORK_DIR = "/etc/kvmconf/libvirt-networks"  # the definitions virsh net-define reads
+VF_NETWORK_TEMPLATE = "kvm-setup-vf-network.xml.j2"
+VIRSH = ("virsh", "-c", "qemu:///system")
 _MISSING_DIRS = 'for d do [ -d "$d" ] || printf "%s\\n" "$d"; done'
 _NESTED = "cat /sys/module/kvm_intel/parameters/nested /sys/module/kvm_amd/parameters/nested 2>/dev/null; true"
 
@@ -72,6 +78,16 @@ def host_files(cluster: Cluster, host: PhysicalHost) -> tuple[list[FileSpec], Fi
     dest, template, mode = BRIDGE_FILES[host.network_stack]
     return system, FileSpec(dest, render(template, cluster, **context).encode(), mode=mode,
                             source=f"templates/{template}")
+
+
+def vf_network_files(cluster: Cluster, host: PhysicalHost) -> list[FileSpec]:
+    """One libvirt network definition per SR-IOV physical function of the host, named as the domain XML expects."""
+    template = environment().get_template(VF_NETWORK_TEMPLATE)
+    banner = xml_banner(cluster, VF_NETWORK_TEMPLATE)
+    return [FileSpec(f"{VF_NETWORK_DIR}/{vf_pool_network(pf)}.xml",
+                     template.render(banner=banner, name=vf_pool_network(pf), pf=pf).encode(),
+                     source=f"templates/{VF_NETWORK_TEMPLATE}")
+            for pf in sorted(host.sriov)]
 
 
 def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str]) -> list[list[str]]:
@@ -128,6 +144,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
         settings.append(["sysctl", "-q", "-p", SYSCTL])
     _apply(conn, settings, report, dry_run, "settings")
     _network(conn, cluster, host, bridge_file, report, network_dry_run)
+    _vf_networks(conn, cluster, host, report, dry_run)
     if host.nested:
         res = run(conn, _NESTED)
         if not {"Y", "1"} & set(res.stdout.split()):
@@ -187,3 +204,26 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         vlans = [b.port for b in all_bridges if b.vlan and b.port]
         report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
     _apply(conn, report.commands, report, dry_run, what)
+
+
+def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool) -> None:
+    """Define (and autostart, and start) the VF pool networks libvirt does not have yet, or whose file changed."""
+    files = vf_network_files(cluster, host)
+    if not files:
+        return
+    what = "SR-IOV pools"
+    changed = set(_push(conn, files, report, dry_run, what))
+    res = run(conn, command(*VIRSH, "net-list", "--all", "--name"))
+    if not res.ok:
+        raise _StepFailed(what, f"virsh net-list: {_failure(res)}")
+    defined = set(res.stdout.split())
+    commands: list[list[str]] = []
+    for spec in files:
+        name = PurePosixPath(spec.dest).stem
+        if name not in defined or spec.dest in changed:  # a redefinition applies when the network restarts
+            commands += [[*VIRSH, "net-define", spec.dest], [*VIRSH, "net-autostart", name]]
+        if name not in defined:
+            commands.append([*VIRSH, "net-start", name])
+    if not commands:
+        report.lines.append(f"{what}: defined")
+    _apply(conn, commands, report, dry_run, what)

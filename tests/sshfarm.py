@@ -4,7 +4,7 @@ Each "VM" root is an overlayfs whose lower dir is this machine's / (read-only th
 upper dir is per VM, in a tmpfs mounted for the run: what a deploy writes lands in the upper dir, never in
 this machine's /etc, and unmounting the tmpfs throws it all away. The base lives under /run, because sshd's
 ChrootDirectory refuses any path through a world-writable directory such as /tmp. systemctl and apt-get are
-replaced inside the roots by stubs that log their arguments.
+replaced inside the roots by stubs that log their arguments (virsh too: its stub lists no networks).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 BASE_PREFIX = "kvmconf-sshfarm-"
 # Tools that would act on this machine's kernel or services (sysctl and modprobe through the bind-mounted /proc).
-STUBBED = ("systemctl", "apt-get", "sysctl", "modprobe", "ifup", "netplan", "nmcli")
+STUBBED = ("systemctl", "apt-get", "sysctl", "modprobe", "ifup", "netplan", "nmcli", "virsh")
 STUB = """#!/bin/sh
 mkdir -p /var/log/kvmconf-test
 echo "$*" >> /var/log/kvmconf-test/{name}.log

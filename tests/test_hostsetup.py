@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -12,10 +12,10 @@ import yaml
 from generators.errors import ConfigError
 from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf.hostsetup import MODULES, SYSCTL, bridges, nmcli_commands, setup
+from kvmconf.hostsetup import MODULES, SYSCTL, VF_NETWORK_DIR, bridges, nmcli_commands, setup, vf_network_files
 from kvmconf.keyscan import keyscan
 from tests import sshfarm
-from tests.tools import require_tool, run
+from tests.tools import require_module, require_tool, run
 
 
 def _with_host(cluster: Cluster, **changes: object) -> Cluster:
@@ -158,3 +158,51 @@ def test_fab_kvm_setup_dry_run_on_the_example_site(farm: sshfarm.Farm, tmp_path:
                                                      "bridge_maxwait: 0\n"), listed.stderr
     bad = run([".venv/bin/fab", "kvm-setup", "--host", "kvm9", "--dry-run"])
     assert (bad.returncode, bad.stderr) == (1, "kvmconf: kvm9: not a host of site.toml (expected one of: kvm0, kvm1)\n")
+
+
+@pytest.mark.consumer
+def test_vf_pool_networks_are_valid_libvirt_networks_named_as_the_domains_expect(example: Cluster,
+                                                                                 tmp_path: Path) -> None:
+    from generators.domain_xml import vf_pool_network
+
+    libvirt = require_module("libvirt")
+    cluster = _with_host(example, sriov={"eno2": 4, "ens1f0--x": 2})
+    files = vf_network_files(cluster, cluster.site.hosts["kvm0"])
+    assert [f.dest for f in files] == [f"{VF_NETWORK_DIR}/vf-eno2.xml", f"{VF_NETWORK_DIR}/vf-ens1f0--x.xml"]
+    conn = libvirt.open("test:///default")
+    try:
+        for spec in files:
+            path = tmp_path / PurePosixPath(spec.dest).name
+            path.write_bytes(spec.content)
+            checked = run([require_tool("virt-xml-validate"), str(path), "network"])
+            assert checked.returncode == 0, checked.stdout + checked.stderr  # also: no `--` in the banner comment
+            network = conn.networkDefineXML(spec.content.decode())
+            pf = network.name().removeprefix("vf-")
+            assert network.name() == vf_pool_network(pf)
+            assert f"<pf dev='{pf}'/>" in network.XMLDesc(0) and "mode='hostdev'" in network.XMLDesc(0)
+            network.undefine()
+    finally:
+        conn.close()
+    assert vf_network_files(example, example.site.hosts["kvm0"]) == []  # no sriov: no pools
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_kvm_setup_defines_and_starts_the_vf_pools(example: Cluster, farm: sshfarm.Farm) -> None:
+    cluster = _with_host(example, sriov={"eno2": 4}, disk_dir="/var/lib/kvmconf-test-images")
+    farm.clear_logs()
+    dry = setup(cluster, "kvm0", farm.ssh_config, dry_run=True)
+    assert dry.error is None, dry.lines
+    virsh = "virsh -c qemu:///system"
+    assert f"SR-IOV pools: would run: {virsh} net-start vf-eno2" in dry.lines
+    assert farm.log("kvm0", "virsh") == ["-c qemu:///system net-list --all --name"]  # read-only in a dry run
+    report = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    assert report.error is None, report.lines
+    dest = f"{VF_NETWORK_DIR}/vf-eno2.xml"
+    assert (farm.upper("kvm0") / dest.lstrip("/")).read_bytes() == vf_network_files(cluster, cluster.site.hosts[
+        "kvm0"])[0].content
+    assert farm.log("kvm0", "virsh")[1:] == ["-c qemu:///system net-list --all --name",
+                                             f"-c qemu:///system net-define {dest}",
+                                             "-c qemu:///system net-autostart vf-eno2",
+                                             "-c qemu:///system net-start vf-eno2"]
+    assert f"SR-IOV pools: changed: {dest}" in report.lines
