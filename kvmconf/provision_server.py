@@ -108,19 +108,13 @@ class Dnsmasq:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return pid if alive(pid) else None  # a zombie is not serving
 
-    def reload(self) -> bool:
-        """SIGHUP: re-read the hostsfiles and the hosts file. False when it is not running."""
+    def reload(self) -> None:
+        """SIGHUP: re-read the hostsfiles and the hosts file (nothing to do when it is not running)."""
         pid = self.pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGHUP)
-        return True
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
 
     def restart(self, conf: Path) -> None:
         pid = self.pid()
@@ -256,12 +250,18 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
     prefix /grub, each OS's installer kernel and initrd."""
     tftp_root.mkdir(parents=True, exist_ok=True)
+    installed = {rel for vm in read_installed(build.parent) for rel in boot_entries(build.parent, vm)}
+
+    def installed_entries(directory: str, names: list[str]) -> set[str]:
+        # Never copied, rather than copied and then deleted: an installed VM booting in between would reinstall.
+        where = Path(directory).relative_to(build / "tftp")
+        return {name for name in names if str(where / name) in installed}
+
     if (build / "tftp").is_dir():
-        shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True)
+        shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True, ignore=installed_entries)
     _remove_stale_boot_entries(build / "tftp", tftp_root)
-    for vm in read_installed(build.parent):
-        for rel in boot_entries(build.parent, vm):
-            (tftp_root / rel).unlink(missing_ok=True)
+    for rel in installed:  # left from before the mark
+        (tftp_root / rel).unlink(missing_ok=True)
     for name, src in BIOS_LOADER_FILES.items():
         _copy_if_changed(Path(src), tftp_root / name)
     if not (tftp_root / "grub" / "x86_64-efi" / "core.efi").exists():

@@ -35,9 +35,8 @@ class FakeDnsmasq(Dnsmasq):
     def pid(self) -> int | None:
         return 4242 if self.running else None
 
-    def reload(self) -> bool:
+    def reload(self) -> None:
         self.calls.append("reload")
-        return self.running
 
     def restart(self, conf: Path) -> None:
         if self.running:
@@ -94,7 +93,7 @@ def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(served: t
 
 
 def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
-        served: tuple[str, Path, Path], example: Cluster) -> None:
+        served: tuple[str, Path, Path], example: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     url, config_dir, tftp_root = served
     entry = tftp_root / MCP_ENTRY
     original = entry.read_text()
@@ -104,9 +103,14 @@ def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
     assert provision_server.read_installed(config_dir) == {"mcp"}
     assert _get(f"{url}/installed/nosuch")[0] == 404 and provision_server.read_installed(config_dir) == {"mcp"}
     cluster = _at(example, config_dir, tftp_root)
-    # A rebuild keeps the mark: the entry stays away.
+    # A rebuild keeps the mark: the entry stays away, also while the tree is copied (right after the copy,
+    # before any clean-up, an installed VM booting must not find it).
+    stale_cleanup = provision_server._remove_stale_boot_entries
+    seen_after_copy: list[bool] = []
+    monkeypatch.setattr(provision_server, "_remove_stale_boot_entries",
+                        lambda built, root: (seen_after_copy.append(entry.exists()), stale_cleanup(built, root)))
     provision_server.assemble_tftp(cluster, provision_server.stage_build(cluster, config_dir), tftp_root)
-    assert not entry.exists()
+    assert seen_after_copy == [False] and not entry.exists()
     lines: list[str] = []
     provision_server.reinstall(cluster, "mcp", lines.append)
     assert entry.read_text() == original and provision_server.read_installed(config_dir) == set()
