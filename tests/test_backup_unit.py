@@ -49,7 +49,7 @@ def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:
       <disk type='file' device='cdrom'><source file='/d/seed.iso'/><target dev='sda'/></disk>
     </devices></domain>"""
     disks, skipped = domain_disks(xml)
-    assert disks == [VmDisk("vda", "/d/a.qcow2", "qcow2", ""), VmDisk("vdb", "/dev/vg/b", "raw", "")]
+    assert disks == [VmDisk("vda", "/d/a.qcow2", "qcow2"), VmDisk("vdb", "/dev/vg/b", "raw")]
     assert skipped == ["sda"]
     root = ET.fromstring(backup_xml(Path("/j/nbd.sock"), Path("/j"), disks, skipped, "cp1"))
     assert root.get("mode") == "pull" and root.findtext("incremental") == "cp1"
@@ -88,6 +88,10 @@ def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
     journal.write(store.dir, {"time": "20261121T023000Z", "ok": False, "error": "boom"}, journal.LAST_RUN)
     failed = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
     assert report.nagios([failed], limit) == (1, "BACKUP WARNING - vm: last run failed (20261121T023000Z: boom)")
+    nas = "vm: the NAS copy of 20261121T023000Z does not verify (checksum mismatch: vda.qcow2)"
+    journal.write(store.dir, {"time": "20261121T023000Z", "ok": True, "error": nas}, journal.LAST_RUN)
+    nas_failed = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
+    assert report.nagios([nas_failed], limit)[0] == 1  # the local point is good; the NAS stage is not
     table = report.format_table([failed, none], limit)
     assert "no backup yet" in table and "boom" in table
 

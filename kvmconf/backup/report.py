@@ -31,7 +31,8 @@ def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStat
     points = store.points()
     last = points[-1] if points else None
     run = journal.read(store.dir, journal.LAST_RUN) if store.dir.is_dir() else None
-    error = "" if run is None or run.get("ok") else f"{run.get('time')}: {run.get('error')}"
+    # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
+    error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
     return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
                     sum(m.stored for m in points), len(VmStore(nas, vm).points()) if nas else 0, error)
