@@ -41,15 +41,21 @@ def through(store: VmStore) -> str | None:
     return None if mark is None else str(mark["through"])
 
 
-def test_points_of_this_boot_are_flushed_only_when_asked(tmp_path: Path) -> None:
+def test_points_of_this_boot_are_flushed_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = VmStore(tmp_path, "vm")
     add_chain(store)
+    flushed: list[str] = []
+    monkeypatch.setattr(durability, "fsync_path", lambda path: flushed.append(str(path.relative_to(store.dir))))
     assert durability.settle(store, print, flush=False) == []
-    assert through(store) is None  # nothing depends on their being on disk yet: no flush paid
+    assert through(store) is None and flushed == []  # nothing depends on their being on disk yet: no flush paid
     assert durability.settle(store, print) == []
+    points = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z"]
+    assert flushed == [f"{p}/{name}" for p in points for name in ("vda.qcow2", "B3SUMS")]
     assert through(store) == "20260103T000000Z" and len(times(store)) == 3
     add_point(store, "20260104T000000Z", "20260104T000000Z", None, b"full2")
+    flushed.clear()
     durability.settle(store, print)
+    assert flushed == ["20260104T000000Z/vda.qcow2", "20260104T000000Z/B3SUMS"]  # only what is new
     assert through(store) == "20260104T000000Z"
 
 
