@@ -67,12 +67,16 @@ def files_to_copy(cluster: Cluster, vm: Vm, target: Cluster, moved: Vm) -> Moves
 def copy_file(source: Runner, target: Runner, src: str, dst: str) -> None:
     """Copy a (sparse) disk file between hosts; to a temporary name first, renamed once complete."""
     tmp = f"{dst}.kvmconf-migrating"
-    if source.ssh is None and target.ssh is None:
-        target.check(["cp", "--sparse=always", "--", src, tmp])
-    elif target.ssh is None:
-        target.check(["scp", "-q", "-o", "BatchMode=yes", f"{source.ssh}:{src}", tmp])
-    else:  # the source host pushes to the target host (it needs SSH access to it, as the admin has)
-        source.check(["scp", "-q", "-o", "BatchMode=yes", src, f"{target.ssh}:{tmp}"])
+    try:
+        if source.ssh is None and target.ssh is None:
+            target.check(["cp", "--sparse=always", "--", src, tmp])
+        elif target.ssh is None:
+            target.check(["scp", "-q", "-o", "BatchMode=yes", f"{source.ssh}:{src}", tmp])
+        else:  # the source host pushes to the target host (it needs SSH access to it, as the admin has)
+            source.check(["scp", "-q", "-o", "BatchMode=yes", src, f"{target.ssh}:{tmp}"])
+    except BaseException:
+        target.remove(tmp)  # a half copy can be gigabytes; the caller's clean-up knows only finished ones
+        raise
     target.check(["mv", "-f", "--", tmp, dst])
 
 
@@ -141,7 +145,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     if conns.uri(to) == conns.uri(vm.host):
         raise KvmconfError(f"{name}: {vm.host} and {to} are the same libvirt ({conns.uri(to)}): nothing to move")
     if vm.disk.kind is DiskKind.LVM:
-        raise KvmconfError(f"{name}: its disk is an LVM volume; cold migration copies disk files only (create"
+        raise KvmconfError(f"{name}: its disk is an LVM volume; migration copies and creates disk files only (create"
                            f" the volume on {to} and copy it with dd, then provision there with --reuse-disk)")
     src_conn, dst_conn = conns.get(vm.host), conns.get(to)
     dom = domains.lookup(src_conn, name)

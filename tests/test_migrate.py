@@ -59,7 +59,7 @@ def test_a_moved_line_is_not_edited_blindly(example: Cluster, tmp_path: Path) ->
     ("nosuch", "kvm1", "'nosuch' is not a VM of cluster.conf"),
     ("db", "kvm9", "'kvm9' is not a host of site.toml (expected one of: kvm0, kvm1)"),
     ("db", "kvm0", "db: cluster.conf places it on kvm0 already"),
-    ("compute1", "kvm0", "compute1: its disk is an LVM volume; cold migration copies disk files only"),
+    ("compute1", "kvm0", "compute1: its disk is an LVM volume; migration copies and creates disk files only"),
 ])
 def test_refused_requests_touch_no_host(example: Cluster, vm: str, to: str, message: str) -> None:
     def no_libvirt(uri: str) -> None:
