@@ -43,10 +43,6 @@ while [ $# -gt 0 ]; do tmp=$1 dest=$2 own=$3 grp=$4 mode=$5; shift 5
 done"""
 
 
-class DeployError(KvmconfError):
-    """A step failed on a VM; the summary says where and what was done elsewhere."""
-
-
 @dataclass
 class VmReport:
     vm: str

@@ -19,7 +19,7 @@ from fabric import Connection
 from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
 from generators.render import environment, render, xml_banner
-from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
+from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, missing_packages, push
 from kvmconf.errors import KvmconfError
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import command, connect, resolve, run, script
@@ -127,9 +127,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     packages = PACKAGES + STACK_PACKAGES[host.network_stack]
     state = VmReport(host.name)
     if dry_run:
-        res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
-        present = {line.split()[0] for line in res.stdout.splitlines() if line.endswith(" installed")}
-        missing = [p for p in packages if p not in present]
+        missing = missing_packages(conn, packages)
         report.lines.append(f"packages: would install {' '.join(missing)}" if missing else "packages: all present")
     else:
         install_packages(conn, packages, state)

@@ -93,10 +93,6 @@ class Lab:
         return f"qemu+unix:///system?socket={self.socket_of(host)}"
 
     @property
-    def socket(self) -> Path:
-        return self.socket_of(None)
-
-    @property
     def uri(self) -> str:
         """The first host's daemon."""
         return self.uri_of(None)

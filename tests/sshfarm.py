@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmconf.lab import alive
+
 BASE_PREFIX = "kvmconf-sshfarm-"
 # Tools that would act on this machine's kernel or services (sysctl and modprobe through the bind-mounted /proc).
 STUBBED = ("systemctl", "apt-get", "sysctl", "modprobe", "ifup", "netplan", "nmcli", "virsh")
@@ -32,7 +34,6 @@ class Farm:
     ssh_config: Path
     known_hosts: Path
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
-    pids: dict[str, int] = field(default_factory=dict)
 
     def root(self, vm: str) -> Path:
         return self.base / vm / "root"
@@ -62,14 +63,6 @@ def _free_port(address: str) -> int:
         return port
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def teardown(base: Path) -> None:
     """Stop the farm's sshds (by PID) and unmount everything under base, innermost first."""
     for pidfile in base.glob("*/sshd.pid"):
@@ -89,7 +82,7 @@ def reap_leftovers() -> None:
     """A killed run leaves its farm behind: remove those whose owning PID is gone."""
     for base in Path("/run").glob(f"{BASE_PREFIX}*"):
         pid = base.name.removeprefix(BASE_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             teardown(base)
 
 

@@ -171,14 +171,13 @@ def test_vf_pool_networks_are_valid_libvirt_networks_named_as_the_domains_expect
     assert [f.dest for f in files] == [f"{VF_NETWORK_DIR}/vf-eno2.xml", f"{VF_NETWORK_DIR}/vf-ens1f0--x.xml"]
     conn = libvirt.open("test:///default")
     try:
-        for spec in files:
+        for spec, pf in zip(files, ["eno2", "ens1f0--x"], strict=True):
             path = tmp_path / PurePosixPath(spec.dest).name
             path.write_bytes(spec.content)
             checked = run([require_tool("virt-xml-validate"), str(path), "network"])
             assert checked.returncode == 0, checked.stdout + checked.stderr  # also: no `--` in the banner comment
             network = conn.networkDefineXML(spec.content.decode())
-            pf = network.name().removeprefix("vf-")
-            assert network.name() == vf_pool_network(pf)
+            assert network.name() == vf_pool_network(pf) == f"vf-{pf}"
             assert f"<pf dev='{pf}'/>" in network.XMLDesc(0) and "mode='hostdev'" in network.XMLDesc(0)
             network.undefine()
     finally:

@@ -401,9 +401,8 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
             for disk, client, layout in plans:
-                copied = stream.copy(client, layout, partial / f"{disk.dev}.qcow2",
-                                     progress.disk(disk.dev, layout.data_size))
-                checksums[disk.dev] = copied.blake3
+                checksums[disk.dev] = stream.copy(client, layout, partial / f"{disk.dev}.qcow2",
+                                                  progress.disk(disk.dev, layout.data_size))
         finally:
             progress.done()
             for _, client, _ in plans:

@@ -18,7 +18,6 @@ class VmDisk:
     dev: str  # target dev, e.g. vda
     path: str  # the image file or block device
     format: str  # driver type: qcow2, raw
-    alias: str  # qdev id, e.g. virtio-disk0 (the qemu-io -d path of tests uses it)
 
     @property
     def tracked(self) -> bool:
@@ -42,9 +41,7 @@ def domain_disks(xml: str) -> tuple[list[VmDisk], list[str]]:
         if disk.get("device", "disk") != "disk" or path is None or disk.get("type") not in ("file", "block"):
             skipped.append(dev)
             continue
-        alias = disk.find("alias")
-        disks.append(VmDisk(dev, path, "raw" if driver is None else driver.get("type", "raw"),
-                            "" if alias is None else alias.get("name", "")))
+        disks.append(VmDisk(dev, path, "raw" if driver is None else driver.get("type", "raw")))
     return disks, skipped
 
 

@@ -24,7 +24,6 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -41,12 +40,6 @@ _PROBE = bytes(16)
 _ZERO_CLUSTER = bytes(qcow2.CLUSTER_SIZE)
 
 Progress = Callable[[int], None]  # called with the bytes of this disk done so far
-
-
-@dataclass(frozen=True)
-class Copied:
-    blake3: str
-    stored: int  # bytes of data the file holds (metadata included, zero clusters left out)
 
 
 def plan(client: NbdClient, dirty_context: str | None, backing: str | None) -> qcow2.Layout:
@@ -77,8 +70,8 @@ def intersect(dirty: list[Extent], allocation: list[Extent]) -> Iterator[Extent]
             j += 1
 
 
-def copy(client: NbdClient, layout: qcow2.Layout, target: Path, progress: Progress = lambda _n: None) -> Copied:
-    """Write `layout`'s file at `target` (a new file) from the export, front to back."""
+def copy(client: NbdClient, layout: qcow2.Layout, target: Path, progress: Progress = lambda _n: None) -> str:
+    """Write `layout`'s file at `target` (a new file) from the export, front to back; its BLAKE3 (hex)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, layout.file_size)  # sparse: clusters of zeros are simply never written
@@ -99,11 +92,10 @@ class _Pipeline:
             self.free.put(mmap.mmap(-1, self.chunk))
         self.filled: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
         self.hash = blake3.blake3()
-        self.stored = 0
         self.failed: BaseException | None = None  # the worker's error
         self.abandoned = False  # the reads failed: the worker skips what is still queued
 
-    def run(self, layout: qcow2.Layout) -> Copied:
+    def run(self, layout: qcow2.Layout) -> str:
         worker = threading.Thread(target=self._hash_and_write, name="backup-write", daemon=True)
         worker.start()
         try:
@@ -124,7 +116,7 @@ class _Pipeline:
             worker.join()
         if self.failed is not None:
             raise self.failed
-        return Copied(self.hash.hexdigest(), self.stored)
+        return str(self.hash.hexdigest())
 
     def _metadata(self, metadata: bytes) -> None:
         for at in range(0, len(metadata), self.chunk):
@@ -197,4 +189,3 @@ class _Pipeline:
         written = 0
         while written < len(view):
             written += os.pwrite(self.fd, view[written:], offset + written)
-        self.stored += len(view)
