@@ -67,21 +67,22 @@ def _field(text: str, low: int, high: int) -> set[int]:
 def max_interval(schedule: str) -> dt.timedelta:
     """The longest time between two runs of a 5-field cron schedule (numbers, *, ranges, lists, steps).
 
-    Found by walking four weeks minute by minute (cheap: 40,320 steps), which covers every weekly
-    pattern; day-of-month and day-of-week combine with OR when both are restricted, as in cron.
+    Found by walking two years day by day (the second one catches the gap across New Year, and a leap
+    year is in it) and listing each matching day's run times; day-of-month and day-of-week combine
+    with OR when both are restricted, as in cron. A schedule that never runs gets the whole span.
     """
     fields = schedule.split()
     minute, hour, dom, month, dow = (_field(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
     dow = {d % 7 for d in dow}
     dom_any, dow_any = fields[2] == "*", fields[4] == "*"
-    start = dt.datetime(2024, 1, 1)
+    times_of_day = [dt.timedelta(hours=h, minutes=m) for h in sorted(hour) for m in sorted(minute)]
+    start, days = dt.datetime(2024, 1, 1), 2 * 366
     fires = []
-    for i in range(28 * 24 * 60):
-        t = start + dt.timedelta(minutes=i)
-        day_dom, day_dow = t.day in dom, (t.isoweekday() % 7) in dow
-        day = (day_dom and day_dow) if (dom_any or dow_any) else (day_dom or day_dow)
-        if t.minute in minute and t.hour in hour and t.month in month and day:
-            fires.append(t)
+    for i in range(days):
+        day = start + dt.timedelta(days=i)
+        day_dom, day_dow = day.day in dom, (day.isoweekday() % 7) in dow
+        if day.month in month and ((day_dom and day_dow) if (dom_any or dow_any) else (day_dom or day_dow)):
+            fires += [day + t for t in times_of_day]
     if len(fires) < 2:
-        return dt.timedelta(days=31)  # monthly or rarer
+        return dt.timedelta(days=days)
     return max(b - a for a, b in itertools.pairwise(fires))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from generators.columns import MAC_PATTERN
+from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
     Accounts,
@@ -483,10 +484,17 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         log=b.get("log", str, "/var/log/kvmconf-backup.log"),
         checkout=b.get("checkout", str, "/root/kvmconf"),
     )
-    if backup_values["schedule"] is not None and len(backup_values["schedule"].split()) != 5:
-        b.problem("schedule", f"{shown(backup_values['schedule'])} is not a cron schedule (expected 5 fields,"
-                  " e.g. '30 2 * * *')")
+    schedule = backup_values["schedule"]
+    if schedule is not None and len(schedule.split()) != 5:
+        b.problem("schedule", f"{shown(schedule)} is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')")
         backup_values["schedule"] = None
+    elif schedule is not None:
+        try:
+            max_interval(schedule)  # the Nagios check's age limit comes from it
+        except ValueError:
+            b.problem("schedule", f"{shown(schedule)} is not a cron schedule kvmconf reads (expected numbers, *,"
+                      " ranges, lists and steps, e.g. '30 2 * * 1-5'; no names such as mon)")
+            backup_values["schedule"] = None
 
     hostgroups: dict[str, str] | None = None
     if "hostgroups" in data:

@@ -69,6 +69,10 @@ def test_max_interval_of_schedules() -> None:
     assert max_interval("0 */6 * * *") == dt.timedelta(hours=6)
     assert max_interval("0 3 * * 1-5") == dt.timedelta(days=3)  # Friday to Monday
     assert max_interval("15 1 * * 0") == dt.timedelta(days=7)
+    # Days of the month and months: the longest gap may cross a month or the year.
+    assert max_interval("0 2 1,15 * *") == dt.timedelta(days=17)  # Jan 15 to Feb 1
+    assert max_interval("0 2 1 */2 *") == dt.timedelta(days=62)  # Jul 1 to Sep 1
+    assert max_interval("0 2 1 1 *") == dt.timedelta(days=366)  # once a year (the walk includes a leap year)
 
 
 def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:

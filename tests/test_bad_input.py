@@ -450,6 +450,10 @@ CASES = [
          (site(60, 1, "key 'provision.vm': 'nosuch' is not a VM of {conf} (expected the name of the VM that is the"
                       " provision server)"),),
          site=sub('vm = "provision"', 'vm = "nosuch"')),
+    Case("site-schedule-with-names",
+         (site(69, 1, "key 'backup.schedule': '30 2 * * mon' is not a cron schedule kvmconf reads (expected numbers,"
+                      " *, ranges, lists and steps, e.g. '30 2 * * 1-5'; no names such as mon)"),),
+         site=sub('schedule = "30 2 * * *"', 'schedule = "30 2 * * mon"')),
     Case("site-provision-table-missing", (site(1, 1, "table '[provision]' is missing"),),
          site=lambda text: text[:text.index("[provision]")] + text[text.index("[backup]"):]),
     Case("site-secrets-is-a-directory",
