@@ -13,10 +13,9 @@ from pathlib import Path
 from fabric import task
 from invoke import Context, Exit
 
-from generators.errors import ConfigError, UsageError
 from kvmconf import inputs
+from kvmconf.cli import user_errors
 from kvmconf.deploy import Options, RunReport, run_cluster
-from kvmconf.errors import KvmconfError
 from kvmconf.remote import DEFAULT_SSH_CONFIG
 
 
@@ -28,15 +27,11 @@ def _ssh_config() -> Path:
 
 
 def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
-    try:
+    with user_errors():
         cluster = inputs.load()
         # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
         recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
         report = run_cluster(cluster, vm, full, Options(_ssh_config(), max(1, parallel), dry_run, recipes))
-    except ConfigError as err:
-        raise Exit("\n".join(map(str, err.problems)), 1) from None
-    except (UsageError, KvmconfError) as err:
-        raise Exit(f"kvmconf: {err}", 1) from None
     _print(report, dry_run)
 
 
@@ -75,12 +70,8 @@ def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False
     """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories."""
     from kvmconf.hostsetup import setup
 
-    try:
+    with user_errors():
         report = setup(inputs.load(), host, Path(ssh_config) if ssh_config else None, dry_run, dry_run_network)
-    except ConfigError as err:
-        raise Exit("\n".join(map(str, err.problems)), 1) from None
-    except (UsageError, KvmconfError) as err:
-        raise Exit(f"kvmconf: {err}", 1) from None
     for diff in report.diffs:
         print(diff, end="" if diff.endswith("\n") else "\n")
     print(("(dry run: nothing changed)\n" if dry_run else "") + "\n".join(f"{host}: {line}" for line in report.lines))

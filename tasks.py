@@ -8,37 +8,20 @@ $KVMCONF_LAB set (see `invoke lab.up`) on the lab instead of the hosts of site.t
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
-from generators.errors import ConfigError, UsageError
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
+from kvmconf.cli import user_errors
 from kvmconf.connection import connections
-from kvmconf.errors import KvmconfError
 from kvmconf.plan import format_plan, make_plan, select
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
 from kvmconf.status import format_status
 from kvmconf.status import status as host_status
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Problems the admin can fix become a message and an exit status; bugs keep their traceback."""
-    try:
-        yield
-    except ConfigError as err:
-        count = len(err.problems)
-        raise Exit("\n".join(map(str, err.problems)) + f"\nkvmconf: {count} problem{'s' * (count != 1)}", 1) from None
-    except UsageError as err:
-        raise Exit(f"kvmconf: {err}", 2) from None
-    except KvmconfError as err:
-        raise Exit(f"kvmconf: {err}", 1) from None
 
 
 def _check_hosts(cluster: Cluster, hosts: list[str]) -> None:
@@ -62,7 +45,7 @@ def _ask(question: str) -> bool:
 def provision(c: Context, vm: list[str], all: bool = False, apply: bool = False, dry_run: bool = False,
               reuse_disk: bool = False, start: bool = True) -> None:
     """Create the disks and domains of VMs (--vm NAME or --all); changed ones need --apply."""
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
             provision_vms(cluster, vm, conns, Options(apply, dry_run, reuse_disk, start), all_vms=all)
@@ -71,7 +54,7 @@ def provision(c: Context, vm: list[str], all: bool = False, apply: bool = False,
 @task(iterable=["vm"], help={"vm": "only these VMs (repeatable; default: all)"})
 def plan(c: Context, vm: list[str]) -> None:
     """Show what provision would create, change or leave, per host, as a diff; touches nothing."""
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
             result = make_plan(cluster, select(cluster, vm, not vm), conns, others=not vm, strict=False)
@@ -83,7 +66,7 @@ def plan(c: Context, vm: list[str]) -> None:
 @task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)"})
 def status(c: Context, host: list[str]) -> None:
     """Show a table per physical host: state, IP, RAM, vCPUs, disk, autostart, drift from cluster.conf."""
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         _check_hosts(cluster, host)
         with connections(cluster) as conns:
@@ -96,7 +79,7 @@ def status(c: Context, host: list[str]) -> None:
 @task(help={"vm": "the VM", "dry-run": "show what would be done"})
 def start(c: Context, vm: str, dry_run: bool = False) -> None:
     """Start a defined VM."""
-    with _user_errors(), connections(cluster := inputs.load()) as conns:
+    with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.start(cluster, vm, conns, dry_run)
 
 
@@ -104,7 +87,7 @@ def start(c: Context, vm: str, dry_run: bool = False) -> None:
             "dry-run": "show what would be done"})
 def stop(c: Context, vm: str, force: bool = False, dry_run: bool = False) -> None:
     """Shut a VM down (ACPI), or power it off with --force."""
-    with _user_errors(), connections(cluster := inputs.load()) as conns:
+    with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.stop(cluster, vm, conns, force, dry_run)
 
 
@@ -112,7 +95,7 @@ def stop(c: Context, vm: str, force: bool = False, dry_run: bool = False) -> Non
             "force": "do not ask before purging", "dry-run": "show what would be done"})
 def destroy(c: Context, vm: str, purge: bool = False, force: bool = False, dry_run: bool = False) -> None:
     """Stop and undefine a VM; its disk is kept unless --purge (which asks, or needs --force)."""
-    with _user_errors(), connections(cluster := inputs.load()) as conns:
+    with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.destroy(cluster, vm, conns, purge, None if force else _ask, dry_run)
 
 
@@ -126,7 +109,7 @@ def _lab_dir(directory: str) -> Path:
 def lab_up(c: Context, dir: str = "", netns: str = lab.DEFAULT_NETNS, kvm: bool = False) -> None:
     """Start a throwaway lab: a network namespace, libvirtd and dnsmasq for the cluster's VMs."""
     directory = _lab_dir(dir)
-    with _user_errors():
+    with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
         lab.up(cluster, directory, netns, kvm)
     print(f"act on the lab with: export KVMCONF_LAB={directory.absolute()}   (then: invoke provision --all)")
@@ -136,7 +119,7 @@ def lab_up(c: Context, dir: str = "", netns: str = lab.DEFAULT_NETNS, kvm: bool 
 def lab_down(c: Context, dir: str = "") -> None:
     """Stop the lab: its VMs, libvirtd, virtlogd and dnsmasq (by PID), its namespace and files."""
     directory = _lab_dir(dir)
-    with _user_errors():
+    with user_errors():
         if not lab.down(directory):
             print(f"no lab in {directory}")
 
@@ -144,7 +127,7 @@ def lab_down(c: Context, dir: str = "") -> None:
 @task(name="provision-server")
 def provision_server_task(c: Context) -> None:
     """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         directory = inputs.lab_dir()
         the_lab = lab.Lab.load(directory.absolute()) if directory else None
@@ -161,7 +144,7 @@ def provision_server_task(c: Context) -> None:
 @task(help={"vm": "the install=pxe VM to install again at its next network boot"})
 def reinstall(c: Context, vm: str) -> None:
     """Give an installed VM its network installer again (undoes the mark its install left)."""
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         provision_server.reinstall(cluster, vm)
 
@@ -172,7 +155,7 @@ def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
     """Back up VMs (live, full or incremental; shut-off VMs from their images); exits 1 if any failed."""
     from kvmconf.backup.cluster import backup as backup_vms
 
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
             outcomes = backup_vms(cluster, vm, all, conns, progress=sys.stderr.isatty())
@@ -189,7 +172,7 @@ def restore_task(c: Context, vm: str, at: str = "", to: str = "", force: bool = 
     """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force."""
     from kvmconf.backup.cluster import restore_vm
 
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
             restore_vm(cluster, vm, at or None, Path(to) if to else None, force, conns)
@@ -203,7 +186,7 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
     from kvmconf.backup import report
     from kvmconf.backup.cluster import status_rows
 
-    with _user_errors():
+    with user_errors():
         rows, limit = status_rows(inputs.load(), vm)
         if nagios:
             code, line = report.nagios(rows, limit)
@@ -219,7 +202,7 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
     from kvmconf.capacity import capacity as host_capacity
     from kvmconf.capacity import format_capacity
 
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         _check_hosts(cluster, host)
         if offline:
@@ -240,7 +223,7 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
     """Move a VM to another host: live when it runs, else cold; the source is undefined once the target runs."""
     from kvmconf import migrate as moving
 
-    with _user_errors():
+    with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
             moved = moving.migrate(cluster, vm, to, conns, force, cold=cold)
@@ -265,7 +248,7 @@ def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: boo
     from kvmconf.keyscan import keyscan as scan_keys
     from kvmconf.remote import DEFAULT_SSH_CONFIG
 
-    with _user_errors():
+    with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
         names = [v.name for v in select_vms(cluster, vm)]
         path = Path(ssh_config or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))

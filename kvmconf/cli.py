@@ -1,0 +1,25 @@
+"""What the invoke and fab tasks share: turning the admin's errors into a message and an exit status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from invoke import Exit
+
+from generators.errors import ConfigError, UsageError
+from kvmconf.errors import KvmconfError
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Problems the admin can fix become a message and an exit status (1; 2 for usage); bugs keep their traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        count = len(err.problems)
+        raise Exit("\n".join(map(str, err.problems)) + f"\nkvmconf: {count} problem{'s' * (count != 1)}", 1) from None
+    except UsageError as err:
+        raise Exit(f"kvmconf: {err}", 2) from None
+    except KvmconfError as err:
+        raise Exit(f"kvmconf: {err}", 1) from None
