@@ -88,12 +88,21 @@ def _new_time(store: VmStore) -> str:
         time.sleep(0.2)
 
 
-def run_tool(argv: list[str], show: bool = False) -> None:
-    """Run qemu-img and the like; its own progress (-p) goes to the terminal when `show`."""
+def run_tool(argv: list[str], show: bool = False, error: type[KvmconfError] = BackupFailed) -> None:
+    """Run qemu-img and the like; its own progress (-p) goes to the terminal when `show`; fails as `error`."""
     result = subprocess.run(argv, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             check=False)
     if result.returncode != 0:
-        raise BackupFailed(f"{' '.join(argv)}: {result.stderr.strip() or 'exit status ' + str(result.returncode)}")
+        raise error(f"{' '.join(argv)}: {result.stderr.strip() or 'exit status ' + str(result.returncode)}")
+
+
+def backing_file(parent: Manifest | None, disk: VmDisk) -> str | None:
+    """What an incremental's file of `disk` names as its backing file: the parent point's file of the same disk.
+
+    Relative, so the tree still reads after it is copied (NAS) or the directory is renamed. Untracked
+    (raw) disks are copied whole every time: no backing file.
+    """
+    return f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
 
 
 
@@ -355,9 +364,7 @@ def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
             client = NbdClient.connect(str(job.socket), disk.dev,
                                        ["base:allocation"] + ([context] if context else []))
             clients.append(client)
-            # Relative, so the tree still reads after it is copied (NAS) or the directory is renamed.
-            backing = f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and incremental else None
-            plans.append((disk, client, stream.plan(client, context, backing)))
+            plans.append((disk, client, stream.plan(client, context, backing_file(parent, disk))))
     except BaseException:
         for client in clients:
             client.close()
@@ -456,9 +463,8 @@ def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], chec
     files = []
     for disk in disks:
         target = partial / f"{disk.dev}.qcow2"
-        backing = f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
         files.append(DiskFile(disk.dev, disk.path, disk.format, target.name, sizes[disk.dev], allocated(target),
-                              checksums[disk.dev], backing))
+                              checksums[disk.dev], backing_file(parent, disk)))
     manifest = Manifest(store.vm, stamp, kind, stamp if parent is None else parent.chain,
                         None if parent is None else parent.time, checkpoint, frozen, notes, files,
                         round(time.monotonic() - started, 3), boot_id=durability.boot_id())

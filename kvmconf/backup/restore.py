@@ -45,7 +45,8 @@ def _rebuild(store: VmStore, manifest: Manifest, out: Path, log: Log) -> list[Pa
         top = store.point_dir(manifest.time) / disk.file
         target = out if out.suffix and len(manifest.disks) == 1 else out / f"{store.vm}-{disk.dev}.{disk.format}"
         partial = target.with_name(target.name + ".partial")
-        run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)])
+        run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)],
+                 error=RestoreFailed)
         compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", disk.format, str(top), str(partial)],
                                   capture_output=True, text=True, check=False)
         if compared.returncode != 0:
