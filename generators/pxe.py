@@ -36,6 +36,27 @@ GRUB_MAIN_TEMPLATE = "grub.cfg.j2"
 
 PXELINUX_DIR = PurePosixPath("tftp/pxelinux.cfg")
 GRUB_DIR = PurePosixPath("tftp/grub")
+# Any per-MAC entry name boot_entries can give, relative to the TFTP root: a deploy removes the ones the
+# build no longer has (kvmconf.provision_server).
+PER_MAC_ENTRY = re.compile(r"(pxelinux\.cfg/01-|grub/grub\.cfg-(01-)?)[0-9a-f]{2}([-:][0-9a-f]{2}){5}")
+
+
+def pxelinux_entry(mac: str) -> str:
+    """pxelinux looks for "01-" (the ARP type of Ethernet) + the MAC in lower case with dashes."""
+    return f"pxelinux.cfg/01-{mac.lower().replace(':', '-')}"
+
+
+def grub_entries(mac: str) -> list[str]:
+    """GRUB's own per-MAC search reads "01-" + dashes (Debian 2.06, seen under OVMF; Red Hat) or dashes
+    (upstream); our grub.cfg reads the colon form ($net_default_mac). Same content in all three."""
+    mac = mac.lower()
+    dashes = mac.replace(":", "-")
+    return [f"grub/grub.cfg-01-{dashes}", f"grub/grub.cfg-{dashes}", f"grub/grub.cfg-{mac}"]
+
+
+def boot_entries(mac: str) -> list[str]:
+    """Every per-MAC boot config a VM with this MAC may have, relative to the TFTP root (both loaders)."""
+    return [pxelinux_entry(mac), *grub_entries(mac)]
 
 # TFTP root path -> the Debian 12 file to copy there (BIOS boot chain; pxelinux.0 loads ldlinux.c32 beside it).
 BIOS_LOADER_FILES = {
@@ -116,16 +137,13 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         release = cluster.os_of(vm)
         args = installer_args(cluster, vm)
         if vm.boot is Boot.BIOS:
-            # pxelinux looks for "01-" (the ARP type of Ethernet) + the MAC in lower case with dashes.
-            tree[PXELINUX_DIR / f"01-{vm.mac_dashes}"] = pxelinux.render(
+            tree[PXELINUX_DIR.parent / pxelinux_entry(vm.mac)] = pxelinux.render(
                 banner=pxelinux_banner, vm=vm, fqdn=cluster.fqdn(vm), os=release, append=pxelinux_append(args))
         else:
             text = grub.render(
                 banner=grub_banner, vm=vm, fqdn=cluster.fqdn(vm), os=release, args=grub_args(args),
                 title=grub_word(f"Install {release.name} on {cluster.fqdn(vm)}"),
                 kernel=grub_word(_tftp_path(release.kernel)), initrd=grub_word(_tftp_path(release.initrd)))
-            # GRUB's own per-MAC search reads "01-" + dashes (Debian 2.06, seen under OVMF; Red Hat) or dashes
-            # (upstream); our grub.cfg reads the colon form ($net_default_mac). Same content in all three.
-            for name in (f"grub.cfg-01-{vm.mac_dashes}", f"grub.cfg-{vm.mac_dashes}", f"grub.cfg-{vm.mac}"):
-                tree[GRUB_DIR / name] = text
+            for name in grub_entries(vm.mac):
+                tree[GRUB_DIR.parent / name] = text
     return tree

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from generators import pxe
 from generators.build import input_digest, render_all
 from generators.errors import UsageError
 from generators.model import Cluster, Install
@@ -57,8 +57,6 @@ SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <ht
 NETBOOT_RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
 NETBOOT_DIR = "/usr/lib/debian-installer/images/{release}/amd64/text"
 GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
-# The names boot_entries gives a VM's per-MAC configs (both loaders, every spelling GRUB tries).
-_PER_MAC_ENTRY = re.compile(r"(pxelinux\.cfg/01-|grub/grub\.cfg-(01-)?)[0-9a-f]{2}([-:][0-9a-f]{2}){5}")
 
 
 # --- installed state --------------------------------------------------------------------------------
@@ -82,10 +80,8 @@ def boot_entries(config_dir: Path, vm: str) -> list[str]:
         text = (config_dir / "build" / "dnsmasq" / "dhcp-hosts" / vm).read_text()
     except FileNotFoundError:
         return []
-    mac = next(line for line in text.splitlines() if line.strip() and not line.startswith("#")).split(",")[0].lower()
-    dashes = mac.replace(":", "-")
-    return [f"pxelinux.cfg/01-{dashes}", f"grub/grub.cfg-01-{dashes}", f"grub/grub.cfg-{dashes}",
-            f"grub/grub.cfg-{mac}"]
+    mac = next(line for line in text.splitlines() if line.strip() and not line.startswith("#")).split(",")[0]
+    return pxe.boot_entries(mac)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -289,7 +285,7 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
             continue
         for path in (tftp_root / directory).iterdir():
             rel = f"{directory}/{path.name}"
-            if _PER_MAC_ENTRY.fullmatch(rel) and not (built / rel).exists():
+            if pxe.PER_MAC_ENTRY.fullmatch(rel) and not (built / rel).exists():
                 path.unlink()
 
 

@@ -50,6 +50,13 @@ def test_a_vms_boot_entries_are_its_per_mac_files_for_both_loaders(example: Clus
         "pxelinux.cfg/01-52-54-00-50-00-21", "grub/grub.cfg-01-52-54-00-50-00-21", "grub/grub.cfg-52-54-00-50-00-21",
         "grub/grub.cfg-52:54:00:50:00:21"]
     assert provision_server.boot_entries(tmp_path, "nosuch") == []
+    # The stale-entry clean-up recognises every name, and the build has exactly the names of its loader.
+    from generators.pxe import PER_MAC_ENTRY
+
+    assert all(PER_MAC_ENTRY.fullmatch(name) for name in provision_server.boot_entries(tmp_path, "web"))
+    tftp = tmp_path / "build/tftp"
+    built = {str(p.relative_to(tftp)) for p in tftp.rglob("*-52?54?00?50?00?21")}
+    assert built == set(provision_server.boot_entries(tmp_path, "web")[1:])  # web boots UEFI: its GRUB names
 
 
 def test_the_installed_state_round_trips_sorted(tmp_path: Path) -> None:
