@@ -167,8 +167,8 @@ def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, t
     # Incrementals hold about what was written (4 MiB, then 3 MiB), nowhere near the 64 MiB disk.
     assert 4 * MIB <= inc1.stored < 6 * MIB, inc1.stored
     assert 3 * MIB <= inc2.stored < 5 * MIB, inc2.stored
-    # Only the newest checkpoint is kept on the domain.
-    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [inc2.checkpoint]
+    # The newest checkpoint and the one its job started from; older ones were deleted during a job.
+    assert {cp.getName() for cp in dom.listAllCheckpoints()} == {inc1.checkpoint, inc2.checkpoint}
 
     store = VmStore(settings.dir, name)
     for point, snapshot in zip((full, inc1, inc2), snapshots, strict=True):
@@ -249,6 +249,8 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
         assert m is not None
         made.append(m)
     assert [m.kind for m in made] == ["full", "incremental", "full", "incremental", "full"]
+    # A full starts from no checkpoint: it retires every older one.
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [made[4].checkpoint]
     for root in (settings.dir, tmp_path / "nas"):
         left = [m.time for m in VmStore(root, name).points()]
         # The first chain is gone whole; the chain of the 2nd-newest point keeps its base.
@@ -304,8 +306,9 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     assert not store.partials() and not (store.dir / journal.JOURNAL).exists()
     assert outcome.manifest is not None and outcome.manifest.kind == "incremental"
     assert dom.isActive()
-    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [outcome.manifest.checkpoint]
     assert first is not None
+    # The killed run's checkpoint is gone; the one it started from stays until the next run.
+    assert {cp.getName() for cp in dom.listAllCheckpoints()} == {first.checkpoint, outcome.manifest.checkpoint}
     restore(store, first.time, tmp_path / "r1.raw", None, False, quiet)
     assert compare(tmp_path / "r1.raw", at_first).returncode == 0
     restore(store, outcome.manifest.time, tmp_path / "r2.raw", None, False, quiet)
@@ -347,7 +350,7 @@ def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libv
     Recovering at once (deleting the new checkpoint while libvirt still set the job up) crashed
     libvirtd 9.0; the daemon must still answer afterwards.
     """
-    dom, settings, store, _, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 64, 8)
+    dom, settings, store, first, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 64, 8)
 
     def job_dir_made() -> bool:
         entry = journal.read(store.dir) if (store.dir / journal.JOURNAL).is_file() else None
@@ -361,7 +364,7 @@ def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libv
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert conn.getVersion() > 0 and dom.isActive()  # libvirtd survived the recovery
     assert outcome.manifest is not None and outcome.manifest.kind == "incremental"
-    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [outcome.manifest.checkpoint]
+    assert {cp.getName() for cp in dom.listAllCheckpoints()} == {first.checkpoint, outcome.manifest.checkpoint}
     assert not job_dir.exists() and not store.partials()
 
 

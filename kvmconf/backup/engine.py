@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -345,6 +346,28 @@ def _begin(dom: libvirt.virDomain, job: _Job, disks: list[VmDisk], skipped: list
     return parent
 
 
+def _retire_checkpoints(dom: libvirt.virDomain, keep: set[str | None], disks: list[VmDisk], log: Log,
+                        ) -> threading.Thread:
+    """Delete our checkpoints other than `keep`, in a thread, while the job's data streams.
+
+    Each older checkpoint only keeps a bitmap up to date for nobody. Deleting them during the job
+    (libvirt allows that once the job runs) costs the backup no time; after the job, each delete
+    waits for libvirt to finish tearing the job down. The checkpoint this job starts from is kept
+    until the next run: if this run fails, the next one is still an incremental from it.
+    """
+    def retire() -> None:
+        try:
+            for cp in our_checkpoints(dom):
+                if cp.getName() not in keep:
+                    delete_checkpoint(dom, cp.getName(), disks, log)
+        except libvirt.libvirtError as err:  # the next run tries again
+            log(f"{dom.name()}: WARNING: could not delete an older checkpoint: {err.get_error_message()}")
+
+    thread = threading.Thread(target=retire, name="retire-checkpoints", daemon=True)
+    thread.start()
+    return thread
+
+
 def _end_job(dom: libvirt.virDomain) -> None:
     """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end)."""
     with suppress(libvirt.libvirtError):
@@ -389,8 +412,6 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     notes: list[str] = []
     if parent is None:
         notes.append(f"full: {why_full}")
-        for cp in our_checkpoints(dom):  # stale ones only collect dirty blocks from now on
-            delete_checkpoint(dom, cp.getName(), disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
@@ -402,8 +423,10 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     job.make()
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
+    retiring: threading.Thread | None = None
     try:
         parent = _begin(dom, job, disks, skipped, parent, checkpoint, notes, log)
+        retiring = _retire_checkpoints(dom, {checkpoint, parent.checkpoint if parent else None}, disks, log)
         plans = _plan_disks(job, disks, parent)
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
@@ -420,6 +443,8 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
                 from None
         raise BackupFailed(str(err)) from None
     finally:
+        if retiring is not None:
+            retiring.join()
         _end_job(dom)
         shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():
@@ -427,9 +452,6 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     manifest = _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
                        "incremental" if parent else "full", not any(n.startswith("not frozen") for n in notes), notes,
                        started)
-    if parent is not None and parent.checkpoint:
-        # One checkpoint per VM is enough (the next incremental starts at the newest): fewer bitmaps to keep up.
-        delete_checkpoint(dom, parent.checkpoint, disks, log)
     return manifest
 
 
