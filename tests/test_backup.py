@@ -1,8 +1,9 @@
 """Live backups and restores against running VMs in the lab (private libvirtd + QEMU under emulation).
 
-The VMs boot nothing (they sit in the firmware); "guest" writes go through the QEMU monitor's qemu-io
-on the virtio device's BlockBackend, which marks the dirty bitmaps exactly as guest writes do. The
-expected content of each restore point is rebuilt independently: a raw image with the same writes.
+The VMs have no OS (their CPU halts at once, see kvmconf/bare_vm.py); "guest" writes go through the
+QEMU monitor's qemu-io on the virtio device's BlockBackend, which marks the dirty bitmaps exactly as
+guest writes do. The expected content of each restore point is rebuilt independently: a raw image
+with the same writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from kvmconf import lab
+from kvmconf import bare_vm, lab
 from kvmconf.backup import durability, journal
 from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
@@ -81,19 +81,8 @@ def make_disk(path: Path, fmt: str, size_mb: int) -> Path:
 
 
 def define(conn: libvirt.virConnect, name: str, disks: list[tuple[Path, str]], start: bool = True) -> libvirt.virDomain:
-    root = ET.Element("domain", type="qemu")
-    ET.SubElement(root, "name").text = name
-    ET.SubElement(root, "memory", unit="MiB").text = "64"
-    os_ = ET.SubElement(root, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
-    devices = ET.SubElement(root, "devices")
-    for i, (path, fmt) in enumerate(disks):
-        disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type=fmt)
-        ET.SubElement(disk, "source", file=str(path))
-        ET.SubElement(disk, "target", dev=f"vd{'abcd'[i]}", bus="virtio")
-    ET.SubElement(devices, "memballoon", model="none")
-    dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
+    floppy = bare_vm.halting_floppy(disks[0][0].parent / "halt.img")
+    dom = conn.defineXML(bare_vm.domain_xml(name, disks, floppy))
     if start:
         dom.create()
     return dom
