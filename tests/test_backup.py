@@ -156,7 +156,7 @@ def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, t
     # Incrementals hold about what was written (4 MiB, then 3 MiB), nowhere near the 64 MiB disk.
     assert 4 * MIB <= inc1.stored < 6 * MIB, inc1.stored
     assert 3 * MIB <= inc2.stored < 5 * MIB, inc2.stored
-    # The newest checkpoint and the one its job started from; older ones were deleted during a job.
+    # The newest checkpoint and the one its job started from; older ones were deleted before a job.
     assert {cp.getName() for cp in dom.listAllCheckpoints()} == {inc1.checkpoint, inc2.checkpoint}
 
     store = VmStore(settings.dir, name)

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -346,26 +345,18 @@ def _begin(dom: libvirt.virDomain, job: _Job, disks: list[VmDisk], skipped: list
     return parent
 
 
-def _retire_checkpoints(dom: libvirt.virDomain, keep: set[str | None], disks: list[VmDisk], log: Log,
-                        ) -> threading.Thread:
-    """Delete our checkpoints other than `keep`, in a thread, while the job's data streams.
+def _retire_checkpoints(dom: libvirt.virDomain, parent: Manifest | None, disks: list[VmDisk], log: Log) -> None:
+    """Delete our checkpoints other than the one this run starts from: they keep bitmaps up to date for nobody.
 
-    Each older checkpoint only keeps a bitmap up to date for nobody. Deleting them during the job
-    (libvirt allows that once the job runs) costs the backup no time; after the job, each delete
-    waits for libvirt to finish tearing the job down. The checkpoint this job starts from is kept
-    until the next run: if this run fails, the next one is still an incremental from it.
+    Done before the job: a delete takes ~2.5 ms then, while during a job QEMU first drains the reads
+    in flight (stalls of up to 30 ms measured) and after it libvirt makes the delete wait for the job's
+    teardown. The parent's checkpoint is kept until the next run, so a failed run is still followed
+    by an incremental.
     """
-    def retire() -> None:
-        try:
-            for cp in our_checkpoints(dom):
-                if cp.getName() not in keep:
-                    delete_checkpoint(dom, cp.getName(), disks, log)
-        except libvirt.libvirtError as err:  # the next run tries again
-            log(f"{dom.name()}: WARNING: could not delete an older checkpoint: {err.get_error_message()}")
-
-    thread = threading.Thread(target=retire, name="retire-checkpoints", daemon=True)
-    thread.start()
-    return thread
+    keep = None if parent is None else parent.checkpoint
+    for cp in our_checkpoints(dom):
+        if cp.getName() != keep:
+            delete_checkpoint(dom, cp.getName(), disks, log)
 
 
 def _end_job(dom: libvirt.virDomain) -> None:
@@ -412,6 +403,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     notes: list[str] = []
     if parent is None:
         notes.append(f"full: {why_full}")
+    _retire_checkpoints(dom, parent, disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
@@ -423,10 +415,8 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     job.make()
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
-    retiring: threading.Thread | None = None
     try:
         parent = _begin(dom, job, disks, skipped, parent, checkpoint, notes, log)
-        retiring = _retire_checkpoints(dom, {checkpoint, parent.checkpoint if parent else None}, disks, log)
         plans = _plan_disks(job, disks, parent)
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
@@ -443,8 +433,6 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
                 from None
         raise BackupFailed(str(err)) from None
     finally:
-        if retiring is not None:
-            retiring.join()
         _end_job(dom)
         shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():

@@ -31,12 +31,16 @@ import blake3
 from kvmconf.backup import qcow2
 from kvmconf.backup.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
 
-# Per NBD read and per write, a multiple of the cluster. For a 1 GiB full, 1-16 MiB with 16-32 in flight
-# were alike within this machine's noise; a 20 MiB incremental copied in 23-31 ms with 1 MiB reads
-# against 30-36 ms with 2 MiB (the first data arrives sooner) and 37-46 ms with 4 MiB.
+# What is hashed and written at a time: a multiple of the cluster, filled by several NBD reads.
 CHUNK = 1024 * 1024
-DEPTH = 16  # reads in flight: 16 MiB, enough to keep the server and the disk busy
-_BUFFERS = DEPTH + 4  # in flight + being hashed/written + queued between the stages
+# Per NBD read. QEMU's NBD server allocates a buffer per read: at 1 MiB and more it gets fresh memory
+# each time, and faulting that in cost QEMU 0.9-1.0 CPU-s per GiB of a full, against 0.3-0.5 at
+# 512 KiB (0.4-0.6 at 256 KiB), on a machine whose two CPUs QEMU and this process share: a 1 GiB full
+# took 0.69-1.09 s with 512 KiB reads, 1.08-1.66 s with 1 MiB. (A 20 MiB incremental was also quicker
+# with 1 MiB chunks than with 2-4 MiB: the first data arrives sooner.)
+READ = 512 * 1024
+IN_FLIGHT = 8 * 1024 * 1024  # keeps the server and the disk busy; 16-32 MiB were no faster (5 runs each)
+_BUFFERS = IN_FLIGHT // CHUNK + 4  # in flight + being hashed/written + queued between the stages
 _PROBE = bytes(16)
 _ZERO_CLUSTER = bytes(qcow2.CLUSTER_SIZE)
 
@@ -86,7 +90,8 @@ class _Pipeline:
         self.client = client
         self.fd = fd
         self.progress = progress
-        self.chunk = min(CHUNK, client.max_request) // qcow2.CLUSTER_SIZE * qcow2.CLUSTER_SIZE
+        self.chunk = CHUNK
+        self.read = min(READ, client.max_request)
         # NBD reads land in these buffers directly; they go round between the two stages.
         self.free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(_BUFFERS):
@@ -137,7 +142,7 @@ class _Pipeline:
 
     def _reads(self, layout: qcow2.Layout) -> Iterator[tuple[int, int, mmap.mmap]]:
         """(host offset, length, buffer) of every data chunk, in file order, as the reads complete."""
-        pieces: deque[tuple[int, int, mmap.mmap]] = deque()  # requested, not yet complete
+        pieces: deque[tuple[int, int, mmap.mmap, int]] = deque()  # requested, not yet complete; its reads
 
         def requests() -> Iterator[tuple[int, memoryview]]:
             host = layout.data_offset
@@ -145,17 +150,26 @@ class _Pipeline:
                 for at in range(0, length, self.chunk):
                     n = min(self.chunk, length - at)
                     # Runs are whole clusters: the last one may pass a virtual size that is not a cluster
-                    # multiple. Its tail is not on the export; it must read as zeros in the file.
+                    # multiple. Its tail is not on the export; it must read as zeros in the file. (Every
+                    # chunk starts below the size, so each has at least one read.)
                     readable = min(n, self.client.size - (guest + at))
                     buffer = self._take()
                     if readable < n:
                         buffer[readable:n] = bytes(n - readable)
-                    pieces.append((host + at, n, buffer))
-                    yield guest + at, memoryview(buffer)[:readable]
+                    view = memoryview(buffer)
+                    starts = range(0, readable, self.read)
+                    pieces.append((host + at, n, buffer, len(starts)))
+                    for start in starts:
+                        yield guest + at + start, view[start:min(start + self.read, readable)]
                 host += length
 
-        for _ in self.client.read_many(requests(), DEPTH):
-            yield pieces.popleft()
+        left = 0  # reads of the oldest chunk still to complete (read_many completes them in order)
+        for _ in self.client.read_many(requests(), IN_FLIGHT // self.read):
+            left = left or pieces[0][3]
+            left -= 1
+            if left == 0:
+                host, length, buffer, _ = pieces.popleft()
+                yield host, length, buffer
 
     def _hash_and_write(self) -> None:
         """The worker: hash each buffer in file order, then write it. An error stops it and reaches run()."""
