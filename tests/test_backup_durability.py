@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import blake3
 import pytest
 
 from kvmconf.backup import durability, journal
-from kvmconf.backup.store import DiskFile, Manifest, VmStore, write_point_files
+from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
 
 OTHER_BOOT = "00000000-0000-0000-0000-000000000000"
 
@@ -20,7 +19,7 @@ def add_point(store: VmStore, time: str, chain: str, parent: str | None, content
     (point / "vda.qcow2").write_bytes(content)
     m = Manifest("vm", time, "full" if parent is None else "incremental", chain, parent, None, False, [],
                  [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 20, len(content),
-                           blake3.blake3(content).hexdigest(), None)], 1.0,
+                           checksum_file(point / "vda.qcow2"), None)], 1.0,
                  boot_id=durability.boot_id() if boot is None else boot)
     write_point_files(point, m)
     return m
@@ -50,12 +49,12 @@ def test_points_of_this_boot_are_flushed_only_when_asked(tmp_path: Path, monkeyp
     assert through(store) is None and flushed == []  # nothing depends on their being on disk yet: no flush paid
     assert durability.settle(store, print) == []
     points = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z"]
-    assert flushed == [f"{p}/{name}" for p in points for name in ("vda.qcow2", "B3SUMS")]
+    assert flushed == [f"{p}/{name}" for p in points for name in ("vda.qcow2", "XXH128SUMS")]
     assert through(store) == "20260103T000000Z" and len(times(store)) == 3
     add_point(store, "20260104T000000Z", "20260104T000000Z", None, b"full2")
     flushed.clear()
     durability.settle(store, print)
-    assert flushed == ["20260104T000000Z/vda.qcow2", "20260104T000000Z/B3SUMS"]  # only what is new
+    assert flushed == ["20260104T000000Z/vda.qcow2", "20260104T000000Z/XXH128SUMS"]  # only what is new
     assert through(store) == "20260104T000000Z"
 
 

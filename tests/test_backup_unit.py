@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import blake3
 import pytest
 
 from generators.crontab import GRACE, max_interval
@@ -16,7 +18,8 @@ from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, wr
 
 def point(time: str, chain: str, parent: str | None = None) -> Manifest:
     return Manifest("vm", time, "full" if parent is None else "incremental", chain, parent, f"kvmconf-{time}", False,
-                    [], [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 30, 1 << 20, "0" * 64, None)], 1.0)
+                    [], [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 30, 1 << 20, "xxh128:" + "0" * 32,
+                                  None)], 1.0)
 
 
 def test_retention_deletes_whole_chains_only() -> None:
@@ -39,7 +42,24 @@ def test_store_lists_only_complete_points_and_follows_chains(tmp_path: Path) -> 
     assert [m.time for m in store.points()] == ["20260101T000000Z", "20260102T000000Z"]
     assert [m.time for m in store.chain_of(store.points()[-1])] == ["20260101T000000Z", "20260102T000000Z"]
     assert store.verify(store.points()[0]) == [f"{store.dir}/20260101T000000Z/vda.qcow2: missing"]
-    assert (store.point_dir("20260101T000000Z") / "B3SUMS").read_text() == f"{'0' * 64}  vda.qcow2\n"
+    assert (store.point_dir("20260101T000000Z") / "XXH128SUMS").read_text() == f"{'0' * 32}  vda.qcow2\n"
+
+
+def test_points_written_with_blake3_still_load_and_verify(tmp_path: Path) -> None:
+    """Before 2026-11-22 manifests recorded a bare BLAKE3 digest under "blake3", and the point had B3SUMS."""
+    store = VmStore(tmp_path, "vm")
+    point_dir = store.point_dir("20260101T000000Z")
+    point_dir.mkdir(parents=True)
+    (point_dir / "vda.qcow2").write_bytes(b"backup")
+    legacy = json.loads(point("20260101T000000Z", "20260101T000000Z").to_json())
+    del legacy["disks"][0]["checksum"]
+    legacy["disks"][0]["blake3"] = blake3.blake3(b"backup").hexdigest()
+    (point_dir / "manifest.json").write_text(json.dumps(legacy))
+    [loaded] = store.points()
+    assert loaded.disks[0].algorithm == "blake3" and loaded.sums_file == "B3SUMS"
+    assert store.verify(loaded) == []
+    (point_dir / "vda.qcow2").write_bytes(b"bitrot")
+    assert store.verify(loaded) == [f"{point_dir}/vda.qcow2: checksum mismatch"]
 
 
 def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmconf.backup import journal
-from kvmconf.backup.store import SUMS, Manifest, VmStore, fsync_path
+from kvmconf.backup.store import Manifest, VmStore, fsync_path
 
 DURABLE = "durable.json"  # {"through": the newest point known to be on disk}
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -71,6 +71,6 @@ def _verify(store: VmStore, points: list[Manifest], suspects: list[Manifest]) ->
 
 def _fsync_files(store: VmStore, manifest: Manifest) -> None:
     point = store.point_dir(manifest.time)
-    for name in [d.file for d in manifest.disks] + [SUMS]:
+    for name in [d.file for d in manifest.disks] + [manifest.sums_file]:
         if (point / name).is_file():
             fsync_path(point / name)

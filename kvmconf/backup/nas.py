@@ -43,7 +43,7 @@ def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
         # chains next): a crash in between leaves only a partial copy.
         for disk in manifest.disks:
             fsync_path(partial / disk.file)
-        problems = [d.file for d in manifest.disks if checksum_file(partial / d.file) != d.blake3]
+        problems = [d.file for d in manifest.disks if checksum_file(partial / d.file, d.algorithm) != d.checksum]
         if problems:
             shutil.rmtree(partial, ignore_errors=True)
             raise NasFailed(f"{local.vm}: the NAS copy of {manifest.time} does not verify (checksum mismatch:"

@@ -3,7 +3,7 @@
 What to store comes from the export's extents: a full stores what ``base:allocation`` says holds
 data; an incremental stores the dirty blocks (the job's ``qemu:dirty-bitmap:backup-<dev>``) that hold
 data and marks the dirty blocks that now read as zeros. ``qcow2.plan`` lays the file out before a
-byte is written, so the file is written front to back and its BLAKE3 checksum is computed from the
+byte is written, so the file is written front to back and its checksum (store.CHECKSUM) is computed from the
 same buffers: the backup is never read a second time.
 
 Two stages overlap: the caller's thread keeps reads in flight on the export, a worker thread hashes
@@ -26,10 +26,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import blake3
-
 from kvmconf.backup import qcow2
 from kvmconf.backup.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
+from kvmconf.backup.store import checksum_text, new_hash
 
 # What is hashed and written at a time: a multiple of the cluster, filled by several NBD reads.
 CHUNK = 1024 * 1024
@@ -76,7 +75,7 @@ def intersect(dirty: list[Extent], allocation: list[Extent]) -> Iterator[Extent]
 
 
 def copy(client: NbdClient, layout: qcow2.Layout, target: Path, progress: Progress = lambda _n: None) -> str:
-    """Write `layout`'s file at `target` (a new file) from the export, front to back; its BLAKE3 (hex)."""
+    """Write `layout`'s file at `target` (a new file) from the export, front to back; its checksum (DiskFile's)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, layout.file_size)  # sparse: clusters of zeros are simply never written
@@ -97,7 +96,7 @@ class _Pipeline:
         for _ in range(_BUFFERS):
             self.free.put(mmap.mmap(-1, self.chunk))
         self.filled: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
-        self.hash = blake3.blake3()
+        self.hash = new_hash()
         self.failed: BaseException | None = None  # the worker's error
         self.abandoned = False  # the reads failed: the worker skips what is still queued
 
@@ -122,7 +121,7 @@ class _Pipeline:
             worker.join()
         if self.failed is not None:
             raise self.failed
-        return str(self.hash.hexdigest())
+        return checksum_text(self.hash)
 
     def _metadata(self, metadata: bytes) -> None:
         for at in range(0, len(metadata), self.chunk):
@@ -177,7 +176,7 @@ class _Pipeline:
             host, length, buffer = item
             try:
                 if self.failed is None and not self.abandoned:
-                    self.hash.update(memoryview(buffer)[:length])  # BLAKE3 releases the GIL: the reads go on
+                    self.hash.update(memoryview(buffer)[:length])  # releases the GIL: the reads go on
                     self._write(host, length, buffer)
             except BaseException as err:  # handed to the caller's thread, which raises it
                 self.failed = err
