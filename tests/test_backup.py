@@ -228,6 +228,23 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     assert not kept.exists()
 
 
+def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """Scratch files must have QEMU's size of each disk, read from the qcow2 header: a resize shows at once."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
+    expected = Expected(tmp_path / "expected.raw", 32)
+    guest_write(dom, 0, 0x11, "0", "4M", expected)
+    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    ok(backup_vm(dom, settings, 5, quiet))
+    dom.blockResize("vda", 48 * MIB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    os.truncate(expected.path, 48 * MIB)
+    guest_write(dom, 0, 0x22, "40M", "2M", expected)
+    second = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert second is not None and second.kind == "incremental" and second.disks[0].virtual_size == 48 * MIB
+    out = restore(VmStore(settings.dir, name), second.time, tmp_path / "restored.raw", None, False, quiet)
+    result = compare(out[0], expected.path)
+    assert result.returncode == 0, result.stdout
+
+
 def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
     settings = Settings(tmp_path / "backups", keep=2, full_every=1, nas_dir=tmp_path / "nas")

@@ -291,7 +291,7 @@ class _Job:
     @classmethod
     def plan(cls, dom: libvirt.virDomain, disks: list[VmDisk], stamp: str) -> _Job:
         return cls(Path(JOB_DIR_PARENT) / f"kvmconf-backup-{os.getpid()}-{stamp}",
-                   {d.dev: dom.blockInfo(d.dev)[0] for d in disks}, qemu_owner(dom.XMLDesc(0)))
+                   {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(dom.XMLDesc(0)))
 
     @property
     def socket(self) -> Path:
@@ -314,6 +314,17 @@ class _Job:
     def _chown(self, path: Path) -> None:
         if self.owner is not None:
             os.chown(path, *self.owner)
+
+
+def _virtual_size(dom: libvirt.virDomain, disk: VmDisk) -> int:
+    """QEMU's size of a disk (a scratch file must match it): a qcow2's from its header, read in microseconds;
+    others from libvirt's blockInfo, which asks QEMU twice (2-4 ms per disk, of a ~90 ms incremental)."""
+    if disk.format == "qcow2":
+        with suppress(OSError), open(disk.path, "rb") as image:
+            size = qcow2.header_size(image.read(32))
+            if size is not None:
+                return size
+    return int(dom.blockInfo(disk.dev)[0])
 
 
 def _begin(dom: libvirt.virDomain, job: _Job, disks: list[VmDisk], skipped: list[str], parent: Manifest | None,

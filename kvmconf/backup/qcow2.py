@@ -95,6 +95,18 @@ class Layout:
         return size
 
 
+def header_size(header: bytes) -> int | None:
+    """The virtual size in a qcow2 header (its first 32 bytes), None if `header` is not one.
+
+    It is QEMU's size of the disk: QEMU takes it from here on open, and a resize rewrites it (sizes
+    are always whole sectors, so nothing is dropped).
+    """
+    if len(header) < _SIZE_FIELD + 8 or header[:4] != MAGIC:
+        return None
+    size: int = struct.unpack_from(">Q", header, _SIZE_FIELD)[0]
+    return size
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
