@@ -16,14 +16,7 @@ from invoke import Context, Exit
 from kvmconf import inputs
 from kvmconf.cli import user_errors
 from kvmconf.deploy import Options, RunReport, run_cluster
-from kvmconf.remote import DEFAULT_SSH_CONFIG
-
-
-def _ssh_config() -> Path:
-    path = Path(os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
-    if not path.is_file():
-        raise Exit(f"kvmconf: {path} does not exist: run `make` first (it generates the ssh config)", 1)
-    return path
+from kvmconf.remote import generated_ssh_config
 
 
 def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
@@ -31,7 +24,7 @@ def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
         cluster = inputs.load()
         # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
         recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
-        report = run_cluster(cluster, vm, full, Options(_ssh_config(), max(1, parallel), dry_run, recipes))
+        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), max(1, parallel), dry_run, recipes))
     _print(report, dry_run)
 
 

@@ -242,19 +242,14 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
                              "accept-changed": "replace recorded keys that changed (after checking why!)"})
 def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
     """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""
-    import os
-
     from kvmconf.deploy import select as select_vms
     from kvmconf.keyscan import keyscan as scan_keys
-    from kvmconf.remote import DEFAULT_SSH_CONFIG
+    from kvmconf.remote import generated_ssh_config
 
     with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
         names = [v.name for v in select_vms(cluster, vm)]
-        path = Path(ssh_config or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
-        if not path.is_file():
-            raise Exit(f"kvmconf: {path} does not exist: run `make` first (it generates the ssh config)", 1)
-        for message in scan_keys(names, path, accept_changed):
+        for message in scan_keys(names, generated_ssh_config(ssh_config), accept_changed):
             print(message)
 
 

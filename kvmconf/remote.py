@@ -22,6 +22,14 @@ from kvmconf.errors import KvmconfError
 DEFAULT_SSH_CONFIG = Path("build/ssh/config")
 
 
+def generated_ssh_config(explicit: str = "") -> Path:
+    """The ssh config `make` generates: `explicit` if given, else $KVMCONF_SSH_CONFIG, else DEFAULT_SSH_CONFIG."""
+    path = Path(explicit or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
+    if not path.is_file():
+        raise KvmconfError(f"{path} does not exist: run `make` first (it generates the ssh config)")
+    return path
+
+
 class RemoteError(KvmconfError):
     """A VM could not be reached, or a command on it failed."""
 

@@ -10,6 +10,8 @@ import pytest
 
 from generators import ssh_config, ssh_include
 from generators.model import Cluster
+from kvmconf.errors import KvmconfError
+from kvmconf.remote import generated_ssh_config
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
 
@@ -154,3 +156,19 @@ def test_ssh_applies_the_included_config_before_the_users_own(example: Cluster, 
     assert web["userknownhostsfile"].endswith("/.ssh/kvmconf_known_hosts")
     other = effective(ssh, config, "elsewhere.example.com")
     assert (other["hostname"], other["user"]) == ("elsewhere.example.com", "bob")
+
+
+def test_tasks_find_the_generated_config_or_say_to_run_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing, config = tmp_path / "missing", tmp_path / "config"
+    config.write_text("")
+    monkeypatch.setenv("KVMCONF_SSH_CONFIG", str(missing))
+    with pytest.raises(KvmconfError) as err:
+        generated_ssh_config()
+    assert str(err.value) == f"{missing} does not exist: run `make` first (it generates the ssh config)"
+    assert generated_ssh_config(str(config)) == config  # --ssh-config wins over the environment
+    monkeypatch.setenv("KVMCONF_SSH_CONFIG", str(config))
+    assert generated_ssh_config() == config
+    monkeypatch.delenv("KVMCONF_SSH_CONFIG")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KvmconfError, match=r"^build/ssh/config does not exist"):
+        generated_ssh_config()
