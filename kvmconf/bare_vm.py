@@ -29,7 +29,7 @@ def halting_floppy(path: Path) -> Path:
 
 
 def domain_xml(name: str, disks: Sequence[tuple[Path, str]], floppy: Path, memory_mib: int = 64,
-               driver: Mapping[str, str] | None = None) -> str:
+               driver: Mapping[str, str] | None = None, agent_channel: bool = False) -> str:
     """A VM definition: `disks` ((path, format) as vda, vdb, ...) with `driver` options on each (default: as
     kvmconf's own domain XML attaches a file disk, templates/domain.xml.j2), booting `floppy` (halting_floppy)."""
     root = ET.Element("domain", type="qemu")
@@ -49,5 +49,8 @@ def domain_xml(name: str, disks: Sequence[tuple[Path, str]], floppy: Path, memor
     ET.SubElement(boot, "source", file=str(floppy))
     ET.SubElement(boot, "target", dev="fda", bus="fdc")
     ET.SubElement(boot, "readonly")
+    if agent_channel:  # as kvmconf's domains have it; with no OS, no agent ever answers on it
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(root, encoding="unicode")

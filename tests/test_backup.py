@@ -80,9 +80,10 @@ def make_disk(path: Path, fmt: str, size_mb: int) -> Path:
     return path
 
 
-def define(conn: libvirt.virConnect, name: str, disks: list[tuple[Path, str]], start: bool = True) -> libvirt.virDomain:
+def define(conn: libvirt.virConnect, name: str, disks: list[tuple[Path, str]], start: bool = True,
+           agent_channel: bool = False) -> libvirt.virDomain:
     floppy = bare_vm.halting_floppy(disks[0][0].parent / "halt.img")
-    dom = conn.defineXML(bare_vm.domain_xml(name, disks, floppy))
+    dom = conn.defineXML(bare_vm.domain_xml(name, disks, floppy, agent_channel=agent_channel))
     if start:
         dom.create()
     return dom
@@ -226,6 +227,15 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     dom.create()
     ok(backup_vm(dom, settings, 3, quiet))  # running now: the replaced disk goes
     assert not kept.exists()
+
+
+def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libvirt.virConnect, tmp_path: Path,
+                                                                      name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)
+    outcome = ok(backup_vm(dom, Settings(tmp_path / "backups", keep=5, full_every=5), 5, quiet))
+    assert outcome.manifest is not None and not outcome.manifest.frozen
+    [note] = [n for n in outcome.manifest.notes if n.startswith("not frozen (crash-consistent): ")]
+    assert "guest agent" in note and "no guest agent channel" not in note, note  # libvirt's own reason
 
 
 def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
@@ -438,7 +448,8 @@ def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, co
     result = invoke("backup", "--all")  # web only: db and cloud are not defined in this lab
     assert result.returncode == 0, result.stderr
     assert "web: full backup " in result.stdout and "db: not defined on kvm0: skipped" in result.stdout
-    assert "not frozen (crash-consistent): " in result.stdout  # no guest agent: said, not hidden
+    # No agent channel: said, not hidden.
+    assert "not frozen (crash-consistent): the VM has no guest agent channel" in result.stdout
     failed = invoke("backup", "--vm", "web", "--vm", "db")
     assert failed.returncode == 1
     assert "web: incremental backup " in failed.stdout and "db: BACKUP FAILED: not defined on kvm0" in failed.stdout

@@ -12,7 +12,7 @@ import pytest
 
 from generators.crontab import GRACE, max_interval
 from kvmconf.backup import journal, report
-from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks
+from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks, has_guest_agent
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
 
 
@@ -60,6 +60,13 @@ def test_points_written_with_blake3_still_load_and_verify(tmp_path: Path) -> Non
     assert store.verify(loaded) == []
     (point_dir / "vda.qcow2").write_bytes(b"bitrot")
     assert store.verify(loaded) == [f"{point_dir}/vda.qcow2: checksum mismatch"]
+
+
+def test_guest_agent_channel_is_found_by_its_name() -> None:
+    channel = "<channel type='unix'><target type='virtio' name='{}'/></channel>"
+    assert has_guest_agent(f"<domain><devices>{channel.format('org.qemu.guest_agent.0')}</devices></domain>")
+    assert not has_guest_agent(f"<domain><devices>{channel.format('org.example.other')}</devices></domain>")
+    assert not has_guest_agent("<domain><devices/></domain>")
 
 
 def test_backup_xml_raw_disk_full_and_no_checkpoint() -> None:

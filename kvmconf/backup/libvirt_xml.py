@@ -74,6 +74,11 @@ def dirty_context(disk: VmDisk) -> str:
     return f"qemu:dirty-bitmap:backup-{disk.dev}"
 
 
+def has_guest_agent(xml: str) -> bool:
+    """Whether the domain has the guest agent's channel (without it a freeze cannot even be asked for)."""
+    return ET.fromstring(xml).find("./devices/channel/target[@name='org.qemu.guest_agent.0']") is not None
+
+
 def qemu_owner(xml: str) -> tuple[int, int] | None:
     """The uid and gid QEMU runs as (the live XML's DAC label, e.g. '+64055:+994'), None if not said."""
     for seclabel in ET.fromstring(xml).iterfind("./seclabel[@model='dac']"):
