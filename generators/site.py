@@ -388,6 +388,15 @@ def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
     raise ConfigError([Problem(location, f"not valid TOML: {message}")])
 
 
+def _default_name(top: _Reader, key: str, names: dict[str, Any], noun: str) -> str:
+    """The table entry VMs get when they name none: `key` if given (it must exist, "" included), else the first."""
+    value = top.get(key, str, next(iter(names), ""))
+    if isinstance(value, str) and value not in names and (value or key in top.data):
+        expected = ", ".join(sorted(names)) or "none defined"
+        top.problem(key, f"{shown(value)} is not {noun} (expected one of: {expected})")
+    return value or ""
+
+
 def load_site_located(path: Path) -> tuple[Site, Locate]:
     """load_site, plus where each key is, for later problems about site.toml (e.g. provision.vm)."""
     data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
@@ -408,14 +417,8 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...")
     oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...")
 
-    default_network = top.get("default_network", str, next(iter(networks), ""))
-    if default_network and default_network not in networks:
-        top.problem("default_network", f"{shown(default_network)} is not a network (expected one of:"
-                    f" {', '.join(sorted(networks)) or 'none defined'})")
-    default_os = top.get("default_os", str, next(iter(oses), ""))
-    if default_os and default_os not in oses:
-        top.problem("default_os", f"{shown(default_os)} is not an OS (expected one of:"
-                    f" {', '.join(sorted(oses)) or 'none defined'})")
+    default_network = _default_name(top, "default_network", networks, "a network")
+    default_os = _default_name(top, "default_os", oses, "an OS")
 
     p = top.sub("provision")
     provision_values = dict(

@@ -117,6 +117,10 @@ WRONG_VALUES = [
      ["4:1: key 'domain_type': 'xen' is not a domain type (expected kvm or qemu)"]),
     ('default_network = "lan"', 'default_network = "wan"',
      ["8:1: key 'default_network': 'wan' is not a network (expected one of: dmz, lan)"]),
+    ('default_network = "lan"', 'default_network = ""',
+     ["8:1: key 'default_network': '' is not a network (expected one of: dmz, lan)"]),
+    ('default_os = "bookworm"', 'default_os = ""',
+     ["9:1: key 'default_os': '' is not an OS (expected one of: bookworm)"]),
     ('admin_user = "admin"', 'admin_user = "Admin"',
      ["12:1: key 'accounts.admin_user': 'Admin' is not a user name (expected up to 32 lowercase letters, digits, '_',"
       " '-', not starting with a digit or '-')"]),
