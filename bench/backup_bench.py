@@ -180,7 +180,7 @@ def main() -> int:
             sizes.update({"export: nbdcopy to null:": 0, "export: qemu-img convert": du(via_nbd)})
             via_nbd.unlink()
             # Each round is a new chain: a fresh directory makes our next backup a full.
-            settings = Settings(work / f"ours{r}", keep=5, full_every=5)
+            settings = Settings(work / f"ours{r}", full_every=5)
             ours_dir, vnb_dir = settings.dir, work / f"vnb{r}"
             rows["full: ours"].append(timed(partial(ours, settings), images))
             rows["full: virtnbdbackup -l full"].append(timed(partial(vnb, the_lab.uri, other.name(), "full", vnb_dir,

@@ -135,7 +135,7 @@ def name() -> str:
 def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 64)
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5, nas_dir=tmp_path / "nas")
+    settings = Settings(tmp_path / "backups", full_every=5, nas_dir=tmp_path / "nas")
     snapshots = []
 
     full = ok(backup_vm(dom, settings, 5, quiet)).manifest
@@ -188,7 +188,7 @@ def test_qcow2_and_raw_disk_in_one_job(conn: libvirt.virConnect, tmp_path: Path,
     dom = define(conn, name, [(make_disk(tmp_path / "a.qcow2", "qcow2", 48), "qcow2"),
                               (make_disk(tmp_path / "b.raw", "raw", 32), "raw")])
     exp_a, exp_b = Expected(tmp_path / "ea.raw", 48), Expected(tmp_path / "eb.raw", 32)
-    settings = Settings(tmp_path / "backups", keep=3, full_every=3)
+    settings = Settings(tmp_path / "backups", full_every=3)
     guest_write(dom, 1, 0x11, "0", "3M", exp_b)
     full = ok(backup_vm(dom, settings, 3, quiet)).manifest
     guest_write(dom, 0, 0x22, "8M", "2M", exp_a)
@@ -208,7 +208,7 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 32)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 2M 3M", str(disk)], check=True, capture_output=True)
     dom = define(conn, name, [(disk, "qcow2")], start=False)
-    settings = Settings(tmp_path / "backups", keep=3, full_every=3)
+    settings = Settings(tmp_path / "backups", full_every=3)
     point = ok(backup_vm(dom, settings, 3, quiet)).manifest
     assert point is not None and point.kind == "offline" and point.checkpoint is None
     assert not dom.isActive()
@@ -232,7 +232,7 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
 def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libvirt.virConnect, tmp_path: Path,
                                                                       name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)
-    outcome = ok(backup_vm(dom, Settings(tmp_path / "backups", keep=5, full_every=5), 5, quiet))
+    outcome = ok(backup_vm(dom, Settings(tmp_path / "backups", full_every=5), 5, quiet))
     assert outcome.manifest is not None and not outcome.manifest.frozen
     [note] = [n for n in outcome.manifest.notes if n.startswith("not frozen (crash-consistent): ")]
     assert "guest agent" in note and "no guest agent channel" not in note, note  # libvirt's own reason
@@ -243,7 +243,7 @@ def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, na
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 32)
     guest_write(dom, 0, 0x11, "0", "4M", expected)
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    settings = Settings(tmp_path / "backups", full_every=5)
     ok(backup_vm(dom, settings, 5, quiet))
     dom.blockResize("vda", 48 * MIB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
     os.truncate(expected.path, 48 * MIB)
@@ -257,7 +257,7 @@ def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, na
 
 def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
-    settings = Settings(tmp_path / "backups", keep=2, full_every=1, nas_dir=tmp_path / "nas")
+    settings = Settings(tmp_path / "backups", full_every=1, nas_dir=tmp_path / "nas")
     made = []
     for i in range(5):
         guest_write(dom, 0, 0x10 + i, f"{i}M", "1M")
@@ -282,7 +282,7 @@ def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Pope
         "import sys, libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.engine import Settings, backup_vm\n"
         f"dom = libvirt.open({uri!r}).lookupByName({name!r})\n"
-        f"o = backup_vm(dom, Settings(Path({str(settings.dir)!r}), 5, 5), 5)\n"
+        f"o = backup_vm(dom, Settings(Path({str(settings.dir)!r}), 5), 5)\n"
         "sys.exit(0 if o.ok else 1)\n")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -305,7 +305,7 @@ def _wait_for(predicate: object, timeout: float = 300.0) -> None:  # generous: a
 def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 512)
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    settings = Settings(tmp_path / "backups", full_every=5)
     store = VmStore(settings.dir, name)
     guest_write(dom, 0, 0x21, "0", "8M", expected)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
@@ -336,7 +336,7 @@ def _second_backup_in_child(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path
                                                       subprocess.Popen[str]]:
     """A VM with one backup, `written_mb` written since, and a second backup running in a child process."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", disk_mb), "qcow2")])
-    settings = Settings(tmp_path / "backups", keep=5, full_every=5)
+    settings = Settings(tmp_path / "backups", full_every=5)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
     assert first is not None
     guest_write(dom, 0, 0x42, "0", f"{written_mb}M")
@@ -416,7 +416,7 @@ def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, con
     small = small_fs
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
     guest_write(dom, 0, 0x5A, "0", "40M")
-    settings = Settings(small / "backups", keep=5, full_every=5)
+    settings = Settings(small / "backups", full_every=5)
     outcome = backup_vm(dom, settings, 5, quiet)
     assert not outcome.ok
     # The files are sized before a byte is written: refused up front, with what it needs and has.

@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 
 def settings(cluster: Cluster, progress: bool) -> Settings:
     b = cluster.site.backup
-    return Settings(Path(b.dir), b.keep, b.full_every, Path(b.nas_dir) if b.nas_dir else None, progress)
+    return Settings(Path(b.dir), b.full_every, Path(b.nas_dir) if b.nas_dir else None, progress)
 
 
 def keep_of(cluster: Cluster, vm: Vm) -> int:

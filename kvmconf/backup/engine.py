@@ -66,8 +66,9 @@ class BackupFailed(KvmconfError):
 
 @dataclass(frozen=True)
 class Settings:
+    """What every VM's backup shares ([backup] of site.toml); `keep` is per VM, an argument of backup_vm."""
+
     dir: Path
-    keep: int
     full_every: int  # incrementals after a full before the next full
     nas_dir: Path | None = None
     progress: bool = False  # bytes done/total on stderr (when run on a terminal)
