@@ -23,6 +23,7 @@ from fabric import Connection
 
 from generators.model import Cluster, Vm
 from kvmconf.errors import KvmconfError
+from kvmconf.plan import select as select_named
 from kvmconf.recipes import FileSpec, Recipe, recipe_for
 from kvmconf.remote import command, connect, resolve, run, script
 
@@ -124,10 +125,8 @@ def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
 
 
 def select(cluster: Cluster, names: Sequence[str]) -> list[Vm]:
-    unknown = sorted(set(names) - {vm.name for vm in cluster.vms})
-    if unknown:
-        raise KvmconfError(f"{', '.join(unknown)}: not a VM of {cluster.source}")
-    return [vm for vm in cluster.vms if not names or vm.name in names]
+    """The VMs named, or every VM when none is."""
+    return select_named(cluster, names, all_vms=not names)
 
 
 def _check(result_ok: bool, step: str, message: str) -> None:

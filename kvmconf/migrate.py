@@ -31,8 +31,8 @@ from generators.model import Cluster, DiskKind, Vm
 from generators.paths import disk_path, seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
-from kvmconf.errors import KvmconfError, UnknownVm
-from kvmconf.plan import Artifacts
+from kvmconf.errors import KvmconfError
+from kvmconf.plan import Artifacts, find_vm
 from kvmconf.runner import Runner
 
 Log = Callable[[str], None]
@@ -133,10 +133,7 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
 def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: bool = False,
             shutdown_timeout: float = 120.0, log: Log = print, cold: bool = False) -> Vm:
     """Move VM ``name`` from its host in cluster.conf to host ``to``; returns the VM as it is now placed."""
-    try:
-        vm = cluster.vm(name)
-    except KeyError:
-        raise UnknownVm(f"{name!r} is not a VM of {cluster.source}") from None
+    vm = find_vm(cluster, name)
     if to not in cluster.site.hosts:
         raise KvmconfError(f"{to!r} is not a host of {cluster.site.path} (expected one of:"
                            f" {', '.join(sorted(cluster.site.hosts))})")

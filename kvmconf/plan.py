@@ -119,14 +119,20 @@ def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
         return list(cluster.vms)
     if not names:
         raise KvmconfError("name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf")
-    known = {vm.name for vm in cluster.vms}
     for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}")
+        find_vm(cluster, name)
     wanted = set(names)
     return [vm for vm in cluster.vms if vm.name in wanted]
+
+
+def find_vm(cluster: Cluster, name: str) -> Vm:
+    """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones."""
+    for vm in cluster.vms:
+        if vm.name == name:
+            return vm
+    close = difflib.get_close_matches(name, [vm.name for vm in cluster.vms], n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}")
 
 
 def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, artifacts: Artifacts,

@@ -148,7 +148,7 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     table = invoke("backup-status")
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")
-    assert unknown.returncode == 1 and "nosuch: not a VM of cluster.conf" in unknown.stderr, unknown.stderr
+    assert (unknown.returncode, unknown.stderr) == (1, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf\n")
 
 
 def test_progress_shows_bytes_done_and_total_per_disk(capsys: pytest.CaptureFixture[str]) -> None:

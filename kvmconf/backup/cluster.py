@@ -22,7 +22,8 @@ from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
-from kvmconf.errors import KvmconfError, UnknownVm
+from kvmconf.errors import KvmconfError
+from kvmconf.plan import find_vm
 from kvmconf.runner import runner_for_uri
 
 Log = Callable[[str], None]
@@ -42,19 +43,12 @@ def is_local(cluster: Cluster, host: str) -> bool:
     return runner_for_uri(h.uri).ssh is None or host == socket.gethostname().split(".")[0]
 
 
-def _vm(cluster: Cluster, name: str) -> Vm:
-    for vm in cluster.vms:
-        if vm.name == name:
-            return vm
-    raise UnknownVm(f"{name}: not a VM of cluster.conf")
-
-
 def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections, progress: bool,
            log: Log = print) -> list[Outcome]:
     if not names and not all_vms:
         raise KvmconfError("name VMs with --vm NAME, or back up every VM of this host with --all")
     chosen = [vm for vm in cluster.vms if vm.backup and is_local(cluster, vm.host)] if all_vms else \
-        [_vm(cluster, n) for n in names]
+        [find_vm(cluster, n) for n in names]
     outcomes = []
     for vm in chosen:
         dom = lookup(conns.get(vm.host), vm.name)
@@ -81,7 +75,7 @@ def describe(outcome: Outcome) -> str:
 
 def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, force: bool, conns: Connections,
                log: Log = print) -> list[Path]:
-    vm = _vm(cluster, name)
+    vm = find_vm(cluster, name)
     dom: libvirt.virDomain | None = None
     if to is None:
         dom = lookup(conns.get(vm.host), vm.name)
@@ -91,7 +85,7 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
 def status_rows(cluster: Cluster, names: list[str]) -> tuple[list[VmStatus], dt.timedelta]:
     """Status of the named VMs (default: every VM with backup=yes) and the age the schedule allows."""
     b = cluster.site.backup
-    vms = [_vm(cluster, n) for n in names] if names else [v for v in cluster.vms if v.backup]
+    vms = [find_vm(cluster, n) for n in names] if names else [v for v in cluster.vms if v.backup]
     now = dt.datetime.now(dt.UTC)
     rows = [vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, vm.name, now) for vm in vms]
     return rows, max_interval(b.schedule) + GRACE
