@@ -10,7 +10,7 @@ runs. The floppy is no `device='disk'`, so backups leave it out.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 _FLOPPY_SIZE = 1474560  # a 1.44 MB floppy: the size the BIOS recognises
@@ -29,9 +29,9 @@ def halting_floppy(path: Path) -> Path:
 
 
 def domain_xml(name: str, disks: Sequence[tuple[Path, str]], floppy: Path, memory_mib: int = 64,
-               driver: Mapping[str, str] | None = None, agent_channel: bool = False) -> str:
-    """A VM definition: `disks` ((path, format) as vda, vdb, ...) with `driver` options on each (default: as
-    kvmconf's own domain XML attaches a file disk, templates/domain.xml.j2), booting `floppy` (halting_floppy)."""
+               agent_channel: bool = False) -> str:
+    """A VM definition: `disks` ((path, format) as vda, vdb, ...) attached as kvmconf's own domain XML attaches
+    a file disk (templates/domain.xml.j2), booting `floppy` (halting_floppy)."""
     root = ET.Element("domain", type="qemu")
     ET.SubElement(root, "name").text = name
     ET.SubElement(root, "memory", unit="MiB").text = str(memory_mib)
@@ -41,7 +41,7 @@ def domain_xml(name: str, disks: Sequence[tuple[Path, str]], floppy: Path, memor
     devices = ET.SubElement(root, "devices")
     for i, (path, fmt) in enumerate(disks):
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt, **(driver or {"discard": "unmap"})})
+        ET.SubElement(disk, "driver", name="qemu", type=fmt, discard="unmap")
         ET.SubElement(disk, "source", file=str(path))
         ET.SubElement(disk, "target", dev=f"vd{chr(ord('a') + i)}", bus="virtio")
     boot = ET.SubElement(devices, "disk", type="file", device="floppy")

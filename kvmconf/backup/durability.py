@@ -1,7 +1,7 @@
 """Restore points are written without waiting for the disk; this module keeps that safe.
 
-A run writes a point's data files through the page cache (stream.py says why); only its manifest is
-flushed, and the manifest names the boot of the host it was written in. Points newer than the
+A run writes a point's data files through the page cache (stream.py says why); only its manifest and
+checksum file are flushed, and the manifest names the boot of the host it was written in. Points newer than the
 "durable through" mark of the VM's directory may not be on disk yet. Before anything older is
 deleted, and at the start of every run, they are settled:
 
@@ -71,6 +71,6 @@ def _verify(store: VmStore, points: list[Manifest], suspects: list[Manifest]) ->
 
 def _fsync_files(store: VmStore, manifest: Manifest) -> None:
     point = store.point_dir(manifest.time)
-    for name in [d.file for d in manifest.disks] + [manifest.sums_file]:
-        if (point / name).is_file():
-            fsync_path(point / name)
+    for disk in manifest.disks:  # the manifest and the checksum file were flushed when the point was made
+        if (point / disk.file).is_file():
+            fsync_path(point / disk.file)

@@ -222,7 +222,7 @@ def _wait_job_end(dom: libvirt.virDomain, timeout: float) -> None:
 
 # --- the backup ----------------------------------------------------------------------------------
 
-def _decide_incremental(dom: libvirt.virDomain, disks: list[VmDisk], points: list[Manifest], settings: Settings,
+def _decide_incremental(checkpoints: list[str], disks: list[VmDisk], points: list[Manifest], settings: Settings,
                         store: VmStore) -> tuple[Manifest | None, str]:
     """The point to build on, or None and why a full is taken."""
     if not points:
@@ -232,7 +232,7 @@ def _decide_incremental(dom: libvirt.virDomain, disks: list[VmDisk], points: lis
         return None, f"the last point {last.time} has no checkpoint ({last.kind})"
     if sum(1 for m in points if m.chain == last.chain) > settings.full_every:
         return None, f"the chain has reached full_every={settings.full_every} incrementals"
-    if not any(cp.getName() == last.checkpoint for cp in dom.listAllCheckpoints()):
+    if last.checkpoint not in checkpoints:
         return None, f"checkpoint {last.checkpoint} is gone from libvirt"
     before = {(d.dev, d.source, d.format) for d in last.disks}
     if before != {(d.dev, d.path, d.format) for d in disks}:
@@ -367,7 +367,8 @@ def _begin(dom: libvirt.virDomain, xml: str, job: _Job, disks: list[VmDisk], ski
     return parent
 
 
-def _retire_checkpoints(dom: libvirt.virDomain, parent: Manifest | None, disks: list[VmDisk], log: Log) -> None:
+def _retire_checkpoints(dom: libvirt.virDomain, checkpoints: list[str], parent: Manifest | None, disks: list[VmDisk],
+                        log: Log) -> None:
     """Delete our checkpoints other than the one this run starts from: they keep bitmaps up to date for nobody.
 
     Done before the job: a delete takes ~2.5 ms then, while during a job QEMU first drains the reads
@@ -376,9 +377,9 @@ def _retire_checkpoints(dom: libvirt.virDomain, parent: Manifest | None, disks: 
     by an incremental.
     """
     keep = None if parent is None else parent.checkpoint
-    for cp in our_checkpoints(dom):
-        if cp.getName() != keep:
-            delete_checkpoint(dom, cp.getName(), disks, log)
+    for name in checkpoints:
+        if name != keep:
+            delete_checkpoint(dom, name, disks, log)
 
 
 def _end_job(dom: libvirt.virDomain) -> None:
@@ -395,12 +396,12 @@ def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
     clients: list[NbdClient] = []
     try:
         for disk in disks:
-            incremental = parent is not None and disk.tracked
-            context = dirty_context(disk) if incremental else None
+            backing = backing_file(parent, disk)  # an incremental of this disk has one
+            context = dirty_context(disk) if backing else None
             client = NbdClient.connect(str(job.socket), disk.dev,
                                        ["base:allocation"] + ([context] if context else []))
             clients.append(client)
-            plans.append((disk, client, stream.plan(client, context, backing_file(parent, disk))))
+            plans.append((disk, client, stream.plan(client, context, backing)))
     except BaseException:
         for client in clients:
             client.close()
@@ -422,11 +423,12 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     if not disks:
         raise BackupFailed("the VM has no disk to back up")
     points = store.points()
-    parent, why_full = _decide_incremental(dom, disks, points, settings, store)
+    checkpoints = [cp.getName() for cp in our_checkpoints(dom)]
+    parent, why_full = _decide_incremental(checkpoints, disks, points, settings, store)
     notes: list[str] = []
     if parent is None:
         notes.append(f"full: {why_full}")
-    _retire_checkpoints(dom, parent, disks, log)
+    _retire_checkpoints(dom, checkpoints, parent, disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
@@ -492,7 +494,8 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
 def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], checksums: dict[str, str],
             sizes: dict[str, int], parent: Manifest | None, checkpoint: str | None, kind: str, frozen: bool,
             notes: list[str], started: float) -> Manifest:
-    """Write the manifest (the files are complete and on disk) and turn the partial directory into the point."""
+    """Write the manifest (the files are complete, not yet flushed: see durability.py) and turn the partial
+    directory into the point."""
     files = []
     for disk in disks:
         target = partial / f"{disk.dev}.qcow2"

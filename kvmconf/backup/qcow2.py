@@ -91,7 +91,8 @@ class Layout:
     @property
     def virtual_size(self) -> int:
         """The disk size in the header: the planned one rounded up to a whole sector."""
-        size: int = struct.unpack_from(">Q", self.metadata, _SIZE_FIELD)[0]
+        size = header_size(self.metadata)
+        assert size is not None  # plan() wrote this header
         return size
 
 

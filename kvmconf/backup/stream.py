@@ -12,8 +12,8 @@ on 2 cores the copy waits for CPU, and QEMU's NBD server needs its share.)
 
 The file is written through the page cache and not flushed here: reading the export and flushing
 the copy share one disk, and waiting for the flush would keep the backup job (and the guest's
-copy-before-write) running up to twice as long. durability.py makes sure no restore point is
-trusted, or any older one deleted, before its files are known to be on disk.
+copy-before-write) running up to twice as long. durability.py flushes the points before any older
+one is deleted, and verifies them after a reboot.
 """
 
 from __future__ import annotations
@@ -89,12 +89,11 @@ class _Pipeline:
         self.client = client
         self.fd = fd
         self.progress = progress
-        self.chunk = CHUNK
         self.read = min(READ, client.max_request)
         # NBD reads land in these buffers directly; they go round between the two stages.
         self.free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(_BUFFERS):
-            self.free.put(mmap.mmap(-1, self.chunk))
+            self.free.put(mmap.mmap(-1, CHUNK))
         self.filled: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
         self.hash = new_hash()
         self.failed: BaseException | None = None  # the worker's error
@@ -124,8 +123,8 @@ class _Pipeline:
         return checksum_text(self.hash)
 
     def _metadata(self, metadata: bytes) -> None:
-        for at in range(0, len(metadata), self.chunk):
-            piece = metadata[at:at + self.chunk]
+        for at in range(0, len(metadata), CHUNK):
+            piece = metadata[at:at + CHUNK]
             buffer = self._take()
             buffer[:len(piece)] = piece
             self.filled.put((at, len(piece), buffer))
@@ -146,8 +145,8 @@ class _Pipeline:
         def requests() -> Iterator[tuple[int, memoryview]]:
             host = layout.data_offset
             for guest, length in layout.runs:
-                for at in range(0, length, self.chunk):
-                    n = min(self.chunk, length - at)
+                for at in range(0, length, CHUNK):
+                    n = min(CHUNK, length - at)
                     # Runs are whole clusters: the last one may pass a virtual size that is not a cluster
                     # multiple. Its tail is not on the export; it must read as zeros in the file. (Every
                     # chunk starts below the size, so each has at least one read.)
