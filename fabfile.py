@@ -60,7 +60,7 @@ def update_confs(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = F
                               "dry-run-network": "do everything but the bridges, which are only printed"})
 def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False,
               dry_run_network: bool = False) -> None:
-    """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories."""
+    """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories, VF pools."""
     from kvmconf.hostsetup import setup
 
     with user_errors():

@@ -13,14 +13,14 @@ from generators.paths import seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
-from kvmconf.plan import select
+from kvmconf.plan import find_vm
 
 Log = Callable[[str], None]
 Confirm = Callable[[str], bool]
 
 
 def _domain(cluster: Cluster, name: str, conns: Connections) -> tuple[domains.libvirt.virDomain | None, str]:
-    vm = select(cluster, [name], False)[0]
+    vm = find_vm(cluster, name)
     return domains.lookup(conns.get(vm.host), name), vm.host
 
 
@@ -58,7 +58,7 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
 
     ``confirm`` is None when the caller already has the admin's consent (``--force``).
     """
-    vm = select(cluster, [name], False)[0]
+    vm = find_vm(cluster, name)
     conn, runner = conns.get(vm.host), conns.runner(vm.host)
     dom = domains.lookup(conn, name)
     disk = disks.disk_spec(cluster, vm)

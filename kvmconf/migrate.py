@@ -45,7 +45,7 @@ class MigrationFailed(KvmconfError):
 
 @dataclasses.dataclass(frozen=True)
 class Moves:
-    """The files a cold migration copies: (source path, target path)."""
+    """The files a migration places on the target: (source, target) paths; a live one creates the disk."""
 
     files: tuple[tuple[str, str], ...]
 

@@ -15,8 +15,6 @@ from tests.golden import assert_golden
 from tests.tools import require_tool, run
 
 PATH = PurePosixPath("cron/kvmconf-backup")
-# One cron(8) time field: numbers, ranges, lists, steps, `*`, or month/day names.
-CRON_FIELD = re.compile(r"(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*")
 
 
 def _text(cluster: Cluster) -> str:
@@ -45,7 +43,6 @@ def test_golden(example: Cluster, regenerate: bool) -> None:
 def test_job_line_is_five_schedule_fields_then_root_then_the_backup_command(example: Cluster) -> None:
     fields = _job(_text(example)).split(maxsplit=6)
     assert fields[:5] == ["30", "2", "*", "*", "*"]
-    assert all(CRON_FIELD.fullmatch(field) for field in fields[:5]), fields[:5]
     assert fields[5] == "root"
     assert fields[6] == "cd /root/kvmconf && .venv/bin/invoke backup --all >> /var/log/kvmconf-backup.log 2>&1"
 
@@ -60,7 +57,6 @@ def test_environment_comes_before_the_job(example: Cluster) -> None:
 def test_schedule_with_extra_spaces_still_gives_five_fields(example: Cluster) -> None:
     fields = _job(_text(_with_backup(example, schedule="  0  */6 * * 1-5 "))).split()
     assert fields[:6] == ["0", "*/6", "*", "*", "1-5", "root"]
-    assert all(CRON_FIELD.fullmatch(field) for field in fields[:5])
 
 
 def test_comments_list_covered_vms_by_host_and_the_excluded_ones(example: Cluster) -> None:
