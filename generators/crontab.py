@@ -48,6 +48,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
 
 
 def _field(text: str, low: int, high: int) -> set[int]:
+    """The values of one time field; ValueError for what cron(8) refuses (names are not read here)."""
     values: set[int] = set()
     for part in text.split(","):
         spec, _, step = part.partition("/")
@@ -60,6 +61,8 @@ def _field(text: str, low: int, high: int) -> set[int]:
             first = last = int(spec)
             if step:
                 last = high
+        if not low <= first <= last <= high:  # cron refuses these; a huge range would also cost memory
+            raise ValueError(f"{part!r} is outside {low}-{high}")
         values.update(range(first, last + 1, int(step) if step else 1))
     return values
 

@@ -496,7 +496,8 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             max_interval(schedule)  # the Nagios check's age limit comes from it
         except ValueError:
             b.problem("schedule", f"{shown(schedule)} is not a cron schedule kvmconf reads (expected numbers, *,"
-                      " ranges, lists and steps, e.g. '30 2 * * 1-5'; no names such as mon)")
+                      " ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
+                      " month 1-12, weekday 0-7; no names such as mon)")
             backup_values["schedule"] = None
 
     hostgroups: dict[str, str] | None = None

@@ -452,8 +452,14 @@ CASES = [
          site=sub('vm = "provision"', 'vm = "nosuch"')),
     Case("site-schedule-with-names",
          (site(69, 1, "key 'backup.schedule': '30 2 * * mon' is not a cron schedule kvmconf reads (expected numbers,"
-                      " *, ranges, lists and steps, e.g. '30 2 * * 1-5'; no names such as mon)"),),
+                      " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
+                      " month 1-12, weekday 0-7; no names such as mon)"),),
          site=sub('schedule = "30 2 * * *"', 'schedule = "30 2 * * mon"')),
+    Case("site-schedule-out-of-range",
+         (site(69, 1, "key 'backup.schedule': '70 25 * * *' is not a cron schedule kvmconf reads (expected numbers,"
+                      " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
+                      " month 1-12, weekday 0-7; no names such as mon)"),),
+         site=sub('schedule = "30 2 * * *"', 'schedule = "70 25 * * *"')),
     Case("site-provision-table-missing", (site(1, 1, "table '[provision]' is missing"),),
          site=lambda text: text[:text.index("[provision]")] + text[text.index("[backup]"):]),
     Case("site-secrets-is-a-directory",
