@@ -203,7 +203,7 @@ def _diff(conn: Connection, spec: FileSpec, state: str) -> str:
 
 
 def missing_packages(conn: Connection, packages: Sequence[str]) -> list[str]:
-    """The recipe's packages that are not installed on the VM (read-only: dpkg-query)."""
+    """The packages not installed on the machine `conn` reaches (read-only: dpkg-query)."""
     if not packages:
         return []
     res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
@@ -211,9 +211,10 @@ def missing_packages(conn: Connection, packages: Sequence[str]) -> list[str]:
     return [p for p in packages if p not in installed]
 
 
-def install_packages(conn: Connection, packages: Sequence[str], report: VmReport) -> None:
+def install_packages(conn: Connection, packages: Sequence[str], report: VmReport, dry_run: bool = False) -> None:
+    """Install the missing ones (only name them in a dry run); report.installed lists them either way."""
     missing = missing_packages(conn, packages)
-    if missing:
+    if missing and not dry_run:
         res = run(conn, "DEBIAN_FRONTEND=noninteractive " + command("apt-get", "install", "-y", "-q", "--", *missing))
         _check(res.ok, "packages", f"apt-get install {' '.join(missing)}: {_failure(res)}")
     report.installed = missing
@@ -265,10 +266,7 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
         with connect(resolve(vm.name, options.ssh_config)) as conn:
             if full:
                 step = "packages"
-                if options.dry_run:
-                    report.installed = missing_packages(conn, recipe.packages)
-                else:
-                    install_packages(conn, recipe.packages, report)
+                install_packages(conn, recipe.packages, report, options.dry_run)
                 report.steps.append("packages")
             step = "files"
             push(conn, recipe.files, report, options.dry_run)

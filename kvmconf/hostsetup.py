@@ -12,14 +12,14 @@ only when they differ, and a setting is applied only when its file changed. ``dr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from fabric import Connection
 
 from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
 from generators.render import environment, render, xml_banner
-from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, missing_packages, push
+from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
 from kvmconf.errors import KvmconfError
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import command, connect, resolve, run, script
@@ -126,13 +126,9 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
            network_dry_run: bool) -> None:
     packages = PACKAGES + STACK_PACKAGES[host.network_stack]
     state = VmReport(host.name)
-    if dry_run:
-        missing = missing_packages(conn, packages)
-        report.lines.append(f"packages: would install {' '.join(missing)}" if missing else "packages: all present")
-    else:
-        install_packages(conn, packages, state)
-        report.lines.append(f"packages: installed {' '.join(state.installed)}" if state.installed
-                            else "packages: all present")
+    install_packages(conn, packages, state, dry_run)
+    verb = "would install" if dry_run else "installed"
+    report.lines.append(f"packages: {verb} {' '.join(state.installed)}" if state.installed else "packages: all present")
     system, bridge_file = host_files(cluster, host)
     changed = set(_push(conn, system, report, dry_run, "settings"))
     settings = []
@@ -216,8 +212,8 @@ def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
         raise _StepFailed(what, f"virsh net-list: {_failure(res)}")
     defined = set(res.stdout.split())
     commands: list[list[str]] = []
-    for spec in files:
-        name = PurePosixPath(spec.dest).stem
+    for pf, spec in zip(sorted(host.sriov), files, strict=True):  # vf_network_files: one per PF, in this order
+        name = vf_pool_network(pf)
         if name not in defined or spec.dest in changed:  # a redefinition applies when the network restarts
             commands += [[*VIRSH, "net-define", spec.dest], [*VIRSH, "net-autostart", name]]
         if name not in defined:
