@@ -9,6 +9,7 @@ firmware and PXE.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -67,6 +68,16 @@ def domains_on(the_lab: lab.Lab, host: str | None = None) -> list[str]:
         finally:
             conn.close()
     return sorted(names)
+
+
+@contextlib.contextmanager
+def lab_domain(the_lab: lab.Lab, host: str, name: str) -> Iterator[libvirt.virDomain]:
+    """The domain ``name`` on the lab daemon of ``host``, looked up on a connection of its own that is closed after."""
+    conn = libvirt.open(the_lab.uri_of(host))
+    try:
+        yield conn.lookupByName(name)
+    finally:
+        conn.close()
 
 
 def _empty(the_lab: lab.Lab) -> None:
@@ -130,11 +141,9 @@ def test_two_vms_run_with_ram_vcpus_mac_and_disk_of_cluster_conf_and_again_is_no
     first = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines()[-1] == "2 created, 0 to change (shown, not applied), 0 unchanged"
-    conn = libvirt.open(clean.uri)
-    try:
-        for name, fmt in (("web", "qcow2"), ("db", "raw")):
-            vm = cluster.vm(name)
-            dom = conn.lookupByName(name)
+    for name, fmt in (("web", "qcow2"), ("db", "raw")):
+        vm = cluster.vm(name)
+        with lab_domain(clean, vm.host, name) as dom:
             state, max_kib, _, cpus, _ = dom.info()
             assert (state, max_kib, cpus) == (libvirt.VIR_DOMAIN_RUNNING, vm.ram_mb * 1024, vm.cpus)
             root = ET.fromstring(dom.XMLDesc(0))
@@ -142,8 +151,6 @@ def test_two_vms_run_with_ram_vcpus_mac_and_disk_of_cluster_conf_and_again_is_no
             assert root.find("devices/disk/driver").get("type") == fmt  # type: ignore[union-attr]
             capacity, _allocation, _ = dom.blockInfo("vda")
             assert capacity == vm.disk.size_gb * GIB
-    finally:
-        conn.close()
     again = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines() == ["web: no change", "db: no change",
@@ -430,13 +437,9 @@ def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_t
         "db: powered off on kvm0", f"db: copied {source} to kvm1:{target}", "db: running on kvm1",
         f"db: undefined on kvm0; its files there are kept: {source}", f"{workdir / 'cluster.conf'}:4: set host=kvm1"]
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["db"])
-    conn = libvirt.open(clean.uri_of("kvm1"))
-    try:
-        dom = conn.lookupByName("db")
+    with lab_domain(clean, "kvm1", "db") as dom:
         assert dom.isActive() and dom.blockInfo("vda")[0] == 2 * GIB
         assert ET.fromstring(dom.XMLDesc(0)).find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
-    finally:
-        conn.close()
     with target.open("rb") as disk:
         disk.seek(1 << 30)
         assert disk.read(len(pattern)) == pattern
@@ -451,15 +454,11 @@ def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_t
 
 def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: Path, clean: lab.Lab) -> None:
     assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0  # qcow2, running
-    conn = libvirt.open(clean.uri_of("kvm0"))
-    try:
-        dom = conn.lookupByName("web")
+    with lab_domain(clean, "kvm0", "web") as dom:
         # Written by QEMU itself into the running guest's disk: what the guest would have written.
         command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 64k"'
         hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
         assert libvirt_qemu.qemuMonitorCommand(dom, command, hmp).strip() == ""
-    finally:
-        conn.close()
     moved = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm1")
     assert moved.returncode == 0, moved.stderr
     source, target = clean.images / "kvm0" / "web.qcow2", clean.images / "kvm1" / "web.qcow2"
@@ -467,16 +466,12 @@ def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: P
         "web: migrating live to kvm1 (memory and disk) ...", "web: running on kvm1",
         f"web: undefined on kvm0; its files there are kept: {source}"]
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["web"])
-    conn = libvirt.open(clean.uri_of("kvm1"))
-    try:
-        dom = conn.lookupByName("web")
+    with lab_domain(clean, "kvm1", "web") as dom:
         assert dom.isActive() and dom.blockInfo("vda")[0] == GIB
         assert ET.fromstring(dom.XMLDesc(0)).find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
         persistent = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         assert persistent.find("devices/disk/source").get("file") == str(target)  # type: ignore[union-attr]
         domains.power_off(dom)
-    finally:
-        conn.close()
     check = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 1M 64k", str(target)],
                            capture_output=True, text=True, check=False)
     assert check.returncode == 0 and "Pattern verification failed" not in check.stdout, check.stdout + check.stderr
@@ -507,16 +502,12 @@ def test_a_macvtap_nic_on_a_veth_interface_of_the_lab_runs(workdir: Path, clean:
                             " nic=macvtap:kvmdummy0:bridge")
         done = invoke(workdir, clean, "provision", "--vm", "tap")
         assert done.returncode == 0, done.stderr
-        conn = libvirt.open(clean.uri_of("kvm0"))
-        try:
-            dom = conn.lookupByName("tap")
+        with lab_domain(clean, "kvm0", "tap") as dom:
             assert dom.isActive()
             nic = ET.fromstring(dom.XMLDesc(0)).find("devices/interface[@type='direct']")
             assert nic is not None and nic.find("source").attrib == {"dev": "kvmdummy0", "mode": "bridge"}  # type: ignore[union-attr]
             assert nic.find("mac").get("address") == "56:54:00:50:00:43"  # type: ignore[union-attr]
             device = nic.find("target").get("dev")  # type: ignore[union-attr]
-        finally:
-            conn.close()
         links = subprocess.run([*ns, "ip", "-d", "-o", "link", "show", "dev", str(device)], capture_output=True,
                                text=True, check=True).stdout
         assert "@kvmdummy0" in links and "macvtap mode bridge" in links and "56:54:00:50:00:43" in links
@@ -533,17 +524,13 @@ def test_a_pinned_vm_runs_with_its_vcpu_and_emulator_threads_where_site_toml_say
     append_vms(workdir, "pin\t52:54:00:50:00:44\t192.168.50.44\t128\t1\t1\t-\thost=kvm1 install=none cpuset=1")
     done = invoke(workdir, clean, "provision", "--vm", "pin")
     assert done.returncode == 0, done.stderr
-    conn = libvirt.open(clean.uri_of("kvm1"))
-    try:
-        dom = conn.lookupByName("pin")
+    with lab_domain(clean, "kvm1", "pin") as dom:
         assert dom.isActive()
         def on(cpumap: Sequence[bool]) -> list[int]:
             return [cpu for cpu, pinned in enumerate(cpumap) if pinned]
 
         assert [on(m) for m in dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)] == [[1]]  # vCPU 0 on host CPU 1
         assert on(dom.emulatorPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)) == [0]  # QEMU's own threads on CPU 0
-    finally:
-        conn.close()
 
 
 # --- the lab itself ---------------------------------------------------------------------------------
