@@ -22,7 +22,8 @@ import dataclasses
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
@@ -89,6 +90,22 @@ def _wait(done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+@contextmanager
+def _undone_on_failure(dst_run: Runner, failure: Callable[[str], str]) -> Iterator[list[str]]:
+    """Inside, the caller lists each file it makes on the target host; should a step fail, they are removed.
+
+    The errors a migration expects (KvmconfError, libvirtError, OSError) become MigrationFailed with
+    ``failure(reason)``: the path's own message, which says where the VM is.
+    """
+    made: list[str] = []
+    try:
+        yield made
+    except (KvmconfError, libvirt.libvirtError, OSError) as err:
+        for path in made:
+            dst_run.remove(path)
+        raise MigrationFailed(failure(str(err))) from None
+
+
 def _live_xml(xml: str, moves: Moves) -> str:
     """The running domain's migratable XML with the disk and seed paths of the target host."""
     root = ET.fromstring(xml)
@@ -104,13 +121,14 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
                   moves: Moves, log: Log) -> libvirt.virDomain:
     """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
     src_run, dst_run = conns.runner(vm.host), conns.runner(to)
-    created: list[str] = []
-    try:
+    with _undone_on_failure(dst_run, lambda why: f"{vm.name}: live migration to {to} failed: {why}; it still runs on"
+                            f" {vm.host} and the files made on {to} were removed (try --cold: shut down, copy, start"
+                            " there)") as made:
         disks.create(dst_run, disks.disk_spec(target, moved))  # empty, same size: libvirt mirrors into it
-        created.append(moves.files[0][1])
+        made.append(moves.files[0][1])
         for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
             copy_file(src_run, dst_run, src, dst)
-            created.append(dst)
+            made.append(dst)
         xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
                                      libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
@@ -120,13 +138,7 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
             params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = "127.0.0.1"
         flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_NON_SHARED_DISK
         log(f"{vm.name}: migrating live to {to} (memory and disk) ...")
-        new = dom.migrate3(conns.get(to), params, flags)
-    except (KvmconfError, libvirt.libvirtError, OSError) as err:
-        for dst in created:
-            dst_run.remove(dst)
-        raise MigrationFailed(f"{vm.name}: live migration to {to} failed: {err}; it still runs on {vm.host} and the"
-                              f" files made on {to} were removed (try --cold: shut down, copy, start there)"
-                              ) from None
+        new: libvirt.virDomain = dom.migrate3(conns.get(to), params, flags)
     return new
 
 
@@ -176,11 +188,12 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
             if not _wait(lambda: not domains.is_active(dom), shutdown_timeout):
                 raise MigrationFailed(f"{name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
                                       f" {vm.host} (run again with --force to power it off)")
-    copied: list[str] = []
-    try:
+    with _undone_on_failure(dst_run, lambda why: f"{name}: migration to {to} failed: {why}; the copies on {to} were"
+                            f" removed and the VM is still defined (shut off) on {vm.host}: start it there with"
+                            " `invoke start`") as made:
         for src, dst in moves.files:
             copy_file(src_run, dst_run, src, dst)
-            copied.append(dst)
+            made.append(dst)
             log(f"{name}: copied {src} to {to}:{dst}")
         new = domains.define(dst_conn, Artifacts(target).domain_xml(moved))
         try:
@@ -192,12 +205,6 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
             domains.power_off(new)
             domains.undefine(new, keep_nvram=False)
             raise
-    except (KvmconfError, libvirt.libvirtError, OSError) as err:
-        for dst in copied:
-            dst_run.remove(dst)
-        raise MigrationFailed(f"{name}: migration to {to} failed: {err}; the copies on {to} were removed and the"
-                              f" VM is still defined (shut off) on {vm.host}: start it there with `invoke start`"
-                              ) from None
     _undefine_source(dom, vm, to, moves, log)
     return moved
 
