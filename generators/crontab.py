@@ -47,7 +47,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     return {PurePosixPath("cron", "kvmconf-backup"): text}
 
 
-def _field(text: str, low: int, high: int) -> set[int]:
+def field_values(text: str, low: int, high: int) -> set[int]:
     """The values of one time field; ValueError for what cron(8) refuses (names are not read here)."""
     values: set[int] = set()
     for part in text.split(","):
@@ -70,22 +70,27 @@ def _field(text: str, low: int, high: int) -> set[int]:
 def max_interval(schedule: str) -> dt.timedelta:
     """The longest time between two runs of a 5-field cron schedule (numbers, *, ranges, lists, steps).
 
-    Found by walking two years day by day (the second one catches the gap across New Year, and a leap
-    year is in it) and listing each matching day's run times; day-of-month and day-of-week combine
-    with OR when both are restricted, as in cron. A schedule that never runs gets the whole span.
+    The days it runs on are found by walking two years day by day (the second one catches the gap
+    across New Year, and a leap year is in it); day-of-month and day-of-week combine with OR when both
+    are restricted, as in cron. Every such day has the same run times, so the longest gap is either
+    inside a day or from one run day's last run to the next run day's first: listing every run would
+    cost a second per load of site.toml for `* * * * *`. A schedule that never runs gets the whole span.
     """
     fields = schedule.split()
-    minute, hour, dom, month, dow = (_field(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
+    minute, hour, dom, month, dow = (field_values(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
     dow = {d % 7 for d in dow}
     dom_any, dow_any = fields[2] == "*", fields[4] == "*"
     times_of_day = [dt.timedelta(hours=h, minutes=m) for h in sorted(hour) for m in sorted(minute)]
     start, days = dt.datetime(2024, 1, 1), 2 * 366
-    fires = []
+    run_days = []
     for i in range(days):
         day = start + dt.timedelta(days=i)
         day_dom, day_dow = day.day in dom, (day.isoweekday() % 7) in dow
         if day.month in month and ((day_dom and day_dow) if (dom_any or dow_any) else (day_dom or day_dow)):
-            fires += [day + t for t in times_of_day]
-    if len(fires) < 2:
+            run_days.append(day)
+    if len(run_days) * len(times_of_day) < 2:
         return dt.timedelta(days=days)
-    return max(b - a for a, b in itertools.pairwise(fires))
+    first, last = times_of_day[0], times_of_day[-1]
+    gaps = [b - a for a, b in itertools.pairwise(times_of_day)]
+    gaps += [next_day + first - (day + last) for day, next_day in itertools.pairwise(run_days)]
+    return max(gaps)

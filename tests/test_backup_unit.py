@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import blake3
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from generators.crontab import GRACE, max_interval
+from generators.crontab import GRACE, field_values, max_interval
 from kvmconf.backup import journal, report
 from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks, has_guest_agent
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
@@ -100,6 +103,38 @@ def test_max_interval_of_schedules() -> None:
     assert max_interval("0 2 1,15 * *") == dt.timedelta(days=17)  # Jan 15 to Feb 1
     assert max_interval("0 2 1 */2 *") == dt.timedelta(days=62)  # Jul 1 to Sep 1
     assert max_interval("0 2 1 1 *") == dt.timedelta(days=366)  # once a year (the walk includes a leap year)
+
+
+def every_run_gap(schedule: str) -> dt.timedelta:
+    """The definition, plainly: every run of the 732 days from 2024-01-01 in minutes, the longest gap between two."""
+    fields = schedule.split()
+    minutes, hours, doms, months = (sorted(field_values(f, lo, hi)) for f, (lo, hi) in
+                                    zip(fields[:4], ((0, 59), (0, 23), (1, 31), (1, 12)), strict=True))
+    dows = {d % 7 for d in field_values(fields[4], 0, 7)}
+    runs = []
+    for index in range(732):
+        day = dt.date(2024, 1, 1) + dt.timedelta(days=index)
+        day_dom, day_dow = day.day in doms, (day.isoweekday() % 7) in dows
+        if day.month in months and ((day_dom and day_dow) if "*" in (fields[2], fields[4]) else (day_dom or day_dow)):
+            runs += [index * 1440 + h * 60 + m for h in hours for m in minutes]
+    if len(runs) < 2:
+        return dt.timedelta(days=732)
+    return dt.timedelta(minutes=max(b - a for a, b in itertools.pairwise(runs)))
+
+
+def _cron_field(low: int, high: int) -> st.SearchStrategy[str]:
+    single = st.integers(low, high).map(str)
+    ranged = st.tuples(st.integers(low, high), st.integers(low, high)).map(lambda ab: f"{min(ab)}-{max(ab)}")
+    stepped = st.tuples(st.sampled_from(["*", f"{low}-{high}"]), st.integers(1, high)).map(lambda s: f"{s[0]}/{s[1]}")
+    lists = st.lists(single | ranged, min_size=1, max_size=3).map(",".join)
+    return st.just("*") | single | stepped | lists
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(_cron_field(0, 59), _cron_field(0, 23), _cron_field(1, 31), _cron_field(1, 12), _cron_field(0, 7)))
+def test_max_interval_is_the_longest_gap_between_runs(fields: tuple[str, ...]) -> None:
+    schedule = " ".join(fields)
+    assert max_interval(schedule) == every_run_gap(schedule)
 
 
 def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
