@@ -61,27 +61,23 @@ class VmReport:
         if self.failed_step:
             return f"{self.vm}: FAILED at {self.failed_step}: {self.error}"
         if self.dry_run:
-            return f"{self.vm}: would {'; '.join(self._would())}"
-        parts = [f"{len(self.pushed)} file(s) changed"]
-        if "packages" in self.steps:
-            parts.insert(0, f"{len(self.installed)} package(s) installed")
-        if self.reloaded:
-            parts.append(f"reloaded {', '.join(self.reloaded)}")
-        if "hooks" in self.steps:
-            parts.append(f"{len(self.hooks)} hook(s) run")
-        return f"{self.vm}: done ({'; '.join(parts)})"
+            return f"{self.vm}: would {'; '.join(self._parts())}"
+        return f"{self.vm}: done ({'; '.join(self._parts())})"
 
-    def _would(self) -> list[str]:
-        def named(count: int, what: str, names: list[str]) -> str:
-            return f"{count} {what}" + (f" ({', '.join(names)})" if names else "")
+    def _parts(self) -> list[str]:
+        """Packages, files, reloads, hooks: what was done, or in a dry run what would be (then naming them)."""
+        def counted(names: list[str], what: str, done: str, would: str) -> str:
+            if self.dry_run:
+                return f"{would} {len(names)} {what}" + (f" ({', '.join(names)})" if names else "")
+            return f"{len(names)} {what} {done}"
 
-        parts = ["change " + named(len(self.pushed), "file(s)", self.pushed)]
+        parts = [counted(self.pushed, "file(s)", "changed", "change")]
         if "packages" in self.steps:
-            parts.insert(0, "install " + named(len(self.installed), "package(s)", self.installed))
+            parts.insert(0, counted(self.installed, "package(s)", "installed", "install"))
         if self.reloaded:
-            parts.append(f"reload {', '.join(self.reloaded)}")
+            parts.append(f"{'reload' if self.dry_run else 'reloaded'} {', '.join(self.reloaded)}")
         if "hooks" in self.steps:
-            parts.append("run " + named(len(self.hooks), "hook(s)", self.hooks))
+            parts.append(counted(self.hooks, "hook(s)", "run", "run"))
         return parts
 
 
