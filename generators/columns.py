@@ -22,7 +22,7 @@ class FieldError(ValueError):
 
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # lower case; also used by site.py
-_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+HOSTGROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # also site.toml's [hostgroups] names
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -84,7 +84,7 @@ def parse_hostgroups(text: str) -> tuple[str, ...]:
         return ()
     groups = text.split(",")
     for group in groups:
-        if not _GROUP.fullmatch(group):
+        if not HOSTGROUP_PATTERN.fullmatch(group):
             raise FieldError(
                 f"has an invalid hostgroup {shown(group)} (expected a comma list of names made of"
                 " letters, digits, '_', '.' and '-', or '-' for none)"
@@ -187,8 +187,9 @@ def parse_after(text: str) -> tuple[str, ...]:
 
 
 MACVTAP_MODES = ("bridge", "vepa", "private", "passthrough")
-_PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
-_IFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# Also used by site.py, so that every name or address cluster.conf may refer to is valid in site.toml and back.
+PCI_PATTERN = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")  # lower case
+IFACE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # Linux refuses ':' and '/' in interface names
 NIC_GRAMMAR = ("bridge:<network>[/<mac>], macvtap:<host interface or its MAC>[:bridge|vepa|private|passthrough]"
                "[/<mac>], pci:<dddd:bb:ss.f>, vf:<physical function>[:<VF index>][/<mac>]")
 
@@ -204,17 +205,17 @@ def parse_nic(text: str) -> Nic:
         # The interface may be given by its MAC, which holds colons itself.
         by_mac = MAC_PATTERN.match(rest.lower()) and rest[17:18] in ("", ":")
         device, mode = (rest[:17].lower(), rest[18:]) if by_mac else rest.partition(":")[::2]
-        if (mode in MACVTAP_MODES or not mode) and (MAC_PATTERN.fullmatch(device) or _IFACE_NAME.fullmatch(device)):
+        if (mode in MACVTAP_MODES or not mode) and (MAC_PATTERN.fullmatch(device) or IFACE_PATTERN.fullmatch(device)):
             return Nic(NicKind.MACVTAP, device, mode or "bridge", mac=mac)
         if mode and mode not in MACVTAP_MODES:
             raise FieldError(f"has macvtap mode {shown(mode)} (expected one of: {', '.join(MACVTAP_MODES)})")
     if kind == "pci" and sep and not slash:
-        if _PCI_ADDRESS.fullmatch(rest.lower()):
+        if PCI_PATTERN.fullmatch(rest.lower()):
             return Nic(NicKind.PCI, rest.lower())
         raise FieldError("is not a PCI address (expected pci:dddd:bb:ss.f, e.g. pci:0000:1a:00.1)")
     if kind == "vf" and sep:
         pf, colon, index = rest.partition(":")
-        if _IFACE_NAME.fullmatch(pf) and (not colon or (index.isascii() and index.isdigit() and len(index) < 4)):
+        if IFACE_PATTERN.fullmatch(pf) and (not colon or (index.isascii() and index.isdigit() and len(index) < 4)):
             return Nic(NicKind.VF, pf, vf=int(index) if colon else None, mac=mac)
     raise FieldError(f"is not a NIC (expected {NIC_GRAMMAR})")
 

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
-from generators.columns import MAC_PATTERN
+from generators.columns import HOSTGROUP_PATTERN, IFACE_PATTERN, MAC_PATTERN, PCI_PATTERN
 from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
@@ -33,10 +33,7 @@ _MISSING: Any = object()
 _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
-_IFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
-_PCI = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
-_HOSTGROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as in cluster.conf's hostgroups column
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "a table"}
 
@@ -179,7 +176,7 @@ def _addresses(value: list[Any]) -> tuple[IPv4Address, ...]:
 def _network(name: str, r: _Reader) -> Network | None:
     subnet = r.convert("subnet", _subnet, "an IPv4 network", "a.b.c.d/nn")
     bridge = r.get("bridge", str, what="a bridge interface name")
-    if bridge is not None and not _IFACE.fullmatch(bridge):
+    if bridge is not None and not IFACE_PATTERN.fullmatch(bridge):
         r.problem("bridge", f"{shown(bridge)} is not an interface name (expected at most 15 letters, digits,"
                   " '-', '_', '.')")
         bridge = None
@@ -248,7 +245,7 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
     interfaces: dict[str, str] | None = {}
     items = raw.items() if isinstance(raw, dict) else ((name, "") for name in raw) if isinstance(raw, list) else None
     for name, mac in items if items is not None else ():
-        if not isinstance(name, str) or not _IFACE.fullmatch(name) or not isinstance(mac, str) or (
+        if not isinstance(name, str) or not IFACE_PATTERN.fullmatch(name) or not isinstance(mac, str) or (
                 mac and not MAC_PATTERN.fullmatch(mac.lower())):
             r.problem("interfaces", f"{shown(name)} = {shown(mac)} is not an interface (expected a name of at most 15"
                       " letters, digits, '-', '_', '.', and optionally its MAC xx:xx:xx:xx:xx:xx)")
@@ -261,7 +258,7 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
         interfaces = None
     values["interfaces"] = interfaces
     pci = r.get("pci", list, [], "a list of PCI addresses such as \"0000:1a:00.1\"")
-    bad = [item for item in pci or () if not isinstance(item, str) or not _PCI.fullmatch(item.lower())]
+    bad = [item for item in pci or () if not isinstance(item, str) or not PCI_PATTERN.fullmatch(item.lower())]
     if bad:
         r.problem("pci", f"{shown(bad[0])} is not a PCI address (expected dddd:bb:ss.f, e.g. 0000:1a:00.1)")
     values["pci"] = None if bad or pci is None else tuple(item.lower() for item in pci)
@@ -272,7 +269,7 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
         if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 256:
             if counts is not None:
                 counts[pf] = value
-        elif isinstance(value, list) and value and all(isinstance(a, str) and _PCI.fullmatch(a.lower())
+        elif isinstance(value, list) and value and all(isinstance(a, str) and PCI_PATTERN.fullmatch(a.lower())
                                                        for a in value):
             if counts is not None:
                 counts[pf] = len(value)
@@ -309,7 +306,7 @@ def _host_setup(r: _Reader) -> dict[str, Any]:
                   " networkmanager)")
         stack = None
     uplink = r.get("uplink", str, "", "the interface the bridges are on, such as eno1")
-    if uplink and not _IFACE.fullmatch(uplink):
+    if uplink and not IFACE_PATTERN.fullmatch(uplink):
         r.problem("uplink", f"{shown(uplink)} is not an interface name (expected at most 15 letters, digits,"
                   " '-', '_', '.')")
         uplink = None
@@ -506,7 +503,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         hostgroups = {}
         for group, alias in h.data.items():
             h.used.add(group)
-            if not _HOSTGROUP.fullmatch(group):
+            if not HOSTGROUP_PATTERN.fullmatch(group):
                 h.problem(group, "is not a hostgroup name (expected letters, digits, '_', '.' and '-')")
             elif not isinstance(alias, str):
                 h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"

@@ -133,6 +133,10 @@ WRONG_VALUES = [
     ('bridge = "br0"', 'bridge = "a-very-long-bridge-name"',
      ["23:1: key 'networks.lan.bridge': 'a-very-long-bridge-name' is not an interface name (expected at most 15"
       " letters, digits, '-', '_', '.')"]),
+    # Linux refuses ':' in interface names, and cluster.conf's nic= could not name one: the message's own list
+    ('bridge = "br0"', 'bridge = "br:0"',
+     ["23:1: key 'networks.lan.bridge': 'br:0' is not an interface name (expected at most 15 letters, digits, '-',"
+      " '_', '.')"]),
     ('gateway = "192.168.50.1"', 'gateway = "192.168.51.1"',
      ["22:1: key 'networks.lan.gateway': '192.168.51.1' is outside subnet 192.168.50.0/24 (expected an address in"
       " it)"]),
