@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmconf.errors import KvmconfError
+from kvmconf.files import replace_text
 from kvmconf.remote import Target, accept_hint, known_hosts_name, resolve
 
 KEY_TYPES = "ed25519,ecdsa,rsa"
@@ -72,9 +72,5 @@ def keyscan(names: Sequence[str], ssh_config: Path, accept_changed: bool = False
 
 
 def _write(path: str, lines: list[str]) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, prefix=".known_hosts.") as out:
-        out.write("".join(f"{line}\n" for line in lines))
-    os.chmod(out.name, 0o644)
-    os.replace(out.name, path)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    replace_text(Path(path), "".join(f"{line}\n" for line in lines), mode=0o644)

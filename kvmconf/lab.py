@@ -38,6 +38,7 @@ import libvirt
 from generators.model import Cluster, DomainType, Network
 from generators.render import environment
 from kvmconf.errors import KvmconfError
+from kvmconf.files import replace_text
 
 Log = Callable[[str], None]
 
@@ -113,9 +114,7 @@ class Lab:
     def save(self) -> None:
         data = {"dir": str(self.dir), "netns": self.netns, "kvm": self.kvm, "pids": self.pids, "bridges": self.bridges,
                 "hosts": self.hosts}
-        tmp = self.dir / f"{STATE_FILE}.new"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.dir / STATE_FILE)
+        replace_text(self.dir / STATE_FILE, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, lab_dir: Path) -> Lab | None:

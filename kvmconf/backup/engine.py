@@ -48,10 +48,10 @@ from kvmconf.backup.store import (
     allocated,
     checksum_file,
     expired_chains,
-    fsync_path,
     write_point_files,
 )
 from kvmconf.errors import KvmconfError
+from kvmconf.files import fsync_path
 from kvmconf.signals import sigterm_as_interrupt
 
 CHECKPOINT_PREFIX = "kvmconf-"

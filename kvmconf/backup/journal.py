@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kvmconf.backup.store import write_durably
 from kvmconf.errors import KvmconfError
+from kvmconf.files import replace_text
 
 LOCK = ".lock"
 JOURNAL = "journal.json"
@@ -43,13 +43,8 @@ def read(vm_dir: Path, name: str = JOURNAL) -> dict[str, Any] | None:
 
 
 def write(vm_dir: Path, entry: dict[str, Any], name: str = JOURNAL, durable: bool = True) -> None:
-    text = json.dumps(entry, indent=2, sort_keys=True) + "\n"
-    if durable:
-        write_durably(vm_dir / name, text)
-    else:  # still whole or absent (rename), just not flushed
-        tmp = vm_dir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(vm_dir / name)
+    """Replace `name` whole; `durable`: on disk on return (the journal: recovery after a power cut reads it)."""
+    replace_text(vm_dir / name, json.dumps(entry, indent=2, sort_keys=True) + "\n", flush=durable)
 
 
 def clear(vm_dir: Path) -> None:

@@ -10,8 +10,9 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from kvmconf.backup.store import PARTIAL, VmStore, checksum_file, fsync_path, write_point_files
+from kvmconf.backup.store import PARTIAL, VmStore, checksum_file, write_point_files
 from kvmconf.errors import KvmconfError
+from kvmconf.files import fsync_path
 
 Log = Callable[[str], None]
 

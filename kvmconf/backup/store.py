@@ -16,7 +16,6 @@ Layout (the same locally and on the NAS)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import blake3
 import xxhash
+
+from kvmconf.files import fsync_path, write_new
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
@@ -122,34 +123,11 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a directory's entries (after a rename into it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_path(path.parent)
-
-
 def write_point_files(point: Path, manifest: Manifest) -> None:
     """The checksum file and the manifest, on disk with their directory entries before the caller renames `point`."""
     for name, text in ((manifest.sums_file, "".join(f"{d.digest}  {d.file}\n" for d in manifest.disks)),
                        (MANIFEST, manifest.to_json())):
-        with (point / name).open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new(point / name, text, flush=True)
     fsync_path(point)
 
 
