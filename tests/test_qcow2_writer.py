@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmconf.backup.qcow2 import CLUSTER_SIZE, Layout, plan, write
+from kvmconf.backup.qcow2 import CLUSTER_SIZE, Layout, plan
 from tests.tools import require_tool, run
 
 C = CLUSTER_SIZE
@@ -91,6 +91,41 @@ def pattern_read(virtual_size: int) -> Read:
         raw = b"".join(struct.pack(">Q", x + 1) for x in range(first, off + length, 8))
         return raw[off - first:off - first + length]
     return read
+
+
+# --- writing a plan: the backups write theirs with stream.copy, hashing as they go ------------------------------
+
+WRITE_CHUNK = 8 << 20
+
+
+def write(path: Path, layout: Layout, read: Read) -> None:
+    """Write the whole file front to back, the plain way: what plan() promises, without stream.copy's NBD
+    reads, hashing and parallel writes. read(offset, length) returns guest bytes (length may be clamped by the
+    caller's own size; short reads are padded with zeros to the run length).
+
+    read() is never asked for bytes past the end of the disk's last sector (Layout.virtual_size); the rest of
+    the last cluster is zeros. All-zero chunks are skipped with a seek rather than written, so the file stays
+    sparse; the final truncate gives it its full size even when it ends in such a hole.
+    """
+    disk_end = layout.virtual_size
+    with open(path, "wb") as f:
+        f.write(layout.metadata)
+        for offset, length in layout.runs:
+            done = 0
+            while done < length:
+                want = min(WRITE_CHUNK, length - done)
+                inside = min(want, disk_end - offset - done)  # <= 0 only in the padding of the last cluster
+                inside = max(inside, 0)
+                chunk = read(offset + done, inside) if inside else b""
+                if len(chunk) > inside:
+                    raise ValueError(f"read({offset + done}, {inside}) returned {len(chunk)} bytes")
+                if chunk.count(0) == len(chunk):
+                    f.seek(want, os.SEEK_CUR)
+                else:
+                    f.write(chunk)
+                    f.seek(want - len(chunk), os.SEEK_CUR)  # the zero padding of a short read
+                done += want
+        f.truncate(layout.file_size)
 
 
 # --- qemu-img ---------------------------------------------------------------------------------------------------

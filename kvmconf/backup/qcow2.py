@@ -28,13 +28,11 @@ qemu sizes disks in 512-byte sectors: the header holds the virtual size rounded 
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import sys
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 CLUSTER_BITS = 16
 CLUSTER_SIZE = 1 << CLUSTER_BITS
@@ -58,8 +56,6 @@ COPIED = 1 << 63  # refcount is exactly 1: qemu may write in place; `qemu-img ch
 ZERO_FLAG = 1  # v3 L2 entry bit 0: the cluster reads as zeros
 MAX_HOST_CLUSTERS = 1 << 40  # L1/L2 entries hold host offsets in bits 9-55
 SECTOR = 512  # qemu keeps disk sizes in sectors and drops a partial last one when it opens an image
-
-_WRITE_CHUNK = 8 << 20
 
 # Periodic byte patterns for the two low bytes of consecutive cluster numbers, long enough that any window
 # of L2_ENTRIES of them is a plain slice (no copy of the pattern per L2 table).
@@ -306,33 +302,3 @@ def plan(virtual_size: int, data: Iterable[tuple[int, int]], zero: Iterable[tupl
 
     runs = tuple((start * CLUSTER_SIZE, (end - start) * CLUSTER_SIZE) for start, end in data_clusters)
     return Layout(metadata, runs)
-
-
-def write(path: Path, layout: Layout, read: Callable[[int, int], bytes]) -> None:
-    """Write the whole file front to back; read(offset, length) returns guest bytes (length may be clamped by
-    the caller's own size; short reads are padded with zeros to the run length).
-
-    read() is never asked for bytes past the end of the disk's last sector (Layout.virtual_size); the rest of
-    the last cluster is zeros. All-zero
-    chunks are skipped with a seek rather than written, so the file stays sparse; the final truncate gives
-    it its full size even when it ends in such a hole.
-    """
-    disk_end = layout.virtual_size
-    with open(path, "wb") as f:
-        f.write(layout.metadata)
-        for offset, length in layout.runs:
-            done = 0
-            while done < length:
-                want = min(_WRITE_CHUNK, length - done)
-                inside = min(want, disk_end - offset - done)  # <= 0 only in the padding of the last cluster
-                inside = max(inside, 0)
-                chunk = read(offset + done, inside) if inside else b""
-                if len(chunk) > inside:
-                    raise ValueError(f"read({offset + done}, {inside}) returned {len(chunk)} bytes")
-                if chunk.count(0) == len(chunk):
-                    f.seek(want, os.SEEK_CUR)
-                else:
-                    f.write(chunk)
-                    f.seek(want - len(chunk), os.SEEK_CUR)  # the zero padding of a short read
-                done += want
-        f.truncate(layout.file_size)
