@@ -11,6 +11,11 @@ power it off with ``force``), copy its disk (and seed ISO) to the target host's 
 there from the generated XML, start it, wait until it runs, and only then undefine it on the
 source.
 
+A failure, Ctrl-C or SIGTERM (cron's or systemd's timeout, `kill`) on the way removes what the run
+made on the target (files, a domain it defined) and leaves the VM defined on its source; an
+interrupt then still ends the run. A live migration runs in a worker thread so that an interrupt
+can abort libvirt's job at once.
+
 Either way the source's disk files stay where they were (the message says where) until the admin
 removes them, and cluster.conf still says the old ``host=``: the task says which line to change,
 or changes it with ``edit``.
@@ -23,7 +28,8 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import libvirt
@@ -35,6 +41,7 @@ from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import Artifacts, find_vm
 from kvmconf.runner import Runner
+from kvmconf.signals import sigterm_as_interrupt
 
 Log = Callable[[str], None]
 _HOST_WORD = re.compile(r"(?<!\S)host=\S*")
@@ -91,19 +98,57 @@ def _wait(done: Callable[[], bool], timeout: float) -> bool:
 
 
 @contextmanager
-def _undone_on_failure(dst_run: Runner, failure: Callable[[str], str]) -> Iterator[list[str]]:
-    """Inside, the caller lists each file it makes on the target host; should a step fail, they are removed.
+def _undone_on_failure(dst_run: Runner, what: str, state: str, log: Log, hint: str = "",
+                       finished: Callable[[], str | None] = lambda: None) -> Iterator[list[str]]:
+    """Inside, the caller lists each file it makes on the target host; a failure or an interrupt removes them.
 
-    The errors a migration expects (KvmconfError, libvirtError, OSError) become MigrationFailed with
-    ``failure(reason)``: the path's own message, which says where the VM is.
+    ``what`` names the step ("db: migration to kvm1"), ``state`` says where the VM is once the files are
+    gone. The errors a migration expects (KvmconfError, libvirtError, OSError) become MigrationFailed.
+    Ctrl-C and SIGTERM (cron's or systemd's timeout, `kill`) clean up the same, log the state, and go on
+    as KeyboardInterrupt: the run still ends, non-zero. Unless ``finished()`` says the VM runs on the
+    target by then (an interrupt that came as libvirt completed): its files are in use and stay.
     """
     made: list[str] = []
     try:
-        yield made
+        with sigterm_as_interrupt():
+            yield made
     except (KvmconfError, libvirt.libvirtError, OSError) as err:
-        for path in made:
+        raise MigrationFailed(f"{what} failed: {err}; {state}{_remove_all(dst_run, made)}{hint}") from None
+    except KeyboardInterrupt:
+        moved = finished()
+        log(f"{what} interrupted; {moved or state + _remove_all(dst_run, made)}")
+        raise
+
+
+def _remove_all(dst_run: Runner, paths: list[str]) -> str:
+    """Remove each of ``paths``; returns "" or what could not be removed, for the message (never raises)."""
+    failed = []
+    for path in paths:
+        try:
             dst_run.remove(path)
-        raise MigrationFailed(failure(str(err))) from None
+        except (KvmconfError, OSError) as err:
+            failed.append(f"{path}: {err}")
+    return f" (BUT COULD NOT REMOVE, remove by hand: {'; '.join(failed)})" if failed else ""
+
+
+def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, params: dict[str, object],
+                        flags: int) -> libvirt.virDomain:
+    """``dom.migrate3`` (returns the target's domain), but an interrupt aborts libvirt's job.
+
+    Python runs signal handlers in the main thread between its own steps, never inside a libvirt call:
+    a Ctrl-C or SIGTERM would wait for the whole migration (minutes for a big disk). So the call runs
+    in a worker; an interrupt aborts the job, libvirt removes the target's incoming domain and the
+    guest runs on on the source; then the interrupt goes on.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="migrate3") as worker:
+        job = worker.submit(dom.migrate3, dst_conn, params, flags)
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            with suppress(libvirt.libvirtError):  # there is no job any more: it has just ended, one way or the other
+                dom.abortJob()
+            job.exception()  # until libvirt has undone its part (or completed, too far along to abort)
+            raise
 
 
 def _live_xml(xml: str, moves: Moves) -> str:
@@ -120,15 +165,28 @@ def _live_xml(xml: str, moves: Moves) -> str:
 def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
                   moves: Moves, log: Log) -> libvirt.virDomain:
     """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
-    src_run, dst_run = conns.runner(vm.host), conns.runner(to)
-    with _undone_on_failure(dst_run, lambda why: f"{vm.name}: live migration to {to} failed: {why}; it still runs on"
-                            f" {vm.host} and the files made on {to} were removed (try --cold: shut down, copy, start"
-                            " there)") as made:
-        disks.create(dst_run, disks.disk_spec(target, moved))  # empty, same size: libvirt mirrors into it
-        made.append(moves.files[0][1])
+    src_run, dst_run, dst_conn = conns.runner(vm.host), conns.runner(to), conns.get(to)
+
+    def finished() -> str | None:
+        """After an interrupt: the state when the migration completed all the same (no domain of its name was there)."""
+        try:
+            if domains.lookup(dst_conn, vm.name) is None:
+                return None
+        except libvirt.libvirtError as err:  # if it runs there, its files are in use: leave them
+            return (f"{to} cannot say whether it runs there ({err.get_error_message()}); nothing was removed on {to}:"
+                    f" check both hosts with `invoke status`")
+        return (f"it had moved all the same: it runs on {to}, and is still defined (shut off) on {vm.host}; check it"
+                f" on {to}, then undefine it on {vm.host}")
+
+    with _undone_on_failure(dst_run, f"{vm.name}: live migration to {to}",
+                            f"it still runs on {vm.host} and the files made on {to} were removed", log,
+                            " (try --cold: shut down, copy, start there)", finished) as made:
+        spec = disks.disk_spec(target, moved)
+        made.append(spec.path)  # listed before it is made: an interrupt may come while qemu-img runs
+        disks.create(dst_run, spec)  # empty, same size: libvirt mirrors into it
         for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
-            copy_file(src_run, dst_run, src, dst)
             made.append(dst)
+            copy_file(src_run, dst_run, src, dst)
         xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
                                      libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
@@ -138,7 +196,7 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
             params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = "127.0.0.1"
         flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_NON_SHARED_DISK
         log(f"{vm.name}: migrating live to {to} (memory and disk) ...")
-        new: libvirt.virDomain = dom.migrate3(conns.get(to), params, flags)
+        new = _abortable_migrate3(dom, dst_conn, params, flags)
     return new
 
 
@@ -188,12 +246,12 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
             if not _wait(lambda: not domains.is_active(dom), shutdown_timeout):
                 raise MigrationFailed(f"{name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
                                       f" {vm.host} (run again with --force to power it off)")
-    with _undone_on_failure(dst_run, lambda why: f"{name}: migration to {to} failed: {why}; the copies on {to} were"
-                            f" removed and the VM is still defined (shut off) on {vm.host}: start it there with"
-                            " `invoke start`") as made:
+    with _undone_on_failure(dst_run, f"{name}: migration to {to}", f"the copies on {to} were removed and the VM"
+                            f" is still defined (shut off) on {vm.host}: start it there with `invoke start`",
+                            log) as made:
         for src, dst in moves.files:
+            made.append(dst)  # listed before the copy: an interrupt may come while it is renamed into place
             copy_file(src_run, dst_run, src, dst)
-            made.append(dst)
             log(f"{name}: copied {src} to {to}:{dst}")
         new = domains.define(dst_conn, Artifacts(target).domain_xml(moved))
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import libvirt
@@ -12,10 +14,12 @@ import pytest
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf import domains
+from kvmconf import migrate as migrate_module
 from kvmconf.connection import Connections, connections
 from kvmconf.errors import KvmconfError
-from kvmconf.migrate import MigrationFailed, edit_host, files_to_copy, host_line, migrate, on_host
+from kvmconf.migrate import MigrationFailed, _remove_all, edit_host, files_to_copy, host_line, migrate, on_host
 from kvmconf.plan import Artifacts
+from kvmconf.runner import Result, Runner
 
 
 def test_files_go_to_the_target_hosts_disk_dir(example: Cluster) -> None:
@@ -145,3 +149,38 @@ def test_a_failed_live_migration_keeps_the_vm_running_on_the_source(two_hosts: C
         assert domains.is_active(conns.get("kvm0").lookupByName("db"))
         assert domains.lookup(conns.get("kvm1"), "db") is None
     assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+def test_an_interrupt_as_a_copy_lands_removes_it_and_goes_on(two_hosts: Cluster,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, which the run turns into one) raised from inside the copy, once the file is in place.
+
+    Deterministic stand-in for a signal; tests/test_migrate_interrupt.py sends a real one to a real run.
+    """
+    real_copy = migrate_module.copy_file
+
+    def copy_then_interrupt(source: Runner, target: Runner, src: str, dst: str) -> None:
+        real_copy(source, target, src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(migrate_module, "copy_file", copy_then_interrupt)
+    log: list[str] = []
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        with pytest.raises(KeyboardInterrupt):
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
+        assert domains.lookup(conns.get("kvm0"), "db") is not None
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    assert log[-1] == ("db: migration to kvm1 interrupted; the copies on kvm1 were removed and the VM is still defined"
+                       " (shut off) on kvm0: start it there with `invoke start`")
+    assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+
+def test_files_that_cannot_be_removed_are_named_for_removal_by_hand() -> None:
+    def rm_fails(argv: Sequence[str], _stdin: bytes | None) -> Result:
+        return subprocess.CompletedProcess(list(argv), 1, b"", b"rm: Read-only file system")
+
+    message = _remove_all(Runner(execute=rm_fails), ["/images/db.img"])
+    assert message == (" (BUT COULD NOT REMOVE, remove by hand: /images/db.img: localhost: `rm -f -- /images/db.img`"
+                       " failed with exit status 1: rm: Read-only file system)")

@@ -1,0 +1,138 @@
+"""A real SIGTERM to a real `invoke migrate` on the lab's two libvirtd "hosts", while it copies.
+
+cron's and systemd's timeouts and an admin's `kill` send SIGTERM; Ctrl-C is the same interrupt. The
+run must take back what it made on the target (files, a domain) and leave the VM defined on its
+source, then still end non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import libvirt
+import libvirt_qemu
+import pytest
+
+from generators.validate import load_cluster
+from kvmconf import lab
+from kvmconf.connection import connections
+from kvmconf.provision import provision
+from tests import test_lab
+from tests.labs import quiet, running_lab
+from tests.test_lab import ROOT, domains_on
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+NETNS_PREFIX = "kvmconf-migtest-"  # + the pytest PID: a killed run's namespaces are removed by the next run
+
+# The lab's per-test fixtures, with this module's own lab under them.
+clean = test_lab.clean
+workdir = test_lab.workdir
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
+
+
+def _provision(workdir: Path, the_lab: lab.Lab, name: str) -> None:
+    cluster = lab.remap(load_cluster(workdir / "cluster.conf", workdir / "site.toml"), the_lab)
+    with connections(cluster) as conns:
+        provision(cluster, [name], conns, log=quiet)
+
+
+@pytest.fixture
+def migration(workdir: Path, clean: lab.Lab, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `invoke migrate ARGS` as the admin does, in a session of its own; whatever it left running is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, path: str = os.environ["PATH"]) -> subprocess.Popen[str]:
+        env = {**os.environ, "KVMCONF_CLUSTER": str(workdir / "cluster.conf"),
+               "KVMCONF_SITE": str(workdir / "site.toml"), "KVMCONF_LAB": str(clean.dir), "PATH": path}
+        child = subprocess.Popen([sys.executable, "-m", "invoke", "migrate", *args], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        with suppress(ProcessLookupError):  # the run and what it started (a copy killed with it would be gone)
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def _wait_for(done: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _interrupt(child: subprocess.Popen[str]) -> str:
+    child.send_signal(signal.SIGTERM)
+    output, _ = child.communicate(timeout=60)
+    assert child.returncode == 1, output  # invoke's exit status for an interrupt; killed by SIGTERM would be -15
+    return output
+
+
+def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined_on_its_source(
+        workdir: Path, clean: lab.Lab, tmp_path: Path, migration: Callable[..., subprocess.Popen[str]]) -> None:
+    """The signal lands while the second file (the seed ISO) copies: the finished disk copy goes too.
+
+    The copy is slowed by a `cp` first on PATH that runs the real one, then sleeps: without that, a
+    copy of these small sparse files ends before a signal could be timed.
+    """
+    _provision(workdir, clean, "cloud")  # on kvm1: a qcow2 overlay and a seed ISO
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "cp").write_text(f'#!/bin/sh\ncase "$*" in *-seed.iso.kvmconf-migrating*) {shutil.which("cp")} "$@";'
+                             f' exec sleep 60;; esac\nexec {shutil.which("cp")} "$@"\n')
+    (slow / "cp").chmod(0o755)
+    target = clean.images / "kvm0"
+    child = migration("--vm", "cloud", "--to", "kvm0", "--cold", "--force", path=f"{slow}:{os.environ['PATH']}")
+    _wait_for(lambda: (target / "cloud-seed.iso.kvmconf-migrating").exists(), "the seed ISO's copy")
+    assert (target / "cloud.qcow2").is_file()  # the disk's copy is complete and in place
+    output = _interrupt(child)
+    assert output.splitlines()[-1] == ("cloud: migration to kvm0 interrupted; the copies on kvm0 were removed and the"
+                                       " VM is still defined (shut off) on kvm1: start it there with `invoke start`")
+    assert list(target.iterdir()) == []
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["cloud"])
+    assert sorted(p.name for p in (clean.images / "kvm1").iterdir()) == ["cloud-seed.iso", "cloud.qcow2"]
+
+
+def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_runs_on_on_its_source(
+        workdir: Path, clean: lab.Lab, migration: Callable[..., subprocess.Popen[str]]) -> None:
+    """libvirt copies memory and disk inside one call, where Python's signal handlers do not run: the job is aborted.
+
+    The migration is slowed by libvirt's own bandwidth limit (1 MiB/s) over 16 MiB the guest wrote.
+    """
+    _provision(workdir, clean, "web")  # qcow2, running on kvm0
+    conn = libvirt.open(clean.uri_of("kvm0"))
+    try:
+        dom = conn.lookupByName("web")
+        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 16M"'
+        hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        assert libvirt_qemu.qemuMonitorCommand(dom, command, hmp).strip() == ""  # written as the guest would
+        dom.migrateSetMaxSpeed(1, 0)
+        child = migration("--vm", "web", "--to", "kvm1")
+        _wait_for(lambda: domains_on(clean, "kvm1") == ["web"], "the incoming domain on kvm1")
+        started = time.monotonic()
+        output = _interrupt(child)
+        assert time.monotonic() - started < 10, output  # aborted, not waited for
+        assert output.splitlines()[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
+                                           " files made on kvm1 were removed")
+        assert dom.isActive() and dom.isPersistent()
+        assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    finally:
+        conn.close()
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert list((clean.images / "kvm1").iterdir()) == []
