@@ -34,16 +34,29 @@ PXELINUX_DEFAULT_TEMPLATE = "pxelinux-default.cfg.j2"
 GRUB_TEMPLATE = "grub-install.cfg.j2"
 GRUB_MAIN_TEMPLATE = "grub.cfg.j2"
 
-PXELINUX_DIR = PurePosixPath("tftp/pxelinux.cfg")
-GRUB_DIR = PurePosixPath("tftp/grub")
+# The TFTP root's layout, relative to that root. pxelinux and GRUB look these names up, and
+# kvmconf.provision_server assembles and prunes the deployed root by them: each is spelled here only.
+BUILD_DIR = PurePosixPath("tftp")  # where render() puts the generated part of the TFTP root (under build/)
+PXELINUX_CFG_DIR = "pxelinux.cfg"  # pxelinux.0 reads its configs from this directory beside it
+PXELINUX_DEFAULT = f"{PXELINUX_CFG_DIR}/default"
+GRUB_DIR = "grub"  # the GRUB image's prefix: it reads grub.cfg and its per-MAC files here, and loads modules below
+GRUB_CFG_NAME = "grub.cfg"  # GRUB reads $prefix/grub.cfg; the per-MAC ones are grub.cfg-<mac> beside it
+GRUB_CFG = f"{GRUB_DIR}/{GRUB_CFG_NAME}"
+GRUB_MAC_CFG = f"{GRUB_CFG}-"  # + a MAC spelling: GRUB's per-MAC config (see grub_entries)
+GRUB_PLATFORM = "x86_64-efi"  # GRUB's module directory name, in /usr/lib/grub/ and (by grub-mknetdir) in GRUB_DIR
+GRUB_CORE_EFI = f"{GRUB_DIR}/{GRUB_PLATFORM}/core.efi"  # the image grub-mknetdir --subdir=GRUB_DIR makes
+GRUB_EFI_IMAGE = f"{GRUB_DIR}/grubx64.efi"  # the UEFI boot file (dnsmasq.conf's dhcp-boot), a copy of GRUB_CORE_EFI
+PER_MAC_DIRS = (PXELINUX_CFG_DIR, GRUB_DIR)  # where the per-MAC entries are
+ETHERNET = "01-"  # the ARP hardware type of Ethernet, which pxelinux (and Debian's GRUB) put before the MAC
 # Any per-MAC entry name boot_entries can give, relative to the TFTP root: a deploy removes the ones the
 # build no longer has (kvmconf.provision_server).
-PER_MAC_ENTRY = re.compile(r"(pxelinux\.cfg/01-|grub/grub\.cfg-(01-)?)[0-9a-f]{2}([-:][0-9a-f]{2}){5}")
+PER_MAC_ENTRY = re.compile(rf"({re.escape(f'{PXELINUX_CFG_DIR}/{ETHERNET}')}|{re.escape(GRUB_MAC_CFG)}"
+                           rf"({re.escape(ETHERNET)})?)[0-9a-f]{{2}}([-:][0-9a-f]{{2}}){{5}}")
 
 
 def pxelinux_entry(mac: str) -> str:
     """pxelinux looks for "01-" (the ARP type of Ethernet) + the MAC in lower case with dashes."""
-    return f"pxelinux.cfg/01-{mac.lower().replace(':', '-')}"
+    return f"{PXELINUX_CFG_DIR}/{ETHERNET}{mac.lower().replace(':', '-')}"
 
 
 def grub_entries(mac: str) -> list[str]:
@@ -51,12 +64,13 @@ def grub_entries(mac: str) -> list[str]:
     (upstream); our grub.cfg reads the colon form ($net_default_mac). Same content in all three."""
     mac = mac.lower()
     dashes = mac.replace(":", "-")
-    return [f"grub/grub.cfg-01-{dashes}", f"grub/grub.cfg-{dashes}", f"grub/grub.cfg-{mac}"]
+    return [f"{GRUB_MAC_CFG}{ETHERNET}{dashes}", f"{GRUB_MAC_CFG}{dashes}", f"{GRUB_MAC_CFG}{mac}"]
 
 
 def boot_entries(mac: str) -> list[str]:
     """Every per-MAC boot config a VM with this MAC may have, relative to the TFTP root (both loaders)."""
     return [pxelinux_entry(mac), *grub_entries(mac)]
+
 
 # TFTP root path -> the Debian 12 file to copy there (BIOS boot chain; pxelinux.0 loads ldlinux.c32 beside it).
 BIOS_LOADER_FILES = {
@@ -122,10 +136,10 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     env = environment()
     site = cluster.site
     tree: dict[PurePosixPath, str | bytes] = {
-        PXELINUX_DIR / "default": env.get_template(PXELINUX_DEFAULT_TEMPLATE).render(
+        BUILD_DIR / PXELINUX_DEFAULT: env.get_template(PXELINUX_DEFAULT_TEMPLATE).render(
             banner=banner_lines(cluster, PXELINUX_DEFAULT_TEMPLATE), site=site),
-        GRUB_DIR / "grub.cfg": env.get_template(GRUB_MAIN_TEMPLATE).render(
-            banner=banner_lines(cluster, GRUB_MAIN_TEMPLATE), site=site),
+        BUILD_DIR / GRUB_CFG: env.get_template(GRUB_MAIN_TEMPLATE).render(
+            banner=banner_lines(cluster, GRUB_MAIN_TEMPLATE), site=site, grub_cfg=GRUB_CFG_NAME),
     }
     pxelinux = env.get_template(PXELINUX_TEMPLATE)
     pxelinux_banner = banner_lines(cluster, PXELINUX_TEMPLATE)
@@ -137,7 +151,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         release = cluster.os_of(vm)
         args = installer_args(cluster, vm)
         if vm.boot is Boot.BIOS:
-            tree[PXELINUX_DIR.parent / pxelinux_entry(vm.mac)] = pxelinux.render(
+            tree[BUILD_DIR / pxelinux_entry(vm.mac)] = pxelinux.render(
                 banner=pxelinux_banner, vm=vm, fqdn=cluster.fqdn(vm), os=release, append=pxelinux_append(args))
         else:
             text = grub.render(
@@ -145,5 +159,5 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
                 title=grub_word(f"Install {release.name} on {cluster.fqdn(vm)}"),
                 kernel=grub_word(_tftp_path(release.kernel)), initrd=grub_word(_tftp_path(release.initrd)))
             for name in grub_entries(vm.mac):
-                tree[GRUB_DIR.parent / name] = text
+                tree[BUILD_DIR / name] = text
     return tree

@@ -56,7 +56,7 @@ SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <ht
 # The Debian netboot package per suite: debian-installer-<N>-netboot-amd64 puts its tree here.
 NETBOOT_RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
 NETBOOT_DIR = "/usr/lib/debian-installer/images/{release}/amd64/text"
-GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
+GRUB_EFI_MODULES = Path("/usr/lib/grub") / pxe.GRUB_PLATFORM
 
 
 # --- installed state --------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> boo
     installed = read_installed(config_dir)
     write_installed(config_dir, installed | {vm} if done else installed - {vm})
     for rel in entries:
-        built = config_dir / "build" / "tftp" / rel
+        built = config_dir / "build" / pxe.BUILD_DIR / rel
         if done:
             (tftp_root / rel).unlink(missing_ok=True)
         elif built.is_file():
@@ -246,27 +246,29 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
     prefix /grub, each OS's installer kernel and initrd."""
     tftp_root.mkdir(parents=True, exist_ok=True)
+    built = build / pxe.BUILD_DIR
     installed = {rel for vm in read_installed(build.parent) for rel in boot_entries(build.parent, vm)}
 
     def installed_entries(directory: str, names: list[str]) -> set[str]:
         # Never copied, rather than copied and then deleted: an installed VM booting in between would reinstall.
-        where = Path(directory).relative_to(build / "tftp")
+        where = Path(directory).relative_to(built)
         return {name for name in names if str(where / name) in installed}
 
-    if (build / "tftp").is_dir():
-        shutil.copytree(build / "tftp", tftp_root, dirs_exist_ok=True, ignore=installed_entries)
-    _remove_stale_boot_entries(build / "tftp", tftp_root)
+    if built.is_dir():
+        shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries)
+    _remove_stale_boot_entries(built, tftp_root)
     for rel in installed:  # left from before the mark
         (tftp_root / rel).unlink(missing_ok=True)
     for name, src in BIOS_LOADER_FILES.items():
         _copy_if_changed(Path(src), tftp_root / name)
-    if not (tftp_root / "grub" / "x86_64-efi" / "core.efi").exists():
+    if not (tftp_root / pxe.GRUB_CORE_EFI).exists():
         if not GRUB_EFI_MODULES.is_dir():
             raise KvmconfError(f"{GRUB_EFI_MODULES} is missing: install the package grub-efi-amd64-bin")
         # Debian's netboot grubx64.efi has /debian-installer/amd64/grub built in as its prefix: it would never
         # read grub/grub.cfg. grub-mknetdir makes an image whose prefix is the TFTP directory grub/.
-        _check_call(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}", "--subdir=grub"])
-    _copy_if_changed(tftp_root / "grub" / "x86_64-efi" / "core.efi", tftp_root / "grub" / "grubx64.efi")
+        _check_call(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}",
+                     f"--subdir={pxe.GRUB_DIR}"])
+    _copy_if_changed(tftp_root / pxe.GRUB_CORE_EFI, tftp_root / pxe.GRUB_EFI_IMAGE)
     for release in cluster.site.oses.values():
         if release.family != "debian" or not release.kernel or not release.initrd:
             continue
@@ -280,7 +282,7 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
 
     Left behind, such an entry would install over whatever machine later boots with that MAC.
     """
-    for directory in ("pxelinux.cfg", "grub"):
+    for directory in pxe.PER_MAC_DIRS:
         if not (tftp_root / directory).is_dir():
             continue
         for path in (tftp_root / directory).iterdir():
