@@ -137,8 +137,8 @@ def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, pa
 
     Python runs signal handlers in the main thread between its own steps, never inside a libvirt call:
     a Ctrl-C or SIGTERM would wait for the whole migration (minutes for a big disk). So the call runs
-    in a worker; an interrupt aborts the job, libvirt removes the target's incoming domain and the
-    guest runs on on the source; then the interrupt goes on.
+    in a worker; an interrupt aborts the job, libvirt removes the target's incoming domain, the guest
+    keeps running on the source, and then the interrupt goes on.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="migrate3") as worker:
         job = worker.submit(dom.migrate3, dst_conn, params, flags)

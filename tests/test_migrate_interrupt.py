@@ -109,7 +109,7 @@ def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined
     assert sorted(p.name for p in (clean.images / "kvm1").iterdir()) == ["cloud-seed.iso", "cloud.qcow2"]
 
 
-def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_runs_on_on_its_source(
+def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_its_source(
         workdir: Path, clean: lab.Lab, migration: Callable[..., subprocess.Popen[str]]) -> None:
     """libvirt copies memory and disk inside one call, where Python's signal handlers do not run: the job is aborted.
 
