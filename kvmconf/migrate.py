@@ -39,6 +39,7 @@ from generators.paths import disk_path, seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
+from kvmconf.files import replace_text
 from kvmconf.plan import Artifacts, find_vm
 from kvmconf.runner import Runner
 from kvmconf.signals import sigterm_as_interrupt
@@ -296,7 +297,5 @@ def edit_host(path: Path, vm: Vm, to: str) -> str:
     _old, new = host_line(path, vm, to)
     lines = path.read_text().split("\n")
     lines[vm.line - 1] = new
-    tmp = path.with_name(path.name + ".kvmconf-new")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    replace_text(path, "\n".join(lines))  # keeps the admin's permissions on cluster.conf
     return new

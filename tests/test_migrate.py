@@ -44,11 +44,14 @@ def test_edit_host_rewrites_only_that_line(example: Cluster, tmp_path: Path) -> 
     path = tmp_path / "cluster.conf"
     shutil.copy("cluster.conf", path)
     shutil.copy("site.toml", tmp_path / "site.toml")
+    path.chmod(0o640)  # the admin's choice: kept
     before = path.read_text().split("\n")
     edit_host(path, example.vm("db"), "kvm1")
     after = path.read_text().split("\n")
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
     assert changed == [example.vm("db").line - 1]
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.conf", "site.toml"]
     assert load_cluster(path, tmp_path / "site.toml").vm("db").host == "kvm1"
 
 
