@@ -17,7 +17,7 @@ from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
 from kvmconf.connection import connections
-from kvmconf.plan import format_plan, make_plan, select
+from kvmconf.plan import format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
 from kvmconf.status import format_status
@@ -57,7 +57,7 @@ def plan(c: Context, vm: list[str]) -> None:
     with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
-            result = make_plan(cluster, select(cluster, vm, not vm), conns, others=not vm, strict=False)
+            result = make_plan(cluster, select_or_all(cluster, vm), conns, others=not vm, strict=False)
         print(format_plan(result))
         if any(h.error for h in result.hosts):
             raise Exit("kvmconf: some hosts could not be reached", 1)
@@ -242,13 +242,12 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
                              "accept-changed": "replace recorded keys that changed (after checking why!)"})
 def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
     """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""
-    from kvmconf.deploy import select as select_vms
     from kvmconf.keyscan import keyscan as scan_keys
     from kvmconf.remote import generated_ssh_config
 
     with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
-        names = [v.name for v in select_vms(cluster, vm)]
+        names = [v.name for v in select_or_all(cluster, vm)]
         for message in scan_keys(names, generated_ssh_config(ssh_config), accept_changed):
             print(message)
 

@@ -23,7 +23,7 @@ from fabric import Connection
 
 from generators.model import Cluster, Vm
 from kvmconf.errors import KvmconfError
-from kvmconf.plan import select as select_named
+from kvmconf.plan import select_or_all
 from kvmconf.recipes import FileSpec, Recipe, recipe_for
 from kvmconf.remote import command, connect, resolve, run, script
 
@@ -118,11 +118,6 @@ def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
     for vm in vms:
         result[level[vm.name]].append(vm)
     return result
-
-
-def select(cluster: Cluster, names: Sequence[str]) -> list[Vm]:
-    """The VMs named, or every VM when none is."""
-    return select_named(cluster, names, all_vms=not names)
 
 
 def _check(result_ok: bool, step: str, message: str) -> None:
@@ -285,7 +280,7 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
 
 def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Options) -> RunReport:
     """deploy (full=True: packages, files, hooks) or update-confs (files only) on the chosen VMs, in waves."""
-    vms = select(cluster, names)
+    vms = select_or_all(cluster, names)
     plan = recipes(cluster, vms, options.recipe_dir)
     result = RunReport("deploy" if full else "update-confs")
     lock = threading.Lock()

@@ -125,6 +125,11 @@ def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
     return [vm for vm in cluster.vms if vm.name in wanted]
 
 
+def select_or_all(cluster: Cluster, names: Sequence[str]) -> list[Vm]:
+    """The VMs named, or every VM when none is: the rule of the tasks whose --vm is optional (plan, deploy, ...)."""
+    return select(cluster, names, all_vms=not names)
+
+
 def find_vm(cluster: Cluster, name: str) -> Vm:
     """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones."""
     for vm in cluster.vms:

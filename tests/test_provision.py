@@ -23,7 +23,7 @@ from generators.model import Cluster, DomainType
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import Connections, connections
 from kvmconf.errors import DiskExists, HostUnreachable, KvmconfError, ProvisionBlocked, ProvisionFailed, UnknownVm
-from kvmconf.plan import Action, make_plan, select
+from kvmconf.plan import Action, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
 from tests.tools import require_tool
@@ -444,6 +444,13 @@ def test_an_unknown_vm_name_suggests_close_ones(cluster: Cluster) -> None:
     with pytest.raises(KvmconfError, match="name the VMs with --vm NAME"):
         select(cluster, [], False)
     assert [vm.name for vm in select(cluster, ["web", "provision"], False)] == ["provision", "web"]  # file order
+
+
+def test_the_tasks_whose_vm_is_optional_take_no_name_as_every_vm(cluster: Cluster) -> None:
+    assert select_or_all(cluster, []) == list(cluster.vms)
+    assert [vm.name for vm in select_or_all(cluster, ["web", "provision"])] == ["provision", "web"]
+    with pytest.raises(UnknownVm, match=r"'lldap' is not a VM of cluster.conf \(did you mean ldap\?\)"):
+        select_or_all(cluster, ["lldap"])
 
 
 def test_plan_lists_domains_not_in_cluster_conf(cluster: Cluster, conns: Connections) -> None:
