@@ -266,7 +266,11 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
     counts: dict[str, int] | None = {}
     vfs: dict[str, tuple[str, ...]] = {}
     for pf, value in (sriov or {}).items():
-        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 256:
+        if not IFACE_PATTERN.fullmatch(pf):  # it names the host's NIC and the libvirt network vf-<pf>
+            r.problem("sriov", f"{shown(pf)} is not an interface name (expected at most 15 letters, digits, '-', '_',"
+                      " '.')")
+            counts = None
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 256:
             if counts is not None:
                 counts[pf] = value
         elif isinstance(value, list) and value and all(isinstance(a, str) and PCI_PATTERN.fullmatch(a.lower())

@@ -291,6 +291,10 @@ CASES = [
          (site(45, 1, "key 'hosts.kvm1.sriov': eno2 = 0 is not a VF count (expected a number of VFs 1-256, or the"
                       " list of the VFs' PCI addresses)"),),
          site=sub("[hosts.kvm1]\n", "[hosts.kvm1]\nsriov = {eno2 = 0}\n")),
+    Case("site-sriov-not-an-interface",
+         (site(45, 1, "key 'hosts.kvm1.sriov': 'eno/2' is not an interface name (expected at most 15 letters, digits,"
+                      " '-', '_', '.')"),),
+         site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\nsriov = {"eno/2" = 2}\n')),
     Case("site-pci-not-an-address",
          (site(45, 1, "key 'hosts.kvm1.pci': '1a:00.1' is not a PCI address (expected dddd:bb:ss.f, e.g."
                       " 0000:1a:00.1)"),),
