@@ -257,7 +257,10 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     if built.is_dir():
         shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries)
     _remove_stale_boot_entries(built, tftp_root)
-    for rel in installed:  # left from before the mark
+    # copytree leaves an installed VM's entries uncopied, but cannot remove one that an older deploy put there:
+    # that happens here. `installed` can name a VM whose entry is still deployed: the file edited by hand or
+    # restored, or a mark stopped between writing the state and unlinking the entry (set_installed).
+    for rel in installed:
         (tftp_root / rel).unlink(missing_ok=True)
     for name, src in BIOS_LOADER_FILES.items():
         _copy_if_changed(Path(src), tftp_root / name)

@@ -126,6 +126,20 @@ def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
         provision_server.reinstall(cluster, "login")
 
 
+def test_a_rebuild_removes_an_installed_vms_entry_that_an_older_deploy_left(example: Cluster, tmp_path: Path) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    provision_server.assemble_tftp(cluster, provision_server.stage_build(cluster, config_dir), tftp_root)
+    entry = tftp_root / MCP_ENTRY
+    assert entry.is_file()
+    # The state says installed but the deployed entry is still there: `installed` edited by hand (or restored),
+    # or a mark whose process stopped after writing the state and before removing the entry.
+    provision_server.write_installed(config_dir, {"mcp"})
+    provision_server.assemble_tftp(cluster, provision_server.stage_build(cluster, config_dir), tftp_root)
+    assert not entry.exists()  # else mcp would install over itself at its next network boot
+    assert (tftp_root / "pxelinux.cfg/01-52-54-00-50-00-10").is_file()  # ldap is not installed: it keeps its own
+
+
 def test_a_rebuild_removes_the_boot_entries_of_vms_gone_from_cluster_conf(example: Cluster, tmp_path: Path) -> None:
     import dataclasses
 
