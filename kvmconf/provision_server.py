@@ -40,12 +40,12 @@ from urllib.parse import unquote, urlsplit
 
 from generators import pxe
 from generators.build import input_digest, render_all
-from generators.errors import UsageError
 from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
 from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq, stop_pid
+from kvmconf.plan import find_vm
 
 Log = Callable[[str], None]
 
@@ -313,9 +313,7 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
 
 def reinstall(cluster: Cluster, name: str, log: Log = print) -> None:
     """Undo an install mark: the VM's next PXE request gets its installer again (its disk must be empty to ask)."""
-    if name not in {vm.name for vm in cluster.vms}:
-        raise UsageError(f"no VM {name!r} in cluster.conf")
-    vm = cluster.vm(name)
+    vm = find_vm(cluster, name)
     if vm.install is not Install.PXE:
         raise KvmconfError(f"{name} is install={vm.install.value} in cluster.conf: only install=pxe VMs are"
                            " reinstalled over the network")

@@ -60,6 +60,12 @@ def test_a_wrong_request_says_what_is_allowed(args: tuple[str, ...], message: st
     assert result.stderr.startswith(message), result.stderr
 
 
+def test_reinstall_refuses_an_unknown_vm_as_every_task_does() -> None:
+    result = invoke("reinstall", "--vm", "mpc")
+    assert (result.returncode, result.stderr) == (
+        1, f"kvmconf: 'mpc' is not a VM of {ROOT}/cluster.conf (did you mean mcp?)\n")
+
+
 def test_an_invalid_cluster_conf_is_reported_with_its_line_and_nothing_is_contacted(tmp_path: Path) -> None:
     bad = tmp_path / "cluster.conf"
     bad.write_text("web\t52:54:00:zz:00:01\t192.168.50.21\t1024\t10\t1\t-\n")
