@@ -220,13 +220,21 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     with pytest.raises(RestoreFailed, match="is running: shut it off first"):
         restore(store, None, None, dom, True, quiet)
     dom.destroy()
+    changed = disk.read_bytes()
+    with pytest.raises(RestoreFailed, match=f"{disk} exists already and is never overwritten .*: give --to a new path"):
+        restore(store, None, disk, None, False, quiet)  # --to the VM's own disk: no way round --force
+    assert disk.read_bytes() == changed and not list(tmp_path.glob("*.partial"))
     restore(store, None, None, dom, True, quiet)
     kept = tmp_path / f"vda.qcow2.before-restore-{point.time}"
-    assert kept.is_file()  # the replaced disk stays until the restored VM has run
+    assert kept.read_bytes() == changed  # the replaced disk stays until the restored VM has run
     assert compare(disk, store.point_dir(point.time) / "vda.qcow2").returncode == 0
+    restore(store, None, None, dom, True, quiet)  # again, before the VM ran: the first kept disk is not overwritten
+    assert kept.read_bytes() == changed
+    again = tmp_path / f"vda.qcow2.before-restore-{point.time}.2"
+    assert compare(again, store.point_dir(point.time) / "vda.qcow2").returncode == 0
     dom.create()
-    ok(backup_vm(dom, settings, 3, quiet))  # running now: the replaced disk goes
-    assert not kept.exists()
+    ok(backup_vm(dom, settings, 3, quiet))  # running now: both replaced disks go
+    assert not kept.exists() and not again.exists()
 
 
 def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libvirt.virConnect, tmp_path: Path,

@@ -550,13 +550,13 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
 
 def _remove_replaced(store: VmStore, dom: libvirt.virDomain, log: Log) -> None:
     """Disks replaced by an in-place restore are kept until the restored VM has run: it runs now."""
-    entry = journal.read(store.dir, "replaced.json")
+    entry = journal.read(store.dir, journal.REPLACED)
     if entry is None or not dom.isActive():
         return
     for path in entry.get("files", []):
         Path(path).unlink(missing_ok=True)
         log(f"{store.vm}: removed {path}, the disk an in-place restore replaced (the restored VM runs)")
-    (store.dir / "replaced.json").unlink()
+    (store.dir / journal.REPLACED).unlink()
 
 
 def _record(store: VmStore, outcome: Outcome) -> None:

@@ -16,6 +16,7 @@ from kvmconf.files import replace_text
 LOCK = ".lock"
 JOURNAL = "journal.json"
 LAST_RUN = "last-run.json"
+REPLACED = "replaced.json"  # disks an in-place restore replaced, kept until the restored VM runs
 
 
 @contextmanager

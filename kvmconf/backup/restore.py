@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,17 @@ def _verify_chain(store: VmStore, manifest: Manifest) -> None:
             raise RestoreFailed(f"{store.vm}: restore point {m.time} is damaged: {'; '.join(problems)}")
 
 
-def _rebuild(store: VmStore, manifest: Manifest, out: Path, log: Log) -> list[Path]:
-    written = []
-    for disk in manifest.disks:
+def _targets(store: VmStore, manifest: Manifest, out: Path) -> list[Path]:
+    """Where each disk goes: `out` itself for a one-disk VM given a file name, else <out>/<vm>-<dev>.<format>."""
+    if out.suffix and len(manifest.disks) == 1:
+        return [out]
+    return [out / f"{store.vm}-{disk.dev}.{disk.format}" for disk in manifest.disks]
+
+
+def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], log: Log) -> None:
+    """Write each disk of `manifest` flat at its target, verified; an existing target is never overwritten."""
+    for disk, target in zip(manifest.disks, targets, strict=True):
         top = store.point_dir(manifest.time) / disk.file
-        target = out if out.suffix and len(manifest.disks) == 1 else out / f"{store.vm}-{disk.dev}.{disk.format}"
         partial = target.with_name(target.name + ".partial")
         run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)],
                  error=RestoreFailed)
@@ -53,10 +60,30 @@ def _rebuild(store: VmStore, manifest: Manifest, out: Path, log: Log) -> list[Pa
             partial.unlink(missing_ok=True)
             raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} differs from the backup:"
                                 f" {compared.stdout.strip()}")
-        partial.rename(target)
+        try:
+            os.link(partial, target)  # unlike a rename, fails if a file appeared there meanwhile
+        except FileExistsError:
+            raise RestoreFailed(f"{store.vm}: {target} appeared during the restore and is left as it is; the"
+                                f" restored {disk.dev} is {partial}") from None
+        partial.unlink()
         log(f"{store.vm}: {disk.dev} restored from {manifest.time} to {target} (verified with qemu-img compare)")
-        written.append(target)
-    return written
+
+
+def _refuse_existing(store: VmStore, targets: list[Path]) -> None:
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise RestoreFailed(f"{store.vm}: {', '.join(existing)} exists already and is never overwritten (it may be a"
+                            " disk in use): give --to a new path, or remove it first")
+
+
+def _kept_name(source: Path, time: str) -> Path:
+    """Where the replaced disk is kept: never over an earlier restore's kept disk (the original may be that one)."""
+    kept = source.with_name(f"{source.name}.before-restore-{time}")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = source.with_name(f"{source.name}.before-restore-{time}.{n}")
+    return kept
 
 
 def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDomain | None, force: bool,
@@ -66,31 +93,42 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
     with journal.vm_lock(store.dir):
         _verify_chain(store, manifest)
         if to is not None:
-            to.mkdir(parents=True, exist_ok=True) if not to.suffix or len(manifest.disks) > 1 else None
-            return _rebuild(store, manifest, to, log)
+            targets = _targets(store, manifest, to)
+            _refuse_existing(store, targets)
+            targets[0].parent.mkdir(parents=True, exist_ok=True)
+            _rebuild(store, manifest, targets, log)
+            return targets
         if dom is None:
             raise RestoreFailed(f"{store.vm}: not defined here: restore with --to PATH")
         if dom.isActive():
             raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
         if not force:
             raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
-        written = []
-        replaced = []
-        for disk in manifest.disks:
-            source = Path(disk.source)
+        sources = [Path(disk.source) for disk in manifest.disks]
+        for disk, source in zip(manifest.disks, sources, strict=True):
             if not source.is_file():
                 raise RestoreFailed(f"{store.vm}: {source} is not a file: restore {disk.dev} with --to and copy it")
-            staged = _rebuild(store, Manifest(**{**manifest.__dict__, "disks": [disk]}),
-                              source.with_name(source.name + ".restored"), log)[0]
-            kept = source.with_name(f"{source.name}.before-restore-{manifest.time}")
+        # Every disk is rebuilt and verified before the first is swapped: a failure leaves the VM as it was.
+        staged = [source.with_name(source.name + ".restored") for source in sources]
+        for path in staged:
+            path.unlink(missing_ok=True)  # kvmconf's own name: an interrupted restore's leftover
+        try:
+            _rebuild(store, manifest, staged, log)
+        except BaseException:
+            for path in staged:
+                path.unlink(missing_ok=True)
+            raise
+        before = journal.read(store.dir, journal.REPLACED) or {}
+        replaced = list(before.get("files", []))
+        for source, path in zip(sources, staged, strict=True):
+            kept = _kept_name(source, manifest.time)
             source.rename(kept)
-            staged.rename(source)
+            path.rename(source)
             replaced.append(str(kept))
-            written.append(source)
-        journal.write(store.dir, {"files": replaced}, "replaced.json")
+        journal.write(store.dir, {"files": replaced}, journal.REPLACED)
         # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.
         for cp in our_checkpoints(dom):
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
-        return written
+        return sources
