@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from generators.crontab import GRACE, field_values, max_interval
+from generators.model import Cluster
 from kvmconf.backup import journal, report
 from kvmconf.backup.libvirt_xml import VmDisk, backup_xml, checkpoint_xml, domain_disks, has_guest_agent
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, expired_chains, write_point_files
@@ -184,6 +186,18 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")
     assert (unknown.returncode, unknown.stderr) == (1, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf\n")
+
+
+def test_status_lists_this_machines_vms_unless_named(example: Cluster, tmp_path: Path) -> None:
+    from kvmconf.backup.cluster import status_rows
+
+    site = dataclasses.replace(example.site, backup=dataclasses.replace(example.site.backup, dir=str(tmp_path)))
+    cluster = dataclasses.replace(example, site=site)
+    # kvm1 is reached over SSH: its VM's backups are on kvm1, where `backup --all` backs it up.
+    rows, _ = status_rows(cluster, [])
+    assert [r.vm for r in rows] == ["provision", "mcp", "ldap", "db", "web", "login"]
+    rows, _ = status_rows(cluster, ["compute1"])
+    assert [(r.vm, r.last_good) for r in rows] == [("compute1", None)]
 
 
 def test_progress_shows_bytes_done_and_total_per_disk(capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,9 +83,14 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
 
 
 def status_rows(cluster: Cluster, names: list[str]) -> tuple[list[VmStatus], dt.timedelta]:
-    """Status of the named VMs (default: every VM with backup=yes) and the age the schedule allows."""
+    """Status of the named VMs and the age the schedule allows.
+
+    Default: the VMs with backup=yes of this machine's hosts, as `backup --all` takes them; another
+    host's VMs would only show "no backup yet" here, their backups being on that host.
+    """
     b = cluster.site.backup
-    vms = [find_vm(cluster, n) for n in names] if names else [v for v in cluster.vms if v.backup]
+    vms = [find_vm(cluster, n) for n in names] if names else \
+        [v for v in cluster.vms if v.backup and is_local(cluster, v.host)]
     now = dt.datetime.now(dt.UTC)
     rows = [vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, vm.name, now) for vm in vms]
     return rows, max_interval(b.schedule) + GRACE
