@@ -79,7 +79,9 @@ def max_interval(schedule: str) -> dt.timedelta:
     fields = schedule.split()
     minute, hour, dom, month, dow = (field_values(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
     dow = {d % 7 for d in dow}
-    dom_any, dow_any = fields[2] == "*", fields[4] == "*"
+    # As cron(8) decides it: a day field that starts with '*' (also '*/2') is unrestricted, and then a
+    # day must match both fields; when neither is, either may match (crontab(5)).
+    dom_any, dow_any = fields[2].startswith("*"), fields[4].startswith("*")
     times_of_day = [dt.timedelta(hours=h, minutes=m) for h in sorted(hour) for m in sorted(minute)]
     start, days = dt.datetime(2024, 1, 1), 2 * 366
     run_days = []

@@ -105,6 +105,8 @@ def test_max_interval_of_schedules() -> None:
     assert max_interval("0 2 1,15 * *") == dt.timedelta(days=17)  # Jan 15 to Feb 1
     assert max_interval("0 2 1 */2 *") == dt.timedelta(days=62)  # Jul 1 to Sep 1
     assert max_interval("0 2 1 1 *") == dt.timedelta(days=366)  # once a year (the walk includes a leap year)
+    # cron ANDs the day fields when one starts with '*': odd days that are Mondays, not odd days or Mondays
+    assert max_interval("0 3 */2 * 1") == dt.timedelta(days=21)
 
 
 def every_run_gap(schedule: str) -> dt.timedelta:
@@ -117,7 +119,8 @@ def every_run_gap(schedule: str) -> dt.timedelta:
     for index in range(732):
         day = dt.date(2024, 1, 1) + dt.timedelta(days=index)
         day_dom, day_dow = day.day in doms, (day.isoweekday() % 7) in dows
-        if day.month in months and ((day_dom and day_dow) if "*" in (fields[2], fields[4]) else (day_dom or day_dow)):
+        either = not fields[2].startswith("*") and not fields[4].startswith("*")  # cron(8): '*/2' is unrestricted
+        if day.month in months and ((day_dom or day_dow) if either else (day_dom and day_dow)):
             runs += [index * 1440 + h * 60 + m for h in hours for m in minutes]
     if len(runs) < 2:
         return dt.timedelta(days=732)
