@@ -8,24 +8,35 @@ VMs through the generated ssh config ($KVMCONF_SSH_CONFIG, default build/ssh/con
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from fabric import task
 from invoke import Context, Exit
 
+from generators.errors import UsageError, shown
 from kvmconf import inputs
 from kvmconf.cli import user_errors
 from kvmconf.deploy import Options, RunReport, run_cluster
 from kvmconf.remote import generated_ssh_config
 
 
-def _run(vm: list[str], full: bool, parallel: int, dry_run: bool) -> None:
+def _run(vm: list[str], full: bool, parallel: str, dry_run: bool) -> None:
     with user_errors():
+        at_a_time = _parallel(parallel)
         cluster = inputs.load()
         # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
         recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
-        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), max(1, parallel), dry_run, recipes))
+        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), at_a_time, dry_run, recipes))
     _print(report, dry_run)
+
+
+def _parallel(value: str) -> int:
+    # The task takes --parallel as a string: invoke would turn a non-number into a traceback, and 0 or -3 must
+    # be refused, not quietly run one at a time.
+    if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+        raise UsageError(f"--parallel {shown(value)}: expected a whole number >= 1 (how many VMs at a time)")
+    return int(value)
 
 
 def _print(report: RunReport, dry_run: bool) -> None:
@@ -38,18 +49,20 @@ def _print(report: RunReport, dry_run: bool) -> None:
 
 
 @task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: all, in cluster.conf order)",
-                             "parallel": "VMs at a time, in waves by after= (default 1: one by one)",
+                             "parallel": "VMs at a time, a whole number >= 1, in waves by after="
+                                         " (default 1: one by one)",
                              "dry-run": "print the packages it would install, the diff of every file it would"
                                         " change and the hooks it would run; change nothing"})
-def deploy(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
+def deploy(c: Context, vm: list[str], parallel: str = "1", dry_run: bool = False) -> None:
     """Install packages, files and hooks of hosts/ on the VMs, in cluster.conf order."""
     _run(vm, True, parallel, dry_run)
 
 
 @task(name="update-confs", iterable=["vm"],
-      help={"vm": "only this VM (repeatable; default: all)", "parallel": "VMs at a time, in waves by after=",
+      help={"vm": "only this VM (repeatable; default: all)",
+            "parallel": "VMs at a time, a whole number >= 1, in waves by after=",
             "dry-run": "print the diff of every file that would change; change nothing"})
-def update_confs(c: Context, vm: list[str], parallel: int = 1, dry_run: bool = False) -> None:
+def update_confs(c: Context, vm: list[str], parallel: str = "1", dry_run: bool = False) -> None:
     """Push only the files that differ on the VMs, back up what they replace, reload only their services."""
     _run(vm, False, parallel, dry_run)
 
