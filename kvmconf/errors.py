@@ -5,13 +5,26 @@ Bugs stay plain exceptions (and tracebacks): only these classes mean "you can fi
 
 from __future__ import annotations
 
+from generators.errors import UsageError
+
 
 class KvmconfError(Exception):
     """Something on a host or in the request is wrong; the message says what and the way out."""
 
 
-class UnknownVm(KvmconfError):
+class WrongUsage(KvmconfError, UsageError):
+    """The command line names what is not there, or leaves out or combines options wrongly: exit status 2.
+
+    A UsageError too, so every entry point exits 2 for it, as ``python -m generators`` does.
+    """
+
+
+class UnknownVm(WrongUsage):
     """A VM name given on the command line is not in cluster.conf."""
+
+
+class UnknownHost(WrongUsage):
+    """A physical host name given on the command line is not in site.toml."""
 
 
 class HostUnreachable(KvmconfError):

@@ -16,12 +16,12 @@ from pathlib import PurePosixPath
 import libvirt
 
 from generators import cloud_init, domain_xml
-from generators.model import Cluster, Vm
+from generators.model import Cluster, PhysicalHost, Vm
 from generators.paths import seed_iso_path
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.disks import DiskSpec
-from kvmconf.errors import HostUnreachable, KvmconfError, UnknownVm
+from kvmconf.errors import HostUnreachable, UnknownHost, UnknownVm, WrongUsage
 
 
 class Action(StrEnum):
@@ -118,7 +118,7 @@ def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
     if all_vms:
         return list(cluster.vms)
     if not names:
-        raise KvmconfError("name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf")
+        raise WrongUsage("name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf")
     for name in names:
         find_vm(cluster, name)
     wanted = set(names)
@@ -138,6 +138,14 @@ def find_vm(cluster: Cluster, name: str) -> Vm:
     close = difflib.get_close_matches(name, [vm.name for vm in cluster.vms], n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}")
+
+
+def find_host(cluster: Cluster, name: str) -> PhysicalHost:
+    """The physical host of site.toml called `name`; an unknown name is an error listing them all (they are few)."""
+    if name in cluster.site.hosts:
+        return cluster.site.hosts[name]
+    raise UnknownHost(f"{name!r} is not a host of {cluster.site.path}"
+                      f" (expected one of: {', '.join(sorted(cluster.site.hosts))})")
 
 
 def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, artifacts: Artifacts,

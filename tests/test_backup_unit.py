@@ -188,7 +188,7 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     table = invoke("backup-status")
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")
-    assert (unknown.returncode, unknown.stderr) == (1, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf\n")
+    assert (unknown.returncode, unknown.stderr) == (2, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf\n")
 
 
 def test_status_lists_this_machines_vms_unless_named(example: Cluster, tmp_path: Path) -> None:

@@ -22,8 +22,16 @@ from generators import cloud_init
 from generators.model import Cluster, DomainType
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import Connections, connections
-from kvmconf.errors import DiskExists, HostUnreachable, KvmconfError, ProvisionBlocked, ProvisionFailed, UnknownVm
-from kvmconf.plan import Action, make_plan, select, select_or_all
+from kvmconf.errors import (
+    DiskExists,
+    HostUnreachable,
+    KvmconfError,
+    ProvisionBlocked,
+    ProvisionFailed,
+    UnknownHost,
+    UnknownVm,
+)
+from kvmconf.plan import Action, find_host, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
 from tests.tools import require_tool
@@ -444,6 +452,13 @@ def test_an_unknown_vm_name_suggests_close_ones(cluster: Cluster) -> None:
     with pytest.raises(KvmconfError, match="name the VMs with --vm NAME"):
         select(cluster, [], False)
     assert [vm.name for vm in select(cluster, ["web", "provision"], False)] == ["provision", "web"]  # file order
+
+
+def test_an_unknown_host_name_lists_the_hosts_of_site_toml(cluster: Cluster) -> None:
+    assert find_host(cluster, "kvm1") is cluster.site.hosts["kvm1"]
+    with pytest.raises(UnknownHost) as err:
+        find_host(cluster, "kvm9")
+    assert str(err.value) == f"'kvm9' is not a host of {cluster.site.path} (expected one of: kvm0, kvm1)"
 
 
 def test_the_tasks_whose_vm_is_optional_take_no_name_as_every_vm(cluster: Cluster) -> None:
