@@ -58,6 +58,9 @@ def variants(example: Cluster) -> dict[str, Cluster]:
         "ssh-as-admin": with_accounts(example, ssh_user="admin"),
         "proxy": proxied,
         "odd-key-comment": with_accounts(example, ssh_keys=(ODD_KEY,)),
+        # site.toml may leave ssh_keys out: an empty key list must not become `ssh_authorized_keys: null`.
+        "no-keys": with_accounts(example, ssh_keys=()),
+        "no-keys-ssh-as-ops": with_accounts(example, ssh_keys=(), ssh_user="ops"),
     }
 
 
@@ -122,6 +125,15 @@ def test_free_form_values_survive_yaml_quoting(example: Cluster) -> None:
     data = yaml.safe_load(seed_files(cloud_init.render(variants(example)["odd-key-comment"]), "login")["user-data"])
     assert data["users"][0]["ssh_authorized_keys"] == [ODD_KEY]
     assert data["ssh_authorized_keys"] == [ODD_KEY]
+
+
+def test_no_ssh_keys_means_no_key_lists(example: Cluster) -> None:
+    for name, created in (("no-keys", ["admin"]), ("no-keys-ssh-as-ops", ["admin", "ops"])):
+        data = yaml.safe_load(seed_files(cloud_init.render(variants(example)[name]), "login")["user-data"])
+        assert [user["name"] for user in data["users"]] == created, name
+        assert "ssh_authorized_keys" not in data, name
+        assert all("ssh_authorized_keys" not in user for user in data["users"]), name
+        assert data["disable_root"] is (name != "no-keys"), name
 
 
 def test_apt_proxy_when_the_site_has_one(example: Cluster) -> None:
