@@ -41,8 +41,12 @@ def object_value(text: str) -> str:
 
     `;` starts a comment in Nagios object files unless escaped as `\\;`, and a value ends at the
     line's end, so line breaks become spaces (Nagios trims and keeps inner spaces as they are).
+    A backslash ending a line continues it onto the next (the closing brace would be swallowed);
+    Nagios reads a doubled one there as one backslash that ends the line (mmap_fgets_multiline in
+    nagioscore's common/shared.c), so the value's last backslash is doubled.
     """
-    return " ".join(text.split()).replace(";", "\\;")
+    value = " ".join(text.split()).replace(";", "\\;")
+    return value + "\\" if value.endswith("\\") else value
 
 
 def hostgroups(cluster: Cluster) -> list[Hostgroup]:

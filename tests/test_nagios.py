@@ -108,6 +108,11 @@ def test_alias_semicolon_is_escaped_and_newline_flattened() -> None:
     assert nagios.object_value("R&D; <lab>\n  east") == "R&D\\; <lab> east"
 
 
+@pytest.mark.parametrize(("alias", "value"), [("C:\\", "C:\\\\"), ("a \\ b", "a \\ b"), ("x\\;", "x\\\\;")])
+def test_only_a_final_backslash_is_doubled(alias: str, value: str) -> None:
+    assert nagios.object_value(alias) == value
+
+
 def test_blank_alias_falls_back_to_the_name(example: Cluster) -> None:
     groups = nagios.hostgroups(_with_aliases(example, web_servers="  "))
     assert nagios.Hostgroup("web-servers", "web-servers") in groups
@@ -146,3 +151,14 @@ def test_nagios_reads_escaped_alias_back_unchanged(example: Cluster, tmp_path: P
     _verify(_standalone_cfg(tmp_path, tmp_path / "objects"), "-p")  # -p writes objects.precache
     precache = (tmp_path / "var/objects.precache").read_text()
     assert "\thostgroup_name\tweb-servers\n\talias\tWeb; & <public> # servers\n" in precache
+
+
+@pytest.mark.consumer
+@pytest.mark.parametrize("alias", ["Windows share C:\\", "two \\\\", "mid \\ dle\\; end\\"])
+def test_nagios_reads_an_alias_ending_in_a_backslash_back_unchanged(example: Cluster, tmp_path: Path,
+                                                                    alias: str) -> None:
+    """A backslash ending a line continues it in Nagios: unescaped, it would swallow the closing brace."""
+    _write_objects(_with_aliases(example, web_servers=alias), tmp_path / "objects")
+    _verify(_standalone_cfg(tmp_path, tmp_path / "objects"), "-p")
+    precache = (tmp_path / "var/objects.precache").read_text()
+    assert f"\thostgroup_name\tweb-servers\n\talias\t{alias}\n" in precache
