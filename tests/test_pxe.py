@@ -9,6 +9,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -17,6 +18,8 @@ from generators import pxe
 from generators.model import Boot, Cluster, Install
 from generators.urls import preseed_url
 from generators.validate import load_cluster
+from kvmconf import provision_server
+from kvmconf.errors import KvmconfError
 from tests.golden import assert_golden
 from tests.tools import missing, require_tool, run
 
@@ -159,29 +162,31 @@ def test_grub_script_check_catches_an_unclosed_quote(example: Cluster, tmp_path:
     assert "syntax error" in result.stderr
 
 
-INSTALLER_DIR = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")  # package
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 UNKNOWN_MAC = "52:54:00:99:99:99"
 
 
-def _tftp_root(cluster: Cluster, tmp_path: Path) -> Path:
-    """A TFTP root as dnsmasq.conf expects it: our files, the loaders (pxe.py's docstring) and the installer."""
+@dataclass(frozen=True)
+class Deployed:
+    """What the provision server serves for network boots: its TFTP root and dnsmasq's boot file per firmware."""
+
+    tftp_root: Path
+    boot_file: dict[bool, str]  # uefi? -> the file dnsmasq.conf's dhcp-boot names
+
+
+def _deploy(cluster: Cluster, tmp_path: Path) -> Deployed:
+    """The TFTP root as the provision server deploys it (build/tftp, the loaders, the installer), and the boot files
+    of the dnsmasq.conf built with it: the guest gets what a real deploy would give it."""
+    build = provision_server.stage_build(cluster, tmp_path / "kvmconf")
     root = tmp_path / "tftp"
-    for path, content in pxe.render(cluster).items():
-        target = root / path.relative_to("tftp")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(str(content))
-    for name, source in pxe.BIOS_LOADER_FILES.items():
-        shutil.copy(source, root / name)
-    made = run([require_tool("grub-mknetdir"), "-d", "/usr/lib/grub/x86_64-efi", f"--net-directory={root}",
-                "--subdir=grub"])
-    assert made.returncode == 0, made.stderr
-    shutil.copy(root / "grub/x86_64-efi/core.efi", root / "grub/grubx64.efi")
-    for path in {release.kernel for release in cluster.site.oses.values()} | {
-            release.initrd for release in cluster.site.oses.values()}:
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).symlink_to(INSTALLER_DIR / PurePosixPath(path).name)
-    return root
+    provision_server.assemble_tftp(cluster, build, root)
+    boot_file: dict[bool, str] = {}
+    for line in (build / "dnsmasq/dnsmasq.conf").read_text().splitlines():
+        if line.startswith("dhcp-boot=tag:"):
+            tag, _, file = line.removeprefix("dhcp-boot=tag:").partition(",")
+            boot_file[tag == "efi-x86_64"] = file
+    assert set(boot_file) == {True, False}, boot_file
+    return Deployed(root, boot_file)
 
 
 def _events(pcap: Path) -> list[str]:
@@ -207,17 +212,16 @@ def _events(pcap: Path) -> list[str]:
     return events
 
 
-def _boot(tmp_path: Path, root: Path, mac: str, uefi: bool, done: Callable[[list[str]], bool],
+def _boot(tmp_path: Path, deployed: Deployed, mac: str, uefi: bool, done: Callable[[list[str]], bool],
           timeout: float = 240.0) -> list[str]:
     """Boot a diskless guest from the network under QEMU until done(events) or timeout; return the events.
 
     User-mode networking with restrict=on: QEMU's own DHCP and TFTP server, nothing leaves the process.
     """
     pcap = tmp_path / f"{mac.replace(':', '')}.pcap"
-    bootfile = "grub/grubx64.efi" if uefi else "pxelinux.0"
     argv = [require_tool("qemu-system-x86_64"), "-m", "1024", "-display", "none", "-monitor", "none",
             "-serial", "none", "-boot", "n",
-            "-netdev", f"user,id=n0,restrict=on,tftp={root},bootfile={bootfile}",
+            "-netdev", f"user,id=n0,restrict=on,tftp={deployed.tftp_root},bootfile={deployed.boot_file[uefi]}",
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
             "-object", f"filter-dump,id=dump,netdev=n0,file={pcap}"]
     if uefi:
@@ -236,8 +240,15 @@ def _boot(tmp_path: Path, root: Path, mac: str, uefi: bool, done: Callable[[list
         qemu.wait()
 
 
-def _boot_requirements() -> None:
-    for path in (INSTALLER_DIR / "linux", OVMF, *map(Path, pxe.BIOS_LOADER_FILES.values())):
+def _boot_requirements(cluster: Cluster) -> None:
+    """What the provision server's deploy and the boots need on this machine, reported as missing (not as errors)."""
+    require_tool("grub-mknetdir")
+    for release in cluster.site.oses.values():
+        try:
+            provision_server.netboot_dir(release.suite)  # the installer's kernel and initrd
+        except KvmconfError as err:
+            missing(f"{err} (make test-deps installs it)")
+    for path in (OVMF, provision_server.GRUB_EFI_MODULES, *map(Path, pxe.BIOS_LOADER_FILES.values())):
         if not path.exists():
             missing(f"{path} is missing (make test-deps installs it)")
 
@@ -246,17 +257,17 @@ def _boot_requirements() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("boot", list(Boot))
 def test_a_pxe_vm_boots_into_the_installer(example: Cluster, tmp_path: Path, boot: Boot) -> None:
-    _boot_requirements()
+    _boot_requirements(example)
     vm = example.vm("web" if boot is Boot.UEFI else "ldap")
     assert vm.boot is boot and vm.install is Install.PXE
     release = example.os_of(vm)
-    root = _tftp_root(example, tmp_path)
+    deployed = _deploy(example, tmp_path)
     # The loader ran our `linux`/KERNEL and `initrd`/INITRD lines once it asks for the initrd. (Booted on, the
     # installer sends its own DHCP request about 100 s later under emulation; too slow to wait for here.)
     config = f"/grub/grub.cfg-01-{vm.mac_dashes}" if boot is Boot.UEFI else f"pxelinux.cfg/01-{vm.mac_dashes}"
     kernel, initrd = (f"/{release.kernel}", f"/{release.initrd}") if boot is Boot.UEFI else (release.kernel,
                                                                                              release.initrd)
-    events = _boot(tmp_path, root, vm.mac, boot is Boot.UEFI, lambda events: f"tftp {initrd}" in events)
+    events = _boot(tmp_path, deployed, vm.mac, boot is Boot.UEFI, lambda events: f"tftp {initrd}" in events)
     fetched = [event.removeprefix("tftp ") for event in events if event.startswith("tftp ")]
     assert initrd in fetched, events
     assert fetched.index(config) < fetched.index(kernel) < fetched.index(initrd)
@@ -266,12 +277,12 @@ def test_a_pxe_vm_boots_into_the_installer(example: Cluster, tmp_path: Path, boo
 @pytest.mark.slow
 @pytest.mark.parametrize("boot", list(Boot))
 def test_an_unknown_mac_gets_no_installer(example: Cluster, tmp_path: Path, boot: Boot) -> None:
-    _boot_requirements()
-    root = _tftp_root(example, tmp_path)
+    _boot_requirements(example)
+    deployed = _deploy(example, tmp_path)
     if boot is Boot.UEFI:
         # GRUB read grub.cfg, found no grub.cfg-<mac>, and left: the firmware starts its next boot entry.
         last = f"tftp /grub/grub.cfg-{UNKNOWN_MAC}"
-        events = _boot(tmp_path, root, UNKNOWN_MAC, True,
+        events = _boot(tmp_path, deployed, UNKNOWN_MAC, True,
                        lambda events: last in events and events[-1].startswith("dhcp "))
         assert last in events and events[-1].startswith("dhcp "), events
     else:
@@ -283,6 +294,6 @@ def test_an_unknown_mac_gets_no_installer(example: Cluster, tmp_path: Path, boot
                 seen.append(time.monotonic())
             return bool(seen) and time.monotonic() - seen[0] > 15
 
-        events = _boot(tmp_path, root, UNKNOWN_MAC, False, settled)
+        events = _boot(tmp_path, deployed, UNKNOWN_MAC, False, settled)
         assert "tftp pxelinux.cfg/default" in events, events
     assert not any("debian-installer" in event for event in events), events
