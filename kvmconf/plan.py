@@ -130,14 +130,24 @@ def select_or_all(cluster: Cluster, names: Sequence[str]) -> list[Vm]:
     return select(cluster, names, all_vms=not names)
 
 
+# An unknown VM name is answered with this many of the VMs: enough to show how they are named,
+# short enough for a cluster of a thousand.
+SHOWN_VMS = 5
+
+
 def find_vm(cluster: Cluster, name: str) -> Vm:
-    """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones."""
+    """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones and shows a few."""
     for vm in cluster.vms:
         if vm.name == name:
             return vm
-    close = difflib.get_close_matches(name, [vm.name for vm in cluster.vms], n=3)
+    names = [vm.name for vm in cluster.vms]
+    close = difflib.get_close_matches(name, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}")
+    shown = ", ".join(names[:SHOWN_VMS])
+    if len(names) > SHOWN_VMS:
+        shown += f", ... ({len(names)} in all; `invoke status` lists them)"
+    allowed = f"; expected one of: {shown}" if names else "; it has no VMs"
+    raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}{allowed}")
 
 
 def find_host(cluster: Cluster, name: str) -> PhysicalHost:

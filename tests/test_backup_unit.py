@@ -188,7 +188,9 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     table = invoke("backup-status")
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")
-    assert (unknown.returncode, unknown.stderr) == (2, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf\n")
+    assert (unknown.returncode, unknown.stderr) == (2, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf;"
+                                                       " expected one of: provision, mcp, ldap, db, web, ... (8 in all;"
+                                                       " `invoke status` lists them)\n")
 
 
 def test_status_lists_this_machines_vms_unless_named(example: Cluster, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from kvmconf.errors import (
     UnknownHost,
     UnknownVm,
 )
-from kvmconf.plan import Action, find_host, make_plan, select, select_or_all
+from kvmconf.plan import Action, find_host, find_vm, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
 from tests.tools import require_tool
@@ -452,6 +452,19 @@ def test_an_unknown_vm_name_suggests_close_ones(cluster: Cluster) -> None:
     with pytest.raises(KvmconfError, match="name the VMs with --vm NAME"):
         select(cluster, [], False)
     assert [vm.name for vm in select(cluster, ["web", "provision"], False)] == ["provision", "web"]  # file order
+
+
+def test_an_unknown_vm_name_shows_a_few_of_the_vms(cluster: Cluster) -> None:
+    with pytest.raises(UnknownVm) as err:
+        find_vm(cluster, "lldap")
+    assert str(err.value) == ("'lldap' is not a VM of cluster.conf (did you mean ldap?); expected one of: provision,"
+                              " mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)")
+    with pytest.raises(UnknownVm) as err:
+        find_vm(dataclasses.replace(cluster, vms=cluster.vms[:3]), "www")
+    assert str(err.value) == "'www' is not a VM of cluster.conf; expected one of: provision, mcp, ldap"
+    with pytest.raises(UnknownVm) as err:
+        find_vm(dataclasses.replace(cluster, vms=()), "www")
+    assert str(err.value) == "'www' is not a VM of cluster.conf; it has no VMs"
 
 
 def test_an_unknown_host_name_lists_the_hosts_of_site_toml(cluster: Cluster) -> None:

@@ -68,7 +68,8 @@ def test_a_wrong_request_says_what_is_allowed(args: tuple[str, ...], message: st
 def test_reinstall_refuses_an_unknown_vm_as_every_task_does() -> None:
     result = invoke("reinstall", "--vm", "mpc")
     assert (result.returncode, result.stderr) == (
-        2, f"kvmconf: 'mpc' is not a VM of {ROOT}/cluster.conf (did you mean mcp?)\n")
+        2, f"kvmconf: 'mpc' is not a VM of {ROOT}/cluster.conf (did you mean mcp?); expected one of: provision,"
+           " mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)\n")
 
 
 def test_an_invalid_cluster_conf_is_reported_with_its_line_and_nothing_is_contacted(tmp_path: Path) -> None:
