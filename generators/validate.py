@@ -155,8 +155,9 @@ class _Checker:
             offset = 0
             for group in row.values["hostgroups"]:
                 if group not in site.hostgroups:
+                    listed = ", ".join(sorted(site.hostgroups)) or "none listed"
                     self.report(row, "hostgroups", f"{group!r} is not a hostgroup of {site.path} (expected one of:"
-                                f" {', '.join(sorted(site.hostgroups))}; or add it to [hostgroups])", offset=offset)
+                                f" {listed}; or add it to [hostgroups])", offset=offset)
                     refs.known_hostgroups = False
                 offset += len(group) + 1
         return refs

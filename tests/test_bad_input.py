@@ -155,6 +155,12 @@ CASES = [
           conf(NEW, 68, f"column 'hostgroups': 'other' is not a hostgroup of {{site}} (expected one of: {HOSTGROUPS};"
                         " or add it to [hostgroups])")),
          add(vm(groups="linux-servers,nosuch,other"))),
+    # An empty [hostgroups] still restricts cluster.conf to its (no) groups: say so, not "one of: ;".
+    Case("hostgroups-site-lists-none",
+         (conf(NEW, 47, "column 'hostgroups': 'web-servers' is not a hostgroup of {site} (expected one of: none listed;"
+                        " or add it to [hostgroups])"),),
+         lambda text: add(vm(groups="web-servers"))(re.sub(r"\tlinux-servers[a-z,-]*\t", "\t-\t", text)),
+         site=lambda text: text[:text.index("[hostgroups]\n") + len("[hostgroups]\n")]),
     # --- the shape of a line -----------------------------------------------------------------------
     Case("spaces-instead-of-tabs", (conf(NEW, 1, f"found 1 tab-separated field ({FIELDS}); fields must be"
                                                  " separated by tabs, not spaces"),),
