@@ -191,6 +191,10 @@ def _network(name: str, r: _Reader) -> Network | None:
     if subnet is not None:
         if gateway is not None and gateway not in subnet:
             r.problem("gateway", f"'{gateway}' is outside subnet {subnet} (expected an address in it)")
+        elif gateway in (subnet.network_address, subnet.broadcast_address):  # no host can answer there
+            which = "network" if gateway == subnet.network_address else "broadcast"
+            r.problem("gateway", f"'{gateway}' is the {which} address of subnet {subnet} (expected a host address"
+                      " in it)")
         for first, last in ranges or ():
             if first not in subnet or last not in subnet:
                 r.problem("dhcp_ranges", f"'{first}-{last}' is outside subnet {subnet} (expected a range in it)")

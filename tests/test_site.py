@@ -140,6 +140,12 @@ WRONG_VALUES = [
     ('gateway = "192.168.50.1"', 'gateway = "192.168.51.1"',
      ["22:1: key 'networks.lan.gateway': '192.168.51.1' is outside subnet 192.168.50.0/24 (expected an address in"
       " it)"]),
+    ('gateway = "192.168.60.1"', 'gateway = "192.168.60.0"',
+     ["29:1: key 'networks.dmz.gateway': '192.168.60.0' is the network address of subnet 192.168.60.0/24 (expected a"
+      " host address in it)"]),
+    ('gateway = "192.168.50.1"', 'gateway = "192.168.50.255"',
+     ["22:1: key 'networks.lan.gateway': '192.168.50.255' is the broadcast address of subnet 192.168.50.0/24"
+      " (expected a host address in it)"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = ["ns1"]',
      ["24:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = [3232248322]',
