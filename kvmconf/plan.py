@@ -113,12 +113,19 @@ class Plan:
         return sum(1 for p in self.vms if p.action is action)
 
 
+def vms_or_all(names: Sequence[str], all_vms: bool, every: str = "every VM in cluster.conf") -> None:
+    """Refuse neither and both of --vm NAME and --all (``every`` says what --all means): either would be a guess."""
+    if all_vms and names:
+        raise WrongUsage(f"give --vm NAME or --all, not both (--all means {every})")
+    if not all_vms and not names:
+        raise WrongUsage(f"name the VMs with --vm NAME (repeatable), or give --all for {every}")
+
+
 def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
     """The VMs named (or all of them, in cluster.conf order); unknown names are an error."""
+    vms_or_all(names, all_vms)
     if all_vms:
         return list(cluster.vms)
-    if not names:
-        raise WrongUsage("name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf")
     for name in names:
         find_vm(cluster, name)
     wanted = set(names)

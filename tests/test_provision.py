@@ -30,6 +30,7 @@ from kvmconf.errors import (
     ProvisionFailed,
     UnknownHost,
     UnknownVm,
+    WrongUsage,
 )
 from kvmconf.plan import Action, find_host, find_vm, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
@@ -451,6 +452,9 @@ def test_an_unknown_vm_name_suggests_close_ones(cluster: Cluster) -> None:
         select(cluster, ["lldap"], False)
     with pytest.raises(KvmconfError, match="name the VMs with --vm NAME"):
         select(cluster, [], False)
+    with pytest.raises(WrongUsage) as err:
+        select(cluster, ["web"], True)
+    assert str(err.value) == "give --vm NAME or --all, not both (--all means every VM in cluster.conf)"
     assert [vm.name for vm in select(cluster, ["web", "provision"], False)] == ["provision", "web"]  # file order
 
 

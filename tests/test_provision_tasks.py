@@ -54,6 +54,8 @@ UNKNOWN_HOST = f"kvmconf: 'kvm9' is not a host of {ROOT}/site.toml (expected one
 # Usage errors (an unknown VM or host, a missing --vm) exit 2 in every task, as `python -m generators` does.
 @pytest.mark.parametrize(("args", "message"), [
     (("provision",), "kvmconf: name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf"),
+    (("provision", "--vm", "web", "--all", "--dry-run"),
+     "kvmconf: give --vm NAME or --all, not both (--all means every VM in cluster.conf)\n"),
     (("start", "--vm", "lldap"), f"kvmconf: 'lldap' is not a VM of {ROOT}/cluster.conf (did you mean ldap?)"),
     (("destroy", "--vm", "nosuchvm", "--purge", "--force"), f"kvmconf: 'nosuchvm' is not a VM of {ROOT}/cluster.conf"),
     (("status", "--host", "kvm9"), UNKNOWN_HOST),
