@@ -151,6 +151,14 @@ class _Checker:
                        f" (expected 'cloud_image' in [os.{refs.os}] of {site.path})")
             self.report(row, "options", message, "install")
             refs.install = None
+        kind, volume_group = opts.get("disk", (DiskKind.QCOW2, None))
+        if refs.install is Install.CLOUD and kind is not DiskKind.QCOW2:
+            # kvmconf.disks makes only a qcow2 disk as an overlay on the cloud image: any other stays empty.
+            disk = f"lvm:{volume_group}" if volume_group else kind.value
+            self.report(row, "options", f"option 'disk': {disk!r} cannot hold install=cloud's image, which only a"
+                        " qcow2 overlay gets (expected disk=qcow2 with install=cloud; raw and LVM disks with"
+                        " install=pxe or none)", "disk")
+            refs.install = None
         if site.hostgroups is not None and "hostgroups" in row.values:
             offset = 0
             for group in row.values["hostgroups"]:

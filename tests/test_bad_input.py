@@ -193,6 +193,17 @@ CASES = [
           option_problem(9, 83, "install=cloud needs a cloud image, and OS 'bookworm' has none (expected"
                                 " 'cloud_image' in [os.bookworm] of {site})")),
          site=sub('cloud_image = "/var/lib/libvirt/images/base/debian-12-genericcloud-amd64.qcow2"\n', "")),
+    # kvmconf.disks copies the cloud image only into a qcow2 overlay: these disks would boot empty.
+    Case("install-cloud-on-raw-or-lvm",
+         (option_problem(NEW, 73, "option 'disk': 'raw' cannot hold install=cloud's image, which only a qcow2 overlay"
+                                  " gets (expected disk=qcow2 with install=cloud; raw and LVM disks with install=pxe"
+                                  " or none)"),
+          option_problem(NEW + 1, 73, "option 'disk': 'lvm:vg0' cannot hold install=cloud's image, which only a qcow2"
+                                      " overlay gets (expected disk=qcow2 with install=cloud; raw and LVM disks with"
+                                      " install=pxe or none)")),
+         add(vm(options="host=kvm1 install=cloud disk=raw"),
+             vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98",
+                options="host=kvm1 install=cloud disk=lvm:vg0"))),
     Case("disk-lvm-without-group", (option_problem(NEW, 59, "option 'disk': 'lvm:' is not a disk kind (expected"
                                                             " qcow2, raw or lvm:<volume group>)"),),
          add(vm(options="host=kvm1 disk=lvm:"))),
