@@ -219,7 +219,9 @@ def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm) -> None:
     assert fab.stdout == "(dry run: nothing changed)\nupdate-confs: ok\n  provision: would change 0 file(s)\n"
     bad = subprocess.run([".venv/bin/fab", "deploy", "--vm", "nosuchvm"], env=env, capture_output=True, text=True,
                          check=False, timeout=120)
-    assert (bad.returncode, bad.stderr) == (1, "kvmconf: 'nosuchvm' is not a VM of cluster.conf\n")
+    assert (bad.returncode, bad.stderr) == (2, "kvmconf: 'nosuchvm' is not a VM of cluster.conf; expected one of:"
+                                               " provision, mcp, ldap, db, web, ... (8 in all; `invoke status` lists"
+                                               " them)\n")
     # A usage error exits 2, as with invoke (both tasks files share kvmconf.cli.user_errors).
     usage = subprocess.run([".venv/bin/fab", "update-confs"], env={**env, "KVMCONF_CLUSTER": "/nonexistent"},
                            capture_output=True, text=True, check=False, timeout=120)
