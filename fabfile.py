@@ -1,8 +1,8 @@
 """Fabric tasks (`fab --list`): put the recipes of hosts/ on the VMs, and prepare the physical hosts.
 
 They act on the cluster of $KVMCONF_CLUSTER / $KVMCONF_SITE (default cluster.conf / site.toml) and reach the
-VMs through the generated ssh config ($KVMCONF_SSH_CONFIG, default build/ssh/config; run `make` first, and
-`invoke keyscan` once so host keys are known).
+VMs through the generated ssh config ($KVMCONF_SSH_CONFIG, default ssh/config in $KVMCONF_BUILD or build/; run
+`make` first, and `invoke keyscan` once so host keys are known).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from generators.errors import UsageError, shown
 from kvmconf import inputs
 from kvmconf.cli import user_errors
 from kvmconf.deploy import Options, RunReport, run_cluster
-from kvmconf.remote import generated_ssh_config
+from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 
 
 def _run(vm: list[str], full: bool, parallel: str, dry_run: bool) -> None:
@@ -68,7 +68,8 @@ def update_confs(c: Context, vm: list[str], parallel: str = "1", dry_run: bool =
 
 
 @task(name="kvm-setup", help={"host": "the physical host of site.toml",
-                              "ssh-config": "ssh config to reach it (default: your own, ~/.ssh/config)",
+                              "ssh-config": "ssh config to reach it (default: $KVMCONF_SSH_CONFIG, else your own,"
+                                            " ~/.ssh/config)",
                               "dry-run": "print what would be done (with diffs); change nothing",
                               "dry-run-network": "do everything but the bridges, which are only printed"})
 def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False,
@@ -77,7 +78,7 @@ def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False
     from kvmconf.hostsetup import setup
 
     with user_errors():
-        report = setup(inputs.load(), host, Path(ssh_config) if ssh_config else None, dry_run, dry_run_network)
+        report = setup(inputs.load(), host, chosen_ssh_config(ssh_config), dry_run, dry_run_network)
     for diff in report.diffs:
         print(diff, end="" if diff.endswith("\n") else "\n")
     print(("(dry run: nothing changed)\n" if dry_run else "") + "\n".join(f"{host}: {line}" for line in report.lines))

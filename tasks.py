@@ -236,8 +236,8 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
 
 
 @task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: every VM of cluster.conf)",
-                             "ssh-config": "the ssh config naming the VMs (default: $KVMCONF_SSH_CONFIG or"
-                                           " build/ssh/config)",
+                             "ssh-config": "the ssh config naming the VMs (default: $KVMCONF_SSH_CONFIG, else"
+                                           " ssh/config in $KVMCONF_BUILD or build/)",
                              "accept-changed": "replace recorded keys that changed (after checking why!)"})
 def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
     """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""

@@ -1,7 +1,7 @@
 """Which cluster the tasks act on: KVMCONF_CLUSTER/KVMCONF_SITE as for `make`, plus KVMCONF_LAB for the lab.
 
-KVMCONF_BUILD is not needed here: provisioning renders the domain XML and seed ISOs it needs in
-memory from the validated cluster, so a stale build/ can never be provisioned.
+KVMCONF_BUILD only locates the generated ssh config (:func:`build_dir`): provisioning renders the domain
+XML and seed ISOs it needs in memory from the validated cluster, so a stale build/ can never be provisioned.
 
 With ``KVMCONF_LAB=<dir>`` (printed by `invoke lab.up`) every task acts on the lab in that
 directory instead of the real hosts of site.toml: see :func:`kvmconf.lab.remap`.
@@ -24,6 +24,11 @@ def cluster_path() -> Path:
 
 def site_path() -> Path:
     return Path(os.environ.get("KVMCONF_SITE", "site.toml"))
+
+
+def build_dir() -> Path:
+    # As the Makefile's $(or $(KVMCONF_BUILD),build): an empty value means the default, as unset does.
+    return Path(os.environ.get("KVMCONF_BUILD") or "build")
 
 
 def lab_dir() -> Path | None:

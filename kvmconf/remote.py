@@ -17,16 +17,35 @@ from fabric import Config, Connection
 from invoke.runners import Result
 from paramiko import BadHostKeyException, RejectPolicy, SSHException
 
+from kvmconf import inputs
 from kvmconf.errors import KvmconfError
 
-DEFAULT_SSH_CONFIG = Path("build/ssh/config")
+GENERATED_SSH_CONFIG = Path("ssh/config")  # where `make` writes it, inside its build directory
+
+
+def chosen_ssh_config(explicit: str = "") -> Path | None:
+    """The ssh config the admin chose: `explicit` (--ssh-config), else $KVMCONF_SSH_CONFIG; None if neither."""
+    if explicit:
+        value, where = explicit, "--ssh-config"
+    else:  # empty counts as unset, as for KVMCONF_BUILD
+        value, where = os.environ.get("KVMCONF_SSH_CONFIG", ""), "KVMCONF_SSH_CONFIG"
+    if not value:
+        return None
+    if not Path(value).is_file():
+        raise KvmconfError(f"{value} does not exist (named by {where})")
+    return Path(value)
 
 
 def generated_ssh_config(explicit: str = "") -> Path:
-    """The ssh config `make` generates: `explicit` if given, else $KVMCONF_SSH_CONFIG, else DEFAULT_SSH_CONFIG."""
-    path = Path(explicit or os.environ.get("KVMCONF_SSH_CONFIG", str(DEFAULT_SSH_CONFIG)))
+    """The ssh config naming the VMs: the chosen one, else the one `make` writes in $KVMCONF_BUILD (or build/)."""
+    chosen = chosen_ssh_config(explicit)
+    if chosen:
+        return chosen
+    path = inputs.build_dir() / GENERATED_SSH_CONFIG
     if not path.is_file():
-        raise KvmconfError(f"{path} does not exist: run `make` first (it generates the ssh config)")
+        # `make` writes to $KVMCONF_BUILD as this lookup reads it: say so, so the two are seen to agree.
+        into = f" in {inputs.build_dir()}/, from KVMCONF_BUILD" if os.environ.get("KVMCONF_BUILD") else ""
+        raise KvmconfError(f"{path} does not exist: run `make` first (it generates the ssh config{into})")
     return path
 
 

@@ -207,11 +207,14 @@ def test_names_cannot_inject_shell(example: Cluster, farm: sshfarm.Farm, hosts_c
     assert PurePosixPath("/etc/x;touch /pwned").is_absolute()
 
 
-def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm) -> None:
-    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)}
-    scan = subprocess.run([".venv/bin/invoke", "keyscan", "--vm", "db", "--vm", "web"], env=env, capture_output=True,
-                          text=True, check=False, timeout=120)
+def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
+    # The tasks find the ssh config where `make` puts it: ssh/config in $KVMCONF_BUILD.
+    (tmp_path / "ssh").mkdir()
+    shutil.copy(farm.ssh_config, tmp_path / "ssh/config")
+    scan = subprocess.run([".venv/bin/invoke", "keyscan", "--vm", "db", "--vm", "web"], capture_output=True,
+                          env={**os.environ, "KVMCONF_BUILD": str(tmp_path)}, text=True, check=False, timeout=120)
     assert (scan.returncode, scan.stdout) == (0, "db: known\nweb: known\n"), scan.stderr
+    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)}
     assert not _run(example, farm, full=False).failed
     fab = subprocess.run([".venv/bin/fab", "update-confs", "--vm", "provision", "--dry-run"], env=env,
                          capture_output=True, text=True, check=False, timeout=120)

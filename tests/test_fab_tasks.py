@@ -1,4 +1,5 @@
-"""`fab deploy` / `fab update-confs` as users run them, for what they check before reaching any VM."""
+"""`fab deploy`, `fab update-confs`, `fab kvm-setup` and `invoke keyscan` as users run them: what they check before
+reaching any machine."""
 
 from __future__ import annotations
 
@@ -11,22 +12,42 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_task(tool: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`fab ...` or `invoke ...` from the repository, in an environment without the caller's KVMCONF_*."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
-    return subprocess.run([str(ROOT / ".venv/bin/fab"), *args], cwd=ROOT, env={**environment, **(env or {})},
+    return subprocess.run([str(ROOT / ".venv/bin" / tool), *args], cwd=ROOT, env={**environment, **(env or {})},
                           capture_output=True, text=True, check=False, timeout=120)
 
 
 @pytest.mark.parametrize("task", ["deploy", "update-confs"])
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", ""])
 def test_parallel_must_be_a_whole_number_of_at_least_one(task: str, value: str) -> None:
-    result = fab(task, "--parallel", value)
+    result = run_task("fab", task, "--parallel", value)
     assert (result.returncode, result.stdout, result.stderr) == (
         2, "", f"kvmconf: --parallel '{value}': expected a whole number >= 1 (how many VMs at a time)\n")
 
 
 def test_a_valid_parallel_is_taken(tmp_path: Path) -> None:
     # It gets past the check to the next one: the inventory (none here), not --parallel.
-    result = fab("deploy", "--parallel", "12", env={"KVMCONF_CLUSTER": str(tmp_path / "none.conf")})
+    result = run_task("fab", "deploy", "--parallel", "12", env={"KVMCONF_CLUSTER": str(tmp_path / "none.conf")})
     assert result.returncode == 2
     assert result.stderr.startswith(f"kvmconf: {tmp_path / 'none.conf'}: no such file"), result.stderr
+
+
+@pytest.mark.parametrize("task", [("fab", "deploy"), ("fab", "update-confs"), ("invoke", "keyscan")])
+def test_the_vm_tasks_look_for_the_ssh_config_in_kvmconf_build(task: tuple[str, str], tmp_path: Path) -> None:
+    # build/ssh/config of the repository may exist: it must not be taken when KVMCONF_BUILD says otherwise.
+    result = run_task(*task, env={"KVMCONF_BUILD": str(tmp_path / "gen")})
+    assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/gen/ssh/config does not exist: run `make`"
+                                                     f" first (it generates the ssh config in {tmp_path}/gen/, from"
+                                                     " KVMCONF_BUILD)\n")
+
+
+def test_kvm_setup_reaches_the_host_through_kvmconf_ssh_config(tmp_path: Path) -> None:
+    result = run_task("fab", "kvm-setup", "--host", "kvm0", env={"KVMCONF_SSH_CONFIG": str(tmp_path / "none")})
+    assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/none does not exist (named by"
+                                                     " KVMCONF_SSH_CONFIG)\n")
+    result = run_task("fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(tmp_path / "other"),
+                      env={"KVMCONF_SSH_CONFIG": str(tmp_path / "none")})
+    assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/other does not exist (named by"
+                                                     " --ssh-config)\n")

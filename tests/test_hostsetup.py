@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -148,6 +149,10 @@ def test_fab_kvm_setup_dry_run_on_the_example_site(farm: sshfarm.Farm, tmp_path:
     # The example site.toml names no uplink: bridges without ports, and no VLAN subinterface to create.
     proc = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(farm.ssh_config), "--dry-run"])
     assert proc.returncode == 0, proc.stderr
+    # $KVMCONF_SSH_CONFIG does what --ssh-config does (as for the VM tasks).
+    from_env = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--dry-run"],
+                   env={**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)})
+    assert (from_env.returncode, from_env.stdout) == (0, proc.stdout), from_env.stderr
     assert "(dry run: nothing changed)\nkvm0: packages: " in proc.stdout
     assert "\nkvm0: network (ifupdown): would run: ifup -- br60 br0\n" in proc.stdout
     interfaces = tmp_path / "interfaces"

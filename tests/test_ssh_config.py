@@ -9,9 +9,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from generators import ssh_config, ssh_include
+from generators.__main__ import main as generators_main
 from generators.model import Cluster
 from kvmconf.errors import KvmconfError
-from kvmconf.remote import generated_ssh_config
+from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
 
@@ -158,17 +159,46 @@ def test_ssh_applies_the_included_config_before_the_users_own(example: Cluster, 
     assert (other["hostname"], other["user"]) == ("elsewhere.example.com", "bob")
 
 
-def test_tasks_find_the_generated_config_or_say_to_run_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tasks_find_the_chosen_config_or_say_it_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing, config = tmp_path / "missing", tmp_path / "config"
     config.write_text("")
     monkeypatch.setenv("KVMCONF_SSH_CONFIG", str(missing))
     with pytest.raises(KvmconfError) as err:
         generated_ssh_config()
-    assert str(err.value) == f"{missing} does not exist: run `make` first (it generates the ssh config)"
+    # `make` does not write a file the admin named: the message says where the name came from instead.
+    assert str(err.value) == f"{missing} does not exist (named by KVMCONF_SSH_CONFIG)"
+    with pytest.raises(KvmconfError) as err:
+        chosen_ssh_config(str(missing))
+    assert str(err.value) == f"{missing} does not exist (named by --ssh-config)"
     assert generated_ssh_config(str(config)) == config  # --ssh-config wins over the environment
     monkeypatch.setenv("KVMCONF_SSH_CONFIG", str(config))
-    assert generated_ssh_config() == config
+    assert generated_ssh_config() == chosen_ssh_config() == config
+    monkeypatch.setenv("KVMCONF_SSH_CONFIG", "")  # empty is unset, as in the Makefile
+    assert chosen_ssh_config() is None  # fab kvm-setup then uses the admin's own ~/.ssh/config
     monkeypatch.delenv("KVMCONF_SSH_CONFIG")
+    assert chosen_ssh_config() is None
+
+
+def test_tasks_find_the_config_make_generates_in_kvmconf_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVMCONF_SSH_CONFIG", raising=False)
+    monkeypatch.delenv("KVMCONF_BUILD", raising=False)
+    monkeypatch.setenv("KVMCONF_CLUSTER", str(Path("cluster.conf").absolute()))
+    monkeypatch.setenv("KVMCONF_SITE", str(Path("site.toml").absolute()))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(KvmconfError, match=r"^build/ssh/config does not exist"):
+    with pytest.raises(KvmconfError) as err:
         generated_ssh_config()
+    assert str(err.value) == "build/ssh/config does not exist: run `make` first (it generates the ssh config)"
+    # With KVMCONF_BUILD, `make` writes elsewhere: the tasks look there (not in build/), and say so.
+    (tmp_path / "build/ssh").mkdir(parents=True)
+    (tmp_path / "build/ssh/config").write_text("Host stale\n")
+    monkeypatch.setenv("KVMCONF_BUILD", "gen")
+    with pytest.raises(KvmconfError) as err:
+        generated_ssh_config()
+    assert str(err.value) == "gen/ssh/config does not exist: run `make` first (it generates the ssh config in gen/," \
+        " from KVMCONF_BUILD)"
+    # What `make` runs, in the same environment, writes the very file the message names: no loop.
+    assert generators_main(["-q"]) == 0
+    assert generated_ssh_config() == Path("gen/ssh/config")
+    assert "Host db " in Path("gen/ssh/config").read_text()
+    monkeypatch.setenv("KVMCONF_BUILD", "")  # empty is unset, as in the Makefile
+    assert generated_ssh_config() == Path("build/ssh/config")
