@@ -146,19 +146,7 @@ class _Checker:
             refs.os = self._choice(row, "os", "an OS")
         if "install" in row.option_cols:
             refs.install = opts.get("install")  # None when its value was malformed
-        if refs.install is Install.CLOUD and refs.os is not None and site.oses[refs.os].cloud_image is None:
-            message = (f"install=cloud needs a cloud image, and OS {refs.os!r} has none"
-                       f" (expected 'cloud_image' in [os.{refs.os}] of {site.path})")
-            self.report(row, "options", message, "install")
-            refs.install = None
-        kind, volume_group = opts.get("disk", (DiskKind.QCOW2, None))
-        if refs.install is Install.CLOUD and kind is not DiskKind.QCOW2:
-            # kvmconf.disks makes only a qcow2 disk as an overlay on the cloud image: any other stays empty.
-            disk = f"lvm:{volume_group}" if volume_group else kind.value
-            self.report(row, "options", f"option 'disk': {disk!r} cannot hold install=cloud's image, which only a"
-                        " qcow2 overlay gets (expected disk=qcow2 with install=cloud; raw and LVM disks with"
-                        " install=pxe or none)", "disk")
-            refs.install = None
+        refs.install = self._check_install(row, refs.install, refs.os)
         if site.hostgroups is not None and "hostgroups" in row.values:
             offset = 0
             for group in row.values["hostgroups"]:
@@ -169,6 +157,32 @@ class _Checker:
                     refs.known_hostgroups = False
                 offset += len(group) + 1
         return refs
+
+    def _check_install(self, row: Row, install: Install | None, os: str | None) -> Install | None:
+        """The line's install= if the VM can be installed that way, else None and a problem."""
+        site, opts = self.site, row.options
+        if install is Install.CLOUD and os is not None and site.oses[os].cloud_image is None:
+            message = (f"install=cloud needs a cloud image, and OS {os!r} has none"
+                       f" (expected 'cloud_image' in [os.{os}] of {site.path})")
+            self.report(row, "options", message, "install")
+            return None
+        kind, volume_group = opts.get("disk", (DiskKind.QCOW2, None))
+        if install is Install.CLOUD and kind is not DiskKind.QCOW2:
+            # kvmconf.disks makes only a qcow2 disk as an overlay on the cloud image: any other stays empty.
+            disk = f"lvm:{volume_group}" if volume_group else kind.value
+            self.report(row, "options", f"option 'disk': {disk!r} cannot hold install=cloud's image, which only a"
+                        " qcow2 overlay gets (expected disk=qcow2 with install=cloud; raw and LVM disks with"
+                        " install=pxe or none)", "disk")
+            return None
+        explicit = "install" in row.option_cols
+        if install is Install.PXE and os is not None and site.oses[os].family != "debian":
+            # Only Debian's installer reads the generated preseed, and only its kernels reach the TFTP root.
+            self.report(row, "options", f"install=pxe{'' if explicit else ' (the default)'} needs Debian's"
+                        f" installer, and OS {os!r} is of family {site.oses[os].family!r} (expected install=cloud or"
+                        " install=none with it, or an OS of family debian)",
+                        "install" if explicit else "os" if "os" in row.option_cols else None)
+            return None
+        return install
 
     def _vm(self, row: Row, refs: _Refs) -> Vm | None:
         if not row.ok or not refs.known_hostgroups or None in (refs.host, refs.network, refs.os, refs.install):

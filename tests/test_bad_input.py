@@ -204,6 +204,19 @@ CASES = [
          add(vm(options="host=kvm1 install=cloud disk=raw"),
              vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98",
                 options="host=kvm1 install=cloud disk=lvm:vg0"))),
+    # Only Debian's installer reads the generated preseed: an Ubuntu OS is installed from its cloud image.
+    Case("install-pxe-of-ubuntu",
+         (option_problem(NEW, 59, "install=pxe (the default) needs Debian's installer, and OS 'jammy' is of family"
+                                  " 'ubuntu' (expected install=cloud or install=none with it, or an OS of family"
+                                  " debian)"),
+          option_problem(NEW + 1, 59, "install=pxe needs Debian's installer, and OS 'jammy' is of family 'ubuntu'"
+                                      " (expected install=cloud or install=none with it, or an OS of family debian)")),
+         add(vm(options="host=kvm1 os=jammy"),
+             vm(name="nxt", mac="52:54:00:50:00:98", ip="192.168.50.98", options="host=kvm1 install=pxe os=jammy"),
+             vm(name="cld", mac="52:54:00:50:00:97", ip="192.168.50.97", options="host=kvm1 install=cloud os=jammy"),
+             vm(name="non", mac="52:54:00:50:00:96", ip="192.168.50.96", options="host=kvm1 install=none os=jammy")),
+         site=sub("[provision]\n", '[os.jammy]\nfamily = "ubuntu"\nsuite = "jammy"\nkernel = "k"\ninitrd = "i"\n'
+                                    'cloud_image = "/var/lib/libvirt/images/base/jammy.img"\n\n[provision]\n')),
     Case("disk-lvm-without-group", (option_problem(NEW, 59, "option 'disk': 'lvm:' is not a disk kind (expected"
                                                             " qcow2, raw or lvm:<volume group>)"),),
          add(vm(options="host=kvm1 disk=lvm:"))),
