@@ -279,9 +279,10 @@ def test_the_install_mark_survives_a_redeploy_and_reinstall_flips_it_back(booted
     assert f"{BIOS.name}: network install enabled again" in flip.stdout
     assert f"url=http://192.168.50.2/preseed/{BIOS.name}.cfg" in entry.read_text()
     assert provision_server.read_installed(booted.config_dir) == set()
-    unknown = invoke(workdir, the_lab, "reinstall", "--vm", "pxebois")  # as every task: exit 1, cluster.conf named
+    unknown = invoke(workdir, the_lab, "reinstall", "--vm", "pxebois")  # as every task: a usage error, exit 2
     assert (unknown.returncode, unknown.stderr) == (
-        1, f"kvmconf: 'pxebois' is not a VM of {workdir / 'cluster.conf'} (did you mean {BIOS.name}?)\n")
+        2, f"kvmconf: 'pxebois' is not a VM of {workdir / 'cluster.conf'} (did you mean {BIOS.name}?);"
+           f" expected one of: {BIOS.name}, {UEFI.name}\n")
 
 
 def test_adding_a_vm_changes_only_the_hostsfiles_and_sighups_dnsmasq(pxe_lab: lab.Lab, workdir: Path,
