@@ -5,6 +5,9 @@ old ones (same inode, same mtime, so make, rsync and service reloads see no chan
 files are written fresh, and the two directories are swapped with one renameat2(RENAME_EXCHANGE).
 Files no longer generated are simply not in the new tree.
 
+The swap replaces the whole folder, so the writer only ever replaces a folder it wrote (one with
+its stamp) or an empty one: any other folder is refused before anything is written.
+
 A stamp inside build/ records the digest of the inputs and, per file, its size, mtime and content
 hash: a rebuild with the same inputs only stats the files, and a changed build finds unchanged
 files without reading them back. A file edited by hand no longer matches its stamp entry and is
@@ -72,8 +75,7 @@ def is_up_to_date(build: Path, digest: str) -> int | None:
 def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
     """Make ``build`` hold exactly ``tree``; see the module docstring for how."""
     files = {_check_path(path): _as_bytes(content) for path, content in tree.items()}
-    build = build.absolute()
-    _check_location(build)
+    build = _check_location(build)
     report = WriteReport()
     root = str(build)
     with _locked(build):
@@ -107,15 +109,23 @@ def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
     return report
 
 
-def _check_location(build: Path) -> None:
+def _check_location(given: Path) -> Path:
+    """The folder to write, absolute; a UsageError if it is not ours to replace."""
+    build = given.absolute()
     if build.exists() and not build.is_dir():
         raise UsageError(f"{build}: exists and is not a directory (expected the build output directory)")
+    if build.is_dir() and not os.path.lexists(f"{build}/{STAMP}") and any(os.scandir(build)):
+        raise UsageError(
+            f"{build}: not a build folder kvmconf wrote (it is not empty and has no {STAMP});"
+            f" replacing it would delete its files, so nothing was written. Give --build a new or empty"
+            f" folder (e.g. {build / 'build'}), or remove this one first if it only holds an old build")
     try:
         build.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"{build}: cannot create its parent directory: {err.strerror}") from None
     if not os.access(build.parent, os.W_OK):
         raise UsageError(f"{build}: its directory {build.parent} is not writable")
+    return build
 
 
 def _check_path(path: PurePosixPath) -> str:

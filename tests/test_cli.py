@@ -143,3 +143,18 @@ def test_readme_holds_the_doc_output() -> None:
     assert readme.count(begin) == 1 and readme.count(end) == 1, "README.md needs the columns markers"
     block = readme[readme.index(begin) + len(begin):readme.index(end)]
     assert block == markdown_tables()
+
+
+def test_a_build_folder_kvmconf_did_not_write_is_refused_and_kept(inputs: Path) -> None:
+    """`--build .` in a checkout would swap the whole repository for the build (and delete it)."""
+    before = snapshot(inputs)
+    result = run("--build", ".", cwd=inputs)
+    here = inputs.resolve()
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"kvmconf: {here}: not a build folder kvmconf wrote (it is not empty and has no .kvmconf-stamp); replacing"
+        f" it would delete its files, so nothing was written. Give --build a new or empty folder (e.g. {here}/build),"
+        " or remove this one first if it only holds an old build\n")
+    assert snapshot(inputs) == before
+    beside = [p.name for p in inputs.parent.iterdir() if p.name.startswith((f".{inputs.name}", ".kvmconf-staging"))]
+    assert beside == []  # nothing written, not even the lock file

@@ -109,3 +109,41 @@ def test_a_build_path_that_is_a_file_is_refused_and_kept(tmp_path: Path) -> None
 def test_an_unwritable_build_location_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"cannot create its parent directory"):
         write_tree(Path("/proc/kvmconf-test/build"), _tree(a="1\n"), "d1")
+
+
+def _refusal(shown: str, build: Path) -> str:
+    return (f"{shown}: not a build folder kvmconf wrote (it is not empty and has no .kvmconf-stamp); replacing it"
+            f" would delete its files, so nothing was written. Give --build a new or empty folder"
+            f" (e.g. {build}/build), or remove this one first if it only holds an old build")
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every entry under root (links not followed): a file's content, a link's target, or <dir>."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        found[name] = (f"-> {os.readlink(path)}" if path.is_symlink() else
+                       "<dir>" if path.is_dir() else path.read_text())
+    return found
+
+
+@pytest.mark.parametrize("content", ["notes.txt", ".hidden", "sub/"])
+def test_a_folder_kvmconf_did_not_write_is_refused_and_kept(tmp_path: Path, content: str) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    if content.endswith("/"):
+        (folder / content).mkdir()
+    else:
+        (folder / content).write_text("mine\n")
+    before = _snapshot(tmp_path)
+    with pytest.raises(UsageError) as err:
+        write_tree(folder, _tree(a="1\n"), "d1")
+    assert str(err.value) == _refusal(str(folder), folder)
+    assert _snapshot(tmp_path) == before  # not even a lock file or a staging tree beside it
+
+
+def test_an_empty_folder_becomes_the_build(tmp_path: Path) -> None:
+    (tmp_path / "build").mkdir()
+    report = write_tree(tmp_path / "build", _tree(a="1\n"), "d1")
+    assert [str(p) for p in report.written] == ["a"]
+    assert (tmp_path / "build/a").read_text() == "1\n"
