@@ -175,12 +175,18 @@ class _Checker:
                         " install=pxe or none)", "disk")
             return None
         explicit = "install" in row.option_cols
+        pxe = f"install=pxe{'' if explicit else ' (the default)'}"
         if install is Install.PXE and os is not None and site.oses[os].family != "debian":
             # Only Debian's installer reads the generated preseed, and only its kernels reach the TFTP root.
-            self.report(row, "options", f"install=pxe{'' if explicit else ' (the default)'} needs Debian's"
-                        f" installer, and OS {os!r} is of family {site.oses[os].family!r} (expected install=cloud or"
-                        " install=none with it, or an OS of family debian)",
-                        "install" if explicit else "os" if "os" in row.option_cols else None)
+            self.report(row, "options", f"{pxe} needs Debian's installer, and OS {os!r} is of family"
+                        f" {site.oses[os].family!r} (expected install=cloud or install=none with it, or an OS of"
+                        " family debian)", "install" if explicit else "os" if "os" in row.option_cols else None)
+            return None
+        if install is Install.PXE and site.provision.vm is not None and row.values.get("name") == site.provision.vm:
+            # Its installer, preseed and DHCP answer would come from the server it is about to become.
+            self.report(row, "options", f"{pxe} would install the provision VM ([provision] vm in {site.path}) from"
+                        " itself (expected install=cloud, or install=none for a VM installed by other means)",
+                        "install" if explicit else None)
             return None
         return install
 

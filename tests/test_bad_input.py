@@ -217,6 +217,16 @@ CASES = [
              vm(name="non", mac="52:54:00:50:00:96", ip="192.168.50.96", options="host=kvm1 install=none os=jammy")),
          site=sub("[provision]\n", '[os.jammy]\nfamily = "ubuntu"\nsuite = "jammy"\nkernel = "k"\ninitrd = "i"\n'
                                     'cloud_image = "/var/lib/libvirt/images/base/jammy.img"\n\n[provision]\n')),
+    # The provision VM would PXE-boot from the DHCP/TFTP/HTTP server it is to become.
+    Case("install-pxe-of-the-provision-vm",
+         (option_problem(4, 91, "install=pxe would install the provision VM ([provision] vm in {site}) from itself"
+                                " (expected install=cloud, or install=none for a VM installed by other means)"),),
+         sub("host=kvm0 install=cloud\n", "host=kvm0 install=pxe\n")),
+    Case("install-default-of-the-provision-vm",
+         (option_problem(4, 81, "install=pxe (the default) would install the provision VM ([provision] vm in {site})"
+                                " from itself (expected install=cloud, or install=none for a VM installed by other"
+                                " means)"),),
+         sub("host=kvm0 install=cloud\n", "host=kvm0\n")),
     Case("disk-lvm-without-group", (option_problem(NEW, 59, "option 'disk': 'lvm:' is not a disk kind (expected"
                                                             " qcow2, raw or lvm:<volume group>)"),),
          add(vm(options="host=kvm1 disk=lvm:"))),

@@ -140,7 +140,7 @@ disk_gb = 1000
 
 def _vms(*specs: tuple[str, int, str] | tuple[str, int, str, int]) -> str:
     """Lines for (name, ram, options[, disk]), each with its own MAC and IP; the provision VM first."""
-    lines = ["provision\t52:54:00:50:00:02\t192.168.50.2\t1000\t10\t1\t-\thost=a"]
+    lines = ["provision\t52:54:00:50:00:02\t192.168.50.2\t1000\t10\t1\t-\thost=a install=cloud"]
     for number, (name, ram, options, *disk) in enumerate(specs, 10):
         lines.append(f"{name}\t52:54:00:50:00:{number}\t192.168.50.{number}\t{ram}\t{disk[0] if disk else 10}\t1\t-"
                      f"\t{options}")
