@@ -241,14 +241,14 @@ def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = Fals
                              "accept-changed": "replace recorded keys that changed (after checking why!)"})
 def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: bool = False) -> None:
     """Record the VMs' SSH host keys in the known_hosts file of the generated ssh config (for fab deploy)."""
+    from kvmconf.cli import say
     from kvmconf.keyscan import keyscan as scan_keys
     from kvmconf.remote import generated_ssh_config
 
     with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
         names = [v.name for v in select_or_all(cluster, vm)]
-        for message in scan_keys(names, generated_ssh_config(ssh_config), accept_changed):
-            print(message)
+        scan_keys(names, generated_ssh_config(ssh_config), accept_changed, progress=say)  # a line per VM as it goes
 
 
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),

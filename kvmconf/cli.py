@@ -23,3 +23,8 @@ def user_errors() -> Iterator[None]:
         raise Exit(f"kvmconf: {err}", 2) from None
     except KvmconfError as err:
         raise Exit(f"kvmconf: {err}", 1) from None
+
+
+def say(line: str) -> None:
+    """Print a progress line now: flushed, so a pipe (`| tee log`) shows it as the run goes, not at its end."""
+    print(line, flush=True)

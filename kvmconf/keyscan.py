@@ -1,14 +1,15 @@
 """`invoke keyscan`: record each VM's SSH host keys in the known_hosts file the generated ssh config names.
 
 A key seen for the first time is added; a key that differs from the recorded one is an error naming the VM
-(a reinstalled VM, or someone in the middle) unless the admin accepts it explicitly.
+(a reinstalled VM, or someone in the middle) unless the admin accepts it explicitly. One VM that cannot be
+scanned does not stop the others: theirs are recorded, and the run then fails naming every VM that failed.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvmconf.errors import KvmconfError
@@ -22,10 +23,18 @@ class HostKeyChanged(KvmconfError):
     """A VM presents a host key that differs from the recorded one."""
 
 
+class KeyscanFailed(KvmconfError):
+    """Some VMs' keys could not be recorded (unreachable, or a key changed); the other VMs' keys were."""
+
+
 def scan(target: Target, timeout: int = 10) -> list[tuple[str, str]]:
     """(key type, base64 key) pairs the VM offers."""
-    proc = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-t", KEY_TYPES, "-p", str(target.port), "--",
-                           target.hostname], capture_output=True, text=True, check=False, timeout=timeout * 4)
+    try:
+        proc = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-t", KEY_TYPES, "-p", str(target.port), "--",
+                               target.hostname], capture_output=True, text=True, check=False, timeout=timeout * 4)
+    except subprocess.TimeoutExpired:
+        raise KvmconfError(f"{target.name}: no host key from {target.hostname}:{target.port} (ssh-keyscan still"
+                           f" waiting after {timeout * 4} s)") from None
     keys = []
     for line in proc.stdout.splitlines():
         fields = line.split()
@@ -41,34 +50,51 @@ def _read(path: str) -> list[str]:
     return Path(path).read_text().splitlines() if os.path.exists(path) else []
 
 
-def keyscan(names: Sequence[str], ssh_config: Path, accept_changed: bool = False) -> list[str]:
-    """Scan the VMs and update their known_hosts file(s); returns one message per VM."""
+def keyscan(names: Sequence[str], ssh_config: Path, accept_changed: bool = False,
+            progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Scan the VMs and update their known_hosts file(s); returns one line per VM, given to `progress` as it goes.
+
+    Raises KeyscanFailed at the end, naming every VM that could not be scanned or whose key changed, once the
+    keys of all the others are written.
+    """
     messages: list[str] = []
     files: dict[str, list[str]] = {}
-    changed: list[str] = []
-    for name in names:
-        target = resolve(name, ssh_config)
-        lines = files.setdefault(target.known_hosts, _read(target.known_hosts))
-        host = known_hosts_name(target)
-        recorded = {(f[1], f[2]) for f in (line.split() for line in lines) if len(f) >= 3 and host in f[0].split(",")}
-        offered = scan(target)
-        recorded_types = {t for t, _ in recorded}
-        differs = [(t, k) for t, k in offered if t in recorded_types and (t, k) not in recorded]
-        if differs and not accept_changed:
-            changed.append(f"{name}: host key ({', '.join(t for t, _ in differs)}) of {host} CHANGED since it was"
-                           f" recorded in {target.known_hosts}; {accept_hint(name)}")
-            continue
-        if set(offered) <= recorded:
-            messages.append(f"{name}: known")
-            continue
-        kept = [line for line in lines if host not in (line.split() or [""])[0].split(",")] if differs else lines
-        files[target.known_hosts] = kept + [f"{host} {t} {k}" for t, k in offered if differs or (t, k) not in recorded]
-        messages.append(f"{name}: {'replaced changed' if differs else 'recorded'} key(s) of {host}")
-    for path, lines in files.items():
-        _write(path, lines)
-    if changed:
-        raise HostKeyChanged("\n".join(changed))
+    failed: dict[str, str] = {}
+    try:
+        for name in names:
+            try:
+                message = _record(name, ssh_config, files, accept_changed)
+            except KvmconfError as err:
+                failed[name] = str(err).removeprefix(f"{name}: ")
+                message = f"{name}: FAILED: {failed[name]}"
+            messages.append(message)
+            progress(message)
+    finally:  # also on Ctrl-C: what was scanned so far is kept
+        for path, lines in files.items():
+            _write(path, lines)
+    if failed:
+        raise KeyscanFailed(f"keyscan FAILED for {len(failed)} of {len(names)} VM(s), their keys not recorded:"
+                            f" {', '.join(failed)}\n" + "\n".join(f"  {name}: {why}" for name, why in failed.items()))
     return messages
+
+
+def _record(name: str, ssh_config: Path, files: dict[str, list[str]], accept_changed: bool) -> str:
+    """Scan one VM and update its known_hosts lines in `files`; the message says what changed."""
+    target = resolve(name, ssh_config)
+    lines = files.setdefault(target.known_hosts, _read(target.known_hosts))
+    host = known_hosts_name(target)
+    recorded = {(f[1], f[2]) for f in (line.split() for line in lines) if len(f) >= 3 and host in f[0].split(",")}
+    offered = scan(target)
+    recorded_types = {t for t, _ in recorded}
+    differs = [(t, k) for t, k in offered if t in recorded_types and (t, k) not in recorded]
+    if differs and not accept_changed:
+        raise HostKeyChanged(f"{name}: host key ({', '.join(t for t, _ in differs)}) of {host} CHANGED since it was"
+                             f" recorded in {target.known_hosts}; {accept_hint(name)}")
+    if set(offered) <= recorded:
+        return f"{name}: known"
+    kept = [line for line in lines if host not in (line.split() or [""])[0].split(",")] if differs else lines
+    files[target.known_hosts] = kept + [f"{host} {t} {k}" for t, k in offered if differs or (t, k) not in recorded]
+    return f"{name}: {'replaced changed' if differs else 'recorded'} key(s) of {host}"
 
 
 def _write(path: str, lines: list[str]) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -14,7 +15,7 @@ import pytest
 
 from generators.model import Cluster
 from kvmconf.deploy import Options, RunReport, recipes, run_cluster, waves
-from kvmconf.keyscan import HostKeyChanged, keyscan
+from kvmconf.keyscan import KeyscanFailed, keyscan
 from kvmconf.recipes import RECIPE_DIR, RecipeError
 from kvmconf.remote import RemoteError, command, connect, resolve, script
 from tests import sshfarm
@@ -175,7 +176,8 @@ def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfa
     try:
         with pytest.raises(RemoteError, match=r"web: its SSH host key CHANGED .*invoke keyscan --vm web --accept-chan"):
             connect(target)
-        with pytest.raises(HostKeyChanged, match=r"web: host key \(ssh-ed25519\) of .* CHANGED .*--accept-changed"):
+        with pytest.raises(KeyscanFailed, match=r"^keyscan FAILED for 1 of 1 VM\(s\), their keys not recorded: web\n"
+                                                r"  web: host key \(ssh-ed25519\) of .* CHANGED .*--accept-changed"):
             keyscan(["web"], farm.ssh_config)
         assert keyscan(["web"], farm.ssh_config, accept_changed=True) == [f"web: replaced changed key(s) of {host}"]
         assert sorted(farm.known_hosts.read_text().splitlines()) == sorted(original.splitlines())
@@ -183,6 +185,48 @@ def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfa
         farm.known_hosts.write_text(original)
     with connect(target) as conn:
         assert conn.run("true", hide=True, in_stream=False).ok
+
+
+def test_keyscan_records_the_reachable_vms_as_it_goes_and_names_the_others(
+        example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
+    # mcp is a TCP listener that never speaks SSH (ssh-keyscan waits for it), ldap a refused port.
+    known = tmp_path / "known_hosts"
+    config = farm.ssh_config.read_text().replace(str(farm.known_hosts), str(known))
+    silent, refused = socket.socket(), socket.socket()
+    with silent, refused:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        refused.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+        ports = {"mcp": silent.getsockname()[1], "ldap": refused.getsockname()[1]}
+        for vm, port in ports.items():
+            config = config.replace("HostName {}\n    Port {}\n".format(*farm.addresses[vm]),
+                                    f"HostName 127.0.0.1\n    Port {port}\n")
+        (tmp_path / "ssh_config").write_text(config)
+        env = {**os.environ, "KVMCONF_SSH_CONFIG": str(tmp_path / "ssh_config")}
+        proc = subprocess.Popen([".venv/bin/invoke", "keyscan", "--vm", "web", "--vm", "ldap", "--vm", "mcp",
+                                 "--vm", "provision"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None
+            # In cluster.conf order. provision's line is out while mcp is still being scanned: a line per VM as
+            # it goes, not all at the end.
+            assert proc.stdout.readline() == "provision: recorded key(s) of [{}]:{}\n".format(
+                *farm.addresses["provision"])
+            assert proc.poll() is None
+        finally:
+            silent.close()  # resets the waiting connection: mcp fails now rather than at ssh-keyscan's timeout
+            out, err = proc.communicate(timeout=120)
+    assert out == (f"mcp: FAILED: no host key from 127.0.0.1:{ports['mcp']} (no answer)\n"
+                   f"ldap: FAILED: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n"
+                   "web: recorded key(s) of [{}]:{}\n".format(*farm.addresses["web"]))
+    assert proc.returncode == 1
+    assert err == ("kvmconf: keyscan FAILED for 2 of 4 VM(s), their keys not recorded: mcp, ldap\n"
+                   f"  mcp: no host key from 127.0.0.1:{ports['mcp']} (no answer)\n"
+                   f"  ldap: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n")
+    # The reachable VMs' keys are recorded, as the farm's own keyscan recorded them.
+    hosts = {"[{}]:{}".format(*farm.addresses[vm]) for vm in ("provision", "web")}
+    recorded = [line for line in farm.known_hosts.read_text().splitlines() if line.split()[0] in hosts]
+    assert sorted(known.read_text().splitlines()) == sorted(recorded) != []
 
 
 def test_unknown_host_key_is_refused(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
