@@ -17,11 +17,17 @@ from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
 from kvmconf.connection import connections
+from kvmconf.errors import WrongUsage
 from kvmconf.plan import find_host, format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
 from kvmconf.status import format_status
 from kvmconf.status import status as host_status
+
+# Every option of a task has a default ("" for the VM a task acts on): invoke takes an argument without
+# one as positional, and a positional argument swallows `--help` as its value. The task itself then
+# says what is missing (a usage error, exit 2). Tasks with a --host option set auto_shortflags=False:
+# its -h would hide invoke's own -h (--help).
 
 
 def _check_hosts(cluster: Cluster, hosts: list[str]) -> None:
@@ -62,7 +68,7 @@ def plan(c: Context, vm: list[str]) -> None:
             raise Exit("kvmconf: some hosts could not be reached", 1)
 
 
-@task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)"})
+@task(iterable=["host"], auto_shortflags=False, help={"host": "only these physical hosts (repeatable; default: all)"})
 def status(c: Context, host: list[str]) -> None:
     """Show a table per physical host: state, IP, RAM, vCPUs, disk, autostart, drift from cluster.conf."""
     with user_errors():
@@ -76,7 +82,7 @@ def status(c: Context, host: list[str]) -> None:
 
 
 @task(help={"vm": "the VM", "dry-run": "show what would be done"})
-def start(c: Context, vm: str, dry_run: bool = False) -> None:
+def start(c: Context, vm: str = "", dry_run: bool = False) -> None:
     """Start a defined VM."""
     with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.start(cluster, vm, conns, dry_run)
@@ -84,7 +90,7 @@ def start(c: Context, vm: str, dry_run: bool = False) -> None:
 
 @task(help={"vm": "the VM", "force": "power it off at once instead of asking the guest to shut down",
             "dry-run": "show what would be done"})
-def stop(c: Context, vm: str, force: bool = False, dry_run: bool = False) -> None:
+def stop(c: Context, vm: str = "", force: bool = False, dry_run: bool = False) -> None:
     """Shut a VM down (ACPI), or power it off with --force."""
     with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.stop(cluster, vm, conns, force, dry_run)
@@ -92,7 +98,7 @@ def stop(c: Context, vm: str, force: bool = False, dry_run: bool = False) -> Non
 
 @task(help={"vm": "the VM", "purge": "also remove its disk and seed ISO (asks first)",
             "force": "do not ask before purging", "dry-run": "show what would be done"})
-def destroy(c: Context, vm: str, purge: bool = False, force: bool = False, dry_run: bool = False) -> None:
+def destroy(c: Context, vm: str = "", purge: bool = False, force: bool = False, dry_run: bool = False) -> None:
     """Stop and undefine a VM; its disk is kept unless --purge (which asks, or needs --force)."""
     with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.destroy(cluster, vm, conns, purge, None if force else _ask, dry_run)
@@ -141,7 +147,7 @@ def provision_server_task(c: Context) -> None:
 
 
 @task(help={"vm": "the install=pxe VM to install again at its next network boot"})
-def reinstall(c: Context, vm: str) -> None:
+def reinstall(c: Context, vm: str = "") -> None:
     """Give an installed VM its network installer again (undoes the mark its install left)."""
     with user_errors():
         cluster = inputs.load()
@@ -167,7 +173,7 @@ def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
                                                  " default: the newest)",
                             "to": "write the flat image(s) here (a directory, or a file for a one-disk VM)",
                             "force": "replace the VM's own disks (it must be shut off)"})
-def restore_task(c: Context, vm: str, at: str = "", to: str = "", force: bool = False) -> None:
+def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bool = False) -> None:
     """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force."""
     from kvmconf.backup.cluster import restore_vm
 
@@ -194,8 +200,9 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
         print(report.format_table(rows, limit))
 
 
-@task(iterable=["host"], help={"host": "only these physical hosts (repeatable; default: all)",
-                               "offline": "from cluster.conf and site.toml only, without asking libvirt"})
+@task(iterable=["host"], auto_shortflags=False, help={
+    "host": "only these physical hosts (repeatable; default: all)",
+    "offline": "from cluster.conf and site.toml only, without asking libvirt"})
 def capacity(c: Context, host: list[str], offline: bool = False) -> None:
     """Show per physical host: RAM/vCPUs/disk committed vs capacity and overcommit, pinned CPUs, VFs, PCI."""
     from kvmconf.capacity import capacity as host_capacity
@@ -218,12 +225,15 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
             "cold": "shut the VM down and copy its disk, even when it runs (default: live when it runs)",
             "force": "cold: power the VM off at once instead of asking the guest to shut down",
             "edit": "set host=<to> on the VM's line of cluster.conf afterwards"})
-def migrate(c: Context, vm: str, to: str, cold: bool = False, force: bool = False, edit: bool = False) -> None:
+def migrate(c: Context, vm: str = "", to: str = "", cold: bool = False, force: bool = False,
+            edit: bool = False) -> None:
     """Move a VM to another host: live when it runs, else cold; the source is undefined once the target runs."""
     from kvmconf import migrate as moving
 
     with user_errors():
         cluster = inputs.load()
+        if not to:
+            raise WrongUsage("name the host to move the VM to with --to HOST")
         with connections(cluster) as conns:
             moved = moving.migrate(cluster, vm, to, conns, force, cold=cold)
         path = inputs.cluster_path()

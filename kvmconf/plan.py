@@ -144,6 +144,8 @@ SHOWN_VMS = 5
 
 def find_vm(cluster: Cluster, name: str) -> Vm:
     """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones and shows a few."""
+    if not name:  # the tasks acting on one VM default --vm to "" (see tasks.py)
+        raise WrongUsage("name the VM with --vm NAME")
     for vm in cluster.vms:
         if vm.name == name:
             return vm

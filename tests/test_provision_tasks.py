@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from invoke import Program
+
+import tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
@@ -33,8 +36,6 @@ def site_with_uris(tmp_path: Path, uri: str) -> Path:
 
 
 def test_every_task_is_listed_with_the_first_line_of_its_docstring() -> None:
-    import tasks
-
     listed = invoke("--list", "--list-format=json")
     assert listed.returncode == 0, listed.stderr
     data = json.loads(listed.stdout)
@@ -51,6 +52,18 @@ def test_every_task_is_listed_with_the_first_line_of_its_docstring() -> None:
 UNKNOWN_HOST = f"kvmconf: 'kvm9' is not a host of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("name", sorted(tasks.ns.task_names))
+def test_every_task_shows_its_help_for_help_and_h(name: str, flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # invoke's own parser and help on the real collection, in-process: 32 subprocesses would take half a minute.
+    with pytest.raises(SystemExit) as done:
+        Program(namespace=tasks.ns).run(["invoke", name, flag])
+    out = capsys.readouterr()
+    assert (done.value.code, out.err) == (0, "")
+    docstring = (tasks.ns.task_with_config(name)[0].body.__doc__ or "").splitlines()[0]
+    assert out.out.startswith(f"Usage: invoke [--core-opts] {name} ") and f"\n  {docstring}\n" in out.out, out.out
+
+
 # Usage errors (an unknown VM or host, a missing --vm) exit 2 in every task, as `python -m generators` does.
 @pytest.mark.parametrize(("args", "message"), [
     (("provision",), "kvmconf: name the VMs with --vm NAME (repeatable), or give --all for every VM in cluster.conf"),
@@ -59,6 +72,9 @@ UNKNOWN_HOST = f"kvmconf: 'kvm9' is not a host of {ROOT}/site.toml (expected one
     (("start", "--vm", "lldap"), f"kvmconf: 'lldap' is not a VM of {ROOT}/cluster.conf (did you mean ldap?)"),
     (("destroy", "--vm", "nosuchvm", "--purge", "--force"), f"kvmconf: 'nosuchvm' is not a VM of {ROOT}/cluster.conf"),
     (("status", "--host", "kvm9"), UNKNOWN_HOST),
+    (("start",), "kvmconf: name the VM with --vm NAME\n"),
+    (("destroy", "--purge", "--force"), "kvmconf: name the VM with --vm NAME\n"),
+    (("migrate", "--vm", "db"), "kvmconf: name the host to move the VM to with --to HOST\n"),
     (("capacity", "--offline", "--host", "kvm0", "--host", "kvm9"), UNKNOWN_HOST),
 ])
 def test_a_wrong_request_says_what_is_allowed(args: tuple[str, ...], message: str) -> None:
