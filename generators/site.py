@@ -204,6 +204,20 @@ def _network(name: str, r: _Reader) -> Network | None:
     return Network(name, subnet, bridge, gateway, vlan, dns or (), ranges or (), ovs=ovs)
 
 
+def _check_subnets_apart(networks: dict[str, Network | None], locate: Locate, problems: list[Problem]) -> None:
+    """Refuse a subnet that shares addresses with an earlier network's: their DHCP ranges and reverse zones clash."""
+    earlier: list[Network] = []
+    for name, network in networks.items():
+        if network is None:
+            continue
+        other = next((seen for seen in earlier if seen.subnet.overlaps(network.subnet)), None)
+        if other is not None:
+            _Reader({}, f"networks.{name}", locate, problems).problem(
+                "subnet", f"'{network.subnet}' overlaps network {other.name!r} ({other.subnet}) (expected a subnet"
+                " that shares no address with another network's)")
+        earlier.append(network)
+
+
 def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
     ranges = []
     for item in value:
@@ -419,6 +433,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     timezone = top.get("timezone", str, "UTC")
 
     networks = _each(top, "networks", _network, "with subnet, bridge, ...")
+    _check_subnets_apart(networks, locate, problems)
     hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...")
     oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...")
 

@@ -146,6 +146,13 @@ WRONG_VALUES = [
     ('gateway = "192.168.50.1"', 'gateway = "192.168.50.255"',
      ["22:1: key 'networks.lan.gateway': '192.168.50.255' is the broadcast address of subnet 192.168.50.0/24"
       " (expected a host address in it)"]),
+    # Overlapping networks would share reverse zones and DHCP ranges: the later one is refused.
+    ('subnet = "192.168.60.0/24"\ngateway = "192.168.60.1"', 'subnet = "192.168.50.128/25"\ngateway = "192.168.50.129"',
+     ["28:1: key 'networks.dmz.subnet': '192.168.50.128/25' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
+      " that shares no address with another network's)"]),
+    ('subnet = "192.168.60.0/24"\ngateway = "192.168.60.1"', 'subnet = "192.168.0.0/16"\ngateway = "192.168.60.1"',
+     ["28:1: key 'networks.dmz.subnet': '192.168.0.0/16' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
+      " that shares no address with another network's)"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = ["ns1"]',
      ["24:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = [3232248322]',
