@@ -9,7 +9,7 @@ A recipe.toml holds ``packages = [...]``, ``hooks = ["hooks/x.sh", ...]`` (run o
 ``[[file]]`` tables: ``dest`` (absolute path on the VM), exactly one of ``template`` (a jinja2 file next to
 the recipe, rendered with ``cluster``, ``site``, ``vm`` and ``banner``) or ``build`` (a generated file or
 directory of build/, rendered in memory so it can never be stale), plus ``owner``, ``group``, ``mode`` and
-``reload`` (services reloaded when this file changes).
+``reload`` (services reloaded when this file changes). Any other key is refused, with its line.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
+from generators.errors import Problem
 from generators.model import Cluster, Vm
+from generators.site import _locator
 from kvmconf.errors import KvmconfError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "hosts"
@@ -34,6 +36,9 @@ RECIPE = "recipe.toml"
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._@+/-]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+:-]*")
 _MODE = re.compile(r"0?[0-7]{3,4}")
+# Every key a recipe may hold: any other is a typo (`pakages`, `mod`) that would silently drop what it meant.
+RECIPE_KEYS = ("packages", "hooks", "file")
+FILE_KEYS = ("dest", "template", "build", "owner", "group", "mode", "reload")
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,12 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
     hooks: list[Hook] = []
     for directory in _recipe_dirs(vm, root):
         where = str((directory / RECIPE).relative_to(root.parent))
+        text = (directory / RECIPE).read_text()
         try:
-            data = tomllib.loads((directory / RECIPE).read_text())
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"{where}: {err}") from None
+        _refuse_unknown_keys(data, text, where)
         for package in data.get("packages", []):
             if _check(package, _SAFE_NAME, "a package name", where) not in packages:
                 packages.append(package)
@@ -106,6 +113,23 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
             name = str(path.relative_to(root))
             hooks.append(Hook(name, _render(root, name, cluster, vm, where).encode()))
     return Recipe(vm.name, tuple(packages), tuple(files.values()), tuple(hooks))
+
+
+def _refuse_unknown_keys(data: dict[str, Any], text: str, where: str) -> None:
+    """Every key that is not a recipe's, each with its line (tomllib gives none: site.toml's locator finds it)."""
+    locate = _locator(where, text)
+    problems = [Problem(locate("", key), f"key '{key}': unknown key (expected one of: {', '.join(RECIPE_KEYS)})")
+                for key in data if key not in RECIPE_KEYS]
+    entries = data.get("file", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        problems.append(Problem(locate("", "file"), "key 'file': expected [[file]] tables"))
+        entries = []
+    for entry in entries:
+        problems += [Problem(locate("file", key), f"key 'file.{key}': unknown key (expected one of:"
+                                                  f" {', '.join(FILE_KEYS)})") for key in entry if key not in FILE_KEYS]
+    if problems:
+        # A key repeated in several [[file]] tables is located at its first: one line for it is enough.
+        raise RecipeError("\n".join(str(problem) for problem in sorted(set(problems))))
 
 
 def _render(root: Path, name: str, cluster: Cluster, vm: Vm, where: str) -> str:

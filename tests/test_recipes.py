@@ -12,7 +12,7 @@ import pytest
 
 from generators import ssh_config
 from generators.model import Cluster
-from kvmconf.deploy import recipes, waves
+from kvmconf.deploy import Options, recipes, run_cluster, waves
 from kvmconf.recipes import RECIPE_DIR, RecipeError
 from kvmconf.remote import command, resolve, script
 
@@ -43,6 +43,25 @@ def test_template_errors_name_the_recipe(example: Cluster, tmp_path: Path) -> No
     (hosts / "mcp/recipe.toml").write_text('[[file]]\ndest = "/etc/x"\ntemplate = "a"\nmode = "u+rwx"\n')
     with pytest.raises(RecipeError, match=r"'u\+rwx' is not an octal mode"):
         recipes(example, example.vms, hosts)
+
+
+def test_unknown_keys_are_refused_with_their_line_before_any_vm_is_reached(example: Cluster, tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text(
+        'pakages = ["slapd"]\n\n[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\n\n'
+        '[[file]]\ndest = "/etc/b"\ntemplate = "recipe.toml"\n  mod = "0600"\n')
+    # No ssh config at all: the run fails on the recipe before it looks for a VM (a typo'd mode is never pushed).
+    with pytest.raises(RecipeError) as err:
+        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    assert str(err.value) == (
+        "hosts/ldap/recipe.toml:1:1: key 'pakages': unknown key (expected one of: packages, hooks, file)\n"
+        "hosts/ldap/recipe.toml:10:3: key 'file.mod': unknown key (expected one of: dest, template, build, owner,"
+        " group, mode, reload)")
+    # [file] instead of [[file]]: its keys would be taken for entries.
+    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\n[file]\ndest = "/etc/a"\n')
+    with pytest.raises(RecipeError) as err:
+        recipes(example, [example.vm("ldap")], hosts)
+    assert str(err.value) == "hosts/ldap/recipe.toml:2:1: key 'file': expected [[file]] tables"
 
 
 def test_waves_for_a_subset(example: Cluster) -> None:
