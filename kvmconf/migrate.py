@@ -19,12 +19,17 @@ can abort libvirt's job at once.
 Either way the source's disk files stay where they were (the message says where) until the admin
 removes them, and cluster.conf still says the old ``host=``: the task says which line to change,
 or changes it with ``edit``.
+
+Nothing is done unless cluster.conf with the new ``host=`` on the VM's line (what ``edit`` writes)
+passes the project's validation: the target's capacity, and the VM's cpuset, NUMA node and nic= devices
+on that host are checked there before any host is contacted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -34,8 +39,10 @@ from pathlib import Path
 
 import libvirt
 
+from generators.errors import ConfigError
 from generators.model import Cluster, DiskKind, Vm
 from generators.paths import disk_path, seed_iso_path
+from generators.validate import load_cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
@@ -215,6 +222,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     if vm.disk.kind is DiskKind.LVM:
         raise KvmconfError(f"{name}: its disk is an LVM volume; migration copies and creates disk files only (create"
                            f" the volume on {to} and copy it with dd, then provision there with --reuse-disk)")
+    check_moved_cluster(cluster, vm, to)
     src_conn, dst_conn = conns.get(vm.host), conns.get(to)
     dom = domains.lookup(src_conn, name)
     if dom is None:
@@ -292,10 +300,38 @@ def host_line(path: Path, vm: Vm, to: str) -> tuple[str, str]:
     return old, "\t".join(fields)
 
 
-def edit_host(path: Path, vm: Vm, to: str) -> str:
-    """Set host=``to`` on the VM's line of cluster.conf, touching nothing else; returns the new line."""
+def moved_text(path: Path, vm: Vm, to: str) -> str:
+    """cluster.conf's text with host=``to`` on the VM's line and every other line as it is."""
     _old, new = host_line(path, vm, to)
     lines = path.read_text().split("\n")
     lines[vm.line - 1] = new
-    replace_text(path, "\n".join(lines))  # keeps the admin's permissions on cluster.conf
-    return new
+    return "\n".join(lines)
+
+
+def edit_host(path: Path, vm: Vm, to: str) -> str:
+    """Set host=``to`` on the VM's line of cluster.conf, touching nothing else; returns the new line."""
+    text = moved_text(path, vm, to)
+    replace_text(path, text)  # keeps the admin's permissions on cluster.conf
+    return text.split("\n")[vm.line - 1]
+
+
+def check_moved_cluster(cluster: Cluster, vm: Vm, to: str) -> None:
+    """Refuse the move unless cluster.conf with host=``to`` on the VM's line validates as a whole.
+
+    The project's own validation (load_cluster) runs on that text, as ``edit`` would write it, so the
+    host-specific checks apply on the target: capacity, cpuset, NUMA node, macvtap/PCI/VF devices, and
+    the placement of host=auto VMs below the line. A VM the target cannot take would not start there,
+    and the next `make` would refuse cluster.conf.
+    """
+    path = Path(cluster.source)
+    text = moved_text(path, vm, to)
+    with tempfile.TemporaryDirectory(prefix="kvmconf-migrate-") as scratch:
+        candidate = Path(scratch) / path.name
+        candidate.write_text(text)
+        try:
+            load_cluster(candidate, Path(cluster.site.path))
+        except ConfigError as err:
+            # Shown as the admin's own file: the line and column are the same there.
+            problems = "\n".join(str(p).replace(str(candidate), str(path)) for p in err.problems)
+            raise KvmconfError(f"{vm.name}: {to} cannot take it: with host={to} on line {vm.line}, {path} would not"
+                               f" validate; nothing was changed:\n{problems}") from None

@@ -62,6 +62,10 @@ def test_a_moved_line_is_not_edited_blindly(example: Cluster, tmp_path: Path) ->
         host_line(path, example.vm("db"), "kvm1")
 
 
+def _no_libvirt(uri: str) -> None:
+    raise AssertionError(f"opened {uri}")
+
+
 @pytest.mark.parametrize(("vm", "to", "message"), [
     ("nosuch", "kvm1", "'nosuch' is not a VM of cluster.conf"),
     ("db", "kvm9", "'kvm9' is not a host of site.toml (expected one of: kvm0, kvm1)"),
@@ -69,12 +73,36 @@ def test_a_moved_line_is_not_edited_blindly(example: Cluster, tmp_path: Path) ->
     ("compute1", "kvm0", "compute1: its disk is an LVM volume; migration copies and creates disk files only"),
 ])
 def test_refused_requests_touch_no_host(example: Cluster, vm: str, to: str, message: str) -> None:
-    def no_libvirt(uri: str) -> None:
-        raise AssertionError(f"opened {uri}")
-
-    conns = Connections(example, opener=no_libvirt)
+    conns = Connections(example, opener=_no_libvirt)
     with pytest.raises(KvmconfError, match=message.replace("(", r"\(").replace(")", r"\)")):
         migrate(example, vm, to, conns)
+
+
+@pytest.mark.parametrize(("site_edit", "line_edit", "problem"), [
+    # kvm1 has 20000 MB: with db (8192 MB, line 7) there, compute1 (16384 MB, line 10) no longer fits.
+    (("ram_mb = 65536", "ram_mb = 20000"), None,
+     ":10:43: column 'ram': 16384 puts host 'kvm1' over capacity: its VMs up to this line need 24576 MB RAM"
+     " (expected at most 20000 = 20000 × overcommit 1)"),
+    # Pinned to CPUs 20-23, which kvm0 (32 CPUs) has and kvm1 (16) has not.
+    (None, ("keep=4", "keep=4 cpuset=20-23"),
+     ":7:108: column 'options': option 'cpuset': CPUs 20, 21, 22, 23 do not exist on host 'kvm1'"
+     " (expected CPUs 0-15)"),
+])
+def test_a_move_the_target_host_cannot_take_is_refused_with_the_validation_problems(
+        tmp_path: Path, site_edit: tuple[str, str] | None, line_edit: tuple[str, str] | None, problem: str) -> None:
+    conf, site = tmp_path / "cluster.conf", tmp_path / "site.toml"
+    text = Path("cluster.conf").read_text()
+    conf.write_text(text.replace(*line_edit) if line_edit else text)
+    site_text = Path("site.toml").read_text()
+    site.write_text(site_text.replace(*site_edit) if site_edit else site_text)
+    cluster = load_cluster(conf, site)  # valid as it is: only the move breaks it
+    with pytest.raises(KvmconfError) as refused:
+        migrate(cluster, "db", "kvm1", Connections(cluster, opener=_no_libvirt), force=True, cold=True)
+    first, *problems = str(refused.value).split("\n")
+    assert first == (f"db: kvm1 cannot take it: with host=kvm1 on line 7, {conf} would not validate;"
+                     " nothing was changed:")
+    assert problems == [f"{conf}{problem}"]
+    assert conf.read_text() == (text.replace(*line_edit) if line_edit else text)
 
 
 # --- the move itself, on two private instances of libvirt's test driver (two "hosts") ------------------
