@@ -6,7 +6,10 @@ files are written fresh, and the two directories are swapped with one renameat2(
 Files no longer generated are simply not in the new tree.
 
 The swap replaces the whole folder, so the writer only ever replaces a folder it wrote (one with
-its stamp) or an empty one: any other folder is refused before anything is written.
+its stamp) or an empty one: any other folder is refused before anything is written. A build path
+that is a link is followed, and the link's target is swapped (the link stays). A mount point
+cannot be renamed, and writing into it file by file would lose the whole-tree swap, so it is
+refused too, with the advice to build into a folder inside it.
 
 A stamp inside build/ records the digest of the inputs and, per file, its size, mtime and content
 hash: a rebuild with the same inputs only stats the files, and a changed build finds unchanged
@@ -28,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -105,20 +108,27 @@ def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
                 _swap(staging, build)
             _write_stamp(root, digest, new_stamp)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
     return report
 
 
 def _check_location(given: Path) -> Path:
-    """The folder to write, absolute; a UsageError if it is not ours to replace."""
-    build = given.absolute()
+    """The folder to write, absolute and with links followed; a UsageError if it is not ours to replace."""
+    try:
+        build = given.absolute().resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a link loop, before Python 3.13
+        raise UsageError(f"{given}: cannot follow its links: {err}") from None
+    shown = f"{given} (a link to {build})" if given.is_symlink() else str(build)
     if build.exists() and not build.is_dir():
-        raise UsageError(f"{build}: exists and is not a directory (expected the build output directory)")
-    if build.is_dir() and not os.path.lexists(f"{build}/{STAMP}") and any(os.scandir(build)):
-        raise UsageError(
-            f"{build}: not a build folder kvmconf wrote (it is not empty and has no {STAMP});"
-            f" replacing it would delete its files, so nothing was written. Give --build a new or empty"
-            f" folder (e.g. {build / 'build'}), or remove this one first if it only holds an old build")
+        raise UsageError(f"{shown}: exists and is not a directory (expected the build output directory)")
+    if build.is_dir():
+        if not os.path.lexists(f"{build}/{STAMP}") and any(os.scandir(build)):
+            raise UsageError(
+                f"{shown}: not a build folder kvmconf wrote (it is not empty and has no {STAMP});"
+                f" replacing it would delete its files, so nothing was written. Give --build a new or empty"
+                f" folder (e.g. {build / 'build'}), or remove this one first if it only holds an old build")
+        if os.path.ismount(build):
+            raise UsageError(_mount_point_message(shown, build))
     try:
         build.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -126,6 +136,11 @@ def _check_location(given: Path) -> Path:
     if not os.access(build.parent, os.W_OK):
         raise UsageError(f"{build}: its directory {build.parent} is not writable")
     return build
+
+
+def _mount_point_message(shown: str, build: Path) -> str:
+    return (f"{shown}: is a mount point, which cannot be swapped for the new build (a rename cannot move a"
+            f" mount point); nothing was changed. Give --build a folder inside it (e.g. {build / 'build'})")
 
 
 def _check_path(path: PurePosixPath) -> str:
@@ -191,8 +206,10 @@ def _swap(staging: str, build: Path) -> None:
     if renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD, os.fsencode(target),
                                            _RENAME_EXCHANGE) == 0:
         return
-    code = ctypes.get_errno()
-    if renameat2 is not None and code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    code = errno.ENOSYS if renameat2 is None else ctypes.get_errno()
+    if code == errno.EBUSY:  # a bind mount of the same filesystem, which os.path.ismount does not see
+        raise UsageError(_mount_point_message(target, build))
+    if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         raise OSError(code, os.strerror(code), target)
     # Filesystems without RENAME_EXCHANGE: two renames, with a moment where build/ is missing.
     old = staging + ".old"
@@ -227,7 +244,16 @@ def _write_stamp(root: str, digest: str, files: Stamp) -> None:
 def _remove_stale_staging(build: Path) -> None:
     """A killed earlier run may have left its staging tree; it is ours to remove."""
     for leftover in build.parent.glob(_STAGING_PREFIX + build.name + "-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove(str(leftover))
+
+
+def _remove(path: str) -> None:
+    """Remove a staging tree, or a link left in its place: rmtree refuses links (silently, ignoring errors)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @contextmanager

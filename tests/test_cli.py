@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 from generators.columns import markdown_tables
+from tests.tools import missing, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"kvmconf: 8 VMs on 2 hosts; (?P<build>\S+)/: (?P<written>\d+) written, 0 unchanged, 0 removed")
 
 
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
     environment.update(PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "generators", *args], cwd=cwd, env=environment,
+    return subprocess.run([*prefix, sys.executable, "-m", "generators", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -158,3 +160,28 @@ def test_a_build_folder_kvmconf_did_not_write_is_refused_and_kept(inputs: Path) 
     assert snapshot(inputs) == before
     beside = [p.name for p in inputs.parent.iterdir() if p.name.startswith((f".{inputs.name}", ".kvmconf-staging"))]
     assert beside == []  # nothing written, not even the lock file
+
+
+@pytest.mark.parametrize("mount", ["-t tmpfs kvmconf-test", "--bind src"], ids=["tmpfs", "bind-mount"])
+def test_a_build_folder_that_is_a_mount_point_is_refused(inputs: Path, mount: str) -> None:
+    """A rename cannot move a mount point, so the build cannot be swapped in: a clear error, no traceback.
+
+    The mount is made in a mount namespace of the test's own, which vanishes with it. A bind mount of the
+    same filesystem is one os.path.ismount does not see: the rename's EBUSY is what tells it.
+    """
+    unshare = require_tool("unshare")
+    if os.geteuid() != 0:
+        missing("mounting a test filesystem needs root")
+    (inputs / "mnt").mkdir()
+    (inputs / "src").mkdir()
+    # The generator runs as "$@"; then `ls -A` shows what it left inside the mount (nothing, we expect).
+    script = f'mount {mount} mnt || exit 99; "$@"; status=$?; ls -A mnt; exit $status'
+    result = run("--build", "mnt", cwd=inputs, prefix=(unshare, "--mount", "--propagation", "private",
+                                                       "sh", "-c", script, "sh"))
+    mnt = inputs.resolve() / "mnt"
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == (
+        f"kvmconf: {mnt}: is a mount point, which cannot be swapped for the new build (a rename cannot move a mount"
+        f" point); nothing was changed. Give --build a folder inside it (e.g. {mnt}/build)\n")
+    assert list((inputs / "src").iterdir()) == []
+    assert [p.name for p in inputs.iterdir() if p.name.startswith(".kvmconf-staging")] == []

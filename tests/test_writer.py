@@ -147,3 +147,51 @@ def test_an_empty_folder_becomes_the_build(tmp_path: Path) -> None:
     report = write_tree(tmp_path / "build", _tree(a="1\n"), "d1")
     assert [str(p) for p in report.written] == ["a"]
     assert (tmp_path / "build/a").read_text() == "1\n"
+
+
+def test_a_link_to_the_build_folder_is_followed_and_stays_a_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "build"
+    link.symlink_to("real")
+    write_tree(link, _tree(a="1\n", b="2\n"), "d1")
+    report = write_tree(link, _tree(a="1\n", c="3\n"), "d2")
+    assert [str(p) for p in report.written] == ["c"] and [str(p) for p in report.removed] == ["b"]
+    assert link.is_symlink() and os.readlink(link) == "real"
+    assert _snapshot(tmp_path / "real") == {"a": "1\n", "c": "3\n", STAMP: (tmp_path / "real" / STAMP).read_text()}
+    assert is_up_to_date(link, "d2") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".real.lock", "build", "real"]  # no staging leaked
+
+
+def test_a_dangling_link_gets_its_target_created(tmp_path: Path) -> None:
+    link = tmp_path / "build"
+    link.symlink_to("out/build")
+    write_tree(link, _tree(a="1\n"), "d1")
+    assert link.is_symlink() and (tmp_path / "out/build/a").read_text() == "1\n"
+
+
+def test_a_link_to_a_folder_kvmconf_did_not_write_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("mine\n")
+    link = tmp_path / "build"
+    link.symlink_to("mine")
+    before = _snapshot(tmp_path)
+    with pytest.raises(UsageError) as err:
+        write_tree(link, _tree(a="1\n"), "d1")
+    assert str(err.value) == _refusal(f"{link} (a link to {tmp_path / 'mine'})", tmp_path / "mine")
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_link_loop_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "build").symlink_to("loop")
+    (tmp_path / "loop").symlink_to("build")
+    with pytest.raises(UsageError, match=r"build: cannot follow its links: (Symlink loop from|\[Errno 40\])"):
+        write_tree(tmp_path / "build", _tree(a="1\n"), "d1")
+
+
+def test_a_leftover_link_is_removed_without_touching_its_target(tmp_path: Path) -> None:
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious/file").write_text("mine\n")
+    (tmp_path / ".kvmconf-staging-build-abc123").symlink_to("precious")
+    write_tree(tmp_path / "build", _tree(a="1\n"), "d1")
+    assert not (tmp_path / ".kvmconf-staging-build-abc123").is_symlink()
+    assert _snapshot(tmp_path / "precious") == {"file": "mine\n"}
