@@ -223,7 +223,7 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
 
 @task(help={"vm": "the VM to move", "to": "the physical host to move it to",
             "cold": "shut the VM down and copy its disk, even when it runs (default: live when it runs)",
-            "force": "cold: power the VM off at once instead of asking the guest to shut down",
+            "force": "with --cold: power the VM off at once instead of asking the guest to shut down",
             "edit": "set host=<to> on the VM's line of cluster.conf afterwards"})
 def migrate(c: Context, vm: str = "", to: str = "", cold: bool = False, force: bool = False,
             edit: bool = False) -> None:

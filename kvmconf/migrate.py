@@ -45,7 +45,7 @@ from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
-from kvmconf.errors import KvmconfError
+from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.files import replace_text
 from kvmconf.plan import Artifacts, find_vm
 from kvmconf.runner import Runner
@@ -211,6 +211,9 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
 def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: bool = False,
             shutdown_timeout: float = 120.0, log: Log = print, cold: bool = False) -> Vm:
     """Move VM ``name`` from its host in cluster.conf to host ``to``; returns the VM as it is now placed."""
+    if force and not cold:
+        # Refused rather than ignored: a live migration never stops the guest, so --force alone would do nothing.
+        raise WrongUsage("--force powers a running VM off for a cold migration: give it together with --cold")
     vm = find_vm(cluster, name)
     if to not in cluster.site.hosts:
         raise KvmconfError(f"{to!r} is not a host of {cluster.site.path} (expected one of:"

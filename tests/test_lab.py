@@ -480,7 +480,7 @@ def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: P
 def test_a_migration_whose_target_has_the_disk_already_changes_nothing(workdir: Path, clean: lab.Lab) -> None:
     assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
     (clean.images / "kvm1" / "db.img").write_bytes(b"someone else's")
-    refused = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--force")
+    refused = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--cold", "--force")
     assert refused.returncode == 1
     assert refused.stderr == (f"kvmconf: db: {clean.images / 'kvm1' / 'db.img'} exists on kvm1 already and is never"
                               " overwritten; nothing was changed\n")

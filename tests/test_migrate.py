@@ -16,7 +16,7 @@ from generators.validate import load_cluster
 from kvmconf import domains
 from kvmconf import migrate as migrate_module
 from kvmconf.connection import Connections, connections
-from kvmconf.errors import KvmconfError
+from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.migrate import MigrationFailed, _remove_all, edit_host, files_to_copy, host_line, migrate, on_host
 from kvmconf.plan import Artifacts
 from kvmconf.runner import Result, Runner
@@ -103,6 +103,13 @@ def test_a_move_the_target_host_cannot_take_is_refused_with_the_validation_probl
                      " nothing was changed:")
     assert problems == [f"{conf}{problem}"]
     assert conf.read_text() == (text.replace(*line_edit) if line_edit else text)
+
+
+def test_force_without_cold_is_a_usage_error_not_ignored(example: Cluster) -> None:
+    with pytest.raises(WrongUsage) as refused:
+        migrate(example, "db", "kvm1", Connections(example, opener=_no_libvirt), force=True)
+    assert str(refused.value) == ("--force powers a running VM off for a cold migration: give it together with"
+                                  " --cold")
 
 
 # --- the move itself, on two private instances of libvirt's test driver (two "hosts") ------------------
