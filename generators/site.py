@@ -33,6 +33,11 @@ _MISSING: Any = object()
 _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+MAX_DNS_LABEL = 63  # RFC 1035, as dnsmasq and dnspython enforce it
+MAX_DNS_NAME = 253  # characters of a name without its final dot: 255 octets on the wire (RFC 1035)
+# The longest name derived from the domain is the SOA's hostmaster.<domain> (templates/zone.j2); this bound also
+# keeps the file name dns/<domain>.zone within 255 characters.
+MAX_DOMAIN = MAX_DNS_NAME - len("hostmaster.")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "a table"}
@@ -426,6 +431,14 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     domain = top.get("domain", str, what="a DNS domain such as cluster.lan")
     if domain is not None and not _DOMAIN.fullmatch(domain):
         top.problem("domain", f"{shown(domain)} is not a DNS domain (expected lowercase labels separated by dots)")
+        domain = None
+    elif domain is not None and (longest := max(map(len, domain.split(".")))) > MAX_DNS_LABEL:
+        top.problem("domain", f"{shown(domain)} has a label of {longest} characters (expected labels of at most"
+                    f" {MAX_DNS_LABEL} characters between the dots)")
+        domain = None
+    elif domain is not None and len(domain) > MAX_DOMAIN:
+        top.problem("domain", f"{shown(domain)} is too long for DNS (expected at most {MAX_DOMAIN} characters, so"
+                    f" that the zones' hostmaster.<domain> fits DNS's {MAX_DNS_NAME})")
         domain = None
     domain_type = top.convert("domain_type", DomainType, "a domain type", "kvm or qemu", default=DomainType.KVM)
     locale = top.get("locale", str, "en_US.UTF-8")

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from generators.errors import ConfigError, Location, Problem
+from generators.errors import ConfigError, Location, Problem, shown
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
-from generators.site import load_site_located
+from generators.site import MAX_DNS_NAME, load_site_located
 
 _RESOURCES = (("ram", "MB RAM"), ("cpus", "vCPUs"), ("disk", "GB disk"))
 
@@ -116,6 +116,7 @@ class _Checker:
         refs = {row.line: self._references(row) for row in rows}
         self._resolve_provision(rows)
         self._check_addresses(rows, refs)
+        self._check_dns_names(rows)
         by_line = {row.line: row for row in rows}
         vms = [vm for row in rows if (vm := self._vm(row, refs[row.line])) is not None]
         vms = self._place(vms, by_line)
@@ -246,6 +247,16 @@ class _Checker:
                 if first <= ip <= last:
                     self.report(row, "ip", f"'{ip}' is inside the dynamic DHCP range {first}-{last} of network"
                                 f" {network!r} (expected an address outside it)")
+
+    def _check_dns_names(self, rows: list[Row]) -> None:
+        """Each VM is NAME.DOMAIN in DNS, which dnsmasq and the zone files cannot hold beyond 253 characters."""
+        domain = self.site.domain
+        for row in rows:
+            name = row.values.get("name")
+            if name is not None and (length := len(f"{name}.{domain}")) > MAX_DNS_NAME:
+                self.report(row, "name", f"{name!r} with domain {shown(domain)} makes a DNS name of {length}"
+                            f" characters (expected at most {MAX_DNS_NAME} in NAME.DOMAIN: a shorter name or"
+                            " domain)")
 
     def _place(self, vms: list[Vm], rows: dict[int, Row]) -> list[Vm]:
         """Place `host=auto` VMs on the host with the most free RAM that fits them.

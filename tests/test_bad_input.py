@@ -161,6 +161,12 @@ CASES = [
                         " or add it to [hostgroups])"),),
          lambda text: add(vm(groups="web-servers"))(re.sub(r"\tlinux-servers[a-z,-]*\t", "\t-\t", text)),
          site=lambda text: text[:text.index("[hostgroups]\n") + len("[hostgroups]\n")]),
+    # NAME.DOMAIN is one DNS name: at most 253 characters (here 63 + 1 + 193 = 257; 59 + 1 + 193 fits exactly).
+    Case("name-and-domain-beyond-253",
+         (conf(NEW, 1, f"column 'name': '{'n' * 63}' with domain '{'a' * 55}...' (193 characters) makes a DNS name"
+                       " of 257 characters (expected at most 253 in NAME.DOMAIN: a shorter name or domain)"),),
+         add(vm(name="n" * 63), vm(name="m" * 59, mac="52:54:00:50:00:98", ip="192.168.50.98")),
+         site=sub('domain = "phys.example.org"', f'domain = "{".".join(["a" * 63] * 3)}.b"')),
     # --- the shape of a line -----------------------------------------------------------------------
     Case("spaces-instead-of-tabs", (conf(NEW, 1, f"found 1 tab-separated field ({FIELDS}); fields must be"
                                                  " separated by tabs, not spaces"),),

@@ -113,6 +113,13 @@ def test_unknown_table(tmp_path: Path) -> None:
 WRONG_VALUES = [
     ('domain = "phys.example.org"', "domain = 5",
      ["3:1: key 'domain': 5 is an integer (expected a DNS domain such as cluster.lan)"]),
+    # DNS: labels of at most 63 characters, names of at most 253; the zones also name hostmaster.<domain>.
+    ('domain = "phys.example.org"', f'domain = "{"a" * 64}.org"',
+     [f"3:1: key 'domain': '{'a' * 55}...' (68 characters) has a label of 64 characters (expected labels of at most 63"
+      " characters between the dots)"]),
+    ('domain = "phys.example.org"', f'domain = "{".".join(["a" * 63] * 4)}"',
+     [f"3:1: key 'domain': '{'a' * 55}...' (255 characters) is too long for DNS (expected at most 242 characters, so"
+      " that the zones' hostmaster.<domain> fits DNS's 253)"]),
     ('domain_type = "kvm"', 'domain_type = "xen"',
      ["4:1: key 'domain_type': 'xen' is not a domain type (expected kvm or qemu)"]),
     ('default_network = "lan"', 'default_network = "wan"',
@@ -199,6 +206,15 @@ WRONG_VALUES = [
 def test_wrong_values(old: str, new: str, expected: list[str], tmp_path: Path) -> None:
     assert EXAMPLE_SITE.count(old) == 1
     assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(old, new))) == expected
+
+
+def test_the_longest_domain_is_242_characters(tmp_path: Path) -> None:
+    longest = ".".join(["a" * 63] * 3 + ["b" * 50])
+    assert len(longest) == 242
+    assert load_site(_write(tmp_path, MINIMAL_SITE.replace("lab.test", longest))).domain == longest
+    assert _problems(_write(tmp_path, MINIMAL_SITE.replace("lab.test", longest + "b"))) == [
+        f"1:1: key 'domain': '{'a' * 55}...' (243 characters) is too long for DNS (expected at most 242 characters,"
+        " so that the zones' hostmaster.<domain> fits DNS's 253)"]
 
 
 def test_empty_tables_of_tables(tmp_path: Path) -> None:
