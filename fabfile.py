@@ -16,8 +16,8 @@ from invoke import Context, Exit
 
 from generators.errors import UsageError, shown
 from kvmconf import inputs
-from kvmconf.cli import user_errors
-from kvmconf.deploy import Options, RunReport, run_cluster
+from kvmconf.cli import say, user_errors
+from kvmconf.deploy import Options, RunReport, VmReport, run_cluster
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 
 
@@ -27,7 +27,8 @@ def _run(vm: list[str], full: bool, parallel: str, dry_run: bool) -> None:
         cluster = inputs.load()
         # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
         recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
-        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), at_a_time, dry_run, recipes))
+        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), at_a_time, dry_run, recipes),
+                             progress=_print_vm)
     _print(report, dry_run)
 
 
@@ -39,10 +40,14 @@ def _parallel(value: str) -> int:
     return int(value)
 
 
+def _print_vm(report: VmReport) -> None:
+    """A VM's diffs (dry run) and its line, as soon as it is done: a long run shows its progress."""
+    for diff in report.diffs:
+        say(f"== {report.vm}\n" + diff.removesuffix("\n"))
+    say(report.line())
+
+
 def _print(report: RunReport, dry_run: bool) -> None:
-    for vm_report in report.reports:
-        for diff in vm_report.diffs:
-            print(f"== {vm_report.vm}\n{diff}", end="" if diff.endswith("\n") else "\n")
     print(("(dry run: nothing changed)\n" if dry_run else "") + report.summary())
     if report.failed:
         raise Exit(code=1)

@@ -278,8 +278,13 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
     return report
 
 
-def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Options) -> RunReport:
-    """deploy (full=True: packages, files, hooks) or update-confs (files only) on the chosen VMs, in waves."""
+def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Options,
+                progress: Callable[[VmReport], None] = lambda report: None) -> RunReport:
+    """deploy (full=True: packages, files, hooks) or update-confs (files only) on the chosen VMs, in waves.
+
+    `progress` gets each VM's report as soon as that VM is done (one call at a time), so a long run shows where
+    it is; the RunReport keeps them in cluster.conf order for the summary.
+    """
     vms = select_or_all(cluster, names)
     plan = recipes(cluster, vms, options.recipe_dir)
     result = RunReport("deploy" if full else "update-confs")
@@ -291,6 +296,7 @@ def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Opt
         report = _one(vm, plan[vm.name], full, options)
         with lock:
             result.events.append((time.monotonic(), vm.name, "end"))
+            progress(report)
         return report
 
     groups = waves(vms) if options.parallel > 1 else [[vm] for vm in vms]

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -150,6 +151,38 @@ def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfar
     assert farm.log("ldap", "apt-get") == []
 
 
+def test_fab_deploy_prints_each_vm_as_it_is_done(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    # ldap's hook waits for the test's go: provision's line must be out while ldap is still being deployed.
+    go = farm.root("ldap") / "tmp/kvmconf-test-go"
+    go.unlink(missing_ok=True)
+    (hosts_copy / "ldap/hooks").mkdir()
+    (hosts_copy / "ldap/hooks/wait.sh").write_text("#!/bin/sh\nuntil [ -e /tmp/kvmconf-test-go ]; do sleep 0.1; done\n")
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text('hooks = ["hooks/wait.sh"]\n' + recipe.read_text())
+    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config), "KVMCONF_RECIPES": str(hosts_copy)}
+    proc = subprocess.Popen([".venv/bin/fab", "deploy", "--vm", "db", "--vm", "ldap", "--vm", "provision"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Through the VM's root, as its hook sees it. Also after 30 s, so a run that prints only at its end ends.
+    deadline = threading.Timer(30, go.touch)
+    deadline.start()
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("provision: done ("), first
+        assert proc.poll() is None
+    finally:
+        deadline.cancel()
+        go.touch()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = (first + out).splitlines()
+    # One line per VM as each ends, in cluster.conf order with --parallel 1; then the summary, in the same words.
+    assert [line.split(":")[0] for line in lines[:3]] == ["provision", "ldap", "db"]
+    assert lines[3:] == ["deploy: ok", *("  " + line for line in lines[:3])]
+    assert lines[1].endswith("; 1 hook(s) run)")
+    go.unlink()
+
+
 def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
         example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
     (hosts_copy / "ldap/hooks").mkdir()
@@ -263,7 +296,8 @@ def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm, tmp_path: Path
     fab = subprocess.run([".venv/bin/fab", "update-confs", "--vm", "provision", "--dry-run"], env=env,
                          capture_output=True, text=True, check=False, timeout=120)
     assert fab.returncode == 0, fab.stderr
-    assert fab.stdout == "(dry run: nothing changed)\nupdate-confs: ok\n  provision: would change 0 file(s)\n"
+    assert fab.stdout == "provision: would change 0 file(s)\n(dry run: nothing changed)\nupdate-confs: ok\n" \
+                         "  provision: would change 0 file(s)\n"
     bad = subprocess.run([".venv/bin/fab", "deploy", "--vm", "nosuchvm"], env=env, capture_output=True, text=True,
                          check=False, timeout=120)
     assert (bad.returncode, bad.stderr) == (2, "kvmconf: 'nosuchvm' is not a VM of cluster.conf; expected one of:"
