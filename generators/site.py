@@ -38,6 +38,7 @@ MAX_DNS_NAME = 253  # characters of a name without its final dot: 255 octets on 
 # The longest name derived from the domain is the SOA's hostmaster.<domain> (templates/zone.j2); this bound also
 # keeps the file name dns/<domain>.zone within 255 characters.
 MAX_DOMAIN = MAX_DNS_NAME - len("hostmaster.")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "a table"}
@@ -504,11 +505,12 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             readers["ssh_keys"].problem("ssh_keys", f"{shown(key, 40)} is not an SSH public key (expected"
                                         " 'ssh-ed25519 AAAA... comment')")
             account_values["ssh_keys"] = None
-    admin_user = account_values["admin_user"]
-    if admin_user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", admin_user):
-        a.problem("admin_user", f"{shown(admin_user)} is not a user name (expected up to 32 lowercase letters,"
-                  " digits, '_', '-', not starting with a digit or '-')")
-        account_values["admin_user"] = None
+    for key in ("admin_user", "ssh_user"):  # names in useradd, cloud-init and ssh's User lines
+        user = account_values[key]
+        if user is not None and not _USER.fullmatch(user):
+            a.problem(key, f"{shown(user)} is not a user name (expected up to 32 lowercase letters, digits, '_', '-',"
+                      " not starting with a digit or '-')")
+            account_values[key] = None
 
     b = top.sub("backup", required=False)  # every key has a default
     backup_values = dict(

@@ -131,6 +131,10 @@ WRONG_VALUES = [
     ('admin_user = "admin"', 'admin_user = "Admin"',
      ["12:1: key 'accounts.admin_user': 'Admin' is not a user name (expected up to 32 lowercase letters, digits, '_',"
       " '-', not starting with a digit or '-')"]),
+    # ssh <vm> logs in as ssh_user through the generated ssh config: a space there broke every ssh command.
+    ('admin_user = "admin"', 'admin_user = "admin"\nssh_user = "ad min"',
+     ["13:1: key 'accounts.ssh_user': 'ad min' is not a user name (expected up to 32 lowercase letters, digits, '_',"
+      " '-', not starting with a digit or '-')"]),
     ('root_password_hash = "!"', 'root_password_hash = "secret"',
      ["14:1: key 'accounts.root_password_hash': is not a crypt(3) hash (expected a SHA-512 '$6$...' or yescrypt"
       " '$y$...' hash, e.g. from mkpasswd -m sha-512, or '!' for a locked account; plain text is refused)"]),
