@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,18 +21,50 @@ ROOT = Path(__file__).resolve().parent.parent
 NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
 
 
-def invoke(*args: str, site: Path | None = None, cluster: Path | None = None,
-           **env: str) -> subprocess.CompletedProcess[str]:
+def environment(site: Path | None = None, cluster: Path | None = None, **env: str) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
     environment.update(KVMCONF_CLUSTER=str(cluster or ROOT / "cluster.conf"),
                        KVMCONF_SITE=str(site or ROOT / "site.toml"), **env)
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=environment, capture_output=True,
-                          text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    return environment
 
 
-def site_with_uris(tmp_path: Path, uri: str) -> Path:
-    """The example site.toml with every host's URI replaced."""
-    lines = [f'uri = "{uri}"' if line.startswith("uri = ") else line
+def invoke(*args: str, site: Path | None = None, cluster: Path | None = None,
+           **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=environment(site, cluster, **env),
+                          capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+def answer_on_a_terminal(args: tuple[str, ...], site: Path, answer: Callable[[subprocess.Popen[bytes], int], None],
+                         ) -> tuple[int, str, str]:
+    """Run `invoke ARGS` with a terminal (a pty) as stdin; once its question is out, ``answer(child, pty)``."""
+    master, slave = os.openpty()
+    # Python ignores Ctrl-C when it starts with SIGINT ignored, as under `make check &`: undo that, as a shell would.
+    child = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=environment(site),
+                             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    os.close(slave)
+    try:
+        assert child.stdout is not None
+        asked, deadline = b"", time.monotonic() + 60
+        while not asked.endswith(b"[y/N] "):
+            ready, _, _ = select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(child.stdout.fileno(), 4096) if ready else b""
+            assert chunk, f"no question asked: {asked!r}"
+            asked += chunk
+        answer(child, master)
+        out, err = child.communicate(timeout=60)
+        return child.returncode, (asked + out).decode(), err.decode()
+    finally:
+        os.close(master)
+        if child.poll() is None:  # it never asked, or never ended: do not leave it behind
+            child.kill()
+            child.communicate()
+
+
+def site_with_uris(tmp_path: Path, uri: str, disk_dir: Path | None = None) -> Path:
+    """The example site.toml with every host's URI (and disk_dir, if given) replaced."""
+    lines = [f'uri = "{uri}"' if line.startswith("uri = ") else
+             f'disk_dir = "{disk_dir}"' if disk_dir and line.startswith("disk_dir = ") else line
              for line in (ROOT / "site.toml").read_text().splitlines()]
     path = tmp_path / "site.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -129,3 +165,29 @@ def test_plan_and_status_on_the_test_driver(tmp_path: Path) -> None:
     assert status.stdout.splitlines()[1].split() == ["VM", "STATE", "IP", "RAM", "MB", "VCPUS", "DISK", "GB",
                                                      "(virt/alloc)", "AUTOSTART", "DRIFT", "FROM", "CLUSTER.CONF"]
     assert "compute1  not defined  192.168.50.101" in status.stdout
+
+
+def end_of_input(_child: subprocess.Popen[bytes], terminal: int) -> None:
+    os.write(terminal, b"\x04")  # Ctrl-D
+
+
+def interrupt(child: subprocess.Popen[bytes], _terminal: int) -> None:
+    # A SIGINT that lands after the question is written but before the read starts is only acted on once
+    # the read returns: never, here. An admin's Ctrl-C comes when the read waits; so does this one.
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child.pid}/syscall").read_text().split()[1:2] != ["0x0"]:  # a call on fd 0 (stdin)
+        assert time.monotonic() < deadline, "the question never waited for an answer"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)  # what Ctrl-C makes the terminal send
+
+
+@pytest.mark.parametrize("answer", [end_of_input, interrupt], ids=["ctrl-d", "ctrl-c"])
+def test_ctrl_d_or_ctrl_c_at_the_purge_question_is_a_no(
+        tmp_path: Path, answer: Callable[[subprocess.Popen[bytes], int], None]) -> None:
+    disk = tmp_path / "db.img"  # db's disk (disk=raw) on the test driver's kvm0, where db is not defined
+    disk.write_bytes(b"the only copy")
+    site = site_with_uris(tmp_path, "test:///default", disk_dir=tmp_path)
+    code, out, err = answer_on_a_terminal(("destroy", "--vm", "db", "--purge"), site, answer)
+    assert (code, out, err) == (1, f"Remove {disk} of db for good? [y/N] \n",
+                                "kvmconf: db: not destroyed (purging was not confirmed)\n")
+    assert disk.read_bytes() == b"the only copy"
