@@ -122,7 +122,7 @@ def _check_location(given: Path) -> Path:
     if build.exists() and not build.is_dir():
         raise UsageError(f"{shown}: exists and is not a directory (expected the build output directory)")
     if build.is_dir():
-        if not os.path.lexists(f"{build}/{STAMP}") and any(os.scandir(build)):
+        if _holds_other_files(build):
             raise UsageError(
                 f"{shown}: not a build folder kvmconf wrote (it is not empty and has no {STAMP});"
                 f" replacing it would delete its files, so nothing was written. Give --build a new or empty"
@@ -136,6 +136,14 @@ def _check_location(given: Path) -> Path:
     if not os.access(build.parent, os.W_OK):
         raise UsageError(f"{build}: its directory {build.parent} is not writable")
     return build
+
+
+def _holds_other_files(build: Path) -> bool:
+    """Whether build is a folder kvmconf did not write: one with files but no stamp."""
+    if os.path.lexists(f"{build}/{STAMP}"):
+        return False
+    with os.scandir(build) as entries:
+        return any(True for _ in entries)
 
 
 def _mount_point_message(shown: str, build: Path) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -195,3 +197,14 @@ def test_a_leftover_link_is_removed_without_touching_its_target(tmp_path: Path) 
     write_tree(tmp_path / "build", _tree(a="1\n"), "d1")
     assert not (tmp_path / ".kvmconf-staging-build-abc123").is_symlink()
     assert _snapshot(tmp_path / "precious") == {"file": "mine\n"}
+
+
+def test_a_refusal_leaves_no_directory_open(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("mine\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match="not a build folder kvmconf wrote"):
+            write_tree(tmp_path / "mine", _tree(a="1\n"), "d1")
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
