@@ -23,7 +23,8 @@ class FieldError(ValueError):
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # lower case; also used by site.py
 HOSTGROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # also site.toml's [hostgroups] names
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# What host=, net= and os= take; also site.toml's [hosts.*], [networks.*] and [os.*] names, which they name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 # Large enough for any real VM (2 PB of RAM), small enough that sums stay exact in floats and
@@ -150,7 +151,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_word(text: str) -> str:
-    if not _WORD.fullmatch(text):
+    if not NAME_PATTERN.fullmatch(text):
         raise FieldError("is not a name (expected letters, digits, '_', '.' and '-')")
     return text
 
@@ -199,7 +200,7 @@ def parse_nic(text: str) -> Nic:
     kind, sep, rest = text.partition(":")
     rest, slash, mac_text = rest.partition("/")
     mac = parse_mac(mac_text) if slash else None
-    if kind == "bridge" and sep and _WORD.fullmatch(rest):
+    if kind == "bridge" and sep and NAME_PATTERN.fullmatch(rest):
         return Nic(NicKind.BRIDGE, rest, mac=mac)
     if kind == "macvtap" and sep:
         # The interface may be given by its MAC, which holds colons itself.

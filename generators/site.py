@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
-from generators.columns import HOSTGROUP_PATTERN, IFACE_PATTERN, MAC_PATTERN, PCI_PATTERN
+from generators.columns import HOSTGROUP_PATTERN, IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN
 from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
@@ -146,7 +146,8 @@ def _locator(path: str, text: str) -> Locate:
     current = ""
     for number, line in enumerate(text.split("\n"), 1):  # TOML's newlines only, unlike str.splitlines
         if m := header.match(line):
-            current = re.sub(r"[\s\"']", "", m[1])
+            # Quotes go, and the spaces around dots, but not what is quoted: [networks."dmz x"] is networks.dmz x.
+            current = re.sub(r"\"([^\"]*)\"|'([^']*)'|\s", lambda q: q[1] or q[2] or "", m[1])
             index.setdefault((current, ""), (number, len(line) - len(line.lstrip()) + 1))
         elif m := keyline.match(line):
             index.setdefault((current, m[1].strip("\"'")), (number, m.start(1) + 1))
@@ -347,20 +348,37 @@ def _os(name: str, r: _Reader) -> OsRelease | None:
         r.problem("family", f"{shown(family)} is not an OS family (expected debian or ubuntu)")
         family = None
     suite = r.get("suite", str, what="a release codename such as bookworm")
-    kernel = r.get("kernel", str, what="the installer kernel's path under the TFTP root")
-    initrd = r.get("initrd", str, what="the installer initrd's path under the TFTP root")
+    kernel = _boot_file(r, "kernel", "the installer kernel's path under the TFTP root")
+    initrd = _boot_file(r, "initrd", "the installer initrd's path under the TFTP root")
     cloud_image = r.get("cloud_image", str, None, "the cloud image's path on the physical hosts")
-    if None in (family, suite, kernel, initrd):
+    if family is None or suite is None or kernel is None or initrd is None:
         return None
     return OsRelease(name, family, suite, kernel, initrd, cloud_image)
 
 
-def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None], what: str) -> dict[str, T | None]:
-    """Build every entry of a table of tables such as [hosts.kvm0], [hosts.kvm1]."""
+def _boot_file(r: _Reader, key: str, what: str) -> str | None:
+    """A path pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines take: they end a path at whitespace."""
+    path: str | None = r.get(key, str, what=what)
+    if path is not None and re.search(r"\s", path):
+        r.problem(key, f"{shown(path)} is not a TFTP path the boot loaders can load (expected {what}, without"
+                  " spaces)")
+        return None
+    return path
+
+
+def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None], what: str,
+          option: str) -> dict[str, T | None]:
+    """Build every entry of a table of tables such as [hosts.kvm0], [hosts.kvm1]; cluster.conf's `option`= names one."""
     entries = top.sub(table)
     result: dict[str, T | None] = {}
     for name, value in entries.data.items():
         entries.used.add(name)
+        # The names reach generated files and commands (Nagios, cron, virsh): only what cluster.conf could name.
+        if not NAME_PATTERN.fullmatch(name):
+            entries.problem(name, f"is not a name cluster.conf's {option}= can take (expected letters, digits, '_',"
+                            " '.' and '-', starting with a letter or digit)")
+        elif option == "host" and name == "auto":
+            entries.problem(name, "is host=auto's word for automatic placement (expected another host name)")
         if not isinstance(value, dict):
             entries.problem(name, f"{shown(value)} is {_type_of(value)} (expected a table [{table}.{name}] {what})")
             result[name] = None
@@ -446,10 +464,10 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     keyboard = top.get("keyboard", str, "us")
     timezone = top.get("timezone", str, "UTC")
 
-    networks = _each(top, "networks", _network, "with subnet, bridge, ...")
+    networks = _each(top, "networks", _network, "with subnet, bridge, ...", "net")
     _check_subnets_apart(networks, locate, problems)
-    hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...")
-    oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...")
+    hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...", "host")
+    oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...", "os")
 
     default_network = _default_name(top, "default_network", networks, "a network")
     default_os = _default_name(top, "default_os", oses, "an OS")
@@ -470,6 +488,11 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     if not p.absent and ("vm" in p.data) == ("server" in p.data):
         problems.append(Problem(locate("provision", ""), "table '[provision]' needs exactly one of 'vm' (the"
                                 " provision VM's name in cluster.conf) or 'server' (its IPv4 address)"))
+    interface = provision_values["interface"]
+    if interface is not None and not IFACE_PATTERN.fullmatch(interface):  # dnsmasq's interface=, and the server's
+        p.problem("interface", f"{shown(interface)} is not an interface name (expected at most 15 letters, digits,"
+                  " '-', '_', '.')")
+        provision_values["interface"] = None
     http_url = provision_values["http_url"]
     if http_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", http_url):
         p.problem("http_url", f"{shown(http_url)} is not an http(s) URL (expected e.g. http://192.168.1.2)")

@@ -185,6 +185,17 @@ WRONG_VALUES = [
      ["40:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
     ('family = "debian"', 'family = "arch"',
      ["53:1: key 'os.bookworm.family': 'arch' is not an OS family (expected debian or ubuntu)"]),
+    # pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines end a path at whitespace.
+    ('kernel = "debian-installer/amd64/linux"', 'kernel = "debian installer/amd64/linux"',
+     ["55:1: key 'os.bookworm.kernel': 'debian installer/amd64/linux' is not a TFTP path the boot loaders can load"
+      " (expected the installer kernel's path under the TFTP root, without spaces)"]),
+    ('initrd = "debian-installer/amd64/initrd.gz"', 'initrd = "debian-installer/amd64/initrd.gz\\t"',
+     ["56:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' is not a TFTP path the boot loaders can"
+      " load (expected the installer initrd's path under the TFTP root, without spaces)"]),
+    # dnsmasq's interface= and the provision server's own check need an interface name.
+    ('interface = "enp1s0"', 'interface = ""',
+     ["63:1: key 'provision.interface': '' is not an interface name (expected at most 15 letters, digits, '-', '_',"
+      " '.')"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "ftp://192.168.50.2"',
      ["61:1: key 'provision.http_url': 'ftp://192.168.50.2' is not an http(s) URL (expected e.g."
       " http://192.168.1.2)"]),
@@ -198,6 +209,19 @@ WRONG_VALUES = [
     ('compute = "Compute nodes"', 'compute = 5\n"bad group" = "x"',
      ["83:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
       "84:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-')"]),
+    # Table names reach Nagios command lines, cron and virsh: only what cluster.conf's host=, net=, os= can name.
+    ("[hosts.kvm1]\n", '[hosts."kvm1;x"]\n',
+     ["44:1: key 'hosts.kvm1;x': is not a name cluster.conf's host= can take (expected letters, digits, '_', '.' and"
+      " '-', starting with a letter or digit)"]),
+    ("[networks.dmz]\n", '[networks."dmz x"]\n',
+     ["27:1: key 'networks.dmz x': is not a name cluster.conf's net= can take (expected letters, digits, '_', '.' and"
+      " '-', starting with a letter or digit)"]),
+    ("[os.bookworm]\n", '[os."-bookworm"]\n',
+     ["9:1: key 'default_os': 'bookworm' is not an OS (expected one of: -bookworm)",
+      "52:1: key 'os.-bookworm': is not a name cluster.conf's os= can take (expected letters, digits, '_', '.' and"
+      " '-', starting with a letter or digit)"]),
+    ("[hosts.kvm1]\n", "[hosts.auto]\n",
+     ["44:1: key 'hosts.auto': is host=auto's word for automatic placement (expected another host name)"]),
     ("[hosts.kvm1]\n", "[hosts]\nkvm9 = 5\n[hosts.kvm1]\n",
      ["45:1: key 'hosts.kvm9': 5 is an integer (expected a table [hosts.kvm9] with uri, ram_mb, cpus, disk_gb,"
       " ...)"]),
