@@ -25,6 +25,7 @@ and restarts dnsmasq. A failed check leaves the running daemon and its files as 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -294,6 +296,39 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
                 path.unlink()
 
 
+# --- where it runs ---------------------------------------------------------------------------------------
+
+def interface_addresses(netns: str | None = None) -> dict[str, set[IPv4Address]]:
+    """Each network interface of this machine (or of the namespace ``netns``) with its IPv4 addresses."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-j", "address", "show"]
+    return {link["ifname"]: {IPv4Address(a["local"]) for a in link.get("addr_info", []) if a.get("family") == "inet"}
+            for link in json.loads(_check_call(argv) or "[]")}
+
+
+def require_provision_server(cluster: Cluster, does: str, netns: str | None = None) -> None:
+    """Refuse unless this machine (the lab: its namespace) is the provision server: it has [provision] interface,
+    and the server's address is one of its own.
+
+    Both are what the deployed dnsmasq needs: it binds to that interface alone (bind-interfaces), and the VMs are
+    sent to that address. Anywhere else a task that writes config_dir and tftp_root and starts dnsmasq would make
+    a workstation or a physical host serve DHCP, or fail halfway. ``does`` says what the task would change.
+    """
+    provision = cluster.site.provision
+    addresses = interface_addresses(netns)
+    mine: set[IPv4Address] = set().union(*addresses.values())
+    if provision.interface in addresses and provision.server in mine:
+        return
+    if provision.interface not in addresses:
+        why = f"it has no interface {provision.interface!r}, [provision] interface in {cluster.site.path}"
+    else:
+        server = (f"the provision VM {provision.vm}'s address {provision.server}" if provision.vm
+                  else f"[provision] server {provision.server}")
+        why = f"{server} is not one of its addresses: {', '.join(sorted(map(str, mine))) or 'none'}"
+    here = f"the lab's namespace {netns}" if netns else "this machine"
+    raise KvmconfError(f"{here} is not the provision server ({why}): {does} on the machine it runs on; run it on the"
+                       f" provision server ({provision.vm or provision.server}), or on the lab with KVMCONF_LAB set")
+
+
 # --- building and deploying -------------------------------------------------------------------------------
 
 def stage_build(cluster: Cluster, config_dir: Path) -> Path:
@@ -311,13 +346,33 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
     return deploy_dnsmasq(config_dir, dnsmasq, log)
 
 
-def reinstall(cluster: Cluster, name: str, log: Log = print) -> None:
-    """Undo an install mark: the VM's next PXE request gets its installer again (its disk must be empty to ask)."""
+def deploy_here(cluster: Cluster, log: Log = print) -> str:
+    """`invoke provision-server` on the provision server itself: refused anywhere else; returns how to serve HTTP."""
+    provision = cluster.site.provision
+    require_provision_server(cluster, _deploys(cluster))
+    deploy(cluster, system_dnsmasq(Path(provision.config_dir)), log)
+    host, port = http_address(provision.http_url)
+    return (f"serve the preseeds with: python3 -m kvmconf.provision_server serve --config-dir={provision.config_dir}"
+            f" --bind={host}:{port} --tftp-root={provision.tftp_root}")
+
+
+def _deploys(cluster: Cluster) -> str:
+    provision = cluster.site.provision
+    return f"`invoke provision-server` writes {provision.config_dir} and {provision.tftp_root} and starts dnsmasq"
+
+
+def reinstall(cluster: Cluster, name: str, log: Log = print, netns: str | None = None) -> None:
+    """Undo an install mark: the VM's next PXE request gets its installer again (its disk must be empty to ask).
+
+    Only on the provision server (``netns``: the lab's namespace), where the mark is.
+    """
     vm = find_vm(cluster, name)
     if vm.install is not Install.PXE:
         raise KvmconfError(f"{name} is install={vm.install.value} in cluster.conf: only install=pxe VMs are"
                            " reinstalled over the network")
     site = cluster.site
+    require_provision_server(cluster, f"`invoke reinstall` changes {Path(site.provision.config_dir) / STATE_FILE}"
+                             f" and {site.provision.tftp_root}", netns)
     if not set_installed(Path(site.provision.config_dir), Path(site.provision.tftp_root), name, False):
         raise KvmconfError(f"{name} is not deployed on the provision server yet: run `invoke provision-server`")
     log(f"{name}: network install enabled again; it installs at its next PXE boot (with an empty disk)")
@@ -384,6 +439,7 @@ def lab_dnsmasq(the_lab: Lab) -> Dnsmasq:
 
 def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
     """The provision server inside the lab's namespace: deploy (``cluster`` is already remapped), then HTTP."""
+    require_provision_server(cluster, _deploys(cluster), the_lab.netns)
     what = deploy(cluster, lab_dnsmasq(the_lab), log)
     # Recorded in Lab.pids, so that lab teardown stops it by name (before the lab's own daemons).
     pid_file = the_lab.dir / "http.pid"

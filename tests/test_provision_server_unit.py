@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ from generators.model import Cluster
 from kvmconf import provision_server
 from kvmconf.errors import KvmconfError
 from kvmconf.provision_server import Dnsmasq, ProvisionHTTPServer
-from tests.tools import require_tool
+from tests.tools import missing, require_tool
 
 MCP_ENTRY = "pxelinux.cfg/01-52-54-00-50-00-03"  # mcp: install=pxe, boot=bios in the example
 
@@ -161,10 +165,72 @@ def test_a_rebuild_removes_the_boot_entries_of_vms_gone_from_cluster_conf(exampl
 
 
 def _at(cluster: Cluster, config_dir: Path, tftp_root: Path) -> Cluster:
+    """The cluster with its provision server's files in tmp, and this machine as that server (loopback stands for
+    its interface and address: reinstall refuses a machine without both)."""
     import dataclasses
 
-    provision = dataclasses.replace(cluster.site.provision, config_dir=str(config_dir), tftp_root=str(tftp_root))
+    provision = dataclasses.replace(cluster.site.provision, config_dir=str(config_dir), tftp_root=str(tftp_root),
+                                    interface="lo", server=IPv4Address("127.0.0.1"))
     return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, provision=provision))
+
+
+# --- only on the provision server ---------------------------------------------------------------------------
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own, with nothing in it (not even loopback's address) until it adds some."""
+    if os.geteuid() != 0:
+        missing("network namespaces need root")
+    name = f"kvmconf-heretest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_the_provision_server_is_where_its_interface_and_address_are(example: Cluster, netns: str) -> None:
+    def refusal() -> str:
+        with pytest.raises(KvmconfError) as refused:
+            provision_server.require_provision_server(example, "`invoke x` changes y", netns)
+        return str(refused.value)
+
+    tail = ": `invoke x` changes y on the machine it runs on; run it on the provision server (provision), or on the" \
+           " lab with KVMCONF_LAB set"
+    assert refusal() == (f"the lab's namespace {netns} is not the provision server (it has no interface 'enp1s0',"
+                         f" [provision] interface in site.toml){tail}")
+    ip = ["ip", "-n", netns]
+    subprocess.run([*ip, "link", "add", "enp1s0", "type", "veth", "peer", "name", "peer0"], check=True)
+    subprocess.run([*ip, "address", "add", "192.168.50.9/24", "dev", "enp1s0"], check=True)
+    assert refusal() == (f"the lab's namespace {netns} is not the provision server (the provision VM provision's"
+                         f" address 192.168.50.2 is not one of its addresses: 192.168.50.9){tail}")
+    subprocess.run([*ip, "address", "add", "192.168.50.2/24", "dev", "enp1s0"], check=True)
+    provision_server.require_provision_server(example, "`invoke x` changes y", netns)  # no exception: it is
+
+
+@pytest.mark.parametrize(("args", "does"), [
+    (("provision-server",), "`invoke provision-server` writes {config_dir} and {tftp_root} and starts dnsmasq"),
+    (("reinstall", "--vm", "mcp"), "`invoke reinstall` changes {config_dir}/installed and {tftp_root}"),
+])
+def test_the_tasks_refuse_to_run_anywhere_but_on_the_provision_server(tmp_path: Path, args: tuple[str, ...],
+                                                                       does: str) -> None:
+    """Run in a network namespace of their own (nothing but loopback): a workstation, not the provision VM.
+
+    The namespace also keeps whatever the task might start (dnsmasq) away from this machine's networks.
+    """
+    if os.geteuid() != 0:
+        missing("unshare --net needs root")
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    site = tmp_path / "site.toml"
+    site.write_text(Path("site.toml").read_text().replace('tftp_root = "/srv/tftp"', f'tftp_root = "{tftp_root}"')
+                    .replace('config_dir = "/etc/kvmconf"', f'config_dir = "{config_dir}"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
+    env.update(KVMCONF_CLUSTER=str(Path("cluster.conf").absolute()), KVMCONF_SITE=str(site))
+    result = subprocess.run(["unshare", "--net", sys.executable, "-m", "invoke", *args], env=env,
+                            capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (
+        1, f"kvmconf: this machine is not the provision server (it has no interface 'enp1s0', [provision] interface"
+           f" in {site}): {does.format(config_dir=config_dir, tftp_root=tftp_root)} on the machine it runs on; run"
+           " it on the provision server (provision), or on the lab with KVMCONF_LAB set\n")
+    assert not config_dir.exists() and not tftp_root.exists()  # nothing was written
 
 
 @pytest.mark.consumer
