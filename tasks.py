@@ -134,34 +134,29 @@ def lab_down(c: Context, dir: str = "") -> None:
             print(f"no lab in {directory}")
 
 
-def _running_lab() -> lab.Lab | None:
-    """The lab of $KVMCONF_LAB (inputs.load has checked that it runs), else None: the real provision server."""
-    directory = inputs.lab_dir()
-    return lab.Lab.load(directory.absolute()) if directory else None
-
-
 @task(name="provision-server")
 def provision_server_task(c: Context) -> None:
-    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP.
-
-    Refused on any machine that lacks [provision] interface or the provision server's address.
-    """
+    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
     with user_errors():
         cluster = inputs.load()
-        the_lab = _running_lab()
+        directory = inputs.lab_dir()
+        the_lab = lab.Lab.load(directory.absolute()) if directory else None
         if the_lab is not None:
             provision_server.serve_lab(cluster, the_lab)
             return
-        print(provision_server.deploy_here(cluster))
+        provision_server.deploy(cluster, provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir)))
+        host, port = provision_server.http_address(cluster.site.provision.http_url)
+        print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
+              f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
+              f" --tftp-root={cluster.site.provision.tftp_root}")
 
 
 @task(help={"vm": "the install=pxe VM to install again at its next network boot"})
 def reinstall(c: Context, vm: str = "") -> None:
-    """Give an installed VM its network installer again (undoes the mark its install left); on the provision server."""
+    """Give an installed VM its network installer again (undoes the mark its install left)."""
     with user_errors():
         cluster = inputs.load()
-        the_lab = _running_lab()
-        provision_server.reinstall(cluster, vm, netns=the_lab.netns if the_lab else None)
+        provision_server.reinstall(cluster, vm)
 
 
 @task(name="backup", iterable=["vm"], help={
