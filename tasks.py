@@ -134,29 +134,34 @@ def lab_down(c: Context, dir: str = "") -> None:
             print(f"no lab in {directory}")
 
 
+def _running_lab() -> lab.Lab | None:
+    """The lab of $KVMCONF_LAB (inputs.load has checked that it runs), else None: the real provision server."""
+    directory = inputs.lab_dir()
+    return lab.Lab.load(directory.absolute()) if directory else None
+
+
 @task(name="provision-server")
 def provision_server_task(c: Context) -> None:
-    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP."""
+    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP.
+
+    Refused on any machine that lacks [provision] interface or the provision server's address.
+    """
     with user_errors():
         cluster = inputs.load()
-        directory = inputs.lab_dir()
-        the_lab = lab.Lab.load(directory.absolute()) if directory else None
+        the_lab = _running_lab()
         if the_lab is not None:
             provision_server.serve_lab(cluster, the_lab)
             return
-        provision_server.deploy(cluster, provision_server.system_dnsmasq(Path(cluster.site.provision.config_dir)))
-        host, port = provision_server.http_address(cluster.site.provision.http_url)
-        print(f"serve the preseeds with: python3 -m kvmconf.provision_server serve"
-              f" --config-dir={cluster.site.provision.config_dir} --bind={host}:{port}"
-              f" --tftp-root={cluster.site.provision.tftp_root}")
+        print(provision_server.deploy_here(cluster))
 
 
 @task(help={"vm": "the install=pxe VM to install again at its next network boot"})
 def reinstall(c: Context, vm: str = "") -> None:
-    """Give an installed VM its network installer again (undoes the mark its install left)."""
+    """Give an installed VM its network installer again (undoes the mark its install left); on the provision server."""
     with user_errors():
         cluster = inputs.load()
-        provision_server.reinstall(cluster, vm)
+        the_lab = _running_lab()
+        provision_server.reinstall(cluster, vm, netns=the_lab.netns if the_lab else None)
 
 
 @task(name="backup", iterable=["vm"], help={
