@@ -101,10 +101,11 @@ def stop(c: Context, vm: str = "", force: bool = False, dry_run: bool = False) -
         lifecycle.stop(cluster, vm, conns, force, dry_run)
 
 
-@task(help={"vm": "the VM", "purge": "also remove its disk and seed ISO (asks first)",
-            "force": "do not ask before purging", "dry-run": "show what would be done"})
+@task(help={"vm": "the VM", "purge": "also remove its disk and seed ISO",
+            "force": "do not ask before powering off a running VM or purging",
+            "dry-run": "show what would be done"})
 def destroy(c: Context, vm: str = "", purge: bool = False, force: bool = False, dry_run: bool = False) -> None:
-    """Stop and undefine a VM; its disk is kept unless --purge (which asks, or needs --force)."""
+    """Power off and undefine a VM, asking first if it runs; its disk is kept unless --purge (asks too)."""
     with user_errors(), connections(cluster := inputs.load()) as conns:
         lifecycle.destroy(cluster, vm, conns, purge, None if force else _ask, dry_run)
 

@@ -27,9 +27,14 @@ HOSTGROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # also site.toml'
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
-# Large enough for any real VM (2 PB of RAM), small enough that sums stay exact in floats and
-# every consumer (libvirt, nagios, qemu-img) accepts it.
+# The parser's bound for RAM, disk and keep=: large enough for any real VM (2 PB of RAM), small enough
+# that sums stay exact in floats. It is no promise that every consumer takes such a value (qemu-img
+# refuses a disk of 2**31-1 GB); the hosts' capacity in site.toml is what bounds real VMs.
 MAX_INT = 2**31 - 1
+# vCPUs of one VM: QEMU's q35 machine (the domain XML's) takes at most 288 up to QEMU 7.2, Debian 12's
+# (`virsh domcapabilities --machine q35` says <vcpu max='288'/>); QEMU 8.0 raised it to 1024 and 9.0
+# to 4096. libvirt's schema refuses anything above 65535.
+MAX_VCPUS = 288
 # Linux's largest NR_CPUS; bounds the expansion of ranges like 0-99999999.
 MAX_CPU = 8191
 
@@ -61,21 +66,21 @@ def parse_ipv4(text: str) -> IPv4Address:
         raise FieldError("is not an IPv4 address (expected a.b.c.d)") from None
 
 
-def parse_positive(text: str, expected: str = "e.g. 1, 2048") -> int:
+def parse_positive(text: str, expected: str = "e.g. 1, 2048", maximum: int = MAX_INT) -> int:
     digits = text.lstrip("0")
     if not text.isascii() or not text.isdigit() or not digits:
         raise FieldError(f"is not a positive integer (expected {expected})")
     # Length first: int() refuses more than 4300 digits with a ValueError of its own.
-    if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
-        raise FieldError(f"is too large (expected {expected}, at most {MAX_INT})")
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise FieldError(f"is too large (expected {expected}, at most {maximum})")
     return int(digits)
 
 
-def positive_parser(expected: str) -> Callable[[str], int]:
+def positive_parser(expected: str, maximum: int = MAX_INT) -> Callable[[str], int]:
     """A parse_positive whose messages say what the number means, e.g. 'RAM in MB, e.g. 2048'."""
 
     def parse(text: str) -> int:
-        return parse_positive(text, expected)
+        return parse_positive(text, expected, maximum)
 
     return parse
 
@@ -112,7 +117,7 @@ COLUMNS: tuple[Column, ...] = (
            " address, outside the dynamic DHCP ranges"),
     Column("ram", positive_parser("RAM in MB, e.g. 2048"), "RAM in MB", "positive integer"),
     Column("disk", positive_parser("disk size in GB, e.g. 20"), "disk size in GB", "positive integer"),
-    Column("cpus", positive_parser("a vCPU count, e.g. 2"), "vCPU count", "positive integer"),
+    Column("cpus", positive_parser("a vCPU count, e.g. 2", MAX_VCPUS), "vCPU count", "positive integer"),
     Column("hostgroups", parse_hostgroups, "nagios hostgroups",
            "comma list, `-` or empty for none; must be listed in site.toml `[hostgroups]` when that exists"),
     Column("options", str, "optional `key=value` words, space separated", "see the options table"),

@@ -1,7 +1,8 @@
 """`invoke start/stop/destroy`: one VM's domain on its physical host.
 
-``destroy`` stops and undefines; the disk stays unless ``purge`` is given, and purging asks first
-(or is told with ``--force``): a disk is the one thing here that cannot be made again.
+``destroy`` stops and undefines; the disk stays unless ``purge`` is given. Whatever loses data (a
+running VM's power-off, purging) asks first, or is told with ``--force``: a disk, or what a running
+guest has not written yet, cannot be made again.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, d
 
 def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False,
             confirm: Confirm | None = None, dry_run: bool = False, log: Log = print) -> None:
-    """Power off and undefine; with ``purge`` also remove the disk and seed ISO, if ``confirm`` agrees.
+    """Power off and undefine; with ``purge`` also remove the disk and seed ISO.
 
-    ``confirm`` is None when the caller already has the admin's consent (``--force``).
+    ``confirm`` is asked, with every step listed, before anything that loses data: powering off a
+    running VM, deleting a saved memory state or snapshot metadata, removing files. It is None when
+    the caller already has the admin's consent (``--force``).
     """
     vm = find_vm(cluster, name)
     conn, runner = conns.get(vm.host), conns.runner(vm.host)
@@ -64,19 +67,27 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     disk = disks.disk_spec(cluster, vm)
     seed = seed_iso_path(cluster, vm)
     doomed = [path for path in (disk.path, seed) if path and runner.exists(path)] if purge else []
+    running = dom is not None and domains.is_active(dom)
+    lost = []  # what undefining deletes besides the definition, which `invoke provision` makes again
+    if dom is not None and dom.hasManagedSaveImage(0):
+        lost.append("its saved memory state")
+    if dom is not None and (snapshots := dom.snapshotNum(0)):
+        lost.append(f"the metadata of {snapshots} snapshot{'s' * (snapshots != 1)}")
     steps = []
     if dom is not None:
-        steps += ["power off"] if domains.is_active(dom) else []
-        steps += ["undefine"]
-    steps += [f"remove {path}" for path in doomed]
+        steps += ["power off (it is running: what the guest has not written to disk is lost)"] if running else []
+        steps += ["undefine" + (f" (deleting {' and '.join(lost)})" if lost else "")]
+    steps += [f"remove {path} for good" for path in doomed]
     if not steps:
         log(f"{name}: not defined on {vm.host}" + ("" if purge else f"; its disk {disk.path} is kept if it exists"))
         return
     if dry_run:
         log(f"{name} on {vm.host}: would " + ", ".join(steps))
         return
-    if doomed and confirm is not None and not confirm(f"Remove {' and '.join(doomed)} of {name} for good?"):
-        raise KvmconfError(f"{name}: not destroyed (purging was not confirmed)")
+    # Only a shut-off VM losing nothing but its definition goes without asking: that is not destructive.
+    destructive = running or lost or doomed
+    if destructive and confirm is not None and not confirm(f"{name} on {vm.host}: {', '.join(steps)}. Go ahead?"):
+        raise KvmconfError(f"{name}: not destroyed (not confirmed; nothing was changed)")
     if dom is not None:
         if domains.power_off(dom):
             log(f"{name}: powered off")

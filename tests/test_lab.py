@@ -194,7 +194,12 @@ def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_p
         cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
     assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
     disk = Path(disks.disk_spec(cluster, cluster.vm("db")).path)
-    destroyed = invoke(workdir, clean, "destroy", "--vm", "db")
+    unasked = invoke(workdir, clean, "destroy", "--vm", "db")  # running: powering it off needs a yes or --force
+    assert (unasked.returncode, unasked.stderr) == (1, "kvmconf: db on kvm0: power off (it is running: what the guest"
+                                                       " has not written to disk is lost), undefine. Go ahead? There is"
+                                                       " no terminal to ask on: confirm with --force.\n")
+    assert domains_on(clean) == ["db"]
+    destroyed = invoke(workdir, clean, "destroy", "--vm", "db", "--force")
     assert destroyed.returncode == 0 and f"db: disk {disk} kept (remove it with --purge)" in destroyed.stdout
     assert disk.exists()
     before = disk.stat()

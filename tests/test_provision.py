@@ -425,11 +425,40 @@ def test_destroy_keeps_the_disk_and_purge_removes_it_only_when_confirmed(cluster
     assert lines == ["db: powered off", "db: undefined on kvm0", f"db: disk {disk} kept (remove it with --purge)"]
     assert disk.exists() and "db" not in domain_names(conns.get("kvm0"))
     asked: list[str] = []
-    with pytest.raises(KvmconfError, match="db: not destroyed \\(purging was not confirmed\\)"):
+    with pytest.raises(KvmconfError, match="db: not destroyed \\(not confirmed; nothing was changed\\)"):
         lifecycle.destroy(cluster, "db", conns, purge=True, confirm=lambda q: asked.append(q) or False, log=quiet)
-    assert asked == [f"Remove {disk} of db for good?"] and disk.exists()
+    assert asked == [f"db on kvm0: remove {disk} for good. Go ahead?"] and disk.exists()
     lifecycle.destroy(cluster, "db", conns, purge=True, confirm=None, log=quiet)
     assert not disk.exists()
+
+
+def test_destroy_asks_before_it_loses_data_and_lists_every_step(cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["db"], conns, log=quiet)
+    dom = conns.get("kvm0").lookupByName("db")
+    disk = Path(disks.disk_spec(cluster, cluster.vm("db")).path)
+    asked: list[str] = []
+
+    def no(question: str) -> bool:
+        asked.append(question)
+        return False
+
+    for purge in (False, True):
+        with pytest.raises(KvmconfError) as err:
+            lifecycle.destroy(cluster, "db", conns, purge=purge, confirm=no, log=quiet)
+        assert str(err.value) == "db: not destroyed (not confirmed; nothing was changed)"
+    power_off = "power off (it is running: what the guest has not written to disk is lost)"
+    assert asked == [f"db on kvm0: {power_off}, undefine. Go ahead?",
+                     f"db on kvm0: {power_off}, undefine, remove {disk} for good. Go ahead?"]
+    assert dom.isActive() and disk.exists()
+    dom.managedSave(0)  # shut off, its memory saved: undefining deletes that
+    asked.clear()
+    with pytest.raises(KvmconfError, match="db: not destroyed"):
+        lifecycle.destroy(cluster, "db", conns, confirm=no, log=quiet)
+    assert asked == ["db on kvm0: undefine (deleting its saved memory state). Go ahead?"]
+    dom.managedSaveRemove(0)
+    lines: list[str] = []
+    lifecycle.destroy(cluster, "db", conns, confirm=no, log=lines.append)  # shut off, nothing lost: not asked
+    assert len(asked) == 1 and lines == ["db: undefined on kvm0", f"db: disk {disk} kept (remove it with --purge)"]
 
 
 def test_start_and_stop_report_what_they_did(cluster: Cluster, conns: Connections) -> None:

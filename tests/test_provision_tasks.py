@@ -188,6 +188,6 @@ def test_ctrl_d_or_ctrl_c_at_the_purge_question_is_a_no(
     disk.write_bytes(b"the only copy")
     site = site_with_uris(tmp_path, "test:///default", disk_dir=tmp_path)
     code, out, err = answer_on_a_terminal(("destroy", "--vm", "db", "--purge"), site, answer)
-    assert (code, out, err) == (1, f"Remove {disk} of db for good? [y/N] \n",
-                                "kvmconf: db: not destroyed (purging was not confirmed)\n")
+    assert (code, out, err) == (1, f"db on kvm0: remove {disk} for good. Go ahead? [y/N] \n",
+                                "kvmconf: db: not destroyed (not confirmed; nothing was changed)\n")
     assert disk.read_bytes() == b"the only copy"
