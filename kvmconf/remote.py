@@ -31,9 +31,10 @@ def chosen_ssh_config(explicit: str = "") -> Path | None:
         value, where = os.environ.get("KVMCONF_SSH_CONFIG", ""), "KVMCONF_SSH_CONFIG"
     if not value:
         return None
-    if not Path(value).is_file():
+    path = Path(value).expanduser()  # as `ssh -F` does: `--ssh-config=~/x` reaches us unexpanded
+    if not path.is_file():
         raise KvmconfError(f"{value} does not exist (named by {where})")
-    return Path(value)
+    return path
 
 
 def generated_ssh_config(explicit: str = "") -> Path:

@@ -177,6 +177,8 @@ def test_tasks_find_the_chosen_config_or_say_it_is_missing(tmp_path: Path, monke
     assert chosen_ssh_config() is None  # fab kvm-setup then uses the admin's own ~/.ssh/config
     monkeypatch.delenv("KVMCONF_SSH_CONFIG")
     assert chosen_ssh_config() is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert chosen_ssh_config("~/config") == config  # `--ssh-config=~/config` is not expanded by the shell
 
 
 def test_tasks_find_the_config_make_generates_in_kvmconf_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
