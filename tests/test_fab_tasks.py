@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import fabfile
+from generators.errors import UsageError
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,9 +22,17 @@ def run_task(tool: str, *args: str, env: dict[str, str] | None = None) -> subpro
                           capture_output=True, text=True, check=False, timeout=120)
 
 
-@pytest.mark.parametrize("task", ["deploy", "update-confs"])
-@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", ""])
-def test_parallel_must_be_a_whole_number_of_at_least_one(task: str, value: str) -> None:
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", "", " 2", "\u0663"])  # the last: an Arabic-Indic 3
+def test_parallel_must_be_a_whole_number_of_at_least_one(value: str) -> None:
+    with pytest.raises(UsageError) as err:
+        fabfile._parallel(value)
+    assert str(err.value) == f"--parallel {value!r}: expected a whole number >= 1 (how many VMs at a time)"
+    assert fabfile._parallel("1") == 1 and fabfile._parallel("12") == 12
+
+
+@pytest.mark.parametrize(("task", "value"), [("deploy", "abc"), ("update-confs", "0")])
+def test_a_bad_parallel_is_a_usage_error_on_the_command_line(task: str, value: str) -> None:
+    # abc was a traceback from invoke's int(), 0 a silent 1.
     result = run_task("fab", task, "--parallel", value)
     assert (result.returncode, result.stdout, result.stderr) == (
         2, "", f"kvmconf: --parallel '{value}': expected a whole number >= 1 (how many VMs at a time)\n")
