@@ -349,11 +349,11 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
 def deploy_here(cluster: Cluster, log: Log = print) -> str:
     """`invoke provision-server` on the provision server itself: refused anywhere else; returns how to serve HTTP."""
     provision = cluster.site.provision
+    base = http_base(provision.http_url)  # before anything changes: a URL it cannot serve stops the deploy
     require_provision_server(cluster, _deploys(cluster))
     deploy(cluster, system_dnsmasq(Path(provision.config_dir)), log)
-    host, port = http_address(provision.http_url)
     return (f"serve the preseeds with: python3 -m kvmconf.provision_server serve --config-dir={provision.config_dir}"
-            f" --bind={host}:{port} --tftp-root={provision.tftp_root}")
+            f" {' '.join(base.serve_args())} --tftp-root={provision.tftp_root}")
 
 
 def _deploys(cluster: Cluster) -> str:
@@ -386,6 +386,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = unquote(urlsplit(self.path).path)
         parts = [p for p in path.split("/") if p]
+        prefix = self.server.prefix_parts
+        if parts[:len(prefix)] != prefix:
+            self._answer(404, b"not found\n")
+            return
+        parts = parts[len(prefix):]
         if len(parts) == 2 and parts[0] == "installed":
             done = set_installed(self.server.config_dir, self.server.tftp_root, parts[1], True)
             self._answer(200 if done else 404, b"installed\n" if done else b"no such VM\n")
@@ -416,18 +421,37 @@ class Handler(BaseHTTPRequestHandler):
 class ProvisionHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], config_dir: Path, tftp_root: Path) -> None:
+    def __init__(self, address: tuple[str, int], config_dir: Path, tftp_root: Path, prefix: str = "") -> None:
         super().__init__(address, Handler)
         self.config_dir = config_dir
         self.tftp_root = tftp_root
+        self.prefix_parts = [p for p in unquote(prefix).split("/") if p]  # http_url's path: every URL starts so
         self.lock = threading.Lock()
 
 
-def http_address(http_url: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class HttpBase:
+    """Where the HTTP server listens, and the path it serves under: [provision] http_url."""
+
+    host: str
+    port: int
+    prefix: str  # "" or "/a/path": the generated URLs are <http_url>/preseed/..., so that is served
+
+    def serve_args(self) -> list[str]:
+        return [f"--bind={self.host}:{self.port}", *([f"--prefix={self.prefix}"] if self.prefix else [])]
+
+
+def http_base(http_url: str) -> HttpBase:
+    """http_url as the provision server serves it; anything else is refused before anything is deployed."""
     parts = urlsplit(http_url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise KvmconfError(f"[provision] http_url {http_url!r}: the provision server serves plain http://host[:port]")
-    return parts.hostname, parts.port or 80
+    try:
+        port = parts.port or 80
+    except ValueError:  # a port that is not a number, or out of range
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or not port or parts.query or parts.fragment:
+        raise KvmconfError(f"[provision] http_url {http_url!r}: the provision server serves plain HTTP, so it must"
+                           " be http://host[:port][/path] (no https: a TLS proxy in front is not set up by kvmconf)")
+    return HttpBase(parts.hostname, port, parts.path.rstrip("/"))
 
 
 # --- the lab ------------------------------------------------------------------------------------------------
@@ -439,6 +463,7 @@ def lab_dnsmasq(the_lab: Lab) -> Dnsmasq:
 
 def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
     """The provision server inside the lab's namespace: deploy (``cluster`` is already remapped), then HTTP."""
+    base = http_base(cluster.site.provision.http_url)  # before anything changes: a URL it cannot serve stops here
     require_provision_server(cluster, _deploys(cluster), the_lab.netns)
     what = deploy(cluster, lab_dnsmasq(the_lab), log)
     # Recorded in Lab.pids, so that lab teardown stops it by name (before the lab's own daemons).
@@ -447,13 +472,12 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
     if pid and alive(pid) and in_netns(pid, the_lab.netns):
         return what
     pid_file.unlink(missing_ok=True)
-    host, port = http_address(cluster.site.provision.http_url)
     config_dir = Path(cluster.site.provision.config_dir)
     root = Path(__file__).resolve().parent.parent
     with (the_lab.dir / "http-server.log").open("ab") as out:
         subprocess.Popen(
             ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",
-             f"--config-dir={config_dir}", f"--bind={host}:{port}",
+             f"--config-dir={config_dir}", *base.serve_args(),
              f"--tftp-root={cluster.site.provision.tftp_root}", f"--pid-file={pid_file}"],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdin=subprocess.DEVNULL, stdout=out,
             stderr=out, start_new_session=True)
@@ -474,12 +498,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--config-dir", type=Path, required=True)
     parser.add_argument("--bind", required=True, help="host:port")
+    parser.add_argument("--prefix", default="", help="the path of [provision] http_url: every URL served starts so")
     parser.add_argument("--tftp-root", type=Path, required=True)
     parser.add_argument("--pid-file", type=Path)
     args = parser.parse_args(argv)
     host, _, port = args.bind.rpartition(":")
 
-    server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root)
+    server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root, args.prefix)
     if args.pid_file:
         _write_atomic(args.pid_file, f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -101,6 +103,38 @@ def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(served: t
         assert _get(url + path)[0] == 404, path
     log = (config_dir / provision_server.HTTP_LOG).read_text().splitlines()
     assert log[0].split()[1:] == ["127.0.0.1", "GET", "/preseed/mcp.cfg", "200"]
+
+
+def test_http_url_with_a_path_is_served_under_that_path(example: Cluster, tmp_path: Path) -> None:
+    base = provision_server.http_base("http://192.168.50.2:8080/kvm%20conf/pxe")
+    assert base == provision_server.HttpBase("192.168.50.2", 8080, "/kvm%20conf/pxe")
+    assert base.serve_args() == ["--bind=192.168.50.2:8080", "--prefix=/kvm%20conf/pxe"]
+    assert provision_server.http_base("http://192.168.50.2/").serve_args() == ["--bind=192.168.50.2:80"]
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    build = provision_server.stage_build(example, config_dir)
+    shutil.copytree(build / "tftp", tftp_root)
+    server = ProvisionHTTPServer(("127.0.0.1", 0), config_dir, tftp_root, base.prefix)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        # The generated preseed URL is <http_url>/preseed/<vm>.cfg: with a path, that path comes first.
+        assert _get(f"{url}/kvm%20conf/pxe/preseed/mcp.cfg") == (200, (build / "preseed/mcp.cfg").read_bytes())
+        assert _get(f"{url}/preseed/mcp.cfg")[0] == 404 and _get(f"{url}/kvm%20conf/preseed/mcp.cfg")[0] == 404
+        assert _get(f"{url}/kvm%20conf/pxe/installed/mcp") == (200, b"installed\n")
+        assert provision_server.read_installed(config_dir) == {"mcp"} and not (tftp_root / MCP_ENTRY).exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("http_url", ["https://192.168.50.2", "http://192.168.50.2:http", "http://192.168.50.2:99999",
+                                      "http://192.168.50.2/pxe?x=1", "http://:80/"])
+def test_an_http_url_the_server_cannot_serve_is_refused(http_url: str) -> None:
+    with pytest.raises(KvmconfError) as refused:
+        provision_server.http_base(http_url)
+    assert str(refused.value) == (f"[provision] http_url {http_url!r}: the provision server serves plain HTTP, so it"
+                                  " must be http://host[:port][/path] (no https: a TLS proxy in front is not set up"
+                                  " by kvmconf)")
 
 
 def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
@@ -206,30 +240,61 @@ def test_the_provision_server_is_where_its_interface_and_address_are(example: Cl
     provision_server.require_provision_server(example, "`invoke x` changes y", netns)  # no exception: it is
 
 
+def _site_at(tmp_path: Path, *edits: tuple[str, str]) -> tuple[Path, Path, Path]:
+    """site.toml with the provision server's files in tmp_path, and ``edits`` (old, new) made: (site, config, tftp)."""
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    text = Path("site.toml").read_text()
+    for old, new in (('tftp_root = "/srv/tftp"', f'tftp_root = "{tftp_root}"'),
+                     ('config_dir = "/etc/kvmconf"', f'config_dir = "{config_dir}"'), *edits):
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "site.toml").write_text(text)
+    return tmp_path / "site.toml", config_dir, tftp_root
+
+
+def _invoke_in_own_netns(site: Path, config_dir: Path, *args: str, setup: str = "") -> tuple[int, str]:
+    """`invoke ARGS` in a network namespace of its own (``setup``: shell commands first): (exit status, stderr).
+
+    Nothing but loopback is there: whatever a task wrongly starts (dnsmasq) stays away from this machine's networks,
+    and is stopped here.
+    """
+    if os.geteuid() != 0:
+        missing("unshare --net needs root")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
+    env.update(KVMCONF_CLUSTER=str(Path("cluster.conf").absolute()), KVMCONF_SITE=str(site))
+    try:
+        result = subprocess.run(["unshare", "--net", "sh", "-c", f'{setup}exec "$0" -m invoke "$@"', sys.executable,
+                                 *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+                                stdin=subprocess.DEVNULL)
+    finally:  # a dnsmasq it started would keep the namespace
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((config_dir / "dnsmasq.pid").read_text()), signal.SIGKILL)
+    return result.returncode, result.stderr
+
+
 @pytest.mark.parametrize(("args", "does"), [
     (("provision-server",), "`invoke provision-server` writes {config_dir} and {tftp_root} and starts dnsmasq"),
     (("reinstall", "--vm", "mcp"), "`invoke reinstall` changes {config_dir}/installed and {tftp_root}"),
 ])
 def test_the_tasks_refuse_to_run_anywhere_but_on_the_provision_server(tmp_path: Path, args: tuple[str, ...],
                                                                        does: str) -> None:
-    """Run in a network namespace of their own (nothing but loopback): a workstation, not the provision VM.
-
-    The namespace also keeps whatever the task might start (dnsmasq) away from this machine's networks.
-    """
-    if os.geteuid() != 0:
-        missing("unshare --net needs root")
-    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
-    site = tmp_path / "site.toml"
-    site.write_text(Path("site.toml").read_text().replace('tftp_root = "/srv/tftp"', f'tftp_root = "{tftp_root}"')
-                    .replace('config_dir = "/etc/kvmconf"', f'config_dir = "{config_dir}"'))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
-    env.update(KVMCONF_CLUSTER=str(Path("cluster.conf").absolute()), KVMCONF_SITE=str(site))
-    result = subprocess.run(["unshare", "--net", sys.executable, "-m", "invoke", *args], env=env,
-                            capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
-    assert (result.returncode, result.stderr) == (
+    """A machine with nothing but loopback: a workstation, not the provision VM."""
+    site, config_dir, tftp_root = _site_at(tmp_path)
+    assert _invoke_in_own_netns(site, config_dir, *args) == (
         1, f"kvmconf: this machine is not the provision server (it has no interface 'enp1s0', [provision] interface"
            f" in {site}): {does.format(config_dir=config_dir, tftp_root=tftp_root)} on the machine it runs on; run"
            " it on the provision server (provision), or on the lab with KVMCONF_LAB set\n")
+    assert not config_dir.exists() and not tftp_root.exists()  # nothing was written
+
+
+def test_provision_server_refuses_an_https_url_before_it_changes_anything(tmp_path: Path) -> None:
+    """On a machine that is the provision server: loopback, up, carries [provision] server."""
+    site, config_dir, tftp_root = _site_at(
+        tmp_path, ('vm = "provision"', 'server = "127.0.0.1"'), ('interface = "enp1s0"', 'interface = "lo"'),
+        ('http_url = "http://192.168.50.2"', 'http_url = "https://127.0.0.1"'))
+    assert _invoke_in_own_netns(site, config_dir, "provision-server", setup="ip link set lo up && ") == (
+        1, "kvmconf: [provision] http_url 'https://127.0.0.1': the provision server serves plain HTTP, so it must be"
+           " http://host[:port][/path] (no https: a TLS proxy in front is not set up by kvmconf)\n")
     assert not config_dir.exists() and not tftp_root.exists()  # nothing was written
 
 
