@@ -11,7 +11,6 @@ import json
 import os
 import random
 import struct
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -345,12 +344,12 @@ def test_several_l2_tables(tmp_path: Path) -> None:
     assert_map(ours, layout, virtual_size, data, zero)
 
 
-def test_two_tib_plan_is_fast_and_its_refcounts_cover_the_file() -> None:
-    """1 TiB of data on a 2 TiB disk: 16M data clusters, 512 refcount blocks, 2048 L2 tables, planned at once."""
-    started = time.perf_counter()
+def test_two_tib_plan_refcounts_cover_the_file() -> None:
+    """1 TiB of data on a 2 TiB disk: 16M data clusters, 512 refcount blocks, 2048 L2 tables, planned at once.
+
+    How long planning takes is measured by bench/qcow2_plan_bench.py, not here: a timed test fails on a busy machine.
+    """
     layout = plan(2 << 40, [(0, 512 * GiB), (1 << 40, 512 * GiB - 1)], [(512 * GiB + 5, 4 * MiB)])
-    elapsed = time.perf_counter() - started
-    assert elapsed < 5, f"planning took {elapsed:.2f} s"  # ~0.4 s here; generous for a loaded CI machine
     meta = layout.metadata
     h = header(meta)
     assert (h["magic"], h["version"], h["cluster_bits"], h["refcount_order"], h["size"]) == (
