@@ -20,7 +20,7 @@ from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
 from generators.render import environment, render, xml_banner
 from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
-from kvmconf.errors import KvmconfError
+from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import command, connect, resolve, run, script
 
@@ -109,10 +109,7 @@ def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str]) -> 
 
 def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = False,
           network_dry_run: bool = False) -> SetupReport:
-    if name not in cluster.site.hosts:
-        raise KvmconfError(f"{name}: not a host of {cluster.site.path} (expected one of:"
-                           f" {', '.join(sorted(cluster.site.hosts))})")
-    host = cluster.site.hosts[name]
+    host = find_host(cluster, name)
     report = SetupReport(name)
     with connect(resolve(host.address or name, ssh_config)) as conn:
         try:

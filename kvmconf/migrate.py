@@ -47,7 +47,7 @@ from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.files import replace_text
-from kvmconf.plan import Artifacts, find_vm
+from kvmconf.plan import Artifacts, find_host, find_vm
 from kvmconf.runner import Runner
 from kvmconf.signals import sigterm_as_interrupt
 
@@ -215,9 +215,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         # Refused rather than ignored: a live migration never stops the guest, so --force alone would do nothing.
         raise WrongUsage("--force powers a running VM off for a cold migration: give it together with --cold")
     vm = find_vm(cluster, name)
-    if to not in cluster.site.hosts:
-        raise KvmconfError(f"{to!r} is not a host of {cluster.site.path} (expected one of:"
-                           f" {', '.join(sorted(cluster.site.hosts))})")
+    find_host(cluster, to)
     if to == vm.host:
         raise KvmconfError(f"{name}: cluster.conf places it on {to} already")
     if conns.uri(to) == conns.uri(vm.host):

@@ -162,7 +162,8 @@ def test_fab_kvm_setup_dry_run_on_the_example_site(farm: sshfarm.Farm, tmp_path:
     assert (listed.returncode, listed.stdout) == (0, "bridge_ports: none\nbridge_stp: off\nbridge_fd: 0\n"
                                                      "bridge_maxwait: 0\n"), listed.stderr
     bad = run([".venv/bin/fab", "kvm-setup", "--host", "kvm9", "--dry-run"])
-    assert (bad.returncode, bad.stderr) == (1, "kvmconf: kvm9: not a host of site.toml (expected one of: kvm0, kvm1)\n")
+    assert (bad.returncode, bad.stderr) == (
+        2, "kvmconf: 'kvm9' is not a host of site.toml (expected one of: kvm0, kvm1)\n")
 
 
 @pytest.mark.consumer

@@ -22,8 +22,7 @@ from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
-from kvmconf.errors import KvmconfError
-from kvmconf.plan import find_vm
+from kvmconf.plan import find_vm, vms_or_all
 from kvmconf.runner import runner_for_uri
 
 Log = Callable[[str], None]
@@ -45,8 +44,7 @@ def is_local(cluster: Cluster, host: str) -> bool:
 
 def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections, progress: bool,
            log: Log = print) -> list[Outcome]:
-    if not names and not all_vms:
-        raise KvmconfError("name VMs with --vm NAME, or back up every VM of this host with --all")
+    vms_or_all(names, all_vms, "every backup=yes VM whose host is this machine")
     chosen = [vm for vm in cluster.vms if vm.backup and is_local(cluster, vm.host)] if all_vms else \
         [find_vm(cluster, n) for n in names]
     outcomes = []
