@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from generators.columns import HOSTGROUP_PATTERN, IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN
 from generators.crontab import max_interval
@@ -133,7 +134,19 @@ class _Reader:
             self.problem(key, f"unknown key (expected one of: {', '.join(sorted(self.used))})")
 
 
-def _locator(path: str, text: str) -> Locate:
+def _servable_url(url: str) -> bool:
+    """http://host[:port][/path]: what `invoke provision-server` serves (kvmconf/provision_server.http_base)."""
+    if any(c.isspace() for c in url):
+        return False
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        return False
+    return parts.scheme == "http" and bool(parts.hostname) and port != 0 and not parts.query and not parts.fragment
+
+
+def locator(path: str, text: str) -> Locate:
     """Find the line and column of ``key`` inside table ``[table]``, so messages can point at it.
 
     A problem about a whole table (a key missing from it) points at its header; one about the top
@@ -444,7 +457,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     """load_site, plus where each key is, for later problems about site.toml (e.g. provision.vm)."""
     data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
     problems: list[Problem] = []
-    locate = _locator(str(path), text)
+    locate = locator(str(path), text)
     top = _Reader(data, "", locate, problems)
 
     domain = top.get("domain", str, what="a DNS domain such as cluster.lan")
@@ -494,8 +507,9 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
                   " '-', '_', '.')")
         provision_values["interface"] = None
     http_url = provision_values["http_url"]
-    if http_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", http_url):
-        p.problem("http_url", f"{shown(http_url)} is not an http(s) URL (expected e.g. http://192.168.1.2)")
+    if http_url is not None and not _servable_url(http_url):
+        p.problem("http_url", f"{shown(http_url)} is not a URL the provision server can serve (expected"
+                  " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)")
         provision_values["http_url"] = None
     elif http_url:
         provision_values["http_url"] = http_url.rstrip("/")
@@ -609,7 +623,7 @@ def _load_secrets(path: Path, accounts: _Reader, problems: list[Problem]) -> tup
         accounts.problem("secrets", f"{str(err).removeprefix(f'{path}: ')} (expected a TOML file with an"
                          " [accounts] table, or no file)")
         return None
-    top = _Reader(data, "", _locator(str(path), text), problems)
+    top = _Reader(data, "", locator(str(path), text), problems)
     a = top.sub("accounts")
     values = {}
     for key, kind in (("root_password_hash", str), ("admin_password_hash", str), ("ssh_keys", list)):

@@ -26,7 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from generators.errors import Problem
 from generators.model import Cluster, Vm
-from generators.site import _locator
+from generators.site import locator
 from kvmconf.errors import KvmconfError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "hosts"
@@ -117,7 +117,7 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
 
 def _refuse_unknown_keys(data: dict[str, Any], text: str, where: str) -> None:
     """Every key that is not a recipe's, each with its line (tomllib gives none: site.toml's locator finds it)."""
-    locate = _locator(where, text)
+    locate = locator(where, text)
     problems = [Problem(locate("", key), f"key '{key}': unknown key (expected one of: {', '.join(RECIPE_KEYS)})")
                 for key in data if key not in RECIPE_KEYS]
     entries = data.get("file", [])

@@ -197,8 +197,17 @@ WRONG_VALUES = [
      ["63:1: key 'provision.interface': '' is not an interface name (expected at most 15 letters, digits, '-', '_',"
       " '.')"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "ftp://192.168.50.2"',
-     ["61:1: key 'provision.http_url': 'ftp://192.168.50.2' is not an http(s) URL (expected e.g."
-      " http://192.168.1.2)"]),
+     ["61:1: key 'provision.http_url': 'ftp://192.168.50.2' is not a URL the provision server can serve (expected"
+      " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
+    ('http_url = "http://192.168.50.2"', 'http_url = "https://192.168.50.2"',
+     ["61:1: key 'provision.http_url': 'https://192.168.50.2' is not a URL the provision server can serve (expected"
+      " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
+    ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2:99999"',
+     ["61:1: key 'provision.http_url': 'http://192.168.50.2:99999' is not a URL the provision server can serve"
+      " (expected http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
+    ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2/?x=1"',
+     ["61:1: key 'provision.http_url': 'http://192.168.50.2/?x=1' is not a URL the provision server can serve (expected"
+      " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     ('interface = "enp1s0"', 'interface = "enp1s0"\nserver = "192.168.50.2"',
      ["59:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
       " (its IPv4 address)"]),
