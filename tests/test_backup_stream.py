@@ -9,6 +9,7 @@ the checksum of its own bytes.
 from __future__ import annotations
 
 import errno
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,17 @@ def make_image(path: Path, size: str, *writes: str) -> Path:
 Serve = Callable[..., Path]
 
 
+def _accepts(sock: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock))
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    finally:
+        probe.close()
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
     """Start qemu-nbd on an image (read-only, export 'vda'); stopped by PID after the test."""
@@ -57,7 +69,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
                 f"--socket={sock}", *([f"--bitmap={bitmap}"] if bitmap else []), str(image)]
         started.append(subprocess.Popen(argv, stderr=subprocess.PIPE))
         deadline = time.monotonic() + 30
-        while not sock.exists():
+        while not _accepts(sock):  # the socket file exists a moment before qemu-nbd listens on it
             assert started[-1].poll() is None, started[-1].stderr.read() if started[-1].stderr else ""
             assert time.monotonic() < deadline, "qemu-nbd did not start"
             time.sleep(0.02)
