@@ -288,13 +288,14 @@ def test_the_tasks_refuse_to_run_anywhere_but_on_the_provision_server(tmp_path: 
 
 
 def test_provision_server_refuses_an_https_url_before_it_changes_anything(tmp_path: Path) -> None:
-    """On a machine that is the provision server: loopback, up, carries [provision] server."""
+    """On a machine that is the provision server: loopback, up, carries [provision] server. site.toml's own check
+    refuses the URL at its line, as `make` does (provision_server.http_base refuses it too, tested above)."""
     site, config_dir, tftp_root = _site_at(
         tmp_path, ('vm = "provision"', 'server = "127.0.0.1"'), ('interface = "enp1s0"', 'interface = "lo"'),
         ('http_url = "http://192.168.50.2"', 'http_url = "https://127.0.0.1"'))
     assert _invoke_in_own_netns(site, config_dir, "provision-server", setup="ip link set lo up && ") == (
-        1, "kvmconf: [provision] http_url 'https://127.0.0.1': the provision server serves plain HTTP, so it must be"
-           " http://host[:port][/path] (no https: a TLS proxy in front is not set up by kvmconf)\n")
+        1, f"{site}:61:1: key 'provision.http_url': 'https://127.0.0.1' is not a URL the provision server can serve"
+           " (expected http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)\nkvmconf: 1 problem\n")
     assert not config_dir.exists() and not tftp_root.exists()  # nothing was written
 
 
