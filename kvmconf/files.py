@@ -7,8 +7,10 @@ the kernel does atomically within one file system.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -31,27 +33,29 @@ def write_new(path: Path, text: str, *, flush: bool = False, mode: int = 0o666) 
             os.fsync(f.fileno())
 
 
-def replace_text(path: Path, text: str, *, flush: bool = False, mode: int | None = None) -> None:
-    """Give `path` the content `text` through `.<name>.new` beside it and a rename.
+def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o644) -> None:
+    """Give `path` the content `text` through a temporary file beside it and a rename.
 
     The file keeps its permissions (an admin's cluster.conf stays as they set it); a new one gets
-    `mode`, or the umask's default. `flush` puts the file and its directory entry on disk before
-    returning, for what must outlive a power cut (a journal); without it a power cut may lose the
-    new content, but a killed process never leaves half of it. The temporary name is fixed, so a
-    run killed mid-write leaves nothing that the next write does not reuse; callers that may write
-    the same file at once hold a lock.
+    `mode`. `flush` puts the file and its directory entry on disk before returning, for what must
+    outlive a power cut (a journal); without it a power cut may lose the new content, but a reader
+    never sees half of it. The temporary's name is unique (`.<name>.<random>.new`), so two writers at
+    once each publish a whole file, and a failure or Ctrl-C removes it; only a SIGKILL mid-write
+    leaves one behind, a dot file.
     """
-    tmp = path.with_name(f".{path.name}.new")
-    keep: int | None
+    with contextlib.suppress(FileNotFoundError):
+        mode = stat.S_IMODE(path.stat().st_mode)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
     try:
-        keep = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        keep = mode
-    tmp.unlink(missing_ok=True)  # a killed run's leftover, perhaps with other permissions
-    # Owner-only until the content is complete and the mode set: the file may be private (known_hosts' 0600 kin).
-    write_new(tmp, text, flush=flush, mode=0o600 if keep is not None else 0o666)
-    if keep is not None:
-        tmp.chmod(keep)
-    tmp.replace(path)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), mode)  # mkstemp's 0600 until here, whatever the umask
+            out.write(text)
+            if flush:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     if flush:
         fsync_path(path.parent)

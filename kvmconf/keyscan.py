@@ -99,4 +99,4 @@ def _record(name: str, ssh_config: Path, files: dict[str, list[str]], accept_cha
 
 def _write(path: str, lines: list[str]) -> None:
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    replace_text(Path(path), "".join(f"{line}\n" for line in lines), mode=0o644)
+    replace_text(Path(path), "".join(f"{line}\n" for line in lines))

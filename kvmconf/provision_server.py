@@ -46,6 +46,7 @@ from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
+from kvmconf.files import replace_text
 from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq, stop_pid
 from kvmconf.plan import find_vm
 
@@ -73,7 +74,7 @@ def read_installed(config_dir: Path) -> set[str]:
 
 def write_installed(config_dir: Path, names: Iterable[str]) -> None:
     body = "".join(f"{name}\n" for name in sorted(set(names)))
-    _write_atomic(config_dir / STATE_FILE, "# VMs whose network install is done (kvmconf provision server)\n" + body)
+    replace_text(config_dir / STATE_FILE, "# VMs whose network install is done (kvmconf provision server)\n" + body)
 
 
 def boot_entries(config_dir: Path, vm: str) -> list[str]:
@@ -84,12 +85,6 @@ def boot_entries(config_dir: Path, vm: str) -> list[str]:
         return []
     mac = next(line for line in text.splitlines() if line.strip() and not line.startswith("#")).split(",")[0]
     return pxe.boot_entries(mac)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --- dnsmasq -----------------------------------------------------------------------------------------
@@ -182,13 +177,13 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     (live / "dhcp-hosts").mkdir(parents=True, exist_ok=True)
     for name, text in hosts.items():
         if old_hosts.get(name) != text:
-            _write_atomic(live / "dhcp-hosts" / name, text)
+            replace_text(live / "dhcp-hosts" / name, text)
     for name in old_hosts.keys() - hosts.keys():
         (live / "dhcp-hosts" / name).unlink()
     if old_addn != addn:
-        _write_atomic(live / "hosts", addn)
+        replace_text(live / "hosts", addn)
     if conf_changed:
-        _write_atomic(live / "dnsmasq.conf", conf)
+        replace_text(live / "dnsmasq.conf", conf)
     running = dnsmasq.pid() is not None
     if conf_changed or not running:
         dnsmasq.restart(live / "dnsmasq.conf")
@@ -506,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
 
     server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root, args.prefix)
     if args.pid_file:
-        _write_atomic(args.pid_file, f"{os.getpid()}\n")
+        replace_text(args.pid_file, f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.serve_forever()
 
