@@ -23,6 +23,7 @@ import pytest
 
 from kvmconf import bare_vm, lab
 from kvmconf.backup import durability, journal
+from kvmconf.backup import restore as restore_module
 from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
@@ -233,6 +234,13 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     again = tmp_path / f"vda.qcow2.before-restore-{point.time}.2"
     assert compare(again, store.point_dir(point.time) / "vda.qcow2").returncode == 0
     dom.create()
+    # Started while a restore rebuilt its images (they take minutes for big disks): its open disks stay.
+    staged = tmp_path / "vda.qcow2.restored"
+    shutil.copy(store.point_dir(point.time) / "vda.qcow2", staged)
+    running = disk.read_bytes()
+    with pytest.raises(RestoreFailed, match="was started during the restore: nothing was replaced"):
+        restore_module._swap_in(store, dom, point, [disk], [staged])
+    assert disk.read_bytes() == running and not staged.exists()
     ok(backup_vm(dom, settings, 3, quiet))  # running now: both replaced disks go
     assert not kept.exists() and not again.exists()
 

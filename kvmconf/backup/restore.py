@@ -118,17 +118,49 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             for path in staged:
                 path.unlink(missing_ok=True)
             raise
-        before = journal.read(store.dir, journal.REPLACED) or {}
-        replaced = list(before.get("files", []))
-        for source, path in zip(sources, staged, strict=True):
-            kept = _kept_name(source, manifest.time)
-            source.rename(kept)
-            path.rename(source)
-            replaced.append(str(kept))
-        journal.write(store.dir, {"files": replaced}, journal.REPLACED)
+        replaced = _swap_in(store, dom, manifest, sources, staged)
         # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.
         for cp in our_checkpoints(dom):
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
         return sources
+
+
+def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources: list[Path],
+             staged: list[Path]) -> list[str]:
+    """Put the staged images in the disks' places, keeping each disk as it was; all or none of them.
+
+    The kept names are recorded before the first rename, so whatever happens the next backup of the
+    running VM finds them. The VM may have been started while the images were rebuilt (minutes): then
+    its disks are open and nothing is swapped.
+    """
+    kept = [_kept_name(source, manifest.time) for source in sources]
+    before = journal.read(store.dir, journal.REPLACED) or {}
+    replaced = [*before.get("files", []), *map(str, kept)]
+    try:
+        if dom.isActive():
+            raise RestoreFailed(f"{store.vm}: was started during the restore: nothing was replaced; shut it off"
+                                " and restore again")
+        journal.write(store.dir, {"files": replaced}, journal.REPLACED)
+        done: list[int] = []
+        try:
+            for i, (source, path) in enumerate(zip(sources, staged, strict=True)):
+                source.rename(kept[i])
+                done.append(i)
+                path.rename(source)
+        except BaseException:
+            for i in reversed(done):  # back as it was: the VM's own disks in their places
+                if not staged[i].exists():  # the restored image got to the disk's place: it goes back
+                    sources[i].rename(staged[i])
+                kept[i].rename(sources[i])
+            if before:
+                journal.write(store.dir, before, journal.REPLACED)
+            else:
+                (store.dir / journal.REPLACED).unlink(missing_ok=True)
+            raise
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
+    return replaced
