@@ -22,9 +22,10 @@ class FieldError(ValueError):
 
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # lower case; also used by site.py
-HOSTGROUP_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # also site.toml's [hostgroups] names
-# What host=, net= and os= take; also site.toml's [hosts.*], [networks.*] and [os.*] names, which they name.
+# Hostgroups, and what host=, net= and os= take; also site.toml's [hostgroups], [hosts.*], [networks.*] and
+# [os.*] names, which they name. NAME_RULE says it in messages.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit"
 _VOLUME_GROUP = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 # The parser's bound for RAM, disk and keep=: large enough for any real VM (2 PB of RAM), small enough
@@ -90,10 +91,10 @@ def parse_hostgroups(text: str) -> tuple[str, ...]:
         return ()
     groups = text.split(",")
     for group in groups:
-        if not HOSTGROUP_PATTERN.fullmatch(group):
+        if not NAME_PATTERN.fullmatch(group):
             raise FieldError(
-                f"has an invalid hostgroup {shown(group)} (expected a comma list of names made of"
-                " letters, digits, '_', '.' and '-', or '-' for none)"
+                f"has an invalid hostgroup {shown(group)} (expected a comma list of names made of {NAME_RULE},"
+                " or '-' for none)"
             )
     for index, group in enumerate(groups):
         if group in groups[:index]:
@@ -158,7 +159,7 @@ def parse_bool(text: str) -> bool:
 
 def parse_word(text: str) -> str:
     if not NAME_PATTERN.fullmatch(text):
-        raise FieldError("is not a name (expected letters, digits, '_', '.' and '-')")
+        raise FieldError(f"is not a name (expected {NAME_RULE})")
     return text
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from generators.columns import HOSTGROUP_PATTERN, IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, PCI_PATTERN
+from generators.columns import IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, NAME_RULE, PCI_PATTERN
 from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.model import (
@@ -388,8 +388,7 @@ def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None], w
         entries.used.add(name)
         # The names reach generated files and commands (Nagios, cron, virsh): only what cluster.conf could name.
         if not NAME_PATTERN.fullmatch(name):
-            entries.problem(name, f"is not a name cluster.conf's {option}= can take (expected letters, digits, '_',"
-                            " '.' and '-', starting with a letter or digit)")
+            entries.problem(name, f"is not a name cluster.conf's {option}= can take (expected {NAME_RULE})")
         elif option == "host" and name == "auto":
             entries.problem(name, "is host=auto's word for automatic placement (expected another host name)")
         if not isinstance(value, dict):
@@ -578,8 +577,8 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         hostgroups = {}
         for group, alias in h.data.items():
             h.used.add(group)
-            if not HOSTGROUP_PATTERN.fullmatch(group):
-                h.problem(group, "is not a hostgroup name (expected letters, digits, '_', '.' and '-')")
+            if not NAME_PATTERN.fullmatch(group):
+                h.problem(group, f"is not a hostgroup name (expected {NAME_RULE})")
             elif not isinstance(alias, str):
                 h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
                           " description)")

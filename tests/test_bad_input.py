@@ -148,8 +148,9 @@ CASES = [
                                               " most 288)"),), add(vm(cpus="65536"))),
     Case("hostgroups-options-after-a-space",
          (conf(NEW, 47, "column 'hostgroups': 'linux-servers host=kvm1' has an invalid hostgroup 'linux-servers"
-                        " host=kvm1' (expected a comma list of names made of letters, digits, '_', '.' and '-', or"
-                        " '-' for none) (fields are separated by tabs; is one missing?)"),),
+                        " host=kvm1' (expected a comma list of names made of letters, digits, '_', '.' and '-',"
+                        " starting with a letter or digit, or '-' for none) (fields are separated by tabs; is one"
+                        " missing?)"),),
          add(vm(groups="linux-servers host=kvm1", options=None))),
     Case("hostgroups-twice", (conf(NEW, 47, "column 'hostgroups': 'web-servers,web-servers' names hostgroup"
                                             " 'web-servers' twice (expected each hostgroup once)"),),
@@ -335,6 +336,10 @@ CASES = [
          (option_problem(NEW, 59, "option 'cpuset': CPU 1 of host 'kvm1' is reserved for housekeeping (expected CPUs"
                                   " outside [hosts.kvm1] housekeeping_cpus)"),),
          add(vm(options="host=kvm1 cpuset=1")), site=devices),
+    Case("host-not-a-name",
+         (option_problem(NEW, 49, "option 'host': '-kvm' is not a name (expected letters, digits, '_', '.' and '-',"
+                                  " starting with a letter or digit)"),),
+         add(vm(options="host=-kvm"))),
     Case("numa-node-missing", (option_problem(NEW, 59, "option 'numa': host 'kvm1' has no NUMA node 1 (expected 0-0;"
                                                        " see [hosts.kvm1] numa_nodes)"),),
          add(vm(options="host=kvm1 numa=1"))),

@@ -217,7 +217,8 @@ WRONG_VALUES = [
                                             " integer)"]),
     ('compute = "Compute nodes"', 'compute = 5\n"bad group" = "x"',
      ["83:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
-      "84:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-')"]),
+      "84:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-',"
+      " starting with a letter or digit)"]),
     # Table names reach Nagios command lines, cron and virsh: only what cluster.conf's host=, net=, os= can name.
     ("[hosts.kvm1]\n", '[hosts."kvm1;x"]\n',
      ["44:1: key 'hosts.kvm1;x': is not a name cluster.conf's host= can take (expected letters, digits, '_', '.' and"
