@@ -461,6 +461,18 @@ def test_destroy_asks_before_it_loses_data_and_lists_every_step(cluster: Cluster
     assert len(asked) == 1 and lines == ["db: undefined on kvm0", f"db: disk {disk} kept (remove it with --purge)"]
 
 
+def test_destroy_says_it_drops_the_backup_checkpoints_without_asking(cluster: Cluster, conns: Connections) -> None:
+    provision(cluster, ["db"], conns, log=quiet)
+    conns.get("kvm0").lookupByName("db").checkpointCreateXML(  # as a backup of the running VM leaves one
+        "<domaincheckpoint><name>kvmconf-20261122T000000Z</name></domaincheckpoint>", 0)
+    conns.get("kvm0").lookupByName("db").destroy()  # shut off: only the checkpoint would go with the definition
+    lines: list[str] = []
+    lifecycle.destroy(cluster, "db", conns, dry_run=True, log=lines.append)
+    assert lines == ["db on kvm0: would undefine (deleting its backup checkpoints (the next backup is a full))"]
+    lifecycle.destroy(cluster, "db", conns, confirm=lambda _q: False, log=lines.append)  # not data: not asked
+    assert "db" not in domain_names(conns.get("kvm0"))
+
+
 def test_start_and_stop_report_what_they_did(cluster: Cluster, conns: Connections) -> None:
     provision(cluster, ["mcp"], conns, Options(start=False), log=quiet)
     lines: list[str] = []
