@@ -134,16 +134,18 @@ class _Reader:
             self.problem(key, f"unknown key (expected one of: {', '.join(sorted(self.used))})")
 
 
-def _servable_url(url: str) -> bool:
-    """http://host[:port][/path]: what `invoke provision-server` serves (kvmconf/provision_server.http_base)."""
+def parse_http_url(url: str) -> tuple[str, int, str] | None:
+    """(host, port, path prefix) of http://host[:port][/path], what `invoke provision-server` serves; None otherwise."""
     if any(c.isspace() for c in url):
-        return False
+        return None
     parts = urlsplit(url)
     try:
-        port = parts.port
+        port = parts.port if parts.port is not None else 80
     except ValueError:  # not a number, or out of range
-        return False
-    return parts.scheme == "http" and bool(parts.hostname) and port != 0 and not parts.query and not parts.fragment
+        return None
+    if parts.scheme != "http" or not parts.hostname or not port or parts.query or parts.fragment:
+        return None
+    return parts.hostname, port, parts.path.rstrip("/")
 
 
 def locator(path: str, text: str) -> Locate:
@@ -506,7 +508,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
                   " '-', '_', '.')")
         provision_values["interface"] = None
     http_url = provision_values["http_url"]
-    if http_url is not None and not _servable_url(http_url):
+    if http_url is not None and parse_http_url(http_url) is None:
         p.problem("http_url", f"{shown(http_url)} is not a URL the provision server can serve (expected"
                   " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)")
         provision_values["http_url"] = None

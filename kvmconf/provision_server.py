@@ -44,6 +44,7 @@ from generators import pxe
 from generators.build import input_digest, render_all
 from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
+from generators.site import parse_http_url
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
 from kvmconf.files import replace_text
@@ -437,16 +438,15 @@ class HttpBase:
 
 
 def http_base(http_url: str) -> HttpBase:
-    """http_url as the provision server serves it; anything else is refused before anything is deployed."""
-    parts = urlsplit(http_url)
-    try:
-        port = parts.port or 80
-    except ValueError:  # a port that is not a number, or out of range
-        port = 0
-    if parts.scheme != "http" or not parts.hostname or not port or parts.query or parts.fragment:
+    """http_url as the provision server serves it; anything else is refused before anything is deployed.
+
+    site.toml's own check (generators.site.parse_http_url, the same rule) refuses such a URL first, at its line.
+    """
+    parsed = parse_http_url(http_url)
+    if parsed is None:
         raise KvmconfError(f"[provision] http_url {http_url!r}: the provision server serves plain HTTP, so it must"
                            " be http://host[:port][/path] (no https: a TLS proxy in front is not set up by kvmconf)")
-    return HttpBase(parts.hostname, port, parts.path.rstrip("/"))
+    return HttpBase(*parsed)
 
 
 # --- the lab ------------------------------------------------------------------------------------------------
