@@ -363,17 +363,19 @@ def _os(name: str, r: _Reader) -> OsRelease | None:
         r.problem("family", f"{shown(family)} is not an OS family (expected debian or ubuntu)")
         family = None
     suite = r.get("suite", str, what="a release codename such as bookworm")
-    kernel = _boot_file(r, "kernel", "the installer kernel's path under the TFTP root")
-    initrd = _boot_file(r, "initrd", "the installer initrd's path under the TFTP root")
+    # Only Debian's installer boots over PXE (install=pxe); other families install from cloud images.
+    required = family != "ubuntu"
+    kernel = _boot_file(r, "kernel", "the installer kernel's path under the TFTP root", required)
+    initrd = _boot_file(r, "initrd", "the installer initrd's path under the TFTP root", required)
     cloud_image = r.get("cloud_image", str, None, "the cloud image's path on the physical hosts")
     if family is None or suite is None or kernel is None or initrd is None:
         return None
     return OsRelease(name, family, suite, kernel, initrd, cloud_image)
 
 
-def _boot_file(r: _Reader, key: str, what: str) -> str | None:
+def _boot_file(r: _Reader, key: str, what: str, required: bool) -> str | None:
     """A path pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines take: they end a path at whitespace."""
-    path: str | None = r.get(key, str, what=what)
+    path: str | None = r.get(key, str, _MISSING if required else "", what)
     if path is not None and re.search(r"\s", path):
         r.problem(key, f"{shown(path)} is not a TFTP path the boot loaders can load (expected {what}, without"
                   " spaces)")

@@ -255,6 +255,17 @@ def test_the_longest_domain_is_242_characters(tmp_path: Path) -> None:
         " so that the zones' hostmaster.<domain> fits DNS's 253)"]
 
 
+def test_only_debian_needs_installer_paths(tmp_path: Path) -> None:
+    """install=pxe boots Debian's installer only; an Ubuntu release installs from its cloud image."""
+    jammy = '[os.jammy]\nfamily = "ubuntu"\nsuite = "jammy"\ncloud_image = "/img/jammy.qcow2"\n'
+    site = load_site(_write(tmp_path, EXAMPLE_SITE + jammy))
+    assert (site.oses["jammy"].kernel, site.oses["jammy"].initrd) == ("", "")
+    bookworm_kernel = 'kernel = "debian-installer/amd64/linux"\n'
+    assert EXAMPLE_SITE.count(bookworm_kernel) == 1
+    assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(bookworm_kernel, ""))) == [
+        "52:1: key 'os.bookworm.kernel' is missing (expected the installer kernel's path under the TFTP root)"]
+
+
 def test_empty_tables_of_tables(tmp_path: Path) -> None:
     text = MINIMAL_SITE.replace('[hosts.h1]\nuri = "qemu:///system"\nram_mb = 4096\ncpus = 4\ndisk_gb = 100\n',
                                 "[hosts]\n")
