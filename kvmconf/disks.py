@@ -8,6 +8,7 @@ the path, even if it appeared after the plan was made.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from generators.model import Cluster, DiskKind, Install, Vm
@@ -92,8 +93,12 @@ def _base_info(runner: Runner, disk: DiskSpec) -> tuple[str, int]:
     return str(info["format"]), int(info["virtual-size"])
 
 
-def create(runner: Runner, disk: DiskSpec) -> None:
-    """Create the disk; raise :class:`DiskExists` if something is at its path, CommandFailed if the tool fails."""
+def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambda _path: None) -> None:
+    """Create the disk; raise :class:`DiskExists` if something is at its path, CommandFailed if the tool fails.
+
+    ``placed(disk.path)`` is called once the disk is there (see :func:`make_new`); not for an LVM volume,
+    which no file clean-up could remove.
+    """
     if disk.kind is DiskKind.LVM:
         # lvcreate itself refuses an existing name, so there is no window for an overwrite here.
         runner.check(lvcreate_argv(disk))
@@ -110,16 +115,40 @@ def create(runner: Runner, disk: DiskSpec) -> None:
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=off"]
     else:
         argv = ["qemu-img", "create", "-q", "-f", "raw"]  # sparse: allocated as the guest writes
-    # qemu-img truncates an existing file, so create under a new name and hard-link it into place:
-    # link(2) fails if the path exists, which closes the gap between the plan's check and now.
-    tmp = f"{disk.path}.kvmconf-new"
-    runner.check([*argv, tmp, size])
-    linked = runner.run(["ln", "-T", "--", tmp, disk.path])
-    runner.remove(tmp)
-    if linked.returncode != 0:
-        if runner.exists(disk.path):
-            raise DiskExists(already_there(disk))
-        raise CommandFailed(describe_failure(runner.where, ["ln", tmp, disk.path], linked))
+    # qemu-img truncates an existing file: it writes a temporary that make_new links into place.
+    if not make_new(runner, disk.path, "kvmconf-new", lambda tmp: runner.check([*argv, tmp, size]), placed):
+        raise DiskExists(already_there(disk))
+
+
+def make_new(runner: Runner, path: str, suffix: str, write: Callable[[str], object],
+             placed: Callable[[str], None] = lambda _path: None) -> bool:
+    """Make the file ``path`` on ``runner``'s host, never over one: False (and nothing made) if one is there.
+
+    ``write(tmp)`` makes it as ``<path>.<suffix>``, then a hard link puts it in place: link(2) fails if the
+    path exists, which closes the gap between a caller's check and now (a rename would replace that file).
+    ``placed(path)`` is called as soon as the link is made, before anything else can be interrupted, so that
+    a caller's clean-up lists the file only once it is this run's. The temporary is removed in every case,
+    also when ``write`` fails or is interrupted (a half-written disk can be gigabytes).
+    """
+    tmp = f"{path}.{suffix}"
+    try:
+        write(tmp)
+        try:
+            linked = runner.run(["ln", "-T", "--", tmp, path])
+        except BaseException:
+            # Interrupted as ln ran: the link may be made all the same, and is this run's if it is the temporary.
+            if runner.run(["test", tmp, "-ef", path]).returncode == 0:
+                placed(path)
+            raise
+        if linked.returncode == 0:
+            placed(path)
+    finally:
+        runner.remove(tmp)
+    if linked.returncode == 0:
+        return True
+    if runner.exists(path):
+        return False
+    raise CommandFailed(describe_failure(runner.where, ["ln", tmp, path], linked))
 
 
 def remove(runner: Runner, disk: DiskSpec) -> None:

@@ -80,20 +80,23 @@ def files_to_copy(cluster: Cluster, vm: Vm, target: Cluster, moved: Vm) -> Moves
     return Moves(tuple(pairs))
 
 
-def copy_file(source: Runner, target: Runner, src: str, dst: str) -> None:
-    """Copy a (sparse) disk file between hosts; to a temporary name first, renamed once complete."""
-    tmp = f"{dst}.kvmconf-migrating"
-    try:
+def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None]) -> None:
+    """Copy a (sparse) disk file between hosts, never over a file at ``dst``; ``placed(dst)`` once it is there.
+
+    The copy goes to a temporary name that :func:`disks.make_new` links into place and removes, also on an
+    interrupt: a file that appeared at ``dst`` after the migration's check is neither replaced nor removed.
+    """
+    def copy(tmp: str) -> None:
         if source.ssh is None and target.ssh is None:
             target.check(["cp", "--sparse=always", "--", src, tmp])
         elif target.ssh is None:
             target.check(["scp", "-q", "-o", "BatchMode=yes", f"{source.ssh}:{src}", tmp])
         else:  # the source host pushes to the target host (it needs SSH access to it, as the admin has)
             source.check(["scp", "-q", "-o", "BatchMode=yes", src, f"{target.ssh}:{tmp}"])
-    except BaseException:
-        target.remove(tmp)  # a half copy can be gigabytes; the caller's clean-up knows only finished ones
-        raise
-    target.check(["mv", "-f", "--", tmp, dst])
+
+    if not disks.make_new(target, dst, "kvmconf-migrating", copy, placed):
+        raise KvmconfError(f"something else appeared at {dst} during the copy; it is never overwritten and was left"
+                           " as it is")
 
 
 def _wait(done: Callable[[], bool], timeout: float) -> bool:
@@ -189,12 +192,10 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
     with _undone_on_failure(dst_run, f"{vm.name}: live migration to {to}",
                             f"it still runs on {vm.host} and the files made on {to} were removed", log,
                             " (try --cold: shut down, copy, start there)", finished) as made:
-        spec = disks.disk_spec(target, moved)
-        made.append(spec.path)  # listed before it is made: an interrupt may come while qemu-img runs
-        disks.create(dst_run, spec)  # empty, same size: libvirt mirrors into it
+        # Each file is listed once it is this run's: a file that appeared there since the check is not.
+        disks.create(dst_run, disks.disk_spec(target, moved), made.append)  # empty, same size: libvirt mirrors into it
         for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
-            made.append(dst)
-            copy_file(src_run, dst_run, src, dst)
+            copy_file(src_run, dst_run, src, dst, made.append)
         xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
                                      libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
@@ -260,8 +261,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
                             f" is still defined (shut off) on {vm.host}: start it there with `invoke start`",
                             log) as made:
         for src, dst in moves.files:
-            made.append(dst)  # listed before the copy: an interrupt may come while it is renamed into place
-            copy_file(src_run, dst_run, src, dst)
+            copy_file(src_run, dst_run, src, dst, made.append)
             log(f"{name}: copied {src} to {to}:{dst}")
         new = domains.define(dst_conn, Artifacts(target).domain_xml(moved))
         try:

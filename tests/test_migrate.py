@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import libvirt
@@ -197,8 +197,8 @@ def test_an_interrupt_as_a_copy_lands_removes_it_and_goes_on(two_hosts: Cluster,
     """
     real_copy = migrate_module.copy_file
 
-    def copy_then_interrupt(source: Runner, target: Runner, src: str, dst: str) -> None:
-        real_copy(source, target, src, dst)
+    def copy_then_interrupt(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None]) -> None:
+        real_copy(source, target, src, dst, placed)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(migrate_module, "copy_file", copy_then_interrupt)
@@ -213,6 +213,45 @@ def test_an_interrupt_as_a_copy_lands_removes_it_and_goes_on(two_hosts: Cluster,
                        " (shut off) on kvm0: start it there with `invoke start`")
     assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
 
+
+def _appears_at(path: Path, content: bytes) -> Callable[[Sequence[str], bytes | None], Result]:
+    """Runs commands for real, but another program writes ``path`` just before kvmconf links its file there."""
+    def execute(argv: Sequence[str], stdin: bytes | None) -> Result:
+        if argv[0] == "ln" and argv[-1] == str(path):
+            path.write_bytes(content)
+        return subprocess.run(list(argv), input=stdin, capture_output=True, check=False)
+    return execute
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_file_that_appears_on_the_target_after_the_check_is_neither_replaced_nor_removed(
+        two_hosts: Cluster, cold: bool) -> None:
+    """The check for files in the way comes first; another program may write the path before the copy lands.
+
+    Cold, the copy is linked into place (a rename would replace that file); live, the empty disk is. The
+    clean-up then removes only what this run made. The test driver cannot migrate live, but the disk is
+    made before libvirt is asked.
+    """
+    theirs = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"
+    with connections(two_hosts, execute=_appears_at(theirs, b"someone else's")) as conns:
+        _running_db(two_hosts, conns)
+        with pytest.raises(MigrationFailed) as failed:
+            migrate(two_hosts, "db", "kvm1", conns, force=cold, log=lambda _: None, cold=cold)
+        assert domains.lookup(conns.get("kvm0"), "db") is not None
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    if cold:
+        assert str(failed.value) == (
+            f"db: migration to kvm1 failed: something else appeared at {theirs} during the copy; it is never"
+            " overwritten and was left as it is; the copies on kvm1 were removed and the VM is still defined (shut"
+            " off) on kvm0: start it there with `invoke start`")
+    else:
+        assert str(failed.value) == (
+            f"db: live migration to kvm1 failed: db: its disk {theirs} already exists and is never overwritten;"
+            " attach it as it is with --reuse-disk, or remove it with `invoke destroy --vm db --purge` if it is a"
+            " leftover; it still runs on kvm0 and the files made on kvm1 were removed (try --cold: shut down, copy,"
+            " start there)")
+    assert [p.name for p in theirs.parent.iterdir()] == ["db.img"]  # no temporary either
+    assert theirs.read_bytes() == b"someone else's"
 
 
 def test_files_that_cannot_be_removed_are_named_for_removal_by_hand() -> None:
