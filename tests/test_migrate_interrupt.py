@@ -27,7 +27,7 @@ from kvmconf.connection import connections
 from kvmconf.provision import provision
 from tests import test_lab
 from tests.labs import quiet, running_lab
-from tests.test_lab import ROOT, domains_on
+from tests.test_lab import ROOT, domains_on, lab_domain
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -116,13 +116,14 @@ def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_i
         workdir: Path, clean: lab.Lab, migration: Callable[..., subprocess.Popen[str]]) -> None:
     """libvirt copies memory and disk inside one call, where Python's signal handlers do not run: the job is aborted.
 
-    The migration is slowed by libvirt's own bandwidth limit (1 MiB/s) over 16 MiB the guest wrote.
+    The migration is slowed by libvirt's own bandwidth limit (1 MiB/s) over 256 MiB the guest wrote: left
+    alone it would run for minutes (measured: 16 MiB copied in the first 10 s), so a run that ends within 40 s
+    of the signal was aborted, not waited for, on however busy a machine: the margin is in the data, not in
+    how fast this machine is.
     """
     _provision(workdir, clean, "web")  # qcow2, running on kvm0
-    conn = libvirt.open(clean.uri_of("kvm0"))
-    try:
-        dom = conn.lookupByName("web")
-        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 16M"'
+    with lab_domain(clean, "kvm0", "web") as dom:
+        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 256M"'
         hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
         assert libvirt_qemu.qemuMonitorCommand(dom, command, hmp).strip() == ""  # written as the guest would
         dom.migrateSetMaxSpeed(1, 0)
@@ -130,12 +131,10 @@ def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_i
         _wait_for(lambda: domains_on(clean, "kvm1") == ["web"], "the incoming domain on kvm1")
         started = time.monotonic()
         output = _interrupt(child)
-        assert time.monotonic() - started < 10, output  # aborted, not waited for
+        assert time.monotonic() - started < 40, output  # aborted: waited for, it would take minutes
         assert output.splitlines()[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
                                            " files made on kvm1 were removed")
         assert dom.isActive() and dom.isPersistent()
         assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
-    finally:
-        conn.close()
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert list((clean.images / "kvm1").iterdir()) == []
