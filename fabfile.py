@@ -72,12 +72,14 @@ def update_confs(c: Context, vm: list[str], parallel: str = "1", dry_run: bool =
     _run(vm, False, parallel, dry_run)
 
 
-@task(name="kvm-setup", help={"host": "the physical host of site.toml",
-                              "ssh-config": "ssh config to reach it (default: $KVMCONF_SSH_CONFIG, else your own,"
-                                            " ~/.ssh/config)",
-                              "dry-run": "print what would be done (with diffs); change nothing",
-                              "dry-run-network": "do everything but the bridges, which are only printed"})
-def kvm_setup(c: Context, host: str, ssh_config: str = "", dry_run: bool = False,
+# --host defaults to "": without a default, invoke takes it as positional and `fab kvm-setup --help` as the
+# host's name; find_host then says that it is missing. No short flags: -h would be --host, not --help.
+@task(name="kvm-setup", auto_shortflags=False,
+      help={"host": "the physical host of site.toml (required)",
+            "ssh-config": "ssh config to reach it (default: $KVMCONF_SSH_CONFIG, else your own, ~/.ssh/config)",
+            "dry-run": "print what would be done (with diffs); change nothing",
+            "dry-run-network": "do everything but the bridges, which are only printed"})
+def kvm_setup(c: Context, host: str = "", ssh_config: str = "", dry_run: bool = False,
               dry_run_network: bool = False) -> None:
     """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories, VF pools."""
     from kvmconf.hostsetup import setup

@@ -17,7 +17,6 @@ from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
 from kvmconf.connection import connections
-from kvmconf.errors import WrongUsage
 from kvmconf.plan import find_host, format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
@@ -243,8 +242,6 @@ def migrate(c: Context, vm: str = "", to: str = "", cold: bool = False, force: b
 
     with user_errors():
         cluster = inputs.load()
-        if not to:
-            raise WrongUsage("name the host to move the VM to with --to HOST")
         with connections(cluster) as conns:
             moved = moving.migrate(cluster, vm, to, conns, force, cold=cold)
         path = inputs.cluster_path()

@@ -216,7 +216,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         # Refused rather than ignored: a live migration never stops the guest, so --force alone would do nothing.
         raise WrongUsage("--force powers a running VM off for a cold migration: give it together with --cold")
     vm = find_vm(cluster, name)
-    find_host(cluster, to)
+    find_host(cluster, to, "name the host to move the VM to with --to HOST")
     if to == vm.host:
         raise KvmconfError(f"{name}: cluster.conf places it on {to} already")
     if conns.uri(to) == conns.uri(vm.host):

@@ -159,8 +159,13 @@ def find_vm(cluster: Cluster, name: str) -> Vm:
     raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}{allowed}")
 
 
-def find_host(cluster: Cluster, name: str) -> PhysicalHost:
-    """The physical host of site.toml called `name`; an unknown name is an error listing them all (they are few)."""
+def find_host(cluster: Cluster, name: str, missing: str = "name the host with --host NAME") -> PhysicalHost:
+    """The physical host of site.toml called `name`; an unknown name is an error listing them all (they are few).
+
+    No name is the usage error ``missing`` (it names the option): the tasks default it to "" (see tasks.py).
+    """
+    if not name:
+        raise WrongUsage(missing)
     if name in cluster.site.hosts:
         return cluster.site.hosts[name]
     raise UnknownHost(f"{name!r} is not a host of {cluster.site.path}"

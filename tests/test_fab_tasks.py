@@ -62,3 +62,17 @@ def test_kvm_setup_reaches_the_host_through_kvmconf_ssh_config(tmp_path: Path) -
                       env={"KVMCONF_SSH_CONFIG": str(tmp_path / "none")})
     assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/other does not exist (named by"
                                                      " --ssh-config)\n")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_kvm_setup_help_is_help_not_a_host_name(flag: str) -> None:
+    # --host had no default: invoke took it as positional and `--help` as its value; and -h meant --host.
+    result = run_task("fab", "kvm-setup", flag)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("Usage: fab [--core-opts] kvm-setup [--options]"), result.stdout
+    assert "--host=STRING         the physical host of site.toml (required)" in result.stdout
+
+
+def test_kvm_setup_without_a_host_is_a_usage_error() -> None:
+    result = run_task("fab", "kvm-setup", "--dry-run")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", "kvmconf: name the host with --host NAME\n")

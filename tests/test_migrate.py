@@ -71,6 +71,7 @@ def _no_libvirt(uri: str) -> None:
     ("db", "kvm9", "'kvm9' is not a host of site.toml (expected one of: kvm0, kvm1)"),
     ("db", "kvm0", "db: cluster.conf places it on kvm0 already"),
     ("compute1", "kvm0", "compute1: its disk is an LVM volume; migration copies and creates disk files only"),
+    ("db", "", "name the host to move the VM to with --to HOST"),  # what the task passes without --to
 ])
 def test_refused_requests_touch_no_host(example: Cluster, vm: str, to: str, message: str) -> None:
     conns = Connections(example, opener=_no_libvirt)
