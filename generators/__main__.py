@@ -6,10 +6,10 @@ Exit status: 0 built, 1 invalid input (every problem printed, nothing written), 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from generators import locations
 from generators.build import build
 from generators.columns import markdown_tables
 from generators.errors import ConfigError, UsageError
@@ -18,13 +18,12 @@ SHOWN_PLACEMENTS = 20
 
 
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m generators", description=__doc__.splitlines()[0])
-    parser.add_argument("--cluster", type=Path, default=Path(env("KVMCONF_CLUSTER", "cluster.conf")),
+    parser.add_argument("--cluster", type=Path, default=locations.cluster_path(),
                         help="inventory file (default: $KVMCONF_CLUSTER or cluster.conf)")
-    parser.add_argument("--site", type=Path, default=Path(env("KVMCONF_SITE", "site.toml")),
+    parser.add_argument("--site", type=Path, default=locations.site_path(),
                         help="site settings (default: $KVMCONF_SITE or site.toml)")
-    parser.add_argument("--build", type=Path, default=Path(env("KVMCONF_BUILD", "build")),
+    parser.add_argument("--build", type=Path, default=locations.build_dir(),
                         help="output directory (default: $KVMCONF_BUILD or build)")
     parser.add_argument("--check", action="store_true", help="validate only; write nothing")
     parser.add_argument("--force", action="store_true", help="render and compare even if the inputs are unchanged")

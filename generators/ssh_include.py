@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from generators import locations
+
 NEW_FILE_MODE = 0o600  # ssh refuses a config that others can write; keep it private like ~/.ssh
 SSH_DIR_MODE = 0o700
 
@@ -77,7 +79,7 @@ def _write_atomically(path: Path, text: str, mode: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m generators.ssh_include", description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=Path(os.environ.get("KVMCONF_BUILD", "build")),
+    parser.add_argument("--build", type=Path, default=locations.build_dir(),
                         help="the build directory holding ssh/config (default: $KVMCONF_BUILD or build)")
     parser.add_argument("--config", type=Path, default=Path("~/.ssh/config"),
                         help="the ssh config to include it from (default: ~/.ssh/config)")

@@ -12,23 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The generators' own defaults, so the tasks read the three variables exactly as `make` does (build_dir is
+# re-exported for kvmconf.remote).
+from generators.locations import build_dir as build_dir
+from generators.locations import cluster_path, site_path
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.errors import KvmconfError
 from kvmconf.lab import Lab, alive, remap
-
-
-def cluster_path() -> Path:
-    return Path(os.environ.get("KVMCONF_CLUSTER", "cluster.conf"))
-
-
-def site_path() -> Path:
-    return Path(os.environ.get("KVMCONF_SITE", "site.toml"))
-
-
-def build_dir() -> Path:
-    # As the Makefile's $(or $(KVMCONF_BUILD),build): an empty value means the default, as unset does.
-    return Path(os.environ.get("KVMCONF_BUILD") or "build")
 
 
 def lab_dir() -> Path | None:

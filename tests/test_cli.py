@@ -67,6 +67,16 @@ def test_build_with_environment_variables(inputs: Path) -> None:
     assert (inputs / "gen" / "dnsmasq").is_dir() and not (inputs / "build").exists()
 
 
+@pytest.mark.parametrize("variable", ["KVMCONF_CLUSTER", "KVMCONF_SITE", "KVMCONF_BUILD"])
+def test_an_empty_environment_variable_means_the_default(variable: str, inputs: Path) -> None:
+    """As the Makefile's `$(or $(KVMCONF_BUILD),build)`: taken as given, KVMCONF_BUILD= would be the current folder."""
+    result = run(cwd=inputs, env={variable: ""})
+    assert result.returncode == 0, result.stderr
+    match = SUMMARY.fullmatch(result.stdout.splitlines()[-1])
+    assert match and match["build"] == "build"
+    assert (inputs / "build" / "dnsmasq").is_dir()
+
+
 def test_flags_win_over_environment(inputs: Path) -> None:
     result = run("--cluster", "cluster.conf", cwd=inputs, env={"KVMCONF_CLUSTER": "missing.conf"})
     assert result.returncode == 0, result.stderr

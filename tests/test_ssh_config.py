@@ -11,6 +11,7 @@ import pytest
 from generators import ssh_config, ssh_include
 from generators.__main__ import main as generators_main
 from generators.model import Cluster
+from kvmconf import inputs
 from kvmconf.errors import KvmconfError
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 from tests.golden import assert_golden
@@ -88,6 +89,17 @@ def test_include_creates_ssh_dir_and_config_private(built: Path, tmp_path: Path,
     assert config.read_text() == include_of(built)
     assert stat.S_IMODE((home / ".ssh").stat().st_mode) == 0o700
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+def test_include_reads_an_empty_kvmconf_build_as_build(built: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Makefile, the generator and the tasks all read KVMCONF_BUILD= as build/: so must ssh_include."""
+    config = tmp_path / "config"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVMCONF_BUILD", "")
+    assert ssh_include.main(["--config", str(config)]) == 0
+    assert config.read_text() == include_of(built)
+    assert inputs.build_dir() == Path("build")  # the tasks look in the same place
 
 
 def test_include_goes_first_keeps_other_lines_and_mode(built: Path, tmp_path: Path) -> None:
