@@ -157,6 +157,15 @@ def test_readme_holds_the_doc_output() -> None:
     assert block == markdown_tables()
 
 
+def test_readme_shows_the_real_summary_of_the_example(inputs: Path) -> None:
+    """The Quick start quotes what `make` prints for the example: it stayed stale for weeks while no test read it."""
+    quoted = re.findall(r"`(kvmconf: \d+ VMs on [^`]*)`", (ROOT / "README.md").read_text())
+    assert len(quoted) == 1, "README.md should quote the example's summary line once, in backquotes"
+    result = run(cwd=inputs)  # a fresh build, with `make`'s defaults
+    assert result.returncode == 0, result.stderr
+    assert quoted[0] == result.stdout.splitlines()[-1]
+
+
 def test_a_build_folder_kvmconf_did_not_write_is_refused_and_kept(inputs: Path) -> None:
     """`--build .` in a checkout would swap the whole repository for the build (and delete it)."""
     before = snapshot(inputs)
