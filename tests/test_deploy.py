@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -169,6 +170,8 @@ def test_fab_deploy_prints_each_vm_as_it_is_done(example: Cluster, farm: sshfarm
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("provision: done ("), first
+        # The line came while ldap's hook was still waiting: neither we nor the 30 s fallback has released it.
+        assert not go.exists(), "provision's line came only after the fallback released ldap's hook"
         assert proc.poll() is None
     finally:
         deadline.cancel()
@@ -245,9 +248,20 @@ def test_keyscan_records_the_reachable_vms_as_it_goes_and_names_the_others(
             # it goes, not all at the end.
             assert proc.stdout.readline() == "provision: recorded key(s) of [{}]:{}\n".format(
                 *farm.addresses["provision"])
-            assert proc.poll() is None
+            # mcp's ssh-keyscan is connected and still waiting (no EOF yet): had the line come only at the end,
+            # its -T timeout would already have closed this connection.
+            silent.settimeout(30)  # a test that hangs here fails instead
+            waiting, _ = silent.accept()
+            with waiting:
+                # Closed with a zero linger it is reset, as closing the listener resets a connection not accepted:
+                # mcp then fails at once, and quietly ("no answer"), rather than at ssh-keyscan's timeout.
+                waiting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                waiting.setblocking(True)  # so MSG_DONTWAIT, not the timeout, decides: no data yet is BlockingIOError
+                with pytest.raises(BlockingIOError):
+                    waiting.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                assert proc.poll() is None
         finally:
-            silent.close()  # resets the waiting connection: mcp fails now rather than at ssh-keyscan's timeout
+            silent.close()  # if the test failed before accept(): resets mcp's waiting connection, as above
             out, err = proc.communicate(timeout=120)
     assert out == (f"mcp: FAILED: no host key from 127.0.0.1:{ports['mcp']} (no answer)\n"
                    f"ldap: FAILED: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n"
