@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from generators import locations
+from generators.files import replace_text
 
 NEW_FILE_MODE = 0o600  # ssh refuses a config that others can write; keep it private like ~/.ssh
 SSH_DIR_MODE = 0o700
@@ -59,22 +59,8 @@ def ensure_include(config: Path, included: Path) -> bool:
     if not config.parent.is_dir():
         config.parent.mkdir(mode=SSH_DIR_MODE, parents=True)
         config.parent.chmod(SSH_DIR_MODE)  # mkdir's mode is reduced by the umask
-    _write_atomically(config, new, mode)
+    replace_text(config, new, flush=True, mode=mode)
     return True
-
-
-def _write_atomically(path: Path, text: str, mode: int) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.kvmconf-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

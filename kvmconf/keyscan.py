@@ -12,8 +12,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from generators.files import replace_text
 from kvmconf.errors import KvmconfError
-from kvmconf.files import replace_text
 from kvmconf.remote import Target, accept_hint, known_hosts_name, resolve
 
 KEY_TYPES = "ed25519,ecdsa,rsa"

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import libvirt
 
+from generators.files import replace_text
 from generators.model import Cluster, DomainType, Network
 from generators.render import environment
 from kvmconf.errors import KvmconfError
-from kvmconf.files import replace_text
 
 Log = Callable[[str], None]
 

@@ -40,13 +40,13 @@ from pathlib import Path
 import libvirt
 
 from generators.errors import ConfigError
+from generators.files import replace_text
 from generators.model import Cluster, DiskKind, Vm
 from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, WrongUsage
-from kvmconf.files import replace_text
 from kvmconf.plan import Artifacts, find_host, find_vm
 from kvmconf.runner import Runner
 from kvmconf.signals import sigterm_as_interrupt

@@ -42,12 +42,12 @@ from urllib.parse import unquote, urlsplit
 
 from generators import pxe
 from generators.build import input_digest, render_all
+from generators.files import replace_text
 from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
 from generators.site import parse_http_url
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
-from kvmconf.files import replace_text
 from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq, stop_pid
 from kvmconf.plan import find_vm
 

@@ -1,4 +1,4 @@
-"""kvmconf/files.py: a file is replaced whole, keeps its permissions, and a failed write leaves nothing behind."""
+"""generators/files.py: a file is replaced whole, keeps its permissions, and a failed write leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmconf import files
+from generators import files
 
 
 def mode(path: Path) -> int:

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from generators.files import fsync_path
 from kvmconf.backup import journal
 from kvmconf.backup.store import Manifest, VmStore
-from kvmconf.files import fsync_path
 
 DURABLE = "durable.json"  # {"through": the newest point known to be on disk}
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")

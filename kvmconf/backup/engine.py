@@ -29,6 +29,7 @@ from pathlib import Path
 
 import libvirt
 
+from generators.files import fsync_path
 from kvmconf.backup import durability, journal, qcow2, stream
 from kvmconf.backup.libvirt_xml import (
     VmDisk,
@@ -51,7 +52,6 @@ from kvmconf.backup.store import (
     write_point_files,
 )
 from kvmconf.errors import KvmconfError
-from kvmconf.files import fsync_path
 from kvmconf.signals import sigterm_as_interrupt
 
 CHECKPOINT_PREFIX = "kvmconf-"

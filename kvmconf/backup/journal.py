@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from generators.files import replace_text
 from kvmconf.errors import KvmconfError
-from kvmconf.files import replace_text
 
 LOCK = ".lock"
 JOURNAL = "journal.json"

@@ -10,9 +10,9 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
+from generators.files import fsync_path
 from kvmconf.backup.store import PARTIAL, VmStore, checksum_file, write_point_files
 from kvmconf.errors import KvmconfError
-from kvmconf.files import fsync_path
 
 Log = Callable[[str], None]
 

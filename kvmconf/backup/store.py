@@ -25,7 +25,7 @@ from typing import Any
 import blake3
 import xxhash
 
-from kvmconf.files import fsync_path, write_new
+from generators.files import fsync_path, write_new
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"

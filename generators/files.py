@@ -1,8 +1,9 @@
 """Replacing a file's content whole: a reader, or the next run after a crash, finds the old or the new file, never half.
 
 One way for every small state and config file kvmconf rewrites (journals, manifests, known_hosts,
-the lab's state): write a temporary file beside the target, then rename it over the target, which
-the kernel does atomically within one file system.
+the lab's state, the provision server's files, cluster.conf, ~/.ssh/config): write a temporary file
+beside the target, then rename it over the target, which the kernel does atomically within one file
+system. Text is UTF-8 whatever the locale (cron runs with LANG=C).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def fsync_path(path: Path) -> None:
 def write_new(path: Path, text: str, *, flush: bool = False, mode: int = 0o666) -> None:
     """Create or truncate `path` with `text` (`mode` before the umask, for a new file); `flush`: on disk on return."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         if flush:
             f.flush()
@@ -47,7 +48,7 @@ def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o64
         mode = stat.S_IMODE(path.stat().st_mode)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
             os.fchmod(out.fileno(), mode)  # mkstemp's 0600 until here, whatever the umask
             out.write(text)
             if flush:
