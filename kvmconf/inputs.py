@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The generators' own defaults, so the tasks read the three variables exactly as `make` does (build_dir is
-# re-exported for kvmconf.remote).
-from generators.locations import build_dir as build_dir
+# The generators' own defaults, so the tasks read the variables exactly as `make` does.
 from generators.locations import cluster_path, site_path
 from generators.model import Cluster
 from generators.validate import load_cluster

@@ -8,10 +8,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from generators import ssh_config, ssh_include
+from generators import locations, ssh_config, ssh_include
 from generators.__main__ import main as generators_main
 from generators.model import Cluster
-from kvmconf import inputs
 from kvmconf.errors import KvmconfError
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 from tests.golden import assert_golden
@@ -99,7 +98,7 @@ def test_include_reads_an_empty_kvmconf_build_as_build(built: Path, tmp_path: Pa
     monkeypatch.setenv("KVMCONF_BUILD", "")
     assert ssh_include.main(["--config", str(config)]) == 0
     assert config.read_text() == include_of(built)
-    assert inputs.build_dir() == Path("build")  # the tasks look in the same place
+    assert locations.build_dir() == Path("build")  # the tasks (kvmconf.remote) look in the same place
 
 
 def test_include_goes_first_keeps_other_lines_and_mode(built: Path, tmp_path: Path) -> None:
