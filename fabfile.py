@@ -14,10 +14,11 @@ from pathlib import Path
 from fabric import task
 from invoke import Context, Exit
 
-from generators.errors import UsageError, shown
+from generators.errors import shown
 from kvmconf import inputs
 from kvmconf.cli import say, user_errors
 from kvmconf.deploy import Options, RunReport, VmReport, run_cluster
+from kvmconf.errors import WrongUsage
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 
 
@@ -36,7 +37,7 @@ def _parallel(value: str) -> int:
     # The task takes --parallel as a string: invoke would turn a non-number into a traceback, and 0 or -3 must
     # be refused, not quietly run one at a time.
     if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
-        raise UsageError(f"--parallel {shown(value)}: expected a whole number >= 1 (how many VMs at a time)")
+        raise WrongUsage(f"--parallel {shown(value)}: expected a whole number >= 1 (how many VMs at a time)")
     return int(value)
 
 
