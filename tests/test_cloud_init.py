@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -66,6 +67,49 @@ def variants(example: Cluster) -> dict[str, Cluster]:
 
 def test_golden(example: Cluster, regenerate: bool) -> None:
     assert_golden("cloud_init", cloud_init.render(example), regenerate)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader silently keeps the last of two equal keys; this one refuses the second."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def test_the_unique_key_loader_refuses_a_duplicate_key() -> None:
+    """Control for the test below: without it, that test could pass on a loader that sees no duplicates."""
+    assert yaml.load("a: 1\nb: {c: 2}\n", UniqueKeyLoader) == {"a": 1, "b": {"c": 2}}
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"duplicate key 'disable_root'\n.*line 3, column 1"):
+        yaml.load("disable_root: false\nusers: []\ndisable_root: true\n", UniqueKeyLoader)
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"duplicate key 'name'\n.*line 3, column 5"):
+        yaml.load("users:\n  - {name: a,\n    name: b}\n", UniqueKeyLoader)
+
+
+def test_no_seed_file_has_a_duplicate_key(example: Cluster) -> None:
+    """cloud-init would act on the last of two equal keys only, so a duplicate is a setting silently lost."""
+    for variant, cluster in variants(example).items():
+        tree = cloud_init.render(cluster)
+        for vm in cloud_vms(cluster):
+            for name, text in seed_files(tree, vm).items():
+                assert isinstance(yaml.load(text, UniqueKeyLoader), dict), (variant, vm, name)
+
+
+def test_each_top_level_user_data_key_is_written_once_in_the_template() -> None:
+    """Branches pick values, not whole keys: a key written in several branches can end up twice in one file."""
+    source = (Path("templates") / cloud_init.USER_DATA).read_text()
+    keys = [line.split(":")[0] for line in source.splitlines() if re.match(r"[a-z_]+:", line)]
+    assert "disable_root" in keys and "ssh_authorized_keys" in keys
+    assert sorted(key for key in set(keys) if keys.count(key) > 1) == []
 
 
 def test_seeds_only_for_install_cloud_vms(example: Cluster) -> None:
