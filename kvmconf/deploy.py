@@ -93,13 +93,17 @@ class RunReport:
         return [r for r in self.reports if r.failed_step]
 
     def summary(self) -> str:
-        lines = [r.line() for r in self.reports]
-        if self.not_started:
-            lines.append(f"not started (an earlier failure stopped later waves): {', '.join(self.not_started)}")
-        head = f"{self.action}: FAILED" if self.failed else f"{self.action}: ok"
+        """The run's last line: how many VMs, which failed and at which step, which were not started.
+
+        Each VM's own line was printed as that VM ended (``progress`` of :func:`run_cluster`), so it is not
+        repeated here: on a cluster of hundreds the outcome would otherwise scroll away under the copies.
+        """
+        line = f"{self.action}: {len(self.reports)} VM(s), {len(self.failed)} failed"
         if self.failed:
-            head += " at " + ", ".join(f"{r.vm} ({r.failed_step})" for r in self.failed)
-        return "\n".join([head, *("  " + line for line in lines)])
+            line += ": " + ", ".join(f"{r.vm} ({r.failed_step})" for r in self.failed)
+        if self.not_started:
+            line += f"; not started (an earlier failure stopped later waves): {', '.join(self.not_started)}"
+        return line
 
 
 class _StepFailed(Exception):
@@ -283,7 +287,7 @@ def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Opt
     """deploy (full=True: packages, files, hooks) or update-confs (files only) on the chosen VMs, in waves.
 
     `progress` gets each VM's report as soon as that VM is done (one call at a time), so a long run shows where
-    it is; the RunReport keeps them in cluster.conf order for the summary.
+    it is; the RunReport keeps them in cluster.conf order, and its summary only counts them.
     """
     vms = select_or_all(cluster, names)
     plan = recipes(cluster, vms, options.recipe_dir)

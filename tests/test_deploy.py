@@ -98,7 +98,8 @@ def test_second_update_confs_transfers_and_reloads_nothing(example: Cluster, far
     done = sorted((r.vm, r.pushed, r.reloaded) for r in report.reports)
     assert done == sorted((vm.name, [], []) for vm in example.vms)
     assert all(farm.log(vm.name, "systemctl") == [] for vm in example.vms)
-    assert "8 file(s)" not in report.summary() and "provision: done (0 file(s) changed)" in report.summary()
+    assert sorted(r.line() for r in report.reports) == sorted(f"{vm.name}: done (0 file(s) changed)"
+                                                              for vm in example.vms)
 
 
 def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
@@ -179,9 +180,11 @@ def test_fab_deploy_prints_each_vm_as_it_is_done(example: Cluster, farm: sshfarm
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     lines = (first + out).splitlines()
-    # One line per VM as each ends, in cluster.conf order with --parallel 1; then the summary, in the same words.
-    assert [line.split(":")[0] for line in lines[:3]] == ["provision", "ldap", "db"]
-    assert lines[3:] == ["deploy: ok", *("  " + line for line in lines[:3])]
+    # One line per VM as each ends, in cluster.conf order with --parallel 1, and only then: the summary at the
+    # end counts them instead of printing each line again.
+    assert [line.split(": ")[0] for line in lines] == ["provision", "ldap", "db", "deploy"]
+    assert all(": done (" in line for line in lines[:3]), lines
+    assert lines[3] == "deploy: 3 VM(s), 0 failed"
     assert lines[1].endswith("; 1 hook(s) run)")
     go.unlink()
 
@@ -196,10 +199,11 @@ def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
     assert [(r.vm, r.failed_step) for r in report.failed] == [("ldap", "hook ldap/hooks/fail.sh")]
     assert report.not_started == ["db", "login", "compute1", "web"]
     assert {r.vm for r in report.reports} == {"provision", "scratch", "mcp", "ldap"}
-    summary = report.summary()
-    assert "deploy: FAILED at ldap (hook ldap/hooks/fail.sh)" in summary
-    assert "ldap: FAILED at hook ldap/hooks/fail.sh: exit 3: slapd would not start" in summary
-    assert "mcp: done (" in summary and "not started (an earlier failure stopped later waves): db, login" in summary
+    assert report.summary() == "deploy: 4 VM(s), 1 failed: ldap (hook ldap/hooks/fail.sh); not started (an earlier" \
+                               " failure stopped later waves): db, login, compute1, web"
+    lines = {r.vm: r.line() for r in report.reports}  # what fab printed as each VM ended
+    assert lines["ldap"] == "ldap: FAILED at hook ldap/hooks/fail.sh: exit 3: slapd would not start"
+    assert lines["mcp"].startswith("mcp: done (")
 
 
 def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfarm.Farm) -> None:
@@ -310,8 +314,8 @@ def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm, tmp_path: Path
     fab = subprocess.run([".venv/bin/fab", "update-confs", "--vm", "provision", "--dry-run"], env=env,
                          capture_output=True, text=True, check=False, timeout=120)
     assert fab.returncode == 0, fab.stderr
-    assert fab.stdout == "provision: would change 0 file(s)\n(dry run: nothing changed)\nupdate-confs: ok\n" \
-                         "  provision: would change 0 file(s)\n"
+    assert fab.stdout == "provision: would change 0 file(s)\n(dry run: nothing changed)\n" \
+                         "update-confs: 1 VM(s), 0 failed\n"
     bad = subprocess.run([".venv/bin/fab", "deploy", "--vm", "nosuchvm"], env=env, capture_output=True, text=True,
                          check=False, timeout=120)
     assert (bad.returncode, bad.stderr) == (2, "kvmconf: 'nosuchvm' is not a VM of cluster.conf; expected one of:"

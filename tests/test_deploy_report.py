@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmconf.deploy import VmReport
+from kvmconf.deploy import RunReport, VmReport
 
 
 def full_run(dry_run: bool) -> VmReport:
@@ -33,3 +33,14 @@ def full_run(dry_run: bool) -> VmReport:
 ])
 def test_the_line_says_what_was_done_or_would_be(report: VmReport, line: str) -> None:
     assert report.line() == line
+
+
+def test_the_summary_counts_the_vms_and_names_the_failed_ones_without_repeating_their_lines() -> None:
+    # fab printed each VM's line as it ended; the summary only counts, names the failures and what never started.
+    report = RunReport("deploy", [VmReport("mcp", steps=["packages", "files", "hooks"]),
+                                  VmReport("ldap", steps=["packages"], failed_step="files", error="exit 1: disk full"),
+                                  VmReport("web", failed_step="connect", error="web: host key unknown")],
+                       not_started=["db", "login"])
+    assert report.summary() == "deploy: 3 VM(s), 2 failed: ldap (files), web (connect); not started (an earlier" \
+                               " failure stopped later waves): db, login"
+    assert RunReport("update-confs", [VmReport("db", steps=["files"])]).summary() == "update-confs: 1 VM(s), 0 failed"
