@@ -17,7 +17,7 @@ from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
 from kvmconf.connection import connections
-from kvmconf.plan import find_host, format_plan, make_plan, select_or_all
+from kvmconf.plan import find_hosts, format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
 from kvmconf.status import format_status
@@ -30,9 +30,8 @@ from kvmconf.status import status as host_status
 
 
 def _check_hosts(cluster: Cluster, hosts: list[str]) -> None:
-    """Refuse an unknown --host before any host is contacted."""
-    for name in hosts:
-        find_host(cluster, name)
+    """Refuse unknown --host names (all of them, in one message) before any host is contacted."""
+    find_hosts(cluster, hosts)
 
 
 def _ask(question: str) -> bool:

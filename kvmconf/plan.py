@@ -164,12 +164,20 @@ def find_host(cluster: Cluster, name: str, missing: str = "name the host with --
 
     No name is the usage error ``missing`` (it names the option): the tasks default it to "" (see tasks.py).
     """
-    if not name:
+    return find_hosts(cluster, [name], missing)[0]
+
+
+def find_hosts(cluster: Cluster, names: Sequence[str],
+               missing: str = "name the host with --host NAME") -> list[PhysicalHost]:
+    """The physical hosts called `names`, as :func:`find_host` finds one; every unknown name is in the one error."""
+    if "" in names:
         raise WrongUsage(missing)
-    if name in cluster.site.hosts:
-        return cluster.site.hosts[name]
-    raise UnknownHost(f"{name!r} is not a host of {cluster.site.path}"
-                      f" (expected one of: {', '.join(sorted(cluster.site.hosts))})")
+    unknown = [name for name in dict.fromkeys(names) if name not in cluster.site.hosts]
+    if unknown:
+        which = f"{unknown[0]!r} is not a host" if len(unknown) == 1 else \
+            f"{', '.join(map(repr, unknown))} are not hosts"
+        raise UnknownHost(f"{which} of {cluster.site.path} (expected one of: {', '.join(sorted(cluster.site.hosts))})")
+    return [cluster.site.hosts[name] for name in names]
 
 
 def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, artifacts: Artifacts,

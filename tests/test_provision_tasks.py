@@ -112,6 +112,11 @@ def test_every_task_shows_its_help_for_help_and_h(name: str, flag: str, capsys: 
     (("destroy", "--purge", "--force"), "kvmconf: name the VM with --vm NAME\n"),
     (("migrate", "--vm", "db"), "kvmconf: name the host to move the VM to with --to HOST\n"),
     (("capacity", "--offline", "--host", "kvm0", "--host", "kvm9"), UNKNOWN_HOST),
+    # every unknown --host at once (each named once), not only the first
+    (("status", "--host", "kvm9", "--host", "kvm0", "--host", "kvm-1", "--host", "kvm9"),
+     f"kvmconf: 'kvm9', 'kvm-1' are not hosts of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"),
+    (("capacity", "--offline", "--host", "kvm7", "--host", "kvm8"),
+     f"kvmconf: 'kvm7', 'kvm8' are not hosts of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"),
 ])
 def test_a_wrong_request_says_what_is_allowed(args: tuple[str, ...], message: str) -> None:
     result = invoke(*args)
