@@ -18,7 +18,7 @@ from invoke.runners import Result
 from paramiko import BadHostKeyException, RejectPolicy, SSHException
 
 from generators.locations import build_dir
-from kvmconf.errors import KvmconfError
+from kvmconf.errors import KvmconfError, WrongUsage
 
 GENERATED_SSH_CONFIG = Path("ssh/config")  # where `make` writes it, inside its build directory
 
@@ -33,7 +33,8 @@ def chosen_ssh_config(explicit: str = "") -> Path | None:
         return None
     path = Path(value).expanduser()  # as `ssh -F` does: `--ssh-config=~/x` reaches us unexpanded
     if not path.is_file():
-        raise KvmconfError(f"{value} does not exist (named by {where})")
+        # A usage error (exit 2), like a missing cluster.conf: the admin named a file that is not there.
+        raise WrongUsage(f"{value} does not exist (named by {where})")
     return path
 
 

@@ -55,13 +55,26 @@ def test_the_vm_tasks_look_for_the_ssh_config_in_kvmconf_build(task: tuple[str, 
 
 
 def test_kvm_setup_reaches_the_host_through_kvmconf_ssh_config(tmp_path: Path) -> None:
+    # A named ssh config that is not there is a usage error (exit 2), as a missing cluster.conf is.
     result = run_task("fab", "kvm-setup", "--host", "kvm0", env={"KVMCONF_SSH_CONFIG": str(tmp_path / "none")})
-    assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/none does not exist (named by"
+    assert (result.returncode, result.stderr) == (2, f"kvmconf: {tmp_path}/none does not exist (named by"
                                                      " KVMCONF_SSH_CONFIG)\n")
     result = run_task("fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(tmp_path / "other"),
                       env={"KVMCONF_SSH_CONFIG": str(tmp_path / "none")})
-    assert (result.returncode, result.stderr) == (1, f"kvmconf: {tmp_path}/other does not exist (named by"
+    assert (result.returncode, result.stderr) == (2, f"kvmconf: {tmp_path}/other does not exist (named by"
                                                      " --ssh-config)\n")
+
+
+@pytest.mark.parametrize(("task", "named_by"), [(("fab", "deploy"), "KVMCONF_SSH_CONFIG"),
+                                                (("fab", "update-confs"), "KVMCONF_SSH_CONFIG"),
+                                                (("invoke", "keyscan"), "--ssh-config")])
+def test_a_missing_ssh_config_file_is_a_usage_error_naming_it(task: tuple[str, str], named_by: str,
+                                                              tmp_path: Path) -> None:
+    missing = str(tmp_path / "nosuch")
+    flag = ["--ssh-config", missing] if named_by == "--ssh-config" else []
+    result = run_task(*task, "--vm", "db", *flag, env={"KVMCONF_SSH_CONFIG": missing})
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"kvmconf: {missing} does not exist (named by {named_by})\n")
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

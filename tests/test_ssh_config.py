@@ -11,7 +11,7 @@ import pytest
 from generators import locations, ssh_config, ssh_include
 from generators.__main__ import main as generators_main
 from generators.model import Cluster
-from kvmconf.errors import KvmconfError
+from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
@@ -174,11 +174,11 @@ def test_tasks_find_the_chosen_config_or_say_it_is_missing(tmp_path: Path, monke
     missing, config = tmp_path / "missing", tmp_path / "config"
     config.write_text("")
     monkeypatch.setenv("KVMCONF_SSH_CONFIG", str(missing))
-    with pytest.raises(KvmconfError) as err:
+    with pytest.raises(WrongUsage) as err:  # exit 2, as a missing cluster.conf
         generated_ssh_config()
     # `make` does not write a file the admin named: the message says where the name came from instead.
     assert str(err.value) == f"{missing} does not exist (named by KVMCONF_SSH_CONFIG)"
-    with pytest.raises(KvmconfError) as err:
+    with pytest.raises(WrongUsage) as err:
         chosen_ssh_config(str(missing))
     assert str(err.value) == f"{missing} does not exist (named by --ssh-config)"
     assert generated_ssh_config(str(config)) == config  # --ssh-config wins over the environment
