@@ -11,6 +11,7 @@ from ipaddress import IPv4Address
 from pathlib import PurePosixPath
 from posixpath import join
 
+from generators import pxe
 from generators.model import Cluster, Network
 from generators.render import banner_lines, environment
 
@@ -42,6 +43,19 @@ def dns_servers(cluster: Cluster, network: Network) -> tuple[IPv4Address, ...]:
     return (server,)
 
 
+def tftp_names() -> dict[str, str]:
+    """The TFTP root's names dnsmasq.conf hands out (dhcp-boot) or explains, as generators/pxe.py spells them."""
+    return {
+        "bios_boot_file": pxe.PXELINUX_BOOT_FILE,
+        "bios_ldlinux": pxe.PXELINUX_LDLINUX,
+        "pxelinux_mac_cfg": f"{pxe.PXELINUX_CFG_DIR}/{pxe.ETHERNET}<mac>",
+        "pxelinux_default": pxe.PXELINUX_DEFAULT,
+        "grub_prefix": f"/{pxe.GRUB_DIR}",
+        "grub_cfg": pxe.GRUB_CFG,
+        "uefi_boot_file": pxe.GRUB_EFI_IMAGE,
+    }
+
+
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     env = environment()
     site = cluster.site
@@ -50,7 +64,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         OUT / "dnsmasq.conf": env.get_template(CONF_TEMPLATE).render(
             cluster=cluster, site=site, banner=banner_lines(cluster, CONF_TEMPLATE), provision=site.provision,
             networks=networks, dns_servers={net.name: dns_servers(cluster, net) for net in networks},
-            dhcp_hosts_dir=dhcp_hosts_dir(cluster), hosts_file=hosts_file(cluster),
+            dhcp_hosts_dir=dhcp_hosts_dir(cluster), hosts_file=hosts_file(cluster), tftp=tftp_names(),
         ),
         OUT / "hosts": env.get_template(HOSTS_TEMPLATE).render(
             cluster=cluster, site=site, banner=banner_lines(cluster, HOSTS_TEMPLATE),

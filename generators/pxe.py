@@ -37,6 +37,8 @@ GRUB_MAIN_TEMPLATE = "grub.cfg.j2"
 # The TFTP root's layout, relative to that root. pxelinux and GRUB look these names up, and
 # kvmconf.provision_server assembles and prunes the deployed root by them: each is spelled here only.
 BUILD_DIR = PurePosixPath("tftp")  # where render() puts the generated part of the TFTP root (under build/)
+PXELINUX_BOOT_FILE = "pxelinux.0"  # the BIOS boot file (dnsmasq.conf's dhcp-boot), from package pxelinux
+PXELINUX_LDLINUX = "ldlinux.c32"  # the module pxelinux.0 loads from beside it, from package syslinux-common
 PXELINUX_CFG_DIR = "pxelinux.cfg"  # pxelinux.0 reads its configs from this directory beside it
 PXELINUX_DEFAULT = f"{PXELINUX_CFG_DIR}/default"
 GRUB_DIR = "grub"  # the GRUB image's prefix: it reads grub.cfg and its per-MAC files here, and loads modules below
@@ -74,8 +76,8 @@ def boot_entries(mac: str) -> list[str]:
 
 # TFTP root path -> the Debian 12 file to copy there (BIOS boot chain; pxelinux.0 loads ldlinux.c32 beside it).
 BIOS_LOADER_FILES = {
-    "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
-    "ldlinux.c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+    PXELINUX_BOOT_FILE: "/usr/lib/PXELINUX/pxelinux.0",
+    PXELINUX_LDLINUX: "/usr/lib/syslinux/modules/bios/ldlinux.c32",
 }
 
 # GRUB splits words at these and expands `$`; a word holding one must be quoted (`;` would end the command).

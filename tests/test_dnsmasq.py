@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from ipaddress import IPv4Address
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from generators import dnsmasq
+from generators import dnsmasq, pxe
 from generators.model import Cluster, Install
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
@@ -106,6 +107,33 @@ def test_conf_points_at_the_deployed_files(example: Cluster) -> None:
     assert f"tftp-root={provision.tftp_root}" in lines
     assert f"interface={provision.interface}" in lines
     assert "dhcp-ignore=tag:!known" in lines
+
+
+def test_tftp_names_come_from_generators_pxe(example: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boot files dnsmasq hands out are those pxe.py (and provision_server, which installs them) spell."""
+    before = dnsmasq.render(example)[CONF]
+    assert isinstance(before, str)
+    old = dnsmasq.tftp_names()
+    for name, value in (("PXELINUX_BOOT_FILE", "bios/lpxelinux.0"), ("PXELINUX_LDLINUX", "bios/ldlinux.e64"),
+                        ("PXELINUX_CFG_DIR", "bios/cfg"), ("PXELINUX_DEFAULT", "bios/cfg/fallback"),
+                        ("GRUB_DIR", "uefi"), ("GRUB_CFG", "uefi/main.cfg"), ("GRUB_EFI_IMAGE", "uefi/core.efi")):
+        monkeypatch.setattr(pxe, name, value)
+    conf = dnsmasq.render(example)[CONF]
+    assert isinstance(conf, str)
+    lines = conf.splitlines()
+    assert "dhcp-boot=tag:!efi-x86_64,bios/lpxelinux.0" in lines
+    assert "dhcp-boot=tag:efi-x86_64,uefi/core.efi" in lines
+    assert "# BIOS: bios/lpxelinux.0 needs bios/ldlinux.e64 beside it and reads bios/cfg/01-<mac> (else" \
+           " bios/cfg/fallback)." in lines
+    assert "# UEFI: a GRUB EFI image whose prefix is /uefi, so that it reads uefi/main.cfg (see generators/pxe.py" \
+           " for how" in lines
+    # Debian's own netboot image is the one name of this kind that is not ours: the comment warns against it.
+    debian = "# Invalid Parameter\"). Not Debian's netboot grubx64.efi as is: its built-in prefix is"
+    assert debian in lines
+    words = {word.rstrip(".") for line in lines if line != debian for word in re.findall(r"[^\s,()]+", line)}
+    assert words & set(old.values()) == set()
+    # Control: the unpatched conf does hold the old names, so the check above can fail.
+    assert all(value in before for value in old.values())
 
 
 # --- dnsmasq --test -------------------------------------------------------------------------------------------
