@@ -9,7 +9,8 @@ A recipe.toml holds ``packages = [...]``, ``hooks = ["hooks/x.sh", ...]`` (run o
 ``[[file]]`` tables: ``dest`` (absolute path on the VM), exactly one of ``template`` (a jinja2 file next to
 the recipe, rendered with ``cluster``, ``site``, ``vm`` and ``banner``) or ``build`` (a generated file or
 directory of build/, rendered in memory so it can never be stale), plus ``owner``, ``group``, ``mode`` and
-``reload`` (services reloaded when this file changes). Any other key is refused, with its line.
+``reload`` (services reloaded when this file changes). Any other key, and a value of the wrong type (a
+string for a list, a number for a mode), is refused with its line before anything is rendered or pushed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from generators.errors import Problem
 from generators.model import Cluster, Vm
-from generators.site import locator
+from generators.site import Locate, _Reader, locator
 from kvmconf.errors import KvmconfError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "hosts"
@@ -36,9 +37,26 @@ RECIPE = "recipe.toml"
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._@+/-]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+:-]*")
 _MODE = re.compile(r"0?[0-7]{3,4}")
-# Every key a recipe may hold: any other is a typo (`pakages`, `mod`) that would silently drop what it meant.
-RECIPE_KEYS = ("packages", "hooks", "file")
-FILE_KEYS = ("dest", "template", "build", "owner", "group", "mode", "reload")
+# Every key a recipe may hold, with its TOML type and what messages say is allowed: any other key is a typo
+# (`pakages`, `mod`) that would silently drop what it meant, and a string where a list belongs would be taken
+# letter by letter (`packages = "slapd"` would install s, l, a, p and d).
+RECIPE_TYPES: dict[str, tuple[type, str]] = {
+    "packages": (list, "a list of package names"),
+    "hooks": (list, 'a list of hook scripts such as "hooks/x.sh"'),
+}
+FILE_TYPES: dict[str, tuple[type, str]] = {
+    "dest": (str, "an absolute path on the VM"),
+    "template": (str, "a template file next to the recipe"),
+    "build": (str, "a generated file or directory of build/"),
+    "owner": (str, "a user name"),
+    "group": (str, "a group name"),
+    "mode": (str, 'an octal mode in quotes such as "0644"'),
+    "reload": (list, "a list of service names"),
+}
+RECIPE_KEYS = (*RECIPE_TYPES, "file")  # [[file]] tables, each checked against FILE_TYPES
+FILE_KEYS = tuple(FILE_TYPES)
+# A [[file]] table's header: each table's keys are looked up from there, not in the first table that has them.
+_FILE_HEADER = re.compile(r"\s*\[\[\s*file\s*\]\]")
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"{where}: {err}") from None
-        _refuse_unknown_keys(data, text, where)
+        _refuse_unknown_keys_and_types(data, text, where)
         for package in data.get("packages", []):
             if _check(package, _SAFE_NAME, "a package name", where) not in packages:
                 packages.append(package)
@@ -115,21 +133,52 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
     return Recipe(vm.name, tuple(packages), tuple(files.values()), tuple(hooks))
 
 
-def _refuse_unknown_keys(data: dict[str, Any], text: str, where: str) -> None:
-    """Every key that is not a recipe's, each with its line (tomllib gives none: site.toml's locator finds it)."""
+def _strings(value: list[Any]) -> list[str]:
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError('(expected strings in quotes, such as ["a", "b"])')
+    return value
+
+
+def _check_types(r: _Reader, types: dict[str, tuple[type, str]]) -> None:
+    """Each key of ``r``'s table that has the wrong TOML type (or, in a list, an item that is not a string)."""
+    for key, (kind, what) in types.items():
+        if kind is list:
+            r.convert(key, _strings, what, what, default=None, kind=list)
+        elif r.table == "file" and key == "dest":  # the one key a [[file]] cannot do without
+            r.get(key, kind, what=what)
+        else:
+            r.get(key, kind, None, what)
+
+
+def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) -> None:
+    """Every key that is not a recipe's or has the wrong type, each with its line (tomllib gives none: site.toml's
+    locator finds it, and site.toml's reader words the type problems)."""
     locate = locator(where, text)
     problems = [Problem(locate("", key), f"key '{key}': unknown key (expected one of: {', '.join(RECIPE_KEYS)})")
                 for key in data if key not in RECIPE_KEYS]
+    _check_types(_Reader(data, "", locate, problems), RECIPE_TYPES)
     entries = data.get("file", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         problems.append(Problem(locate("", "file"), "key 'file': expected [[file]] tables"))
         entries = []
-    for entry in entries:
-        problems += [Problem(locate("file", key), f"key 'file.{key}': unknown key (expected one of:"
-                                                  f" {', '.join(FILE_KEYS)})") for key in entry if key not in FILE_KEYS]
+    for entry, locate_entry in zip(entries, _file_locators(where, text, len(entries)), strict=True):
+        problems += [Problem(locate_entry("file", key), f"key 'file.{key}': unknown key (expected one of:"
+                                                        f" {', '.join(FILE_KEYS)})")
+                     for key in entry if key not in FILE_KEYS]
+        _check_types(_Reader(entry, "file", locate_entry, problems), FILE_TYPES)
     if problems:
-        # A key repeated in several [[file]] tables is located at its first: one line for it is enough.
         raise RecipeError("\n".join(str(problem) for problem in sorted(set(problems))))
+
+
+def _file_locators(where: str, text: str, count: int) -> list[Locate]:
+    """One locator per [[file]] table: the line of its own key, not of the first table with a key of that name."""
+    lines = text.split("\n")  # TOML's newlines only, as the locator counts them
+    starts = [number for number, line in enumerate(lines) if _FILE_HEADER.match(line)]
+    if len(starts) != count:  # e.g. file = [{...}] inline tables: the whole file's locator, at the first match
+        return [locator(where, text)] * count
+    ends = [*starts[1:], len(lines)] if starts else []
+    # Blank lines before the table keep its line numbers those of the file.
+    return [locator(where, "\n" * start + "\n".join(lines[start:end])) for start, end in zip(starts, ends, strict=True)]
 
 
 def _render(root: Path, name: str, cluster: Cluster, vm: Vm, where: str) -> str:

@@ -64,6 +64,55 @@ def test_unknown_keys_are_refused_with_their_line_before_any_vm_is_reached(examp
     assert str(err.value) == "hosts/ldap/recipe.toml:2:1: key 'file': expected [[file]] tables"
 
 
+def test_values_of_the_wrong_type_are_refused_with_their_line_before_any_vm_is_reached(example: Cluster,
+                                                                                       tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text(
+        'packages = "slapd"\nhooks = ["hooks/a.sh", 5]\n\n'
+        '[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\nmode = 644\n\n'
+        '[[file]]\ndest = "/etc/b"\nbuild = ["nagios"]\nmode = 600\nreload = "nagios4"\nowner = 0\n\n'
+        '[[file]]\ntemplate = "recipe.toml"\ngroup = true\n')
+    # No ssh config at all: the run fails on the recipe before it looks for a VM, so nothing is installed or pushed.
+    with pytest.raises(RecipeError) as err:
+        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    where = "hosts/ldap/recipe.toml"
+    # The second table's mode is found on its own line 12, not on line 7 where the first table has a mode.
+    assert str(err.value).splitlines() == [
+        f"{where}:1:1: key 'packages': 'slapd' is a string (expected a list of package names)",
+        f"{where}:2:1: key 'hooks': ['hooks/a.sh', 5] is not a list of hook scripts such as \"hooks/x.sh\" (expected"
+        ' strings in quotes, such as ["a", "b"])',
+        f"{where}:7:1: key 'file.mode': 644 is an integer (expected an octal mode in quotes such as \"0644\")",
+        f"{where}:11:1: key 'file.build': ['nagios'] is a list (expected a generated file or directory of build/)",
+        f"{where}:12:1: key 'file.mode': 600 is an integer (expected an octal mode in quotes such as \"0644\")",
+        f"{where}:13:1: key 'file.reload': 'nagios4' is a string (expected a list of service names)",
+        f"{where}:14:1: key 'file.owner': 0 is an integer (expected a user name)",
+        f"{where}:16:1: key 'file.dest' is missing (expected an absolute path on the VM)",
+        f"{where}:18:1: key 'file.group': True is a boolean (expected a group name)",
+    ]
+
+
+def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp_path: Path) -> None:
+    """Before the type check, packages = "slapd" installed packages s, l, a, p and d."""
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text('packages = "slapd"\n')
+    with pytest.raises(RecipeError, match=r"^hosts/ldap/recipe.toml:1:1: key 'packages': 'slapd' is a string"
+                                          r" \(expected a list of package names\)$"):
+        recipes(example, [example.vm("ldap")], hosts)
+    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\n')
+    assert recipes(example, [example.vm("ldap")], hosts)["ldap"].packages == ("openssh-server", "slapd")
+
+
+def test_inline_file_tables_are_checked_too(example: Cluster, tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    # No [[file]] header to find the key under: the problem points at the start of the file.
+    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\nfile = [{dest = "/etc/a", template = "recipe.toml",'
+                                            ' mode = 644}]\n')
+    with pytest.raises(RecipeError) as err:
+        recipes(example, [example.vm("ldap")], hosts)
+    assert str(err.value) == ("hosts/ldap/recipe.toml:1:1: key 'file.mode': 644 is an integer (expected an octal mode"
+                              ' in quotes such as "0644")')
+
+
 def test_waves_for_a_subset(example: Cluster) -> None:
     chosen = [vm for vm in example.vms if vm.name in ("db", "web", "login")]
     # ldap is not chosen, so db and login may start at once; web still waits for db.
