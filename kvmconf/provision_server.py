@@ -63,6 +63,11 @@ NETBOOT_DIR = "/usr/lib/debian-installer/images/{release}/amd64/text"
 GRUB_EFI_MODULES = Path("/usr/lib/grub") / pxe.GRUB_PLATFORM
 
 
+def build_dir_in(config_dir: Path) -> Path:
+    """config_dir/build: the server's copy of the generated files, which everything it serves comes from."""
+    return config_dir / "build"
+
+
 # --- installed state --------------------------------------------------------------------------------
 
 def read_installed(config_dir: Path) -> set[str]:
@@ -81,7 +86,7 @@ def write_installed(config_dir: Path, names: Iterable[str]) -> None:
 def boot_entries(config_dir: Path, vm: str) -> list[str]:
     """The VM's per-MAC boot configs, relative to the TFTP root (its MAC from its hostsfile line in build/)."""
     try:
-        text = (config_dir / "build" / "dnsmasq" / "dhcp-hosts" / vm).read_text()
+        text = (build_dir_in(config_dir) / "dnsmasq" / "dhcp-hosts" / vm).read_text()
     except FileNotFoundError:
         return []
     mac = next(line for line in text.splitlines() if line.strip() and not line.startswith("#")).split(",")[0]
@@ -164,7 +169,7 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
 
     Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started".
     """
-    source = config_dir / "build" / "dnsmasq"
+    source = build_dir_in(config_dir) / "dnsmasq"
     live = config_dir / "dnsmasq"
     conf = (source / "dnsmasq.conf").read_text()
     hosts = _entries(source / "dhcp-hosts")
@@ -208,7 +213,7 @@ def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> boo
     installed = read_installed(config_dir)
     write_installed(config_dir, installed | {vm} if done else installed - {vm})
     for rel in entries:
-        built = config_dir / "build" / pxe.BUILD_DIR / rel
+        built = build_dir_in(config_dir) / pxe.BUILD_DIR / rel
         if done:
             (tftp_root / rel).unlink(missing_ok=True)
         elif built.is_file():
@@ -329,7 +334,7 @@ def require_provision_server(cluster: Cluster, does: str, netns: str | None = No
 
 def stage_build(cluster: Cluster, config_dir: Path) -> Path:
     """Render the cluster into config_dir/build (only files that changed are rewritten)."""
-    build = config_dir / "build"
+    build = build_dir_in(config_dir)
     write_tree(build, render_all(cluster), input_digest(cluster))
     return build
 
@@ -392,7 +397,7 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(200 if done else 404, b"installed\n" if done else b"no such VM\n")
             return
         if len(parts) >= 2 and parts[0] in SERVED and not any(p.startswith(".") for p in parts):
-            file = self.server.config_dir / "build" / Path(*parts)
+            file = build_dir_in(self.server.config_dir) / Path(*parts)
             if file.is_file():
                 self._answer(200, file.read_bytes())
                 return

@@ -322,14 +322,14 @@ def test_a_broken_config_never_replaces_the_running_one(pxe_lab: lab.Lab, workdi
     assert provision_server.deploy(cluster, dnsmasq, quiet) in ("unchanged", "reloaded")
     old_pid, conf = dnsmasq.pid(), config_dir / "dnsmasq" / "dnsmasq.conf"
     good = conf.read_text()
-    candidate = config_dir / "build" / "dnsmasq" / "dnsmasq.conf"
+    candidate = provision_server.build_dir_in(config_dir) / "dnsmasq" / "dnsmasq.conf"
     candidate.write_text(good + "no-such-option=1\n")
     with pytest.raises(KvmconfError, match="dnsmasq --test rejected the new configuration; the running one stays"):
         provision_server.deploy_dnsmasq(config_dir, dnsmasq, quiet)
     assert conf.read_text() == good and dnsmasq.pid() == old_pid
     # A bad hostsfile line: dnsmasq --test never reads hostsfiles and the daemon would skip it silently.
     candidate.write_text(good)
-    bad = config_dir / "build" / "dnsmasq" / "dhcp-hosts" / "zz-bad"
+    bad = provision_server.build_dir_in(config_dir) / "dnsmasq" / "dhcp-hosts" / "zz-bad"
     bad.write_text("52:54:00:zz:00:01,192.168.50.88,bad,infinite\n")
     with pytest.raises(KvmconfError, match="bad hex constant"):
         provision_server.deploy_dnsmasq(config_dir, dnsmasq, quiet)

@@ -65,6 +65,13 @@ def test_a_vms_boot_entries_are_its_per_mac_files_for_both_loaders(example: Clus
     assert built == set(provision_server.boot_entries(tmp_path, "web")[1:])  # web boots UEFI: its GRUB names
 
 
+def test_the_server_builds_into_the_one_build_dir_it_reads_from(example: Cluster, tmp_path: Path) -> None:
+    # config_dir/build as the module's layout says; stage_build writes where boot_entries, dnsmasq and HTTP read.
+    assert provision_server.stage_build(example, tmp_path) == provision_server.build_dir_in(tmp_path) \
+        == tmp_path / "build"
+    assert (tmp_path / "build/dnsmasq/dnsmasq.conf").is_file() and (tmp_path / "build/preseed/ldap.cfg").is_file()
+
+
 def test_the_installed_state_round_trips_sorted(tmp_path: Path) -> None:
     assert provision_server.read_installed(tmp_path) == set()
     provision_server.write_installed(tmp_path, ["web", "mcp", "web"])
