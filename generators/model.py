@@ -10,7 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from urllib.parse import urlsplit
+
+from generators.errors import Location
 
 
 class Install(StrEnum):
@@ -137,6 +140,31 @@ class PhysicalHost:
     network_stack: str = "ifupdown"  # how `fab kvm-setup` writes the bridges: ifupdown, netplan or networkmanager
     uplink: str = ""  # the NIC the bridges (and their VLAN subinterfaces) sit on; "" = bridges without a port
     nested: bool = False  # `fab kvm-setup` checks that nested virtualisation is on
+    # Its [hosts.<name>] table in site.toml, for problems found after loading (e.g. by a generator).
+    where: Location | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def ssh_address(self) -> str | None:
+        """Where other machines reach this host over SSH: ``address``, else its remote URI's host; None if neither."""
+        return self.address or uri_host(self.uri)
+
+
+def uri_host(uri: str) -> str | None:
+    """The machine a libvirt URI connects to: ``qemu+ssh://root@kvm1:2222/system`` -> ``kvm1``.
+
+    None for a local URI (``qemu:///system``, ``qemu+unix:///...``, ``test:///...``) and for a loopback
+    host: both mean whichever machine uses the URI, not one another machine can reach.
+    """
+    try:
+        host = urlsplit(uri).hostname  # without user@ and :port, lowercased, [IPv6] unbracketed
+    except ValueError:  # an unbalanced '[': no host libvirt could connect to either
+        return None
+    if not host or host == "localhost":
+        return None
+    try:
+        return None if ip_address(host).is_loopback else host
+    except ValueError:  # a name, not an IP address
+        return host
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import PurePosixPath
 
 from generators.crontab import GRACE, max_interval
-from generators.model import Cluster
+from generators.dnsmasq import dns_servers
+from generators.errors import ConfigError, Location, Problem
+from generators.model import Cluster, PhysicalHost
 from generators.render import render as render_template
 
 TEMPLATES = {
@@ -55,13 +58,75 @@ def hostgroups(cluster: Cluster) -> list[Hostgroup]:
     return [Hostgroup(name, object_value(cluster.hostgroup_alias(name)) or name) for name in cluster.hostgroups]
 
 
+def _only_our_dnsmasq(cluster: Cluster) -> bool:
+    """Whether every VM network hands out the provision server (the cluster's dnsmasq) as its only name server."""
+    server = (cluster.site.provision.server,)
+    return all(dns_servers(cluster, cluster.site.networks[net]) == server for net in {vm.network for vm in cluster.vms})
+
+
+def _unresolvable(cluster: Cluster, address: str) -> str | None:
+    """Why the VMs cannot resolve ``address``, when the cluster's dnsmasq is their only name server; else None.
+
+    dnsmasq.conf has local=/<domain>/ (the domain is answered from cluster.conf's VMs alone, never
+    forwarded) and domain-needed (a name without a dot is never forwarded).
+    """
+    try:
+        ip_address(address)
+        return None
+    except ValueError:
+        pass
+    if not _only_our_dnsmasq(cluster):
+        return None  # some VMs ask other name servers, which may well know the host
+    name, domain = address.lower(), cluster.site.domain
+    if "." not in name:
+        return "forwards no name without a dot"
+    if name == domain or name.endswith(f".{domain}"):
+        return f"answers {domain} only with cluster.conf's VMs"
+    return None
+
+
+def _unreachable(cluster: Cluster, host: PhysicalHost, vms: list[str]) -> Problem:
+    """The problem of a host whose VMs' backups Nagios checks over SSH, with no address the Nagios VM can use."""
+    names = ", ".join(vms[:3]) + (", ..." if len(vms) > 3 else "")
+    check = (f"the Nagios backup check of its {len(vms)} backed-up VM{'s' * (len(vms) != 1)} ({names}) reaches the"
+             " host over SSH")
+    address = host.ssh_address
+    names_allowed = f"a DNS name outside {cluster.site.domain}" if _only_our_dnsmasq(cluster) else "a DNS name"
+    expected = f"expected address = \"IP\" of the host, or {names_allowed}, or backup=no on those VMs"
+    if address is None:
+        message = f"needs an address: {check}, and its uri {host.uri!r} names no host ({expected})"
+    else:
+        source = "its address" if host.address else "its uri's host"
+        message = (f"needs an address the VMs can resolve: {check} at {address!r} ({source}), and the VMs' only"
+                   f" name server, the cluster's dnsmasq, {_unresolvable(cluster, address)} ({expected})")
+    return Problem(host.where or Location(cluster.site.path), f"table '[hosts.{host.name}]' {message}")
+
+
+def backup_targets(cluster: Cluster) -> list[tuple[str, str]]:
+    """Each backed-up VM with the SSH address of its physical host (where its backups are).
+
+    The check runs on the Nagios VM, so the address must be one it resolves: a host with none, or with
+    a name the cluster's dnsmasq cannot answer, is a ConfigError naming its site.toml table.
+    """
+    reachable = {name: address for name, host in cluster.site.hosts.items()
+                 if (address := host.ssh_address) is not None and _unresolvable(cluster, address) is None}
+    backed_up = [vm for vm in cluster.vms if vm.backup]
+    unreachable: dict[str, list[str]] = {}
+    for vm in backed_up:
+        if vm.host not in reachable:
+            unreachable.setdefault(vm.host, []).append(vm.name)
+    if unreachable:
+        raise ConfigError([_unreachable(cluster, cluster.site.hosts[name], vms) for name, vms in unreachable.items()])
+    return [(vm.name, reachable[vm.host]) for vm in backed_up]
+
+
 def backup_check(cluster: Cluster) -> dict[str, object]:
-    """What backup.cfg needs: each backed-up VM with the address of its physical host (where its backups are)."""
+    """What backup.cfg needs: the targets, and how the check runs and judges."""
     backup = cluster.site.backup
     limit = max_interval(backup.schedule) + GRACE
     hours = limit.total_seconds() / 3600
     return {
-        "covered": [(vm.name, cluster.site.hosts[vm.host].address or vm.host) for vm in cluster.vms if vm.backup],
+        "covered": backup_targets(cluster),
         "checkout": shlex.quote(backup.checkout),
         "schedule": " ".join(backup.schedule.split()),
         "limit": f"{hours:g} h",

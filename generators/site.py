@@ -10,7 +10,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from generators.model import (
     PhysicalHost,
     Provision,
     Site,
+    uri_host,
 )
 
 T = TypeVar("T")
@@ -240,6 +241,41 @@ def _check_subnets_apart(networks: dict[str, Network | None], locate: Locate, pr
         earlier.append(network)
 
 
+def _tagging(network: Network) -> str:
+    return f"vlan {network.vlan}" if network.vlan else "no vlan"
+
+
+def _check_bridges_agree(networks: dict[str, Network | None], locate: Locate, problems: list[Problem]) -> None:
+    """Refuse networks that would need one bridge (or one tagged host interface) to be two different things.
+
+    Several subnets may share a bridge (one L2 segment), but a bridge is either an Open vSwitch or a Linux
+    bridge, and a Linux bridge sits on one port of the host's uplink: the untagged NIC or one VLAN
+    subinterface, which in turn joins that one bridge only. (An Open vSwitch tags each guest port, so its
+    networks may differ in vlan.)
+    """
+    by_bridge: dict[str, Network] = {}
+    by_vlan: dict[int, Network] = {}  # Linux-bridged VLANs only
+    for name, network in networks.items():
+        if network is None:
+            continue
+        r = _Reader({}, f"networks.{name}", locate, problems)
+        other = by_bridge.setdefault(network.bridge, network)
+        if other.ovs != network.ovs:
+            r.problem("bridge", f"{shown(network.bridge)} is also the bridge of network {other.name!r}, where ovs ="
+                      f" {str(other.ovs).lower()} (expected ovs = {str(other.ovs).lower()} here too, or a bridge of"
+                      " its own: a bridge is either an Open vSwitch or a Linux bridge)")
+        elif not network.ovs and other.vlan != network.vlan:
+            r.problem("bridge", f"{shown(network.bridge)} is also the bridge of network {other.name!r}, which has"
+                      f" {_tagging(other)}, and this one has {_tagging(network)} (expected {_tagging(other)} here too,"
+                      " or a bridge of its own: a Linux bridge carries one VLAN; ovs = true tags each guest port)")
+        elif not network.ovs and network.vlan:
+            tagged = by_vlan.setdefault(network.vlan, network)
+            if tagged.bridge != network.bridge:
+                r.problem("vlan", f"{network.vlan} is also the vlan of network {tagged.name!r}, on bridge"
+                          f" {tagged.bridge!r} (expected bridge = {tagged.bridge!r} here too, or another vlan: a"
+                          " host's tagged interface <uplink>.<vlan> joins one bridge only)")
+
+
 def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
     ranges = []
     for item in value:
@@ -254,12 +290,31 @@ def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ..
     return tuple(ranges)
 
 
+def _is_host_address(value: str) -> bool:
+    """An IP address or a DNS name: what ssh and check_by_ssh -H take, and nothing a shell would split."""
+    try:
+        ip_address(value)
+        return True
+    except ValueError:
+        return len(value) <= MAX_DNS_NAME and bool(_DOMAIN.fullmatch(value.lower()))
+
+
 def _host(name: str, r: _Reader) -> PhysicalHost | None:
     uri = r.get("uri", str, what="a libvirt URI such as qemu:///system")
     if uri is not None and not _URI.fullmatch(uri):
         r.problem("uri", f"{shown(uri)} is not a libvirt URI (expected e.g. qemu:///system or"
                   " qemu+ssh://root@HOST/system)")
         uri = None
+    elif uri is not None and (host := uri_host(uri)) is not None and not _is_host_address(host):
+        # The URI's host is where the Nagios backup check connects when `address` is unset.
+        r.problem("uri", f"{shown(uri)} names host {shown(host)}, which is not an IP address or DNS name (expected"
+                  " e.g. qemu+ssh://root@kvm1.example.org/system)")
+        uri = None
+    address = r.get("address", str, None, "the host's IP address or DNS name")
+    bad_address = address is not None and not _is_host_address(address)
+    if bad_address:
+        r.problem("address", f"{shown(address)} is not an IP address or DNS name (expected e.g. 192.168.1.4 or"
+                  " kvm0.example.org)")
     values = dict(
         uri=uri,
         ram_mb=r.positive("ram_mb"),
@@ -269,13 +324,13 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
         ram_overcommit=r.positive("ram_overcommit", float, 1.0),
         cpu_overcommit=r.positive("cpu_overcommit", float, 1.0),
         disk_overcommit=r.positive("disk_overcommit", float, 1.0),
-        address=r.get("address", str, None),
+        address=address,
     )
     values.update(_host_devices(r, values["cpus"]))
     values.update(_host_setup(r))
-    if any(value is None for key, value in values.items() if key != "address"):
+    if any(value is None for key, value in values.items() if key != "address") or bad_address:
         return None
-    return PhysicalHost(name=name, **values)
+    return PhysicalHost(name=name, where=r.locate(r.table, ""), **values)
 
 
 def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
@@ -482,6 +537,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
 
     networks = _each(top, "networks", _network, "with subnet, bridge, ...", "net")
     _check_subnets_apart(networks, locate, problems)
+    _check_bridges_agree(networks, locate, problems)
     hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...", "host")
     oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...", "os")
 

@@ -126,11 +126,12 @@ def test_installers(example: Cluster, tree: dict[str, str]) -> None:
 def test_no_file_names_an_address_that_is_not_in_cluster_conf(example: Cluster, tree: dict[str, str]) -> None:
     known_ips = {str(vm.ip) for vm in example.vms} | {str(n.gateway) for n in example.site.networks.values()}
     known_ips |= {str(a) for n in example.site.networks.values() for a in n.dns_servers}
+    known_ips |= {h.address for h in example.site.hosts.values() if h.address}  # the Nagios backup check's targets
     known_macs = {vm.mac for vm in example.vms}
     for path, text in tree.items():
         for ip in re.findall(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])", text):
             if ip.startswith("192.168.") and not ip.endswith(".0") and not ip.endswith(".255"):
-                assert ip in known_ips, f"{path} names {ip}, which is no VM's, gateway's or name server's"
+                assert ip in known_ips, f"{path} names {ip}, which is no VM's, gateway's, name server's or host's"
         for mac in re.findall(r"52:54:00(?::[0-9a-f]{2}){3}", text):
             assert mac in known_macs, f"{path} names MAC {mac}, which is no VM's"
 

@@ -145,13 +145,17 @@ def test_nested_virtualisation_check_names_the_fix(example: Cluster, farm: sshfa
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_fab_kvm_setup_dry_run_on_the_example_site(farm: sshfarm.Farm, tmp_path: Path) -> None:
+def test_fab_kvm_setup_dry_run_on_the_example_site(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
     # The example site.toml names no uplink: bridges without ports, and no VLAN subinterface to create.
-    proc = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(farm.ssh_config), "--dry-run"])
+    # It gives kvm0 an address, which is where fab kvm-setup connects: the farm's kvm0 answers there too.
+    ssh_config = tmp_path / "ssh_config"
+    address = example.site.hosts["kvm0"].address
+    ssh_config.write_text(farm.ssh_config.read_text().replace("Host kvm0\n", f"Host kvm0 {address}\n"))
+    proc = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(ssh_config), "--dry-run"])
     assert proc.returncode == 0, proc.stderr
     # $KVMCONF_SSH_CONFIG does what --ssh-config does (as for the VM tasks).
     from_env = run([".venv/bin/fab", "kvm-setup", "--host", "kvm0", "--dry-run"],
-                   env={**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)})
+                   env={**os.environ, "KVMCONF_SSH_CONFIG": str(ssh_config)})
     assert (from_env.returncode, from_env.stdout) == (0, proc.stdout), from_env.stderr
     assert "(dry run: nothing changed)\nkvm0: packages: " in proc.stdout
     assert "\nkvm0: network (ifupdown): would run: ifup -- br60 br0\n" in proc.stdout

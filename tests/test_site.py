@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from generators.errors import ConfigError, UsageError
+from generators.errors import ConfigError, Location, UsageError
 from generators.model import DomainType
 from generators.site import load_site
 
@@ -181,8 +181,18 @@ WRONG_VALUES = [
      ["35:1: key 'hosts.kvm0.uri': 'kvm0' is not a libvirt URI (expected e.g. qemu:///system or"
       " qemu+ssh://root@HOST/system)"]),
     ("cpus = 32", "cpus = 0", ["37:1: key 'hosts.kvm0.cpus': 0 is out of range (expected a positive integer)"]),
-    ("ram_overcommit = 1.0", "ram_overcommit = -inf",
-     ["40:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
+    ("cpu_overcommit = 4.0", "ram_overcommit = -inf",
+     ["41:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
+    # The address and a URI's host reach Nagios's check_by_ssh -H: nothing but an IP address or a DNS name.
+    ('address = "192.168.50.4"', 'address = "kvm0; reboot"',
+     ["40:1: key 'hosts.kvm0.address': 'kvm0; reboot' is not an IP address or DNS name (expected e.g. 192.168.1.4"
+      " or kvm0.example.org)"]),
+    ('address = "192.168.50.4"', 'address = ""',
+     ["40:1: key 'hosts.kvm0.address': '' is not an IP address or DNS name (expected e.g. 192.168.1.4 or"
+      " kvm0.example.org)"]),
+    ("root@kvm1.phys.example.org", "root@kvm1$(reboot)",
+     ["45:1: key 'hosts.kvm1.uri': 'qemu+ssh://root@kvm1$(reboot)/system' names host 'kvm1$(reboot)', which is not"
+      " an IP address or DNS name (expected e.g. qemu+ssh://root@kvm1.example.org/system)"]),
     ('family = "debian"', 'family = "arch"',
      ["53:1: key 'os.bookworm.family': 'arch' is not an OS family (expected debian or ubuntu)"]),
     # pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines end a path at whitespace.
@@ -337,3 +347,27 @@ def test_any_value_in_any_key_is_a_config_error_at_worst(number: int, tmp_path: 
         except ConfigError as err:
             for problem in err.problems:
                 assert re.match(rf"{re.escape(str(path))}:[1-9]\d*:[1-9]\d*: \S", str(problem)), problem
+
+
+# --- where other machines reach a physical host over SSH (the Nagios backup check's -H) --------------------------
+
+@pytest.mark.parametrize(("uri", "address", "expected"), [
+    ("qemu+ssh://root@kvm1.phys.example.org/system", "192.168.50.5", "192.168.50.5"),  # the address wins
+    ("qemu+ssh://root@kvm1.phys.example.org/system", None, "kvm1.phys.example.org"),
+    ("qemu+ssh://admin@KVM2.example.org:2222/system", None, "kvm2.example.org"),  # no user@, no :port; lowercase
+    ("qemu+tls://[fd00::5]:16514/system", None, "fd00::5"),
+    ("qemu:///system", "kvm0.mgmt.example.net", "kvm0.mgmt.example.net"),
+    ("qemu:///system", None, None),  # a local URI names no host
+    ("qemu+unix:///system?socket=/run/lab/libvirt-sock", None, None),
+    ("test:///default", None, None),
+    ("qemu+ssh://root@localhost/system", None, None),  # loopback: whichever machine uses the URI
+    ("qemu+ssh://root@127.0.0.1:2222/system", None, None),
+    ("qemu+ssh://[fd00::5/system", None, None),  # an unbalanced '[': no host (libvirt refuses such a URI too)
+])
+def test_ssh_address_is_the_address_else_a_remote_uris_host(uri: str, address: str | None, expected: str | None,
+                                                            tmp_path: Path) -> None:
+    line = f'uri = "{uri}"' + (f'\naddress = "{address}"' if address else "")
+    path = _write(tmp_path, MINIMAL_SITE.replace('uri = "qemu:///system"', line))
+    host = load_site(path).hosts["h1"]
+    assert (host.uri, host.address, host.ssh_address) == (uri, address, expected)
+    assert host.where == Location(str(path), 7, 1)  # its [hosts.h1] table, for problems found later
