@@ -40,7 +40,7 @@ _NESTED = "cat /sys/module/kvm_intel/parameters/nested /sys/module/kvm_amd/param
 
 @dataclass(frozen=True)
 class Bridge:
-    network: str
+    networks: tuple[str, ...]  # the networks of site.toml on it: several subnets may share one L2 segment
     name: str
     vlan: int | None
     port: str  # the uplink, its VLAN subinterface, or "" when the host has no uplink in site.toml
@@ -57,12 +57,23 @@ class SetupReport:
 
 
 def bridges(cluster: Cluster, host: PhysicalHost) -> list[Bridge]:
-    """Every network of site.toml gets its bridge on every host, so any VM can run (or migrate) anywhere."""
-    result = []
+    """Every network of site.toml gets its bridge on every host, so any VM can run (or migrate) anywhere.
+
+    Each bridge once, however many networks share it (site.py has checked that they agree on its VLAN), since
+    netplan keeps only the last of two equal keys and ifupdown merges two stanzas of one interface into one with
+    each option twice. Open vSwitch bridges are left out: they are not Linux bridges, and their admin sets them up
+    with ovs-vsctl.
+    """
+    networks: dict[str, list[str]] = {}
     for name in sorted(cluster.site.networks):
         net = cluster.site.networks[name]
-        port = (f"{host.uplink}.{net.vlan}" if net.vlan else host.uplink) if host.uplink else ""
-        result.append(Bridge(name, net.bridge, net.vlan, port))
+        if not net.ovs:
+            networks.setdefault(net.bridge, []).append(name)
+    result = []
+    for bridge, names in networks.items():
+        vlan = cluster.site.networks[names[0]].vlan
+        port = (f"{host.uplink}.{vlan}" if vlan else host.uplink) if host.uplink else ""
+        result.append(Bridge(tuple(names), bridge, vlan, port))
     return result
 
 

@@ -20,6 +20,7 @@ from generators import cloud_init, nocloud_iso
 from generators.model import Cluster, Install
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
+from tests.unique_yaml import UniqueKeyLoader
 
 FILES = ("user-data", "meta-data", "network-config")
 ROOT_HASH = "$6$rounds=656000$saltsalt$" + "A" * 86
@@ -67,23 +68,6 @@ def variants(example: Cluster) -> dict[str, Cluster]:
 
 def test_golden(example: Cluster, regenerate: bool) -> None:
     assert_golden("cloud_init", cloud_init.render(example), regenerate)
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader silently keeps the last of two equal keys; this one refuses the second."""
-
-
-def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def test_the_unique_key_loader_refuses_a_duplicate_key() -> None:
