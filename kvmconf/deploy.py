@@ -8,6 +8,7 @@ changed. VMs run in waves: a VM starts once the VMs of its ``after=`` are done, 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -26,6 +27,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
 from kvmconf.recipes import FileSpec, Recipe, recipe_for
 from kvmconf.remote import command, connect, resolve, run, script
+from kvmconf.runner import temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
 HOOK_DIR = "/var/lib/kvmconf/hooks"
@@ -165,13 +167,21 @@ def push(conn: Connection, files: Sequence[FileSpec], report: VmReport, dry_run:
     _check(res.ok, "files", f"mkdir: {_failure(res)}")
     args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
     sftp = conn.sftp()
-    for spec, _ in changed:
-        dest = PurePosixPath(spec.dest)
-        tmp = str(dest.parent / f".{dest.name}.kvmconf-new")  # a dot file: conf dirs (dnsmasq, nagios) skip it
-        sftp.putfo(io.BytesIO(spec.content), tmp)
-        args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
-    res = run(conn, script(_INSTALL, *args))
-    _check(res.ok, "files", f"installing: {_failure(res)}")
+    uploaded: list[str] = []
+    try:
+        for spec, _ in changed:
+            tmp = temporary_beside(spec.dest)  # this run's own, and a dot file that conf dirs skip
+            uploaded.append(tmp)
+            sftp.putfo(io.BytesIO(spec.content), tmp)
+            args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
+        res = run(conn, script(_INSTALL, *args))
+        _check(res.ok, "files", f"installing: {_failure(res)}")
+    except BaseException:
+        # The temporaries not yet moved into place (rm -f: those moved are gone); a dead connection removes none,
+        # and its own error is the one to report.
+        with contextlib.suppress(Exception):
+            run(conn, command("rm", "-f", "--", *uploaded))
+        raise
     report.pushed = [f.dest for f, _ in changed]
     services = sorted({s for f, _ in changed for s in f.reload})
     for service in services:

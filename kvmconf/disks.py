@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from generators.model import Cluster, DiskKind, Install, Vm
 from generators.paths import disk_path, lvm_volume_name
 from kvmconf.errors import CommandFailed, DiskExists
-from kvmconf.runner import Runner, describe_failure
+from kvmconf.runner import Runner, describe_failure, temporary_beside
 
 GIB = 1024**3
 
@@ -124,13 +124,15 @@ def make_new(runner: Runner, path: str, suffix: str, write: Callable[[str], obje
              placed: Callable[[str], None] = lambda _path: None) -> bool:
     """Make the file ``path`` on ``runner``'s host, never over one: False (and nothing made) if one is there.
 
-    ``write(tmp)`` makes it as ``<path>.<suffix>``, then a hard link puts it in place: link(2) fails if the
-    path exists, which closes the gap between a caller's check and now (a rename would replace that file).
+    ``write(tmp)`` makes it under a temporary name beside it, unique to this run (:func:`temporary_beside`, with
+    ``suffix``), so two runs on one path never write into the same file; then a hard link puts it in place:
+    link(2) fails if the path exists, which closes the gap between a caller's check and now (a rename would
+    replace that file), and of two runs only one makes the file.
     ``placed(path)`` is called as soon as the link is made, before anything else can be interrupted, so that
     a caller's clean-up lists the file only once it is this run's. The temporary is removed in every case,
     also when ``write`` fails or is interrupted (a half-written disk can be gigabytes).
     """
-    tmp = f"{path}.{suffix}"
+    tmp = temporary_beside(path, suffix)
     try:
         write(tmp)
         try:

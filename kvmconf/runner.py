@@ -7,6 +7,9 @@ test can record or fake the exact argv (there is no device-mapper on CI machines
 
 from __future__ import annotations
 
+import os
+import posixpath
+import secrets
 import shlex
 import subprocess
 from collections.abc import Callable, Sequence
@@ -20,6 +23,19 @@ Result = subprocess.CompletedProcess[bytes]
 Execute = Callable[[Sequence[str], bytes | None], Result]
 
 _TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH session forever
+
+
+def temporary_beside(path: str, suffix: str = "kvmconf-new") -> str:
+    """A name beside ``path`` for making it, unique to this run: ``<dir>/.<name>.<pid>.<random>.<suffix>``.
+
+    The shape of generators.files.replace_text's temporaries (a dot file beside the target, unique per writer),
+    but not its mkstemp: the file may be on another host (a Runner over SSH, an SFTP upload), where mkstemp cannot
+    create it. So the name is made unique here, by this process's pid and 64 random bits, and the command that
+    writes it (qemu-img, cat, cp, scp, SFTP) creates it there; two runs on one path never share a temporary. A
+    dot file, so conf directories (dnsmasq's, nagios's) skip it while it is there.
+    """
+    name = f".{posixpath.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.{suffix}"
+    return posixpath.join(posixpath.dirname(path), name)
 
 
 def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:
@@ -74,9 +90,17 @@ class Runner:
         return {p for p in result.stdout.decode().split("\0") if p}
 
     def write(self, path: str, data: bytes) -> None:
-        """Write a file in one piece: to a temporary name first, then renamed over ``path``."""
-        tmp = f"{path}.kvmconf-new"
-        self.check(["sh", "-c", 'cat > "$1" && mv -f -- "$1" "$2"', "sh", tmp, path], stdin=data)
+        """Write a file in one piece: to a temporary name first, then renamed over ``path``.
+
+        The temporary is removed when the write fails or is interrupted (by the script itself, or here).
+        """
+        tmp = temporary_beside(path)
+        try:
+            self.check(["sh", "-c", 'cat > "$1" && mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }', "sh", tmp, path],
+                       stdin=data)
+        except BaseException:
+            self.run(["rm", "-f", "--", tmp])  # gone already unless interrupted between cat and mv
+            raise
 
     def read(self, path: str) -> bytes | None:
         """The file's content, or None when it does not exist."""

@@ -206,6 +206,23 @@ def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
     assert lines["mcp"].startswith("mcp: done (")
 
 
+def test_a_failed_install_leaves_no_temporary_on_the_vm(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    # b.conf's owner does not exist on the VM: its chown fails once a.conf is in place and b.conf is uploaded.
+    (hosts_copy / "ldap/test.j2").write_text("test\n")
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text(recipe.read_text() + '[[file]]\ndest = "/etc/kvmconf-test/a.conf"\ntemplate = "test.j2"\n'
+                      '[[file]]\ndest = "/etc/kvmconf-test/b.conf"\ntemplate = "test.j2"\nowner = "nosuchuser"\n')
+    directory = farm.root("ldap") / "etc/kvmconf-test"
+    try:
+        report = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=("ldap",))
+        assert [r.line() for r in report.reports] == [
+            "ldap: FAILED at files: installing: exit 1: chown: invalid user: 'nosuchuser:root'"]
+        assert sorted(p.name for p in directory.iterdir()) == ["a.conf"]  # b.conf's temporary is removed
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfarm.Farm) -> None:
     target = resolve("web", farm.ssh_config)
     host = f"[{target.hostname}]:{target.port}"

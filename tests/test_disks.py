@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,8 +12,8 @@ import pytest
 
 from generators.model import DiskKind
 from kvmconf import disks
-from kvmconf.errors import DiskExists
-from kvmconf.runner import Result, Runner
+from kvmconf.errors import CommandFailed, DiskExists
+from kvmconf.runner import Result, Runner, temporary_beside
 
 
 def _real(argv: Sequence[str], stdin: bytes | None) -> Result:
@@ -34,7 +36,7 @@ def _raw(tmp_path: Path) -> disks.DiskSpec:
 
 def test_an_interrupt_as_qemu_img_finishes_leaves_no_temporary(tmp_path: Path) -> None:
     def interrupt() -> None:
-        assert (tmp_path / "db.img.kvmconf-new").exists()  # the temporary is there when the interrupt comes
+        assert [p.name for p in tmp_path.glob(".db.img.*.kvmconf-new")] != []  # the temporary is there by now
         raise KeyboardInterrupt
 
     placed: list[str] = []
@@ -77,3 +79,57 @@ def test_an_interrupt_as_the_file_lands_still_reports_it_as_made(tmp_path: Path,
                        lambda tmp: Path(tmp).write_bytes(b"seed"), placed.append)
     assert placed == [str(tmp_path / "seed.iso")]
     assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]
+
+
+def test_a_temporary_is_a_dot_file_beside_its_target_unique_to_the_run() -> None:
+    name = temporary_beside("/var/lib/libvirt/images/db.qcow2")
+    assert re.fullmatch(rf"/var/lib/libvirt/images/\.db\.qcow2\.{os.getpid()}\.[0-9a-f]{{16}}\.kvmconf-new", name), name
+    assert temporary_beside("/etc/x.conf", "kvmconf-migrating").endswith(".kvmconf-migrating")
+    assert len({temporary_beside("/var/lib/libvirt/images/db.qcow2") for _ in range(100)}) == 100
+
+
+def test_two_runs_making_one_file_never_share_a_temporary(tmp_path: Path) -> None:
+    """A second run starts while the first is writing: each writes its own temporary, and only one file is made."""
+    target = str(tmp_path / "seed.iso")
+    temporaries: list[str] = []
+
+    def second(tmp: str) -> None:
+        temporaries.append(tmp)
+        Path(tmp).write_bytes(b"second")
+
+    def first(tmp: str) -> None:
+        temporaries.append(tmp)
+        Path(tmp).write_bytes(b"first, half written")
+        assert disks.make_new(Runner(execute=_real), target, "kvmconf-new", second)  # it finishes first
+        assert Path(tmp).read_bytes() == b"first, half written"  # the second run neither wrote nor removed it
+
+    assert not disks.make_new(Runner(execute=_real), target, "kvmconf-new", first)  # the file is there: not made
+    assert len(set(temporaries)) == 2 and all(Path(t).parent == tmp_path for t in temporaries)
+    assert Path(target).read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]  # neither temporary is left
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_failed_or_interrupted_write_leaves_no_temporary(tmp_path: Path, interrupted: bool) -> None:
+    # An `mv` first on PATH that fails (a full disk), or that does nothing and is then interrupted (Ctrl-C between
+    # cat and mv): the temporary was written either way.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mv").write_text("#!/bin/sh\n" + ("exit 0\n" if interrupted else "echo 'mv: no space left' >&2; exit 1\n"))
+    (fake / "mv").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def execute(argv: Sequence[str], stdin: bytes | None) -> Result:
+        result = subprocess.run(list(argv), input=stdin, capture_output=True, check=False, env=env)
+        if interrupted and argv[0] == "sh":
+            raise KeyboardInterrupt
+        return result
+
+    (tmp_path / "files").mkdir()
+    seed = tmp_path / "files/seed.iso"
+    with pytest.raises(KeyboardInterrupt if interrupted else CommandFailed) as failed:
+        Runner(execute=execute).write(str(seed), b"new")
+    if not interrupted:
+        assert str(failed.value).startswith("localhost: `sh -c ") and str(failed.value).endswith(
+            "failed with exit status 1: mv: no space left")
+    assert list((tmp_path / "files").iterdir()) == []

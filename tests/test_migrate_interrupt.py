@@ -97,12 +97,12 @@ def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined
     site.write_text(site.read_text().replace("[hosts.kvm0]\n", "[hosts.kvm0]\ncpu_overcommit = 2.0\n"))
     slow = tmp_path / "slow-bin"
     slow.mkdir()
-    (slow / "cp").write_text(f'#!/bin/sh\ncase "$*" in *-seed.iso.kvmconf-migrating*) {shutil.which("cp")} "$@";'
+    (slow / "cp").write_text(f'#!/bin/sh\ncase "$*" in *-seed.iso.*.kvmconf-migrating*) {shutil.which("cp")} "$@";'
                              f' exec sleep 60;; esac\nexec {shutil.which("cp")} "$@"\n')
     (slow / "cp").chmod(0o755)
     target = clean.images / "kvm0"
     child = migration("--vm", "cloud", "--to", "kvm0", "--cold", "--force", path=f"{slow}:{os.environ['PATH']}")
-    _wait_for(lambda: (target / "cloud-seed.iso.kvmconf-migrating").exists(), "the seed ISO's copy")
+    _wait_for(lambda: any(target.glob(".cloud-seed.iso.*.kvmconf-migrating")), "the seed ISO's copy")
     assert (target / "cloud.qcow2").is_file()  # the disk's copy is complete and in place
     output = _interrupt(child)
     assert output.splitlines()[-1] == ("cloud: migration to kvm0 interrupted; the copies on kvm0 were removed and the"

@@ -366,7 +366,7 @@ def test_an_unreachable_host_stops_the_run_before_anything_is_created(example: C
 
 
 def test_sigterm_midway_rolls_back_like_a_failure(cluster: Cluster) -> None:
-    kill = Recorder(on_call="ldap.qcow2.kvmconf-new", action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    kill = Recorder(on_call="/.ldap.qcow2.", action=lambda: os.kill(os.getpid(), signal.SIGTERM))  # its temporary
     with connections(cluster, execute=kill) as conns:  # mcp comes first in cluster.conf, then ldap
         with pytest.raises(ProvisionFailed, match="provisioning failed: interrupted\nundone: mcp: started; mcp:"):
             provision(cluster, ["ldap", "mcp"], conns, log=quiet)
