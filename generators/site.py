@@ -276,6 +276,24 @@ def _check_bridges_agree(networks: dict[str, Network | None], locate: Locate, pr
                           " host's tagged interface <uplink>.<vlan> joins one bridge only)")
 
 
+def _check_uplinks(networks: dict[str, Network | None], hosts: dict[str, PhysicalHost | None], locate: Locate,
+                   problems: list[Problem]) -> None:
+    """Refuse an uplink that fab kvm-setup would make the port of two untagged Linux bridges: a NIC joins one."""
+    untagged: dict[str, str] = {}  # bridge -> its first network
+    for name, network in networks.items():
+        if network is not None and not network.ovs and not network.vlan:
+            untagged.setdefault(network.bridge, name)
+    if len(untagged) < 2:
+        return
+    (first, first_net), (second, second_net) = list(untagged.items())[:2]
+    for name, host in hosts.items():
+        if host is not None and host.uplink:
+            _Reader({}, f"hosts.{name}", locate, problems).problem(
+                "uplink", f"{shown(host.uplink)} would be the port of both untagged bridges {first!r} (network"
+                f" {first_net!r}) and {second!r} (network {second_net!r}) (expected a vlan for all but one untagged"
+                " network, one bridge for them, or no uplink: a NIC joins one bridge only)")
+
+
 def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:
     ranges = []
     for item in value:
@@ -539,6 +557,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     _check_subnets_apart(networks, locate, problems)
     _check_bridges_agree(networks, locate, problems)
     hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...", "host")
+    _check_uplinks(networks, hosts, locate, problems)
     oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...", "os")
 
     default_network = _default_name(top, "default_network", networks, "a network")

@@ -80,3 +80,15 @@ def test_subnets_may_share_a_bridge_that_they_agree_on(tmp_path: Path) -> None:
         "lan": ("br0", None, False), "dmz": ("br60", 60, False), "dmz2": ("br60", 60, False),
         "ovs": ("ovsbr0", 70, True), "ovs2": ("ovsbr0", 71, True), "ovs3": ("ovsbr1", 70, True),
         "lan2": ("br0", None, False)}
+
+
+def test_an_uplink_under_two_untagged_bridges_is_refused(tmp_path: Path) -> None:
+    # fab kvm-setup would make eno1 the port of br0 and of br1; without an uplink they are two host-only bridges.
+    text = _networks('lan2: subnet = "10.0.1.0/24"; bridge = "br1"', DMZ)
+    assert load_site(_write(tmp_path, text)).networks["lan2"].bridge == "br1"
+    uplink = 'uplink = "eno1"'
+    text = text.replace("disk_gb = 100\n", f"disk_gb = 100\n{uplink}\n")
+    assert _problems(_write(tmp_path, text)) == [
+        f"{text.splitlines().index(uplink) + 1}:1: key 'hosts.h1.uplink': 'eno1' would be the port of"
+        " both untagged bridges 'br0' (network 'lan') and 'br1' (network 'lan2') (expected a vlan for all but one"
+        " untagged network, one bridge for them, or no uplink: a NIC joins one bridge only)"]
