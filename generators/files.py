@@ -9,9 +9,11 @@ system. Text is UTF-8 whatever the locale (cron runs with LANG=C).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -60,3 +62,15 @@ def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o64
         raise
     if flush:
         fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def exclusively(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (created if missing) for the with-block, waiting for any holder.
+
+    For work that two processes must take turns at. The kernel drops the lock when its holder dies, so a
+    killed run never blocks the next one.
+    """
+    with open(lock_file, "a") as lock:  # "a": creating it never truncates what another holder may have written
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from generators.errors import UsageError
+from generators.files import exclusively
 
 STAMP = ".kvmconf-stamp"
 _STAGING_PREFIX = ".kvmconf-staging-"
@@ -264,12 +264,9 @@ def _remove(path: str) -> None:
             os.unlink(path)
 
 
-@contextmanager
-def _locked(build: Path) -> Iterator[None]:
+def _locked(build: Path) -> AbstractContextManager[None]:
     """Two `make`s at once on the same build/ take turns instead of mixing their trees."""
-    with open(build.parent / f".{build.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    return exclusively(build.parent / f".{build.name}.lock")
 
 
 def digest_of(*parts: bytes) -> str:
