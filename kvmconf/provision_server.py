@@ -25,12 +25,14 @@ and restarts dnsmasq. A failed check leaves the running daemon and its files as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +44,7 @@ from urllib.parse import unquote, urlsplit
 
 from generators import pxe
 from generators.build import input_digest, render_all
-from generators.files import replace_text
+from generators.files import exclusively, replace_text
 from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
 from generators.site import parse_http_url
@@ -54,6 +56,7 @@ from kvmconf.plan import find_vm
 Log = Callable[[str], None]
 
 STATE_FILE = "installed"
+STATE_LOCK = ".installed.lock"  # held while the installed state or the TFTP entries made from it change
 HTTP_LOG = "http.log"
 HTTP_PID_KEY = "provision-http"  # the HTTP server's entry in the lab's pids
 SERVED = ("preseed", "cloud-init")  # build/ directories served over HTTP at <http_url>/<dir>/...
@@ -76,6 +79,17 @@ def read_installed(config_dir: Path) -> set[str]:
     except FileNotFoundError:
         return set()
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def _state_locked(config_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """An install mark and the assembly of the TFTP root take turns.
+
+    A deploy reads the state, then copies the built tree leaving out installed VMs' entries. A mark
+    landing in between (its installer finishing) would remove the VM's entry and then see the deploy
+    copy it back: the installed VM would reinstall itself at its next network boot.
+    """
+    config_dir.mkdir(parents=True, exist_ok=True)
+    return exclusively(config_dir / STATE_LOCK)
 
 
 def write_installed(config_dir: Path, names: Iterable[str]) -> None:
@@ -210,14 +224,15 @@ def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> boo
     entries = boot_entries(config_dir, vm)
     if not entries:
         return False
-    installed = read_installed(config_dir)
-    write_installed(config_dir, installed | {vm} if done else installed - {vm})
-    for rel in entries:
-        built = build_dir_in(config_dir) / pxe.BUILD_DIR / rel
-        if done:
-            (tftp_root / rel).unlink(missing_ok=True)
-        elif built.is_file():
-            _copy_if_changed(built, tftp_root / rel)
+    with _state_locked(config_dir):
+        installed = read_installed(config_dir)
+        write_installed(config_dir, installed | {vm} if done else installed - {vm})
+        for rel in entries:
+            built = build_dir_in(config_dir) / pxe.BUILD_DIR / rel
+            if done:
+                (tftp_root / rel).unlink(missing_ok=True)
+            elif built.is_file():
+                _copy_if_changed(built, tftp_root / rel)
     return True
 
 
@@ -239,32 +254,24 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
     if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.new")
-    shutil.copy2(src, tmp)
-    tmp.chmod(0o644)  # TFTP serves world-readable files only
-    tmp.replace(dst)
+    # A unique temporary: a deploy and an install mark (or two deploys) may copy the same file at once.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".new", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp)  # with src's mtime, which the next deploy compares
+        os.chmod(tmp, 0o644)  # TFTP serves world-readable files only
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
     prefix /grub, each OS's installer kernel and initrd."""
     tftp_root.mkdir(parents=True, exist_ok=True)
-    built = build / pxe.BUILD_DIR
-    installed = {rel for vm in read_installed(build.parent) for rel in boot_entries(build.parent, vm)}
-
-    def installed_entries(directory: str, names: list[str]) -> set[str]:
-        # Never copied, rather than copied and then deleted: an installed VM booting in between would reinstall.
-        where = Path(directory).relative_to(built)
-        return {name for name in names if str(where / name) in installed}
-
-    if built.is_dir():
-        shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries)
-    _remove_stale_boot_entries(built, tftp_root)
-    # copytree leaves an installed VM's entries uncopied, but cannot remove one that an older deploy put there:
-    # that happens here. `installed` can name a VM whose entry is still deployed: the file edited by hand or
-    # restored, or a mark stopped between writing the state and unlinking the entry (set_installed).
-    for rel in installed:
-        (tftp_root / rel).unlink(missing_ok=True)
+    with _state_locked(build.parent):
+        _copy_boot_entries(build, tftp_root)
     for name, src in BIOS_LOADER_FILES.items():
         _copy_if_changed(Path(src), tftp_root / name)
     if not (tftp_root / pxe.GRUB_CORE_EFI).exists():
@@ -281,6 +288,26 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
         source = netboot_dir(release.suite)
         for rel in (release.kernel, release.initrd):
             _copy_if_changed(source / rel.lstrip("/"), tftp_root / rel.lstrip("/"))
+
+
+def _copy_boot_entries(build: Path, tftp_root: Path) -> None:
+    """build/'s boot configs into the TFTP root, except installed VMs' per-MAC entries (under the state lock)."""
+    config_dir, built = build.parent, build / pxe.BUILD_DIR
+    installed = {rel for vm in read_installed(config_dir) for rel in boot_entries(config_dir, vm)}
+
+    def installed_entries(directory: str, names: list[str]) -> set[str]:
+        # Never copied, rather than copied and then deleted: an installed VM booting in between would reinstall.
+        where = Path(directory).relative_to(built)
+        return {name for name in names if str(where / name) in installed}
+
+    if built.is_dir():
+        shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries)
+    _remove_stale_boot_entries(built, tftp_root)
+    # copytree leaves an installed VM's entries uncopied, but cannot remove one that an older deploy put there:
+    # that happens here. `installed` can name a VM whose entry is still deployed: the file edited by hand or
+    # restored, or a mark stopped between writing the state and unlinking the entry (set_installed).
+    for rel in installed:
+        (tftp_root / rel).unlink(missing_ok=True)
 
 
 def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:

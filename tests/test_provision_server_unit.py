@@ -185,6 +185,48 @@ def test_a_rebuild_removes_an_installed_vms_entry_that_an_older_deploy_left(exam
     assert (tftp_root / "pxelinux.cfg/01-52-54-00-50-00-10").is_file()  # ldap is not installed: it keeps its own
 
 
+def test_an_install_mark_during_a_rebuild_waits_and_its_entry_stays_away(
+        example: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    build = provision_server.stage_build(cluster, config_dir)
+    provision_server.assemble_tftp(cluster, build, tftp_root)
+    entry = tftp_root / MCP_ENTRY
+    assert entry.is_file()
+    # mcp's installer reports "done" after the rebuild has read the state (mcp not installed yet) and before it
+    # copies the tree: the mark must wait, or the copy would put mcp's entry back and it would reinstall itself.
+    copytree = shutil.copytree
+    marks: list[bool] = []
+    mark = threading.Thread(target=lambda: marks.append(
+        provision_server.set_installed(config_dir, tftp_root, "mcp", True)))
+
+    def copy_while_marked(*args: object, **kwargs: object) -> object:
+        if mark.ident is None:  # the top call: copytree calls itself for each subdirectory
+            mark.start()
+            mark.join(timeout=0.5)
+            assert mark.is_alive() and marks == []  # the mark waits for the rebuild's copy
+        return copytree(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "copytree", copy_while_marked)
+    provision_server.assemble_tftp(cluster, build, tftp_root)
+    mark.join(timeout=30)
+    assert marks == [True] and not entry.exists() and provision_server.read_installed(config_dir) == {"mcp"}
+
+
+def test_a_failed_copy_into_the_tftp_root_leaves_no_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, root = tmp_path / "pxelinux.0", tmp_path / "tftp"
+    src.write_bytes(b"loader")
+
+    def refuse(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)  # the last step, after the temporary is complete
+    with pytest.raises(OSError, match="No space left on device"):
+        provision_server._copy_if_changed(src, root / "pxelinux.0")
+    assert list(root.iterdir()) == []
+
+
 def test_a_rebuild_removes_the_boot_entries_of_vms_gone_from_cluster_conf(example: Cluster, tmp_path: Path) -> None:
     import dataclasses
 
