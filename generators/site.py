@@ -53,8 +53,11 @@ def _type_of(value: Any) -> str:
     return next((name for kind, name in _TYPE_NAMES.items() if type(value) is kind), "a date or time")
 
 
-class _Reader:
-    """Typed access to one TOML table that records problems instead of raising."""
+class TableReader:
+    """Typed access to one TOML table that records problems instead of raising.
+
+    site.toml's reader, also used for other TOML files of the project (recipe.toml), so that their
+    problems are worded alike."""
 
     def __init__(self, data: dict[str, Any], table: str, locate: Locate, problems: list[Problem],
                  absent: bool = False) -> None:
@@ -126,9 +129,9 @@ class _Reader:
             return None
         return value
 
-    def sub(self, key: str, required: bool = True) -> _Reader:
+    def sub(self, key: str, required: bool = True) -> TableReader:
         table = self.table_of(key, required)
-        return _Reader(table or {}, self.where(key), self.locate, self.problems, absent=table is None)
+        return TableReader(table or {}, self.where(key), self.locate, self.problems, absent=table is None)
 
     def check_unknown(self) -> None:
         for key in sorted(set(self.data) - self.used):
@@ -196,7 +199,7 @@ def _addresses(value: list[Any]) -> tuple[IPv4Address, ...]:
     return tuple(IPv4Address(item) for item in value)
 
 
-def _network(name: str, r: _Reader) -> Network | None:
+def _network(name: str, r: TableReader) -> Network | None:
     subnet = r.convert("subnet", _subnet, "an IPv4 network", "a.b.c.d/nn")
     bridge = r.get("bridge", str, what="a bridge interface name")
     if bridge is not None and not IFACE_PATTERN.fullmatch(bridge):
@@ -235,7 +238,7 @@ def _check_subnets_apart(networks: dict[str, Network | None], locate: Locate, pr
             continue
         other = next((seen for seen in earlier if seen.subnet.overlaps(network.subnet)), None)
         if other is not None:
-            _Reader({}, f"networks.{name}", locate, problems).problem(
+            TableReader({}, f"networks.{name}", locate, problems).problem(
                 "subnet", f"'{network.subnet}' overlaps network {other.name!r} ({other.subnet}) (expected a subnet"
                 " that shares no address with another network's)")
         earlier.append(network)
@@ -258,7 +261,7 @@ def _check_bridges_agree(networks: dict[str, Network | None], locate: Locate, pr
     for name, network in networks.items():
         if network is None:
             continue
-        r = _Reader({}, f"networks.{name}", locate, problems)
+        r = TableReader({}, f"networks.{name}", locate, problems)
         other = by_bridge.setdefault(network.bridge, network)
         if other.ovs != network.ovs:
             r.problem("bridge", f"{shown(network.bridge)} is also the bridge of network {other.name!r}, where ovs ="
@@ -288,7 +291,7 @@ def _check_uplinks(networks: dict[str, Network | None], hosts: dict[str, Physica
     (first, first_net), (second, second_net) = list(untagged.items())[:2]
     for name, host in hosts.items():
         if host is not None and host.uplink:
-            _Reader({}, f"hosts.{name}", locate, problems).problem(
+            TableReader({}, f"hosts.{name}", locate, problems).problem(
                 "uplink", f"{shown(host.uplink)} would be the port of both untagged bridges {first!r} (network"
                 f" {first_net!r}) and {second!r} (network {second_net!r}) (expected a vlan for all but one untagged"
                 " network, one bridge for them, or no uplink: a NIC joins one bridge only)")
@@ -317,7 +320,7 @@ def _is_host_address(value: str) -> bool:
         return len(value) <= MAX_DNS_NAME and bool(_DOMAIN.fullmatch(value.lower()))
 
 
-def _host(name: str, r: _Reader) -> PhysicalHost | None:
+def _host(name: str, r: TableReader) -> PhysicalHost | None:
     uri = r.get("uri", str, what="a libvirt URI such as qemu:///system")
     if uri is not None and not _URI.fullmatch(uri):
         r.problem("uri", f"{shown(uri)} is not a libvirt URI (expected e.g. qemu:///system or"
@@ -351,7 +354,7 @@ def _host(name: str, r: _Reader) -> PhysicalHost | None:
     return PhysicalHost(name=name, where=r.locate(r.table, ""), **values)
 
 
-def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
+def _host_devices(r: TableReader, cpus: int | None) -> dict[str, Any]:
     """What a host offers VMs beyond RAM/CPU/disk: interfaces, PCI functions, SR-IOV VFs, housekeeping CPUs, NUMA."""
     values: dict[str, Any] = {}
     raw = r.get("interfaces", object, [], "a list of interface names, or a table name = MAC")
@@ -415,7 +418,7 @@ def _host_devices(r: _Reader, cpus: int | None) -> dict[str, Any]:
     return values
 
 
-def _host_setup(r: _Reader) -> dict[str, Any]:
+def _host_setup(r: TableReader) -> dict[str, Any]:
     """How `fab kvm-setup` prepares the host: the network stack for the bridges, their uplink NIC, nested virt."""
     stack = r.get("network_stack", str, "ifupdown", "ifupdown, netplan or networkmanager")
     if stack is not None and stack not in ("ifupdown", "netplan", "networkmanager"):
@@ -430,7 +433,7 @@ def _host_setup(r: _Reader) -> dict[str, Any]:
     return {"network_stack": stack, "uplink": uplink, "nested": r.get("nested", bool, False)}
 
 
-def _os(name: str, r: _Reader) -> OsRelease | None:
+def _os(name: str, r: TableReader) -> OsRelease | None:
     family = r.get("family", str, what="debian or ubuntu")
     if family is not None and family not in ("debian", "ubuntu"):
         r.problem("family", f"{shown(family)} is not an OS family (expected debian or ubuntu)")
@@ -446,7 +449,7 @@ def _os(name: str, r: _Reader) -> OsRelease | None:
     return OsRelease(name, family, suite, kernel, initrd, cloud_image)
 
 
-def _boot_file(r: _Reader, key: str, what: str, required: bool) -> str | None:
+def _boot_file(r: TableReader, key: str, what: str, required: bool) -> str | None:
     """A path pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines take: they end a path at whitespace."""
     path: str | None = r.get(key, str, _MISSING if required else "", what)
     if path is not None and re.search(r"\s", path):
@@ -456,7 +459,7 @@ def _boot_file(r: _Reader, key: str, what: str, required: bool) -> str | None:
     return path
 
 
-def _each(top: _Reader, table: str, build: Callable[[str, _Reader], T | None], what: str,
+def _each(top: TableReader, table: str, build: Callable[[str, TableReader], T | None], what: str,
           option: str) -> dict[str, T | None]:
     """Build every entry of a table of tables such as [hosts.kvm0], [hosts.kvm1]; cluster.conf's `option`= names one."""
     entries = top.sub(table)
@@ -520,7 +523,7 @@ def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
     raise ConfigError([Problem(location, f"not valid TOML: {message}")])
 
 
-def _default_name(top: _Reader, key: str, names: dict[str, Any], noun: str) -> str:
+def _default_name(top: TableReader, key: str, names: dict[str, Any], noun: str) -> str:
     """The table entry VMs get when they name none: `key` if given (it must exist, "" included), else the first."""
     value = top.get(key, str, next(iter(names), ""))
     if isinstance(value, str) and value not in names and (value or key in top.data):
@@ -534,7 +537,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
     problems: list[Problem] = []
     locate = locator(str(path), text)
-    top = _Reader(data, "", locate, problems)
+    top = TableReader(data, "", locate, problems)
 
     domain = top.get("domain", str, what="a DNS domain such as cluster.lan")
     if domain is not None and not _DOMAIN.fullmatch(domain):
@@ -688,7 +691,8 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     return site, locate
 
 
-def _load_secrets(path: Path, accounts: _Reader, problems: list[Problem]) -> tuple[dict[str, Any], _Reader] | None:
+def _load_secrets(path: Path, accounts: TableReader,
+                  problems: list[Problem]) -> tuple[dict[str, Any], TableReader] | None:
     """Values of [accounts] kept out of version control; a missing file keeps site.toml's values."""
     if not path.exists():
         return None
@@ -701,7 +705,7 @@ def _load_secrets(path: Path, accounts: _Reader, problems: list[Problem]) -> tup
         accounts.problem("secrets", f"{str(err).removeprefix(f'{path}: ')} (expected a TOML file with an"
                          " [accounts] table, or no file)")
         return None
-    top = _Reader(data, "", locator(str(path), text), problems)
+    top = TableReader(data, "", locator(str(path), text), problems)
     a = top.sub("accounts")
     values = {}
     for key, kind in (("root_password_hash", str), ("admin_password_hash", str), ("ssh_keys", list)):

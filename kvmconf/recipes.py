@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from generators.errors import Problem
 from generators.model import Cluster, Vm
-from generators.site import Locate, _Reader, locator
+from generators.site import Locate, TableReader, locator
 from kvmconf.errors import KvmconfError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "hosts"
@@ -139,7 +139,7 @@ def _strings(value: list[Any]) -> list[str]:
     return value
 
 
-def _check_types(r: _Reader, types: dict[str, tuple[type, str]]) -> None:
+def _check_types(r: TableReader, types: dict[str, tuple[type, str]]) -> None:
     """Each key of ``r``'s table that has the wrong TOML type (or, in a list, an item that is not a string)."""
     for key, (kind, what) in types.items():
         if kind is list:
@@ -156,7 +156,7 @@ def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) 
     locate = locator(where, text)
     problems = [Problem(locate("", key), f"key '{key}': unknown key (expected one of: {', '.join(RECIPE_KEYS)})")
                 for key in data if key not in RECIPE_KEYS]
-    _check_types(_Reader(data, "", locate, problems), RECIPE_TYPES)
+    _check_types(TableReader(data, "", locate, problems), RECIPE_TYPES)
     entries = data.get("file", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         problems.append(Problem(locate("", "file"), "key 'file': expected [[file]] tables"))
@@ -165,7 +165,7 @@ def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) 
         problems += [Problem(locate_entry("file", key), f"key 'file.{key}': unknown key (expected one of:"
                                                         f" {', '.join(FILE_KEYS)})")
                      for key in entry if key not in FILE_KEYS]
-        _check_types(_Reader(entry, "file", locate_entry, problems), FILE_TYPES)
+        _check_types(TableReader(entry, "file", locate_entry, problems), FILE_TYPES)
     if problems:
         raise RecipeError("\n".join(str(problem) for problem in sorted(set(problems))))
 
