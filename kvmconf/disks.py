@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from generators.model import Cluster, DiskKind, Install, Vm
 from generators.paths import disk_path, lvm_volume_name
 from kvmconf.errors import CommandFailed, DiskExists
-from kvmconf.runner import Runner, describe_failure, temporary_beside
+from kvmconf.runner import Runner, abandoned_temporaries, describe_failure, temporary_beside
 
 GIB = 1024**3
 
@@ -130,8 +130,11 @@ def make_new(runner: Runner, path: str, suffix: str, write: Callable[[str], obje
     replace that file), and of two runs only one makes the file.
     ``placed(path)`` is called as soon as the link is made, before anything else can be interrupted, so that
     a caller's clean-up lists the file only once it is this run's. The temporary is removed in every case,
-    also when ``write`` fails or is interrupted (a half-written disk can be gigabytes).
+    also when ``write`` fails or is interrupted (a half-written disk can be gigabytes); what a killed run of
+    this machine left is removed first.
     """
+    for leftover in abandoned_temporaries(runner, path, suffix):
+        runner.remove(leftover)
     tmp = temporary_beside(path, suffix)
     try:
         write(tmp)

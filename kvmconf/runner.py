@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import secrets
 import shlex
+import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from kvmconf.errors import CommandFailed
+from kvmconf.lab import alive
 
 # A command's output, as subprocess gives it: (returncode, stdout, stderr).
 Result = subprocess.CompletedProcess[bytes]
@@ -26,16 +29,43 @@ _TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH se
 
 
 def temporary_beside(path: str, suffix: str = "kvmconf-new") -> str:
-    """A name beside ``path`` for making it, unique to this run: ``<dir>/.<name>.<pid>.<random>.<suffix>``.
+    """A name beside ``path`` for making it, unique to this run: ``<dir>/.<name>.<machine>-<pid>.<random>.<suffix>``.
 
     The shape of generators.files.replace_text's temporaries (a dot file beside the target, unique per writer),
     but not its mkstemp: the file may be on another host (a Runner over SSH, an SFTP upload), where mkstemp cannot
-    create it. So the name is made unique here, by this process's pid and 64 random bits, and the command that
-    writes it (qemu-img, cat, cp, scp, SFTP) creates it there; two runs on one path never share a temporary. A
-    dot file, so conf directories (dnsmasq's, nagios's) skip it while it is there.
+    create it. So the name is made unique here, by this machine's name, this process's pid and 64 random bits, and
+    the command that writes it (qemu-img, cat, cp, scp, SFTP) creates it there; two runs on one path never share a
+    temporary. A dot file, so conf directories (dnsmasq's, nagios's) skip it while it is there. The machine and
+    pid say whose it is: :func:`abandoned_temporaries` finds those a killed run of this machine left.
     """
-    name = f".{posixpath.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.{suffix}"
+    name = f".{posixpath.basename(path)}.{_origin()}.{secrets.token_hex(8)}.{suffix}"
     return posixpath.join(posixpath.dirname(path), name)
+
+
+def _origin() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def abandoned_temporaries(runner: Runner, path: str, suffix: str) -> list[str]:
+    """Temporaries of ``path`` (:func:`temporary_beside`) whose run was killed (SIGKILL, power cut) on this machine.
+
+    Such a run could not remove its temporary, which for a disk copy can be gigabytes. Only this machine's are
+    judged, by whether their pid still runs here: a temporary of a run on another machine (an admin's workstation
+    beside this one) is never taken for abandoned.
+    """
+    directory, base = posixpath.split(path)
+    pattern = "." + re.sub(r"([][*?\\])", r"\\\1", base) + ".*." + suffix  # find -name's glob, base taken literally
+    found = runner.run(["find", directory or ".", "-maxdepth", "1", "-name", pattern, "-print0"])
+    here = socket.gethostname()
+    abandoned = []
+    for candidate in filter(None, found.stdout.decode(errors="replace").split("\0")):
+        middle = posixpath.basename(candidate)[len(base) + 2:-len(suffix) - 1]  # <machine>-<pid>.<random>
+        origin, _, random = middle.rpartition(".")
+        machine, _, pid = origin.rpartition("-")
+        if (machine == here and pid.isdigit() and re.fullmatch(r"[0-9a-f]{16}", random)
+                and int(pid) != os.getpid() and not alive(int(pid))):
+            abandoned.append(candidate)
+    return abandoned
 
 
 def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,7 +84,8 @@ def test_an_interrupt_as_the_file_lands_still_reports_it_as_made(tmp_path: Path,
 
 def test_a_temporary_is_a_dot_file_beside_its_target_unique_to_the_run() -> None:
     name = temporary_beside("/var/lib/libvirt/images/db.qcow2")
-    assert re.fullmatch(rf"/var/lib/libvirt/images/\.db\.qcow2\.{os.getpid()}\.[0-9a-f]{{16}}\.kvmconf-new", name), name
+    origin = re.escape(f"{socket.gethostname()}-{os.getpid()}")
+    assert re.fullmatch(rf"/var/lib/libvirt/images/\.db\.qcow2\.{origin}\.[0-9a-f]{{16}}\.kvmconf-new", name), name
     assert temporary_beside("/etc/x.conf", "kvmconf-migrating").endswith(".kvmconf-migrating")
     assert len({temporary_beside("/var/lib/libvirt/images/db.qcow2") for _ in range(100)}) == 100
 
@@ -133,3 +135,45 @@ def test_a_failed_or_interrupted_write_leaves_no_temporary(tmp_path: Path, inter
         assert str(failed.value).startswith("localhost: `sh -c ") and str(failed.value).endswith(
             "failed with exit status 1: mv: no space left")
     assert list((tmp_path / "files").iterdir()) == []
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_run_and_no_other(tmp_path: Path) -> None:
+    """A SIGKILLed copy cannot remove its temporary (a disk's can be gigabytes): the next run of this machine does.
+
+    Kept: a temporary whose run still goes on here, one of another machine (its pid means nothing here), one of
+    another file, and one of another kind (suffix)."""
+    here = socket.gethostname()
+    with subprocess.Popen(["sleep", "60"]) as running:
+        try:
+            names = {
+                "killed": f".seed.iso.{here}-{_dead_pid()}.0123456789abcdef.kvmconf-migrating",
+                "running": f".seed.iso.{here}-{running.pid}.0123456789abcdef.kvmconf-migrating",
+                "elsewhere": f".seed.iso.workstation2-{_dead_pid()}.0123456789abcdef.kvmconf-migrating",
+                "other file": f".seed.iso2.{here}-{_dead_pid()}.0123456789abcdef.kvmconf-migrating",
+                "other kind": f".seed.iso.{here}-{_dead_pid()}.0123456789abcdef.kvmconf-new",
+            }
+            for name in names.values():
+                (tmp_path / name).write_bytes(b"half a copy")
+            assert disks.make_new(Runner(execute=_real), str(tmp_path / "seed.iso"), "kvmconf-migrating",
+                                  lambda tmp: Path(tmp).write_bytes(b"seed"))
+        finally:
+            running.kill()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"seed.iso"} | {name for what, name in names.items() if what != "killed"}
+
+
+def test_a_name_with_glob_characters_finds_only_its_own_temporaries(tmp_path: Path) -> None:
+    from kvmconf.runner import abandoned_temporaries
+
+    here, dead = socket.gethostname(), _dead_pid()
+    own = tmp_path / f".d[1]*.img.{here}-{dead}.0123456789abcdef.kvmconf-new"
+    other = tmp_path / f".d1x.img.{here}-{dead}.0123456789abcdef.kvmconf-new"  # what d[1]*.img matches as a glob
+    own.write_bytes(b"")
+    other.write_bytes(b"")
+    assert abandoned_temporaries(Runner(execute=_real), str(tmp_path / "d[1]*.img"), "kvmconf-new") == [str(own)]
