@@ -122,7 +122,9 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
           network_dry_run: bool = False) -> SetupReport:
     host = find_host(cluster, name)
     report = SetupReport(name)
-    with connect(resolve(host.ssh_address or name, ssh_config)) as conn:
+    # Not host.ssh_address: the admin's machine reaches the host by the name in its own ssh config (Host kvm1),
+    # which a URI's host (kvm1.example.org, the Nagios check's fallback) would bypass; address is for both.
+    with connect(resolve(host.address or name, ssh_config)) as conn:
         try:
             _steps(conn, cluster, host, report, dry_run, network_dry_run or dry_run)
         except _StepFailed as err:

@@ -145,6 +145,18 @@ def test_nested_virtualisation_check_names_the_fix(example: Cluster, farm: sshfa
 
 @pytest.mark.services
 @pytest.mark.slow
+def test_without_address_kvm_setup_connects_to_the_hosts_name_not_its_uris_host(example: Cluster,
+                                                                                 farm: sshfarm.Farm) -> None:
+    # The admin's ssh config knows the host by its site.toml name (the farm's "Host kvm0"); the URI's host is a
+    # name nothing here resolves, so connecting there would fail.
+    cluster = _with_host(example, uri="qemu+ssh://root@kvm0.phys.example.invalid/system")
+    report = setup(cluster, "kvm0", farm.ssh_config, dry_run=True)
+    assert report.error is None
+    assert report.lines and report.lines[0].startswith("packages: ")
+
+
+@pytest.mark.services
+@pytest.mark.slow
 def test_fab_kvm_setup_dry_run_on_the_example_site(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
     # The example site.toml names no uplink: bridges without ports, and no VLAN subinterface to create.
     # It gives kvm0 an address, which is where fab kvm-setup connects: the farm's kvm0 answers there too.
