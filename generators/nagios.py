@@ -23,6 +23,7 @@ from generators.dnsmasq import dns_servers
 from generators.errors import ConfigError, Location, Problem
 from generators.model import Cluster, PhysicalHost
 from generators.render import render as render_template
+from generators.site import is_host_address
 
 TEMPLATES = {
     "hostgroups.cfg": "nagios-hostgroups.cfg.j2",
@@ -95,6 +96,9 @@ def _unreachable(cluster: Cluster, host: PhysicalHost, vms: list[str]) -> Proble
     expected = f"expected address = \"IP\" of the host, or {names_allowed}, or backup=no on those VMs"
     if address is None:
         message = f"needs an address: {check}, and its uri {host.uri!r} names no host ({expected})"
+    elif not is_host_address(address):  # only a URI's host can be such: site.toml refuses such an address
+        message = (f"needs an address: {check}, and its uri {host.uri!r} names host {address!r}, which is not an IP"
+                   f" address or DNS name (an ssh config alias?) ({expected})")
     else:
         source = "its address" if host.address else "its uri's host"
         message = (f"needs an address the VMs can resolve: {check} at {address!r} ({source}), and the VMs' only"
@@ -108,8 +112,11 @@ def backup_targets(cluster: Cluster) -> list[tuple[str, str]]:
     The check runs on the Nagios VM, so the address must be one it resolves: a host with none, or with
     a name the cluster's dnsmasq cannot answer, is a ConfigError naming its site.toml table.
     """
+    # A URI's host reaches check_by_ssh's command line only if it is an IP address or DNS name: libvirt also takes
+    # an ssh config alias there (kvm_1), which the Nagios VM does not know, and anything else a shell would split.
     reachable = {name: address for name, host in cluster.site.hosts.items()
-                 if (address := host.ssh_address) is not None and _unresolvable(cluster, address) is None}
+                 if (address := host.ssh_address) is not None and is_host_address(address)
+                 and _unresolvable(cluster, address) is None}
     backed_up = [vm for vm in cluster.vms if vm.backup]
     unreachable: dict[str, list[str]] = {}
     for vm in backed_up:

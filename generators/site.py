@@ -27,7 +27,6 @@ from generators.model import (
     PhysicalHost,
     Provision,
     Site,
-    uri_host,
 )
 
 T = TypeVar("T")
@@ -311,7 +310,7 @@ def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ..
     return tuple(ranges)
 
 
-def _is_host_address(value: str) -> bool:
+def is_host_address(value: str) -> bool:
     """An IP address or a DNS name: what ssh and check_by_ssh -H take, and nothing a shell would split."""
     try:
         ip_address(value)
@@ -326,13 +325,8 @@ def _host(name: str, r: TableReader) -> PhysicalHost | None:
         r.problem("uri", f"{shown(uri)} is not a libvirt URI (expected e.g. qemu:///system or"
                   " qemu+ssh://root@HOST/system)")
         uri = None
-    elif uri is not None and (host := uri_host(uri)) is not None and not _is_host_address(host):
-        # The URI's host is where the Nagios backup check connects when `address` is unset.
-        r.problem("uri", f"{shown(uri)} names host {shown(host)}, which is not an IP address or DNS name (expected"
-                  " e.g. qemu+ssh://root@kvm1.example.org/system)")
-        uri = None
     address = r.get("address", str, None, "the host's IP address or DNS name")
-    bad_address = address is not None and not _is_host_address(address)
+    bad_address = address is not None and not is_host_address(address)
     if bad_address:
         r.problem("address", f"{shown(address)} is not an IP address or DNS name (expected e.g. 192.168.1.4 or"
                   " kvm0.example.org)")

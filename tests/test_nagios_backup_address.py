@@ -94,6 +94,23 @@ def test_a_name_the_cluster_dns_cannot_answer_is_refused(example: Cluster, host:
         f" its {vms} reaches the host over SSH {why} ({EXPECTED})"]
 
 
+@pytest.mark.parametrize("dns", ["our dnsmasq", "other name servers"])
+@pytest.mark.parametrize("alias", ["kvm_1", "kvm1$(reboot)"])
+def test_a_uris_host_that_is_no_dns_name_is_no_fallback(example: Cluster, dns: str, alias: str) -> None:
+    # site.toml takes such a URI (ssh resolves an ssh config alias for libvirt); as the check's target it is no
+    # address, whatever name servers the VMs ask: check_by_ssh would get a name nobody resolves, or a shell command.
+    uri = f"qemu+ssh://root@{alias}/system"
+    if dns == "other name servers":
+        networks = {name: dataclasses.replace(net, dns_servers=(IPv4Address("192.168.50.53"),))
+                    for name, net in example.site.networks.items()}
+        example = dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks))
+    expected = EXPECTED if dns == "our dnsmasq" else EXPECTED.replace(" outside phys.example.org", "")
+    assert _problems(_with_host(example, "kvm1", address=None, uri=uri)) == [
+        f"site.toml:44:1: table '[hosts.kvm1]' needs an address: the Nagios backup check of its 1 backed-up VM"
+        f" (compute1) reaches the host over SSH, and its uri {uri!r} names host {alias!r}, which is not an IP"
+        f" address or DNS name (an ssh config alias?) ({expected})"]
+
+
 def test_every_host_without_a_usable_address_is_reported_at_once(example: Cluster) -> None:
     cluster = _with_host(_with_host(example, "kvm0", address=None), "kvm1", address=None)
     problems = _problems(cluster)
@@ -188,3 +205,4 @@ def test_the_cluster_dnsmasq_answers_exactly_the_names_the_check_takes(example: 
         assert (answers[name] == "NXDOMAIN") == refused, (name, answers)
         assert (f"config {name} is NXDOMAIN" in log.read_text()) == refused, log.read_text()
         assert (f"forwarded {name} to 127.0.0.1#" in log.read_text()) != refused, log.read_text()
+
