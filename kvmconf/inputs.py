@@ -17,7 +17,8 @@ from generators.locations import cluster_path, site_path
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.errors import KvmconfError
-from kvmconf.lab import Lab, alive, remap
+from kvmconf.lab import Lab, remap
+from kvmconf.processes import alive
 
 
 def lab_dir() -> Path | None:

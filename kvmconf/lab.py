@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from generators.files import replace_text
 from generators.model import Cluster, DomainType, Network
 from generators.render import environment
 from kvmconf.errors import KvmconfError
+from kvmconf.processes import alive, in_netns, stop_pid
 
 Log = Callable[[str], None]
 
@@ -49,7 +49,6 @@ BASE_IMAGE_GB = 1  # placeholder cloud image; drop a real one at base/<os>.qcow2
 TOOLS = ("ip", "libvirtd", "virtlogd", "qemu-img", "qemu-system-x86_64", "dnsmasq")
 _DAEMONS = ("reaper", "virtlogd", "libvirtd")  # started in this order by reaper.py and _LAUNCH
 _START_TIMEOUT = 60.0  # libvirtd's first start probes QEMU's capabilities: seconds under emulation
-_STOP_TIMEOUT = 15.0
 
 # Runs inside `ip netns exec`, i.e. in the namespace and in a fresh mount namespace whose mounts
 # do not propagate back (ip makes / a slave). $1 is the lab directory.
@@ -170,23 +169,6 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def in_netns(pid: int, netns: str) -> bool:
-    """Whether ``pid`` lives in our namespace: a recycled PID of an unrelated process never does."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
-    except OSError:
-        return False
-
-
 def netns_exists(netns: str) -> bool:
     return Path("/run/netns", netns).exists()
 
@@ -195,20 +177,6 @@ def netns_pids(netns: str) -> list[int]:
     if not netns_exists(netns):
         return []
     return [int(pid) for pid in _run(["ip", "netns", "pids", netns]).stdout.split()]
-
-
-def stop_pid(pid: int, timeout: float = _STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not alive(pid):
-                return
-            time.sleep(0.05)
 
 
 def _read_pid(path: Path) -> int:

@@ -50,8 +50,9 @@ from generators.pxe import BIOS_LOADER_FILES
 from generators.site import parse_http_url
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
-from kvmconf.lab import Lab, alive, in_netns, start_dnsmasq, stop_pid
+from kvmconf.lab import Lab, start_dnsmasq
 from kvmconf.plan import find_vm
+from kvmconf.processes import alive, in_netns, stop_pid
 
 Log = Callable[[str], None]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from kvmconf.errors import CommandFailed
-from kvmconf.lab import alive
+from kvmconf.processes import alive
 
 # A command's output, as subprocess gives it: (returncode, stdout, stderr).
 Result = subprocess.CompletedProcess[bytes]

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmconf.lab import alive
+from kvmconf.processes import alive
 
 BASE_PREFIX = "kvmconf-sshfarm-"
 # Tools that would act on this machine's kernel or services (sysctl and modprobe through the bind-mounted /proc).

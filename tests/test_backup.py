@@ -21,7 +21,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from kvmconf import bare_vm, lab
+from kvmconf import bare_vm, lab, processes
 from kvmconf.backup import durability, journal
 from kvmconf.backup import restore as restore_module
 from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
@@ -61,7 +61,7 @@ def _remove_orphaned_job_dirs() -> None:
     """
     for job_dir in Path(JOB_DIR_PARENT).glob("kvmconf-backup-*-*"):
         pid = job_dir.name.split("-")[2]
-        if pid.isdigit() and not lab.alive(int(pid)):
+        if pid.isdigit() and not processes.alive(int(pid)):
             shutil.rmtree(job_dir, ignore_errors=True)
 
 

@@ -21,7 +21,7 @@ from kvmconf.backup import qcow2, stream
 from kvmconf.backup.engine import explain_os_error
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
-from kvmconf.lab import stop_pid
+from kvmconf.processes import stop_pid
 from tests.tools import require_tool
 
 MIB = 1024 * 1024

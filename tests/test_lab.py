@@ -28,7 +28,7 @@ import pytest
 
 from generators.model import Cluster, Disk, DiskKind
 from generators.validate import load_cluster
-from kvmconf import disks, domains, lab, lifecycle
+from kvmconf import disks, domains, lab, lifecycle, processes
 from kvmconf.connection import connections
 from kvmconf.errors import HostUnreachable
 from kvmconf.plan import Action, make_plan
@@ -311,7 +311,7 @@ def remove_stale_volume_groups() -> None:
     """Loop devices and /dev/kvmconftest<pid>/ links left by a killed run (whose pid is gone)."""
     for vg in Path("/dev").glob(f"{LVM_PREFIX}*"):
         owner = vg.name.removeprefix(LVM_PREFIX)
-        if owner.isdigit() and not lab.alive(int(owner)):
+        if owner.isdigit() and not processes.alive(int(owner)):
             for node in vg.iterdir():
                 if node.is_symlink() and os.readlink(node).startswith("/dev/loop"):
                     subprocess.run(["losetup", "-d", os.readlink(node)], check=False)
@@ -393,7 +393,7 @@ def test_each_host_has_a_daemon_with_its_own_state_socket_and_uri(cluster: Clust
     assert len(set(uris.values())) == 2 and all(clean.socket_of(host).is_socket() for host in clean.hosts)
     assert {name: h.uri for name, h in cluster.site.hosts.items()} == uris
     pids = [clean.pids["libvirtd"], clean.pids["libvirtd@kvm1"]]
-    assert pids[0] != pids[1] and all(lab.alive(pid) and lab.in_netns(pid, clean.netns) for pid in pids)
+    assert pids[0] != pids[1] and all(processes.alive(pid) and processes.in_netns(pid, clean.netns) for pid in pids)
     # each daemon sees its own /var/lib/libvirt: the bind mount of its host's directory
     roots = {os.stat(f"/proc/{pid}/root/var/lib/libvirt").st_ino for pid in pids}
     assert roots == {(clean.host_dir(host) / "libvirt" / "lib").stat().st_ino for host in clean.hosts}
@@ -551,7 +551,7 @@ def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: 
         assert started is not None and started.hosts == ["kvm0", "kvm1"]
         daemons = {"reaper", "virtlogd", "libvirtd", "reaper@kvm1", "virtlogd@kvm1", "libvirtd@kvm1", "dnsmasq"}
         assert daemons <= set(started.pids)
-        assert all(lab.alive(pid) and lab.in_netns(pid, netns) for pid in started.pids.values())
+        assert all(processes.alive(pid) and processes.in_netns(pid, netns) for pid in started.pids.values())
         assert invoke(workdir, started, "provision", "--vm", "db").returncode == 0
         qemus = set(lab.netns_pids(netns)) - set(started.pids.values())
         assert len(qemus) == 1  # the VM's QEMU, started by the lab's libvirtd inside the namespace
@@ -560,7 +560,7 @@ def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: 
         for name in ("dnsmasq", "libvirtd", "virtlogd", "libvirtd@kvm1", "virtlogd@kvm1"):
             assert f"lab: stopped {name} ({started.pids[name]})" in down.stdout
         assert "left in the namespace" not in down.stdout  # the VM was powered off through libvirt first
-        assert not any(lab.alive(pid) for pid in [*started.pids.values(), *qemus])
+        assert not any(processes.alive(pid) for pid in [*started.pids.values(), *qemus])
         assert not lab.netns_exists(netns)
         assert [p.name for p in directory.iterdir()] == ["base"]
         assert invoke(workdir, None, "lab.down", "--dir", str(directory)).stdout == f"no lab in {directory}\n"

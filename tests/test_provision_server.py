@@ -26,7 +26,7 @@ import pytest
 
 from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf import domains, lab, provision_server
+from kvmconf import domains, lab, processes, provision_server
 from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
@@ -260,7 +260,7 @@ def test_once_marked_installed_the_vms_next_pxe_boot_reads_the_local_boot_defaul
         domains.power_off(dom)
     finally:
         conn.close()
-    assert lab.alive(pid) and int((the_lab.dir / "dnsmasq.pid").read_text()) == pid  # dnsmasq was not touched
+    assert processes.alive(pid) and int((the_lab.dir / "dnsmasq.pid").read_text()) == pid  # dnsmasq was not touched
     sent = _sent(after, BIOS.ip)
     assert ENTRY not in sent and "debian-installer/amd64/linux" not in sent, sent
     default = (Path(cluster.site.provision.tftp_root) / "pxelinux.cfg/default").read_text()
@@ -305,7 +305,7 @@ def test_adding_a_vm_changes_only_the_hostsfiles_and_sighups_dnsmasq(pxe_lab: la
         (workdir / "cluster.conf").write_text(original)
     assert result.returncode == 0, result.stderr
     assert "dnsmasq reloaded" in result.stdout
-    assert pid.read_text() == old_pid and lab.alive(int(old_pid))
+    assert pid.read_text() == old_pid and processes.alive(int(old_pid))
     assert (conf.read_bytes(), conf.stat().st_ino, conf.stat().st_mtime_ns) == old_conf
     now = {p.name: p.read_text() for p in (live / "dhcp-hosts").iterdir()}
     assert now.keys() - old_hosts.keys() == {"newvm"} and {k: now[k] for k in old_hosts} == old_hosts

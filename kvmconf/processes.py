@@ -1,0 +1,45 @@
+"""Local processes by PID: is one still running, is it ours, stop it.
+
+Pure /proc and signal helpers with no libvirt or jinja behind them, so that modules which only wait on or
+stop a PID (runner.py's lock owners, provision_server.py's dnsmasq, the lab's daemons) need not import the lab.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL: a daemon's clean exit (libvirtd saving state) is slow
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def in_netns(pid: int, netns: str) -> bool:
+    """Whether ``pid`` lives in network namespace ``netns``: a recycled PID of an unrelated process never does."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(0.05)
