@@ -55,7 +55,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshfarm.Farm) -> None:
     report = _run(example, farm, full=True)
-    assert not report.failed, report.summary()
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
     # Every file of every recipe is on its VM, byte for byte as rendered, with its mode.
     planned = recipes(example, example.vms)
     assert {f.dest for f in planned["mcp"].files} >= {"/etc/nagios4/conf.d/kvmconf/hosts.cfg", "/etc/motd"}
@@ -85,7 +85,7 @@ def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshf
 
 def test_sequential_deploy_follows_cluster_conf_order(example: Cluster, farm: sshfarm.Farm) -> None:
     report = _run(example, farm, full=True, parallel=1)
-    assert not report.failed, report.summary()
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
     starts = [vm for _, vm, kind in sorted(report.events) if kind == "start"]
     assert starts == [vm.name for vm in example.vms]
 
@@ -94,7 +94,7 @@ def test_second_update_confs_transfers_and_reloads_nothing(example: Cluster, far
     assert not _run(example, farm, full=True).failed
     farm.clear_logs()
     report = _run(example, farm, full=False)
-    assert not report.failed, report.summary()
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
     done = sorted((r.vm, r.pushed, r.reloaded) for r in report.reports)
     assert done == sorted((vm.name, [], []) for vm in example.vms)
     assert all(farm.log(vm.name, "systemctl") == [] for vm in example.vms)
@@ -110,7 +110,7 @@ def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
     template.write_text(template.read_text() + "log-dhcp\n")
     farm.clear_logs()
     report = _run(example, farm, full=False, recipe_dir=hosts_copy)
-    assert not report.failed, report.summary()
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
     assert {r.vm: r.pushed for r in report.reports if r.pushed} == {"provision": ["/etc/dnsmasq.d/kvmconf.conf"]}
     assert {r.vm: r.reloaded for r in report.reports if r.reloaded} == {"provision": ["dnsmasq"]}
     assert farm.log("provision", "systemctl") == ["reload-or-restart -- dnsmasq"]
@@ -135,7 +135,7 @@ def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfar
     farm.clear_logs()
     before = {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms}
     report = _run(example, farm, full=True, recipe_dir=hosts_copy, dry_run=True)
-    assert not report.failed, report.summary()
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
     provision = next(r for r in report.reports if r.vm == "provision")
     assert provision.pushed == ["/etc/dnsmasq.d/kvmconf.conf"] and provision.reloaded == ["dnsmasq"]
     assert "+log-queries\n" in provision.diffs[0] and provision.diffs[0].startswith("--- /etc/dnsmasq.d/kvmconf.conf")
