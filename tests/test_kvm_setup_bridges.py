@@ -3,6 +3,7 @@ domain XML and dnsmasq treat each network as its own subnet on that bridge."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree
 
@@ -66,6 +67,30 @@ def test_netplan_file_has_each_interface_once(shared: Cluster) -> None:
     assert doc["network"]["vlans"] == {"eno1.60": {"id": 60, "link": "eno1"}}
     assert {name: b["interfaces"] for name, b in doc["network"]["bridges"].items()} == {
         "br60": ["eno1.60"], "br0": ["eno1"]}
+
+
+@pytest.fixture
+def only_ovs(example: Cluster) -> Cluster:
+    """Every network on Open vSwitch: kvm-setup makes no Linux bridge at all."""
+    networks = {name: dataclasses.replace(net, ovs=True) for name, net in example.site.networks.items()}
+    return dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks))
+
+
+def test_netplan_file_without_linux_bridges_has_no_empty_sections(only_ovs: Cluster) -> None:
+    # An empty `bridges:` parses as null, which netplan refuses ("expected mapping").
+    doc = yaml.load(_files(only_ovs, "netplan"), UniqueKeyLoader)
+    assert doc == {"network": {"version": 2, "ethernets": {"eno1": {"dhcp4": False, "dhcp6": False}}}}
+
+
+def test_ifupdown_file_and_network_manager_without_linux_bridges_configure_nothing(only_ovs: Cluster,
+                                                                                   tmp_path: Path) -> None:
+    ifquery = require_tool("ifquery")
+    interfaces = tmp_path / "interfaces"
+    interfaces.write_text(_files(only_ovs, "ifupdown"))
+    listed = run([ifquery, "-i", str(interfaces), "-l"])
+    assert (listed.returncode, listed.stdout.split()) == (0, ["lo"]), listed.stderr
+    host = _with_host(only_ovs, uplink="eno1", network_stack="networkmanager").site.hosts["kvm0"]
+    assert nmcli_commands(only_ovs, host, set()) == []
 
 
 def test_ifupdown_file_has_each_interface_once(shared: Cluster, tmp_path: Path) -> None:
