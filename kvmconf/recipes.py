@@ -37,21 +37,30 @@ RECIPE = "recipe.toml"
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._@+/-]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+:-]*")
 _MODE = re.compile(r"0?[0-7]{3,4}")
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type
+    what: str  # what messages say is allowed
+    required: bool = False
+
+
 # Every key a recipe may hold, with its TOML type and what messages say is allowed: any other key is a typo
 # (`pakages`, `mod`) that would silently drop what it meant, and a string where a list belongs would be taken
 # letter by letter (`packages = "slapd"` would install s, l, a, p and d).
-RECIPE_TYPES: dict[str, tuple[type, str]] = {
-    "packages": (list, "a list of package names"),
-    "hooks": (list, 'a list of hook scripts such as "hooks/x.sh"'),
+RECIPE_TYPES: dict[str, Field] = {
+    "packages": Field(list, "a list of package names"),
+    "hooks": Field(list, 'a list of hook scripts such as "hooks/x.sh"'),
 }
-FILE_TYPES: dict[str, tuple[type, str]] = {
-    "dest": (str, "an absolute path on the VM"),
-    "template": (str, "a template file next to the recipe"),
-    "build": (str, "a generated file or directory of build/"),
-    "owner": (str, "a user name"),
-    "group": (str, "a group name"),
-    "mode": (str, 'an octal mode in quotes such as "0644"'),
-    "reload": (list, "a list of service names"),
+FILE_TYPES: dict[str, Field] = {
+    "dest": Field(str, "an absolute path on the VM", required=True),  # the one key a [[file]] cannot do without
+    "template": Field(str, "a template file next to the recipe"),
+    "build": Field(str, "a generated file or directory of build/"),
+    "owner": Field(str, "a user name"),
+    "group": Field(str, "a group name"),
+    "mode": Field(str, 'an octal mode in quotes such as "0644"'),
+    "reload": Field(list, "a list of service names"),
 }
 RECIPE_KEYS = (*RECIPE_TYPES, "file")  # [[file]] tables, each checked against FILE_TYPES
 FILE_KEYS = tuple(FILE_TYPES)
@@ -139,15 +148,15 @@ def _strings(value: list[Any]) -> list[str]:
     return value
 
 
-def _check_types(r: TableReader, types: dict[str, tuple[type, str]]) -> None:
-    """Each key of ``r``'s table that has the wrong TOML type (or, in a list, an item that is not a string)."""
-    for key, (kind, what) in types.items():
-        if kind is list:
-            r.convert(key, _strings, what, what, default=None, kind=list)
-        elif r.table == "file" and key == "dest":  # the one key a [[file]] cannot do without
-            r.get(key, kind, what=what)
+def _check_types(r: TableReader, fields: dict[str, Field]) -> None:
+    """Each key of ``r``'s table that has the wrong TOML type (or, in a list, an item that is not a string), or is
+    required and missing."""
+    for key, field in fields.items():
+        default = {} if field.required else {"default": None}  # no default: TableReader reports the key missing
+        if field.kind is list:
+            r.convert(key, _strings, field.what, field.what, kind=list, **default)
         else:
-            r.get(key, kind, None, what)
+            r.get(key, field.kind, what=field.what, **default)
 
 
 def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) -> None:
@@ -174,8 +183,9 @@ def _file_locators(where: str, text: str, count: int) -> list[Locate]:
     """One locator per [[file]] table: the line of its own key, not of the first table with a key of that name."""
     lines = text.split("\n")  # TOML's newlines only, as the locator counts them
     starts = [number for number, line in enumerate(lines) if _FILE_HEADER.match(line)]
-    if len(starts) != count:  # e.g. file = [{...}] inline tables: the whole file's locator, at the first match
-        return [locator(where, text)] * count
+    if len(starts) != count:  # file = [{...}] inline tables: the scan sees no key inside them, so all are at `file`
+        at_file = locator(where, text)("", "file")
+        return [lambda table, key: at_file] * count
     ends = [*starts[1:], len(lines)] if starts else []
     # Blank lines before the table keep its line numbers those of the file.
     return [locator(where, "\n" * start + "\n".join(lines[start:end])) for start, end in zip(starts, ends, strict=True)]

@@ -104,13 +104,15 @@ def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp
 
 def test_inline_file_tables_are_checked_too(example: Cluster, tmp_path: Path) -> None:
     hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    # No [[file]] header to find the key under: the problem points at the start of the file.
-    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\nfile = [{dest = "/etc/a", template = "recipe.toml",'
-                                            ' mode = 644}]\n')
+    # No [[file]] header to find the keys under: the problems point at the `file` key, not at the start of the file.
+    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\n\nfile = [{dest = "/etc/a",'
+                                            ' template = "recipe.toml", mode = 644},\n  {template = "recipe.toml"}]\n')
     with pytest.raises(RecipeError) as err:
         recipes(example, [example.vm("ldap")], hosts)
-    assert str(err.value) == ("hosts/ldap/recipe.toml:1:1: key 'file.mode': 644 is an integer (expected an octal mode"
-                              ' in quotes such as "0644")')
+    assert str(err.value).splitlines() == [
+        "hosts/ldap/recipe.toml:3:1: key 'file.dest' is missing (expected an absolute path on the VM)",
+        "hosts/ldap/recipe.toml:3:1: key 'file.mode': 644 is an integer (expected an octal mode in quotes such as"
+        ' "0644")']
 
 
 def test_waves_for_a_subset(example: Cluster) -> None:
