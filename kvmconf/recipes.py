@@ -37,6 +37,19 @@ RECIPE = "recipe.toml"
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._@+/-]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+:-]*")
 _MODE = re.compile(r"0?[0-7]{3,4}")
+# A file next to the recipe (template, hook) or below build/: relative, so it cannot name /etc/shadow of the
+# machine running kvmconf, and without . or .. parts (checked in _form), so it cannot climb out either.
+_RELATIVE_PATH = re.compile(r"[A-Za-z0-9._@+-]+(?:/[A-Za-z0-9._@+-]+)*")
+_NEXT_TO_RECIPE = "a relative path below the recipe's directory, without .."
+
+
+def _form(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    """A check for TableReader.convert: ValueError unless ``value`` matches and has no . or .. path part."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value) or {".", ".."} & set(value.split("/")):
+            raise ValueError(value)
+        return value
+    return check
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class Field:
     kind: type
     what: str  # what messages say is allowed
     required: bool = False
+    form: Callable[[str], str] | None = None  # the value's (or for a list, each item's) form beyond its type
+    rule: str = ""  # that form, for messages
 
 
 # Every key a recipe may hold, with its TOML type and what messages say is allowed: any other key is a typo
@@ -51,12 +66,14 @@ class Field:
 # letter by letter (`packages = "slapd"` would install s, l, a, p and d).
 RECIPE_TYPES: dict[str, Field] = {
     "packages": Field(list, "a list of package names"),
-    "hooks": Field(list, 'a list of hook scripts such as "hooks/x.sh"'),
+    "hooks": Field(list, 'a list of hook scripts such as "hooks/x.sh"', form=_form(_RELATIVE_PATH),
+                   rule=_NEXT_TO_RECIPE),
 }
 FILE_TYPES: dict[str, Field] = {
     "dest": Field(str, "an absolute path on the VM", required=True),  # the one key a [[file]] cannot do without
-    "template": Field(str, "a template file next to the recipe"),
-    "build": Field(str, "a generated file or directory of build/"),
+    "template": Field(str, "a template file next to the recipe", form=_form(_RELATIVE_PATH), rule=_NEXT_TO_RECIPE),
+    "build": Field(str, "a generated file or directory of build/", form=_form(_RELATIVE_PATH),
+                   rule="a relative path below build/, without .."),
     "owner": Field(str, "a user name"),
     "group": Field(str, "a group name"),
     "mode": Field(str, 'an octal mode in quotes such as "0644"'),
@@ -136,8 +153,7 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
             for spec in _files(cluster, vm, entry, directory, root, build_tree, where):
                 files[spec.dest] = spec
         for hook in data.get("hooks", []):
-            path = directory / _check(hook, re.compile(r"[A-Za-z0-9._/-]+"), "a hook path", where)
-            name = str(path.relative_to(root))
+            name = str((directory / hook).relative_to(root))  # relative and without ..: checked above
             hooks.append(Hook(name, _render(root, name, cluster, vm, where).encode()))
     return Recipe(vm.name, tuple(packages), tuple(files.values()), tuple(hooks))
 
@@ -154,9 +170,24 @@ def _check_types(r: TableReader, fields: dict[str, Field]) -> None:
     for key, field in fields.items():
         default = {} if field.required else {"default": None}  # no default: TableReader reports the key missing
         if field.kind is list:
-            r.convert(key, _strings, field.what, field.what, kind=list, **default)
+            r.convert(key, _each(field), field.what, field.what, kind=list, **default)
+        elif field.form is not None:
+            r.convert(key, field.form, field.what, field.rule, kind=field.kind, **default)
         else:
             r.get(key, field.kind, what=field.what, **default)
+
+
+def _each(field: Field) -> Callable[[list[Any]], list[str]]:
+    """A list's check: strings only, each of ``field``'s form; a message names the first item that is not."""
+    def check(value: list[Any]) -> list[str]:
+        for item in _strings(value):
+            if field.form is not None:
+                try:
+                    field.form(item)
+                except ValueError:
+                    raise ValueError(f"({item!r}: expected {field.rule})") from None
+        return value
+    return check
 
 
 def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) -> None:
@@ -219,7 +250,7 @@ def _files(cluster: Cluster, vm: Vm, entry: dict[str, Any], directory: Path, roo
     if ("template" in entry) == ("build" in entry):
         raise RecipeError(f"{where}: file {dest}: give exactly one of template = ... or build = ...")
     if "template" in entry:
-        name = str((directory / entry["template"]).relative_to(root))
+        name = str((directory / entry["template"]).relative_to(root))  # relative and without ..: checked above
         return [FileSpec(dest, _render(root, name, cluster, vm, where).encode(), source=f"hosts/{name}", **common)]
     # A build path names a file or a directory of build/; a directory is copied as a tree under dest.
     wanted = PurePosixPath(entry["build"])

@@ -91,6 +91,35 @@ def test_values_of_the_wrong_type_are_refused_with_their_line_before_any_vm_is_r
     ]
 
 
+def test_paths_outside_the_recipe_directory_or_build_are_refused_with_their_line(example: Cluster,
+                                                                                  tmp_path: Path) -> None:
+    """An absolute template path crashed with Python's `ValueError: ... is not in the subpath`; build = "." took
+    the whole of build/, and a hook of ../ ran a script of another recipe (or none at all)."""
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text(
+        'hooks = ["hooks/ok.sh", "../mcp/hooks/nagios-localhost.sh"]\n\n'
+        '[[file]]\ndest = "/etc/a"\ntemplate = "/etc/hostname"\n\n'
+        '[[file]]\ndest = "/etc/b"\n  template = "sub/../../mcp/recipe.toml"\n\n'
+        '[[file]]\ndest = "/etc/c"\nbuild = "/etc"\n\n'
+        '[[file]]\ndest = "/etc/d"\nbuild = "."\n')
+    with pytest.raises(RecipeError) as err:
+        recipes(example, [example.vm("ldap")], hosts)
+    where = "hosts/ldap/recipe.toml"
+    assert str(err.value).splitlines() == [
+        f"{where}:1:1: key 'hooks': ['hooks/ok.sh', '../mcp/hooks/nagios-localhost.sh'] is not a list of hook scripts"
+        " such as \"hooks/x.sh\" ('../mcp/hooks/nagios-localhost.sh': expected a relative path below the recipe's"
+        " directory, without ..)",
+        f"{where}:5:1: key 'file.template': '/etc/hostname' is not a template file next to the recipe (expected a"
+        " relative path below the recipe's directory, without ..)",
+        f"{where}:9:3: key 'file.template': 'sub/../../mcp/recipe.toml' is not a template file next to the recipe"
+        " (expected a relative path below the recipe's directory, without ..)",
+        f"{where}:13:1: key 'file.build': '/etc' is not a generated file or directory of build/ (expected a relative"
+        " path below build/, without ..)",
+        f"{where}:17:1: key 'file.build': '.' is not a generated file or directory of build/ (expected a relative path"
+        " below build/, without ..)",
+    ]
+
+
 def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp_path: Path) -> None:
     """Before the type check, packages = "slapd" installed packages s, l, a, p and d."""
     hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
