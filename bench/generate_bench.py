@@ -33,7 +33,9 @@ def site_toml(hosts: int) -> str:
         "[provision]", 'server = "10.20.0.2"', 'http_url = "http://10.20.0.2"', 'interface = "br0"',
     ]
     for n in range(hosts):
-        lines += [f"[hosts.kvm{n:02d}]", 'uri = "qemu:///system"', "ram_mb = 1048576", "cpus = 128",
+        # An address for the Nagios backup check of its VMs, outside the VMs' subnet so that it collides with none.
+        lines += [f"[hosts.kvm{n:02d}]", 'uri = "qemu:///system"', f'address = "10.21.{n // 250}.{n % 250 + 1}"',
+                  "ram_mb = 1048576", "cpus = 128",
                   "cpu_overcommit = 4.0", "disk_gb = 40000"]
     return "\n".join(lines) + "\n"
 

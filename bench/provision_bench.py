@@ -44,6 +44,7 @@ def site_toml() -> str:
         'ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBFvq3ekr8hCxWn5tLCX6TfvWO5w8VFtOr3kRxK9Vp3m bench"]',
         "[networks.lan]", 'subnet = "192.168.50.0/24"', 'gateway = "192.168.50.1"', 'bridge = "br0"',
         "[hosts.kvm0]", 'uri = "qemu:///system"', "ram_mb = 65536", "cpus = 64", "disk_gb = 1000",
+        'address = "192.168.50.4"',  # for the Nagios backup check of its VMs (10 and up)
         "[os.bookworm]", 'family = "debian"', 'suite = "bookworm"', 'kernel = "debian-installer/amd64/linux"',
         'initrd = "debian-installer/amd64/initrd.gz"', 'cloud_image = "/var/lib/libvirt/images/base/debian-12.qcow2"',
         "[provision]", 'server = "192.168.50.2"', 'http_url = "http://192.168.50.2"', 'interface = "br0"',

@@ -8,6 +8,7 @@ that looks fine, so `make` refuses it, naming the [hosts.<name>] table.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import pwd
 import re
@@ -18,10 +19,12 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 
 import pytest
 
 from generators import dnsmasq, nagios
+from generators.__main__ import main
 from generators.errors import ConfigError
 from generators.model import Cluster
 from tests.test_cli import run, snapshot
@@ -206,3 +209,39 @@ def test_the_cluster_dnsmasq_answers_exactly_the_names_the_check_takes(example: 
         assert (f"config {name} is NXDOMAIN" in log.read_text()) == refused, log.read_text()
         assert (f"forwarded {name} to 127.0.0.1#" in log.read_text()) != refused, log.read_text()
 
+
+# --- every input the project ships builds under the rule ---------------------------------------------------------
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def _bench(name: str) -> ModuleType:
+    """A bench script as a module (bench/ is no package), for the inputs it writes; its main() is not run."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("cluster", "site"), [
+    ("lab-cluster.conf", "lab-site.toml"), ("pxe-cluster.conf", "lab-site.toml"),
+    ("nics-cluster.conf", "nics-site.toml"),
+])
+def test_the_fixtures_pass_check(cluster: str, site: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert sorted(p.name for p in FIXTURES.glob("*site*.toml")) == ["lab-site.toml", "nics-site.toml"]  # all tested
+    assert main(["--check", "--cluster", str(FIXTURES / cluster), "--site", str(FIXTURES / site)]) == 0
+    assert capsys.readouterr().out.endswith(" VMs, valid\n")
+
+
+def test_the_benches_inputs_pass_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_module("libvirt")  # provision_bench imports it
+    generate, provision = _bench("generate_bench"), _bench("provision_bench")
+    inputs = {"generate": (generate.cluster_conf(300, 50), generate.site_toml(50)),  # the default host count
+              "provision": (provision.cluster_conf(10), provision.site_toml())}
+    for name, (cluster_text, site_text) in inputs.items():
+        cluster, site = tmp_path / f"{name}.conf", tmp_path / f"{name}.toml"
+        cluster.write_text(cluster_text)
+        site.write_text(site_text)
+        assert main(["--check", "--cluster", str(cluster), "--site", str(site)]) == 0, name
+    assert capsys.readouterr().out.count(" VMs, valid\n") == 2
