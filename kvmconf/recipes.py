@@ -9,8 +9,9 @@ A recipe.toml holds ``packages = [...]``, ``hooks = ["hooks/x.sh", ...]`` (run o
 ``[[file]]`` tables: ``dest`` (absolute path on the VM), exactly one of ``template`` (a jinja2 file next to
 the recipe, rendered with ``cluster``, ``site``, ``vm`` and ``banner``) or ``build`` (a generated file or
 directory of build/, rendered in memory so it can never be stale), plus ``owner``, ``group``, ``mode`` and
-``reload`` (services reloaded when this file changes). Any other key, and a value of the wrong type (a
-string for a list, a number for a mode), is refused with its line before anything is rendered or pushed.
+``reload`` (services reloaded when this file changes). Any other key, a value of the wrong type (a string for
+a list, a number for a mode) and one of the wrong form (a user name with a space, a template path outside the
+recipe's directory) are refused all at once, each with its line, before anything is rendered or pushed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _MODE = re.compile(r"0?[0-7]{3,4}")
 # machine running kvmconf, and without . or .. parts (checked in _form), so it cannot climb out either.
 _RELATIVE_PATH = re.compile(r"[A-Za-z0-9._@+-]+(?:/[A-Za-z0-9._@+-]+)*")
 _NEXT_TO_RECIPE = "a relative path below the recipe's directory, without .."
+_NAME_RULE = "letters, digits and . _ @ + : -, starting with a letter or digit"
+_PATH_RULE = "/ then letters, digits and . _ @ + / -, without .."
 
 
 def _form(pattern: re.Pattern[str]) -> Callable[[str], str]:
@@ -50,6 +53,14 @@ def _form(pattern: re.Pattern[str]) -> Callable[[str], str]:
             raise ValueError(value)
         return value
     return check
+
+
+_absolute_path = _form(_SAFE_PATH)
+
+
+def _form_or_template(check: Callable[[str], str]) -> Callable[[str], str]:
+    """``check``, unless the value holds a jinja expression: its form is only known once rendered for a VM."""
+    return lambda value: value if "{" in value else check(value)
 
 
 @dataclass(frozen=True)
@@ -65,19 +76,21 @@ class Field:
 # (`pakages`, `mod`) that would silently drop what it meant, and a string where a list belongs would be taken
 # letter by letter (`packages = "slapd"` would install s, l, a, p and d).
 RECIPE_TYPES: dict[str, Field] = {
-    "packages": Field(list, "a list of package names"),
+    "packages": Field(list, "a list of package names", form=_form(_SAFE_NAME), rule=_NAME_RULE),
     "hooks": Field(list, 'a list of hook scripts such as "hooks/x.sh"', form=_form(_RELATIVE_PATH),
                    rule=_NEXT_TO_RECIPE),
 }
 FILE_TYPES: dict[str, Field] = {
-    "dest": Field(str, "an absolute path on the VM", required=True),  # the one key a [[file]] cannot do without
+    # dest is the one key a [[file]] cannot do without; one with {{ }} is checked once rendered (_rendered_dest).
+    "dest": Field(str, "an absolute path on the VM", required=True, form=_form_or_template(_absolute_path),
+                  rule=_PATH_RULE),
     "template": Field(str, "a template file next to the recipe", form=_form(_RELATIVE_PATH), rule=_NEXT_TO_RECIPE),
     "build": Field(str, "a generated file or directory of build/", form=_form(_RELATIVE_PATH),
                    rule="a relative path below build/, without .."),
-    "owner": Field(str, "a user name"),
-    "group": Field(str, "a group name"),
-    "mode": Field(str, 'an octal mode in quotes such as "0644"'),
-    "reload": Field(list, "a list of service names"),
+    "owner": Field(str, "a user name", form=_form(_SAFE_NAME), rule=_NAME_RULE),
+    "group": Field(str, "a group name", form=_form(_SAFE_NAME), rule=_NAME_RULE),
+    "mode": Field(str, 'an octal mode in quotes such as "0644"', form=_form(_MODE), rule="3 or 4 octal digits"),
+    "reload": Field(list, "a list of service names", form=_form(_SAFE_NAME), rule=_NAME_RULE),
 }
 RECIPE_KEYS = (*RECIPE_TYPES, "file")  # [[file]] tables, each checked against FILE_TYPES
 FILE_KEYS = tuple(FILE_TYPES)
@@ -121,12 +134,6 @@ def environment(root: Path) -> Environment:
                        trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 
-def _check(value: object, pattern: re.Pattern[str], what: str, where: str) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value) or "/../" in f"{value}/":
-        raise RecipeError(f"{where}: {value!r} is not {what}")
-    return value
-
-
 def _recipe_dirs(vm: Vm, root: Path) -> list[Path]:
     dirs = [root / "group" / group for group in vm.hostgroups] + [root / vm.name]
     return [d for d in dirs if (d / RECIPE).is_file()]
@@ -145,12 +152,10 @@ def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosix
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise RecipeError(f"{where}: {err}") from None
-        _refuse_unknown_keys_and_types(data, text, where)
-        for package in data.get("packages", []):
-            if _check(package, _SAFE_NAME, "a package name", where) not in packages:
-                packages.append(package)
-        for entry in data.get("file", []):
-            for spec in _files(cluster, vm, entry, directory, root, build_tree, where):
+        locators = _refuse_bad_keys_and_values(data, text, where)
+        packages += [package for package in data.get("packages", []) if package not in packages]
+        for entry, locate in zip(data.get("file", []), locators, strict=True):
+            for spec in _files(cluster, vm, entry, directory, root, build_tree, where, locate):
                 files[spec.dest] = spec
         for hook in data.get("hooks", []):
             name = str((directory / hook).relative_to(root))  # relative and without ..: checked above
@@ -190,9 +195,10 @@ def _each(field: Field) -> Callable[[list[Any]], list[str]]:
     return check
 
 
-def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) -> None:
-    """Every key that is not a recipe's or has the wrong type, each with its line (tomllib gives none: site.toml's
-    locator finds it, and site.toml's reader words the type problems)."""
+def _refuse_bad_keys_and_values(data: dict[str, Any], text: str, where: str) -> list[Locate]:
+    """Every key that is not a recipe's, has the wrong type or a value of the wrong form, all at once and each
+    with its line (tomllib gives none: site.toml's locator finds it, and site.toml's reader words the problems).
+    Returns the locator of each [[file]] table, for the problems only rendering finds."""
     locate = locator(where, text)
     problems = [Problem(locate("", key), f"key '{key}': unknown key (expected one of: {', '.join(RECIPE_KEYS)})")
                 for key in data if key not in RECIPE_KEYS]
@@ -201,13 +207,18 @@ def _refuse_unknown_keys_and_types(data: dict[str, Any], text: str, where: str) 
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         problems.append(Problem(locate("", "file"), "key 'file': expected [[file]] tables"))
         entries = []
-    for entry, locate_entry in zip(entries, _file_locators(where, text, len(entries)), strict=True):
+    locators = _file_locators(where, text, len(entries))
+    for entry, locate_entry in zip(entries, locators, strict=True):
         problems += [Problem(locate_entry("file", key), f"key 'file.{key}': unknown key (expected one of:"
                                                         f" {', '.join(FILE_KEYS)})")
                      for key in entry if key not in FILE_KEYS]
         _check_types(TableReader(entry, "file", locate_entry, problems), FILE_TYPES)
+        if ("template" in entry) == ("build" in entry):
+            problems.append(Problem(locate_entry("file", ""), "[[file]] table: give exactly one of template = ..."
+                                                              " or build = ..."))
     if problems:
         raise RecipeError("\n".join(str(problem) for problem in sorted(set(problems))))
+    return locators
 
 
 def _file_locators(where: str, text: str, count: int) -> list[Locate]:
@@ -231,24 +242,29 @@ def _render(root: Path, name: str, cluster: Cluster, vm: Vm, where: str) -> str:
         raise RecipeError(f"{where}: hosts/{name}: {err}") from None
 
 
+def _rendered_dest(cluster: Cluster, vm: Vm, raw: str, root: Path, locate: Locate) -> str:
+    """dest, its jinja expressions rendered for ``vm`` (e.g. "{{ site.provision.config_dir }}/dnsmasq"), then
+    checked like a plain one: only now is its form known."""
+    if "{" not in raw:
+        return raw  # checked with the other values
+    key = f"{locate('file', 'dest')}: key 'file.dest'"
+    try:
+        dest = environment(root).from_string(raw).render(cluster=cluster, site=cluster.site, vm=vm)
+    except TemplateError as err:
+        raise RecipeError(f"{key}: {raw!r}: {err}") from None
+    try:
+        return _absolute_path(dest)
+    except ValueError:
+        raise RecipeError(f"{key}: {raw!r} renders as {dest!r} for {vm.name}, which is not"
+                          f" {FILE_TYPES['dest'].what} (expected {_PATH_RULE})") from None
+
+
 def _files(cluster: Cluster, vm: Vm, entry: dict[str, Any], directory: Path, root: Path,
-           build_tree: Callable[[], dict[PurePosixPath, str | bytes]], where: str) -> list[FileSpec]:
-    # dest may use the cluster's facts, e.g. "{{ site.provision.config_dir }}/dnsmasq".
-    raw_dest = entry.get("dest")
-    if isinstance(raw_dest, str) and "{" in raw_dest:
-        try:
-            raw_dest = environment(root).from_string(raw_dest).render(cluster=cluster, site=cluster.site, vm=vm)
-        except TemplateError as err:
-            raise RecipeError(f"{where}: dest {raw_dest!r}: {err}") from None
-    dest = _check(raw_dest, _SAFE_PATH, "an absolute path", where)
-    common: dict[str, Any] = dict(
-        owner=_check(entry.get("owner", "root"), _SAFE_NAME, "a user name", where),
-        group=_check(entry.get("group", "root"), _SAFE_NAME, "a group name", where),
-        mode=_check(entry.get("mode", "0644"), _MODE, "an octal mode such as 0644", where),
-        reload=tuple(_check(s, _SAFE_NAME, "a service name", where) for s in entry.get("reload", [])),
-    )
-    if ("template" in entry) == ("build" in entry):
-        raise RecipeError(f"{where}: file {dest}: give exactly one of template = ... or build = ...")
+           build_tree: Callable[[], dict[PurePosixPath, str | bytes]], where: str, locate: Locate) -> list[FileSpec]:
+    """The files of one [[file]] table, whose values _refuse_bad_keys_and_values has checked."""
+    dest = _rendered_dest(cluster, vm, entry["dest"], root, locate)
+    common: dict[str, Any] = dict(owner=entry.get("owner", "root"), group=entry.get("group", "root"),
+                                  mode=entry.get("mode", "0644"), reload=tuple(entry.get("reload", [])))
     if "template" in entry:
         name = str((directory / entry["template"]).relative_to(root))  # relative and without ..: checked above
         return [FileSpec(dest, _render(root, name, cluster, vm, where).encode(), source=f"hosts/{name}", **common)]

@@ -41,8 +41,10 @@ def test_template_errors_name_the_recipe(example: Cluster, tmp_path: Path) -> No
     with pytest.raises(RecipeError, match=r"hosts/mcp/recipe.toml: file /etc/x: build/nagios/nope.cfg is not a"):
         recipes(example, example.vms, hosts)
     (hosts / "mcp/recipe.toml").write_text('[[file]]\ndest = "/etc/x"\ntemplate = "a"\nmode = "u+rwx"\n')
-    with pytest.raises(RecipeError, match=r"'u\+rwx' is not an octal mode"):
+    with pytest.raises(RecipeError) as err:
         recipes(example, example.vms, hosts)
+    assert str(err.value) == ("hosts/mcp/recipe.toml:4:1: key 'file.mode': 'u+rwx' is not an octal mode in quotes such"
+                              ' as "0644" (expected 3 or 4 octal digits)')
 
 
 def test_unknown_keys_are_refused_with_their_line_before_any_vm_is_reached(example: Cluster, tmp_path: Path) -> None:
@@ -118,6 +120,43 @@ def test_paths_outside_the_recipe_directory_or_build_are_refused_with_their_line
         f"{where}:17:1: key 'file.build': '.' is not a generated file or directory of build/ (expected a relative path"
         " below build/, without ..)",
     ]
+
+
+def test_values_of_the_wrong_form_are_refused_all_at_once_with_their_line(example: Cluster, tmp_path: Path) -> None:
+    """They were refused one at a time, without a line, and only as each VM's recipe was assembled."""
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text(
+        'packages = ["slapd", "-x"]\n\n'
+        '[[file]]\ndest = "/etc/../shadow"\ntemplate = "recipe.toml"\nowner = "a b"\ngroup = ""\n\n'
+        '[[file]]\ndest = "etc/b"\ntemplate = "recipe.toml"\nbuild = "ssh/config"\nreload = ["nagios4", "x;y"]\n')
+    # No ssh config at all: the run fails on the recipe before it looks for a VM, so nothing is installed or pushed.
+    with pytest.raises(RecipeError) as err:
+        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    where = "hosts/ldap/recipe.toml"
+    name_rule = "(expected letters, digits and . _ @ + : -, starting with a letter or digit)"
+    path_rule = "(expected / then letters, digits and . _ @ + / -, without ..)"
+    assert str(err.value).splitlines() == [
+        f"{where}:1:1: key 'packages': ['slapd', '-x'] is not a list of package names ('-x': expected letters, digits"
+        " and . _ @ + : -, starting with a letter or digit)",
+        f"{where}:4:1: key 'file.dest': '/etc/../shadow' is not an absolute path on the VM {path_rule}",
+        f"{where}:6:1: key 'file.owner': 'a b' is not a user name {name_rule}",
+        f"{where}:7:1: key 'file.group': '' is not a group name {name_rule}",
+        f"{where}:9:1: [[file]] table: give exactly one of template = ... or build = ...",
+        f"{where}:10:1: key 'file.dest': 'etc/b' is not an absolute path on the VM {path_rule}",
+        f"{where}:13:1: key 'file.reload': ['nagios4', 'x;y'] is not a list of service names ('x;y': expected"
+        " letters, digits and . _ @ + : -, starting with a letter or digit)",
+    ]
+
+
+def test_a_dest_with_jinja_is_checked_once_rendered_with_its_line(example: Cluster, tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text('[[file]]\n\ndest = "/etc/{{ vm.hostgroups | join(\' \') }}"\n'
+                                            'template = "recipe.toml"\n')
+    with pytest.raises(RecipeError) as err:
+        recipes(example, [example.vm("ldap")], hosts)
+    assert str(err.value) == ("hosts/ldap/recipe.toml:3:1: key 'file.dest': \"/etc/{{ vm.hostgroups | join(' ') }}\""
+                              " renders as '/etc/linux-servers infrastructure' for ldap, which is not an absolute"
+                              " path on the VM (expected / then letters, digits and . _ @ + / -, without ..)")
 
 
 def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp_path: Path) -> None:
