@@ -142,6 +142,8 @@ class PhysicalHost:
     nested: bool = False  # `fab kvm-setup` checks that nested virtualisation is on
     # Its [hosts.<name>] table in site.toml, for problems found after loading (e.g. by a generator).
     where: Location | None = field(default=None, compare=False, repr=False)
+    # Its address and uri keys there, when set: a problem with the one of them that is at fault is shown at it.
+    where_key: Mapping[str, Location] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ssh_address(self) -> str | None:

@@ -103,6 +103,10 @@ def _unreachable(cluster: Cluster, host: PhysicalHost, vms: list[str]) -> Proble
         source = "its address" if host.address else "its uri's host"
         message = (f"needs an address the VMs can resolve: {check} at {address!r} ({source}), and the VMs' only"
                    f" name server, the cluster's dnsmasq, {_unresolvable(cluster, address)} ({expected})")
+    # At the key at fault: the address, else the uri whose host stood in for it, else (neither names a host) the table.
+    key = "address" if host.address else "uri" if address is not None else ""
+    if where := host.where_key.get(key):
+        return Problem(where, f"key 'hosts.{host.name}.{key}': host {host.name!r} {message}")
     return Problem(host.where or Location(cluster.site.path), f"table '[hosts.{host.name}]' {message}")
 
 

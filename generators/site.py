@@ -345,7 +345,8 @@ def _host(name: str, r: TableReader) -> PhysicalHost | None:
     values.update(_host_setup(r))
     if any(value is None for key, value in values.items() if key != "address") or bad_address:
         return None
-    return PhysicalHost(name=name, where=r.locate(r.table, ""), **values)
+    keys = {key: r.locate(r.table, key) for key in ("address", "uri") if values[key] is not None}
+    return PhysicalHost(name=name, where=r.locate(r.table, ""), where_key=keys, **values)
 
 
 def _host_devices(r: TableReader, cpus: int | None) -> dict[str, Any]:

@@ -80,20 +80,23 @@ def test_make_refuses_a_backed_up_host_without_address_and_writes_nothing(inputs
     assert (check.returncode, check.stderr.splitlines()[0]) == (1, f"site.toml:{NO_ADDRESS}")
 
 
-@pytest.mark.parametrize(("host", "changes", "why"), [
-    ("kvm1", {"address": None}, "at 'kvm1.phys.example.org' (its uri's host), and the VMs' only name server, the"
+@pytest.mark.parametrize(("host", "changes", "at", "why"), [
+    ("kvm1", {"address": None}, "45:1: key 'hosts.kvm1.uri'",
+     "at 'kvm1.phys.example.org' (its uri's host), and the VMs' only name server, the"
      " cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"),
-    ("kvm1", {"address": "KVM1.Phys.Example.Org"}, "at 'KVM1.Phys.Example.Org' (its address), and the VMs' only"
+    ("kvm1", {"address": "KVM1.Phys.Example.Org"}, "49:1: key 'hosts.kvm1.address'",
+     "at 'KVM1.Phys.Example.Org' (its address), and the VMs' only"
      " name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"),
-    ("kvm0", {"address": "kvm0"}, "at 'kvm0' (its address), and the VMs' only name server, the cluster's dnsmasq,"
+    ("kvm0", {"address": "kvm0"}, "40:1: key 'hosts.kvm0.address'",
+     "at 'kvm0' (its address), and the VMs' only name server, the cluster's dnsmasq,"
      " forwards no name without a dot"),
 ])
 def test_a_name_the_cluster_dns_cannot_answer_is_refused(example: Cluster, host: str, changes: dict[str, object],
-                                                         why: str) -> None:
+                                                         at: str, why: str) -> None:
+    # Shown at the key at fault: the address, else the uri whose host stood in for it.
     vms = "1 backed-up VM (compute1)" if host == "kvm1" else "6 backed-up VMs (provision, mcp, ldap, ...)"
-    line = 44 if host == "kvm1" else 34
     assert _problems(_with_host(example, host, **changes)) == [
-        f"site.toml:{line}:1: table '[hosts.{host}]' needs an address the VMs can resolve: the Nagios backup check of"
+        f"site.toml:{at}: host {host!r} needs an address the VMs can resolve: the Nagios backup check of"
         f" its {vms} reaches the host over SSH {why} ({EXPECTED})"]
 
 
@@ -109,7 +112,8 @@ def test_a_uris_host_that_is_no_dns_name_is_no_fallback(example: Cluster, dns: s
         example = dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks))
     expected = EXPECTED if dns == "our dnsmasq" else EXPECTED.replace(" outside phys.example.org", "")
     assert _problems(_with_host(example, "kvm1", address=None, uri=uri)) == [
-        f"site.toml:44:1: table '[hosts.kvm1]' needs an address: the Nagios backup check of its 1 backed-up VM"
+        f"site.toml:45:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address: the Nagios backup check of its 1"
+        " backed-up VM"
         f" (compute1) reaches the host over SSH, and its uri {uri!r} names host {alias!r}, which is not an IP"
         f" address or DNS name (an ssh config alias?) ({expected})"]
 
@@ -117,7 +121,7 @@ def test_a_uris_host_that_is_no_dns_name_is_no_fallback(example: Cluster, dns: s
 def test_every_host_without_a_usable_address_is_reported_at_once(example: Cluster) -> None:
     cluster = _with_host(_with_host(example, "kvm0", address=None), "kvm1", address=None)
     problems = _problems(cluster)
-    assert [p.split(": table ")[0] for p in problems] == ["site.toml:34:1", "site.toml:44:1"]
+    assert [p.split(": ")[0] for p in problems] == ["site.toml:34:1", "site.toml:45:1"]  # kvm0's table, kvm1's uri
     assert problems[0] == f"site.toml:{NO_ADDRESS}"
 
 

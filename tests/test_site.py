@@ -368,6 +368,9 @@ def test_ssh_address_is_the_address_else_a_remote_uris_host(uri: str, address: s
     host = load_site(path).hosts["h1"]
     assert (host.uri, host.address, host.ssh_address) == (uri, address, expected)
     assert host.where == Location(str(path), 7, 1)  # its [hosts.h1] table, for problems found later
+    # and its keys that are set, for a problem with one of them (the Nagios check's address)
+    assert host.where_key == {"uri": Location(str(path), 8, 1)} | ({"address": Location(str(path), 9, 1)}
+                                                                  if address else {})
 
 
 @pytest.mark.parametrize("uri", ["qemu+ssh://root@kvm_1/system", "qemu+ssh://root@kvm1$(reboot)/system"])
