@@ -42,6 +42,7 @@ import libvirt
 from generators.errors import ConfigError
 from generators.files import replace_text
 from generators.model import Cluster, DiskKind, Vm
+from generators.nagios import backup_targets
 from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains
@@ -330,7 +331,8 @@ def check_moved_cluster(cluster: Cluster, vm: Vm, to: str) -> None:
         candidate = Path(scratch) / path.name
         candidate.write_text(text)
         try:
-            load_cluster(candidate, Path(cluster.site.path))
+            # make also refuses a backed-up VM on a host the Nagios backup check cannot reach: the same rule here.
+            backup_targets(load_cluster(candidate, Path(cluster.site.path)))
         except ConfigError as err:
             # Shown as the admin's own file: the line and column are the same there.
             problems = "\n".join(str(p).replace(str(candidate), str(path)) for p in err.problems)

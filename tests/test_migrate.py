@@ -106,6 +106,25 @@ def test_a_move_the_target_host_cannot_take_is_refused_with_the_validation_probl
     assert conf.read_text() == (text.replace(*line_edit) if line_edit else text)
 
 
+def test_a_backed_up_vm_is_not_moved_onto_a_host_the_nagios_backup_check_cannot_reach(tmp_path: Path) -> None:
+    # kvm1 without address, its URI's host inside the cluster's domain, and no backed-up VM: valid until db moves there.
+    conf, site = tmp_path / "cluster.conf", tmp_path / "site.toml"
+    text = Path("cluster.conf").read_text().replace("cpuset=4-7 after=ldap", "cpuset=4-7 after=ldap backup=no")
+    conf.write_text(text)
+    site_text = Path("site.toml").read_text()
+    site.write_text(site_text.replace('address = "192.168.50.5"', "#"))
+    cluster = load_cluster(conf, site)
+    with pytest.raises(KvmconfError) as refused:
+        migrate(cluster, "db", "kvm1", Connections(cluster, opener=_no_libvirt), force=True, cold=True)
+    assert str(refused.value).split("\n") == [
+        f"db: kvm1 cannot take it: with host=kvm1 on line 7, {conf} would not validate; nothing was changed:",
+        f"{site}:45:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address the VMs can resolve: the Nagios backup check"
+        " of its 1 backed-up VM (db) reaches the host over SSH at 'kvm1.phys.example.org' (its uri's host), and the"
+        " VMs' only name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"
+        ' (expected address = "IP" of the host, or a DNS name outside phys.example.org, or backup=no on those VMs)']
+    assert (conf.read_text(), site.read_text()) == (text, site_text.replace('address = "192.168.50.5"', "#"))
+
+
 def test_force_without_cold_is_a_usage_error_not_ignored(example: Cluster) -> None:
     with pytest.raises(WrongUsage) as refused:
         migrate(example, "db", "kvm1", Connections(example, opener=_no_libvirt), force=True)
