@@ -150,6 +150,16 @@ class PhysicalHost:
         """Where other machines reach this host over SSH: ``address``, else its remote URI's host; None if neither."""
         return self.address or uri_host(self.uri)
 
+    @property
+    def ssh_port(self) -> int:
+        """The SSH port at ssh_address: a remote URI's port when its host is used (``kvm1:2222``), else 22."""
+        if self.address or uri_host(self.uri) is None:
+            return 22
+        try:
+            return urlsplit(self.uri).port or 22
+        except ValueError:  # a port that is no number, or out of range: libvirt refuses such a URI too
+            return 22
+
 
 def uri_host(uri: str) -> str | None:
     """The machine a libvirt URI connects to: ``qemu+ssh://root@kvm1:2222/system`` -> ``kvm1``.

@@ -110,8 +110,8 @@ def _unreachable(cluster: Cluster, host: PhysicalHost, vms: list[str]) -> Proble
     return Problem(host.where or Location(cluster.site.path), f"table '[hosts.{host.name}]' {message}")
 
 
-def backup_targets(cluster: Cluster) -> list[tuple[str, str]]:
-    """Each backed-up VM with the SSH address of its physical host (where its backups are).
+def backup_targets(cluster: Cluster) -> list[tuple[str, str, int]]:
+    """Each backed-up VM with the SSH address and port of its physical host (where its backups are).
 
     The check runs on the Nagios VM, so the address must be one it resolves: a host with none, or with
     a name the cluster's dnsmasq cannot answer, is a ConfigError naming its site.toml table.
@@ -128,7 +128,7 @@ def backup_targets(cluster: Cluster) -> list[tuple[str, str]]:
             unreachable.setdefault(vm.host, []).append(vm.name)
     if unreachable:
         raise ConfigError([_unreachable(cluster, cluster.site.hosts[name], vms) for name, vms in unreachable.items()])
-    return [(vm.name, reachable[vm.host]) for vm in backed_up]
+    return [(vm.name, reachable[vm.host], cluster.site.hosts[vm.host].ssh_port) for vm in backed_up]
 
 
 def backup_check(cluster: Cluster) -> dict[str, object]:

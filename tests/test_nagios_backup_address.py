@@ -58,11 +58,11 @@ def _problems(cluster: Cluster) -> list[str]:
 
 
 def test_each_backed_up_vm_is_checked_on_its_hosts_address(example: Cluster) -> None:
-    assert nagios.backup_targets(example) == [(vm.name, {"kvm0": "192.168.50.4", "kvm1": "192.168.50.5"}[vm.host])
+    assert nagios.backup_targets(example) == [(vm.name, {"kvm0": "192.168.50.4", "kvm1": "192.168.50.5"}[vm.host], 22)
                                               for vm in example.vms if vm.backup]
     text = nagios.render(example)[PurePosixPath("nagios/backup.cfg")]
     assert isinstance(text, str)
-    assert "    check_command           kvmconf-check-backup!192.168.50.5\n" in text
+    assert "    check_command           kvmconf-check-backup!192.168.50.5!22\n" in text
 
 
 def test_make_refuses_a_backed_up_host_without_address_and_writes_nothing(inputs: Path) -> None:
@@ -128,13 +128,28 @@ def test_every_host_without_a_usable_address_is_reported_at_once(example: Cluste
 def test_names_the_vms_can_resolve_are_taken(example: Cluster) -> None:
     # Outside the cluster's domain, dnsmasq forwards the name to its own upstream servers.
     outside = _with_host(example, "kvm1", address="kvm1.mgmt.example.net")
-    assert ("compute1", "kvm1.mgmt.example.net") in nagios.backup_targets(outside)
+    assert ("compute1", "kvm1.mgmt.example.net", 22) in nagios.backup_targets(outside)
     # Where a network hands out other name servers, those may know the host: its URI's name is taken as it is.
     networks = {name: dataclasses.replace(net, dns_servers=(IPv4Address("192.168.50.53"),))
                 for name, net in example.site.networks.items()}
     other_dns = _with_host(dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks)),
                            "kvm1", address=None)
-    assert ("compute1", "kvm1.phys.example.org") in nagios.backup_targets(other_dns)
+    assert ("compute1", "kvm1.phys.example.org", 22) in nagios.backup_targets(other_dns)
+
+
+@pytest.mark.parametrize(("uri", "address", "port"), [
+    ("qemu+ssh://admin@kvm1.mgmt.example.net:2222/system", None, 2222),  # the URI's host, so its port
+    ("qemu+ssh://admin@kvm1.mgmt.example.net/system", None, 22),
+    ("qemu+ssh://admin@kvm1.mgmt.example.net:2222/system", "192.168.50.5", 22),  # another name: its own port
+])
+def test_the_check_uses_the_port_of_the_uri_whose_host_it_reaches(example: Cluster, uri: str, address: str | None,
+                                                                  port: int) -> None:
+    cluster = _with_host(example, "kvm1", uri=uri, address=address)
+    assert ("compute1", address or "kvm1.mgmt.example.net", port) in nagios.backup_targets(cluster)
+    text = nagios.render(cluster)[PurePosixPath("nagios/backup.cfg")]
+    assert isinstance(text, str)
+    assert f"    check_command           kvmconf-check-backup!{address or 'kvm1.mgmt.example.net'}!{port}\n" in text
+    assert "check_by_ssh -H $ARG1$ -p $ARG2$ -l root " in text
 
 
 def test_a_host_without_backed_up_vms_needs_no_address(example: Cluster) -> None:
