@@ -122,8 +122,11 @@ class Runner:
     def write(self, path: str, data: bytes) -> None:
         """Write a file in one piece: to a temporary name first, then renamed over ``path``.
 
-        The temporary is removed when the write fails or is interrupted (by the script itself, or here).
+        The temporary is removed when the write fails or is interrupted (by the script itself, or here); what a
+        killed run of this machine left beside ``path`` is removed first.
         """
+        for leftover in abandoned_temporaries(self, path, "kvmconf-new"):
+            self.remove(leftover)
         tmp = temporary_beside(path)
         try:
             self.check(["sh", "-c", 'cat > "$1" && mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }', "sh", tmp, path],

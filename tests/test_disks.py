@@ -177,3 +177,14 @@ def test_a_name_with_glob_characters_finds_only_its_own_temporaries(tmp_path: Pa
     own.write_bytes(b"")
     other.write_bytes(b"")
     assert abandoned_temporaries(Runner(execute=_real), str(tmp_path / "d[1]*.img"), "kvmconf-new") == [str(own)]
+
+
+def test_runner_write_removes_a_killed_writes_temporary_of_the_same_file(tmp_path: Path) -> None:
+    here = socket.gethostname()
+    killed = tmp_path / f".seed.iso.{here}-{_dead_pid()}.0123456789abcdef.kvmconf-new"
+    other_file = tmp_path / f".user-data.{here}-{_dead_pid()}.0123456789abcdef.kvmconf-new"
+    killed.write_bytes(b"half a seed")
+    other_file.write_bytes(b"half a file")
+    Runner(execute=_real).write(str(tmp_path / "seed.iso"), b"seed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other_file.name, "seed.iso"]
+    assert (tmp_path / "seed.iso").read_bytes() == b"seed"
