@@ -48,38 +48,33 @@ def test_template_errors_name_the_recipe(example: Cluster, tmp_path: Path) -> No
 
 
 def test_unknown_keys_are_refused_with_their_line_before_any_vm_is_reached(example: Cluster, tmp_path: Path) -> None:
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text(
+    hosts = _with_ldap_recipe(tmp_path,
         'pakages = ["slapd"]\n\n[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\n\n'
         '[[file]]\ndest = "/etc/b"\ntemplate = "recipe.toml"\n  mod = "0600"\n')
-    # No ssh config at all: the run fails on the recipe before it looks for a VM (a typo'd mode is never pushed).
-    with pytest.raises(RecipeError) as err:
-        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
-    assert str(err.value) == (
+    # A typo'd mode is never pushed: the run stops before any VM.
+    err = _refused_before_any_vm(example, tmp_path, hosts)
+    assert err == (
         "hosts/ldap/recipe.toml:1:1: key 'pakages': unknown key (expected one of: packages, hooks, file)\n"
         "hosts/ldap/recipe.toml:10:3: key 'file.mod': unknown key (expected one of: dest, template, build, owner,"
         " group, mode, reload)")
     # [file] instead of [[file]]: its keys would be taken for entries.
     (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\n[file]\ndest = "/etc/a"\n')
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(RecipeError) as refused:
         recipes(example, [example.vm("ldap")], hosts)
-    assert str(err.value) == "hosts/ldap/recipe.toml:2:1: key 'file': expected [[file]] tables"
+    assert str(refused.value) == "hosts/ldap/recipe.toml:2:1: key 'file': expected [[file]] tables"
 
 
 def test_values_of_the_wrong_type_are_refused_with_their_line_before_any_vm_is_reached(example: Cluster,
                                                                                        tmp_path: Path) -> None:
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text(
+    hosts = _with_ldap_recipe(tmp_path,
         'packages = "slapd"\nhooks = ["hooks/a.sh", 5]\n\n'
         '[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\nmode = 644\n\n'
         '[[file]]\ndest = "/etc/b"\nbuild = ["nagios"]\nmode = 600\nreload = "nagios4"\nowner = 0\n\n'
         '[[file]]\ntemplate = "recipe.toml"\ngroup = true\n')
-    # No ssh config at all: the run fails on the recipe before it looks for a VM, so nothing is installed or pushed.
-    with pytest.raises(RecipeError) as err:
-        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    err = _refused_before_any_vm(example, tmp_path, hosts)
     where = "hosts/ldap/recipe.toml"
     # The second table's mode is found on its own line 12, not on line 7 where the first table has a mode.
-    assert str(err.value).splitlines() == [
+    assert err.splitlines() == [
         f"{where}:1:1: key 'packages': 'slapd' is a string (expected a list of package names)",
         f"{where}:2:1: key 'hooks': ['hooks/a.sh', 5] is not a list of hook scripts such as \"hooks/x.sh\" (expected"
         ' strings in quotes, such as ["a", "b"])',
@@ -97,8 +92,7 @@ def test_paths_outside_the_recipe_directory_or_build_are_refused_with_their_line
                                                                                   tmp_path: Path) -> None:
     """An absolute template path crashed with Python's `ValueError: ... is not in the subpath`; build = "." took
     the whole of build/, and a hook of ../ ran a script of another recipe (or none at all)."""
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text(
+    hosts = _with_ldap_recipe(tmp_path,
         'hooks = ["hooks/ok.sh", "../mcp/hooks/nagios-localhost.sh"]\n\n'
         '[[file]]\ndest = "/etc/a"\ntemplate = "/etc/hostname"\n\n'
         '[[file]]\ndest = "/etc/b"\n  template = "sub/../../mcp/recipe.toml"\n\n'
@@ -124,18 +118,15 @@ def test_paths_outside_the_recipe_directory_or_build_are_refused_with_their_line
 
 def test_values_of_the_wrong_form_are_refused_all_at_once_with_their_line(example: Cluster, tmp_path: Path) -> None:
     """They were refused one at a time, without a line, and only as each VM's recipe was assembled."""
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text(
+    hosts = _with_ldap_recipe(tmp_path,
         'packages = ["slapd", "-x"]\n\n'
         '[[file]]\ndest = "/etc/../shadow"\ntemplate = "recipe.toml"\nowner = "a b"\ngroup = ""\n\n'
         '[[file]]\ndest = "etc/b"\ntemplate = "recipe.toml"\nbuild = "ssh/config"\nreload = ["nagios4", "x;y"]\n')
-    # No ssh config at all: the run fails on the recipe before it looks for a VM, so nothing is installed or pushed.
-    with pytest.raises(RecipeError) as err:
-        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    err = _refused_before_any_vm(example, tmp_path, hosts)
     where = "hosts/ldap/recipe.toml"
     name_rule = "(expected letters, digits and . _ @ + : -, starting with a letter or digit)"
     path_rule = "(expected / then letters, digits and . _ @ + / -, without ..)"
-    assert str(err.value).splitlines() == [
+    assert err.splitlines() == [
         f"{where}:1:1: key 'packages': ['slapd', '-x'] is not a list of package names ('-x': expected letters, digits"
         " and . _ @ + : -, starting with a letter or digit)",
         f"{where}:4:1: key 'file.dest': '/etc/../shadow' is not an absolute path on the VM {path_rule}",
@@ -149,8 +140,7 @@ def test_values_of_the_wrong_form_are_refused_all_at_once_with_their_line(exampl
 
 
 def test_a_dest_with_jinja_is_checked_once_rendered_with_its_line(example: Cluster, tmp_path: Path) -> None:
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text('[[file]]\n\ndest = "/etc/{{ vm.hostgroups | join(\' \') }}"\n'
+    hosts = _with_ldap_recipe(tmp_path, '[[file]]\n\ndest = "/etc/{{ vm.hostgroups | join(\' \') }}"\n'
                                             'template = "recipe.toml"\n')
     with pytest.raises(RecipeError) as err:
         recipes(example, [example.vm("ldap")], hosts)
@@ -161,8 +151,7 @@ def test_a_dest_with_jinja_is_checked_once_rendered_with_its_line(example: Clust
 
 def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp_path: Path) -> None:
     """Before the type check, packages = "slapd" installed packages s, l, a, p and d."""
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
-    (hosts / "ldap/recipe.toml").write_text('packages = "slapd"\n')
+    hosts = _with_ldap_recipe(tmp_path, 'packages = "slapd"\n')
     with pytest.raises(RecipeError, match=r"^hosts/ldap/recipe.toml:1:1: key 'packages': 'slapd' is a string"
                                           r" \(expected a list of package names\)$"):
         recipes(example, [example.vm("ldap")], hosts)
@@ -171,9 +160,8 @@ def test_a_string_for_a_list_is_not_taken_letter_by_letter(example: Cluster, tmp
 
 
 def test_inline_file_tables_are_checked_too(example: Cluster, tmp_path: Path) -> None:
-    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
     # No [[file]] header to find the keys under: the problems point at the `file` key, not at the start of the file.
-    (hosts / "ldap/recipe.toml").write_text('packages = ["slapd"]\n\nfile = [{dest = "/etc/a",'
+    hosts = _with_ldap_recipe(tmp_path, 'packages = ["slapd"]\n\nfile = [{dest = "/etc/a",'
                                             ' template = "recipe.toml", mode = 644},\n  {template = "recipe.toml"}]\n')
     with pytest.raises(RecipeError) as err:
         recipes(example, [example.vm("ldap")], hosts)
@@ -203,3 +191,18 @@ def test_targets_come_from_the_generated_ssh_config(example: Cluster, tmp_path: 
     target = resolve("db", config)
     assert (target.hostname, target.port, target.user) == ("192.168.50.20", 22, "root")
     assert target.known_hosts == os.path.expanduser("~/.ssh/kvmconf_known_hosts")
+
+
+def _with_ldap_recipe(tmp_path: Path, text: str) -> Path:
+    """A copy of hosts/ whose ldap recipe.toml is ``text``."""
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "ldap/recipe.toml").write_text(text)
+    return hosts
+
+
+def _refused_before_any_vm(example: Cluster, tmp_path: Path, hosts: Path) -> str:
+    """The error of a deploy with no ssh config at all: a recipe problem must stop it before it looks for a VM,
+    so nothing is installed or pushed."""
+    with pytest.raises(RecipeError) as err:
+        run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
+    return str(err.value)
