@@ -12,7 +12,6 @@ from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
-from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
@@ -27,11 +26,6 @@ from kvmconf.status import status as host_status
 # one as positional, and a positional argument swallows `--help` as its value. The task itself then
 # says what is missing (a usage error, exit 2). Tasks with a --host option set auto_shortflags=False:
 # its -h would hide invoke's own -h (--help).
-
-
-def _check_hosts(cluster: Cluster, hosts: list[str]) -> None:
-    """Refuse unknown --host names (all of them, in one message) before any host is contacted."""
-    find_hosts(cluster, hosts)
 
 
 def _ask(question: str) -> bool:
@@ -76,7 +70,7 @@ def status(c: Context, host: list[str]) -> None:
     """Show a table per physical host: state, IP, RAM, vCPUs, disk, autostart, drift from cluster.conf."""
     with user_errors():
         cluster = inputs.load()
-        _check_hosts(cluster, host)
+        find_hosts(cluster, host)  # every unknown --host, in one message, before any host is contacted
         with connections(cluster) as conns:
             result = host_status(cluster, conns, host)
         print(format_status(result))
@@ -219,7 +213,7 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
 
     with user_errors():
         cluster = inputs.load()
-        _check_hosts(cluster, host)
+        find_hosts(cluster, host)  # every unknown --host, in one message, before any host is contacted
         if offline:
             print(format_capacity(host_capacity(cluster, None, host)))
             return
