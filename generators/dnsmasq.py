@@ -48,7 +48,7 @@ def tftp_names() -> dict[str, str]:
     return {
         "bios_boot_file": pxe.PXELINUX_BOOT_FILE,
         "bios_ldlinux": pxe.PXELINUX_LDLINUX,
-        "pxelinux_mac_cfg": f"{pxe.PXELINUX_CFG_DIR}/{pxe.ETHERNET}<mac>",
+        "pxelinux_mac_cfg": pxe.pxelinux_entry("<mac>"),
         "pxelinux_default": pxe.PXELINUX_DEFAULT,
         "grub_prefix": f"/{pxe.GRUB_DIR}",
         "grub_cfg": pxe.GRUB_CFG,
