@@ -153,7 +153,7 @@ class PhysicalHost:
     @property
     def ssh_port(self) -> int:
         """The SSH port at ssh_address: a remote URI's port when its host is used (``kvm1:2222``), else 22."""
-        if self.address or uri_host(self.uri) is None:
+        if self.address or self.ssh_address is None:
             return 22
         try:
             return urlsplit(self.uri).port or 22
