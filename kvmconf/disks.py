@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from generators.model import Cluster, DiskKind, Install, Vm
 from generators.paths import disk_path, lvm_volume_name
 from kvmconf.errors import CommandFailed, DiskExists
-from kvmconf.runner import Runner, abandoned_temporaries, describe_failure, temporary_beside
+from kvmconf.runner import Runner, describe_failure, fresh_temporary
 
 GIB = 1024**3
 
@@ -133,9 +133,7 @@ def make_new(runner: Runner, path: str, suffix: str, write: Callable[[str], obje
     also when ``write`` fails or is interrupted (a half-written disk can be gigabytes); what a killed run of
     this machine left is removed first.
     """
-    for leftover in abandoned_temporaries(runner, path, suffix):
-        runner.remove(leftover)
-    tmp = temporary_beside(path, suffix)
+    tmp = fresh_temporary(runner, path, suffix)
     try:
         write(tmp)
         try:

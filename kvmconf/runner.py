@@ -68,6 +68,14 @@ def abandoned_temporaries(runner: Runner, path: str, suffix: str) -> list[str]:
     return abandoned
 
 
+def fresh_temporary(runner: Runner, path: str, suffix: str = "kvmconf-new") -> str:
+    """This run's temporary for ``path`` (:func:`temporary_beside`), once what killed runs of this machine left
+    beside it (:func:`abandoned_temporaries`) is removed."""
+    for leftover in abandoned_temporaries(runner, path, suffix):
+        runner.remove(leftover)
+    return temporary_beside(path, suffix)
+
+
 def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:
     try:
         return subprocess.run(list(argv), input=stdin, capture_output=True, timeout=_TIMEOUT, check=False)
@@ -125,9 +133,7 @@ class Runner:
         The temporary is removed when the write fails or is interrupted (by the script itself, or here); what a
         killed run of this machine left beside ``path`` is removed first.
         """
-        for leftover in abandoned_temporaries(self, path, "kvmconf-new"):
-            self.remove(leftover)
-        tmp = temporary_beside(path)
+        tmp = fresh_temporary(self, path)
         try:
             self.check(["sh", "-c", 'cat > "$1" && mv -f -- "$1" "$2" || { rm -f -- "$1"; exit 1; }', "sh", tmp, path],
                        stdin=data)
