@@ -310,11 +310,9 @@ def moved_text(path: Path, vm: Vm, to: str) -> str:
     return "\n".join(lines)
 
 
-def edit_host(path: Path, vm: Vm, to: str) -> str:
-    """Set host=``to`` on the VM's line of cluster.conf, touching nothing else; returns the new line."""
-    text = moved_text(path, vm, to)
-    replace_text(path, text)  # keeps the admin's permissions on cluster.conf
-    return text.split("\n")[vm.line - 1]
+def edit_host(path: Path, vm: Vm, to: str) -> None:
+    """Set host=``to`` on the VM's line of cluster.conf, touching nothing else."""
+    replace_text(path, moved_text(path, vm, to))  # keeps the admin's permissions on cluster.conf
 
 
 def check_moved_cluster(cluster: Cluster, vm: Vm, to: str) -> None:
