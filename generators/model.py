@@ -152,11 +152,17 @@ class PhysicalHost:
 
     @property
     def ssh_port(self) -> int:
-        """The SSH port at ssh_address: a remote URI's port when its host is used (``kvm1:2222``), else 22."""
-        if self.address or self.ssh_address is None:
+        """The SSH port at ssh_address: a qemu+ssh URI's port when its host is used (``kvm1:2222``), else 22.
+
+        Only an SSH transport's port is SSH's: qemu+tls://kvm1:16514 names libvirtd's TLS port.
+        """
+        if self.address or self.ssh_address is None:  # no URI host in use (uri_host also refuses broken URIs)
+            return 22
+        parts = urlsplit(self.uri)
+        if not parts.scheme.endswith("+ssh"):
             return 22
         try:
-            return urlsplit(self.uri).port or 22
+            return parts.port or 22
         except ValueError:  # a port that is no number, or out of range: libvirt refuses such a URI too
             return 22
 

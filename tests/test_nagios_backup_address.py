@@ -141,6 +141,7 @@ def test_names_the_vms_can_resolve_are_taken(example: Cluster) -> None:
     ("qemu+ssh://admin@kvm1.mgmt.example.net:2222/system", None, 2222),  # the URI's host, so its port
     ("qemu+ssh://admin@kvm1.mgmt.example.net/system", None, 22),
     ("qemu+ssh://admin@kvm1.mgmt.example.net:2222/system", "192.168.50.5", 22),  # another name: its own port
+    ("qemu+tls://kvm1.mgmt.example.net:16514/system", None, 22),  # libvirtd's TLS port, not SSH's
 ])
 def test_the_check_uses_the_port_of_the_uri_whose_host_it_reaches(example: Cluster, uri: str, address: str | None,
                                                                   port: int) -> None:
