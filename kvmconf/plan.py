@@ -159,7 +159,11 @@ def find_vm(cluster: Cluster, name: str) -> Vm:
     raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}{allowed}")
 
 
-def find_host(cluster: Cluster, name: str, missing: str = "name the host with --host NAME") -> PhysicalHost:
+# What find_host(s) say when the tasks' --host default ("") reaches them; a task with another option says its own.
+NO_HOST = "name the host with --host NAME"
+
+
+def find_host(cluster: Cluster, name: str, missing: str = NO_HOST) -> PhysicalHost:
     """The physical host of site.toml called `name`; an unknown name is an error listing them all (they are few).
 
     No name is the usage error ``missing`` (it names the option): the tasks default it to "" (see tasks.py).
@@ -167,8 +171,7 @@ def find_host(cluster: Cluster, name: str, missing: str = "name the host with --
     return find_hosts(cluster, [name], missing)[0]
 
 
-def find_hosts(cluster: Cluster, names: Sequence[str],
-               missing: str = "name the host with --host NAME") -> list[PhysicalHost]:
+def find_hosts(cluster: Cluster, names: Sequence[str], missing: str = NO_HOST) -> list[PhysicalHost]:
     """The physical hosts called `names`, as :func:`find_host` finds one; every unknown name is in the one error."""
     if "" in names:
         raise WrongUsage(missing)
