@@ -67,9 +67,9 @@ def _form_or_template(check: Callable[[str], str]) -> Callable[[str], str]:
 class Field:
     kind: type
     what: str  # what messages say is allowed
+    form: Callable[[str], str]  # the value's (or for a list, each item's) form beyond its type
+    rule: str  # that form, for messages
     required: bool = False
-    form: Callable[[str], str] | None = None  # the value's (or for a list, each item's) form beyond its type
-    rule: str = ""  # that form, for messages
 
 
 # Every key a recipe may hold, with its TOML type and what messages say is allowed: any other key is a typo
@@ -176,21 +176,18 @@ def _check_types(r: TableReader, fields: dict[str, Field]) -> None:
         default = {} if field.required else {"default": None}  # no default: TableReader reports the key missing
         if field.kind is list:
             r.convert(key, _each(field), field.what, field.what, kind=list, **default)
-        elif field.form is not None:
-            r.convert(key, field.form, field.what, field.rule, kind=field.kind, **default)
         else:
-            r.get(key, field.kind, what=field.what, **default)
+            r.convert(key, field.form, field.what, field.rule, kind=field.kind, **default)
 
 
 def _each(field: Field) -> Callable[[list[Any]], list[str]]:
     """A list's check: strings only, each of ``field``'s form; a message names the first item that is not."""
     def check(value: list[Any]) -> list[str]:
         for item in _strings(value):
-            if field.form is not None:
-                try:
-                    field.form(item)
-                except ValueError:
-                    raise ValueError(f"({item!r}: expected {field.rule})") from None
+            try:
+                field.form(item)
+            except ValueError:
+                raise ValueError(f"({item!r}: expected {field.rule})") from None
         return value
     return check
 
