@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from generators.model import uri_host
 from kvmconf.errors import CommandFailed
 from kvmconf.processes import alive
 
@@ -158,10 +159,11 @@ def describe_failure(where: str, argv: Sequence[str], result: Result) -> str:
 
 def runner_for_uri(uri: str, execute: Execute = _execute) -> Runner:
     """Local for ``qemu:///system``, ``qemu+unix://...`` and ``test://``; SSH to the URI's host otherwise."""
-    parts = urlsplit(uri)
-    if not parts.hostname or parts.hostname in ("localhost", "127.0.0.1", "::1"):
+    host = uri_host(uri)  # the one rule of which URIs name another machine (None: local, loopback too)
+    if host is None:
         return Runner(None, None, execute)
+    parts = urlsplit(uri)
     user = f"{parts.username}@" if parts.username else ""
     # Only qemu+ssh's port is an SSH port; tcp/tls ports belong to libvirtd, SSH stays on 22.
     port = parts.port if parts.scheme.endswith("+ssh") else None
-    return Runner(f"{user}{parts.hostname}", port, execute)
+    return Runner(f"{user}{host}", port, execute)

@@ -132,7 +132,8 @@ def test_an_unreachable_uri_names_the_host_the_uri_and_the_setting(example: Clus
 
 
 def test_commands_run_locally_for_local_uris_and_over_ssh_for_remote_ones() -> None:
-    for uri in ("qemu:///system", TEST_URI, "qemu+unix:///system?socket=/tmp/x/libvirt-sock"):
+    for uri in ("qemu:///system", TEST_URI, "qemu+unix:///system?socket=/tmp/x/libvirt-sock",
+                "qemu+ssh://root@localhost/system", "qemu+ssh://root@127.0.0.2/system"):  # loopback: this machine
         assert runner_for_uri(uri).argv(["qemu-img", "info", "x"]) == ["qemu-img", "info", "x"]
     remote = runner_for_uri("qemu+ssh://root@kvm1.phys.example.org/system")
     assert remote.argv(["qemu-img", "create", "/var/lib/a b.img", "1G"]) == [
