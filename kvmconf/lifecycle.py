@@ -67,18 +67,18 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     disk = disks.disk_spec(cluster, vm)
     seed = seed_iso_path(cluster, vm)
     doomed = [path for path in (disk.path, seed) if path and runner.exists(path)] if purge else []
-    running = dom is not None and domains.is_active(dom)
-    # What undefining deletes besides the definition (which `invoke provision` makes again): `lost` is worth a
-    # question; dropping the backup checkpoints only makes the next backup a full one.
-    lost = []
-    if dom is not None and dom.hasManagedSaveImage(0):
-        lost.append("its saved memory state")
-    if dom is not None and (snapshots := dom.snapshotNum(0)):
-        lost.append(f"the metadata of {snapshots} snapshot{'s' * (snapshots != 1)}")
-    dropped = lost + (["its backup checkpoints (the next backup is a full)"]
-                      if dom is not None and dom.listAllCheckpoints() else [])
-    steps = []
+    running = False
+    lost: list[str] = []
+    steps: list[str] = []
     if dom is not None:
+        running = domains.is_active(dom)
+        # What undefining deletes besides the definition (which `invoke provision` makes again): `lost` is worth
+        # a question; dropping the backup checkpoints only makes the next backup a full one.
+        if dom.hasManagedSaveImage(0):
+            lost.append("its saved memory state")
+        if snapshots := dom.snapshotNum(0):
+            lost.append(f"the metadata of {snapshots} snapshot{'s' * (snapshots != 1)}")
+        dropped = lost + (["its backup checkpoints (the next backup is a full)"] if dom.listAllCheckpoints() else [])
         steps += ["power off (it is running: what the guest has not written to disk is lost)"] if running else []
         steps += ["undefine" + (f" (deleting {' and '.join(dropped)})" if dropped else "")]
     steps += [f"remove {path} for good" for path in doomed]
