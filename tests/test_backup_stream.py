@@ -47,14 +47,12 @@ Serve = Callable[..., Path]
 
 
 def _accepts(sock: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(sock))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
         return True
-    except (FileNotFoundError, ConnectionRefusedError):
-        return False
-    finally:
-        probe.close()
 
 
 @pytest.fixture
