@@ -5,8 +5,13 @@ forward zone with an A record per VM, and one reverse zone per network with a PT
 whose prefix is not on an octet boundary (/20, /25) goes into the enclosing octet-boundary zone
 (/16, /24), shared with any other network inside it; RFC 2317 delegation is left to the admin.
 
-The NS record names ns.<domain>, an A record for the provision server (unless a VM is itself called
-`ns`, whose A record then serves).
+The physical hosts that have a DNS record (generators/host_records.py) are in the forward zone too (A
+or AAAA), with a PTR in the reverse zone whose addresses hold theirs, if any: an address outside every
+network's zone, or an IPv6 one, has no zone here to put a PTR in (dnsmasq still answers its PTR).
+
+The NS record names ns.<domain>, an A record for the provision server (unless a VM or a host with a
+record is itself called `ns`, whose record then serves). The provision server's PTR is ns.<domain>
+unless a VM or such a host has its address.
 
 The SOA serial is the first 32 bits of the SHA-256 of the zone rendered with serial 0: it changes
 whenever the content does and stays the same otherwise, with no clock and no state. It does not
@@ -22,6 +27,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import PurePosixPath
 from typing import Any
 
+from generators.host_records import HostRecord, host_records
 from generators.model import Cluster, Vm
 from generators.render import render as render_template
 
@@ -36,6 +42,11 @@ def reverse_origin(subnet: IPv4Network) -> str:
     """The in-addr.arpa zone holding ``subnet``: the enclosing octet boundary, e.g. /20 -> /16."""
     octets = str(subnet.network_address).split(".")[: subnet.prefixlen // 8]
     return ".".join([*reversed(octets), "in-addr.arpa"])
+
+
+def reverse_zone_network(subnet: IPv4Network) -> IPv4Network:
+    """Every address the reverse zone of ``subnet`` holds: the enclosing octet boundary, e.g. /20 -> /16."""
+    return subnet.supernet(new_prefix=subnet.prefixlen // 8 * 8)
 
 
 def reverse_owner(ip: IPv4Address, origin: str) -> str:
@@ -65,36 +76,47 @@ def _provision_server(cluster: Cluster) -> IPv4Address:
     return server
 
 
-def forward_records(cluster: Cluster) -> list[Record]:
+def forward_records(cluster: Cluster, hosts: list[HostRecord]) -> list[Record]:
     records = [(vm.name, "A", str(vm.ip)) for vm in cluster.vms]
-    if all(vm.name != NS_NAME for vm in cluster.vms):
+    records += [(host.name, host.rdtype, str(host.ip)) for host in hosts]
+    if all(vm.name != NS_NAME for vm in cluster.vms) and all(host.name != NS_NAME for host in hosts):
         records.append((NS_NAME, "A", str(_provision_server(cluster))))
     return sorted(records)
 
 
-def reverse_records(cluster: Cluster) -> dict[str, list[tuple[IPv4Address, str]]]:
+def reverse_records(cluster: Cluster, hosts: list[HostRecord]) -> dict[str, list[tuple[IPv4Address, str]]]:
     """Zone origin -> (ip, fqdn) for every PTR, sorted by address; every network gets its zone."""
     zones: dict[str, list[tuple[IPv4Address, str]]] = {}
     for network in cluster.site.networks.values():
         zones.setdefault(reverse_origin(network.subnet), [])
     by_vm: list[tuple[IPv4Address, str, Vm | None]] = [(vm.ip, cluster.fqdn(vm), vm) for vm in cluster.vms]
     server = _provision_server(cluster)
-    if all(vm.ip != server for vm in cluster.vms):
+    host_ptrs = [(host.ip, host.fqdn) for host in hosts if isinstance(host.ip, IPv4Address)]
+    if all(vm.ip != server for vm in cluster.vms) and all(ip != server for ip, _ in host_ptrs):
         by_vm.append((server, f"{NS_NAME}.{cluster.site.domain}", None))
     for ip, fqdn, _ in by_vm:
         for network in cluster.site.networks.values():
             if ip in network.subnet:
                 zones[reverse_origin(network.subnet)].append((ip, fqdn))
                 break
+    # A host is in no network's subnet necessarily (a management LAN inside the VMs' /16 zone): the most specific
+    # zone holding its address, as a resolver would delegate it; no zone, no PTR.
+    held = sorted({(reverse_zone_network(network.subnet), reverse_origin(network.subnet))
+                   for network in cluster.site.networks.values()}, key=lambda held: -held[0].prefixlen)
+    for ip, fqdn in host_ptrs:
+        origin = next((origin for network, origin in held if ip in network), None)
+        if origin is not None:
+            zones[origin].append((ip, fqdn))
     return {origin: sorted(entries) for origin, entries in sorted(zones.items())}
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     domain = cluster.site.domain
+    hosts = host_records(cluster)
     tree: dict[PurePosixPath, str | bytes] = {
-        PurePosixPath("dns", f"{domain}.zone"): _zone(cluster, "Forward", domain, forward_records(cluster)),
+        PurePosixPath("dns", f"{domain}.zone"): _zone(cluster, "Forward", domain, forward_records(cluster, hosts)),
     }
-    for origin, entries in reverse_records(cluster).items():
+    for origin, entries in reverse_records(cluster, hosts).items():
         records = [(reverse_owner(ip, origin), "PTR", f"{fqdn}.") for ip, fqdn in entries]
         tree[PurePosixPath("dns", f"{origin}.zone")] = _zone(cluster, "Reverse", origin, records)
     return tree

@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from posixpath import join
 
 from generators import pxe
+from generators.host_records import host_records
 from generators.model import Cluster, Network
 from generators.render import banner_lines, environment
 
@@ -68,7 +69,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         ),
         OUT / "hosts": env.get_template(HOSTS_TEMPLATE).render(
             cluster=cluster, site=site, banner=banner_lines(cluster, HOSTS_TEMPLATE),
-            vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)),
+            vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)), hosts=host_records(cluster),
         ),
     }
     # Fetched once, rendered per VM: this loop is what 10,000 VMs cost.

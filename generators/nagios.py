@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 from generators.crontab import GRACE, max_interval
 from generators.dnsmasq import dns_servers
 from generators.errors import ConfigError, Location, Problem
+from generators.host_records import host_records
 from generators.model import Cluster, PhysicalHost
 from generators.render import render as render_template
 from generators.site import is_host_address
@@ -68,8 +69,9 @@ def _only_our_dnsmasq(cluster: Cluster) -> bool:
 def _unresolvable(cluster: Cluster, address: str) -> str | None:
     """Why the VMs cannot resolve ``address``, when the cluster's dnsmasq is their only name server; else None.
 
-    dnsmasq.conf has local=/<domain>/ (the domain is answered from cluster.conf's VMs alone, never
-    forwarded) and domain-needed (a name without a dot is never forwarded).
+    dnsmasq.conf has local=/<domain>/ (the domain is answered from dnsmasq/hosts alone, never
+    forwarded) and domain-needed (a name without a dot is never forwarded). dnsmasq/hosts has the VMs
+    and the physical hosts whose address is an IP (generators/host_records.py), by name and FQDN.
     """
     try:
         ip_address(address)
@@ -79,10 +81,12 @@ def _unresolvable(cluster: Cluster, address: str) -> str | None:
     if not _only_our_dnsmasq(cluster):
         return None  # some VMs ask other name servers, which may well know the host
     name, domain = address.lower(), cluster.site.domain
+    if any(name in (record.name, record.fqdn) for record in host_records(cluster)):
+        return None  # dnsmasq/hosts has it: the name of a host whose address is an IP (another host, then)
     if "." not in name:
         return "forwards no name without a dot"
     if name == domain or name.endswith(f".{domain}"):
-        return f"answers {domain} only with cluster.conf's VMs"
+        return f"answers {domain} only with cluster.conf's VMs and the hosts whose address is an IP"
     return None
 
 

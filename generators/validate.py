@@ -15,6 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from generators.errors import ConfigError, Location, Problem, shown
+from generators.host_records import host_ip
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
 from generators.site import MAX_DNS_NAME, load_site_located
@@ -225,6 +226,11 @@ class _Checker:
     def _check_addresses(self, rows: list[Row], refs: dict[int, _Refs]) -> None:
         # With `[provision] vm =`, the server's address is that VM's IP, which the check of unique IPs covers.
         server = self.site.provision.server if self.site.provision.vm is None else None
+        # A physical host's IP is its name's address in the cluster's DNS (generators/host_records.py): a VM there
+        # would get the host's traffic and a second PTR. (The provision server may well be a host: no clash.)
+        hosts = {host_address: f"the address of physical host {name!r} ([hosts.{name}] address at"
+                               f" {host.where_key.get('address') or self.site.path})"
+                 for name, host in self.site.hosts.items() if (host_address := host_ip(host)) is not None}
         for row in rows:
             ip: IPv4Address | None = row.values.get("ip")
             network = refs[row.line].network
@@ -241,18 +247,28 @@ class _Checker:
                 reserved[net.gateway] = f"the gateway of network {network!r}"
             if server is not None:
                 reserved.setdefault(server, f"the provision server's address ([provision] server in {self.site.path})")
-            if ip in reserved:
-                self.report(row, "ip", f"'{ip}' is {reserved[ip]} (expected a host address of its own)")
+            clash = reserved.get(ip) or hosts.get(ip)
+            if clash is not None:
+                self.report(row, "ip", f"'{ip}' is {clash} (expected a host address of its own)")
             for first, last in net.dhcp_ranges:
                 if first <= ip <= last:
                     self.report(row, "ip", f"'{ip}' is inside the dynamic DHCP range {first}-{last} of network"
                                 f" {network!r} (expected an address outside it)")
 
     def _check_dns_names(self, rows: list[Row]) -> None:
-        """Each VM is NAME.DOMAIN in DNS, which dnsmasq and the zone files cannot hold beyond 253 characters."""
+        """Each VM is NAME.DOMAIN in DNS, which dnsmasq and the zone files cannot hold beyond 253 characters.
+
+        A physical host is NAME.DOMAIN there too (generators/host_records.py), so a VM may not have its name; DNS
+        names are case-insensitive, and site.toml's host names, unlike VMs', may have capitals.
+        """
         domain = self.site.domain
+        hosts = {name.lower(): host for name, host in self.site.hosts.items()}
         for row in rows:
             name = row.values.get("name")
+            if name is not None and (host := hosts.get(name)) is not None:
+                self.report(row, "name", f"{name!r} is also the name of physical host {host.name!r} ([hosts."
+                            f"{host.name}] at {host.where or self.site.path}) (expected a name of its own: both"
+                            f" would be {name}.{domain} in the cluster's DNS)")
             if name is not None and (length := len(f"{name}.{domain}")) > MAX_DNS_NAME:
                 self.report(row, "name", f"{name!r} with domain {shown(domain)} makes a DNS name of {length}"
                             f" characters (expected at most {MAX_DNS_NAME} in NAME.DOMAIN: a shorter name or"

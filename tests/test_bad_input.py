@@ -94,6 +94,16 @@ def site(line: int, col: int, message: str | Re) -> Expected:
     return ("site.toml", line, col, message)
 
 
+def site_line(start: str) -> int:
+    """The line of the example site.toml that starts with ``start`` (messages that point into it from cluster.conf)."""
+    return next(number for number, line in enumerate(EXAMPLE_SITE.split("\n"), 1) if line.startswith(start))
+
+
+KVM0_LINE = site_line("[hosts.kvm0]")
+KVM0_ADDRESS_LINE = site_line('address = "192.168.50.4"')
+SITE_END = EXAMPLE_SITE.count("\n") + 1  # the line of the first line a case appends to site.toml
+
+
 def option_problem(line: int, col: int, message: str) -> Expected:
     return conf(line, col, f"column 'options': {message}")
 
@@ -410,6 +420,19 @@ CASES = [
          add(vm(ip="192.168.50.5")), sub('vm = "provision"', 'server = "192.168.50.5"')),
     Case("ip-of-the-provision-vm", (conf(NEW, 23, "column 'ip': '192.168.50.2' is already used on line 4 (expected"
                                                   " unique IP addresses)"),), add(vm(ip="192.168.50.2"))),
+    # A physical host with an IP address is NAME and NAME.<domain> in the cluster's DNS: no VM may take either.
+    Case("ip-of-a-physical-host", (conf(NEW, 23, "column 'ip': '192.168.50.4' is the address of physical host 'kvm0'"
+                                                 f" ([hosts.kvm0] address at {{site}}:{KVM0_ADDRESS_LINE}:1) (expected"
+                                                 " a host address of its own)"),), add(vm(ip="192.168.50.4"))),
+    Case("name-of-a-physical-host", (conf(NEW, 1, "column 'name': 'kvm0' is also the name of physical host 'kvm0'"
+                                                  f" ([hosts.kvm0] at {{site}}:{KVM0_LINE}:1) (expected a name of its"
+                                                  " own: both would be kvm0.phys.example.org in the cluster's DNS)"),),
+         add(vm(name="kvm0"))),
+    Case("name-of-a-physical-host-in-capitals",
+         (conf(NEW, 1, "column 'name': 'nas' is also the name of physical host 'NAS' ([hosts.NAS] at"
+                       f" {{site}}:{SITE_END}:1) (expected a name of its own: both would be nas.phys.example.org in"
+                       " the cluster's DNS)"),),
+         add(vm(name="nas")), add("[hosts.NAS]", 'uri = "qemu:///system"', "ram_mb = 1024", "cpus = 1", "disk_gb = 1")),
     Case("capacity-ram-second-vm-pushes-over",
          (conf(NEW + 1, 37, "column 'ram': 10000 puts host 'kvm1' over capacity: its VMs up to this line need 66384 MB"
                             " RAM (expected at most 65536 = 65536 × overcommit 1)"),),

@@ -47,6 +47,7 @@ def test_dhcp_reservations(example: Cluster, tree: dict[str, str]) -> None:
 
 def test_dns_for_dnsmasq_and_etc_hosts(example: Cluster, tree: dict[str, str]) -> None:
     expected = {vm.name: str(vm.ip) for vm in example.vms}
+    expected |= {name: str(host.address) for name, host in example.site.hosts.items()}  # IP addresses, all of them
     assert _hosts_file(tree["dnsmasq/hosts"]) == expected
     assert _hosts_file(tree["hosts"]) == expected
     for line in _lines(tree["hosts"]):

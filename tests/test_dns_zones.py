@@ -58,11 +58,15 @@ def test_forward_zone_resolves_every_vm_and_the_name_server(example: Cluster, re
     for vm in example.vms:
         assert lookup(vm.name) == [str(vm.ip)]
         assert lookup(example.fqdn(vm) + ".") == [str(vm.ip)]
+    hosts = {"kvm0": "192.168.50.4", "kvm1": "192.168.50.5"}  # the physical hosts' addresses in site.toml
+    for name, address in hosts.items():
+        assert lookup(name) == lookup(f"{name}.phys.example.org.") == [address]
     ns = zone.find_rdataset("@" if relativize else origin, dns.rdatatype.NS)
     assert [rdata.target.derelativize(origin).to_text() for rdata in ns] == ["ns.phys.example.org."]
     assert lookup("ns") == ["192.168.50.2"]  # the provision server
     names = {name.derelativize(origin).to_text() for name in zone.nodes}
-    assert names == {"phys.example.org.", "ns.phys.example.org."} | {example.fqdn(vm) + "." for vm in example.vms}
+    assert names == ({"phys.example.org.", "ns.phys.example.org."} | {example.fqdn(vm) + "." for vm in example.vms}
+                     | {f"{name}.phys.example.org." for name in hosts})
 
 
 def test_reverse_zones_point_every_address_at_its_fqdn(example: Cluster, tmp_path: Path) -> None:
@@ -77,7 +81,8 @@ def test_reverse_zones_point_every_address_at_its_fqdn(example: Cluster, tmp_pat
         for name, node in zone.nodes.items():
             for rdata in node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.PTR) or ():
                 expected[str(dns.reversename.to_address(name))] = rdata.target.to_text()
-    assert expected == {str(vm.ip): example.fqdn(vm) + "." for vm in example.vms}
+    assert expected == {str(vm.ip): example.fqdn(vm) + "." for vm in example.vms} | {
+        "192.168.50.4": "kvm0.phys.example.org.", "192.168.50.5": "kvm1.phys.example.org."}
 
 
 def test_serial_is_stable_and_changes_with_the_content(example: Cluster) -> None:
@@ -121,9 +126,9 @@ def test_prefixes_off_the_octet_boundary_use_the_enclosing_zone(example: Cluster
 
 def test_provision_server_outside_the_vms_gets_the_ns_ptr(example: Cluster) -> None:
     site = example.site
-    provision = replace(site.provision, server=IPv4Address("192.168.50.5"), vm=None)
+    provision = replace(site.provision, server=IPv4Address("192.168.50.6"), vm=None)  # no VM's, no host's
     elsewhere = replace(example, site=replace(site, provision=provision))
     reverse = parse(zones(elsewhere)[PurePosixPath("dns/50.168.192.in-addr.arpa.zone")], "50.168.192.in-addr.arpa.")
-    assert reverse.find_rdataset("5", dns.rdatatype.PTR)[0].target.to_text() == "ns.phys.example.org."
+    assert reverse.find_rdataset("6", dns.rdatatype.PTR)[0].target.to_text() == "ns.phys.example.org."
     forward = parse(zones(elsewhere)[FORWARD], "phys.example.org.")
-    assert [rdata.address for rdata in forward.find_rdataset("ns", dns.rdatatype.A)] == ["192.168.50.5"]
+    assert [rdata.address for rdata in forward.find_rdataset("ns", dns.rdatatype.A)] == ["192.168.50.6"]

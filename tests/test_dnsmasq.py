@@ -74,6 +74,10 @@ def test_hosts_file_is_sorted_by_address_then_name(example: Cluster) -> None:
     hosts = dnsmasq.render(example)[HOSTS]
     assert isinstance(hosts, str)
     rows = [line.split() for line in _data_lines(hosts)]
+    # The VMs, then the physical hosts with an IP address (tests/test_host_records.py).
+    assert rows[-2:] == [["192.168.50.4", "kvm0.phys.example.org", "kvm0"],
+                         ["192.168.50.5", "kvm1.phys.example.org", "kvm1"]]
+    rows = rows[:-2]
     assert [IPv4Address(row[0]) for row in rows] == sorted(vm.ip for vm in example.vms)
     # Numeric, not text order: .21 comes before .101.
     assert [row[2] for row in rows].index("web") < [row[2] for row in rows].index("compute1")

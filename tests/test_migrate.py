@@ -120,7 +120,8 @@ def test_a_backed_up_vm_is_not_moved_onto_a_host_the_nagios_backup_check_cannot_
         f"db: kvm1 cannot take it: with host=kvm1 on line 7, {conf} would not validate; nothing was changed:",
         f"{site}:45:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address the VMs can resolve: the Nagios backup check"
         " of its 1 backed-up VM (db) reaches the host over SSH at 'kvm1.phys.example.org' (its uri's host), and the"
-        " VMs' only name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"
+        " VMs' only name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the"
+        " hosts whose address is an IP"
         ' (expected address = "IP" of the host, or a DNS name outside phys.example.org, or backup=no on those VMs)']
     assert (conf.read_text(), site.read_text()) == (text, site_text.replace('address = "192.168.50.5"', "#"))
 

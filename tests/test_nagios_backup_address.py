@@ -83,10 +83,11 @@ def test_make_refuses_a_backed_up_host_without_address_and_writes_nothing(inputs
 @pytest.mark.parametrize(("host", "changes", "at", "why"), [
     ("kvm1", {"address": None}, "45:1: key 'hosts.kvm1.uri'",
      "at 'kvm1.phys.example.org' (its uri's host), and the VMs' only name server, the"
-     " cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"),
+     " cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the hosts whose address is an IP"),
     ("kvm1", {"address": "KVM1.Phys.Example.Org"}, "49:1: key 'hosts.kvm1.address'",
      "at 'KVM1.Phys.Example.Org' (its address), and the VMs' only"
-     " name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs"),
+     " name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the hosts whose"
+     " address is an IP"),
     ("kvm0", {"address": "kvm0"}, "40:1: key 'hosts.kvm0.address'",
      "at 'kvm0' (its address), and the VMs' only name server, the cluster's dnsmasq,"
      " forwards no name without a dot"),
@@ -220,14 +221,20 @@ def _rcode(port: int, name: str) -> str:
 def test_the_cluster_dnsmasq_answers_exactly_the_names_the_check_takes(example: Cluster,
                                                                        cluster_dns: tuple[int, Path]) -> None:
     port, log = cluster_dns
-    names = ("kvm1.phys.example.org", "kvm0", "kvm0.mgmt.example.net")
+    # kvm0 and kvm1 have IP addresses, so dnsmasq/hosts has their names (generators/host_records.py); kvm9 is none.
+    names = ("kvm9.phys.example.org", "kvm9", "kvm1.phys.example.org", "kvm0", "kvm0.mgmt.example.net")
     answers = {name: _rcode(port, name) for name in names}
     for name in names:
         refused = nagios._unresolvable(example, name) is not None
-        # Refused: dnsmasq says NXDOMAIN itself ("config"). Taken: it forwards the name to its name servers.
+        # Refused: dnsmasq says NXDOMAIN itself ("config"). Taken: it answers from its hosts file, or forwards the
+        # name to its name servers.
         assert (answers[name] == "NXDOMAIN") == refused, (name, answers)
         assert (f"config {name} is NXDOMAIN" in log.read_text()) == refused, log.read_text()
-        assert (f"forwarded {name} to 127.0.0.1#" in log.read_text()) != refused, log.read_text()
+        from_hosts = f"/hosts {name} is " in log.read_text()
+        assert (from_hosts or f"forwarded {name} to 127.0.0.1#" in log.read_text()) != refused, log.read_text()
+        assert from_hosts == (answers[name] == "NOERROR"), (name, answers, log.read_text())
+    assert [name for name in names if nagios._unresolvable(example, name)] == ["kvm9.phys.example.org", "kvm9"]
+    assert [name for name in names if answers[name] == "NOERROR"] == ["kvm1.phys.example.org", "kvm0"]
 
 
 # --- every input the project ships builds under the rule ---------------------------------------------------------
