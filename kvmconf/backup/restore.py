@@ -143,24 +143,35 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
             raise RestoreFailed(f"{store.vm}: was started during the restore: nothing was replaced; shut it off"
                                 " and restore again")
         journal.write(store.dir, {"files": replaced}, journal.REPLACED)
-        done: list[int] = []
+        swapping = ""
         try:
-            for i, (source, path) in enumerate(zip(sources, staged, strict=True)):
-                source.rename(kept[i])
-                done.append(i)
+            for disk, source, path, keep in zip(manifest.disks, sources, staged, kept, strict=True):
+                swapping = disk.dev
+                source.rename(keep)
                 path.rename(source)
-        except BaseException:
-            for i in reversed(done):  # back as it was: the VM's own disks in their places
-                if not staged[i].exists():  # the restored image got to the disk's place: it goes back
-                    sources[i].rename(staged[i])
-                kept[i].rename(sources[i])
+        except BaseException as err:
+            _put_back(sources, staged, kept)
             if before:
                 journal.write(store.dir, before, journal.REPLACED)
             else:
                 (store.dir / journal.REPLACED).unlink(missing_ok=True)
+            if isinstance(err, OSError):  # a user's problem (a full or read-only filesystem), not a bug: no traceback
+                raise RestoreFailed(f"{store.vm}: swapping the restored {swapping} in failed ({err}); every disk is"
+                                    " back as it was: nothing was replaced") from err
             raise
     except BaseException:
         for path in staged:
             path.unlink(missing_ok=True)
         raise
     return replaced
+
+
+def _put_back(sources: list[Path], staged: list[Path], kept: list[Path]) -> None:
+    """Undo a swap from what the files show, not from a record of the renames done: an interrupt that lands
+    between a rename and its record would leave a disk under its kept name, recorded nowhere."""
+    for source, path, keep in reversed(list(zip(sources, staged, kept, strict=True))):
+        if not keep.exists():  # the kept names were free before the swap: this disk was not moved
+            continue
+        if source.exists() and not path.exists():  # the restored image got to the disk's place: it goes back
+            source.rename(path)
+        keep.rename(source)
