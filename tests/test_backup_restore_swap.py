@@ -1,0 +1,147 @@
+"""An in-place restore of a two-disk VM whose swap fails on the second disk: every disk goes back as it was.
+
+The lab, VMs and helpers are test_backup's, with this module's own libvirtd under them. The one
+mock is the failing rename: no filesystem here fails the second disk's rename on demand while the
+first disk's succeeded (ENOSPC on a rename needs a directory that must grow on a full filesystem at
+that very moment), so Path.rename raises for that one call; the restore, its files, the backup it
+restores and the libvirt domain are real.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from kvmconf import lab
+from kvmconf.backup import journal
+from kvmconf.backup.engine import Settings, backup_vm
+from kvmconf.backup.restore import RestoreFailed, restore
+from kvmconf.backup.store import Manifest, VmStore
+from tests import test_backup
+from tests.labs import quiet, running_lab
+from tests.test_backup import compare, define, make_disk, ok
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+NETNS_PREFIX = "kvmconf-rstest-"  # + the pytest PID: a killed run's namespaces are removed by the next run
+
+# test_backup's per-test fixtures, with this module's own lab under them.
+conn = test_backup.conn
+name = test_backup.name
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
+
+
+def write_pattern(disk: Path, fmt: str, pattern: int, offset: str, length: str) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P {pattern:#x} {offset} {length}", str(disk)], check=True,
+                   capture_output=True)
+
+
+class TwoDiskVm:
+    """A shut-off VM with a qcow2 and a raw disk, one offline backup, and both disks written since.
+
+    `vda_data_mb` in the backup's vda: the more, the longer a restore takes to rebuild it.
+    """
+
+    def __init__(self, conn: libvirt.virConnect, tmp_path: Path, name: str, vda_mb: int = 32,
+                 vda_data_mb: int = 2) -> None:
+        self.dir = tmp_path / "disks"
+        self.dir.mkdir()
+        self.vda = make_disk(self.dir / "vda.qcow2", "qcow2", vda_mb)
+        self.vdb = make_disk(self.dir / "vdb.raw", "raw", 16)
+        write_pattern(self.vda, "qcow2", 0x11, "1M", f"{vda_data_mb}M")
+        write_pattern(self.vdb, "raw", 0x22, "0", "3M")
+        self.dom = define(conn, name, [(self.vda, "qcow2"), (self.vdb, "raw")], start=False)
+        self.store = VmStore(tmp_path / "backups", name)
+        point = ok(backup_vm(self.dom, Settings(self.store.dir.parent, full_every=3), 3, quiet)).manifest
+        assert point is not None and point.kind == "offline"
+        self.point: Manifest = point
+        write_pattern(self.vda, "qcow2", 0x99, "0", "8M")  # what the restore would replace
+        write_pattern(self.vdb, "raw", 0x98, "2M", "4M")
+        # The disks as they are now, to compare with: copies elsewhere, and which file (inode) each path is.
+        self.copies = {disk: Path(shutil.copy(disk, tmp_path / f"before-{disk.name}")) for disk in (self.vda, self.vdb)}
+        self.inodes = {disk: disk.stat().st_ino for disk in (self.vda, self.vdb)}
+        self.listing = sorted(p.name for p in self.dir.iterdir())
+
+    def backed_up(self, disk: Path) -> Path:
+        return self.store.point_dir(self.point.time) / f"{disk.name.split('.')[0]}.qcow2"
+
+    def assert_as_before(self) -> None:
+        """The same files at the same paths with the same content, and nothing else beside them."""
+        for disk, copy in self.copies.items():
+            assert disk.stat().st_ino == self.inodes[disk], f"{disk} is not the VM's own file any more"
+            result = compare(disk, copy)
+            assert result.returncode == 0, (disk, result.stdout)
+        assert sorted(p.name for p in self.dir.iterdir()) == self.listing  # no staged, partial or kept file
+
+
+def fail_rename(monkeypatch: pytest.MonkeyPatch, src: Path, dst: Path, err: BaseException, after: bool = False) -> None:
+    """Path.rename raises `err` for src -> dst only, instead of renaming or, `after`, once it has renamed (a Ctrl-C
+    landing just after the call returned); every other rename (the roll-back's too) is the real one."""
+    real = Path.rename
+
+    def rename(self: Path, target: str | Path) -> Path:
+        if (self, Path(target)) != (src, dst):
+            return real(self, target)
+        if after:
+            real(self, target)
+        raise err
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+# The second disk's two renames: its own image to the kept name, then the restored image into its place.
+SECOND_DISK_STEPS = {
+    "keeping vdb": lambda vm: (vm.vdb, vm.dir / f"vdb.raw.before-restore-{vm.point.time}"),
+    "putting the restored vdb in place": lambda vm: (vm.dir / "vdb.raw.restored", vm.vdb),
+}
+
+
+@pytest.mark.parametrize("step", SECOND_DISK_STEPS)
+def test_swap_failing_on_the_second_disk_puts_every_disk_back(conn: libvirt.virConnect, tmp_path: Path, name: str,
+                                                              monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    vm = TwoDiskVm(conn, tmp_path, name)
+    src, dst = SECOND_DISK_STEPS[step](vm)
+    fail_rename(monkeypatch, src, dst, OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst)))
+    # A user's error (no traceback) that says which disk, which rename and why, and that nothing was replaced.
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, None, vm.dom, True, quiet)
+    assert str(failed.value) == (f"{name}: swapping the restored vdb in failed ([Errno 28] No space left on device:"
+                                 f" '{src}' -> '{dst}'); every disk is back as it was: nothing was replaced")
+    vm.assert_as_before()
+    # Nothing is recorded as kept: the next backup of the running VM has nothing of this restore to remove.
+    assert journal.read(vm.store.dir, journal.REPLACED) is None
+    assert [m.time for m in vm.store.points()] == [vm.point.time] and not vm.store.partials()
+
+    monkeypatch.undo()
+    assert restore(vm.store, None, None, vm.dom, True, quiet) == [vm.vda, vm.vdb]  # a later restore works
+    kept = {disk: disk.with_name(f"{disk.name}.before-restore-{vm.point.time}") for disk in (vm.vda, vm.vdb)}
+    for disk in (vm.vda, vm.vdb):
+        assert compare(disk, vm.backed_up(disk)).returncode == 0
+        assert kept[disk].stat().st_ino == vm.inodes[disk] and compare(kept[disk], vm.copies[disk]).returncode == 0
+    assert journal.read(vm.store.dir, journal.REPLACED) == {"files": [str(kept[vm.vda]), str(kept[vm.vdb])]}
+    assert sorted(p.name for p in vm.dir.iterdir()) == sorted([*vm.listing, *(k.name for k in kept.values())])
+
+
+@pytest.mark.parametrize("step", SECOND_DISK_STEPS)
+def test_ctrl_c_just_after_a_rename_of_the_second_disk_puts_every_disk_back(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """The roll-back goes by the files, not by a list of the renames done: the interrupt lands before the list
+    could say that vdb was moved to its kept name, which no record would name once the restore gave up."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    src, dst = SECOND_DISK_STEPS[step](vm)
+    fail_rename(monkeypatch, src, dst, KeyboardInterrupt(), after=True)
+    with pytest.raises(KeyboardInterrupt):
+        restore(vm.store, None, None, vm.dom, True, quiet)
+    vm.assert_as_before()
+    assert journal.read(vm.store.dir, journal.REPLACED) is None
+
