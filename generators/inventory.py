@@ -17,7 +17,7 @@ from generators.errors import Location, Problem, UsageError, shown
 _FIELD_NAMES = " ".join(c.name for c in COLUMNS[:REQUIRED_COLUMNS]) + " [options]"
 _OPTION_KEYS = ", ".join(o.key for o in OPTIONS)
 _WORDS = re.compile(r"\S+")
-_BOM = "\ufeff"
+BOM = "\ufeff"  # the byte-order mark some editors put first; cluster.conf may start with one
 
 
 @dataclass
@@ -64,7 +64,7 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
                                     " UTF-8 text file)"))
             continue
         if number == 1:
-            text = text.removeprefix(_BOM)  # editors on Windows may start the file with one
+            text = text.removeprefix(BOM)  # editors on Windows may start the file with one
         lines.append((number, text.removesuffix("\r")))  # CRLF files from Windows editors are fine
     return lines, problems
 

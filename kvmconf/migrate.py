@@ -41,6 +41,7 @@ import libvirt
 
 from generators.errors import ConfigError
 from generators.files import replace_text
+from generators.inventory import BOM
 from generators.model import Cluster, DiskKind, Vm
 from generators.nagios import backup_targets
 from generators.paths import disk_path, seed_iso_path
@@ -286,11 +287,20 @@ def _undefine_source(dom: libvirt.virDomain, vm: Vm, to: str, moves: Moves, log:
     log(f"{vm.name}: undefined on {vm.host}; its files there are kept: {', '.join(src for src, _ in moves.files)}")
 
 
+def _conf_lines(path: Path) -> list[str]:
+    """cluster.conf's lines as they are on disk: a CRLF line keeps its \\r, the first line its BOM."""
+    return path.read_bytes().decode("utf-8").split("\n")  # not read_text: it would turn CRLF into LF
+
+
 def host_line(path: Path, vm: Vm, to: str) -> tuple[str, str]:
-    """cluster.conf's line of ``vm`` before and after setting host=``to`` (added when the line has none)."""
-    lines = path.read_text().split("\n")
-    old = lines[vm.line - 1]
-    fields = old.split("\t")
+    """cluster.conf's line of ``vm`` before and after setting host=``to`` (added when the line has none).
+
+    Both keep the line's own ending and, on line 1, a BOM: the edit changes the host and nothing else.
+    """
+    old = _conf_lines(path)[vm.line - 1]
+    body = old.removesuffix("\r")
+    bom = BOM if vm.line == 1 and body.startswith(BOM) else ""
+    fields = body.removeprefix(bom).split("\t")
     if fields[0] != vm.name:
         raise KvmconfError(f"{path}:{vm.line} is not {vm.name}'s line any more; set host={to} there by hand")
     if len(fields) < 8:
@@ -299,13 +309,13 @@ def host_line(path: Path, vm: Vm, to: str) -> tuple[str, str]:
         fields[7] = _HOST_WORD.sub(f"host={to}", fields[7], count=1)
     else:
         fields[7] = f"host={to} {fields[7]}".rstrip()
-    return old, "\t".join(fields)
+    return old, bom + "\t".join(fields) + old[len(body):]
 
 
 def moved_text(path: Path, vm: Vm, to: str) -> str:
     """cluster.conf's text with host=``to`` on the VM's line and every other line as it is."""
     _old, new = host_line(path, vm, to)
-    lines = path.read_text().split("\n")
+    lines = _conf_lines(path)
     lines[vm.line - 1] = new
     return "\n".join(lines)
 

@@ -55,6 +55,29 @@ def test_edit_host_rewrites_only_that_line(example: Cluster, tmp_path: Path) -> 
     assert load_cluster(path, tmp_path / "site.toml").vm("db").host == "kvm1"
 
 
+def test_edit_host_keeps_crlf_line_endings_and_a_bom(tmp_path: Path) -> None:
+    """Editors on Windows save CRLF and a BOM, which cluster.conf accepts: --edit changes the host, no other byte."""
+    shutil.copy("site.toml", tmp_path / "site.toml")
+    path = tmp_path / "cluster.conf"
+    lines = [line for line in Path("cluster.conf").read_text().splitlines() if line and not line.startswith("#")]
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    cluster = load_cluster(path, tmp_path / "site.toml")
+    first, db = cluster.vms[0], cluster.vm("db")
+    assert first.line == 1
+    edit_host(path, db, "kvm1")
+    edit_host(path, first, "kvm1")
+    text = path.read_bytes().decode()
+    assert text.startswith("\ufeff" + first.name + "\t") and text.endswith("\r\n")
+    after = text.removeprefix("\ufeff").split("\r\n")[:-1]
+    assert "\n" not in "".join(after) and len(after) == len(lines)
+    changed = [i for i, (a, b) in enumerate(zip(lines, after, strict=True)) if a != b]
+    assert changed == [0, db.line - 1]
+    for i in changed:  # the columns stay; only the options gain host=kvm1
+        assert after[i].split("\t")[:7] == lines[i].split("\t")[:7] and "host=kvm1" in after[i].split("\t")[7]
+    moved = load_cluster(path, tmp_path / "site.toml")
+    assert moved.vm("db").host == "kvm1" and moved.vm(first.name).host == "kvm1"
+
+
 def test_a_moved_line_is_not_edited_blindly(example: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "cluster.conf"
     path.write_text("\n" + Path("cluster.conf").read_text())  # every VM one line further down
@@ -118,7 +141,7 @@ def test_a_backed_up_vm_is_not_moved_onto_a_host_the_nagios_backup_check_cannot_
         migrate(cluster, "db", "kvm1", Connections(cluster, opener=_no_libvirt), force=True, cold=True)
     assert str(refused.value).split("\n") == [
         f"db: kvm1 cannot take it: with host=kvm1 on line 7, {conf} would not validate; nothing was changed:",
-        f"{site}:45:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address the VMs can resolve: the Nagios backup check"
+        f"{site}:60:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address the VMs can resolve: the Nagios backup check"
         " of its 1 backed-up VM (db) reaches the host over SSH at 'kvm1.phys.example.org' (its uri's host), and the"
         " VMs' only name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the"
         " hosts whose address is an IP"
