@@ -3,9 +3,11 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-CLUSTER ?= $(or $(KVMCONF_CLUSTER),cluster.conf)
-SITE    ?= $(or $(KVMCONF_SITE),site.toml)
-BUILD   ?= $(or $(KVMCONF_BUILD),build)
+# A variable given empty (make CLUSTER=) counts as unset, as everywhere else: override takes the
+# default again even over the command line, where ?= would keep the empty value.
+override CLUSTER := $(or $(CLUSTER),$(KVMCONF_CLUSTER),cluster.conf)
+override SITE    := $(or $(SITE),$(KVMCONF_SITE),site.toml)
+override BUILD   := $(or $(BUILD),$(KVMCONF_BUILD),build)
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 

@@ -77,6 +77,20 @@ def test_an_empty_environment_variable_means_the_default(variable: str, inputs: 
     assert (inputs / "build" / "dnsmasq").is_dir()
 
 
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    (["CLUSTER=", "SITE=", "BUILD="], {}, "--cluster cluster.conf --site site.toml --build build"),
+    (["BUILD="], {"KVMCONF_BUILD": "gen"}, "--cluster cluster.conf --site site.toml --build gen"),
+    (["BUILD=out"], {"KVMCONF_BUILD": "gen"}, "--cluster cluster.conf --site site.toml --build out"),
+])
+def test_make_takes_an_empty_variable_as_unset(args: list[str], env: dict[str, str], expected: str) -> None:
+    """README: a variable set to the empty string counts as unset, on make's command line too."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")} | env
+    result = subprocess.run(["make", "-s", "-n", "build", *args], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith(f"-m generators {expected}")
+
+
 def test_flags_win_over_environment(inputs: Path) -> None:
     result = run("--cluster", "cluster.conf", cwd=inputs, env={"KVMCONF_CLUSTER": "missing.conf"})
     assert result.returncode == 0, result.stderr
@@ -102,7 +116,7 @@ def test_invalid_input_exits_1_and_leaves_build_untouched(inputs: Path) -> None:
     assert problems == [
         "cluster.conf:12:1: column 'name': 'db' is already used on line 7 (expected unique names)",
         "cluster.conf:12:22: column 'ip': '192.168.50.999' is not an IPv4 address (expected a.b.c.d)",
-        "site.toml:72:1: key 'backup.keep': -2 is out of range (expected a positive integer)",
+        "site.toml:89:1: key 'backup.keep': -2 is out of range (expected a positive integer)",
     ]
     assert last == "kvmconf: 3 problems; nothing was written"
     assert snapshot(inputs / "build") == before
