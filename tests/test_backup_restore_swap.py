@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore
 from tests import test_backup
 from tests.labs import quiet, running_lab
-from tests.test_backup import compare, define, make_disk, ok
+from tests.test_backup import MIB, ROOT, compare, define, make_disk, ok
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -34,6 +37,7 @@ NETNS_PREFIX = "kvmconf-rstest-"  # + the pytest PID: a killed run's namespaces 
 # test_backup's per-test fixtures, with this module's own lab under them.
 conn = test_backup.conn
 name = test_backup.name
+small_fs = test_backup.small_fs
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +149,55 @@ def test_ctrl_c_just_after_a_rename_of_the_second_disk_puts_every_disk_back(
     vm.assert_as_before()
     assert journal.read(vm.store.dir, journal.REPLACED) is None
 
+
+def _processes_naming(path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+def _restore_in_place_in_child(uri: str, vm: TwoDiskVm) -> subprocess.Popen[str]:
+    code = (
+        "import libvirt; from pathlib import Path; import kvmconf.connection\n"
+        "from kvmconf.backup.restore import restore\n"
+        "from kvmconf.backup.store import VmStore\n"
+        f"dom = libvirt.open({uri!r}).lookupByName({vm.dom.name()!r})\n"
+        f"restore(VmStore(Path({str(vm.store.dir.parent)!r}), {vm.dom.name()!r}), None, None, dom, True)\n")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_sigterm_while_the_images_are_rebuilt_leaves_nothing_of_the_restore(the_lab: lab.Lab, conn: libvirt.virConnect,
+                                                                             tmp_path: Path, name: str) -> None:
+    """cron's and systemd's timeouts and an admin's `kill` send SIGTERM: the half-written images go, not only on
+    Ctrl-C. (Python's default for SIGTERM ends the process at once, and qemu-img went on writing alone.)"""
+    vm = TwoDiskVm(conn, tmp_path, name, vda_mb=512, vda_data_mb=400)  # the rebuild takes a while
+    child = _restore_in_place_in_child(the_lab.uri, vm)
+    partial = vm.dir / "vda.qcow2.restored.partial"
+    deadline = time.monotonic() + 300  # generous: a shared, loaded machine
+    while not (partial.is_file() and partial.stat().st_blocks * 512 > 8 * MIB):
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.01)
+    child.send_signal(signal.SIGTERM)
+    output, _ = child.communicate(timeout=300)
+    assert child.returncode != 0, output
+    assert not _processes_naming(partial), "a qemu-img writing the staged image outlived the restore"
+    vm.assert_as_before()
+    assert journal.read(vm.store.dir, journal.REPLACED) is None
+
+
+def test_a_restore_to_a_full_filesystem_says_so_and_leaves_no_partial_image(conn: libvirt.virConnect, tmp_path: Path,
+                                                                             name: str, small_fs: Path) -> None:
+    vm = TwoDiskVm(conn, tmp_path, name, vda_data_mb=20)  # more than the 12 MiB filesystem holds
+    out = small_fs / name
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, out, None, False, quiet)
+    partial = out / f"{name}-vda.qcow2.partial"
+    assert str(failed.value).startswith("qemu-img convert -f qcow2 -O qcow2 ") and f" {partial}: " in str(failed.value)
+    assert "No space left on device" in str(failed.value), failed.value
+    assert list(out.iterdir()) == []  # the space is free again

@@ -13,6 +13,7 @@ from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.store import Manifest, VmStore
 from kvmconf.errors import KvmconfError
+from kvmconf.signals import sigterm_as_interrupt
 
 Log = Callable[[str], None]
 
@@ -52,10 +53,14 @@ def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], log: Log) 
     for disk, target in zip(manifest.disks, targets, strict=True):
         top = store.point_dir(manifest.time) / disk.file
         partial = target.with_name(target.name + ".partial")
-        run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)],
-                 error=RestoreFailed)
-        compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", disk.format, str(top), str(partial)],
-                                  capture_output=True, text=True, check=False)
+        try:
+            run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)],
+                     error=RestoreFailed)
+            compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", disk.format, str(top),
+                                       str(partial)], capture_output=True, text=True, check=False)
+        except BaseException:  # a full filesystem, Ctrl-C, SIGTERM: no half-written image stays behind
+            partial.unlink(missing_ok=True)
+            raise
         if compared.returncode != 0:
             partial.unlink(missing_ok=True)
             raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} differs from the backup:"
@@ -90,7 +95,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             log: Log = print) -> list[Path]:
     """Restore the point `at` (default: the newest) to `to`, or over the VM's own disks (shut off, --force)."""
     manifest = pick(store, at)
-    with journal.vm_lock(store.dir):
+    with sigterm_as_interrupt(), journal.vm_lock(store.dir):  # a timeout's or an admin's kill undoes it as Ctrl-C
         _verify_chain(store, manifest)
         if to is not None:
             targets = _targets(store, manifest, to)
