@@ -352,23 +352,23 @@ CASES = [
                                                        " see [hosts.kvm1] numa_nodes)"),),
          add(vm(options="host=kvm1 numa=1"))),
     Case("site-sriov-not-a-count",
-         (site(45, 1, "key 'hosts.kvm1.sriov': eno2 = 0 is not a VF count (expected a number of VFs 1-256, or the"
+         (site(60, 1, "key 'hosts.kvm1.sriov': eno2 = 0 is not a VF count (expected a number of VFs 1-256, or the"
                       " list of the VFs' PCI addresses)"),),
          site=sub("[hosts.kvm1]\n", "[hosts.kvm1]\nsriov = {eno2 = 0}\n")),
     Case("site-sriov-not-an-interface",
-         (site(45, 1, "key 'hosts.kvm1.sriov': 'eno/2' is not an interface name (expected at most 15 letters, digits,"
+         (site(60, 1, "key 'hosts.kvm1.sriov': 'eno/2' is not an interface name (expected at most 15 letters, digits,"
                       " '-', '_', '.')"),),
          site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\nsriov = {"eno/2" = 2}\n')),
     Case("site-pci-not-an-address",
-         (site(45, 1, "key 'hosts.kvm1.pci': '1a:00.1' is not a PCI address (expected dddd:bb:ss.f, e.g."
+         (site(60, 1, "key 'hosts.kvm1.pci': '1a:00.1' is not a PCI address (expected dddd:bb:ss.f, e.g."
                       " 0000:1a:00.1)"),),
          site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\npci = ["1a:00.1"]\n')),
     Case("site-housekeeping-beyond-host",
-         (site(45, 1, "key 'hosts.kvm1.housekeeping_cpus': '14-16' names CPUs the host does not have (expected"
+         (site(60, 1, "key 'hosts.kvm1.housekeeping_cpus': '14-16' names CPUs the host does not have (expected"
                       " CPUs 0-15)"),),
          site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\nhousekeeping_cpus = "14-16"\n')),
     Case("site-interface-bad-mac",
-         (site(45, 1, "key 'hosts.kvm1.interfaces': 'eno1' = 'zz' is not an interface (expected a name of at most"
+         (site(60, 1, "key 'hosts.kvm1.interfaces': 'eno1' = 'zz' is not an interface (expected a name of at most"
                       " 15 letters, digits, '-', '_', '.', and optionally its MAC xx:xx:xx:xx:xx:xx)"),),
          site=sub("[hosts.kvm1]\n", '[hosts.kvm1]\ninterfaces = {eno1 = "zz"}\n')),
     Case("nic-vf-pinned-twice",
@@ -502,8 +502,8 @@ CASES = [
                                                        " (expected one of: auto, kvm0, kvm1)"),),
          lambda text: (text + vm(options="host=kvm9") + "\n").replace("\n", "\r\n")),
     # --- site.toml -----------------------------------------------------------------------------------------
-    Case("site-not-toml", (site(72, 8, "not valid TOML: Invalid value"),), site=sub("keep = 2", "keep = = 2")),
-    Case("site-unclosed-table", (site(84, 3, "not valid TOML: Expected ']' at the end of a table declaration"),),
+    Case("site-not-toml", (site(89, 8, "not valid TOML: Invalid value"),), site=sub("keep = 2", "keep = = 2")),
+    Case("site-unclosed-table", (site(101, 3, "not valid TOML: Expected ']' at the end of a table declaration"),),
          site=lambda text: text + "[x\n"),
     Case("site-unknown-top-key",
          (site(8, 1, "key 'timzone': unknown key (expected one of: accounts, backup, default_network, default_os,"
@@ -511,33 +511,33 @@ CASES = [
                      " timezone)"),),
          site=sub('default_network = "lan"', 'timzone = "UTC"\ndefault_network = "lan"')),
     Case("site-unknown-host-key",
-         (site(35, 3, "key 'hosts.kvm0.ram': unknown key (expected one of: address, cpu_overcommit, cpus, disk_dir,"
+         (site(39, 3, "key 'hosts.kvm0.ram': unknown key (expected one of: address, cpu_overcommit, cpus, disk_dir,"
                       " disk_gb, disk_overcommit, housekeeping_cpus, interfaces, nested, network_stack, numa_nodes,"
                       " pci, ram_mb, ram_overcommit, sriov, uplink, uri)"),),
          site=sub("[hosts.kvm0]\n", "[hosts.kvm0]\n  ram = 1\n")),
-    Case("site-wrong-type", (site(36, 1, "key 'hosts.kvm0.ram_mb': 'lots' is a string (expected a positive"
+    Case("site-wrong-type", (site(40, 1, "key 'hosts.kvm0.ram_mb': 'lots' is a string (expected a positive"
                                          " integer)"),), site=sub("ram_mb = 131072", 'ram_mb = "lots"')),
-    Case("site-nan-overcommit", (site(41, 1, "key 'hosts.kvm0.cpu_overcommit': nan is out of range (expected a"
+    Case("site-nan-overcommit", (site(45, 1, "key 'hosts.kvm0.cpu_overcommit': nan is out of range (expected a"
                                              " positive number)"),),
          site=sub("cpu_overcommit = 4.0", "cpu_overcommit = nan")),
-    Case("site-subnet-host-bits", (site(21, 1, "key 'networks.lan.subnet': '192.168.50.1/24' is not an IPv4 network"
+    Case("site-subnet-host-bits", (site(22, 1, "key 'networks.lan.subnet': '192.168.50.1/24' is not an IPv4 network"
                                                " (host bits are set; expected 192.168.50.0/24)"),),
          site=sub('subnet = "192.168.50.0/24"', 'subnet = "192.168.50.1/24"')),
     Case("site-dhcp-range-not-a-string",
-         (site(25, 1, "key 'networks.lan.dhcp_ranges': [1] is not a list of DHCP ranges (expected strings"
+         (site(26, 1, "key 'networks.lan.dhcp_ranges': [1] is not a list of DHCP ranges (expected strings"
                       ' "FIRST-LAST" such as "192.168.1.200-192.168.1.250")'),),
          site=sub('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', "dhcp_ranges = [1]")),
     Case("site-provision-vm-unknown",
-         (site(60, 1, "key 'provision.vm': 'nosuch' is not a VM of {conf} (expected the name of the VM that is the"
+         (site(75, 1, "key 'provision.vm': 'nosuch' is not a VM of {conf} (expected the name of the VM that is the"
                       " provision server)"),),
          site=sub('vm = "provision"', 'vm = "nosuch"')),
     Case("site-schedule-with-names",
-         (site(69, 1, "key 'backup.schedule': '30 2 * * mon' is not a cron schedule kvmconf reads (expected numbers,"
+         (site(86, 1, "key 'backup.schedule': '30 2 * * mon' is not a cron schedule kvmconf reads (expected numbers,"
                       " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
                       " month 1-12, weekday 0-7; no names such as mon)"),),
          site=sub('schedule = "30 2 * * *"', 'schedule = "30 2 * * mon"')),
     Case("site-schedule-out-of-range",
-         (site(69, 1, "key 'backup.schedule': '70 25 * * *' is not a cron schedule kvmconf reads (expected numbers,"
+         (site(86, 1, "key 'backup.schedule': '70 25 * * *' is not a cron schedule kvmconf reads (expected numbers,"
                       " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
                       " month 1-12, weekday 0-7; no names such as mon)"),),
          site=sub('schedule = "30 2 * * *"', 'schedule = "70 25 * * *"')),
@@ -560,12 +560,12 @@ CASES = [
           conf(NEW + 1, 1, "column 'name': 'db' is already used on line 7 (expected unique names)"),
           site(3, 1, "key 'domain': 'Phys_Example' is not a DNS domain (expected lowercase labels separated by"
                      " dots)"),
-          site(72, 1, "key 'backup.keep': 0 is out of range (expected a positive integer)")),
+          site(89, 1, "key 'backup.keep': 0 is out of range (expected a positive integer)")),
          add(vm(name="Web"), vm(name="db", mac="52:54:00:50:00:98", ip="192.168.50.98")),
          lambda text: sub("keep = 2", "keep = 0")(sub('domain = "phys.example.org"', 'domain = "Phys_Example"')(text))),
     Case("site-not-utf8", (site(3, 13, "byte 0xe9 is not UTF-8 (expected a UTF-8 TOML file)"),),
          site=lambda text: text.encode().replace(b"phys.example.org", b"ph\xe9s.example.org")),
-    Case("site-integer-too-long", (site(36, 10, "not valid TOML: an integer is too long"),),
+    Case("site-integer-too-long", (site(40, 10, "not valid TOML: an integer is too long"),),
          site=sub("ram_mb = 131072", "ram_mb = " + "9" * 5000)),
 ]
 

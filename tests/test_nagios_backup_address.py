@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KVM0_ADDRESS = re.compile(r'^address = "192\.168\.50\.4".*$', re.M)
 KVM1_ADDRESS = re.compile(r'^address = "192\.168\.50\.5".*$', re.M)
 EXPECTED = 'expected address = "IP" of the host, or a DNS name outside phys.example.org, or backup=no on those VMs'
-NO_ADDRESS = ("34:1: table '[hosts.kvm0]' needs an address: the Nagios backup check of its 6 backed-up VMs (provision,"
+NO_ADDRESS = ("38:1: table '[hosts.kvm0]' needs an address: the Nagios backup check of its 6 backed-up VMs (provision,"
               f" mcp, ldap, ...) reaches the host over SSH, and its uri 'qemu:///system' names no host ({EXPECTED})")
 
 
@@ -81,14 +81,14 @@ def test_make_refuses_a_backed_up_host_without_address_and_writes_nothing(inputs
 
 
 @pytest.mark.parametrize(("host", "changes", "at", "why"), [
-    ("kvm1", {"address": None}, "45:1: key 'hosts.kvm1.uri'",
+    ("kvm1", {"address": None}, "60:1: key 'hosts.kvm1.uri'",
      "at 'kvm1.phys.example.org' (its uri's host), and the VMs' only name server, the"
      " cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the hosts whose address is an IP"),
-    ("kvm1", {"address": "KVM1.Phys.Example.Org"}, "49:1: key 'hosts.kvm1.address'",
+    ("kvm1", {"address": "KVM1.Phys.Example.Org"}, "64:1: key 'hosts.kvm1.address'",
      "at 'KVM1.Phys.Example.Org' (its address), and the VMs' only"
      " name server, the cluster's dnsmasq, answers phys.example.org only with cluster.conf's VMs and the hosts whose"
      " address is an IP"),
-    ("kvm0", {"address": "kvm0"}, "40:1: key 'hosts.kvm0.address'",
+    ("kvm0", {"address": "kvm0"}, "44:1: key 'hosts.kvm0.address'",
      "at 'kvm0' (its address), and the VMs' only name server, the cluster's dnsmasq,"
      " forwards no name without a dot"),
 ])
@@ -113,7 +113,7 @@ def test_a_uris_host_that_is_no_dns_name_is_no_fallback(example: Cluster, dns: s
         example = dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks))
     expected = EXPECTED if dns == "our dnsmasq" else EXPECTED.replace(" outside phys.example.org", "")
     assert _problems(_with_host(example, "kvm1", address=None, uri=uri)) == [
-        f"site.toml:45:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address: the Nagios backup check of its 1"
+        f"site.toml:60:1: key 'hosts.kvm1.uri': host 'kvm1' needs an address: the Nagios backup check of its 1"
         " backed-up VM"
         f" (compute1) reaches the host over SSH, and its uri {uri!r} names host {alias!r}, which is not an IP"
         f" address or DNS name (an ssh config alias?) ({expected})"]
@@ -122,7 +122,7 @@ def test_a_uris_host_that_is_no_dns_name_is_no_fallback(example: Cluster, dns: s
 def test_every_host_without_a_usable_address_is_reported_at_once(example: Cluster) -> None:
     cluster = _with_host(_with_host(example, "kvm0", address=None), "kvm1", address=None)
     problems = _problems(cluster)
-    assert [p.split(": ")[0] for p in problems] == ["site.toml:34:1", "site.toml:45:1"]  # kvm0's table, kvm1's uri
+    assert [p.split(": ")[0] for p in problems] == ["site.toml:38:1", "site.toml:60:1"]  # kvm0's table, kvm1's uri
     assert problems[0] == f"site.toml:{NO_ADDRESS}"
 
 

@@ -343,7 +343,7 @@ def test_provision_server_refuses_an_https_url_before_it_changes_anything(tmp_pa
         tmp_path, ('vm = "provision"', 'server = "127.0.0.1"'), ('interface = "enp1s0"', 'interface = "lo"'),
         ('http_url = "http://192.168.50.2"', 'http_url = "https://127.0.0.1"'))
     assert _invoke_in_own_netns(site, config_dir, "provision-server", setup="ip link set lo up && ") == (
-        1, f"{site}:61:1: key 'provision.http_url': 'https://127.0.0.1' is not a URL the provision server can serve"
+        1, f"{site}:77:1: key 'provision.http_url': 'https://127.0.0.1' is not a URL the provision server can serve"
            " (expected http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)\nkvmconf: 1 problem\n")
     assert not config_dir.exists() and not tftp_root.exists()  # nothing was written
 

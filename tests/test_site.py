@@ -105,7 +105,7 @@ def test_unknown_key_in_every_table(table: str, tmp_path: Path) -> None:
 
 def test_unknown_table(tmp_path: Path) -> None:
     assert _problems(_write(tmp_path, EXAMPLE_SITE + "[mail]\nrelay = 'x'\n")) == [
-        "84:1: key 'mail': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
+        "101:1: key 'mail': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
         " domain_type, hostgroups, hosts, keyboard, locale, networks, os, provision, timezone)"]
 
 
@@ -142,108 +142,108 @@ WRONG_VALUES = [
      ["16:1: key 'accounts.ssh_keys': 'ssh-dss AAAA' is not an SSH public key (expected 'ssh-ed25519 AAAA..."
       " comment')"]),
     ('bridge = "br0"', 'bridge = "a-very-long-bridge-name"',
-     ["23:1: key 'networks.lan.bridge': 'a-very-long-bridge-name' is not an interface name (expected at most 15"
+     ["24:1: key 'networks.lan.bridge': 'a-very-long-bridge-name' is not an interface name (expected at most 15"
       " letters, digits, '-', '_', '.')"]),
     # Linux refuses ':' in interface names, and cluster.conf's nic= could not name one: the message's own list
     ('bridge = "br0"', 'bridge = "br:0"',
-     ["23:1: key 'networks.lan.bridge': 'br:0' is not an interface name (expected at most 15 letters, digits, '-',"
+     ["24:1: key 'networks.lan.bridge': 'br:0' is not an interface name (expected at most 15 letters, digits, '-',"
       " '_', '.')"]),
     ('gateway = "192.168.50.1"', 'gateway = "192.168.51.1"',
-     ["22:1: key 'networks.lan.gateway': '192.168.51.1' is outside subnet 192.168.50.0/24 (expected an address in"
+     ["23:1: key 'networks.lan.gateway': '192.168.51.1' is outside subnet 192.168.50.0/24 (expected an address in"
       " it)"]),
     ('gateway = "192.168.60.1"', 'gateway = "192.168.60.0"',
-     ["29:1: key 'networks.dmz.gateway': '192.168.60.0' is the network address of subnet 192.168.60.0/24 (expected a"
+     ["32:1: key 'networks.dmz.gateway': '192.168.60.0' is the network address of subnet 192.168.60.0/24 (expected a"
       " host address in it)"]),
     ('gateway = "192.168.50.1"', 'gateway = "192.168.50.255"',
-     ["22:1: key 'networks.lan.gateway': '192.168.50.255' is the broadcast address of subnet 192.168.50.0/24"
+     ["23:1: key 'networks.lan.gateway': '192.168.50.255' is the broadcast address of subnet 192.168.50.0/24"
       " (expected a host address in it)"]),
     # Overlapping networks would share reverse zones and DHCP ranges: the later one is refused.
     ('subnet = "192.168.60.0/24"\ngateway = "192.168.60.1"', 'subnet = "192.168.50.128/25"\ngateway = "192.168.50.129"',
-     ["28:1: key 'networks.dmz.subnet': '192.168.50.128/25' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
+     ["31:1: key 'networks.dmz.subnet': '192.168.50.128/25' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
       " that shares no address with another network's)"]),
     ('subnet = "192.168.60.0/24"\ngateway = "192.168.60.1"', 'subnet = "192.168.0.0/16"\ngateway = "192.168.60.1"',
-     ["28:1: key 'networks.dmz.subnet': '192.168.0.0/16' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
+     ["31:1: key 'networks.dmz.subnet': '192.168.0.0/16' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
       " that shares no address with another network's)"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = ["ns1"]',
-     ["24:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
+     ["25:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = [3232248322]',
-     ["24:1: key 'networks.lan.dns': [3232248322] is not a list of IPv4 addresses (expected strings such as"
+     ["25:1: key 'networks.lan.dns': [3232248322] is not a list of IPv4 addresses (expected strings such as"
       ' "192.168.1.2")']),
     ('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', 'dhcp_ranges = ["192.168.50.250-192.168.50.200"]',
-     ["25:1: key 'networks.lan.dhcp_ranges': ['192.168.50.250-192.168.50.200'] is not a list of DHCP ranges"
+     ["26:1: key 'networks.lan.dhcp_ranges': ['192.168.50.250-192.168.50.200'] is not a list of DHCP ranges"
       " ('192.168.50.250-192.168.50.200' ends before it starts; expected FIRST-LAST with FIRST <= LAST)"]),
     ('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', 'dhcp_ranges = ["192.168.9.200-192.168.9.250"]',
-     ["25:1: key 'networks.lan.dhcp_ranges': '192.168.9.200-192.168.9.250' is outside subnet 192.168.50.0/24"
+     ["26:1: key 'networks.lan.dhcp_ranges': '192.168.9.200-192.168.9.250' is outside subnet 192.168.50.0/24"
       " (expected a range in it)"]),
-    ("vlan = 60", "vlan = 4095", ["31:1: key 'networks.dmz.vlan': 4095 is not a VLAN id (expected 1-4094)"]),
-    ("vlan = 60", "vlan = true", ["31:1: key 'networks.dmz.vlan': True is a boolean (expected a VLAN id (1-4094))"]),
+    ("vlan = 60", "vlan = 4095", ["34:1: key 'networks.dmz.vlan': 4095 is not a VLAN id (expected 1-4094)"]),
+    ("vlan = 60", "vlan = true", ["34:1: key 'networks.dmz.vlan': True is a boolean (expected a VLAN id (1-4094))"]),
     ('uri = "qemu:///system"', 'uri = "kvm0"',
-     ["35:1: key 'hosts.kvm0.uri': 'kvm0' is not a libvirt URI (expected e.g. qemu:///system or"
+     ["39:1: key 'hosts.kvm0.uri': 'kvm0' is not a libvirt URI (expected e.g. qemu:///system or"
       " qemu+ssh://root@HOST/system)"]),
-    ("cpus = 32", "cpus = 0", ["37:1: key 'hosts.kvm0.cpus': 0 is out of range (expected a positive integer)"]),
+    ("cpus = 32", "cpus = 0", ["41:1: key 'hosts.kvm0.cpus': 0 is out of range (expected a positive integer)"]),
     ("cpu_overcommit = 4.0", "ram_overcommit = -inf",
-     ["41:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
+     ["45:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
     # The address reaches Nagios's check_by_ssh -H and ssh: nothing but an IP address or a DNS name.
     ('address = "192.168.50.4"', 'address = "kvm0; reboot"',
-     ["40:1: key 'hosts.kvm0.address': 'kvm0; reboot' is not an IP address or DNS name (expected e.g. 192.168.1.4"
+     ["44:1: key 'hosts.kvm0.address': 'kvm0; reboot' is not an IP address or DNS name (expected e.g. 192.168.1.4"
       " or kvm0.example.org)"]),
     ('address = "192.168.50.4"', 'address = ""',
-     ["40:1: key 'hosts.kvm0.address': '' is not an IP address or DNS name (expected e.g. 192.168.1.4 or"
+     ["44:1: key 'hosts.kvm0.address': '' is not an IP address or DNS name (expected e.g. 192.168.1.4 or"
       " kvm0.example.org)"]),
     ('family = "debian"', 'family = "arch"',
-     ["53:1: key 'os.bookworm.family': 'arch' is not an OS family (expected debian or ubuntu)"]),
+     ["68:1: key 'os.bookworm.family': 'arch' is not an OS family (expected debian or ubuntu)"]),
     # pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines end a path at whitespace.
     ('kernel = "debian-installer/amd64/linux"', 'kernel = "debian installer/amd64/linux"',
-     ["55:1: key 'os.bookworm.kernel': 'debian installer/amd64/linux' is not a TFTP path the boot loaders can load"
+     ["70:1: key 'os.bookworm.kernel': 'debian installer/amd64/linux' is not a TFTP path the boot loaders can load"
       " (expected the installer kernel's path under the TFTP root, without spaces)"]),
     ('initrd = "debian-installer/amd64/initrd.gz"', 'initrd = "debian-installer/amd64/initrd.gz\\t"',
-     ["56:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' is not a TFTP path the boot loaders can"
+     ["71:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' is not a TFTP path the boot loaders can"
       " load (expected the installer initrd's path under the TFTP root, without spaces)"]),
     # dnsmasq's interface= and the provision server's own check need an interface name.
     ('interface = "enp1s0"', 'interface = ""',
-     ["63:1: key 'provision.interface': '' is not an interface name (expected at most 15 letters, digits, '-', '_',"
+     ["79:1: key 'provision.interface': '' is not an interface name (expected at most 15 letters, digits, '-', '_',"
       " '.')"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "ftp://192.168.50.2"',
-     ["61:1: key 'provision.http_url': 'ftp://192.168.50.2' is not a URL the provision server can serve (expected"
+     ["77:1: key 'provision.http_url': 'ftp://192.168.50.2' is not a URL the provision server can serve (expected"
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "https://192.168.50.2"',
-     ["61:1: key 'provision.http_url': 'https://192.168.50.2' is not a URL the provision server can serve (expected"
+     ["77:1: key 'provision.http_url': 'https://192.168.50.2' is not a URL the provision server can serve (expected"
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2:99999"',
-     ["61:1: key 'provision.http_url': 'http://192.168.50.2:99999' is not a URL the provision server can serve"
+     ["77:1: key 'provision.http_url': 'http://192.168.50.2:99999' is not a URL the provision server can serve"
       " (expected http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2/?x=1"',
-     ["61:1: key 'provision.http_url': 'http://192.168.50.2/?x=1' is not a URL the provision server can serve (expected"
+     ["77:1: key 'provision.http_url': 'http://192.168.50.2/?x=1' is not a URL the provision server can serve (expected"
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     ('interface = "enp1s0"', 'interface = "enp1s0"\nserver = "192.168.50.2"',
-     ["59:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
+     ["74:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
       " (its IPv4 address)"]),
     ('schedule = "30 2 * * *"', 'schedule = "daily"',
-     ["69:1: key 'backup.schedule': 'daily' is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')"]),
-    ("full_every = 7", "full_every = 1.5", ["73:1: key 'backup.full_every': 1.5 is a number (expected a positive"
+     ["86:1: key 'backup.schedule': 'daily' is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')"]),
+    ("full_every = 7", "full_every = 1.5", ["90:1: key 'backup.full_every': 1.5 is a number (expected a positive"
                                             " integer)"]),
     ('compute = "Compute nodes"', 'compute = 5\n"bad group" = "x"',
-     ["83:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
-      "84:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-',"
+     ["100:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
+      "101:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-',"
       " starting with a letter or digit)"]),
     # Table names reach Nagios command lines, cron and virsh: only what cluster.conf's host=, net=, os= can name.
     ("[hosts.kvm1]\n", '[hosts."kvm1;x"]\n',
-     ["44:1: key 'hosts.kvm1;x': is not a name cluster.conf's host= can take (expected letters, digits, '_', '.' and"
+     ["59:1: key 'hosts.kvm1;x': is not a name cluster.conf's host= can take (expected letters, digits, '_', '.' and"
       " '-', starting with a letter or digit)"]),
     ("[networks.dmz]\n", '[networks."dmz x"]\n',
-     ["27:1: key 'networks.dmz x': is not a name cluster.conf's net= can take (expected letters, digits, '_', '.' and"
+     ["30:1: key 'networks.dmz x': is not a name cluster.conf's net= can take (expected letters, digits, '_', '.' and"
       " '-', starting with a letter or digit)"]),
     ("[os.bookworm]\n", '[os."-bookworm"]\n',
      ["9:1: key 'default_os': 'bookworm' is not an OS (expected one of: -bookworm)",
-      "52:1: key 'os.-bookworm': is not a name cluster.conf's os= can take (expected letters, digits, '_', '.' and"
+      "67:1: key 'os.-bookworm': is not a name cluster.conf's os= can take (expected letters, digits, '_', '.' and"
       " '-', starting with a letter or digit)"]),
     ("[hosts.kvm1]\n", "[hosts.auto]\n",
-     ["44:1: key 'hosts.auto': is host=auto's word for automatic placement (expected another host name)"]),
+     ["59:1: key 'hosts.auto': is host=auto's word for automatic placement (expected another host name)"]),
     ("[hosts.kvm1]\n", "[hosts]\nkvm9 = 5\n[hosts.kvm1]\n",
-     ["45:1: key 'hosts.kvm9': 5 is an integer (expected a table [hosts.kvm9] with uri, ram_mb, cpus, disk_gb,"
+     ["60:1: key 'hosts.kvm9': 5 is an integer (expected a table [hosts.kvm9] with uri, ram_mb, cpus, disk_gb,"
       " ...)"]),
     ('default_os = "bookworm"', 'default_os = "bookworm"\nnetworks = {}',
-     ["21:14: not valid TOML: Cannot declare ('networks', 'lan') twice"]),
+     ["22:14: not valid TOML: Cannot declare ('networks', 'lan') twice"]),
 ]
 
 
@@ -270,7 +270,7 @@ def test_only_debian_needs_installer_paths(tmp_path: Path) -> None:
     bookworm_kernel = 'kernel = "debian-installer/amd64/linux"\n'
     assert EXAMPLE_SITE.count(bookworm_kernel) == 1
     assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(bookworm_kernel, ""))) == [
-        "52:1: key 'os.bookworm.kernel' is missing (expected the installer kernel's path under the TFTP root)"]
+        "67:1: key 'os.bookworm.kernel' is missing (expected the installer kernel's path under the TFTP root)"]
 
 
 def test_empty_tables_of_tables(tmp_path: Path) -> None:
