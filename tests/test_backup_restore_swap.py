@@ -201,3 +201,22 @@ def test_a_restore_to_a_full_filesystem_says_so_and_leaves_no_partial_image(conn
     assert str(failed.value).startswith("qemu-img convert -f qcow2 -O qcow2 ") and f" {partial}: " in str(failed.value)
     assert "No space left on device" in str(failed.value), failed.value
     assert list(out.iterdir()) == []  # the space is free again
+
+
+def test_in_place_refuses_a_vm_whose_disk_is_not_where_the_backup_found_it(conn: libvirt.virConnect, tmp_path: Path,
+                                                                            name: str) -> None:
+    """In place swaps the paths the restore point recorded. A disk moved since (a copy to other storage, a
+    migration) leaves its old file behind: that file was replaced and the VM started on its unrestored disk."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    other_storage = tmp_path / "other-storage"
+    other_storage.mkdir()
+    now_vdb = Path(shutil.copy(vm.vdb, other_storage / "vdb.raw"))
+    vm.dom.undefine()
+    dom = define(conn, name, [(vm.vda, "qcow2"), (now_vdb, "raw")], start=False)
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, None, dom, True, quiet)
+    assert str(failed.value) == (f"{name}: vdb was {vm.vdb} (raw) in the restore point {vm.point.time}, the VM has"
+                                 f" {now_vdb} (raw) now: restore with --to and put the image in place by hand")
+    vm.assert_as_before()
+    assert compare(now_vdb, vm.copies[vm.vdb]).returncode == 0
+    assert journal.read(vm.store.dir, journal.REPLACED) is None

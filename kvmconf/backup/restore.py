@@ -11,6 +11,7 @@ import libvirt
 
 from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
+from kvmconf.backup.libvirt_xml import domain_disks
 from kvmconf.backup.store import Manifest, VmStore
 from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
@@ -81,6 +82,20 @@ def _refuse_existing(store: VmStore, targets: list[Path]) -> None:
                             " disk in use): give --to a new path, or remove it first")
 
 
+def _refuse_moved_disks(store: VmStore, manifest: Manifest, dom: libvirt.virDomain) -> None:
+    """In place swaps the paths the restore point recorded: they must still be the VM's disks. One moved since
+    (other storage, a migration) may have left its old file, which would be replaced while the VM starts on
+    the disk it has now, unrestored."""
+    now = {disk.dev: disk for disk in domain_disks(dom.XMLDesc(0))[0]}
+    for disk in manifest.disks:
+        current = now.get(disk.dev)
+        if current is None or (current.path, current.format) != (disk.source, disk.format):
+            has = "no such disk" if current is None else f"{current.path} ({current.format})"
+            raise RestoreFailed(f"{store.vm}: {disk.dev} was {disk.source} ({disk.format}) in the restore point"
+                                f" {manifest.time}, the VM has {has} now: restore with --to and put the image in"
+                                " place by hand")
+
+
 def _kept_name(source: Path, time: str) -> Path:
     """Where the replaced disk is kept: never over an earlier restore's kept disk (the original may be that one)."""
     kept = source.with_name(f"{source.name}.before-restore-{time}")
@@ -109,6 +124,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
         if not force:
             raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
+        _refuse_moved_disks(store, manifest, dom)
         sources = [Path(disk.source) for disk in manifest.disks]
         for disk, source in zip(manifest.disks, sources, strict=True):
             if not source.is_file():
