@@ -22,7 +22,7 @@ from generators.render import environment, render, xml_banner
 from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
-from kvmconf.remote import command, connect, resolve, run, script
+from kvmconf.remote import RemoteError, command, connect, resolve, run, script
 
 PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients")
 STACK_PACKAGES = {"ifupdown": ("ifupdown", "bridge-utils", "vlan"), "netplan": ("netplan.io",),
@@ -124,7 +124,13 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
     report = SetupReport(name)
     # Not host.ssh_address: the admin's machine reaches the host by the name in its own ssh config (Host kvm1),
     # which a URI's host (kvm1.example.org, the Nagios check's fallback) would bypass; address is for both.
-    with connect(resolve(host.address or name, ssh_config)) as conn:
+    try:
+        conn = connect(resolve(host.address or name, ssh_config))
+    except RemoteError as err:
+        if host.address:  # the message names the address: say which host of site.toml has it
+            raise RemoteError(f"{name}: {err}") from None
+        raise
+    with conn:
         try:
             _steps(conn, cluster, host, report, dry_run, network_dry_run or dry_run)
         except _StepFailed as err:

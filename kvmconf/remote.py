@@ -7,6 +7,7 @@ changed key is refused (Fabric's default would add any key silently).
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -21,6 +22,13 @@ from generators.locations import build_dir
 from kvmconf.errors import KvmconfError, WrongUsage
 
 GENERATED_SSH_CONFIG = Path("ssh/config")  # where `make` writes it, inside its build directory
+# paramiko's transport thread logs a failed handshake (with its traceback) at ERROR, then hands the same error to
+# connect(), which reports it as a RemoteError naming the machine. Nothing configures logging here, so logging's
+# last resort printed those ~20 lines to stderr before kvmconf's own message. A NullHandler ends that; records
+# still propagate to any handler an admin sets up to debug SSH (logging.basicConfig(level=logging.DEBUG)).
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+# How paramiko words a connection that closed (or timed out) before the server sent "SSH-2.0-...".
+_NO_BANNER = "Error reading SSH protocol banner"
 
 
 def chosen_ssh_config(explicit: str = "") -> Path | None:
@@ -109,10 +117,22 @@ def connect(target: Target, timeout: int = 20) -> Connection:
         if "not found in known_hosts" in str(err):
             raise RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}):"
                               f" record it with `invoke keyscan --vm {target.name}`") from None
-        raise RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {err}") from None
+        raise RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {_ssh_failure(err)}"
+                          ) from None
     except OSError as err:
         raise RemoteError(f"{target.name}: ssh to {target.hostname}:{target.port}: {err}") from None
     return conn
+
+
+def _ssh_failure(err: SSHException) -> str:
+    text = str(err)
+    if not text.startswith(_NO_BANNER):
+        return text
+    # The connection closed, or nothing came within the banner timeout; paramiko glues on the cause, if any,
+    # without a space ("...banner[Errno 104] Connection reset by peer").
+    cause = text.removeprefix(_NO_BANNER).strip()
+    return (f"no SSH banner came back{f' ({cause})' if cause else ''}: the machine may still be booting, or another"
+            " service than sshd listens on that port")
 
 
 def command(*args: str) -> str:

@@ -4,13 +4,18 @@ reaching any machine."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import fabfile
 from generators.errors import UsageError
+from generators.model import Cluster
+from kvmconf.remote import RemoteError, Target, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +94,71 @@ def test_kvm_setup_help_is_help_not_a_host_name(flag: str) -> None:
 def test_kvm_setup_without_a_host_is_a_usage_error() -> None:
     result = run_task("fab", "kvm-setup", "--dry-run")
     assert (result.returncode, result.stdout, result.stderr) == (2, "", "kvmconf: name the host with --host NAME\n")
+
+
+@pytest.fixture()
+def no_ssh_server() -> Iterator[int]:
+    """A port on 127.0.0.1 that takes each connection and closes it without an SSH banner, as a machine whose sshd
+    is not ready yet may do. It reads the client's own banner first, so the close is always a clean end of stream
+    (closing with it unread would reset the connection instead, or not, as the timing falls)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed by the test's end
+                return
+            with conn:
+                conn.settimeout(5)
+                received = b""
+                while b"\n" not in received and (chunk := conn.recv(256)):
+                    received += chunk
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(timeout=5)
+
+
+NO_BANNER = ("no SSH banner came back: the machine may still be booting, or another service than sshd listens on that"
+             " port")
+
+
+def test_a_vm_without_ssh_server_fails_with_one_line_naming_it_and_no_traceback(no_ssh_server: int,
+                                                                                tmp_path: Path) -> None:
+    # paramiko's transport thread logged the handshake error with a traceback of ~20 lines on stderr, through
+    # logging's last resort, before kvmconf's own line.
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host scratch\n  HostName 127.0.0.1\n  Port {no_ssh_server}\n")
+    result = run_task("fab", "deploy", "--vm", "scratch", "--dry-run", env={"KVMCONF_SSH_CONFIG": str(config)})
+    assert (result.returncode, result.stderr) == (1, "")
+    assert result.stdout.splitlines() == [
+        f"scratch: FAILED at connect: scratch: ssh to root@127.0.0.1:{no_ssh_server}: {NO_BANNER}",
+        "(dry run: nothing changed)", "deploy: 1 VM(s), 1 failed: scratch (connect)"]
+
+
+def test_kvm_setup_of_a_host_without_ssh_server_names_the_host_and_has_no_traceback(
+        no_ssh_server: int, example: Cluster, tmp_path: Path) -> None:
+    address = example.site.hosts["kvm0"].address  # what kvm-setup looks up in the ssh config, sent to loopback
+    assert address, "the example's kvm0 has an address, so the message names both it and kvm0"
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host {address}\n  HostName 127.0.0.1\n  Port {no_ssh_server}\n")
+    result = run_task("fab", "kvm-setup", "--host", "kvm0", "--ssh-config", str(config), "--dry-run")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"kvmconf: kvm0: {address}: ssh to root@127.0.0.1:{no_ssh_server}: {NO_BANNER}\n")
+
+
+def test_paramikos_handshake_log_still_reaches_a_handler_set_up_to_debug(no_ssh_server: int,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # Silencing logging's last resort must not drop the records: an admin's logging.basicConfig still gets them.
+    target = Target("scratch", "127.0.0.1", no_ssh_server, "root", (), "/nonexistent/known_hosts")
+    with caplog.at_level("ERROR", logger="paramiko"), pytest.raises(RemoteError) as err:
+        connect(target, timeout=5)
+    assert str(err.value) == f"scratch: ssh to root@127.0.0.1:{no_ssh_server}: {NO_BANNER}"
+    assert any(r.name == "paramiko.transport" and "Error reading SSH protocol banner" in r.getMessage()
+               for r in caplog.records), caplog.records
