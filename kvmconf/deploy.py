@@ -2,7 +2,8 @@
 
 Files are compared by checksum on the VM (one command for all of a VM's files), so an unchanged file is never
 transferred; a replaced file is kept under BACKUP_DIR; services are reloaded only when one of their files
-changed. VMs run in waves: a VM starts once the VMs of its ``after=`` are done, up to ``parallel`` at a time
+changed; what a killed earlier run of this machine uploaded beside those files and never moved into place is
+removed. VMs run in waves: a VM starts once the VMs of its ``after=`` are done, up to ``parallel`` at a time
 (with parallel=1 strictly in cluster.conf order); the first failure lets the current wave finish and stops.
 """
 
@@ -27,13 +28,20 @@ from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
 from kvmconf.recipes import FileSpec, Recipe, recipe_for
 from kvmconf.remote import command, connect, resolve, run, script
-from kvmconf.runner import temporary_beside
+from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
 HOOK_DIR = "/var/lib/kvmconf/hooks"
 
-# Per path: "owner:group:mode sha256", or "-" when it is not a regular file.
-_STATE = """for f do
+# Args: suffix, the number of directories, the directories, then the paths. Prints every "<dir>/.*.<suffix>"
+# there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a line per path:
+# "owner:group:mode sha256", or "-" when it is not a regular file.
+_STATE = """suffix=$1 n=$2; shift 2
+while [ "$n" -gt 0 ]; do
+  for t in "${1%/}"/.*."$suffix"; do [ -e "$t" ] && printf '%s\\0' "$t"; done
+  shift; n=$((n - 1))
+done
+for f do
   if [ -f "$f" ] && [ ! -L "$f" ]; then
     printf '%s %s\\n' "$(stat -c %U:%G:%a -- "$f")" "$(sha256sum < "$f" | cut -c1-64)"
   else echo -; fi
@@ -136,14 +144,22 @@ def _failure(res: object) -> str:
     return f"exit {getattr(res, 'exited', '?')}: {stderr[-1] if stderr else 'no output'}"
 
 
-def remote_state(conn: Connection, paths: Sequence[str]) -> list[str]:
+def remote_state(conn: Connection, paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each path's state (_STATE), and the temporaries beside them that killed runs of this machine left.
+
+    One command for both: the temporaries are listed, once per directory, in the round trip that reads the
+    checksums, and judged here, where their pids are (runner.abandoned_among).
+    """
     if not paths:
-        return []
-    res = run(conn, script(_STATE, *paths))
+        return [], []
+    directories = sorted({str(PurePosixPath(p).parent) for p in paths})
+    res = run(conn, script(_STATE, TEMPORARY_SUFFIX, str(len(directories)), *directories, *paths))
     _check(res.ok, "files", f"reading checksums: {_failure(res)}")
-    lines = res.stdout.splitlines()
+    listing, _, states = res.stdout.rpartition("\0")  # the states' lines hold no NUL
+    lines = states.splitlines()
     _check(len(lines) == len(paths), "files", "reading checksums: unexpected output")
-    return lines
+    temporaries = listing.split("\0")
+    return lines, [t for p in paths for t in abandoned_among(temporaries, p)]
 
 
 def _wanted_state(spec: FileSpec) -> str:
@@ -152,7 +168,11 @@ def _wanted_state(spec: FileSpec) -> str:
 
 def push(conn: Connection, files: Sequence[FileSpec], report: VmReport, dry_run: bool) -> None:
     """Transfer the files whose checksum/owner/mode differ, back up what they replace, reload their services."""
-    current = remote_state(conn, [f.dest for f in files])
+    current, abandoned = remote_state(conn, [f.dest for f in files])
+    if abandoned and not dry_run:
+        # What killed runs of this machine uploaded and never moved into place: nothing else would remove it.
+        res = run(conn, command("rm", "-f", "--", *abandoned))
+        _check(res.ok, "files", f"removing a killed run's temporaries: {_failure(res)}")
     changed = [(f, state) for f, state in zip(files, current, strict=True) if state != _wanted_state(f)]
     if dry_run:
         for spec, state in changed:

@@ -14,7 +14,7 @@ import secrets
 import shlex
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,10 +26,11 @@ from kvmconf.processes import alive
 Result = subprocess.CompletedProcess[bytes]
 Execute = Callable[[Sequence[str], bytes | None], Result]
 
+TEMPORARY_SUFFIX = "kvmconf-new"  # the kind of temporary a file is made under, unless its maker names another
 _TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH session forever
 
 
-def temporary_beside(path: str, suffix: str = "kvmconf-new") -> str:
+def temporary_beside(path: str, suffix: str = TEMPORARY_SUFFIX) -> str:
     """A name beside ``path`` for making it, unique to this run: ``<dir>/.<name>.<machine>-<pid>.<random>.<suffix>``.
 
     The shape of generators.files.replace_text's temporaries (a dot file beside the target, unique per writer),
@@ -57,10 +58,25 @@ def abandoned_temporaries(runner: Runner, path: str, suffix: str) -> list[str]:
     directory, base = posixpath.split(path)
     pattern = "." + re.sub(r"([][*?\\])", r"\\\1", base) + ".*." + suffix  # find -name's glob, base taken literally
     found = runner.run(["find", directory or ".", "-maxdepth", "1", "-name", pattern, "-print0"])
+    return abandoned_among(found.stdout.decode(errors="replace").split("\0"), path, suffix)
+
+
+def abandoned_among(candidates: Iterable[str], path: str, suffix: str = TEMPORARY_SUFFIX) -> list[str]:
+    """Those of ``candidates`` (paths, as a listing of ``path``'s directory gives them) that are temporaries of
+    ``path`` left by a killed run of this machine (:func:`abandoned_temporaries`).
+
+    Apart from the listing, so that a caller which lists a remote directory its own way (deploy's SFTP uploads,
+    listed in the round trip that reads the checksums) judges the names by this same rule.
+    """
+    directory, base = posixpath.split(path)
+    prefix, end = f".{base}.", f".{suffix}"
     here = socket.gethostname()
     abandoned = []
-    for candidate in filter(None, found.stdout.decode(errors="replace").split("\0")):
-        middle = posixpath.basename(candidate)[len(base) + 2:-len(suffix) - 1]  # <machine>-<pid>.<random>
+    for candidate in candidates:
+        parent, name = posixpath.split(candidate)
+        if parent != (directory or ".") or not name.startswith(prefix) or not name.endswith(end):
+            continue  # another directory's, another file's or another kind's (find only lists the right ones)
+        middle = name[len(prefix):-len(end)]  # <machine>-<pid>.<random>
         origin, _, random = middle.rpartition(".")
         machine, _, pid = origin.rpartition("-")
         if (machine == here and pid.isdigit() and re.fullmatch(r"[0-9a-f]{16}", random)
@@ -69,7 +85,7 @@ def abandoned_temporaries(runner: Runner, path: str, suffix: str) -> list[str]:
     return abandoned
 
 
-def fresh_temporary(runner: Runner, path: str, suffix: str = "kvmconf-new") -> str:
+def fresh_temporary(runner: Runner, path: str, suffix: str = TEMPORARY_SUFFIX) -> str:
     """This run's temporary for ``path`` (:func:`temporary_beside`), once what killed runs of this machine left
     beside it (:func:`abandoned_temporaries`) is removed."""
     for leftover in abandoned_temporaries(runner, path, suffix):

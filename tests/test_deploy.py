@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -223,6 +224,52 @@ def test_a_failed_install_leaves_no_temporary_on_the_vm(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _runs_naming_temporaries(dests: list[str]) -> subprocess.Popen[str]:
+    """Another deploying process of this machine: it names a temporary for each of ``dests`` as push does
+    (runner.temporary_beside, so with its own pid), prints them, then waits to be killed."""
+    program = ("import sys, time\nfrom kvmconf.runner import temporary_beside\n"
+               "print(*(temporary_beside(d) for d in sys.argv[1:]), flush=True)\ntime.sleep(300)")
+    return subprocess.Popen([sys.executable, "-c", program, *dests], stdout=subprocess.PIPE, text=True)
+
+
+def test_the_next_deploy_removes_what_a_killed_deploy_of_this_machine_uploaded_and_no_other(
+        example: Cluster, farm: sshfarm.Farm) -> None:
+    """A SIGKILLed deploy cannot remove its uploaded temporaries; the next one removes those beside its files.
+
+    Kept: the temporary of a deploy still running here, one of another machine (its pid means nothing here), and
+    one of a file the recipe does not write."""
+    assert not _run(example, farm, full=False, vms=("db",)).failed
+    planted: dict[str, str] = {}
+
+    def left() -> set[str]:
+        return {what for what, name in planted.items() if (farm.root("db") / name.lstrip("/")).exists()}
+
+    killed = _runs_naming_temporaries(["/etc/motd", "/etc/hosts", "/etc/passwd"])
+    running = _runs_naming_temporaries(["/etc/motd"])
+    try:
+        assert killed.stdout is not None and running.stdout is not None
+        motd, hosts, passwd = killed.stdout.readline().split()
+        killed.kill()  # SIGKILL, as mid-upload: nothing of it runs to remove its files
+        killed.wait()
+        planted.update({"killed motd": motd, "killed hosts": hosts, "running": running.stdout.readline().strip(),
+                        "elsewhere": motd.replace(f".{socket.gethostname()}-", ".workstation2-"),
+                        "other file": passwd})
+        assert ".workstation2-" in planted["elsewhere"] and len(set(planted.values())) == 5, planted
+        for name in planted.values():
+            (farm.root("db") / name.lstrip("/")).write_bytes(b"half an upload")
+        dry = _run(example, farm, full=False, vms=("db",), dry_run=True)
+        assert ([r.line() for r in dry.reports], left()) == (["db: would change 0 file(s)"], set(planted))
+        report = _run(example, farm, full=False, vms=("db",))
+        assert [r.line() for r in report.reports] == ["db: done (0 file(s) changed)"]  # the line says nothing more
+        assert left() == {"running", "elsewhere", "other file"}
+    finally:
+        for process in (killed, running):
+            process.kill()
+            process.wait()
+        for name in planted.values():
+            (farm.root("db") / name.lstrip("/")).unlink(missing_ok=True)
+
+
 def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfarm.Farm) -> None:
     target = resolve("web", farm.ssh_config)
     host = f"[{target.hostname}]:{target.port}"
@@ -317,7 +364,7 @@ def test_names_cannot_inject_shell(example: Cluster, farm: sshfarm.Farm, hosts_c
     recipe.write_text(recipe.read_text() + '\n[[file]]\ndest = "/etc/x;touch /pwned"\ntemplate = "recipe.toml"\n')
     with pytest.raises(RecipeError) as err:
         _run(example, farm, full=False, recipe_dir=hosts_copy)
-    assert str(err.value) == (f"hosts/ldap/recipe.toml:{line}:1: key 'file.dest': '/etc/x;touch /pwned' is not an"
+    assert str(err.value) == (f"{recipe}:{line}:1: key 'file.dest': '/etc/x;touch /pwned' is not an"
                               " absolute path on the VM (expected / then letters, digits and . _ @ + / -, without ..)")
     assert PurePosixPath("/etc/x;touch /pwned").is_absolute()
 
