@@ -220,3 +220,57 @@ def test_in_place_refuses_a_vm_whose_disk_is_not_where_the_backup_found_it(conn:
     vm.assert_as_before()
     assert compare(now_vdb, vm.copies[vm.vdb]).returncode == 0
     assert journal.read(vm.store.dir, journal.REPLACED) is None
+
+
+def _restore_killed_at_rename_in_child(uri: str, vm: TwoDiskVm, renamed: Path) -> subprocess.CompletedProcess[str]:
+    """A real restore in place whose process is SIGKILLed as it is about to rename `renamed`.
+
+    The one mock, as in the tests above: a kill -9 or a power cut in the microseconds between two
+    renames cannot be timed from outside.
+    """
+    code = (
+        "import os, signal, libvirt; from pathlib import Path; import kvmconf.connection\n"
+        "from kvmconf.backup.restore import restore\n"
+        "from kvmconf.backup.store import VmStore\n"
+        "real = Path.rename\n"
+        "def rename(self, target):\n"
+        f"    if self == Path({str(renamed)!r}):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, target)\n"
+        "Path.rename = rename\n"
+        f"dom = libvirt.open({uri!r}).lookupByName({vm.dom.name()!r})\n"
+        f"restore(VmStore(Path({str(vm.store.dir.parent)!r}), {vm.dom.name()!r}), None, None, dom, True)\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_a_restore_killed_between_two_disks_loses_no_disk(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
+                                                          name: str) -> None:
+    """Killed after vda was swapped and before vdb was, the VM starts on restored vda and old vdb. The next backup
+    of the running VM removed the replaced disks, vda's own copy among them: it now keeps them and says why,
+    and the next restore in place puts the killed swap back before it swaps again."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    killed = _restore_killed_at_rename_in_child(the_lab.uri, vm, vm.vdb)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    kept_vda = vm.dir / f"vda.qcow2.before-restore-{vm.point.time}"
+    assert compare(vm.vda, vm.backed_up(vm.vda)).returncode == 0 and kept_vda.stat().st_ino == vm.inodes[vm.vda]
+    vm.dom.create()
+    lines: list[str] = []
+    ok(backup_vm(vm.dom, Settings(vm.store.dir.parent, full_every=3), 3, lines.append))
+    assert kept_vda.stat().st_ino == vm.inodes[vm.vda]  # vda's disk as it was before the restore is still there
+    assert (f"{name}: an in-place restore was killed while it swapped the disks: the replaced ones are kept"
+            f" ({kept_vda}, {kept_vda.with_name(f'vdb.raw.before-restore-{vm.point.time}')}); shut the VM off and"
+            " restore again, which puts them back first") in lines, lines
+    vm.dom.destroy()
+    lines.clear()
+    assert restore(vm.store, vm.point.time, None, vm.dom, True, lines.append) == [vm.vda, vm.vdb]
+    assert lines[0] == (f"{name}: an earlier in-place restore was killed while it swapped the disks: put {vm.vda},"
+                        f" {vm.vdb} back as they were before it")
+    for disk in (vm.vda, vm.vdb):
+        assert compare(disk, vm.backed_up(disk)).returncode == 0
+    # The disks as they were before the killed restore are the ones kept now, and only they are recorded.
+    kept = [disk.with_name(f"{disk.name}.before-restore-{vm.point.time}") for disk in (vm.vda, vm.vdb)]
+    for disk, keep in zip((vm.vda, vm.vdb), kept, strict=True):
+        assert keep.stat().st_ino == vm.inodes[disk] and compare(keep, vm.copies[disk]).returncode == 0
+    assert journal.read(vm.store.dir, journal.REPLACED) == {"files": list(map(str, kept))}
+    assert sorted(p.name for p in vm.dir.iterdir()) == sorted([*vm.listing, *(k.name for k in kept)])

@@ -17,6 +17,7 @@ LOCK = ".lock"
 JOURNAL = "journal.json"
 LAST_RUN = "last-run.json"
 REPLACED = "replaced.json"  # disks an in-place restore replaced, kept until the restored VM runs
+SWAPPING = "swapping"  # in REPLACED while an in-place restore swaps the disks: [[disk, restored image, kept], ...]
 
 
 @contextmanager

@@ -124,6 +124,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
         if not force:
             raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
+        _undo_killed_swap(store, log)
         _refuse_moved_disks(store, manifest, dom)
         sources = [Path(disk.source) for disk in manifest.disks]
         for disk, source in zip(manifest.disks, sources, strict=True):
@@ -152,8 +153,9 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
              staged: list[Path]) -> list[str]:
     """Put the staged images in the disks' places, keeping each disk as it was; all or none of them.
 
-    The kept names are recorded before the first rename, so whatever happens the next backup of the
-    running VM finds them. The VM may have been started while the images were rebuilt (minutes): then
+    The kept names are recorded before the first rename, so whatever happens they are found: the next
+    backup of the running VM removes them once the swap is whole, and the next restore puts a swap that
+    was killed midway back. The VM may have been started while the images were rebuilt (minutes): then
     its disks are open and nothing is swapped.
     """
     kept = [_kept_name(source, manifest.time) for source in sources]
@@ -163,13 +165,16 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
         if dom.isActive():
             raise RestoreFailed(f"{store.vm}: was started during the restore: nothing was replaced; shut it off"
                                 " and restore again")
-        journal.write(store.dir, {"files": replaced}, journal.REPLACED)
+        # Until the swap is whole, the record says so: a kill (SIGKILL, a power cut) leaves no roll-back behind.
+        swap = [[str(source), str(path), str(keep)] for source, path, keep in zip(sources, staged, kept, strict=True)]
+        journal.write(store.dir, {"files": replaced, journal.SWAPPING: swap}, journal.REPLACED)
         swapping = ""
         try:
             for disk, source, path, keep in zip(manifest.disks, sources, staged, kept, strict=True):
                 swapping = disk.dev
                 source.rename(keep)
                 path.rename(source)
+            journal.write(store.dir, {"files": replaced}, journal.REPLACED)
         except BaseException as err:
             _put_back(sources, staged, kept)
             if before:
@@ -185,6 +190,27 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
             path.unlink(missing_ok=True)
         raise
     return replaced
+
+
+def _undo_killed_swap(store: VmStore, log: Log) -> None:
+    """A restore killed while it swapped the disks left some swapped and some not: they all go back first.
+
+    Whatever the VM wrote since on a swapped one goes too: this restore replaces it anyway.
+    """
+    entry = journal.read(store.dir, journal.REPLACED)
+    if entry is None or journal.SWAPPING not in entry:
+        return
+    sources, staged, kept = ([Path(row[i]) for row in entry[journal.SWAPPING]] for i in range(3))
+    _put_back(sources, staged, kept)
+    for path in staged:
+        path.unlink(missing_ok=True)
+    files = [f for f in entry.get("files", []) if Path(f) not in kept]
+    if files:
+        journal.write(store.dir, {"files": files}, journal.REPLACED)
+    else:
+        (store.dir / journal.REPLACED).unlink()
+    log(f"{store.vm}: an earlier in-place restore was killed while it swapped the disks: put"
+        f" {', '.join(map(str, sources))} back as they were before it")
 
 
 def _put_back(sources: list[Path], staged: list[Path], kept: list[Path]) -> None:
