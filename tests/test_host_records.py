@@ -4,7 +4,6 @@ dnsmasq answering a VM's questions about them (short name, FQDN, AAAA, PTR) from
 from __future__ import annotations
 
 import dataclasses
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pytest
 from generators import dns_zones, dnsmasq, etc_hosts
 from generators.host_records import HostRecord, host_records
 from generators.model import Cluster
+from tests.test_nagios_backup_address import _free_udp_port
 from tests.tools import require_tool
 
 DOMAIN = "phys.example.org"
@@ -148,13 +148,6 @@ def test_a_host_called_ns_is_the_name_servers_record_like_a_vm_called_ns(example
 
 # The DNS part of the generated dnsmasq.conf; the rest (DHCP, TFTP, interface=) needs the provision network.
 DNS_KEYS = ("domain", "local", "no-hosts", "addn-hosts", "domain-needed")
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _ask(port: int, name: str, rdtype: str) -> dns.message.Message:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from generators.errors import ConfigError
 from generators.model import Site
 from generators.site import load_site
 from generators.validate import load_cluster
+from tests.test_site import MINIMAL_SITE, _problems, _write  # MINIMAL_SITE: only the keys without a default
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
@@ -22,46 +22,15 @@ EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 TABLES = {"": "", "accounts": "accounts", "networks.lan": "networks.<name>", "hosts.kvm0": "hosts.<name>",
           "os.bookworm": "os.<name>", "provision": "provision", "backup": "backup"}
 SUBTABLES = {"accounts", "backup", "hostgroups", "hosts", "networks", "os", "provision"}
-# Only the keys without a default, each on a line of its own.
-MINIMAL_SITE = """\
-domain = "lab.test"
-[accounts]
-admin_user = "admin"
-[networks.lan]
-subnet = "10.0.0.0/24"
-bridge = "br0"
-[hosts.h1]
-uri = "qemu:///system"
-ram_mb = 4096
-cpus = 4
-disk_gb = 100
-[os.bookworm]
-family = "debian"
-suite = "bookworm"
-kernel = "linux"
-initrd = "initrd.gz"
-[provision]
-server = "10.0.0.2"
-http_url = "http://10.0.0.2"
-interface = "eth0"
-"""
 MINIMAL_NAMES = {"networks.<name>": "networks.lan", "hosts.<name>": "hosts.h1", "os.<name>": "os.bookworm"}
-
-
-def _problems(tmp_path: Path, text: str) -> list[str]:
-    path = tmp_path / "site.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as caught:
-        load_site(path)
-    return [problem.message for problem in caught.value.problems]
 
 
 def keys_read(table: str, tmp_path: Path) -> list[str]:
     """The keys the code reads in ``table`` of the example, as its own unknown-key message lists them."""
     header = f"[{table}]\n" if table else 'domain = "phys.example.org"\n'
     assert EXAMPLE_SITE.count(header) == 1
-    [message] = _problems(tmp_path, EXAMPLE_SITE.replace(header, f"{header}zz_no_such_key = 1\n"))
-    listed = re.fullmatch(r"key '[a-z0-9._]+': unknown key \(expected one of: ([a-z_, ]+)\)", message)
+    [message] = _problems(_write(tmp_path, EXAMPLE_SITE.replace(header, f"{header}zz_no_such_key = 1\n")))
+    listed = re.fullmatch(r"\d+:\d+: key '[a-z0-9._]+': unknown key \(expected one of: ([a-z_, ]+)\)", message)
     assert listed is not None, message
     return [key for key in listed[1].split(", ") if table or key not in SUBTABLES]
 
@@ -152,8 +121,7 @@ def _empty(value: Any) -> bool:
 
 @pytest.mark.parametrize("key", sorted(key for key, default in _readme_rows().items() if default.startswith("`")))
 def test_readme_default_is_the_codes(key: str, tmp_path: Path) -> None:
-    path = tmp_path / "site.toml"
-    path.write_text(MINIMAL_SITE)
+    path = _write(tmp_path, MINIMAL_SITE)
     documented = tomllib.loads(f"v = {re.fullmatch(r'`([^`]*)`', _readme_rows()[key])[1]}")["v"]  # type: ignore[index]
     actual = _value(load_site(path), key)
     # An empty list, table or string is how TOML says "none" for what the model keeps as a tuple or dict.
@@ -168,5 +136,5 @@ def test_readme_required_key_is_required(key: str, tmp_path: Path) -> None:
     start = MINIMAL_SITE.index(header) + len(header) if header else 0
     line = re.compile(rf"^{name} = .*\n", re.M).search(MINIMAL_SITE, start)
     assert line is not None, key
-    assert f"key '{where}' is missing" in " ".join(_problems(tmp_path, MINIMAL_SITE[:line.start()]
-                                                             + MINIMAL_SITE[line.end():]))
+    without = MINIMAL_SITE[:line.start()] + MINIMAL_SITE[line.end():]
+    assert f"key '{where}' is missing" in " ".join(_problems(_write(tmp_path, without)))
