@@ -4,6 +4,7 @@ reaching any machine."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -15,6 +16,7 @@ import pytest
 import fabfile
 from generators.errors import UsageError
 from generators.model import Cluster
+from kvmconf.recipes import RECIPE_DIR
 from kvmconf.remote import RemoteError, Target, connect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,21 @@ def test_kvm_setup_help_is_help_not_a_host_name(flag: str) -> None:
 def test_kvm_setup_without_a_host_is_a_usage_error() -> None:
     result = run_task("fab", "kvm-setup", "--dry-run")
     assert (result.returncode, result.stdout, result.stderr) == (2, "", "kvmconf: name the host with --host NAME\n")
+
+
+def test_a_template_error_names_the_template_file_line_vm_and_recipe_key(tmp_path: Path) -> None:
+    # The reviewer's case: recipes of $KVMCONF_RECIPES in a directory not named hosts/. The message named
+    # rec/.../recipe.toml and hosts/.../motd.j2, neither of them the real file, and no line.
+    recipes = Path(shutil.copytree(RECIPE_DIR, tmp_path / "rec"))
+    motd = recipes / "group/linux-servers/motd.j2"
+    motd.write_text(motd.read_text() + "{% if vm.name %}\nno endif\n")
+    (tmp_path / "ssh_config").write_text("")  # never read: the recipes are rendered before any VM is reached
+    result = run_task("fab", "deploy", "--dry-run", env={"KVMCONF_RECIPES": str(recipes),
+                                                         "KVMCONF_SSH_CONFIG": str(tmp_path / "ssh_config")})
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"kvmconf: {motd}:4: Unexpected end of template. Jinja was looking for the following tags: 'elif' or"
+               " 'else' or 'endif'. The innermost block that needs to be closed is 'if'. (rendering it for VM"
+               f" provision; {recipes}/group/linux-servers/recipe.toml:6:1: key 'file.template')\n")
 
 
 @pytest.fixture()
