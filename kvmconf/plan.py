@@ -126,8 +126,7 @@ def select(cluster: Cluster, names: Sequence[str], all_vms: bool) -> list[Vm]:
     vms_or_all(names, all_vms)
     if all_vms:
         return list(cluster.vms)
-    for name in names:
-        find_vm(cluster, name)
+    find_vms(cluster, names)
     wanted = set(names)
     return [vm for vm in cluster.vms if vm.name in wanted]
 
@@ -146,17 +145,28 @@ def find_vm(cluster: Cluster, name: str) -> Vm:
     """The VM of cluster.conf called `name`; an unknown name is an error that suggests close ones and shows a few."""
     if not name:  # the tasks acting on one VM default --vm to "" (see tasks.py)
         raise WrongUsage("name the VM with --vm NAME")
-    for vm in cluster.vms:
-        if vm.name == name:
-            return vm
-    names = [vm.name for vm in cluster.vms]
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    shown = ", ".join(names[:SHOWN_VMS])
-    if len(names) > SHOWN_VMS:
-        shown += f", ... ({len(names)} in all; `invoke status` lists them)"
-    allowed = f"; expected one of: {shown}" if names else "; it has no VMs"
-    raise UnknownVm(f"{name!r} is not a VM of {cluster.source}{hint}{allowed}")
+    return find_vms(cluster, [name])[0]
+
+
+def find_vms(cluster: Cluster, names: Sequence[str]) -> list[Vm]:
+    """The VMs called `names`, as :func:`find_vm` finds one; every unknown name is in the one error, each with its
+    close matches, as :func:`find_hosts` does for hosts."""
+    by_name = {vm.name: vm for vm in cluster.vms}
+    unknown = [name for name in dict.fromkeys(names) if name not in by_name]
+    if not unknown:
+        return [by_name[name] for name in names]
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(by_name), n=3)
+        hints.append(f" (did you mean {', '.join(close)}?)" if close else "")
+    shown = ", ".join(list(by_name)[:SHOWN_VMS])
+    if len(by_name) > SHOWN_VMS:
+        shown += f", ... ({len(by_name)} in all; `invoke status` lists them)"
+    allowed = f"; expected one of: {shown}" if by_name else "; it has no VMs"
+    if len(unknown) == 1:
+        raise UnknownVm(f"{unknown[0]!r} is not a VM of {cluster.source}{hints[0]}{allowed}")
+    named = ", ".join(f"{name!r}{hint}" for name, hint in zip(unknown, hints, strict=True))
+    raise UnknownVm(f"{named} are not VMs of {cluster.source}{allowed}")
 
 
 # What find_host(s) say when the tasks' --host default ("") reaches them; a task with another option says its own.

@@ -32,7 +32,7 @@ from kvmconf.errors import (
     UnknownVm,
     WrongUsage,
 )
-from kvmconf.plan import Action, find_host, find_vm, make_plan, select, select_or_all
+from kvmconf.plan import Action, find_host, find_vm, find_vms, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
 from tests.tools import require_tool
@@ -531,6 +531,14 @@ def test_plan_lists_domains_not_in_cluster_conf(cluster: Cluster, conns: Connect
     plan = make_plan(cluster, cluster.vms, conns, others=True)
     assert [h.others for h in plan.hosts] == [["test"], ["test"]]  # the test driver's own domain
     assert plan.count(Action.CREATE) == len(cluster.vms)
+
+
+def test_every_unknown_vm_name_is_in_the_one_error(cluster: Cluster) -> None:
+    with pytest.raises(UnknownVm) as err:
+        select(cluster, ["web", "nosuch", "lldap", "nosuch", "nope"], False)
+    assert str(err.value) == ("'nosuch', 'lldap' (did you mean ldap?), 'nope' are not VMs of cluster.conf; expected one"
+                              " of: provision, mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)")
+    assert [vm.name for vm in find_vms(cluster, ["web", "db"])] == ["web", "db"]  # in the order asked
 
 
 # --- the lab as the tasks see it ---------------------------------------------------------------

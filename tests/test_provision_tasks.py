@@ -117,6 +117,10 @@ def test_every_task_shows_its_help_for_help_and_h(name: str, flag: str, capsys: 
      f"kvmconf: 'kvm9', 'kvm-1' are not hosts of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"),
     (("capacity", "--offline", "--host", "kvm7", "--host", "kvm8"),
      f"kvmconf: 'kvm7', 'kvm8' are not hosts of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"),
+    # every unknown --vm at once too, each with its close names
+    (("provision", "--vm", "web", "--vm", "nosuch", "--vm", "nope", "--vm", "wbe"),
+     f"kvmconf: 'nosuch', 'nope', 'wbe' (did you mean web?) are not VMs of {ROOT}/cluster.conf; expected one of:"
+     " provision, mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)\n"),
 ])
 def test_a_wrong_request_says_what_is_allowed(args: tuple[str, ...], message: str) -> None:
     result = invoke(*args)
