@@ -25,12 +25,25 @@ from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 def _run(vm: list[str], full: bool, parallel: str, dry_run: bool) -> None:
     with user_errors():
         at_a_time = _parallel(parallel)
+        recipes = _recipe_dir()
         cluster = inputs.load()
-        # $KVMCONF_RECIPES: another hosts/ directory (the bench uses its own).
-        recipes = Path(os.environ["KVMCONF_RECIPES"]) if os.environ.get("KVMCONF_RECIPES") else None
         report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), at_a_time, dry_run, recipes),
                              progress=_print_vm)
     _print(report, dry_run)
+
+
+def _recipe_dir() -> Path | None:
+    """$KVMCONF_RECIPES: another hosts/ directory (the bench uses its own); None (hosts/) when unset or empty."""
+    value = os.environ.get("KVMCONF_RECIPES", "")
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        # A usage error, as a missing ssh config is: a misspelt directory would otherwise have no recipes at all,
+        # and the deploy would quietly push nothing.
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise WrongUsage(f"{value} {state} (named by KVMCONF_RECIPES)")
+    return path
 
 
 def _parallel(value: str) -> int:

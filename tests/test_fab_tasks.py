@@ -98,6 +98,26 @@ def test_kvm_setup_without_a_host_is_a_usage_error() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (2, "", "kvmconf: name the host with --host NAME\n")
 
 
+def test_a_missing_recipe_directory_is_a_usage_error_naming_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was taken as a directory without recipes: every VM got nothing, and the deploy said it succeeded.
+    (tmp_path / "file").write_text("")
+    for value, state in [(tmp_path / "nosuch", "does not exist"), (tmp_path / "file", "is not a directory")]:
+        monkeypatch.setenv("KVMCONF_RECIPES", str(value))
+        with pytest.raises(UsageError) as err:
+            fabfile._recipe_dir()
+        assert str(err.value) == f"{value} {state} (named by KVMCONF_RECIPES)"
+    monkeypatch.setenv("KVMCONF_RECIPES", "")  # empty counts as unset: hosts/
+    assert fabfile._recipe_dir() is None
+    monkeypatch.setenv("KVMCONF_RECIPES", str(tmp_path))
+    assert fabfile._recipe_dir() == tmp_path
+    # On the command line: exit status 2, before the inventory is read.
+    result = run_task("fab", "update-confs", env={"KVMCONF_RECIPES": str(tmp_path / "nosuch"),
+                                                  "KVMCONF_CLUSTER": str(tmp_path / "none.conf")})
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"kvmconf: {tmp_path}/nosuch does not exist (named by KVMCONF_RECIPES)\n")
+
+
 def test_a_template_error_names_the_template_file_line_vm_and_recipe_key(tmp_path: Path) -> None:
     # The reviewer's case: recipes of $KVMCONF_RECIPES in a directory not named hosts/. The message named
     # rec/.../recipe.toml and hosts/.../motd.j2, neither of them the real file, and no line.
