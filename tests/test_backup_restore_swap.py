@@ -1,10 +1,10 @@
-"""An in-place restore of a two-disk VM whose swap fails on the second disk: every disk goes back as it was.
+"""An in-place restore of a two-disk VM that fails or is cut short: no disk is lost or left half-swapped.
 
 The lab, VMs and helpers are test_backup's, with this module's own libvirtd under them. The one
-mock is the failing rename: no filesystem here fails the second disk's rename on demand while the
-first disk's succeeded (ENOSPC on a rename needs a directory that must grow on a full filesystem at
-that very moment), so Path.rename raises for that one call; the restore, its files, the backup it
-restores and the libvirt domain are real.
+mock is Path.rename, for the chosen calls only: no filesystem here fails the second disk's rename on
+demand while the first disk's succeeded (ENOSPC on a rename needs a directory that must grow on a
+full filesystem at that very moment), and no signal from outside lands between two renames
+microseconds apart. The restore, its files, the backup it restores and the libvirt domain are real.
 """
 
 from __future__ import annotations
@@ -150,6 +150,38 @@ def test_ctrl_c_just_after_a_rename_of_the_second_disk_puts_every_disk_back(
     assert journal.read(vm.store.dir, journal.REPLACED) is None
 
 
+def test_a_failed_swap_whose_roll_back_fails_too_is_put_back_by_the_next_restore(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two injected failures (see the module's docstring): vdb's restored image does not get to its place, then
+    vdb's own image does not get back. Nothing recorded is lost, the message says where to look, and the next
+    restore in place puts the disks back before it swaps again."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    kept_vdb = vm.dir / f"vdb.raw.before-restore-{vm.point.time}"
+    put, undo = (vm.dir / "vdb.raw.restored", vm.vdb), (kept_vdb, vm.vdb)
+    fail_rename(monkeypatch, *put, OSError(errno.ENOSPC, "No space left on device", str(put[0]), None, str(put[1])))
+    fail_rename(monkeypatch, *undo, OSError(errno.EIO, "Input/output error", str(undo[0]), None, str(undo[1])))
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, None, vm.dom, True, quiet)
+    assert str(failed.value) == (
+        f"{name}: swapping the restored vdb in failed ([Errno 28] No space left on device: '{put[0]}' -> '{put[1]}'),"
+        f" and putting the disks back failed too ([Errno 5] Input/output error: '{undo[0]}' -> '{undo[1]}');"
+        f" {vm.store.dir / journal.REPLACED} records where each disk is: the next restore in place puts them back,"
+        " and backups keep the replaced ones until then")
+    assert kept_vdb.stat().st_ino == vm.inodes[vm.vdb] and not vm.vdb.exists()  # vdb's own image: where it says
+    assert journal.SWAPPING in journal.read(vm.store.dir, journal.REPLACED)  # type: ignore[operator]
+
+    monkeypatch.undo()
+    lines: list[str] = []
+    assert restore(vm.store, None, None, vm.dom, True, lines.append) == [vm.vda, vm.vdb]
+    assert lines[0] == (f"{name}: an earlier in-place restore did not finish swapping the disks: put {vm.vda},"
+                        f" {vm.vdb} back as they were before it")
+    kept = [disk.with_name(f"{disk.name}.before-restore-{vm.point.time}") for disk in (vm.vda, vm.vdb)]
+    for disk, keep in zip((vm.vda, vm.vdb), kept, strict=True):
+        assert compare(disk, vm.backed_up(disk)).returncode == 0
+        assert keep.stat().st_ino == vm.inodes[disk] and compare(keep, vm.copies[disk]).returncode == 0
+    assert journal.read(vm.store.dir, journal.REPLACED) == {"files": list(map(str, kept))}
+
+
 def _processes_naming(path: Path) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -258,13 +290,13 @@ def test_a_restore_killed_between_two_disks_loses_no_disk(the_lab: lab.Lab, conn
     lines: list[str] = []
     ok(backup_vm(vm.dom, Settings(vm.store.dir.parent, full_every=3), 3, lines.append))
     assert kept_vda.stat().st_ino == vm.inodes[vm.vda]  # vda's disk as it was before the restore is still there
-    assert (f"{name}: an in-place restore was killed while it swapped the disks: the replaced ones are kept"
+    assert (f"{name}: an in-place restore did not finish swapping the disks: the replaced ones are kept"
             f" ({kept_vda}, {kept_vda.with_name(f'vdb.raw.before-restore-{vm.point.time}')}); shut the VM off and"
             " restore again, which puts them back first") in lines, lines
     vm.dom.destroy()
     lines.clear()
     assert restore(vm.store, vm.point.time, None, vm.dom, True, lines.append) == [vm.vda, vm.vdb]
-    assert lines[0] == (f"{name}: an earlier in-place restore was killed while it swapped the disks: put {vm.vda},"
+    assert lines[0] == (f"{name}: an earlier in-place restore did not finish swapping the disks: put {vm.vda},"
                         f" {vm.vdb} back as they were before it")
     for disk in (vm.vda, vm.vdb):
         assert compare(disk, vm.backed_up(disk)).returncode == 0

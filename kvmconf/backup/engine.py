@@ -553,8 +553,8 @@ def _remove_replaced(store: VmStore, dom: libvirt.virDomain, log: Log) -> None:
     entry = journal.read(store.dir, journal.REPLACED)
     if entry is None or not dom.isActive():
         return
-    if journal.SWAPPING in entry:  # killed midway: the VM may run on restored and old disks mixed, the kept ones stay
-        log(f"{store.vm}: an in-place restore was killed while it swapped the disks: the replaced ones are kept"
+    if journal.SWAPPING in entry:  # the VM may run on restored and old disks mixed: the kept ones stay
+        log(f"{store.vm}: an in-place restore did not finish swapping the disks: the replaced ones are kept"
             f" ({', '.join(entry.get('files', []))}); shut the VM off and restore again, which puts them back first")
         return
     for path in entry.get("files", []):

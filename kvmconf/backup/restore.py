@@ -124,7 +124,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
         if not force:
             raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
-        _undo_killed_swap(store, log)
+        _undo_unfinished_swap(store, log)
         _refuse_moved_disks(store, manifest, dom)
         sources = [Path(disk.source) for disk in manifest.disks]
         for disk, source in zip(manifest.disks, sources, strict=True):
@@ -176,7 +176,13 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
                 path.rename(source)
             journal.write(store.dir, {"files": replaced}, journal.REPLACED)
         except BaseException as err:
-            _put_back(sources, staged, kept)
+            try:
+                _put_back(sources, staged, kept)
+            except OSError as undo_err:  # the record stays as it is: it says where each disk is
+                raise RestoreFailed(f"{store.vm}: swapping the restored {swapping} in failed ({err}), and putting the"
+                                    f" disks back failed too ({undo_err}); {store.dir / journal.REPLACED} records"
+                                    " where each disk is: the next restore in place puts them back, and backups keep"
+                                    " the replaced ones until then") from undo_err
             if before:
                 journal.write(store.dir, before, journal.REPLACED)
             else:
@@ -192,8 +198,8 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
     return replaced
 
 
-def _undo_killed_swap(store: VmStore, log: Log) -> None:
-    """A restore killed while it swapped the disks left some swapped and some not: they all go back first.
+def _undo_unfinished_swap(store: VmStore, log: Log) -> None:
+    """A restore killed while it swapped the disks, or whose roll-back failed, left some swapped: all go back first.
 
     Whatever the VM wrote since on a swapped one goes too: this restore replaces it anyway.
     """
@@ -209,7 +215,7 @@ def _undo_killed_swap(store: VmStore, log: Log) -> None:
         journal.write(store.dir, {"files": files}, journal.REPLACED)
     else:
         (store.dir / journal.REPLACED).unlink()
-    log(f"{store.vm}: an earlier in-place restore was killed while it swapped the disks: put"
+    log(f"{store.vm}: an earlier in-place restore did not finish swapping the disks: put"
         f" {', '.join(map(str, sources))} back as they were before it")
 
 
