@@ -18,7 +18,7 @@ import libvirt
 from generators import cloud_init, domain_xml
 from generators.model import Cluster, PhysicalHost, Vm
 from generators.paths import seed_iso_path
-from kvmconf import disks, domains
+from kvmconf import defined, disks, domains
 from kvmconf.connection import Connections
 from kvmconf.disks import DiskSpec
 from kvmconf.errors import HostUnreachable, UnknownHost, UnknownVm, WrongUsage
@@ -97,6 +97,7 @@ class HostPlan:
 @dataclass
 class Plan:
     hosts: list[HostPlan]
+    unchecked: list[str] = field(default_factory=list)  # hosts whose domains could not be compared with new VMs
 
     @property
     def vms(self) -> list[VmPlan]:
@@ -242,18 +243,30 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
                      for vm in by_host[host]]
         hplan.problems = disks.missing_volume_groups(conns.runner(host), host, [p.disk for p in hplan.vms
                                                                                 if not p.disk_exists])
-        if others:
-            hplan.others, hplan.misplaced = foreign_domains(cluster, host, conn, conns)
-    return Plan(hosts)
+    plan = Plan(hosts)
+    creates = [p for p in plan.vms if p.action is Action.CREATE]
+    if not (creates or others):
+        return plan
+    # One listing of every host's domains for the whole run, whatever the number of VMs.
+    found = defined.inventory(cluster, conns, {h.host: h.error for h in hosts if h.error})
+    for hplan in hosts:
+        hplan.problems += [problem for p in hplan.vms if p.action is Action.CREATE for problem in found.clashes(p.vm)]
+        if others and hplan.error is None:
+            hplan.others, hplan.misplaced = foreign_domains(cluster, hplan.host, conns, found.names_on(hplan.host))
+    if creates:
+        plan.unchecked = [f"{why}; so whether a VM to create is defined there already (under its name or MAC) is"
+                          " not known" for host, why in found.unreachable.items() if host not in by_host]
+    return plan
 
 
-def foreign_domains(cluster: Cluster, host: str, conn: libvirt.virConnect,
-                    conns: Connections) -> tuple[list[str], dict[str, str]]:
-    """Domains on ``host`` that cluster.conf does not put there: unknown ones, and ones placed elsewhere."""
+def foreign_domains(cluster: Cluster, host: str, conns: Connections,
+                    names: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Of the domains ``names`` on ``host``, those cluster.conf does not put there: unknown ones, and ones placed
+    elsewhere."""
     sharing = conns.hosts_sharing_uri(host)
     placed = {vm.name: vm.host for vm in cluster.vms}
     unknown, misplaced = [], {}
-    for name in sorted(dom.name() for dom in conn.listAllDomains()):
+    for name in sorted(names):
         if name not in placed:
             unknown.append(name)
         elif placed[name] not in sharing:
@@ -312,6 +325,7 @@ def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str
             out.append(f"  ? {name}  defined on this host, not in cluster.conf (left alone)")
         for name, where in h.misplaced.items():
             out.append(f"  ? {name}  defined on this host, but cluster.conf places it on {where} (left alone)")
+    out.extend(f"! not checked: {why}" for why in plan.unchecked)
     out.append(f"{plan.count(Action.CREATE)} to create, {plan.count(Action.CHANGE)} to change,"
                f" {plan.count(Action.KEEP)} unchanged")
     return "\n".join(out)

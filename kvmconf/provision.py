@@ -66,6 +66,9 @@ def provision(cluster: Cluster, names: Sequence[str], conns: Connections, option
     problems = plan.blocked(options.reuse_disk)
     if options.dry_run:
         log(format_plan(plan, options.reuse_disk, options.start))
+    else:
+        for why in plan.unchecked:
+            log(f"warning, not checked: {why}")
     if problems:
         raise ProvisionBlocked("\n".join(problems) + "\nnothing was changed")
     if options.dry_run:

@@ -145,7 +145,7 @@ def status(cluster: Cluster, conns: Connections, hosts: Sequence[str] = ()) -> l
         aliases = domains.machine_aliases(conn)
         hstatus.vms = [vm_status(cluster, vm, conn, conns, artifacts, aliases)
                        for vm in cluster.vms if vm.host == host]
-        others, misplaced = foreign_domains(cluster, host, conn, conns)
+        others, misplaced = foreign_domains(cluster, host, conns, [dom.name() for dom in conn.listAllDomains()])
         for name in others:
             hstatus.vms.append(VmStatus(name, _state_of(conn, name), drift=["not in cluster.conf"]))
         for name, where in misplaced.items():

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import libvirt
 import pytest
@@ -539,6 +541,73 @@ def test_every_unknown_vm_name_is_in_the_one_error(cluster: Cluster) -> None:
     assert str(err.value) == ("'nosuch', 'lldap' (did you mean ldap?), 'nope' are not VMs of cluster.conf; expected one"
                               " of: provision, mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)")
     assert [vm.name for vm in find_vms(cluster, ["web", "db"])] == ["web", "db"]  # in the order asked
+
+
+# --- what provisioning never creates a second time -----------------------------------------------------
+
+class CountingConnection:
+    """A real connection that counts its domain listings (libvirt's own class cannot be given an attribute)."""
+
+    def __init__(self, conn: libvirt.virConnect, listings: list[str], uri: str) -> None:
+        self._conn, self._listings, self._uri = conn, listings, uri
+
+    def listAllDomains(self, flags: int = 0) -> list[libvirt.virDomain]:
+        self._listings.append(self._uri)
+        return self._conn.listAllDomains(flags)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+@pytest.fixture
+def two_hosts(example: Cluster, tmp_path: Path) -> Cluster:
+    """The example cluster with a test driver of its own per host (test:///<file>: each is a separate libvirt)."""
+    uris = {}
+    for host in example.site.hosts:
+        (tmp_path / f"{host}.xml").write_text("<node></node>")
+        uris[host] = f"test://{tmp_path}/{host}.xml"
+    return on_test_driver(example, tmp_path, uris)
+
+
+def test_a_vm_defined_on_another_host_or_holding_a_mac_under_another_name_is_not_created(
+        two_hosts: Cluster, tmp_path: Path) -> None:
+    listings: list[str] = []
+
+    def opener(uri: str) -> libvirt.virConnect:
+        return cast(libvirt.virConnect, CountingConnection(libvirt.open(uri), listings, uri))
+
+    with connections(two_hosts, opener, execute=Recorder()) as conns:
+        kvm1 = conns.get("kvm1")
+        xml = make_plan(two_hosts, [two_hosts.vm("login"), two_hosts.vm("web")], conns).vms
+        kvm1.defineXML(xml[0].xml)  # login, as host=auto placed it before another line changed
+        kvm1.defineXML(re.sub("<uuid>.*</uuid>", "", xml[1].xml.replace("<name>web</name>", "<name>www</name>")))
+        listings.clear()
+        plan = make_plan(two_hosts, [two_hosts.vm(name) for name in ("ldap", "web", "login", "compute1")], conns)
+        assert sorted(listings) == sorted({h.uri for h in two_hosts.site.hosts.values()})  # once per host
+        with pytest.raises(ProvisionBlocked) as err:
+            provision(two_hosts, ["ldap", "web", "login"], conns, log=quiet)
+        assert domain_names(conns.get("kvm0")) == set() and domain_names(kvm1) == {"login", "www"}
+    assert plan.hosts[0].problems == str(err.value).splitlines()[:-1]
+    assert str(err.value) == (
+        "web: its MAC 52:54:00:50:00:21 belongs to domain 'www' defined on kvm1; it is not created beside it (two"
+        " guests with one MAC and IP): if www is an old name of web, undefine it on kvm1 first, else give web another"
+        " MAC\nlogin: defined on kvm1 already, but cluster.conf places it on kvm0; it is not created a second time: to"
+        " move it, set host=kvm1 for it in cluster.conf again and run `invoke migrate --vm login --to kvm0 --edit`; to"
+        " keep it there, set host=kvm1; or undefine it on kvm1 if that copy is unwanted\nnothing was changed")
+    assert files_under(tmp_path / "kvm0") == set()
+
+
+def test_a_host_that_cannot_be_listed_is_named_and_the_run_goes_on(example: Cluster, tmp_path: Path) -> None:
+    # A dead host runs no copy of anything: refusing would stop the VMs of the others being made again.
+    cluster = on_test_driver(example, tmp_path, {"kvm1": NOWHERE})
+    lines: list[str] = []
+    with connections(cluster, execute=Recorder()) as conns:
+        provision(cluster, ["ldap"], conns, Options(start=False), log=lines.append)
+        assert "ldap" in domain_names(conns.get("kvm0"))
+    assert lines[0] == (f"warning, not checked: host 'kvm1': cannot connect to libvirt at {NOWHERE} (Failed to connect"
+                        " socket to '/nonexistent/kvmconf-test/libvirt-sock': No such file or directory); check"
+                        f" [hosts.kvm1] uri in {cluster.site.path} and that libvirtd runs there; so whether a VM to"
+                        " create is defined there already (under its name or MAC) is not known")
 
 
 # --- the lab as the tasks see it ---------------------------------------------------------------

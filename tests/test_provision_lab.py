@@ -1,0 +1,81 @@
+"""Provisioning against the lab's real libvirtd daemons (one per host): what provision refuses to create a second
+time.
+
+The lab, its fixtures' cluster and the way tasks are run are test_lab's; this module starts a lab of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmconf import lab
+from tests import test_lab
+from tests.labs import running_lab
+from tests.test_lab import domains_on, invoke
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+NETNS_PREFIX = "kvmconf-pvtest-"  # + the pytest PID: a killed run's namespaces are removed by the next run
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
+
+
+# test_lab's fixtures, on this module's lab: its daemons emptied around each test, and editable copies of the fixtures.
+clean = test_lab.clean
+workdir = test_lab.workdir
+
+
+def edit_vm_line(workdir: Path, name: str, column: int, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in one column of VM ``name``'s line of the workdir's cluster.conf."""
+    path = workdir / "cluster.conf"
+    lines = []
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if fields[0] == name:
+            assert old in fields[column], (old, fields[column])
+            fields[column] = fields[column].replace(old, new)
+        lines.append("\t".join(fields))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_a_vm_defined_on_another_host_is_not_created_again(workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0
+    edit_vm_line(workdir, "web", 7, "host=kvm0", "host=kvm1")  # as an admin's edit (or host=auto) would move it
+    refusal = ("web: defined on kvm0 already, but cluster.conf places it on kvm1; it is not created a second time:"
+               " to move it, set host=kvm0 for it in cluster.conf again and run `invoke migrate --vm web --to kvm1"
+               " --edit`; to keep it there, set host=kvm0; or undefine it on kvm0 if that copy is unwanted")
+    plan = invoke(workdir, clean, "plan")
+    assert plan.returncode == 0, plan.stderr
+    assert f"kvm1 ({clean.uri_of('kvm1')}):\n  ! {refusal}\n" in plan.stdout
+    assert "  ? web  defined on this host, but cluster.conf places it on kvm1 (left alone)" in plan.stdout
+    refused = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "db")
+    # Stopped before anything, as a disk in the way stops a run: db (on kvm0, no problem of its own) is not made either.
+    assert (refused.returncode, refused.stderr) == (1, f"kvmconf: {refusal}\nnothing was changed\n")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert (files_in(clean.images / "kvm0"), files_in(clean.images / "kvm1")) == (["web.qcow2"], [])
+
+
+def test_a_vm_whose_mac_a_domain_of_another_name_holds_is_not_created(workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0
+    edit_vm_line(workdir, "web", 0, "web", "www")  # renamed in cluster.conf; its old domain still runs
+    edit_vm_line(workdir, "www", 7, "host=kvm0", "host=kvm1")  # and on the other host: every host is looked at
+    refusal = ("www: its MAC 52:54:00:50:00:21 belongs to domain 'web' defined on kvm0; it is not created beside it"
+               " (two guests with one MAC and IP): if web is an old name of www, undefine it on kvm0 first, else give"
+               " www another MAC")
+    plan = invoke(workdir, clean, "plan", "--vm", "www")
+    assert plan.returncode == 0, plan.stderr
+    assert f"kvm1 ({clean.uri_of('kvm1')}):\n  ! {refusal}\n" in plan.stdout
+    refused = invoke(workdir, clean, "provision", "--vm", "www", "--vm", "cloud")
+    assert (refused.returncode, refused.stderr) == (1, f"kvmconf: {refusal}\nnothing was changed\n")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert files_in(clean.images / "kvm1") == []
