@@ -1,10 +1,11 @@
 """An in-place restore of a two-disk VM that fails or is cut short: no disk is lost or left half-swapped.
 
-The lab, VMs and helpers are test_backup's, with this module's own libvirtd under them. The one
-mock is Path.rename, for the chosen calls only: no filesystem here fails the second disk's rename on
+The lab, VMs and helpers are test_backup's, with this module's own libvirtd under them. The swap
+tests' one mock is Path.rename, for the chosen calls only: no filesystem here fails the second disk's rename on
 demand while the first disk's succeeded (ENOSPC on a rename needs a directory that must grow on a
 full filesystem at that very moment), and no signal from outside lands between two renames
 microseconds apart. The restore, its files, the backup it restores and the libvirt domain are real.
+The last tests each fake one failure no real thing gives here on demand, and say which.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 from kvmconf import lab
 from kvmconf.backup import journal
+from kvmconf.backup import restore as restore_module
 from kvmconf.backup.engine import Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore
@@ -306,3 +308,65 @@ def test_a_restore_killed_between_two_disks_loses_no_disk(the_lab: lab.Lab, conn
         assert keep.stat().st_ino == vm.inodes[disk] and compare(keep, vm.copies[disk]).returncode == 0
     assert journal.read(vm.store.dir, journal.REPLACED) == {"files": list(map(str, kept))}
     assert sorted(p.name for p in vm.dir.iterdir()) == sorted([*vm.listing, *(k.name for k in kept)])
+
+
+def test_restored_images_are_flushed_before_they_take_a_name(conn: libvirt.virConnect, tmp_path: Path, name: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-img convert leaves its output unflushed: each image is on disk before it becomes a target or a disk,
+    and the swap's renames are on disk before the record says the swap is whole. (fsync is recorded, then done.)"""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    events: list[str] = []
+    real_fsync, real_write = restore_module.fsync_path, journal.write
+
+    def fsync_path(path: Path) -> None:
+        events.append(f"fsync {path.name}")
+        real_fsync(path)
+
+    def write(directory: Path, entry: dict[str, object], name: str = journal.JOURNAL, durable: bool = True) -> None:
+        events.append(f"record {sorted(entry)}")
+        real_write(directory, entry, name, durable)
+
+    monkeypatch.setattr(restore_module, "fsync_path", fsync_path)
+    monkeypatch.setattr(journal, "write", write)
+    restore(vm.store, None, None, vm.dom, True, quiet)
+    assert events == ["fsync vda.qcow2.restored.partial", "fsync disks", "fsync vdb.raw.restored.partial",
+                      "fsync disks", f"record {sorted(['files', journal.SWAPPING])}", "fsync disks",
+                      "record ['files']"]
+
+
+def test_a_target_that_cannot_be_linked_keeps_the_verified_image_and_says_where(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one mock: os.link failing as on a filesystem without hard links (none can be made here)."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    out = tmp_path / "out"
+
+    def no_links(src: Path, dst: Path) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(restore_module.os, "link", no_links)
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, out, None, False, quiet)
+    partial = out / f"{name}-vda.qcow2.partial"
+    assert str(failed.value) == (f"{name}: cannot give the restored vda its name {out / f'{name}-vda.qcow2'} ([Errno 1]"
+                                 f" Operation not permitted); it is complete and verified as {partial}: rename it"
+                                 " by hand")
+    assert compare(vm.backed_up(vm.vda), partial).returncode == 0
+
+
+def test_checkpoints_that_cannot_be_dropped_leave_the_restore_done_and_said(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one mock: a checkpoint whose metadata delete fails (libvirt cannot be made to fail it on demand)."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+
+    class Stuck:
+        def delete(self, flags: int) -> None:
+            raise libvirt.libvirtError("checkpoint metadata is locked")
+
+    monkeypatch.setattr(restore_module, "our_checkpoints", lambda dom: [Stuck()])
+    said: list[str] = []
+    assert restore(vm.store, None, None, vm.dom, True, said.append) == [vm.vda, vm.vdb]
+    assert said[-2].startswith(f"{name}: the replaced disks are kept (")
+    assert said[-1].startswith(f"{name}: restored, but its checkpoints could not be dropped (") and said[-1].endswith(
+        "): the next backup finds their bitmaps missing and makes a new full")
+    for disk in (vm.vda, vm.vdb):
+        assert compare(disk, vm.backed_up(disk)).returncode == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import libvirt
 
+from generators.files import fsync_path
 from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.libvirt_xml import domain_disks
@@ -64,14 +65,20 @@ def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], log: Log) 
             raise
         if compared.returncode != 0:
             partial.unlink(missing_ok=True)
-            raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} differs from the backup:"
+            raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} ({partial}) differs from the backup {top}:"
                                 f" {compared.stdout.strip()}")
+        # qemu-img convert writes its output without flushing (cache mode 'unsafe'): on disk before it is a disk.
+        fsync_path(partial)
         try:
             os.link(partial, target)  # unlike a rename, fails if a file appeared there meanwhile
         except FileExistsError:
             raise RestoreFailed(f"{store.vm}: {target} appeared during the restore and is left as it is; the"
                                 f" restored {disk.dev} is {partial}") from None
+        except OSError as err:  # a filesystem without hard links: the verified image stays, under its own name
+            raise RestoreFailed(f"{store.vm}: cannot give the restored {disk.dev} its name {target} ({err}); it is"
+                                f" complete and verified as {partial}: rename it by hand") from None
         partial.unlink()
+        fsync_path(target.parent)
         log(f"{store.vm}: {disk.dev} restored from {manifest.time} to {target} (verified with qemu-img compare)")
 
 
@@ -141,11 +148,15 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
                 path.unlink(missing_ok=True)
             raise
         replaced = _swap_in(store, dom, manifest, sources, staged)
-        # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.
-        for cp in our_checkpoints(dom):
-            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
+        # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.
+        try:
+            for cp in our_checkpoints(dom):
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        except libvirt.libvirtError as err:  # the restore is done; the next backup finds no bitmap and goes full
+            log(f"{store.vm}: restored, but its checkpoints could not be dropped ({err.get_error_message()}): the"
+                " next backup finds their bitmaps missing and makes a new full")
         return sources
 
 
@@ -174,6 +185,8 @@ def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources
                 swapping = disk.dev
                 source.rename(keep)
                 path.rename(source)
+            for parent in sorted({source.parent for source in sources}):  # the renames on disk before the record
+                fsync_path(parent)
             journal.write(store.dir, {"files": replaced}, journal.REPLACED)
         except BaseException as err:
             try:
