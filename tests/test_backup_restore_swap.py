@@ -10,6 +10,7 @@ The last tests each fake one failure no real thing gives here on demand, and say
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import signal
@@ -370,3 +371,21 @@ def test_checkpoints_that_cannot_be_dropped_leave_the_restore_done_and_said(
         "): the next backup finds their bitmaps missing and makes a new full")
     for disk in (vm.vda, vm.vdb):
         assert compare(disk, vm.backed_up(disk)).returncode == 0
+
+
+def test_a_point_pruned_while_the_restore_waited_for_the_lock_is_not_taken_for_damaged(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point is chosen under the lock: a backup that pruned it just before is not reported as damage.
+    (The one fake: the backup's pruning is done right before the restore takes the lock.)"""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    real_lock = journal.vm_lock
+
+    def lock_after_a_prune(vm_dir: Path) -> contextlib.AbstractContextManager[None]:
+        vm.store.remove_point(vm.point.time)
+        return real_lock(vm_dir)
+
+    monkeypatch.setattr(journal, "vm_lock", lock_after_a_prune)
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, tmp_path / "out", None, False, quiet)
+    assert str(failed.value) == f"{name}: no restore point in {vm.store.dir}"
+    assert not (tmp_path / "out").exists()

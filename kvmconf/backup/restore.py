@@ -116,8 +116,9 @@ def _kept_name(source: Path, time: str) -> Path:
 def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDomain | None, force: bool,
             log: Log = print) -> list[Path]:
     """Restore the point `at` (default: the newest) to `to`, or over the VM's own disks (shut off, --force)."""
-    manifest = pick(store, at)
+    pick(store, at)  # an unknown point is said before the lock makes the VM's backup directory
     with sigterm_as_interrupt(), journal.vm_lock(store.dir):  # a timeout's or an admin's kill undoes it as Ctrl-C
+        manifest = pick(store, at)  # again under the lock: a backup's pruning may have removed the point meanwhile
         _verify_chain(store, manifest)
         if to is not None:
             targets = _targets(store, manifest, to)
