@@ -41,6 +41,19 @@ MAX_DNS_NAME = 253  # characters of a name without its final dot: 255 octets on 
 MAX_DOMAIN = MAX_DNS_NAME - len("hostmaster.")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
+# site.toml's strings are written as they are into preseeds, dnsmasq.conf, cloud-init, XML: a newline would add a
+# line of its own (`d-i preseed/late_command ...`), so no string of site.toml may hold a control character.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TIMEZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")  # IANA names: Europe/Berlin, Etc/GMT+5, UTC
+ZONEINFO = Path("/usr/share/zoneinfo")
+_LOCALE = re.compile(r"[a-z]{2,3}_[A-Z]{2}(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?")
+_MIRROR_HOST = re.compile(r"([^:]+)(?::([0-9]{1,5}))?")
+_URL_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+_PROXY = re.compile(r"https?://[^\s/]+/?")
+# Debian's system accounts (base-passwd): the installer refuses them as the first user, and cloud-init would turn
+# one into the admin account.
+SYSTEM_USERS = frozenset({"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+                          "proxy", "www-data", "backup", "list", "irc", "gnats", "_apt", "nobody"})
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "a table"}
 
@@ -59,12 +72,13 @@ class TableReader:
     problems are worded alike."""
 
     def __init__(self, data: dict[str, Any], table: str, locate: Locate, problems: list[Problem],
-                 absent: bool = False) -> None:
+                 absent: bool = False, one_line: bool = False) -> None:
         self.data = data
         self.table = table
         self.locate = locate
         self.problems = problems
         self.absent = absent  # the table itself is missing (already reported): no problem per missing key
+        self.one_line = one_line  # refuse control characters in strings (and lists of strings): see _CONTROL
         self.used: set[str] = set()
 
     def where(self, key: str) -> str:
@@ -86,6 +100,10 @@ class TableReader:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.problem(key, f"{shown(value)} is {_type_of(value)} (expected {what})")
+            return None
+        if self.one_line and (char := _control_char(value)) is not None:
+            self.problem(key, f"{shown(value)} holds the control character {char!r} (expected text on one line,"
+                         " without control characters such as newline or tab)")
             return None
         return value
 
@@ -130,11 +148,31 @@ class TableReader:
 
     def sub(self, key: str, required: bool = True) -> TableReader:
         table = self.table_of(key, required)
-        return TableReader(table or {}, self.where(key), self.locate, self.problems, absent=table is None)
+        return TableReader(table or {}, self.where(key), self.locate, self.problems, absent=table is None,
+                           one_line=self.one_line)
 
     def check_unknown(self) -> None:
         for key in sorted(set(self.data) - self.used):
             self.problem(key, f"unknown key (expected one of: {', '.join(sorted(self.used))})")
+
+
+def _control_char(value: Any) -> str | None:
+    """The first control character of a string, or of a list's strings; None if there is none."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and (m := _CONTROL.search(text)):
+            return m[0]
+    return None
+
+
+def _absolute_path(r: TableReader, key: str, default: Any = _MISSING, example: str = "") -> str | None:
+    """A path on a server or host: absolute (relative to what? each tool has another working directory), and without
+    whitespace, which dnsmasq.conf, the boot loaders and command lines would split it at."""
+    path: str | None = r.get(key, str, default, "an absolute path")
+    if isinstance(path, str) and (not path.startswith("/") or re.search(r"\s", path)):
+        r.problem(key, f"{shown(path)} is not an absolute path (expected a path starting with '/', without whitespace,"
+                  f" such as {example or default})")
+        return None
+    return path
 
 
 def parse_http_url(url: str) -> tuple[str, int, str] | None:
@@ -335,7 +373,7 @@ def _host(name: str, r: TableReader) -> PhysicalHost | None:
         ram_mb=r.positive("ram_mb"),
         cpus=r.positive("cpus"),
         disk_gb=r.positive("disk_gb"),
-        disk_dir=r.get("disk_dir", str, "/var/lib/libvirt/images"),
+        disk_dir=_absolute_path(r, "disk_dir", "/var/lib/libvirt/images"),
         ram_overcommit=r.positive("ram_overcommit", float, 1.0),
         cpu_overcommit=r.positive("cpu_overcommit", float, 1.0),
         disk_overcommit=r.positive("disk_overcommit", float, 1.0),
@@ -438,7 +476,7 @@ def _os(name: str, r: TableReader) -> OsRelease | None:
     required = family != "ubuntu"
     kernel = _boot_file(r, "kernel", "the installer kernel's path under the TFTP root", required)
     initrd = _boot_file(r, "initrd", "the installer initrd's path under the TFTP root", required)
-    cloud_image = r.get("cloud_image", str, None, "the cloud image's path on the physical hosts")
+    cloud_image = _absolute_path(r, "cloud_image", None, "/var/lib/libvirt/images/base/debian-12.qcow2")
     if family is None or suite is None or kernel is None or initrd is None:
         return None
     return OsRelease(name, family, suite, kernel, initrd, cloud_image)
@@ -518,6 +556,52 @@ def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
     raise ConfigError([Problem(location, f"not valid TOML: {message}")])
 
 
+def _timezone(top: TableReader) -> str | None:
+    """The VMs' time zone: an IANA name, which the installer and cloud-init look up in /usr/share/zoneinfo."""
+    timezone: str | None = top.get("timezone", str, "UTC")
+    if timezone is None:
+        return None
+    if not _TIMEZONE.fullmatch(timezone):
+        top.problem("timezone", f"{shown(timezone)} is not a time zone name (expected an IANA name such as"
+                    " Europe/Berlin or UTC)")
+        return None
+    # Where this machine has the zone database (the VMs get the same one), a misspelt zone is caught here rather
+    # than by an installer that silently falls back to UTC.
+    if ZONEINFO.is_dir() and not _is_tzfile(ZONEINFO / timezone):
+        top.problem("timezone", f"{shown(timezone)} is not a time zone of {ZONEINFO} (expected an IANA name such as"
+                    f" Europe/Berlin or UTC, one that {ZONEINFO} holds: checked where that directory exists)")
+        return None
+    return timezone
+
+
+def _is_tzfile(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == b"TZif"
+    except OSError:  # missing, a directory
+        return False
+
+
+def _check_mirror(p: TableReader, values: dict[str, Any]) -> None:
+    """The Debian mirror's host, directory and proxy, which the preseed's mirror/http/* lines take as they are."""
+    host = values["mirror_host"]
+    m = _MIRROR_HOST.fullmatch(host) if host is not None else None
+    if host is not None and not (m and is_host_address(m[1]) and (m[2] is None or 0 < int(m[2]) < 65536)):
+        p.problem("mirror_host", f"{shown(host)} is not a mirror host (expected a host name or IPv4 address,"
+                  " optionally with :port, such as deb.debian.org or 192.168.1.2:3142)")
+        values["mirror_host"] = None
+    directory = values["mirror_dir"]
+    if directory is not None and not _URL_PATH.fullmatch(directory):
+        p.problem("mirror_dir", f"{shown(directory)} is not an absolute URL path (expected the mirror's directory"
+                  " starting with '/', without spaces, such as /debian)")
+        values["mirror_dir"] = None
+    proxy = values["mirror_proxy"]
+    if proxy and not _PROXY.fullmatch(proxy):
+        p.problem("mirror_proxy", f"{shown(proxy)} is not a proxy URL (expected http://host:port/, or \"\" for"
+                  " none)")
+        values["mirror_proxy"] = None
+
+
 def _default_name(top: TableReader, key: str, names: dict[str, Any], noun: str) -> str:
     """The table entry VMs get when they name none: `key` if given (it must exist, "" included), else the first."""
     value = top.get(key, str, next(iter(names), ""))
@@ -532,7 +616,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
     problems: list[Problem] = []
     locate = locator(str(path), text)
-    top = TableReader(data, "", locate, problems)
+    top = TableReader(data, "", locate, problems, one_line=True)
 
     domain = top.get("domain", str, what="a DNS domain such as cluster.lan")
     if domain is not None and not _DOMAIN.fullmatch(domain):
@@ -548,8 +632,12 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         domain = None
     domain_type = top.convert("domain_type", DomainType, "a domain type", "kvm or qemu", default=DomainType.KVM)
     locale = top.get("locale", str, "en_US.UTF-8")
+    if locale is not None and not _LOCALE.fullmatch(locale):
+        top.problem("locale", f"{shown(locale)} is not a locale (expected language_COUNTRY.CHARSET such as en_US.UTF-8"
+                    " or de_DE.UTF-8)")
+        locale = None
     keyboard = top.get("keyboard", str, "us")
-    timezone = top.get("timezone", str, "UTC")
+    timezone = _timezone(top)
 
     networks = _each(top, "networks", _network, "with subnet, bridge, ...", "net")
     _check_subnets_apart(networks, locate, problems)
@@ -567,13 +655,14 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         server=p.convert("server", IPv4Address, "an IPv4 address", "the provision server's address a.b.c.d",
                          default=None),
         http_url=p.get("http_url", str, what="the HTTP base URL of the provision server"),
-        tftp_root=p.get("tftp_root", str, "/srv/tftp"),
+        tftp_root=_absolute_path(p, "tftp_root", "/srv/tftp"),
         interface=p.get("interface", str, what="the interface dnsmasq serves"),
         mirror_host=p.get("mirror_host", str, "deb.debian.org"),
         mirror_dir=p.get("mirror_dir", str, "/debian"),
         mirror_proxy=p.get("mirror_proxy", str, ""),
-        config_dir=p.get("config_dir", str, "/etc/kvmconf"),
+        config_dir=_absolute_path(p, "config_dir", "/etc/kvmconf"),
     )
+    _check_mirror(p, provision_values)
     if not p.absent and ("vm" in p.data) == ("server" in p.data):
         problems.append(Problem(locate("provision", ""), "table '[provision]' needs exactly one of 'vm' (the"
                                 " provision VM's name in cluster.conf) or 'server' (its IPv4 address)"))
@@ -624,16 +713,21 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             a.problem(key, f"{shown(user)} is not a user name (expected up to 32 lowercase letters, digits, '_', '-',"
                       " not starting with a digit or '-')")
             account_values[key] = None
+    admin_user = account_values["admin_user"]
+    if admin_user in SYSTEM_USERS:  # ssh_user may well be root: it logs in, it is not created
+        a.problem("admin_user", f"{shown(admin_user)} is a system account of Debian, which the installer refuses as"
+                  f" the user it creates (expected another name than {', '.join(sorted(SYSTEM_USERS))})")
+        account_values["admin_user"] = None
 
     b = top.sub("backup", required=False)  # every key has a default
     backup_values = dict(
         schedule=b.get("schedule", str, "30 2 * * *"),
-        dir=b.get("dir", str, "/var/backups/kvmconf"),
-        nas_dir=b.get("nas_dir", str, None),
+        dir=_absolute_path(b, "dir", "/var/backups/kvmconf"),
+        nas_dir=_absolute_path(b, "nas_dir", None, "/mnt/nas/kvmconf"),
         keep=b.positive("keep", int, 1),
         full_every=b.positive("full_every", int, 7),
-        log=b.get("log", str, "/var/log/kvmconf-backup.log"),
-        checkout=b.get("checkout", str, "/root/kvmconf"),
+        log=_absolute_path(b, "log", "/var/log/kvmconf-backup.log"),
+        checkout=_absolute_path(b, "checkout", "/root/kvmconf"),
     )
     schedule = backup_values["schedule"]
     if schedule is not None and len(schedule.split()) != 5:
@@ -659,6 +753,9 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             elif not isinstance(alias, str):
                 h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
                           " description)")
+            elif (char := _control_char(alias)) is not None:
+                h.problem(group, f"{shown(alias)} holds the control character {char!r} (expected text on one line,"
+                          " without control characters such as newline or tab)")
             else:
                 hostgroups[group] = alias
 
@@ -671,7 +768,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         domain_type=domain_type,  # type: ignore[arg-type]  # not None: that would have been a problem
         locale=locale,
         keyboard=keyboard,
-        timezone=timezone,
+        timezone=timezone,  # type: ignore[arg-type]  # not None: that would have been a problem
         networks={k: v for k, v in networks.items() if v},
         hosts={k: v for k, v in hosts.items() if v},
         oses={k: v for k, v in oses.items() if v},
@@ -700,7 +797,7 @@ def _load_secrets(path: Path, accounts: TableReader,
         accounts.problem("secrets", f"{str(err).removeprefix(f'{path}: ')} (expected a TOML file with an"
                          " [accounts] table, or no file)")
         return None
-    top = TableReader(data, "", locator(str(path), text), problems)
+    top = TableReader(data, "", locator(str(path), text), problems, one_line=True)
     a = top.sub("accounts")
     values = {}
     for key, kind in (("root_password_hash", str), ("admin_password_hash", str), ("ssh_keys", list)):

@@ -197,8 +197,8 @@ WRONG_VALUES = [
      ["70:1: key 'os.bookworm.kernel': 'debian installer/amd64/linux' is not a TFTP path the boot loaders can load"
       " (expected the installer kernel's path under the TFTP root, without spaces)"]),
     ('initrd = "debian-installer/amd64/initrd.gz"', 'initrd = "debian-installer/amd64/initrd.gz\\t"',
-     ["71:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' is not a TFTP path the boot loaders can"
-      " load (expected the installer initrd's path under the TFTP root, without spaces)"]),
+     ["71:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' holds the control character '\\t'"
+      " (expected text on one line, without control characters such as newline or tab)"]),
     # dnsmasq's interface= and the provision server's own check need an interface name.
     ('interface = "enp1s0"', 'interface = ""',
      ["79:1: key 'provision.interface': '' is not an interface name (expected at most 15 letters, digits, '-', '_',"
@@ -381,3 +381,103 @@ def test_a_uris_host_need_not_be_a_dns_name(uri: str, address: str | None, tmp_p
     line = f'uri = "{uri}"' + (f'\naddress = "{address}"' if address else "")
     host = load_site(_write(tmp_path, MINIMAL_SITE.replace('uri = "qemu:///system"', line))).hosts["h1"]
     assert (host.uri, host.address) == (uri, address)
+
+
+_ONE_LINE = "(expected text on one line, without control characters such as newline or tab)"
+# Free text reaches preseeds, dnsmasq.conf, cloud-init and domain XML as it is.
+# (old text, new text, 'LINE:COL: message')
+FREE_TEXT_VALUES = [
+    # A newline would add a preseed line of its own: the installer would run it as root.
+    ('timezone = "Europe/Berlin"', 'timezone = "Europe/Berlin\\nd-i preseed/late_command string touch /target/PWNED"',
+     "7:1: key 'timezone': 'Europe/Berlin\\nd-i preseed/late_command string touch /t...' (65 characters) holds the"
+     f" control character '\\n' {_ONE_LINE}"),
+    ('mirror_dir = "/debian"', 'mirror_dir = "/debian\\nd-i preseed/late_command string reboot"',
+     "81:1: key 'provision.mirror_dir': '/debian\\nd-i preseed/late_command string reboot' holds the control"
+     f" character '\\n' {_ONE_LINE}"),
+    ('keyboard = "us"', 'keyboard = "us\\tde"',
+     f"6:1: key 'keyboard': 'us\\tde' holds the control character '\\t' {_ONE_LINE}"),
+    ('compute = "Compute nodes"', 'compute = "Compute\\u0000nodes"',
+     f"100:1: key 'hostgroups.compute': 'Compute\\x00nodes' holds the control character '\\x00' {_ONE_LINE}"),
+    ('ssh_keys = ["ssh-ed25519', 'ssh_keys = ["ssh-ed25519 AAAA x\\u0085y", "ssh-ed25519',
+     "16:1: key 'accounts.ssh_keys': ['ssh-ed25519 AAAA x\\x85y', 'ssh-ed25519 AAAAC3NzaC1lZDI...] holds the"
+     f" control character '\\x85' {_ONE_LINE}"),
+    ('timezone = "Europe/Berlin"', 'timezone = "Europe/Berlinn"',
+     "7:1: key 'timezone': 'Europe/Berlinn' is not a time zone of /usr/share/zoneinfo (expected an IANA name such as"
+     " Europe/Berlin or UTC, one that /usr/share/zoneinfo holds: checked where that directory exists)"),
+    # A file of /usr/share/zoneinfo that is no zone (no TZif data)
+    ('timezone = "Europe/Berlin"', 'timezone = "leapseconds"',
+     "7:1: key 'timezone': 'leapseconds' is not a time zone of /usr/share/zoneinfo (expected an IANA name such as"
+     " Europe/Berlin or UTC, one that /usr/share/zoneinfo holds: checked where that directory exists)"),
+    ('timezone = "Europe/Berlin"', 'timezone = "../../etc/passwd"',
+     "7:1: key 'timezone': '../../etc/passwd' is not a time zone name (expected an IANA name such as Europe/Berlin or"
+     " UTC)"),
+    ('locale = "en_US.UTF-8"', 'locale = "en_US.UTF-8 garbage"',
+     "5:1: key 'locale': 'en_US.UTF-8 garbage' is not a locale (expected language_COUNTRY.CHARSET such as en_US.UTF-8"
+     " or de_DE.UTF-8)"),
+    ('mirror_host = "deb.debian.org"', 'mirror_host = "deb.debian.org x"',
+     "80:1: key 'provision.mirror_host': 'deb.debian.org x' is not a mirror host (expected a host name or IPv4"
+     " address, optionally with :port, such as deb.debian.org or 192.168.1.2:3142)"),
+    ('mirror_host = "deb.debian.org"', 'mirror_host = "deb.debian.org:99999"',
+     "80:1: key 'provision.mirror_host': 'deb.debian.org:99999' is not a mirror host (expected a host name or IPv4"
+     " address, optionally with :port, such as deb.debian.org or 192.168.1.2:3142)"),
+    ('mirror_dir = "/debian"', 'mirror_dir = "debian"',
+     "81:1: key 'provision.mirror_dir': 'debian' is not an absolute URL path (expected the mirror's directory starting"
+     " with '/', without spaces, such as /debian)"),
+    ('# mirror_proxy = "http://mcp.phys.example.org:3142"', 'mirror_proxy = "mcp:3142"',
+     "82:1: key 'provision.mirror_proxy': 'mcp:3142' is not a proxy URL (expected http://host:port/, or \"\" for"
+     " none)"),
+    # user-setup refuses it (passwd/username string root), and cloud-init would make root the admin.
+    ('admin_user = "admin"', 'admin_user = "root"',
+     "12:1: key 'accounts.admin_user': 'root' is a system account of Debian, which the installer refuses as the user"
+     " it creates (expected another name than _apt, backup, bin, daemon, games, gnats, irc, list, lp, mail, man, news,"
+     " nobody, proxy, root, sync, sys, uucp, www-data)"),
+    # <source file='relative/dir/db.img'/> is refused by virt-xml-validate; dnsmasq.conf splits at whitespace.
+    ('disk_dir = "/var/lib/libvirt/images"', 'disk_dir = "relative/dir"',
+     "43:1: key 'hosts.kvm0.disk_dir': 'relative/dir' is not an absolute path (expected a path starting with '/',"
+     " without whitespace, such as /var/lib/libvirt/images)"),
+    ('tftp_root = "/srv/tftp"', 'tftp_root = "srv/tftp"',
+     "78:1: key 'provision.tftp_root': 'srv/tftp' is not an absolute path (expected a path starting with '/', without"
+     " whitespace, such as /srv/tftp)"),
+    ('config_dir = "/etc/kvmconf"', 'config_dir = "/etc/kvm conf"',
+     "83:1: key 'provision.config_dir': '/etc/kvm conf' is not an absolute path (expected a path starting with '/',"
+     " without whitespace, such as /etc/kvmconf)"),
+    ('cloud_image = "/var/lib/libvirt/images/base/debian-12-genericcloud-amd64.qcow2"', 'cloud_image = "base.qcow2"',
+     "72:1: key 'os.bookworm.cloud_image': 'base.qcow2' is not an absolute path (expected a path starting with '/',"
+     " without whitespace, such as /var/lib/libvirt/images/base/debian-12.qcow2)"),
+    ('nas_dir = "/mnt/nas/kvmconf"', 'nas_dir = "nas:/kvmconf"',
+     "88:1: key 'backup.nas_dir': 'nas:/kvmconf' is not an absolute path (expected a path starting with '/', without"
+     " whitespace, such as /mnt/nas/kvmconf)"),
+    ('checkout = "/root/kvmconf"', 'checkout = "~/kvmconf"',
+     "92:1: key 'backup.checkout': '~/kvmconf' is not an absolute path (expected a path starting with '/', without"
+     " whitespace, such as /root/kvmconf)"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), FREE_TEXT_VALUES, ids=[new for _, new, _ in FREE_TEXT_VALUES])
+def test_free_text_values_are_checked(old: str, new: str, expected: str, tmp_path: Path) -> None:
+    assert EXAMPLE_SITE.count(old) == 1
+    assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(old, new))) == [expected]
+
+
+def test_valid_free_text_values_are_accepted(tmp_path: Path) -> None:
+    text = (MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\ntimezone ='
+                                 ' "America/Argentina/Buenos_Aires"\nlocale = "de_CH.ISO-8859-1@euro"')
+            .replace('interface = "eth0"', 'interface = "eth0"\nmirror_host = "192.168.1.2:3142"\nmirror_dir ='
+                     ' "/debian/x~1"\nmirror_proxy = "http://user:pw@proxy:3128/"'))
+    site = load_site(_write(tmp_path, text))
+    assert (site.timezone, site.locale) == ("America/Argentina/Buenos_Aires", "de_CH.ISO-8859-1@euro")
+    assert (site.provision.mirror_host, site.provision.mirror_dir) == ("192.168.1.2:3142", "/debian/x~1")
+    assert site.provision.mirror_proxy == "http://user:pw@proxy:3128/"
+
+
+def test_without_a_zone_database_only_the_time_zones_form_is_checked(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import generators.site
+
+    monkeypatch.setattr(generators.site, "ZONEINFO", tmp_path / "no-zoneinfo")
+    site_path = _write(tmp_path, MINIMAL_SITE.replace('domain = "lab.test"',
+                                                      'domain = "lab.test"\ntimezone = "Mars/Olympus"'))
+    assert load_site(site_path).timezone == "Mars/Olympus"
+    site_path.write_text(MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\ntimezone = "Mars Olympus"'))
+    assert _problems(site_path) == ["2:1: key 'timezone': 'Mars Olympus' is not a time zone name (expected an IANA name"
+                                    " such as Europe/Berlin or UTC)"]
