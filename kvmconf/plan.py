@@ -7,11 +7,13 @@ what the plan shows is what provisioning does.
 from __future__ import annotations
 
 import difflib
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import PurePosixPath
+from typing import Literal
 
 import libvirt
 
@@ -22,6 +24,10 @@ from kvmconf import defined, disks, domains
 from kvmconf.connection import Connections
 from kvmconf.disks import DiskSpec
 from kvmconf.errors import HostUnreachable, UnknownHost, UnknownVm, WrongUsage
+from kvmconf.runner import Runner
+
+# A defined VM's seed ISO on its host: None when it is the generated one (or the VM has no seed).
+SeedOnHost = Literal["missing", "different"] | None
 
 
 class Action(StrEnum):
@@ -76,6 +82,7 @@ class VmPlan:
     old_xml: str | None = None  # the defined domain's inactive XML, to restore if a run fails
     uuid_kept: str | None = None  # set when the defined UUID differs from the generated one
     seed_path: str | None = None  # the NoCloud seed ISO on the host, for install=cloud
+    seed_now: SeedOnHost = None  # for a defined domain: how its seed ISO on the host compares with the generated one
 
     @property
     def autostart_changes(self) -> bool:
@@ -243,6 +250,7 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
                      for vm in by_host[host]]
         hplan.problems = disks.missing_volume_groups(conns.runner(host), host, [p.disk for p in hplan.vms
                                                                                 if not p.disk_exists])
+        compare_seeds(conns.runner(host), [p for p in hplan.vms if p.action is not Action.CREATE], artifacts)
     plan = Plan(hosts)
     creates = [p for p in plan.vms if p.action is Action.CREATE]
     if not (creates or others):
@@ -257,6 +265,29 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
         plan.unchecked = [f"{why}; so whether a VM to create is defined there already (under its name or MAC) is"
                           " not known" for host, why in found.unreachable.items() if host not in by_host]
     return plan
+
+
+def compare_seeds(runner: Runner, defined_vms: Sequence[VmPlan], artifacts: Artifacts) -> None:
+    """Mark the defined VMs whose seed ISO on the host is missing or not the generated one, in one command per host.
+
+    The seed changes with what cloud-init is given (ssh_keys, the IP, ...) and so does its instance-id, so that
+    cloud-init applies it at the VM's next boot, once it is on the host. Checksums, not the ISOs, cross the wire.
+    """
+    with_seed = [p for p in defined_vms if p.seed_path]
+    if not with_seed:
+        return
+    # One line per path, in order: its checksum, "-" when it is missing, "?" when it cannot be read (then it is
+    # rewritten like a different one, and the write says why it fails if it does).
+    script = ('for p in "$@"; do if [ ! -e "$p" ]; then echo -; elif s=$(sha256sum < "$p"); then echo "${s%% *}";'
+              ' else echo "?"; fi; done')
+    sums = runner.check(["sh", "-c", script, "sh", *(p.seed_path or "" for p in with_seed)]).stdout.decode().split()
+    for p, now in zip(with_seed, sums, strict=True):
+        if now == "-":
+            p.seed_now = "missing"
+        elif now != hashlib.sha256(artifacts.seed_iso(p.vm)).hexdigest():
+            p.seed_now = "different"
+        if p.seed_now:
+            p.action = Action.CHANGE
 
 
 def foreign_domains(cluster: Cluster, host: str, conns: Connections,
@@ -297,10 +328,25 @@ def describe_change(p: VmPlan) -> list[str]:
         lines.append(f"autostart {'on' if p.autostart_now else 'off'} -> {'on' if p.vm.autostart else 'off'}")
     if p.uuid_kept:
         lines.append(f"keeps its UUID {p.uuid_kept} (not the generated one)")
+    if p.seed_now:
+        lines.append(describe_seed(p))
     lines.extend(p.diff)
     if p.diff and p.running:
         lines.append("(running: a new definition takes effect when the VM is next started)")
     return lines
+
+
+def describe_seed(p: VmPlan) -> str:
+    what = "is missing: write it" if p.seed_now == "missing" else "differs from the generated one: replace it"
+    return f"seed ISO {p.seed_path} {what} ({seed_applies(p)})"
+
+
+def seed_applies(p: VmPlan) -> str:
+    """When a new seed ISO reaches the guest: QEMU keeps the file it opened at start (the old one, once replaced)
+    until the VM is powered off, so a reboot inside a running guest still sees the old seed."""
+    if p.running:
+        return "applies at the next cold boot: the running VM keeps the old one open until it is shut down and started"
+    return "applies at the next boot"
 
 
 def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str:

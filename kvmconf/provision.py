@@ -18,7 +18,17 @@ from generators.model import Cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, ProvisionBlocked, ProvisionFailed
-from kvmconf.plan import Action, Artifacts, Plan, VmPlan, describe_change, format_plan, make_plan, select
+from kvmconf.plan import (
+    Action,
+    Artifacts,
+    Plan,
+    VmPlan,
+    describe_change,
+    format_plan,
+    make_plan,
+    seed_applies,
+    select,
+)
 from kvmconf.runner import Runner
 from kvmconf.signals import sigterm_as_interrupt
 
@@ -110,7 +120,7 @@ def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Opt
     elif p.action is Action.CREATE:
         journal.log(f"{name}: reusing the existing disk {p.disk.path} (--reuse-disk)")
     if p.action is Action.CHANGE:
-        _change(p, conn, options, journal)
+        _change(p, conn, runner, artifacts, options, journal)
         return
     if p.seed_path:
         _write_seed(p, runner, artifacts.seed_iso(p.vm), journal)
@@ -121,10 +131,11 @@ def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Opt
         journal.done(f"{name}: started", _power_off(dom))
 
 
-def _change(p: VmPlan, conn: libvirt.virConnect, options: Options, journal: Journal) -> None:
+def _change(p: VmPlan, conn: libvirt.virConnect, runner: Runner, artifacts: Artifacts, options: Options,
+            journal: Journal) -> None:
     name = p.vm.name
     changes = describe_change(p)
-    if not (p.diff or p.autostart_changes or p.uuid_kept):
+    if not (p.diff or p.autostart_changes or p.uuid_kept or p.seed_now):
         return  # only the disk was missing, and it has been created
     if not options.apply:
         journal.log(f"{name}: definition differs from cluster.conf (not applied; run again with --apply):")
@@ -137,19 +148,23 @@ def _change(p: VmPlan, conn: libvirt.virConnect, options: Options, journal: Jour
         journal.done(f"{name}: applied the new definition", _redefine(conn, p.old_xml))
         for line in changes:
             journal.log(f"    {line}")
+    if p.seed_now:
+        _write_seed(p, runner, artifacts.seed_iso(p.vm), journal, seed_applies(p))
     dom = conn.lookupByName(name)
     if domains.set_autostart(dom, p.vm.autostart):
         journal.done(f"{name}: autostart {'on' if p.vm.autostart else 'off'}",
                      _autostart(dom, not p.vm.autostart))
 
 
-def _write_seed(p: VmPlan, runner: Runner, iso: bytes, journal: Journal) -> None:
+def _write_seed(p: VmPlan, runner: Runner, iso: bytes, journal: Journal, when: str = "") -> None:
+    """Write the seed ISO in one piece (a temporary renamed over it: a running QEMU keeps the file it opened)."""
     assert p.seed_path is not None
-    before = runner.read(p.seed_path)  # a leftover of an earlier VM of this name: restored if we fail
+    before = runner.read(p.seed_path)  # a leftover of an earlier VM of this name, or the old seed: restored if we fail
     if before == iso:
         return
     runner.write(p.seed_path, iso)
-    journal.done(f"{p.vm.name}: wrote seed ISO {p.seed_path}", _restore_file(runner, p.seed_path, before))
+    journal.done(f"{p.vm.name}: wrote seed ISO {p.seed_path}" + (f" ({when})" if when else ""),
+                 _restore_file(runner, p.seed_path, before))
 
 
 # Undo steps as small closures over their own values (not over loop variables).

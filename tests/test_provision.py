@@ -14,7 +14,7 @@ import signal
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import cast
 
 import libvirt
@@ -608,6 +608,39 @@ def test_a_host_that_cannot_be_listed_is_named_and_the_run_goes_on(example: Clus
                         " socket to '/nonexistent/kvmconf-test/libvirt-sock': No such file or directory); check"
                         f" [hosts.kvm1] uri in {cluster.site.path} and that libvirtd runs there; so whether a VM to"
                         " create is defined there already (under its name or MAC) is not known")
+
+
+# --- seed ISOs of VMs that exist ---------------------------------------------------------------------
+
+def test_a_changed_or_missing_seed_iso_is_a_change_applied_only_with_apply(cluster: Cluster,
+                                                                            conns: Connections) -> None:
+    provision(cluster, ["provision"], conns, Options(start=False), log=quiet)
+    seed = Path(cluster.site.hosts["kvm0"].disk_dir) / "provision-seed.iso"
+    old = seed.read_bytes()
+    accounts = dataclasses.replace(cluster.site.accounts, ssh_keys=("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBFvq3ekr8hCx"
+                                                                    "Wn5tLCX6TfvWO5w8VFtOr3kRxK9Vp3m admin@new",))
+    changed = dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, accounts=accounts))
+    new = cloud_init.render(changed)[PurePosixPath("cloud-init/provision.iso")]
+    assert new != old
+    [p] = make_plan(changed, [changed.vm("provision")], conns).vms
+    assert (p.action, p.seed_now, p.diff) == (Action.CHANGE, "different", [])
+    lines: list[str] = []
+    provision(changed, ["provision"], conns, log=lines.append)
+    assert lines == ["provision: definition differs from cluster.conf (not applied; run again with --apply):",
+                     f"    seed ISO {seed} differs from the generated one: replace it (applies at the next boot)",
+                     "0 created, 1 to change (shown, not applied), 0 unchanged"]
+    assert seed.read_bytes() == old
+    lines.clear()
+    provision(changed, ["provision"], conns, Options(apply=True), log=lines.append)
+    assert lines == [f"provision: wrote seed ISO {seed} (applies at the next boot)",
+                     "0 created, 1 changed, 0 unchanged"]
+    assert seed.read_bytes() == new
+    assert make_plan(changed, [changed.vm("provision")], conns).vms[0].action is Action.KEEP
+    seed.unlink()
+    [p] = make_plan(changed, [changed.vm("provision")], conns).vms
+    assert (p.action, p.seed_now) == (Action.CHANGE, "missing")
+    provision(changed, ["provision"], conns, Options(apply=True), log=quiet)
+    assert seed.read_bytes() == new
 
 
 # --- the lab as the tasks see it ---------------------------------------------------------------

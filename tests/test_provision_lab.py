@@ -1,16 +1,23 @@
 """Provisioning against the lab's real libvirtd daemons (one per host): what provision refuses to create a second
-time.
+time, and seed ISOs that changed reaching VMs that exist.
 
 The lab, its fixtures' cluster and the way tasks are run are test_lab's; this module starts a lab of its own.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import libvirt
 import pytest
 
+from generators import cloud_init
+from generators.model import Cluster
+from generators.paths import seed_iso_path
+from generators.validate import load_cluster
 from kvmconf import lab
 from tests import test_lab
 from tests.labs import running_lab
@@ -29,6 +36,11 @@ def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
 # test_lab's fixtures, on this module's lab: its daemons emptied around each test, and editable copies of the fixtures.
 clean = test_lab.clean
 workdir = test_lab.workdir
+
+
+def lab_cluster(workdir: Path, the_lab: lab.Lab) -> Cluster:
+    """The cluster of ``workdir`` as the tasks see it with KVMCONF_LAB set."""
+    return lab.remap(load_cluster(workdir / "cluster.conf", workdir / "site.toml"), the_lab)
 
 
 def edit_vm_line(workdir: Path, name: str, column: int, old: str, new: str) -> None:
@@ -79,3 +91,69 @@ def test_a_vm_whose_mac_a_domain_of_another_name_holds_is_not_created(workdir: P
     assert (refused.returncode, refused.stderr) == (1, f"kvmconf: {refusal}\nnothing was changed\n")
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert files_in(clean.images / "kvm1") == []
+
+
+def qemu_seed_fds(name: str, seed: Path) -> list[str]:
+    """What the QEMU processes of guest ``name`` have open of ``seed`` (the link's target, "(deleted)" if replaced)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"guest={name}".encode() in (proc / "cmdline").read_bytes():
+                found += [t for t in (os.readlink(fd) for fd in (proc / "fd").iterdir()) if t.startswith(str(seed))]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended while we looked
+    return found
+
+
+def seed_open_by_qemu(name: str, seed: Path, expected: list[str]) -> list[str]:
+    """:func:`qemu_seed_fds` once it is ``expected``, or after 10 s: a destroyed QEMU takes a moment to be gone."""
+    deadline = time.monotonic() + 10
+    while (found := qemu_seed_fds(name, seed)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def test_a_changed_seed_reaches_an_existing_vm_only_with_apply_and_at_its_next_cold_boot(
+        workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "cloud").returncode == 0
+    before = lab_cluster(workdir, clean)
+    seed = Path(seed_iso_path(before, before.vm("cloud")) or "")
+    old = seed.read_bytes()
+    assert seed_open_by_qemu("cloud", seed, [str(seed)]) == [str(seed)]
+    site = workdir / "site.toml"
+    site.write_text(site.read_text().replace(" admin@lab\"]", " admin@lab-new-laptop\"]"))
+    changed = lab_cluster(workdir, clean)
+    new = cloud_init.render(changed)[PurePosixPath("cloud-init/cloud.iso")]
+    assert new != old
+    seed_line = (f"seed ISO {seed} differs from the generated one: replace it (applies at the next cold boot: the"
+                 " running VM keeps the old one open until it is shut down and started)")
+
+    plan = invoke(workdir, clean, "plan", "--vm", "cloud")
+    assert plan.returncode == 0, plan.stderr
+    assert f"  ~ cloud  change:\n      {seed_line}\n" in plan.stdout
+    assert plan.stdout.endswith("0 to create, 1 to change, 0 unchanged\n")
+    shown = invoke(workdir, clean, "provision", "--vm", "cloud")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == ("cloud: definition differs from cluster.conf (not applied; run again with --apply):\n"
+                            f"    {seed_line}\n0 created, 1 to change (shown, not applied), 0 unchanged\n")
+    assert seed.read_bytes() == old
+
+    inode = seed.stat().st_ino
+    applied = invoke(workdir, clean, "provision", "--vm", "cloud", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout == (f"cloud: wrote seed ISO {seed} (applies at the next cold boot: the running VM keeps the"
+                              " old one open until it is shut down and started)\n0 created, 1 changed, 0 unchanged\n")
+    assert seed.read_bytes() == new and seed.stat().st_ino != inode  # renamed over it, not rewritten in place
+    assert files_in(seed.parent) == ["cloud-seed.iso", "cloud.qcow2"]  # no temporary left beside it
+    replaced = [f"{seed} (deleted)"]  # the running guest still has the old one open
+    assert seed_open_by_qemu("cloud", seed, replaced) == replaced
+    assert "  = cloud  no change" in invoke(workdir, clean, "plan", "--vm", "cloud").stdout
+
+    conn = libvirt.open(clean.uri_of("kvm1"))
+    try:
+        dom = conn.lookupByName("cloud")
+        dom.destroy()
+        dom.create()  # a cold boot: QEMU opens the seed ISO that is there now
+    finally:
+        conn.close()
+    assert seed_open_by_qemu("cloud", seed, [str(seed)]) == [str(seed)]
