@@ -4,12 +4,14 @@ Ansible wants group names that are Python identifiers (letters, digits, '_', no 
 that `groups.web_servers` works in templates; for others it warns "Invalid characters were found in
 group names". Hostgroups are nagios names like `web-servers`: :func:`group_name` maps every other
 character to '_'.
-Hostgroups that map to the same name, or to a host_<physical host> name, share one group.
+Hostgroups that map to the same name, to a host_<physical host> name or to Ansible's own `all` and
+`ungrouped` would share one group: site.toml's [hostgroups] or cluster.conf refuses them (:func:`group_clash`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 from generators.model import Cluster, Vm
@@ -18,6 +20,8 @@ from generators.ssh_config import KNOWN_HOSTS
 
 TEMPLATE = "inventory.ini.j2"
 UNGROUPED = "ungrouped"  # ansible's own group for hosts without a group
+GROUP_RULE = ("a hostgroup whose Ansible group name, with each character other than a letter, digit or '_' made '_',"
+              " is not all, ungrouped, host_<physical host> or another hostgroup's")
 _NOT_IN_GROUP_NAME = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -25,6 +29,22 @@ def group_name(name: str) -> str:
     """``name`` as a valid ansible group name: `web-servers` -> `web_servers`, `2nd` -> `_2nd`."""
     valid = _NOT_IN_GROUP_NAME.sub("_", name)
     return f"_{valid}" if valid[:1].isdigit() else valid
+
+
+def group_clash(hostgroup: str, hosts: Iterable[str], claimed: dict[str, str]) -> str | None:
+    """What else ``hostgroup``'s Ansible group would be, in words; None when nothing (it is then claimed).
+
+    ``claimed`` maps the Ansible names of the hostgroups seen so far to those hostgroups: of two that map
+    to one name, the second clashes with the first.
+    """
+    name = group_name(hostgroup)
+    if name in ("all", UNGROUPED):
+        return f"Ansible's own group {name!r}"
+    host = next((host for host in sorted(hosts) if group_name(f"host_{host}") == name), None)
+    if host is not None:
+        return f"the group {name!r} of physical host {host!r}"
+    other = claimed.setdefault(name, hostgroup)
+    return None if other == hostgroup else f"the group {name!r} of hostgroup {other!r}"
 
 
 def groups(cluster: Cluster) -> list[tuple[str, list[Vm]]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from generators.ansible import GROUP_RULE, group_clash
 from generators.columns import IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, NAME_RULE, PCI_PATTERN
 from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
@@ -746,10 +747,13 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     if "hostgroups" in data:
         h = top.sub("hostgroups")
         hostgroups = {}
+        claimed: dict[str, str] = {}  # Ansible group name -> the hostgroup it is
         for group, alias in h.data.items():
             h.used.add(group)
             if not NAME_PATTERN.fullmatch(group):
                 h.problem(group, f"is not a hostgroup name (expected {NAME_RULE})")
+            elif clash := group_clash(group, hosts, claimed):
+                h.problem(group, f"would be {clash} in ansible/inventory.ini (expected {GROUP_RULE})")
             elif not isinstance(alias, str):
                 h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
                           " description)")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from generators.ansible import GROUP_RULE, group_clash
 from generators.errors import ConfigError, Location, Problem, shown
 from generators.host_records import host_ip
 from generators.inventory import Row, read_rows
@@ -109,6 +110,7 @@ class _Checker:
         self.capacity = {name: (h.ram_mb * h.ram_overcommit, h.cpus * h.cpu_overcommit, h.disk_gb * h.disk_overcommit)
                          for name, h in site.hosts.items()}
         self.known = {"host": sorted(["auto", *site.hosts]), "net": sorted(site.networks), "os": sorted(site.oses)}
+        self.ansible_groups: dict[str, str] = {}  # Ansible group name -> the hostgroup it is, without [hostgroups]
 
     def report(self, row: Row, column: str, message: str, option: str | None = None, offset: int = 0) -> None:
         self.problems.append(_report(self.path, row, column, message, option, offset))
@@ -149,15 +151,19 @@ class _Checker:
         if "install" in row.option_cols:
             refs.install = opts.get("install")  # None when its value was malformed
         refs.install = self._check_install(row, refs.install, refs.os)
-        if site.hostgroups is not None and "hostgroups" in row.values:
-            offset = 0
-            for group in row.values["hostgroups"]:
-                if group not in site.hostgroups:
-                    listed = ", ".join(sorted(site.hostgroups)) or "none listed"
-                    self.report(row, "hostgroups", f"{group!r} is not a hostgroup of {site.path} (expected one of:"
-                                f" {listed}; or add it to [hostgroups])", offset=offset)
-                    refs.known_hostgroups = False
-                offset += len(group) + 1
+        offset = 0
+        for group in row.values.get("hostgroups", ()):
+            if site.hostgroups is not None and group not in site.hostgroups:
+                listed = ", ".join(sorted(site.hostgroups)) or "none listed"
+                self.report(row, "hostgroups", f"{group!r} is not a hostgroup of {site.path} (expected one of:"
+                            f" {listed}; or add it to [hostgroups])", offset=offset)
+                refs.known_hostgroups = False
+            # [hostgroups] checks its names itself; without it, the first line to use a name is where it is declared.
+            elif site.hostgroups is None and (clash := group_clash(group, site.hosts, self.ansible_groups)):
+                self.report(row, "hostgroups", f"{group!r} would be {clash} in ansible/inventory.ini (expected"
+                            f" {GROUP_RULE})", offset=offset)
+                refs.known_hostgroups = False
+            offset += len(group) + 1
         return refs
 
     def _check_install(self, row: Row, install: Install | None, os: str | None) -> Install | None:

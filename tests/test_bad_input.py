@@ -32,6 +32,8 @@ AFTER_RULE = ("is not a VM defined above this line (expected names of earlier VM
 DEVICES = ('interfaces = ["eno1", "eno2"]\npci = ["0000:1a:00.1"]\nsriov = {eno2 = 2}\n'
            'housekeeping_cpus = "0-1"\n')
 HOSTGROUPS = "compute, databases, infrastructure, linux-servers, login-nodes, web-servers"
+ANSIBLE_GROUP_RULE = ("a hostgroup whose Ansible group name, with each character other than a letter, digit or '_'"
+                      " made '_', is not all, ungrouped, host_<physical host> or another hostgroup's")
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,20 @@ CASES = [
                         " or add it to [hostgroups])"),),
          lambda text: add(vm(groups="web-servers"))(re.sub(r"\tlinux-servers[a-z,-]*\t", "\t-\t", text)),
          site=lambda text: text[:text.index("[hostgroups]\n") + len("[hostgroups]\n")]),
+    # Without [hostgroups], the first line naming a hostgroup declares it: one whose Ansible group would be another
+    # group (ansible/inventory.ini would merge them) is refused there.
+    Case("hostgroups-ansible-name-of-another-hostgroup",
+         (conf(NEW, 61, f"column 'hostgroups': 'web_servers' would be the group 'web_servers' of hostgroup"
+                        f" 'web-servers' in ansible/inventory.ini (expected {ANSIBLE_GROUP_RULE})"),),
+         add(vm(groups="linux-servers,web_servers")), site=lambda text: text[:text.index("[hostgroups]\n")]),
+    Case("hostgroups-ansible-name-of-a-host-group",
+         (conf(NEW, 47, f"column 'hostgroups': 'host_kvm1' would be the group 'host_kvm1' of physical host 'kvm1' in"
+                        f" ansible/inventory.ini (expected {ANSIBLE_GROUP_RULE})"),),
+         add(vm(groups="host_kvm1")), site=lambda text: text[:text.index("[hostgroups]\n")]),
+    Case("hostgroups-ansible-own-group",
+         (conf(NEW, 47, f"column 'hostgroups': 'all' would be Ansible's own group 'all' in ansible/inventory.ini"
+                        f" (expected {ANSIBLE_GROUP_RULE})"),),
+         add(vm(groups="all")), site=lambda text: text[:text.index("[hostgroups]\n")]),
     # NAME.DOMAIN is one DNS name: at most 253 characters (here 63 + 1 + 193 = 257; 59 + 1 + 193 fits exactly).
     Case("name-and-domain-beyond-253",
          (conf(NEW, 1, f"column 'name': '{'n' * 63}' with domain '{'a' * 55}...' (193 characters) makes a DNS name"

@@ -481,3 +481,19 @@ def test_without_a_zone_database_only_the_time_zones_form_is_checked(tmp_path: P
     site_path.write_text(MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\ntimezone = "Mars Olympus"'))
     assert _problems(site_path) == ["2:1: key 'timezone': 'Mars Olympus' is not a time zone name (expected an IANA name"
                                     " such as Europe/Berlin or UTC)"]
+
+
+_ANSIBLE_GROUP_RULE = ("a hostgroup whose Ansible group name, with each character other than a letter, digit or '_'"
+                       " made '_', is not all, ungrouped, host_<physical host> or another hostgroup's")
+
+
+@pytest.mark.parametrize(("group", "clash"), [
+    ("web_servers", "the group 'web_servers' of hostgroup 'web-servers'"),
+    ("host_kvm1", "the group 'host_kvm1' of physical host 'kvm1'"),
+    ("all", "Ansible's own group 'all'"),
+    ("ungrouped", "Ansible's own group 'ungrouped'"),
+])
+def test_hostgroups_whose_ansible_groups_clash(group: str, clash: str, tmp_path: Path) -> None:
+    text = EXAMPLE_SITE.replace('compute = "Compute nodes"\n', f'compute = "Compute nodes"\n{group} = "x"\n')
+    assert _problems(_write(tmp_path, text)) == [
+        f"101:1: key 'hostgroups.{group}': would be {clash} in ansible/inventory.ini (expected {_ANSIBLE_GROUP_RULE})"]
