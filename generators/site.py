@@ -744,6 +744,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             backup_values["schedule"] = None
 
     hostgroups: dict[str, str] | None = None
+    top.used.add("hostgroups")  # an allowed key even when absent: a misspelt [hostgroup]'s message must list it
     if "hostgroups" in data:
         h = top.sub("hostgroups")
         hostgroups = {}

@@ -497,3 +497,10 @@ def test_hostgroups_whose_ansible_groups_clash(group: str, clash: str, tmp_path:
     text = EXAMPLE_SITE.replace('compute = "Compute nodes"\n', f'compute = "Compute nodes"\n{group} = "x"\n')
     assert _problems(_write(tmp_path, text)) == [
         f"101:1: key 'hostgroups.{group}': would be {clash} in ansible/inventory.ini (expected {_ANSIBLE_GROUP_RULE})"]
+
+
+def test_a_misspelt_optional_table_is_told_every_allowed_key(tmp_path: Path) -> None:
+    # Neither [backup] nor [hostgroups] is in MINIMAL_SITE: both are allowed all the same.
+    assert _problems(_write(tmp_path, MINIMAL_SITE + "[hostgroup]\nweb = 'Web servers'\n")) == [
+        "21:1: key 'hostgroup': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
+        " domain_type, hostgroups, hosts, keyboard, locale, networks, os, provision, timezone)"]
