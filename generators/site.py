@@ -19,6 +19,7 @@ from generators.ansible import GROUP_RULE, group_clash
 from generators.columns import IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, NAME_RULE, PCI_PATTERN
 from generators.crontab import max_interval
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
+from generators.inventory import BOM
 from generators.model import (
     Accounts,
     Backup,
@@ -539,6 +540,9 @@ def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
         col = len(raw[raw.rfind(b"\n", 0, err.start) + 1:err.start].decode("utf-8", "replace")) + 1
         raise ConfigError([Problem(Location(str(path), line, col), f"byte {raw[err.start]:#04x} is not UTF-8"
                                    " (expected a UTF-8 TOML file)")]) from None
+    # Editors on Windows may start the file with one, as cluster.conf may; TOML does not allow it. Dropped, it
+    # shifts no column: an editor does not count it either.
+    text = text.removeprefix(BOM)
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as err:

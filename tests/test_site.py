@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -504,3 +505,13 @@ def test_a_misspelt_optional_table_is_told_every_allowed_key(tmp_path: Path) -> 
     assert _problems(_write(tmp_path, MINIMAL_SITE + "[hostgroup]\nweb = 'Web servers'\n")) == [
         "21:1: key 'hostgroup': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
         " domain_type, hostgroups, hosts, keyboard, locale, networks, os, provision, timezone)"]
+
+
+def test_a_byte_order_mark_is_accepted_and_columns_stay_right(tmp_path: Path) -> None:
+    bom = "\ufeff"  # what Windows editors put first, as cluster.conf allows
+    with_bom = load_site(_write(tmp_path, bom + EXAMPLE_SITE))
+    plain = load_site(_write(tmp_path, EXAMPLE_SITE, "plain.toml"))
+    assert with_bom == dataclasses.replace(plain, path=with_bom.path)
+    assert _problems(_write(tmp_path, bom + 'domain = 5\n' + MINIMAL_SITE.split("\n", 1)[1])) == [
+        "1:1: key 'domain': 5 is an integer (expected a DNS domain such as cluster.lan)"]
+    assert _problems(_write(tmp_path, bom + "domain = = 1\n")) == ["1:10: not valid TOML: Invalid value"]
