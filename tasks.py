@@ -106,8 +106,9 @@ def _lab_dir(directory: str) -> Path:
     return Path(directory) if directory else inputs.lab_dir() or lab.DEFAULT_DIR
 
 
-@task(name="up", help={"dir": f"the lab's directory (default: $KVMCONF_LAB or {lab.DEFAULT_DIR})",
-                       "netns": f"the network namespace's name (default: {lab.DEFAULT_NETNS})",
+@task(name="up", help={"dir": f"the lab's directory: a new or empty one, or a lab's (default: $KVMCONF_LAB or"
+                              f" {lab.DEFAULT_DIR})",
+                       "netns": f"the network namespace's name: letters, digits, _ . - (default: {lab.DEFAULT_NETNS})",
                        "kvm": "use hardware virtualisation (only where KVM really runs guests; default: qemu)"})
 def lab_up(c: Context, dir: str = "", netns: str = lab.DEFAULT_NETNS, kvm: bool = False) -> None:
     """Start a throwaway lab: a network namespace, libvirtd and dnsmasq for the cluster's VMs."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,20 @@ Log = Callable[[str], None]
 DEFAULT_DIR = Path("/var/tmp/kvmconf-lab")
 DEFAULT_NETNS = "kvmconf-lab"
 STATE_FILE = "lab.json"
+# Made first in a lab directory: it says the directory is a lab's own, so that up may use it again.
+MARKER_FILE = ".kvmconf-lab"
+# What a lab makes: _HOST_ENTRIES in the directory of each host's daemon (the lab directory for the first,
+# hosts/<name>/ for the others), _LAB_ENTRIES in the lab directory. Teardown removes these and nothing else,
+# so a directory named by mistake (--dir ., ~) keeps the rest; and it keeps base/ (_KEPT), where the admin
+# may have put a real cloud image.
+_HOST_ENTRIES = ("libvirt", "sock", "launch.log", "libvirtd.log", "virtlogd.log",
+                 *(f"{name}.pid" for name in ("reaper", "virtlogd", "libvirtd")))
+_LAB_ENTRIES = (STATE_FILE, "images", "kvmconf", "tftp", "dnsmasq.pid", "dnsmasq.leases", "dnsmasq.log",
+                "http.pid", "http-server.log", *_HOST_ENTRIES)
+_KEPT = "base"
+# What `ip netns add` takes (no "/", not "." or "..", at most NAME_MAX), less whitespace and a leading "-" or
+# ".": `ip netns list` is read by splitting on blanks, and a name is passed as an argument to ip.
+_NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 BASE_IMAGE_GB = 1  # placeholder cloud image; drop a real one at base/<os>.qcow2 to boot it
 TOOLS = ("ip", "libvirtd", "virtlogd", "qemu-img", "qemu-system-x86_64", "dnsmasq")
 _DAEMONS = ("reaper", "virtlogd", "libvirtd")  # started in this order by reaper.py and _LAUNCH
@@ -201,11 +216,46 @@ def check_requirements() -> None:
 
 # --- up and down ----------------------------------------------------------------------------------
 
+def check_netns_name(netns: str) -> None:
+    if not _NETNS_NAME.fullmatch(netns):
+        raise KvmconfError(f"network namespace name {netns!r}: use letters, digits, '_', '.' and '-' (not first),"
+                           f" at most 255 characters (`ip netns` refuses '/', '.' and '..'), e.g. {DEFAULT_NETNS}")
+
+
+def is_lab_dir(lab_dir: Path) -> bool:
+    """Whether ``lab_dir`` may hold a lab: missing, empty, marked as a lab's, or left by a lab (base/, lab.json)."""
+    if not lab_dir.exists():
+        return True
+    if not lab_dir.is_dir():
+        return False
+    entries = {entry.name for entry in lab_dir.iterdir()}
+    # lab.json without the marker: a lab started before there was a marker.
+    return MARKER_FILE in entries or STATE_FILE in entries or entries <= {_KEPT}
+
+
+def check_lab_dir(lab_dir: Path) -> None:
+    """Refuse a directory that is no lab's: a failed up, and down, remove what a lab makes in it."""
+    if is_lab_dir(lab_dir):
+        return
+    if lab_dir.is_dir():
+        names = sorted(entry.name for entry in lab_dir.iterdir())
+        what = f"holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} and no {MARKER_FILE} (it is no lab's)"
+    else:
+        what = "is not a directory"
+    raise KvmconfError(f"lab directory {lab_dir} {what}: a lab starts only in a new or empty directory, or one a"
+                       f" lab made; give --dir (or KVMCONF_LAB) another one (default {DEFAULT_DIR})")
+
+
 def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS, kvm: bool = False,
        log: Log = print) -> Lab:
-    """Start the lab (or refresh the dnsmasq files of a running one); undo everything if a step fails."""
+    """Start the lab (or refresh the dnsmasq files of a running one); undo everything if a step fails.
+
+    Only in a directory :func:`is_lab_dir` accepts, and what a failure undoes is what a lab makes there.
+    """
     check_requirements()
     lab_dir = lab_dir.absolute()
+    check_netns_name(netns)
+    check_lab_dir(lab_dir)
     existing = Lab.load(lab_dir)
     if existing is not None and alive(existing.pids.get("libvirtd", 0)):
         _serve_provision(remap(cluster, existing), existing, log)
@@ -246,6 +296,8 @@ def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:
 
 
 def _make_files(lab: Lab, cluster: Cluster) -> None:
+    lab.dir.mkdir(parents=True, exist_ok=True)
+    (lab.dir / MARKER_FILE).write_text("A kvmconf lab's directory: `invoke lab.down` removes what the lab made here.\n")
     for sub in ("base", "kvmconf", "tftp"):
         (lab.dir / sub).mkdir(parents=True, exist_ok=True)
     for name in cluster.site.hosts:
@@ -352,12 +404,24 @@ def teardown(lab: Lab, log: Log = print) -> None:
     if netns_exists(lab.netns):
         _run(["ip", "netns", "del", lab.netns])
         log(f"lab: removed network namespace {lab.netns}")
-    for entry in lab.dir.iterdir() if lab.dir.is_dir() else ():
-        if entry.name != "base":  # base/ may hold a cloud image the admin downloaded
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    for host in lab.daemons:
+        if lab.host_dir(host) != lab.dir:
+            _remove_entries(lab.host_dir(host), _HOST_ENTRIES)
+            with suppress(OSError):  # not empty: something the lab did not make is there, and stays
+                lab.host_dir(host).rmdir()
+    with suppress(OSError):
+        (lab.dir / "hosts").rmdir()
+    _remove_entries(lab.dir, (*_LAB_ENTRIES, MARKER_FILE))
+
+
+def _remove_entries(directory: Path, names: Sequence[str]) -> None:
+    """Remove the entries of ``directory`` that a lab makes, and only those (see _LAB_ENTRIES)."""
+    for name in names:
+        entry = directory / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _power_off_all(lab: Lab, host: str | None) -> None:

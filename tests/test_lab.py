@@ -570,6 +570,27 @@ def test_lab_up_and_down_stop_exactly_what_was_started(workdir: Path, tmp_path: 
             lab.teardown(leftover, quiet)
 
 
+def test_lab_up_in_a_directory_of_other_files_refuses_and_leaves_them(workdir: Path, tmp_path: Path) -> None:
+    """A mistyped --dir or KVMCONF_LAB (., ~, a repository) once lost everything in it when up failed."""
+    require_lab()
+    directory, netns = tmp_path / "labwipe", f"{NETNS_PREFIX}{os.getpid()}-wipe"
+    (directory / "mydata").mkdir(parents=True)
+    (directory / "precious.txt").write_text("important\n")
+    bad_name = invoke(workdir, None, "lab.up", "--dir", str(directory), "--netns", "bad/name")
+    assert bad_name.returncode == 1
+    assert bad_name.stderr == ("kvmconf: network namespace name 'bad/name': use letters, digits, '_', '.' and '-'"
+                               " (not first), at most 255 characters (`ip netns` refuses '/', '.' and '..'), e.g."
+                               " kvmconf-lab\n")
+    foreign = invoke(workdir, None, "lab.up", "--dir", str(directory), "--netns", netns)
+    assert foreign.returncode == 1
+    assert foreign.stderr == (f"kvmconf: lab directory {directory} holds mydata, precious.txt and no .kvmconf-lab (it"
+                              " is no lab's): a lab starts only in a new or empty directory, or one a lab made; give"
+                              " --dir (or KVMCONF_LAB) another one (default /var/tmp/kvmconf-lab)\n")
+    assert not lab.netns_exists(netns)
+    assert sorted(p.name for p in directory.iterdir()) == ["mydata", "precious.txt"]
+    assert (directory / "precious.txt").read_text() == "important\n"
+
+
 def test_a_killed_runs_namespace_is_removed_at_the_next_start() -> None:
     require_lab()
     dead = subprocess.Popen(["true"])
