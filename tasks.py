@@ -159,7 +159,9 @@ def reinstall(c: Context, vm: str = "") -> None:
 
 
 @task(name="backup", iterable=["vm"], help={
-    "vm": "a VM of cluster.conf (repeatable)", "all": "every VM with backup=yes whose host is this machine"})
+    "vm": "a VM of cluster.conf (repeatable)",
+    "all": "every VM with backup=yes whose host is this machine (named by hostname, address or uri: README,"
+           " Backups); exits 1 when no host of site.toml is this machine"})
 def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
     """Back up VMs (live, full or incremental; shut-off VMs from their images); exits 1 if any failed."""
     from kvmconf.backup.cluster import backup as backup_vms
@@ -188,7 +190,8 @@ def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bo
 
 
 @task(name="backup-status", iterable=["vm"], help={
-    "vm": "only these VMs (repeatable; default: every VM with backup=yes)",
+    "vm": "only these VMs (repeatable; default: the VMs with backup=yes whose host is this machine, as"
+          " `backup --all` takes them)",
     "nagios": "one line and the Nagios exit code (0 OK, 1 WARNING, 2 CRITICAL)"})
 def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
     """Per VM: last good backup, its age, chain length, sizes and the last failure."""

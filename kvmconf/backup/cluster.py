@@ -1,29 +1,31 @@
 """What the tasks call: back up the VMs of cluster.conf that run on this machine, restore one, report status.
 
-The backup writes local files, so it runs on each physical host (cron) for the VMs whose host's
-libvirt URI is local here (qemu:///system, or the lab's socket); with --all the VMs of other hosts
-are left to their own host's cron.
+The backup writes local files, so it runs on each physical host (cron) for the VMs of the hosts of
+site.toml that are this machine (:func:`this_machines_hosts`); with --all the VMs of other hosts are
+left to their own host's cron.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 import libvirt
 
 from generators.crontab import GRACE, max_interval
-from generators.model import Cluster, Vm
+from generators.model import Cluster, PhysicalHost, Vm, uri_host
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.report import VmStatus, vm_status
 from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
+from kvmconf.errors import KvmconfError
 from kvmconf.plan import find_vm, vms_or_all
-from kvmconf.runner import runner_for_uri
 
 Log = Callable[[str], None]
 
@@ -37,16 +39,88 @@ def keep_of(cluster: Cluster, vm: Vm) -> int:
     return max(1, vm.keep if vm.keep is not None else cluster.site.backup.keep)
 
 
-def is_local(cluster: Cluster, host: str) -> bool:
-    h = cluster.site.hosts[host]
-    return runner_for_uri(h.uri).ssh is None or host == socket.gethostname().split(".")[0]
+# The rule, said where it applies (the error of `backup --all`, README "Backups").
+RULE = ("a host of site.toml is this machine when its [hosts.<name>] name is this machine's hostname (without domain),"
+        " or its address or its uri's host is this machine's name or one of its addresses; only when no host is"
+        " named so, every host with a local uri (qemu:///system) is")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine a backup runs on, as site.toml may name it: its hostname and IP addresses (loopback left out)."""
+
+    hostname: str
+    addresses: Collection[str] = ()
+
+    @classmethod
+    def here(cls) -> Machine:
+        from kvmconf.provision_server import interface_addresses  # `ip -j address`; it imports the generators
+
+        try:
+            found = {str(a) for addresses in interface_addresses().values() for a in addresses if not a.is_loopback}
+        except (KvmconfError, OSError):  # no `ip`: the hostname alone can still name this machine
+            found = set()
+        return cls(socket.gethostname(), frozenset(found))
+
+    def is_called(self, name: str) -> bool:
+        """Whether a name or IP address from site.toml (an address, a URI's host) is this machine.
+
+        A DNS name is compared by its first label, as [hosts.<name>] is: kvm1.phys.example.org is machine kvm1.
+        """
+        try:
+            address = ip_address(name)
+        except ValueError:  # a name
+            return name.lower().rstrip(".").split(".")[0] == self.short_name
+        return any(ip_address(own) == address for own in self.addresses)
+
+    @property
+    def short_name(self) -> str:
+        return self.hostname.lower().split(".")[0]
+
+    def describe(self) -> str:
+        return f"hostname {self.hostname}, addresses {', '.join(sorted(self.addresses)) or 'none found'}"
+
+
+def names_machine(name: str, host: PhysicalHost, machine: Machine) -> bool:
+    """Whether site.toml names ``machine`` as the host ``name``: by its key, its address or its URI's host."""
+    uri_machine = uri_host(host.uri)
+    return (name.lower() == machine.short_name or (host.address is not None and machine.is_called(host.address))
+            or (uri_machine is not None and machine.is_called(uri_machine)))
+
+
+def this_machines_hosts(cluster: Cluster, machine: Machine) -> list[str]:
+    """The hosts of site.toml that are ``machine`` (see RULE), in site.toml's order.
+
+    A local URI means whichever machine uses it, so in the example kvm0's qemu:///system would be kvm1 too when
+    cron runs there: a host named as this machine wins over it. The lab makes every URI local (a socket each)
+    and names no host as this machine, so there every host is.
+    """
+    hosts = cluster.site.hosts
+    named = [name for name, host in hosts.items() if names_machine(name, host, machine)]
+    return named or [name for name, host in hosts.items() if uri_host(host.uri) is None]
+
+
+def require_this_machines_hosts(cluster: Cluster, machine: Machine, task: str) -> list[str]:
+    """this_machines_hosts, refusing none: a cron job that backs up nothing must fail, not succeed silently."""
+    hosts = this_machines_hosts(cluster, machine)
+    if not hosts:
+        listed = "; ".join(f"{name} (uri {h.uri}{f', address {h.address}' if h.address else ''})"
+                           for name, h in cluster.site.hosts.items())
+        raise KvmconfError(f"{task}: no host of {cluster.site.path} is this machine ({machine.describe()}): {RULE}."
+                           f" Its hosts: {listed}. Name this machine in site.toml ([hosts.<its hostname>], or its"
+                           " address), or run this on a host of it")
+    return hosts
 
 
 def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections, progress: bool,
-           log: Log = print) -> list[Outcome]:
+           log: Log = print, machine: Machine | None = None) -> list[Outcome]:
+    """Back up the named VMs, or with ``all_vms`` the backup=yes VMs of this machine's hosts (``machine``: here)."""
     vms_or_all(names, all_vms, "every backup=yes VM whose host is this machine")
-    chosen = [vm for vm in cluster.vms if vm.backup and is_local(cluster, vm.host)] if all_vms else \
-        [find_vm(cluster, n) for n in names]
+    if all_vms:
+        hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup --all")
+        chosen = [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
+    else:
+        chosen = [find_vm(cluster, n) for n in names]
     outcomes = []
     for vm in chosen:
         dom = lookup(conns.get(vm.host), vm.name)
@@ -80,15 +154,19 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
     return restore(VmStore(Path(cluster.site.backup.dir), vm.name), at, to, dom, force, log)
 
 
-def status_rows(cluster: Cluster, names: list[str]) -> tuple[list[VmStatus], dt.timedelta]:
+def status_rows(cluster: Cluster, names: list[str], machine: Machine | None = None
+                ) -> tuple[list[VmStatus], dt.timedelta]:
     """Status of the named VMs and the age the schedule allows.
 
-    Default: the VMs with backup=yes of this machine's hosts, as `backup --all` takes them; another
-    host's VMs would only show "no backup yet" here, their backups being on that host.
+    Default: the VMs with backup=yes of this machine's hosts (``machine``: here), as `backup --all` takes them;
+    another host's VMs would only show "no backup yet" here, their backups being on that host.
     """
     b = cluster.site.backup
-    vms = [find_vm(cluster, n) for n in names] if names else \
-        [v for v in cluster.vms if v.backup and is_local(cluster, v.host)]
+    if names:
+        vms = [find_vm(cluster, n) for n in names]
+    else:
+        hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup-status")
+        vms = [v for v in cluster.vms if v.backup and v.host in hosts]
     now = dt.datetime.now(dt.UTC)
     rows = [vm_status(Path(b.dir), Path(b.nas_dir) if b.nas_dir else None, vm.name, now) for vm in vms]
     return rows, max_interval(b.schedule) + GRACE
