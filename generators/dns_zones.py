@@ -1,9 +1,13 @@
 """dns/<domain>.zone and dns/<reversed octets>.in-addr.arpa.zone: BIND-format zones for the cluster.
 
 For name servers other than the provision server's dnsmasq (which answers from dnsmasq/hosts): a
-forward zone with an A record per VM, and one reverse zone per network with a PTR per VM. A network
-whose prefix is not on an octet boundary (/20, /25) goes into the enclosing octet-boundary zone
-(/16, /24), shared with any other network inside it; RFC 2317 delegation is left to the admin.
+forward zone with an A record per VM, and reverse zones with a PTR per VM. in-addr.arpa delegates on
+octet boundaries only, so a network on one (/8, /16, /24) is one zone, and a network between two is
+one zone per network of the next longer boundary: a /23 is two /24 zones, a /20 sixteen, a /15 two /16
+zones. (One enclosing zone, 168.192 for a /23, would claim authority over addresses the cluster does
+not have, hiding their real PTRs from every client of this server.) A network longer than /24 (/25 ..
+/32) is in its enclosing /24 zone, shared with any other network inside it: RFC 2317 delegation of
+part of a /24 is left to the admin.
 
 The physical hosts that have a DNS record (generators/host_records.py) are in the forward zone too (A
 or AAAA), with a PTR in the reverse zone whose addresses hold theirs, if any: an address outside every
@@ -16,7 +20,9 @@ unless a VM or such a host has its address.
 The SOA serial is the first 32 bits of the SHA-256 of the zone rendered with serial 0: it changes
 whenever the content does and stays the same otherwise, with no clock and no state. It does not
 grow, though: a secondary that compares serials (RFC 1982) will take about half of the changes for
-older zones; reload secondaries explicitly (`rndc retransfer`) rather than trusting NOTIFY.
+older zones; reload secondaries explicitly (`rndc retransfer`) rather than trusting NOTIFY. A growing
+serial needs the previous one, i.e. state outside the inputs, which the generators' contract (pure,
+deterministic, the same build from the same inputs) excludes.
 """
 
 from __future__ import annotations
@@ -39,14 +45,22 @@ Record = tuple[str, str, str]  # owner relative to the origin, type, value
 
 
 def reverse_origin(subnet: IPv4Network) -> str:
-    """The in-addr.arpa zone holding ``subnet``: the enclosing octet boundary, e.g. /20 -> /16."""
+    """The in-addr.arpa zone of ``subnet``'s enclosing octet boundary, e.g. /24 -> /24, /25 -> /24."""
     octets = str(subnet.network_address).split(".")[: subnet.prefixlen // 8]
     return ".".join([*reversed(octets), "in-addr.arpa"])
 
 
-def reverse_zone_network(subnet: IPv4Network) -> IPv4Network:
-    """Every address the reverse zone of ``subnet`` holds: the enclosing octet boundary, e.g. /20 -> /16."""
-    return subnet.supernet(new_prefix=subnet.prefixlen // 8 * 8)
+def reverse_zone_prefix(subnet: IPv4Network) -> int:
+    """The prefix of the reverse zones of ``subnet``: the next octet boundary at or after its own, at most /24."""
+    return min(-(-subnet.prefixlen // 8) * 8, 24)
+
+
+def reverse_zone_networks(subnet: IPv4Network) -> list[IPv4Network]:
+    """The addresses of each reverse zone of ``subnet``: /23 -> its two /24s, /24 -> itself, /25 -> its /24."""
+    prefix = reverse_zone_prefix(subnet)
+    if prefix <= subnet.prefixlen:
+        return [subnet.supernet(new_prefix=prefix)]
+    return list(subnet.subnets(new_prefix=prefix))
 
 
 def reverse_owner(ip: IPv4Address, origin: str) -> str:
@@ -87,8 +101,11 @@ def forward_records(cluster: Cluster, hosts: list[HostRecord]) -> list[Record]:
 def reverse_records(cluster: Cluster, hosts: list[HostRecord]) -> dict[str, list[tuple[IPv4Address, str]]]:
     """Zone origin -> (ip, fqdn) for every PTR, sorted by address; every network gets its zone."""
     zones: dict[str, list[tuple[IPv4Address, str]]] = {}
+    held: set[tuple[IPv4Network, str]] = set()  # every zone's addresses and origin
     for network in cluster.site.networks.values():
-        zones.setdefault(reverse_origin(network.subnet), [])
+        for zone in reverse_zone_networks(network.subnet):
+            zones.setdefault(reverse_origin(zone), [])
+            held.add((zone, reverse_origin(zone)))
     by_vm: list[tuple[IPv4Address, str, Vm | None]] = [(vm.ip, cluster.fqdn(vm), vm) for vm in cluster.vms]
     server = _provision_server(cluster)
     host_ptrs = [(host.ip, host.fqdn) for host in hosts if isinstance(host.ip, IPv4Address)]
@@ -97,14 +114,14 @@ def reverse_records(cluster: Cluster, hosts: list[HostRecord]) -> dict[str, list
     for ip, fqdn, _ in by_vm:
         for network in cluster.site.networks.values():
             if ip in network.subnet:
-                zones[reverse_origin(network.subnet)].append((ip, fqdn))
+                zone = IPv4Network((ip, reverse_zone_prefix(network.subnet)), strict=False)
+                zones[reverse_origin(zone)].append((ip, fqdn))
                 break
-    # A host is in no network's subnet necessarily (a management LAN inside the VMs' /16 zone): the most specific
-    # zone holding its address, as a resolver would delegate it; no zone, no PTR.
-    held = sorted({(reverse_zone_network(network.subnet), reverse_origin(network.subnet))
-                   for network in cluster.site.networks.values()}, key=lambda held: -held[0].prefixlen)
+    # A host is in no network's subnet necessarily (beside a /25 in its /24 zone): the most specific zone holding its
+    # address, as a resolver would delegate it; no zone, no PTR.
+    most_specific_first = sorted(held, key=lambda zone: (-zone[0].prefixlen, zone[1]))
     for ip, fqdn in host_ptrs:
-        origin = next((origin for network, origin in held if ip in network), None)
+        origin = next((origin for zone, origin in most_specific_first if ip in zone), None)
         if origin is not None:
             zones[origin].append((ip, fqdn))
     return {origin: sorted(entries) for origin, entries in sorted(zones.items())}

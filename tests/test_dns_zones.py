@@ -111,14 +111,24 @@ def test_no_timestamps_and_sorted(example: Cluster) -> None:
     assert last_octets == sorted(last_octets)
 
 
-def test_prefixes_off_the_octet_boundary_use_the_enclosing_zone(example: Cluster) -> None:
-    # lan /20 and dmz /20 both sit in 192.168.48.0/20: one /16 zone for both, owners of two labels.
-    wide = zones(with_subnets(example, {"lan": "192.168.48.0/20", "dmz": "192.168.48.0/20"}))
-    assert sorted(map(str, wide)) == ["dns/168.192.in-addr.arpa.zone", "dns/phys.example.org.zone"]
-    zone = parse(wide[PurePosixPath("dns/168.192.in-addr.arpa.zone")], "168.192.in-addr.arpa.")
-    assert zone.find_rdataset("10.60", dns.rdatatype.PTR)[0].target.to_text() == "login.phys.example.org."
-    assert zone.find_rdataset("2.50", dns.rdatatype.PTR)[0].target.to_text() == "provision.phys.example.org."
-    # a /25 goes into its /24
+def test_prefixes_off_the_octet_boundary_get_one_zone_per_octet_boundary_inside(example: Cluster) -> None:
+    # A /23 as one 168.192 zone would claim all of 192.168/16: a /23 is two /24 zones, a /22 four, none beyond it.
+    wide = zones(with_subnets(example, {"lan": "192.168.50.0/23", "dmz": "192.168.60.0/22"}))
+    octets = (50, 51, 60, 61, 62, 63)
+    assert sorted(map(str, wide)) == [f"dns/{octet}.168.192.in-addr.arpa.zone" for octet in octets] + [
+        "dns/phys.example.org.zone"]
+    dmz = parse(wide[PurePosixPath("dns/60.168.192.in-addr.arpa.zone")], "60.168.192.in-addr.arpa.")
+    assert dmz.find_rdataset("10", dns.rdatatype.PTR)[0].target.to_text() == "login.phys.example.org."
+    lan = parse(wide[PurePosixPath("dns/50.168.192.in-addr.arpa.zone")], "50.168.192.in-addr.arpa.")
+    assert lan.find_rdataset("2", dns.rdatatype.PTR)[0].target.to_text() == "provision.phys.example.org."
+    empty = parse(wide[PurePosixPath("dns/63.168.192.in-addr.arpa.zone")], "63.168.192.in-addr.arpa.")
+    assert sorted(str(name) for name in empty.nodes) == ["@"]  # SOA and NS only: authoritative for no PTR yet
+    # Between /8 and /16 likewise: a /15 is two /16 zones.
+    assert [str(net) for net in dns_zones.reverse_zone_networks(IPv4Network("10.0.0.0/15"))] == [
+        "10.0.0.0/16", "10.1.0.0/16"]
+    assert len(dns_zones.reverse_zone_networks(IPv4Network("10.0.0.0/17"))) == 128
+    # Longer than /24 (no RFC 2317): the enclosing /24
+    assert dns_zones.reverse_zone_networks(IPv4Network("10.1.2.128/25")) == [IPv4Network("10.1.2.0/24")]
     assert dns_zones.reverse_origin(IPv4Network("10.1.2.128/25")) == "2.1.10.in-addr.arpa"
     assert dns_zones.reverse_owner(IPv4Address("10.1.2.130"), "2.1.10.in-addr.arpa") == "130"
     assert dns_zones.reverse_owner(IPv4Address("10.1.2.130"), "1.10.in-addr.arpa") == "130.2"
