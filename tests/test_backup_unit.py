@@ -191,6 +191,10 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     assert (unknown.returncode, unknown.stderr) == (2, f"kvmconf: 'nosuch' is not a VM of {root}/cluster.conf;"
                                                        " expected one of: provision, mcp, ldap, db, web, ... (8 in all;"
                                                        " `invoke status` lists them)\n")
+    several = invoke("backup", "--vm", "web", "--vm", "nosuch", "--vm", "nope")  # all named in one error, none run
+    assert (several.returncode, several.stdout) == (2, "")
+    assert several.stderr == (f"kvmconf: 'nosuch', 'nope' are not VMs of {root}/cluster.conf; expected one of:"
+                              " provision, mcp, ldap, db, web, ... (8 in all; `invoke status` lists them)\n")
 
 
 def test_status_lists_this_machines_vms_unless_named(example: Cluster, tmp_path: Path) -> None:

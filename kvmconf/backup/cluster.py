@@ -25,7 +25,7 @@ from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
 from kvmconf.errors import KvmconfError
-from kvmconf.plan import find_vm, vms_or_all
+from kvmconf.plan import find_vm, find_vms, vms_or_all
 
 Log = Callable[[str], None]
 
@@ -120,7 +120,7 @@ def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections
         hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup --all")
         chosen = [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
     else:
-        chosen = [find_vm(cluster, n) for n in names]
+        chosen = find_vms(cluster, names)  # every unknown name in one error
     outcomes = []
     for vm in chosen:
         dom = lookup(conns.get(vm.host), vm.name)
@@ -163,7 +163,7 @@ def status_rows(cluster: Cluster, names: list[str], machine: Machine | None = No
     """
     b = cluster.site.backup
     if names:
-        vms = [find_vm(cluster, n) for n in names]
+        vms = find_vms(cluster, names)
     else:
         hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup-status")
         vms = [v for v in cluster.vms if v.backup and v.host in hosts]
