@@ -44,6 +44,20 @@ def hosts_copy(tmp_path: Path) -> Path:
     return Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
 
 
+# A recipe of the tests' own, on a VM the example gives none: one template whose change reloads a service.
+APP_VM, APP_CONF, APP_SERVICE = "db", "/etc/kvmconf-test/app.conf", "kvmconf-test-app"
+
+
+def _add_app_recipe(hosts: Path) -> Path:
+    """Write the app recipe into ``hosts`` (a copy of hosts/); returns its template."""
+    (hosts / APP_VM).mkdir()
+    (hosts / APP_VM / "recipe.toml").write_text(
+        f'[[file]]\ndest = "{APP_CONF}"\ntemplate = "app.conf.j2"\nreload = ["{APP_SERVICE}"]\n')
+    template = hosts / APP_VM / "app.conf.j2"
+    template.write_text("# {{ banner[0] }}\nname={{ vm.name }}\n")
+    return template
+
+
 def _run(cluster: Cluster, farm: sshfarm.Farm, full: bool, recipe_dir: Path | None = None, parallel: int = 4,
          dry_run: bool = False, vms: tuple[str, ...] = ()) -> RunReport:
     return run_cluster(cluster, list(vms), full, Options(farm.ssh_config, parallel, dry_run, recipe_dir))
@@ -60,7 +74,12 @@ def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshf
     # Every file of every recipe is on its VM, byte for byte as rendered, with its mode.
     planned = recipes(example, example.vms)
     assert {f.dest for f in planned["mcp"].files} >= {"/etc/nagios4/conf.d/kvmconf/hosts.cfg", "/etc/motd"}
-    assert "/etc/kvmconf/dnsmasq/dnsmasq.conf" in {f.dest for f in planned["provision"].files}
+    # provision only gets what `invoke provision-server` needs, run there: it alone deploys dnsmasq and TFTP.
+    assert {"dnsmasq-base", "pxelinux", "grub-efi-amd64-bin", "debian-installer-12-netboot-amd64"} \
+        <= set(planned["provision"].packages)
+    assert "dnsmasq" not in planned["provision"].packages  # Debian's service would answer beside provision-server's
+    assert {f.dest for f in planned["provision"].files} == {"/etc/motd", "/etc/hosts"}  # linux-servers' only
+    assert [h.name for h in planned["provision"].hooks] == ["provision/hooks/no-debian-dnsmasq.sh"]
     for name, recipe in planned.items():
         for spec in recipe.files:
             placed = farm.upper(name) / spec.dest.lstrip("/")
@@ -105,18 +124,20 @@ def test_second_update_confs_transfers_and_reloads_nothing(example: Cluster, far
 
 def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
         example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
-    assert not _run(example, farm, full=False).failed
-    before = (farm.upper("provision") / "etc/dnsmasq.d/kvmconf.conf").read_text()
-    template = hosts_copy / "provision/dnsmasq-include.conf.j2"
-    template.write_text(template.read_text() + "log-dhcp\n")
+    template = _add_app_recipe(hosts_copy)
+    assert not _run(example, farm, full=False, recipe_dir=hosts_copy).failed
+    placed = farm.upper(APP_VM) / APP_CONF.lstrip("/")
+    before = placed.read_text()
+    template.write_text(template.read_text() + "log=debug\n")
     farm.clear_logs()
     report = _run(example, farm, full=False, recipe_dir=hosts_copy)
     assert not report.failed, "\n".join(r.line() for r in report.failed)
-    assert {r.vm: r.pushed for r in report.reports if r.pushed} == {"provision": ["/etc/dnsmasq.d/kvmconf.conf"]}
-    assert {r.vm: r.reloaded for r in report.reports if r.reloaded} == {"provision": ["dnsmasq"]}
-    assert farm.log("provision", "systemctl") == ["reload-or-restart -- dnsmasq"]
-    assert (farm.upper("provision") / "etc/dnsmasq.d/kvmconf.conf").read_text().endswith("log-dhcp\n")
-    backups = list((farm.upper("provision") / "var/lib/kvmconf/backup/etc/dnsmasq.d").glob("kvmconf.conf.*"))
+    assert {r.vm: r.pushed for r in report.reports if r.pushed} == {APP_VM: [APP_CONF]}
+    assert {r.vm: r.reloaded for r in report.reports if r.reloaded} == {APP_VM: [APP_SERVICE]}
+    assert farm.log(APP_VM, "systemctl") == [f"reload-or-restart -- {APP_SERVICE}"]
+    assert all(farm.log(vm.name, "systemctl") == [] for vm in example.vms if vm.name != APP_VM)
+    assert placed.read_text().endswith("log=debug\n")
+    backups = list((farm.upper(APP_VM) / "var/lib/kvmconf/backup/etc/kvmconf-test").glob("app.conf.*"))
     assert any(b.read_text() == before for b in backups)
     # A template several VMs share goes to exactly those VMs (every linux-server), one file each, no reload.
     motd = hosts_copy / "group/linux-servers/motd.j2"
@@ -130,18 +151,18 @@ def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
 
 
 def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
-    assert not _run(example, farm, full=False).failed
-    template = hosts_copy / "provision/dnsmasq-include.conf.j2"
-    template.write_text(template.read_text() + "log-queries\n")
+    template = _add_app_recipe(hosts_copy)
+    assert not _run(example, farm, full=False, recipe_dir=hosts_copy).failed
+    template.write_text(template.read_text() + "log=queries\n")
     farm.clear_logs()
     before = {vm.name: _tree(farm.upper(vm.name)) for vm in example.vms}
     report = _run(example, farm, full=True, recipe_dir=hosts_copy, dry_run=True)
     assert not report.failed, "\n".join(r.line() for r in report.failed)
-    provision = next(r for r in report.reports if r.vm == "provision")
-    assert provision.pushed == ["/etc/dnsmasq.d/kvmconf.conf"] and provision.reloaded == ["dnsmasq"]
-    assert "+log-queries\n" in provision.diffs[0] and provision.diffs[0].startswith("--- /etc/dnsmasq.d/kvmconf.conf")
-    assert provision.line().startswith("provision: would install ")  # what it lacks depends on this machine
-    assert provision.line().endswith("; change 1 file(s) (/etc/dnsmasq.d/kvmconf.conf); reload dnsmasq; run 0 hook(s)")
+    app = next(r for r in report.reports if r.vm == APP_VM)
+    assert app.pushed == [APP_CONF] and app.reloaded == [APP_SERVICE]
+    assert "+log=queries\n" in app.diffs[0] and app.diffs[0].startswith(f"--- {APP_CONF}")
+    assert app.line().startswith(f"{APP_VM}: would install ")  # what it lacks depends on this machine
+    assert app.line().endswith(f"; change 1 file(s) ({APP_CONF}); reload {APP_SERVICE}; run 0 hook(s)")
     # Packages are checked (read-only), hooks only listed: what the run would do, in the summary's words.
     planned = recipes(example, [example.vm("ldap"), example.vm("mcp")], hosts_copy)
     ldap, mcp = (next(r for r in report.reports if r.vm == name) for name in ("ldap", "mcp"))
@@ -205,6 +226,32 @@ def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
     lines = {r.vm: r.line() for r in report.reports}  # what fab printed as each VM ended
     assert lines["ldap"] == "ldap: FAILED at hook ldap/hooks/fail.sh: exit 3: slapd would not start"
     assert lines["mcp"].startswith("mcp: done (")
+
+
+def test_deploy_disables_the_debian_dnsmasq_an_earlier_provision_recipe_installed(
+        example: Cluster, farm: sshfarm.Farm) -> None:
+    """That recipe installed Debian's dnsmasq service, reading the generated config through an /etc/dnsmasq.d
+    include: it would answer on the interface where `invoke provision-server` starts its own dnsmasq."""
+    root = farm.root("provision")
+    unit, include = root / "lib/systemd/system/dnsmasq.service", root / "etc/dnsmasq.d/kvmconf.conf"
+    try:
+        for path in (unit, include):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("left by an earlier deploy\n")
+        farm.clear_logs()
+        report = _run(example, farm, full=True, vms=("provision",))
+        assert not report.failed, "\n".join(r.line() for r in report.failed)
+        assert report.reports[0].hooks == ["provision/hooks/no-debian-dnsmasq.sh"]
+        assert farm.log("provision", "systemctl") == ["disable --now dnsmasq.service"]
+        assert not include.exists()
+        unit.unlink()
+        farm.clear_logs()
+        # Where the service was never installed, the hook does nothing.
+        assert not _run(example, farm, full=True, vms=("provision",)).failed
+        assert farm.log("provision", "systemctl") == []
+    finally:
+        unit.unlink(missing_ok=True)
+        include.unlink(missing_ok=True)
 
 
 def test_a_failed_install_leaves_no_temporary_on_the_vm(

@@ -23,11 +23,24 @@ def test_example_recipes(example: Cluster) -> None:
     assert planned["mcp"].packages == ("openssh-server", "nagios4")
     assert mcp["/etc/nagios4/conf.d/kvmconf/hostgroups.cfg"].reload == ("nagios4",)
     assert [h.name for h in planned["mcp"].hooks] == ["mcp/hooks/nagios-localhost.sh"]
-    provision = {f.dest: f for f in planned["provision"].files}
-    assert "/etc/kvmconf/dnsmasq/dhcp-hosts/web" in provision and "/srv/tftp/pxelinux.cfg/default" in provision
-    assert provision["/etc/dnsmasq.d/kvmconf.conf"].content.endswith(b"\nconf-file=/etc/kvmconf/dnsmasq/dnsmasq.conf\n")
+    # provision gets the packages `invoke provision-server` needs, run there; it alone deploys dnsmasq and TFTP.
+    assert {"dnsmasq-base", "pxelinux", "syslinux-common", "grub-efi-amd64-bin", "grub-common",
+            "debian-installer-12-netboot-amd64", "python3-venv"} <= set(planned["provision"].packages)
+    assert "dnsmasq" not in planned["provision"].packages
+    assert {f.dest for f in planned["provision"].files} == {"/etc/motd", "/etc/hosts"}
     assert b"192.168.50.20\tdb.phys.example.org db\n" in {f.dest: f for f in planned["web"].files}["/etc/hosts"].content
     assert planned["scratch"].files == () and planned["scratch"].packages == ()
+
+
+def test_a_dest_may_use_site_and_a_build_directory_gives_a_file_each(example: Cluster, tmp_path: Path) -> None:
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    (hosts / "db").mkdir()
+    (hosts / "db/recipe.toml").write_text('[[file]]\ndest = "{{ site.provision.config_dir }}/copy"\nbuild = "dnsmasq"\n'
+                                          '[[file]]\ndest = "/etc/where.conf"\ntemplate = "where.j2"\n')
+    (hosts / "db/where.j2").write_text("conf-file={{ site.provision.config_dir }}/dnsmasq/dnsmasq.conf\n")
+    db = {f.dest: f for f in recipes(example, [example.vm("db")], hosts)["db"].files}
+    assert "/etc/kvmconf/copy/dhcp-hosts/web" in db and "/etc/kvmconf/copy/dnsmasq.conf" in db
+    assert db["/etc/where.conf"].content == b"conf-file=/etc/kvmconf/dnsmasq/dnsmasq.conf\n"
 
 
 def test_template_errors_name_the_template_file_and_line_the_vm_and_the_recipe_key(example: Cluster,
