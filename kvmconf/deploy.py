@@ -306,7 +306,8 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
     except _StepFailed as err:
         report.failed_step, report.error = err.step, str(err)
     except KvmconfError as err:
-        report.failed_step, report.error = step, str(err)
+        # remote's errors start with the VM's name, which the report's line starts with already.
+        report.failed_step, report.error = step, str(err).removeprefix(f"{vm.name}: ")
     except (OSError, EOFError) as err:  # an SFTP or channel error midway
         report.failed_step, report.error = step, f"{type(err).__name__}: {err}"
     return report

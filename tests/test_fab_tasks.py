@@ -175,7 +175,7 @@ def test_a_vm_without_ssh_server_fails_with_one_line_naming_it_and_no_traceback(
     result = run_task("fab", "deploy", "--vm", "scratch", "--dry-run", env={"KVMCONF_SSH_CONFIG": str(config)})
     assert (result.returncode, result.stderr) == (1, "")
     assert result.stdout.splitlines() == [
-        f"scratch: FAILED at connect: scratch: ssh to root@127.0.0.1:{no_ssh_server}: {NO_BANNER}",
+        f"scratch: FAILED at connect: ssh to root@127.0.0.1:{no_ssh_server}: {NO_BANNER}",
         "(dry run: nothing changed)", "deploy: 1 VM(s), 1 failed: scratch (connect)"]
 
 
