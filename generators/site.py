@@ -104,8 +104,7 @@ class TableReader:
             self.problem(key, f"{shown(value)} is {_type_of(value)} (expected {what})")
             return None
         if self.one_line and (char := _control_char(value)) is not None:
-            self.problem(key, f"{shown(value)} holds the control character {char!r} (expected text on one line,"
-                         " without control characters such as newline or tab)")
+            self.problem(key, _not_one_line(value, char))
             return None
         return value
 
@@ -164,6 +163,11 @@ def _control_char(value: Any) -> str | None:
         if isinstance(text, str) and (m := _CONTROL.search(text)):
             return m[0]
     return None
+
+
+def _not_one_line(value: Any, char: str) -> str:
+    return (f"{shown(value)} holds the control character {char!r} (expected text on one line, without control"
+            " characters such as newline or tab)")
 
 
 def _absolute_path(r: TableReader, key: str, default: Any = _MISSING, example: str = "") -> str | None:
@@ -763,8 +767,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
                 h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
                           " description)")
             elif (char := _control_char(alias)) is not None:
-                h.problem(group, f"{shown(alias)} holds the control character {char!r} (expected text on one line,"
-                          " without control characters such as newline or tab)")
+                h.problem(group, _not_one_line(alias, char))
             else:
                 hostgroups[group] = alias
 
