@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,7 @@ from kvmconf.processes import alive, in_netns, stop_pid
 
 Log = Callable[[str], None]
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the kvmconf checkout this runs from: `-m kvmconf...` needs it
 STATE_FILE = "installed"
 STATE_LOCK = ".installed.lock"  # held while the installed state or the TFTP entries made from it change
 HTTP_LOG = "http.log"
@@ -381,8 +383,15 @@ def deploy_here(cluster: Cluster, log: Log = print) -> str:
     base = http_base(provision.http_url)  # before anything changes: a URL it cannot serve stops the deploy
     require_provision_server(cluster, _deploys(cluster))
     deploy(cluster, system_dnsmasq(Path(provision.config_dir)), log)
-    return (f"serve the preseeds with: python3 -m kvmconf.provision_server serve --config-dir={provision.config_dir}"
-            f" {' '.join(base.serve_args())} --tftp-root={provision.tftp_root}")
+    return f"serve the preseeds with: {serve_command(base, provision.config_dir, provision.tftp_root)}"
+
+
+def serve_command(base: HttpBase, config_dir: str, tftp_root: str) -> str:
+    """The shell command that serves HTTP, runnable as printed: this interpreter (the venv's, which has what the
+    server imports; a bare python3 has not), from this checkout (where the kvmconf package is)."""
+    argv = [sys.executable, "-m", "kvmconf.provision_server", "serve", f"--config-dir={config_dir}",
+            *base.serve_args(), f"--tftp-root={tftp_root}"]
+    return f"cd {shlex.quote(str(CHECKOUT))} && {shlex.join(argv)}"
 
 
 def _deploys(cluster: Cluster) -> str:
@@ -501,7 +510,7 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
         return what
     pid_file.unlink(missing_ok=True)
     config_dir = Path(cluster.site.provision.config_dir)
-    root = Path(__file__).resolve().parent.parent
+    root = CHECKOUT
     with (the_lab.dir / "http-server.log").open("ab") as out:
         subprocess.Popen(
             ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",

@@ -56,7 +56,7 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
 
 
-def _free_port(address: str) -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         port: int = sock.getsockname()[1]
@@ -128,7 +128,7 @@ def _start_vm(farm: Farm, name: str, address: str) -> int:
         stub.write_text(STUB.format(name=tool))
         stub.chmod(0o755)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(vm_dir / "host_key")], check=True)
-    port = _free_port(address)
+    port = free_port(address)
     (vm_dir / "sshd_config").write_text("\n".join([
         f"ListenAddress {address}:{port}", f"HostKey {vm_dir / 'host_key'}", f"PidFile {vm_dir / 'sshd.pid'}",
         f"AuthorizedKeysFile {farm.base / 'authorized_keys'}", "PermitRootLogin prohibit-password",

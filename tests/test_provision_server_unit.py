@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from generators.model import Cluster
 from kvmconf import provision_server
 from kvmconf.errors import KvmconfError
 from kvmconf.provision_server import Dnsmasq, ProvisionHTTPServer
+from tests import sshfarm
 from tests.tools import missing, require_tool
 
 MCP_ENTRY = "pxelinux.cfg/01-52-54-00-50-00-03"  # mcp: install=pxe, boot=bios in the example
@@ -132,6 +134,32 @@ def test_http_url_with_a_path_is_served_under_that_path(example: Cluster, tmp_pa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_printed_serve_command_runs_as_printed(example: Cluster, tmp_path: Path) -> None:
+    """The command `invoke provision-server` prints is pasted into a shell on the provision VM: from any folder,
+    without PYTHONPATH, it must start the server (a bare python3 lacks the venv's jinja2 and the checkout)."""
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    build = provision_server.stage_build(example, config_dir)
+    shutil.copytree(build / "tftp", tftp_root)
+    port = sshfarm.free_port()
+    command = provision_server.serve_command(provision_server.http_base(f"http://127.0.0.1:{port}/pxe"),
+                                             str(config_dir), str(tftp_root))
+    assert command.startswith(f"cd {provision_server.CHECKOUT} && {sys.executable} -m kvmconf.provision_server serve ")
+    pid_file = tmp_path / "http.pid"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    server = subprocess.Popen(["sh", "-c", f"{command} --pid-file={pid_file}"], cwd="/", env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(300):
+            if pid_file.exists() or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert pid_file.exists(), server.communicate(timeout=10)[1]
+        assert _get(f"http://127.0.0.1:{port}/pxe/preseed/mcp.cfg") == (200, (build / "preseed/mcp.cfg").read_bytes())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
 
 
 @pytest.mark.parametrize("http_url", ["https://192.168.50.2", "http://192.168.50.2:http", "http://192.168.50.2:99999",
