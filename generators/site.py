@@ -287,6 +287,25 @@ def _check_subnets_apart(networks: dict[str, Network | None], locate: Locate, pr
         earlier.append(network)
 
 
+def _check_host_addresses_apart(hosts: dict[str, PhysicalHost | None], locate: Locate,
+                                problems: list[Problem]) -> None:
+    """Refuse a host whose address is an earlier host's: the DNS would give one IP two names (two PTRs), and the
+    Nagios backup check of one host would reach the other."""
+    earlier: dict[str, str] = {}  # the address as compared (an IP normalised, a name in lower case): host
+    for name, host in hosts.items():
+        if host is None or host.address is None:
+            continue
+        try:
+            key = str(ip_address(host.address))
+        except ValueError:
+            key = host.address.lower().rstrip(".")
+        other = earlier.setdefault(key, name)
+        if other != name:
+            TableReader({}, f"hosts.{name}", locate, problems).problem(
+                "address", f"{shown(host.address)} is the address of host {other!r} too (expected each host's own"
+                " address)")
+
+
 def _tagging(network: Network) -> str:
     return f"vlan {network.vlan}" if network.vlan else "no vlan"
 
@@ -653,6 +672,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     _check_bridges_agree(networks, locate, problems)
     hosts = _each(top, "hosts", _host, "with uri, ram_mb, cpus, disk_gb, ...", "host")
     _check_uplinks(networks, hosts, locate, problems)
+    _check_host_addresses_apart(hosts, locate, problems)
     oses = _each(top, "os", _os, "with family, suite, kernel, initrd, ...", "os")
 
     default_network = _default_name(top, "default_network", networks, "a network")

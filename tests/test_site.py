@@ -384,6 +384,20 @@ def test_a_uris_host_need_not_be_a_dns_name(uri: str, address: str | None, tmp_p
     assert (host.uri, host.address) == (uri, address)
 
 
+@pytest.mark.parametrize(("kvm0_address", "kvm1_address"), [
+    ("192.168.50.4", "192.168.50.4"),
+    ("kvm0.phys.example.org", "KVM0.Phys.example.org"),  # a name: compared as DNS compares names, in any case
+])
+def test_two_hosts_with_one_address_are_refused(kvm0_address: str, kvm1_address: str, tmp_path: Path) -> None:
+    """One IP with two names in the DNS (two PTRs), and one host's backup check reaching the other."""
+    text = (Path("site.toml").read_text().replace('address = "192.168.50.4"', f'address = "{kvm0_address}"', 1)
+            .replace('address = "192.168.50.5"', f'address = "{kvm1_address}"', 1))
+    line = [n for n, t in enumerate(text.splitlines(), 1) if t.startswith(f'address = "{kvm1_address}"')][-1]
+    assert _problems(_write(tmp_path, text)) == [
+        f"{line}:1: key 'hosts.kvm1.address': '{kvm1_address}' is the address of host 'kvm0' too (expected each"
+        " host's own address)"]
+
+
 _ONE_LINE = "(expected text on one line, without control characters such as newline or tab)"
 # Free text reaches preseeds, dnsmasq.conf, cloud-init and domain XML as it is.
 # (old text, new text, 'LINE:COL: message')
