@@ -39,13 +39,14 @@ class Inventory:
     def clashes(self, vm: Vm) -> list[str]:
         """Why creating ``vm`` on its host would make a second copy of a defined guest ([] if it would not)."""
         problems = []
-        elsewhere = [d.where for d in self.domains if d.name == vm.name and vm.host not in d.hosts]
+        elsewhere = [d for d in self.domains if d.name == vm.name and vm.host not in d.hosts]
         if elsewhere:
-            there = ", ".join(elsewhere)
+            there = ", ".join(d.where for d in elsewhere)
+            host = min(elsewhere[0].hosts)  # a value host= takes (where joins the hosts sharing one daemon)
             problems.append(
                 f"{vm.name}: defined on {there} already, but cluster.conf places it on {vm.host}; it is not created a"
-                f" second time: to move it, set host={elsewhere[0]} for it in cluster.conf again and run `invoke"
-                f" migrate --vm {vm.name} --to {vm.host} --edit`; to keep it there, set host={elsewhere[0]}; or"
+                f" second time: to move it, set host={host} for it in cluster.conf again and run `invoke"
+                f" migrate --vm {vm.name} --to {vm.host} --edit`; to keep it there, set host={host}; or"
                 f" undefine it on {there} if that copy is unwanted")
         for mac in macs_of_vm(vm):
             holders = [d for d in self.domains if d.name != vm.name and mac in d.macs]

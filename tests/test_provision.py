@@ -24,6 +24,7 @@ from generators import cloud_init
 from generators.model import Cluster, DomainType
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import Connections, connections
+from kvmconf.defined import Domain, Inventory
 from kvmconf.errors import (
     DiskExists,
     HostUnreachable,
@@ -626,7 +627,7 @@ def test_a_changed_or_missing_seed_iso_is_a_change_applied_only_with_apply(clust
     assert (p.action, p.seed_now, p.diff) == (Action.CHANGE, "different", [])
     lines: list[str] = []
     provision(changed, ["provision"], conns, log=lines.append)
-    assert lines == ["provision: definition differs from cluster.conf (not applied; run again with --apply):",
+    assert lines == ["provision: seed ISO differs from the generated one (not applied; run again with --apply):",
                      f"    seed ISO {seed} differs from the generated one: replace it (applies at the next boot)",
                      "0 created, 1 to change (shown, not applied), 0 unchanged"]
     assert seed.read_bytes() == old
@@ -655,3 +656,13 @@ def test_the_lab_moves_every_host_into_itself_and_forces_software_emulation(exam
     assert (moved.site.provision.interface, moved.site.provision.config_dir) == ("br0", str(tmp_path / "kvmconf"))
     assert lab.bridge_addresses(example) == {"br0": "192.168.50.2/24", "br60": "192.168.60.1/24"}
     assert lab.remap(example, dataclasses.replace(the_lab, kvm=True)).site.domain_type is DomainType.KVM
+
+
+def test_a_vm_defined_on_a_daemon_several_hosts_share_is_told_one_host_to_set(example: Cluster) -> None:
+    """In a lab several hosts share a daemon; host= takes one name, never 'kvm1/kvm2'."""
+    web = dataclasses.replace(example.vm("web"), host="kvm0")
+    shared = Inventory(domains=[Domain("web", frozenset({"kvm2", "kvm1"}), frozenset())])
+    assert shared.clashes(web) == [
+        "web: defined on kvm1/kvm2 already, but cluster.conf places it on kvm0; it is not created a second time: to"
+        " move it, set host=kvm1 for it in cluster.conf again and run `invoke migrate --vm web --to kvm0 --edit`; to"
+        " keep it there, set host=kvm1; or undefine it on kvm1/kvm2 if that copy is unwanted"]
