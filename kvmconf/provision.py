@@ -138,7 +138,9 @@ def _change(p: VmPlan, conn: libvirt.virConnect, runner: Runner, artifacts: Arti
     if not (p.diff or p.autostart_changes or p.uuid_kept or p.seed_now):
         return  # only the disk was missing, and it has been created
     if not options.apply:
-        journal.log(f"{name}: definition differs from cluster.conf (not applied; run again with --apply):")
+        what = ("definition differs from cluster.conf" if p.diff or p.uuid_kept or p.autostart_changes
+                else "seed ISO differs from the generated one")
+        journal.log(f"{name}: {what} (not applied; run again with --apply):")
         for line in changes:
             journal.log(f"    {line}")
         return

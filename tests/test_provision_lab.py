@@ -134,7 +134,7 @@ def test_a_changed_seed_reaches_an_existing_vm_only_with_apply_and_at_its_next_c
     assert plan.stdout.endswith("0 to create, 1 to change, 0 unchanged\n")
     shown = invoke(workdir, clean, "provision", "--vm", "cloud")
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == ("cloud: definition differs from cluster.conf (not applied; run again with --apply):\n"
+    assert shown.stdout == ("cloud: seed ISO differs from the generated one (not applied; run again with --apply):\n"
                             f"    {seed_line}\n0 created, 1 to change (shown, not applied), 0 unchanged\n")
     assert seed.read_bytes() == old
 
