@@ -21,10 +21,10 @@ contradicts a VM's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 from generators.columns import FieldError, parse_name
-from generators.model import Cluster, PhysicalHost
+from generators.model import Cluster
 from generators.site import MAX_DNS_NAME
 
 
@@ -37,14 +37,6 @@ class HostRecord:
     @property
     def rdtype(self) -> str:
         return "A" if self.ip.version == 4 else "AAAA"
-
-
-def host_ip(host: PhysicalHost) -> IPv4Address | IPv6Address | None:
-    """The host's ``address`` if it is an IP address, else None (a DNS name, or no address)."""
-    try:
-        return ip_address(host.address) if host.address else None
-    except ValueError:
-        return None
 
 
 def _publishable(ip: IPv4Address | IPv6Address) -> bool:
@@ -65,7 +57,7 @@ def host_records(cluster: Cluster) -> list[HostRecord]:
     domain = cluster.site.domain
     records = []
     for name in sorted(cluster.site.hosts):
-        ip = host_ip(cluster.site.hosts[name])
+        ip = cluster.site.hosts[name].ip
         fqdn = f"{name}.{domain}"
         if ip is not None and _publishable(ip) and _is_label(name) and len(fqdn) <= MAX_DNS_NAME:
             records.append(HostRecord(name, fqdn, ip))

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from urllib.parse import urlsplit
 
 from generators.errors import Location
@@ -146,6 +146,14 @@ class PhysicalHost:
     where_key: Mapping[str, Location] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def ip(self) -> IPv4Address | IPv6Address | None:
+        """``address`` if it is an IP address, else None (a DNS name, or no address)."""
+        try:
+            return ip_address(self.address) if self.address else None
+        except ValueError:
+            return None
+
+    @property
     def ssh_address(self) -> str | None:
         """Where other machines reach this host over SSH: ``address``, else its remote URI's host; None if neither."""
         return self.address or uri_host(self.uri)
@@ -208,7 +216,7 @@ class Provision:
     mirror_host: str
     mirror_dir: str
     mirror_proxy: str = ""
-    config_dir: str = "/etc/kvmconf"  # where update-confs puts build/ files on the provision server
+    config_dir: str = "/etc/kvmconf"  # where `invoke provision-server` keeps its build and state on the server
     vm: str | None = None  # the VM of cluster.conf that is the provision server, if one is
 
 

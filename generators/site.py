@@ -295,10 +295,7 @@ def _check_host_addresses_apart(hosts: dict[str, PhysicalHost | None], locate: L
     for name, host in hosts.items():
         if host is None or host.address is None:
             continue
-        try:
-            key = str(ip_address(host.address))
-        except ValueError:
-            key = host.address.lower().rstrip(".")
+        key = str(host.ip) if host.ip is not None else host.address.lower().rstrip(".")
         other = earlier.setdefault(key, name)
         if other != name:
             TableReader({}, f"hosts.{name}", locate, problems).problem(

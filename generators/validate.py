@@ -16,7 +16,6 @@ from pathlib import Path
 
 from generators.ansible import GROUP_RULE, group_clash
 from generators.errors import ConfigError, Location, Problem, shown
-from generators.host_records import host_ip
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
 from generators.site import MAX_DNS_NAME, load_site_located
@@ -236,7 +235,7 @@ class _Checker:
         # would get the host's traffic and a second PTR. (The provision server may well be a host: no clash.)
         hosts = {host_address: f"the address of physical host {name!r} ([hosts.{name}] address at"
                                f" {host.where_key.get('address') or self.site.path})"
-                 for name, host in self.site.hosts.items() if (host_address := host_ip(host)) is not None}
+                 for name, host in self.site.hosts.items() if (host_address := host.ip) is not None}
         for row in rows:
             ip: IPv4Address | None = row.values.get("ip")
             network = refs[row.line].network
@@ -273,8 +272,8 @@ class _Checker:
             name = row.values.get("name")
             if name is not None and (host := hosts.get(name)) is not None:
                 self.report(row, "name", f"{name!r} is also the name of physical host {host.name!r} ([hosts."
-                            f"{host.name}] at {host.where or self.site.path}) (expected a name of its own: both"
-                            f" would be {name}.{domain} in the cluster's DNS)")
+                            f"{host.name}] at {host.where or self.site.path}) (expected a name of its own: DNS names"
+                            f" ignore case, and a host with an IP address is {name}.{domain} in the cluster's DNS)")
             if name is not None and (length := len(f"{name}.{domain}")) > MAX_DNS_NAME:
                 self.report(row, "name", f"{name!r} with domain {shown(domain)} makes a DNS name of {length}"
                             f" characters (expected at most {MAX_DNS_NAME} in NAME.DOMAIN: a shorter name or"

@@ -442,12 +442,13 @@ CASES = [
                                                  " a host address of its own)"),), add(vm(ip="192.168.50.4"))),
     Case("name-of-a-physical-host", (conf(NEW, 1, "column 'name': 'kvm0' is also the name of physical host 'kvm0'"
                                                   f" ([hosts.kvm0] at {{site}}:{KVM0_LINE}:1) (expected a name of its"
-                                                  " own: both would be kvm0.phys.example.org in the cluster's DNS)"),),
+                                                  " own: DNS names ignore case, and a host with an IP address is"
+                                                  " kvm0.phys.example.org in the cluster's DNS)"),),
          add(vm(name="kvm0"))),
     Case("name-of-a-physical-host-in-capitals",
          (conf(NEW, 1, "column 'name': 'nas' is also the name of physical host 'NAS' ([hosts.NAS] at"
-                       f" {{site}}:{SITE_END}:1) (expected a name of its own: both would be nas.phys.example.org in"
-                       " the cluster's DNS)"),),
+                       f" {{site}}:{SITE_END}:1) (expected a name of its own: DNS names ignore case, and a host with"
+                       " an IP address is nas.phys.example.org in the cluster's DNS)"),),
          add(vm(name="nas")), add("[hosts.NAS]", 'uri = "qemu:///system"', "ram_mb = 1024", "cpus = 1", "disk_gb = 1")),
     Case("capacity-ram-second-vm-pushes-over",
          (conf(NEW + 1, 37, "column 'ram': 10000 puts host 'kvm1' over capacity: its VMs up to this line need 66384 MB"
