@@ -46,6 +46,7 @@ Log = Callable[[str], None]
 DEFAULT_DIR = Path("/var/tmp/kvmconf-lab")
 DEFAULT_NETNS = "kvmconf-lab"
 STATE_FILE = "lab.json"
+_DAEMONS = ("reaper", "virtlogd", "libvirtd")  # started in this order by reaper.py and _LAUNCH
 # Made first in a lab directory: it says the directory is a lab's own, so that up may use it again.
 MARKER_FILE = ".kvmconf-lab"
 # What a lab makes: _HOST_ENTRIES in the directory of each host's daemon (the lab directory for the first,
@@ -53,7 +54,7 @@ MARKER_FILE = ".kvmconf-lab"
 # so a directory named by mistake (--dir ., ~) keeps the rest; and it keeps base/ (_KEPT), where the admin
 # may have put a real cloud image.
 _HOST_ENTRIES = ("libvirt", "sock", "launch.log", "libvirtd.log", "virtlogd.log",
-                 *(f"{name}.pid" for name in ("reaper", "virtlogd", "libvirtd")))
+                 *(f"{daemon}.pid" for daemon in _DAEMONS))
 _LAB_ENTRIES = (STATE_FILE, "images", "kvmconf", "tftp", "dnsmasq.pid", "dnsmasq.leases", "dnsmasq.log",
                 "http.pid", "http-server.log", *_HOST_ENTRIES)
 _KEPT = "base"
@@ -62,7 +63,6 @@ _KEPT = "base"
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 BASE_IMAGE_GB = 1  # placeholder cloud image; drop a real one at base/<os>.qcow2 to boot it
 TOOLS = ("ip", "libvirtd", "virtlogd", "qemu-img", "qemu-system-x86_64", "dnsmasq")
-_DAEMONS = ("reaper", "virtlogd", "libvirtd")  # started in this order by reaper.py and _LAUNCH
 _START_TIMEOUT = 60.0  # libvirtd's first start probes QEMU's capabilities: seconds under emulation
 
 # Runs inside `ip netns exec`, i.e. in the namespace and in a fresh mount namespace whose mounts

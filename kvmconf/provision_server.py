@@ -510,13 +510,12 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
         return what
     pid_file.unlink(missing_ok=True)
     config_dir = Path(cluster.site.provision.config_dir)
-    root = CHECKOUT
     with (the_lab.dir / "http-server.log").open("ab") as out:
         subprocess.Popen(
             ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",
              f"--config-dir={config_dir}", *base.serve_args(),
              f"--tftp-root={cluster.site.provision.tftp_root}", f"--pid-file={pid_file}"],
-            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdin=subprocess.DEVNULL, stdout=out,
+            cwd=CHECKOUT, env={**os.environ, "PYTHONPATH": str(CHECKOUT)}, stdin=subprocess.DEVNULL, stdout=out,
             stderr=out, start_new_session=True)
     deadline = time.monotonic() + 30
     while not pid_file.exists():

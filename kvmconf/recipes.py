@@ -242,14 +242,10 @@ def _render(root: Path, name: str, cluster: Cluster, vm: Vm, named_at: str) -> s
               "Do not edit: change those files and run `fab update-confs`."]
     try:
         return environment(root).get_template(name).render(cluster=cluster, site=cluster.site, vm=vm, banner=banner)
-    except TemplateNotFound as err:
-        if err.name == name:  # the one recipe.toml names, not one that it includes (that one has a line there)
-            raise RecipeError(f"{named_at}: {shown_path(root / name)} does not exist") from None
-        fault = template_fault(err, root)
-        if fault is None:
-            raise
-        raise RecipeError(_fault_message(fault, root / name, vm, named_at)) from None
     except Exception as err:
+        # The one recipe.toml names is missing; one that it includes has a line there, as any other fault.
+        if isinstance(err, TemplateNotFound) and err.name == name:
+            raise RecipeError(f"{named_at}: {shown_path(root / name)} does not exist") from None
         fault = template_fault(err, root)
         if fault is None:
             raise

@@ -45,12 +45,13 @@ def template_fault(err: Exception, root: Path) -> TemplateFault | None:
         if err.filename and _below(err.filename, root):
             return TemplateFault(Path(err.filename), err.lineno, err.message or str(err))
         return None
-    frames = [frame for frame in traceback.extract_tb(err.__traceback__) if _below(frame.filename, root)]
+    stack = traceback.extract_tb(err.__traceback__)
+    frames = [frame for frame in stack if _below(frame.filename, root)]
     if not frames or frames[-1].lineno is None:
         return None
     # Another exception than jinja2's is the template's own only if its last frame is the template's line:
     # `{{ vm.ram / 0 }}`, not a kvmconf property the template read.
-    if not isinstance(err, TemplateError) and traceback.extract_tb(err.__traceback__)[-1] != frames[-1]:
+    if not isinstance(err, TemplateError) and stack[-1] != frames[-1]:
         return None
     message = str(err) if isinstance(err, TemplateError) else f"{type(err).__name__}: {err}"
     return TemplateFault(Path(frames[-1].filename), frames[-1].lineno, message)
