@@ -34,7 +34,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from generators.host_records import HostRecord, host_records
-from generators.model import Cluster, Vm
+from generators.model import Cluster
 from generators.render import render as render_template
 
 TEMPLATE = "zone.j2"
@@ -101,27 +101,20 @@ def forward_records(cluster: Cluster, hosts: list[HostRecord]) -> list[Record]:
 def reverse_records(cluster: Cluster, hosts: list[HostRecord]) -> dict[str, list[tuple[IPv4Address, str]]]:
     """Zone origin -> (ip, fqdn) for every PTR, sorted by address; every network gets its zone."""
     zones: dict[str, list[tuple[IPv4Address, str]]] = {}
-    held: set[tuple[IPv4Network, str]] = set()  # every zone's addresses and origin
+    held: dict[str, IPv4Network] = {}  # origin -> the addresses of its zone
     for network in cluster.site.networks.values():
         for zone in reverse_zone_networks(network.subnet):
             zones.setdefault(reverse_origin(zone), [])
-            held.add((zone, reverse_origin(zone)))
-    by_vm: list[tuple[IPv4Address, str, Vm | None]] = [(vm.ip, cluster.fqdn(vm), vm) for vm in cluster.vms]
+            held[reverse_origin(zone)] = zone
+    ptrs = [(vm.ip, cluster.fqdn(vm)) for vm in cluster.vms]
+    ptrs += [(host.ip, host.fqdn) for host in hosts if isinstance(host.ip, IPv4Address)]
     server = _provision_server(cluster)
-    host_ptrs = [(host.ip, host.fqdn) for host in hosts if isinstance(host.ip, IPv4Address)]
-    if all(vm.ip != server for vm in cluster.vms) and all(ip != server for ip, _ in host_ptrs):
-        by_vm.append((server, f"{NS_NAME}.{cluster.site.domain}", None))
-    for ip, fqdn, _ in by_vm:
-        for network in cluster.site.networks.values():
-            if ip in network.subnet:
-                zone = IPv4Network((ip, reverse_zone_prefix(network.subnet)), strict=False)
-                zones[reverse_origin(zone)].append((ip, fqdn))
-                break
-    # A host is in no network's subnet necessarily (beside a /25 in its /24 zone): the most specific zone holding its
-    # address, as a resolver would delegate it; no zone, no PTR.
-    most_specific_first = sorted(held, key=lambda zone: (-zone[0].prefixlen, zone[1]))
-    for ip, fqdn in host_ptrs:
-        origin = next((origin for zone, origin in most_specific_first if ip in zone), None)
+    if all(ip != server for ip, _ in ptrs):
+        ptrs.append((server, f"{NS_NAME}.{cluster.site.domain}"))
+    # Zones never nest (site.toml refuses overlapping subnets), so an address is in one zone at most: a VM's in its
+    # network's; a host's or the server's may be in none (no PTR then) or beside a /25 in its /24 zone.
+    for ip, fqdn in ptrs:
+        origin = next((origin for origin, zone in held.items() if ip in zone), None)
         if origin is not None:
             zones[origin].append((ip, fqdn))
     return {origin: sorted(entries) for origin, entries in sorted(zones.items())}
