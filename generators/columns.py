@@ -20,7 +20,7 @@ class FieldError(ValueError):
     """A single value is malformed; the message completes "'VALUE' ..." and names what is allowed."""
 
 
-_LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")  # a VM name: an RFC 1123 label; also host_records
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # lower case; also used by site.py
 # Hostgroups, and what host=, net= and os= take; also site.toml's [hostgroups], [hosts.*], [networks.*] and
 # [os.*] names, which they name. NAME_RULE says it in messages.
@@ -41,7 +41,7 @@ MAX_CPU = 8191
 
 
 def parse_name(text: str) -> str:
-    if not _LABEL.fullmatch(text):
+    if not LABEL.fullmatch(text):
         raise FieldError(
             "is not a valid VM name (expected an RFC 1123 label: lowercase letters, digits and '-',"
             " starting with a letter, not ending with '-', at most 63 characters)"
@@ -187,7 +187,7 @@ def parse_cpuset(text: str) -> tuple[int, ...]:
 def parse_after(text: str) -> tuple[str, ...]:
     names = tuple(text.split(","))
     for index, name in enumerate(names):
-        if not _LABEL.fullmatch(name):
+        if not LABEL.fullmatch(name):
             raise FieldError(f"has {shown(name)}, which is not a VM name (expected a comma list of VM names)")
         if name in names[:index]:
             raise FieldError(f"names {name!r} twice (expected each VM once)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from generators.columns import FieldError, parse_name
+from generators.columns import LABEL
 from generators.model import Cluster
 from generators.site import MAX_DNS_NAME
 
@@ -44,14 +44,6 @@ def _publishable(ip: IPv4Address | IPv6Address) -> bool:
     return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or scoped)
 
 
-def _is_label(name: str) -> bool:
-    try:
-        parse_name(name)
-        return True
-    except FieldError:
-        return False
-
-
 def host_records(cluster: Cluster) -> list[HostRecord]:
     """The records of the physical hosts that get one (see the module's docstring), sorted by name."""
     domain = cluster.site.domain
@@ -59,6 +51,6 @@ def host_records(cluster: Cluster) -> list[HostRecord]:
     for name in sorted(cluster.site.hosts):
         ip = cluster.site.hosts[name].ip
         fqdn = f"{name}.{domain}"
-        if ip is not None and _publishable(ip) and _is_label(name) and len(fqdn) <= MAX_DNS_NAME:
+        if ip is not None and _publishable(ip) and LABEL.fullmatch(name) and len(fqdn) <= MAX_DNS_NAME:
             records.append(HostRecord(name, fqdn, ip))
     return records
