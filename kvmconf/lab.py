@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from generators.files import replace_text
 from generators.model import Cluster, DomainType, Network
 from generators.render import environment
 from kvmconf.errors import KvmconfError
-from kvmconf.processes import alive, in_netns, stop_pid
+from kvmconf.processes import alive, in_netns, output_of, stop_pid
 
 Log = Callable[[str], None]
 
@@ -176,12 +175,8 @@ def bridge_addresses(cluster: Cluster) -> dict[str, str]:
 
 # --- processes ------------------------------------------------------------------------------------
 
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0:
-        raise KvmconfError(f"lab: `{' '.join(argv)}` failed with exit status {result.returncode}:"
-                           f" {result.stderr.strip() or result.stdout.strip()}")
-    return result
+def _run(argv: Sequence[str]) -> str:
+    return output_of(argv, context="lab: ")
 
 
 def netns_exists(netns: str) -> bool:
@@ -191,7 +186,7 @@ def netns_exists(netns: str) -> bool:
 def netns_pids(netns: str) -> list[int]:
     if not netns_exists(netns):
         return []
-    return [int(pid) for pid in _run(["ip", "netns", "pids", netns]).stdout.split()]
+    return [int(pid) for pid in _run(["ip", "netns", "pids", netns]).split()]
 
 
 def _read_pid(path: Path) -> int:
@@ -440,7 +435,7 @@ def _power_off_all(lab: Lab, host: str | None) -> None:
 def remove_stale_netns(prefix: str) -> list[str]:
     """Namespaces ``<prefix><pid>[-<anything>]`` whose creating process ``pid`` is dead: a killed run's labs."""
     removed = []
-    for line in _run(["ip", "netns", "list"]).stdout.splitlines():
+    for line in _run(["ip", "netns", "list"]).splitlines():
         name = line.split()[0] if line.strip() else ""
         owner = name.removeprefix(prefix).split("-")[0]
         if name.startswith(prefix) and owner.isdigit() and not alive(int(owner)):

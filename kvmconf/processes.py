@@ -1,15 +1,20 @@
 """Local processes by PID: is one still running, is it ours, stop it.
 
-Pure /proc and signal helpers with no libvirt or jinja behind them, so that modules which only wait on or
-stop a PID (runner.py's lock owners, provision_server.py's dnsmasq, the lab's daemons) need not import the lab.
+Pure /proc, signal and subprocess helpers with no libvirt or jinja behind them, so that modules which only
+run a tool, wait on or stop a PID (runner.py's lock owners, provision_server.py's dnsmasq, the lab's daemons)
+need not import the lab.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from kvmconf.errors import KvmconfError
 
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL: a daemon's clean exit (libvirtd saving state) is slow
 
@@ -43,3 +48,15 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
             if not alive(pid):
                 return
             time.sleep(0.05)
+
+
+def output_of(argv: Sequence[str], timeout: float = 120, context: str = "") -> str:
+    """The standard output of a tool that must succeed; its failure, with what it said, as a KvmconfError.
+
+    ``context`` starts the message ("lab: "), for a failure whose command alone would not say what was being done.
+    """
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise KvmconfError(f"{context}`{' '.join(argv)}` failed with exit status {result.returncode}:"
+                           f" {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import shutil
@@ -39,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -51,9 +50,10 @@ from generators.pxe import BIOS_LOADER_FILES
 from generators.site import parse_http_url
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
+from kvmconf.interfaces import interface_addresses
 from kvmconf.lab import Lab, start_dnsmasq
 from kvmconf.plan import find_vm
-from kvmconf.processes import alive, in_netns, stop_pid
+from kvmconf.processes import alive, in_netns, output_of, stop_pid
 
 Log = Callable[[str], None]
 
@@ -144,17 +144,9 @@ def system_dnsmasq(config_dir: Path) -> Dnsmasq:
     pid_file = config_dir / "dnsmasq.pid"
 
     def start(conf: Path) -> None:
-        _check_call(["dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}"])
+        output_of(["dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}"])
 
     return Dnsmasq(pid_file, start)
-
-
-def _check_call(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if result.returncode != 0:
-        raise KvmconfError(f"`{' '.join(argv)}` failed with exit status {result.returncode}:"
-                           f" {(result.stderr or result.stdout).strip()}")
-    return result.stdout
 
 
 def check_dnsmasq(conf_text: str, hostsfile_lines: Iterable[str], scratch: Path) -> None:
@@ -282,7 +274,7 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
             raise KvmconfError(f"{GRUB_EFI_MODULES} is missing: install the package grub-efi-amd64-bin")
         # Debian's netboot grubx64.efi has /debian-installer/amd64/grub built in as its prefix: it would never
         # read grub/grub.cfg. grub-mknetdir makes an image whose prefix is the TFTP directory grub/.
-        _check_call(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}",
+        output_of(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}",
                      f"--subdir={pxe.GRUB_DIR}"])
     _copy_if_changed(tftp_root / pxe.GRUB_CORE_EFI, tftp_root / pxe.GRUB_EFI_IMAGE)
     for release in cluster.site.oses.values():
@@ -329,13 +321,6 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
 
 # --- where it runs ---------------------------------------------------------------------------------------
 
-def interface_addresses(netns: str | None = None) -> dict[str, set[IPv4Address]]:
-    """Each network interface of this machine (or of the namespace ``netns``) with its IPv4 addresses."""
-    argv = ["ip", *(["-n", netns] if netns else []), "-j", "address", "show"]
-    return {link["ifname"]: {IPv4Address(a["local"]) for a in link.get("addr_info", []) if a.get("family") == "inet"}
-            for link in json.loads(_check_call(argv) or "[]")}
-
-
 def require_provision_server(cluster: Cluster, does: str, netns: str | None = None) -> None:
     """Refuse unless this machine (the lab: its namespace) is the provision server: it has [provision] interface,
     and the server's address is one of its own.
@@ -346,7 +331,7 @@ def require_provision_server(cluster: Cluster, does: str, netns: str | None = No
     """
     provision = cluster.site.provision
     addresses = interface_addresses(netns)
-    mine: set[IPv4Address] = set().union(*addresses.values())
+    mine: set[IPv4Address | IPv6Address] = set().union(*addresses.values())
     if provision.interface in addresses and provision.server in mine:
         return
     if provision.interface not in addresses:

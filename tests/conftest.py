@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from generators.model import Cluster
 from generators.validate import load_cluster
+from tests.tools import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 # Generated banners name the inventory as given; run from the repo root so goldens are stable.
@@ -29,3 +32,14 @@ def example() -> Cluster:
 @pytest.fixture(scope="session")
 def regenerate(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regenerate"))
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own, with nothing in it (not even loopback's address) until it adds some."""
+    if os.geteuid() != 0:
+        missing("network namespaces need root")
+    name = f"kvmconf-heretest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "delete", name], check=True)

@@ -49,6 +49,11 @@ def test_a_host_is_named_by_its_key_its_address_or_its_uris_host(example: Cluste
     assert this_machines_hosts(by_uri_name, Machine("node7")) == ["kvm1"]  # the URI's host, a name
     by_address_name = with_host(example, "kvm1", address="node7.phys.example.org")
     assert this_machines_hosts(by_address_name, Machine("node7")) == ["kvm1"]  # an address that is a name
+    by_ipv6 = with_host(example, "kvm1", address="2001:db8:50::5")
+    assert this_machines_hosts(by_ipv6, Machine("node7", ("2001:db8:50:0::5",))) == ["kvm1"]  # IPv6, as a value
+    by_ipv6_uri = with_host(example, "kvm1", address=None, uri="qemu+ssh://root@[2001:db8:50::5]:2222/system")
+    assert this_machines_hosts(by_ipv6_uri, Machine("node7", ("2001:db8:50::5",))) == ["kvm1"]
+    assert this_machines_hosts(by_ipv6_uri, Machine("node7", ("2001:db8:50::6",))) == ["kvm0"]  # not kvm1: local kvm0
 
 
 def test_a_local_uri_counts_only_when_no_host_is_named_as_this_machine(example: Cluster) -> None:

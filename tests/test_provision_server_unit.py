@@ -287,17 +287,6 @@ def _at(cluster: Cluster, config_dir: Path, tftp_root: Path) -> Cluster:
 
 # --- only on the provision server ---------------------------------------------------------------------------
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A network namespace of the test's own, with nothing in it (not even loopback's address) until it adds some."""
-    if os.geteuid() != 0:
-        missing("network namespaces need root")
-    name = f"kvmconf-heretest-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "delete", name], check=True)
-
-
 def test_the_provision_server_is_where_its_interface_and_address_are(example: Cluster, netns: str) -> None:
     def refusal() -> str:
         with pytest.raises(KvmconfError) as refused:

@@ -25,6 +25,7 @@ from kvmconf.backup.store import VmStore
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
 from kvmconf.errors import KvmconfError
+from kvmconf.interfaces import interface_addresses
 from kvmconf.plan import find_vm, find_vms, vms_or_all
 
 Log = Callable[[str], None]
@@ -54,10 +55,9 @@ class Machine:
 
     @classmethod
     def here(cls) -> Machine:
-        from kvmconf.provision_server import interface_addresses  # `ip -j address`; it imports the generators
-
-        try:
-            found = {str(a) for addresses in interface_addresses().values() for a in addresses if not a.is_loopback}
+        try:  # link-local addresses name no machine in site.toml: they repeat on every link
+            found = {str(a) for addresses in interface_addresses().values() for a in addresses
+                     if not (a.is_loopback or a.is_link_local)}
         except (KvmconfError, OSError):  # no `ip`: the hostname alone can still name this machine
             found = set()
         return cls(socket.gethostname(), frozenset(found))
