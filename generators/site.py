@@ -6,20 +6,17 @@ like cluster.conf's, and raised once as :class:`ConfigError`.
 
 from __future__ import annotations
 
-import math
 import re
-import tomllib
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from generators.ansible import GROUP_RULE, group_clash
 from generators.columns import IFACE_PATTERN, MAC_PATTERN, NAME_PATTERN, NAME_RULE, PCI_PATTERN
 from generators.crontab import max_interval
-from generators.errors import ConfigError, Location, Problem, UsageError, shown
-from generators.inventory import BOM
+from generators.errors import ConfigError, Problem, UsageError, shown
 from generators.model import (
     Accounts,
     Backup,
@@ -30,9 +27,18 @@ from generators.model import (
     Provision,
     Site,
 )
+from generators.toml_reader import (
+    MISSING,
+    Locate,
+    T,
+    TableReader,
+    control_char,
+    locator,
+    not_one_line,
+    read_toml,
+    type_of,
+)
 
-T = TypeVar("T")
-_MISSING: Any = object()
 _CRYPT_HASH = re.compile(r"!|\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp\d+|sk-ssh-ed25519@openssh.com) [A-Za-z0-9+/=]+( .*)?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
@@ -43,9 +49,6 @@ MAX_DNS_NAME = 253  # characters of a name without its final dot: 255 octets on 
 MAX_DOMAIN = MAX_DNS_NAME - len("hostmaster.")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
-# site.toml's strings are written as they are into preseeds, dnsmasq.conf, cloud-init, XML: a newline would add a
-# line of its own (`d-i preseed/late_command ...`), so no string of site.toml may hold a control character.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TIMEZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")  # IANA names: Europe/Berlin, Etc/GMT+5, UTC
 ZONEINFO = Path("/usr/share/zoneinfo")
 _LOCALE = re.compile(r"[a-z]{2,3}_[A-Z]{2}(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?")
@@ -56,121 +59,9 @@ _PROXY = re.compile(r"https?://[^\s/]+/?")
 # one into the admin account.
 SYSTEM_USERS = frozenset({"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
                           "proxy", "www-data", "backup", "list", "irc", "gnats", "_apt", "nobody"})
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
-               dict: "a table"}
-
-Locate = Callable[[str, str], Location]
 
 
-def _type_of(value: Any) -> str:
-    """What a TOML value is, in words: 'a string', 'an integer', ..."""
-    return next((name for kind, name in _TYPE_NAMES.items() if type(value) is kind), "a date or time")
-
-
-class TableReader:
-    """Typed access to one TOML table that records problems instead of raising.
-
-    site.toml's reader, also used for other TOML files of the project (recipe.toml), so that their
-    problems are worded alike."""
-
-    def __init__(self, data: dict[str, Any], table: str, locate: Locate, problems: list[Problem],
-                 absent: bool = False, one_line: bool = False) -> None:
-        self.data = data
-        self.table = table
-        self.locate = locate
-        self.problems = problems
-        self.absent = absent  # the table itself is missing (already reported): no problem per missing key
-        self.one_line = one_line  # refuse control characters in strings (and lists of strings): see _CONTROL
-        self.used: set[str] = set()
-
-    def where(self, key: str) -> str:
-        return f"{self.table}.{key}" if self.table else key
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(Problem(self.locate(self.table, key), f"key '{self.where(key)}': {message}"))
-
-    def get(self, key: str, kind: type, default: Any = _MISSING, what: str = "") -> Any:
-        self.used.add(key)
-        what = what or _TYPE_NAMES[kind]
-        if key not in self.data:
-            if default is _MISSING and not self.absent:
-                self.problems.append(Problem(self.locate(self.table, ""),
-                                             f"key '{self.where(key)}' is missing (expected {what})"))
-            return None if default is _MISSING else default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problem(key, f"{shown(value)} is {_type_of(value)} (expected {what})")
-            return None
-        if self.one_line and (char := _control_char(value)) is not None:
-            self.problem(key, _not_one_line(value, char))
-            return None
-        return value
-
-    def convert(self, key: str, convert: Callable[[Any], T], what: str, expected: str, default: Any = _MISSING,
-                kind: type = str) -> T | None:
-        """A TOML value of type ``kind`` turned into a Python object by ``convert``.
-
-        ``convert`` raises ValueError when the value is malformed; a message of its own that starts
-        with "(" replaces the generic "(expected ...)".
-        """
-        raw = self.get(key, kind, default, what)
-        if raw is None or raw is default:
-            return raw  # Any: the default, or None after a reported problem
-        try:
-            return convert(raw)
-        except (ValueError, TypeError) as err:
-            reason = str(err) if str(err).startswith("(") else f"(expected {expected})"
-            self.problem(key, f"{shown(raw)} is not {what} {reason}")
-            return None
-
-    def positive(self, key: str, kind: type = int, default: Any = _MISSING) -> Any:
-        what = f"a positive {'number' if kind is float else 'integer'}"
-        value = self.get(key, kind, default, what)
-        if value is not None and not 0 < value < math.inf:  # also refuses TOML's nan and inf
-            self.problem(key, f"{shown(value)} is out of range (expected {what})")
-            return None
-        return value
-
-    def table_of(self, key: str, required: bool = True) -> dict[str, Any] | None:
-        """The sub-table ``key``; None (and a problem when required) if it is missing or not a table."""
-        self.used.add(key)
-        value = self.data.get(key)
-        if value is None:
-            if required and not self.absent:
-                self.problems.append(Problem(self.locate(self.table, ""),
-                                             f"table '[{self.where(key)}]' is missing"))
-            return None
-        if not isinstance(value, dict):
-            self.problem(key, f"{shown(value)} is {_type_of(value)} (expected a table [{self.where(key)}])")
-            return None
-        return value
-
-    def sub(self, key: str, required: bool = True) -> TableReader:
-        table = self.table_of(key, required)
-        return TableReader(table or {}, self.where(key), self.locate, self.problems, absent=table is None,
-                           one_line=self.one_line)
-
-    def check_unknown(self) -> None:
-        for key in sorted(set(self.data) - self.used):
-            self.problem(key, f"unknown key (expected one of: {', '.join(sorted(self.used))})")
-
-
-def _control_char(value: Any) -> str | None:
-    """The first control character of a string, or of a list's strings; None if there is none."""
-    for text in value if isinstance(value, list) else [value]:
-        if isinstance(text, str) and (m := _CONTROL.search(text)):
-            return m[0]
-    return None
-
-
-def _not_one_line(value: Any, char: str) -> str:
-    return (f"{shown(value)} holds the control character {char!r} (expected text on one line, without control"
-            " characters such as newline or tab)")
-
-
-def _absolute_path(r: TableReader, key: str, default: Any = _MISSING, example: str = "") -> str | None:
+def _absolute_path(r: TableReader, key: str, default: Any = MISSING, example: str = "") -> str | None:
     """A path on a server or host: absolute (relative to what? each tool has another working directory), and without
     whitespace, which dnsmasq.conf, the boot loaders and command lines would split it at."""
     path: str | None = r.get(key, str, default, "an absolute path")
@@ -193,38 +84,6 @@ def parse_http_url(url: str) -> tuple[str, int, str] | None:
     if parts.scheme != "http" or not parts.hostname or not port or parts.query or parts.fragment:
         return None
     return parts.hostname, port, parts.path.rstrip("/")
-
-
-def locator(path: str, text: str) -> Locate:
-    """Find the line and column of ``key`` inside table ``[table]``, so messages can point at it.
-
-    A problem about a whole table (a key missing from it) points at its header; one about the top
-    level at line 1. Keys tomllib accepts but this scan does not see (dotted keys, inline tables)
-    fall back to their table's header.
-    """
-    header = re.compile(r"\s*\[\[?\s*([^\]]+?)\s*\]")
-    keyline = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
-    index: dict[tuple[str, str], tuple[int, int]] = {("", ""): (1, 1)}
-    current = ""
-    for number, line in enumerate(text.split("\n"), 1):  # TOML's newlines only, unlike str.splitlines
-        if m := header.match(line):
-            # Quotes go, and the spaces around dots, but not what is quoted: [networks."dmz x"] is networks.dmz x.
-            current = re.sub(r"\"([^\"]*)\"|'([^']*)'|\s", lambda q: q[1] or q[2] or "", m[1])
-            index.setdefault((current, ""), (number, len(line) - len(line.lstrip()) + 1))
-        elif m := keyline.match(line):
-            index.setdefault((current, m[1].strip("\"'")), (number, m.start(1) + 1))
-
-    def locate(table: str, key: str) -> Location:
-        found = index.get((table, key)) or index.get((f"{table}.{key}" if table else key, "")) or index.get((table, ""))
-        if found is None:  # e.g. [hosts.kvm0] written as an inline table: use the nearest enclosing table
-            parent = table
-            while found is None and parent:
-                parent = parent.rpartition(".")[0]
-                found = index.get((parent, ""))
-        line, col = found or (1, 1)
-        return Location(path, line, col)
-
-    return locate
 
 
 def _subnet(value: str) -> IPv4Network:
@@ -424,7 +283,7 @@ def _host_devices(r: TableReader, cpus: int | None) -> dict[str, Any]:
         elif interfaces is not None:
             interfaces[name] = mac.lower()
     if items is None:
-        r.problem("interfaces", f"{shown(raw)} is {_type_of(raw)} (expected a list of interface names, or a table"
+        r.problem("interfaces", f"{shown(raw)} is {type_of(raw)} (expected a list of interface names, or a table"
                   " name = MAC)")
         interfaces = None
     values["interfaces"] = interfaces
@@ -506,7 +365,7 @@ def _os(name: str, r: TableReader) -> OsRelease | None:
 
 def _boot_file(r: TableReader, key: str, what: str, required: bool) -> str | None:
     """A path pxelinux's KERNEL/INITRD and GRUB's linux/initrd lines take: they end a path at whitespace."""
-    path: str | None = r.get(key, str, _MISSING if required else "", what)
+    path: str | None = r.get(key, str, MISSING if required else "", what)
     if path is not None and re.search(r"\s", path):
         r.problem(key, f"{shown(path)} is not a TFTP path the boot loaders can load (expected {what}, without"
                   " spaces)")
@@ -527,7 +386,7 @@ def _each(top: TableReader, table: str, build: Callable[[str, TableReader], T | 
         elif option == "host" and name == "auto":
             entries.problem(name, "is host=auto's word for automatic placement (expected another host name)")
         if not isinstance(value, dict):
-            entries.problem(name, f"{shown(value)} is {_type_of(value)} (expected a table [{table}.{name}] {what})")
+            entries.problem(name, f"{shown(value)} is {type_of(value)} (expected a table [{table}.{name}] {what})")
             result[name] = None
             continue
         reader = entries.sub(name)
@@ -541,44 +400,6 @@ def _each(top: TableReader, table: str, build: Callable[[str, TableReader], T | 
 def load_site(path: Path) -> Site:
     """Parse and check site.toml (and its optional secrets file); raise ConfigError listing all problems."""
     return load_site_located(path)[0]
-
-
-def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
-    """The document and its text; a file that is not TOML is one problem with its line and column."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file (give {what})") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a TOML file") from None
-    except OSError as err:
-        raise UsageError(f"{path}: cannot be read: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        col = len(raw[raw.rfind(b"\n", 0, err.start) + 1:err.start].decode("utf-8", "replace")) + 1
-        raise ConfigError([Problem(Location(str(path), line, col), f"byte {raw[err.start]:#04x} is not UTF-8"
-                                   " (expected a UTF-8 TOML file)")]) from None
-    # Editors on Windows may start the file with one, as cluster.conf may; TOML does not allow it. Dropped, it
-    # shifts no column: an editor does not count it either.
-    text = text.removeprefix(BOM)
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as err:
-        message = str(err)
-        if m := re.search(r" \(at line (\d+), column (\d+)\)$", message):
-            location = Location(str(path), int(m[1]), int(m[2]))
-        else:  # "(at end of document)"
-            lines = text.split("\n")
-            location = Location(str(path), len(lines), len(lines[-1]) + 1)
-        message = re.sub(r" \(at [^)]*\)$", "", message)
-    except ValueError:  # tomllib lets int() refuse an integer of more than 4300 digits
-        number = re.search(r"[0-9_]{4000,}", text)
-        start = number.start() if number else 0
-        location = Location(str(path), text.count("\n", 0, start) + 1, start - text.rfind("\n", 0, start))
-        message = "an integer is too long"
-    raise ConfigError([Problem(location, f"not valid TOML: {message}")])
 
 
 def _timezone(top: TableReader) -> str | None:
@@ -638,7 +459,7 @@ def _default_name(top: TableReader, key: str, names: dict[str, Any], noun: str) 
 
 def load_site_located(path: Path) -> tuple[Site, Locate]:
     """load_site, plus where each key is, for later problems about site.toml (e.g. provision.vm)."""
-    data, text = _read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
+    data, text = read_toml(path, "the site settings with --site, SITE=... or KVMCONF_SITE")
     problems: list[Problem] = []
     locate = locator(str(path), text)
     top = TableReader(data, "", locate, problems, one_line=True)
@@ -781,10 +602,10 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
             elif clash := group_clash(group, hosts, claimed):
                 h.problem(group, f"would be {clash} in ansible/inventory.ini (expected {GROUP_RULE})")
             elif not isinstance(alias, str):
-                h.problem(group, f"{shown(alias)} is {_type_of(alias)} (expected a string: the hostgroup's"
+                h.problem(group, f"{shown(alias)} is {type_of(alias)} (expected a string: the hostgroup's"
                           " description)")
-            elif (char := _control_char(alias)) is not None:
-                h.problem(group, _not_one_line(alias, char))
+            elif (char := control_char(alias)) is not None:
+                h.problem(group, not_one_line(alias, char))
             else:
                 hostgroups[group] = alias
 
@@ -818,7 +639,7 @@ def _load_secrets(path: Path, accounts: TableReader,
     if not path.exists():
         return None
     try:
-        data, text = _read_toml(path, "the secrets file")
+        data, text = read_toml(path, "the secrets file")
     except ConfigError as err:
         problems.extend(err.problems)
         return None

@@ -28,7 +28,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from generators.errors import Problem
 from generators.model import Cluster, Vm
-from generators.site import Locate, TableReader, locator
+from generators.toml_reader import Locate, TableReader, locator
 from kvmconf.errors import KvmconfError
 from kvmconf.template_errors import TemplateFault, shown_path, template_fault
 
