@@ -55,7 +55,7 @@ MARKER_FILE = ".kvmconf-lab"
 _HOST_ENTRIES = ("libvirt", "sock", "launch.log", "libvirtd.log", "virtlogd.log",
                  *(f"{daemon}.pid" for daemon in _DAEMONS))
 _LAB_ENTRIES = (STATE_FILE, "images", "kvmconf", "tftp", "dnsmasq.pid", "dnsmasq.leases", "dnsmasq.log",
-                "http.pid", "http-server.log", *_HOST_ENTRIES)
+                "http.pid", "http-server.log", "backups", "backups-nas", "backup.log", *_HOST_ENTRIES)
 _KEPT = "base"
 # What `ip netns add` takes (no "/", not "." or "..", at most NAME_MAX), less whitespace and a leading "-" or
 # ".": `ip netns list` is read by splitting on blanks, and a name is passed as an argument to ip.
@@ -158,7 +158,10 @@ def remap(cluster: Cluster, lab: Lab, images: Path | None = None) -> Cluster:
     provision = dataclasses.replace(site.provision, config_dir=str(lab.dir / "kvmconf"),
                                     tftp_root=str(lab.dir / "tftp"),
                                     interface=net.bridge if net else site.provision.interface)
-    site = dataclasses.replace(site, hosts=hosts, oses=oses, provision=provision,
+    # The lab's VMs may bear the names of real ones: their backups must never join (or prune) the real chains.
+    backup = dataclasses.replace(site.backup, dir=str(lab.dir / "backups"), log=str(lab.dir / "backup.log"),
+                                 nas_dir=str(lab.dir / "backups-nas") if site.backup.nas_dir else None)
+    site = dataclasses.replace(site, hosts=hosts, oses=oses, provision=provision, backup=backup,
                                domain_type=DomainType.KVM if lab.kvm else DomainType.QEMU)
     return dataclasses.replace(cluster, site=site)
 

@@ -464,6 +464,9 @@ def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, co
     result = invoke("backup", "--all")  # web only: db and cloud are not defined in this lab
     assert result.returncode == 0, result.stderr
     assert "web: full backup " in result.stdout and "db: not defined on kvm0: skipped" in result.stdout
+    # In the lab directory, not the [backup] dir and nas_dir of site.toml: lab VMs may bear real VMs' names.
+    assert [p.name for p in (the_lab.dir / "backups" / "web").iterdir() if p.name[0].isdigit()] != []
+    assert not (tmp_path / "b").exists() and not (tmp_path / "nas").exists()
     # No agent channel: said, not hidden.
     assert "not frozen (crash-consistent): the VM has no guest agent channel" in result.stdout
     failed = invoke("backup", "--vm", "web", "--vm", "db")

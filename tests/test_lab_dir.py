@@ -6,11 +6,13 @@ processes and namespace are gone (as after a crash), which is the part that dele
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
+from generators.model import Cluster
 from kvmconf import lab
 from kvmconf.errors import KvmconfError
 
@@ -60,8 +62,10 @@ def test_a_directory_of_other_files_is_refused_with_what_it_holds(tmp_path: Path
 def test_teardown_removes_what_a_lab_makes_and_nothing_else(tmp_path: Path) -> None:
     # Every entry a running two-host lab had (listed from one, `ls -A`), and the admin's files among them.
     made = [".kvmconf-lab", "dnsmasq.leases", "dnsmasq.log", "dnsmasq.pid", "http-server.log", "http.pid",
-            "lab.json", "launch.log", "libvirtd.log", "libvirtd.pid", "reaper.pid", "virtlogd.log", "virtlogd.pid"]
-    made_dirs = ["images/kvm0", "kvmconf", "tftp/pxelinux.cfg", "libvirt/etc", "sock"]
+            "lab.json", "launch.log", "libvirtd.log", "libvirtd.pid", "reaper.pid", "virtlogd.log", "virtlogd.pid",
+            "backup.log"]
+    made_dirs = ["images/kvm0", "kvmconf", "tftp/pxelinux.cfg", "libvirt/etc", "sock", "backups/web",
+                 "backups-nas/web"]
     host_made = ["launch.log", "libvirtd.log", "libvirtd.pid", "reaper.pid", "virtlogd.log", "virtlogd.pid"]
     for name in made:
         (tmp_path / name).write_text("x")
@@ -94,3 +98,17 @@ def test_teardown_keeps_a_hosts_directory_holding_what_no_lab_made(tmp_path: Pat
     lab.teardown(lab.Lab(tmp_path, f"kvmconf-test-gone-{os.getpid()}", hosts=["kvm0", "kvm1"]), lambda line: None)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["hosts", "hosts/kvm1",
                                                                                  "hosts/kvm1/keep.txt"]
+
+
+def test_the_labs_backups_stay_in_the_lab_directory(example: Cluster) -> None:
+    """Lab VMs may bear real VMs' names: their backups must not join or prune the chains in the real [backup] dir."""
+    assert example.site.backup.nas_dir == "/mnt/nas/kvmconf"
+    the_lab = lab.Lab(Path("/var/tmp/lab"), "ns", hosts=["kvm0", "kvm1"])
+    backup = lab.remap(example, the_lab).site.backup
+    assert (backup.dir, backup.nas_dir, backup.log) == ("/var/tmp/lab/backups", "/var/tmp/lab/backups-nas",
+                                                        "/var/tmp/lab/backup.log")
+    real = example.site.backup
+    assert (backup.schedule, backup.keep, backup.full_every) == (real.schedule, real.keep, real.full_every)
+    no_nas = dataclasses.replace(example, site=dataclasses.replace(
+        example.site, backup=dataclasses.replace(example.site.backup, nas_dir=None)))
+    assert lab.remap(no_nas, the_lab).site.backup.nas_dir is None  # no NAS stage in site.toml: none in the lab
