@@ -58,7 +58,12 @@ def quoted_site_values(cluster: Cluster) -> dict[str, Any]:
 
 
 def instance_id(vm: Vm, user_data: str, network_config: str) -> str:
-    """`<name>-<12 hex>`: a new id whenever the seed's content changes, so cloud-init runs it again."""
+    """`<name>-<12 hex>`: a new id whenever the seed's content changes, so cloud-init runs it again.
+
+    A new id makes cloud-init treat the VM as a new instance (new SSH host keys, with Debian's defaults),
+    so the seeds' banners name the inputs by file name: the id must not change with the way the path to
+    cluster.conf was written (`invoke plan` would then want to replace every seed ISO).
+    """
     digest = hashlib.sha256(user_data.encode() + b"\0" + network_config.encode()).hexdigest()
     return f"{vm.name}-{digest[:12]}"
 
@@ -68,10 +73,13 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     user_data_template, meta_data_template, network_config_template = (
         env.get_template(name) for name in (USER_DATA, META_DATA, NETWORK_CONFIG))
     site = cluster.site
-    user_data_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, USER_DATA),
-                         "q": quoted_site_values(cluster), "root_login": site.accounts.ssh_user == "root"}
-    meta_data_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, META_DATA)}
-    network_config_context = {"cluster": cluster, "site": site, "banner": banner_lines(cluster, NETWORK_CONFIG)}
+
+    def seed_context(template: str) -> dict[str, Any]:  # the banner by file name: see instance_id
+        return {"cluster": cluster, "site": site, "banner": banner_lines(cluster, template, by_name=True)}
+
+    user_data_context = {**seed_context(USER_DATA), "q": quoted_site_values(cluster),
+                         "root_login": site.accounts.ssh_user == "root"}
+    meta_data_context, network_config_context = seed_context(META_DATA), seed_context(NETWORK_CONFIG)
     tree: dict[PurePosixPath, str | bytes] = {}
     for vm in cluster.vms:
         if vm.install is not Install.CLOUD:
