@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from fabric import task
+from fabric import Connection, task
 from invoke import Context, Exit
 
 from generators.errors import shown
@@ -22,14 +22,30 @@ from kvmconf.errors import WrongUsage
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 
 
-def _run(vm: list[str], full: bool, parallel: str, dry_run: bool) -> None:
+def _run(c: Context, vm: list[str], full: bool, parallel: str, ssh_config: str, dry_run: bool) -> None:
     with user_errors():
+        _refuse_fabric_hosts(c, "choose VMs with --vm")
         at_a_time = _parallel(parallel)
         recipes = _recipe_dir()
         cluster = inputs.load()
-        report = run_cluster(cluster, vm, full, Options(generated_ssh_config(), at_a_time, dry_run, recipes),
-                             progress=_print_vm)
+        options = Options(generated_ssh_config(_ssh_config_option(c, ssh_config)), at_a_time, dry_run, recipes)
+        report = run_cluster(cluster, vm, full, options, progress=_print_vm)
     _print(report, dry_run)
+
+
+def _refuse_fabric_hosts(c: Context, instead: str) -> None:
+    """Refuse Fabric's -H/--hosts: it would run the whole task once per name given, each time on every VM."""
+    if isinstance(c, Connection):
+        raise WrongUsage(f"fab -H/--hosts does not choose kvmconf's machines: {instead}")
+
+
+def _ssh_config_option(c: Context, option: str) -> str:
+    """--ssh-config after the task's name, else Fabric's own -S/--ssh-config before it: both name the ssh config.
+
+    Fabric keeps the core flag for its own connections, which these tasks do not use: without this it was
+    taken, and silently ignored.
+    """
+    return option or getattr(c.config, "_runtime_ssh_path", None) or ""
 
 
 def _recipe_dir() -> Path | None:
@@ -67,23 +83,28 @@ def _print(report: RunReport, dry_run: bool) -> None:
         raise Exit(code=1)
 
 
+_VM_SSH_CONFIG_HELP = "ssh config naming the VMs (default: $KVMCONF_SSH_CONFIG, else ssh/config of the build)"
+
+
 @task(iterable=["vm"], help={"vm": "only this VM (repeatable; default: all, in cluster.conf order)",
                              "parallel": "VMs at a time, a whole number >= 1, in waves by after="
                                          " (default 1: one by one)",
+                             "ssh-config": _VM_SSH_CONFIG_HELP,
                              "dry-run": "print the packages it would install, the diff of every file it would"
                                         " change and the hooks it would run; change nothing"})
-def deploy(c: Context, vm: list[str], parallel: str = "1", dry_run: bool = False) -> None:
+def deploy(c: Context, vm: list[str], parallel: str = "1", ssh_config: str = "", dry_run: bool = False) -> None:
     """Install packages, files and hooks of hosts/ on the VMs, in cluster.conf order."""
-    _run(vm, True, parallel, dry_run)
+    _run(c, vm, True, parallel, ssh_config, dry_run)
 
 
 @task(name="update-confs", iterable=["vm"],
-      help={"vm": "only this VM (repeatable; default: all)",
-            "parallel": "VMs at a time, a whole number >= 1, in waves by after=",
+      help={"vm": "only this VM (repeatable; default: all, in cluster.conf order)",
+            "parallel": "VMs at a time, a whole number >= 1, in waves by after= (default 1: one by one)",
+            "ssh-config": _VM_SSH_CONFIG_HELP,
             "dry-run": "print the diff of every file that would change; change nothing"})
-def update_confs(c: Context, vm: list[str], parallel: str = "1", dry_run: bool = False) -> None:
+def update_confs(c: Context, vm: list[str], parallel: str = "1", ssh_config: str = "", dry_run: bool = False) -> None:
     """Push only the files that differ on the VMs, back up what they replace, reload only their services."""
-    _run(vm, False, parallel, dry_run)
+    _run(c, vm, False, parallel, ssh_config, dry_run)
 
 
 # --host defaults to "": without a default, invoke takes it as positional and `fab kvm-setup --help` as the
@@ -99,7 +120,9 @@ def kvm_setup(c: Context, host: str = "", ssh_config: str = "", dry_run: bool = 
     from kvmconf.hostsetup import setup
 
     with user_errors():
-        report = setup(inputs.load(), host, chosen_ssh_config(ssh_config), dry_run, dry_run_network)
+        _refuse_fabric_hosts(c, "name the physical host with --host")
+        report = setup(inputs.load(), host, chosen_ssh_config(_ssh_config_option(c, ssh_config)), dry_run,
+                       dry_run_network)
     for diff in report.diffs:
         print(diff, end="" if diff.endswith("\n") else "\n")
     print(("(dry run: nothing changed)\n" if dry_run else "") + "\n".join(f"{host}: {line}" for line in report.lines))

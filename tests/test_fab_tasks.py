@@ -84,6 +84,31 @@ def test_a_missing_ssh_config_file_is_a_usage_error_naming_it(task: tuple[str, s
         2, "", f"kvmconf: {missing} does not exist (named by {named_by})\n")
 
 
+@pytest.mark.parametrize("args", [["-S", "{chosen}", "deploy", "--vm", "db"],
+                                  ["deploy", "--vm", "db", "--ssh-config", "{chosen}"],
+                                  ["--ssh-config", "{chosen}", "update-confs", "--vm", "db"],
+                                  ["update-confs", "--vm", "db", "--ssh-config", "{chosen}"]])
+def test_the_vm_tasks_take_the_ssh_config_given_before_or_after_the_task(args: list[str], tmp_path: Path) -> None:
+    # Fabric's own -S/--ssh-config took the flag and kvmconf used $KVMCONF_SSH_CONFIG: the real VMs.
+    # Loopback ports where nothing listens: the port in the failure says which config was used.
+    for name, port in (("chosen", 2), ("environment", 3)):
+        (tmp_path / name).write_text(f"Host db\n  HostName 127.0.0.1\n  Port {port}\n  User root\n")
+    result = run_task("fab", *(a.replace("{chosen}", str(tmp_path / "chosen")) for a in args),
+                      env={"KVMCONF_SSH_CONFIG": str(tmp_path / "environment")})
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("db: FAILED at connect: ssh to 127.0.0.1:2: "), result.stdout
+
+
+@pytest.mark.parametrize(("task", "instead"), [(["deploy"], "choose VMs with --vm"),
+                                               (["update-confs", "--vm", "db"], "choose VMs with --vm"),
+                                               (["kvm-setup", "--host", "kvm0"], "name the physical host with --host")])
+def test_fabrics_hosts_flag_is_refused(task: list[str], instead: str) -> None:
+    # It ran the whole task once per name given, each run on every VM, the names themselves ignored.
+    result = run_task("fab", "-H", "web,db", *task)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", f"kvmconf: fab -H/--hosts does not choose kvmconf's machines: {instead}\n")
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_kvm_setup_help_is_help_not_a_host_name(flag: str) -> None:
     # --host had no default: invoke took it as positional and `--help` as its value; and -h meant --host.
