@@ -18,7 +18,8 @@ from generators.ansible import GROUP_RULE, group_clash
 from generators.errors import ConfigError, Location, Problem, shown
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
-from generators.site import MAX_DNS_NAME, load_site_located
+from generators.site import load_site_located
+from generators.site_values import MAX_DNS_NAME
 
 _RESOURCES = (("ram", "MB RAM"), ("cpus", "vCPUs"), ("disk", "GB disk"))
 
@@ -150,6 +151,7 @@ class _Checker:
         if "install" in row.option_cols:
             refs.install = opts.get("install")  # None when its value was malformed
         refs.install = self._check_install(row, refs.install, refs.os)
+        self._check_bridge_nics(row)
         offset = 0
         for group in row.values.get("hostgroups", ()):
             if site.hostgroups is not None and group not in site.hostgroups:
@@ -164,6 +166,17 @@ class _Checker:
                 refs.known_hostgroups = False
             offset += len(group) + 1
         return refs
+
+    def _check_bridge_nics(self, row: Row) -> None:
+        """A bridge NIC's network: site.toml's, whichever host the VM gets, so said even when host= is unknown."""
+        nics, cols = row.options.get("nic", ()), row.repeat_cols.get("nic", ())
+        if len(nics) != len(cols):  # a malformed nic= is reported already, and which column is whose is unknown
+            return
+        for nic, col in zip(nics, cols, strict=True):
+            if nic.kind is NicKind.BRIDGE and nic.source not in self.site.networks:
+                self.problems.append(Problem(Location(self.path, row.line, col), "column 'options': option 'nic':"
+                                             f" {nic.source!r} is not a network in {self.site.path} (expected one of:"
+                                             f" {', '.join(sorted(self.site.networks))})"))
 
     def _check_install(self, row: Row, install: Install | None, os: str | None) -> Install | None:
         """The line's install= if the VM can be installed that way, else None and a problem."""
@@ -401,10 +414,7 @@ class _Checker:
                     self.problems.append(Problem(Location(self.path, line, col),
                                                  f"column 'options': option 'nic': {message}"))
 
-                if nic.kind is NicKind.BRIDGE and nic.source not in self.site.networks:
-                    report(f"{nic.source!r} is not a network in {self.site.path} (expected one of:"
-                           f" {', '.join(sorted(self.site.networks))})")
-                elif nic.kind is NicKind.MACVTAP:
+                if nic.kind is NicKind.MACVTAP:  # a bridge NIC's network: _check_bridge_nics
                     by_mac = {mac: name for name, mac in host.interfaces.items() if mac}
                     name = by_mac.get(nic.source, nic.source)
                     if name not in host.interfaces:

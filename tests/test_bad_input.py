@@ -326,6 +326,12 @@ CASES = [
     Case("nic-unknown-network", (option_problem(NEW, 59, "option 'nic': 'wan' is not a network in {site} (expected"
                                                          " one of: dmz, lan)"),),
          add(vm(options="host=kvm1 nic=bridge:wan"))),
+    # Whichever host the VM gets, its bridge NIC needs a network of site.toml: said beside an unknown host=.
+    Case("nic-unknown-network-and-host",
+         (option_problem(NEW, 49, "option 'host': 'kvm9' is not a physical host in {site} (expected one of: auto,"
+                                  " kvm0, kvm1)"),
+          option_problem(NEW, 59, "option 'nic': 'wan' is not a network in {site} (expected one of: dmz, lan)")),
+         add(vm(options="host=kvm9 nic=bridge:wan"))),
     Case("nic-pci-not-on-host",
          (option_problem(NEW, 59, "option 'nic': '0000:1a:00.2' is not a PCI function of host 'kvm1' (expected one"
                                   " of: 0000:1a:00.1 from [hosts.kvm1] pci in {site})"),),
