@@ -180,6 +180,21 @@ def test_readme_shows_the_real_summary_of_the_example(inputs: Path) -> None:
     assert quoted[0] == result.stdout.splitlines()[-1]
 
 
+def test_readme_shows_the_real_errors_of_its_bad_input_example(inputs: Path) -> None:
+    """The Quick start's error example, as the example cluster.conf gives it with the two mistakes it names."""
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("With a typo in db's MAC and ldap's IP given to web:\n\n```\n", 1)[1].split("```", 1)[0]
+    conf = inputs / "cluster.conf"
+    text = conf.read_text()
+    for old, new in (("db\t52:54:00:50:00:20", "db\t52:54:00:zz:00:20"), ("web\t52:54:00:50:00:21\t192.168.50.21",
+                                                                           "web\t52:54:00:50:00:21\t192.168.50.10")):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    conf.write_text(text)
+    result = run("--check", cwd=inputs)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", shown)
+
+
 def test_a_build_folder_kvmconf_did_not_write_is_refused_and_kept(inputs: Path) -> None:
     """`--build .` in a checkout would swap the whole repository for the build (and delete it)."""
     before = snapshot(inputs)
