@@ -379,6 +379,24 @@ def test_sigterm_midway_rolls_back_like_a_failure(cluster: Cluster) -> None:
     assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
 
 
+def test_an_interrupt_as_the_disk_lands_still_undoes_the_disk(cluster: Cluster) -> None:
+    # The disk is in place and its temporary just removed: the interrupt lands before create() has returned.
+    recorder = Recorder()
+
+    def kill_after_the_temporary_is_removed(argv: Sequence[str], stdin: bytes | None) -> Result:
+        result = recorder(argv, stdin)
+        if list(argv[:3]) == ["rm", "-f", "--"] and "/.ldap.qcow2." in argv[3]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    disk = Path(cluster.site.hosts["kvm0"].disk_dir) / "ldap.qcow2"
+    with connections(cluster, execute=kill_after_the_temporary_is_removed) as conns, \
+            pytest.raises(ProvisionFailed) as err:
+        provision(cluster, ["ldap"], conns, log=quiet)
+    assert str(err.value) == f"provisioning failed: interrupted\nundone: ldap: created qcow2 disk {disk} (10 GB, thin)"
+    assert files_under(disk.parent) == set()
+
+
 def test_an_lvm_disk_is_made_with_exactly_one_lvcreate_and_purged_with_lvremove(cluster: Cluster) -> None:
     recorder = Recorder()
     with connections(cluster, execute=recorder) as conns:
