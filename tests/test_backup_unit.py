@@ -163,8 +163,9 @@ def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
     journal.write(store.dir, {"time": "20261121T023000Z", "ok": True, "error": nas}, journal.LAST_RUN)
     nas_failed = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
     assert report.nagios([nas_failed], limit)[0] == 1  # the local point is good; the NAS stage is not
-    table = report.format_table([failed, none], limit)
-    assert "no backup yet" in table and "boom" in table
+    table = report.format_table([failed, none], limit).splitlines()
+    assert table[1].split()[6:9] == [f"{failed.stored / 2**20:.1f}", "MiB", "0"] and "boom" in table[1]
+    assert table[2].split() == ["other", "-", "-", "0", "0", "-", "0", "no", "backup", "yet"]  # no size: not 0.0
 
 
 def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:

@@ -45,6 +45,13 @@ def _age(age: dt.timedelta | None) -> str:
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} d"
 
 
+def _size(stored: int, points: int) -> str:
+    """What the points occupy, "-" when there are none: a VM never backed up has no size, not 0.0."""
+    if not points:
+        return "-"
+    return f"{stored / 2**20:.1f} MiB" if stored < 2**30 else f"{stored / 2**30:.1f} GiB"
+
+
 def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
     lines = [f"{'VM':<16} {'LAST GOOD':<17} {'AGE':>8} {'CHAIN':>5} {'POINTS':>6} {'STORED':>10} {'NAS':>4}  PROBLEM"]
     for r in rows:
@@ -54,7 +61,7 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
         elif r.age > limit:
             problem = f"older than the schedule allows ({_age(limit)}); " + problem
         lines.append(f"{r.vm:<16} {r.last_good or '-':<17} {_age(r.age):>8} {r.chain_length:>5} {r.points:>6}"
-                     f" {r.stored / 2**20:>8.1f}Mi {r.nas_points:>4}  {problem}".rstrip())
+                     f" {_size(r.stored, r.points):>10} {r.nas_points:>4}  {problem}".rstrip())
     return "\n".join(lines)
 
 
