@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from generators.columns import LABEL
 from generators.model import Cluster
-from generators.site import MAX_DNS_NAME
+from generators.site_values import MAX_DNS_NAME
 
 
 @dataclass(frozen=True)

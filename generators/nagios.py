@@ -24,7 +24,7 @@ from generators.errors import ConfigError, Location, Problem
 from generators.host_records import host_records
 from generators.model import Cluster, PhysicalHost
 from generators.render import render as render_template
-from generators.site import is_host_address
+from generators.site_values import is_host_address
 
 TEMPLATES = {
     "hostgroups.cfg": "nagios-hostgroups.cfg.j2",

@@ -1,7 +1,7 @@
 """URLs the provision server serves, built in one place so the kernel command lines, the preseeds
 and the server's own HTTP handler cannot disagree about them.
 
-``[provision] http_url`` has no trailing slash (site.py strips it).
+``[provision] http_url`` has no trailing slash (site_values.read_http_url strips it).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from generators.build import input_digest, render_all
 from generators.files import exclusively, replace_text
 from generators.model import Cluster, Install
 from generators.pxe import BIOS_LOADER_FILES
-from generators.site import parse_http_url
+from generators.site_values import parse_http_url
 from generators.writer import write_tree
 from kvmconf.errors import KvmconfError
 from kvmconf.interfaces import interface_addresses
@@ -467,7 +467,7 @@ class HttpBase:
 def http_base(http_url: str) -> HttpBase:
     """http_url as the provision server serves it; anything else is refused before anything is deployed.
 
-    site.toml's own check (generators.site.parse_http_url, the same rule) refuses such a URL first, at its line.
+    site.toml's own check (generators.site_values.parse_http_url, the same rule) refuses such a URL first, at its line.
     """
     parsed = parse_http_url(http_url)
     if parsed is None:
