@@ -12,6 +12,7 @@ not listed in the message; `invoke status` shows it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -103,11 +104,27 @@ def provision(cluster: Cluster, names: Sequence[str], conns: Connections, option
     except BaseException:
         journal.rollback()  # a bug: still leave nothing behind, and show the traceback
         raise
-    changed = plan.count(Action.CHANGE)
-    log(f"{plan.count(Action.CREATE)} created, "
-        + (f"{changed} changed" if options.apply else f"{changed} to change (shown, not applied)")
-        + f", {plan.count(Action.KEEP)} unchanged")
+    log(_summary(plan, options.apply))
     return plan
+
+
+def _needs_apply(p: VmPlan) -> bool:
+    """Whether a changed VM has more to change than its missing disk, which is created without --apply.
+
+    A UUID other than the generated one is kept, not changed: the XML to define carries it (plan_vm).
+    """
+    return bool(p.diff or p.autostart_changes or p.seed_now)
+
+
+def _summary(plan: Plan, applied: bool) -> str:
+    changes = [p for p in plan.vms if p.action is Action.CHANGE]
+    created, kept = plan.count(Action.CREATE), plan.count(Action.KEEP)
+    if applied:
+        return f"{created} created, {len(changes)} changed, {kept} unchanged"
+    shown = sum(1 for p in changes if _needs_apply(p))
+    made = len(changes) - shown  # only their disk was missing: made all the same
+    return (f"{created} created, " + (f"{made} changed, " if made else "")
+            + f"{shown} to change (shown, not applied), {kept} unchanged")
 
 
 def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Options, journal: Journal) -> None:
@@ -147,18 +164,18 @@ def _create_disk(p: VmPlan, runner: Runner, journal: Journal) -> None:
 def _change(p: VmPlan, conn: libvirt.virConnect, runner: Runner, artifacts: Artifacts, options: Options,
             journal: Journal) -> None:
     name = p.vm.name
-    changes = describe_change(p)
-    if not (p.diff or p.autostart_changes or p.uuid_kept or p.seed_now):
+    if not _needs_apply(p):
         return  # only the disk was missing, and it has been created
+    changes = describe_change(dataclasses.replace(p, disk_exists=True))  # _carry_out has made a missing one
     if not options.apply:
-        what = ("definition differs from cluster.conf" if p.diff or p.uuid_kept or p.autostart_changes
+        what = ("definition differs from cluster.conf" if p.diff or p.autostart_changes
                 else "seed ISO differs from the generated one")
         journal.log(f"{name}: {what} (not applied; run again with --apply):")
         for line in changes:
             journal.log(f"    {line}")
         return
     assert p.old_xml is not None
-    if p.diff or p.uuid_kept:
+    if p.diff:
         domains.define(conn, p.xml)
         journal.done(f"{name}: applied the new definition", _redefine(conn, p.old_xml))
         for line in changes:

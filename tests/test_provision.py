@@ -317,6 +317,32 @@ def test_a_domain_defined_by_hand_keeps_its_uuid(cluster: Cluster, conns: Connec
     assert dom.UUIDString() == own and dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG) == vm.cpus
 
 
+def test_a_domain_defined_as_generated_under_its_own_uuid_only_gets_its_missing_disk(
+        cluster: Cluster, conns: Connections) -> None:
+    # Keeping a UUID is no change (the XML to define carries it): only the disk was missing, and it is made.
+    own = "5a5a5a5a-1111-2222-3333-444444444444"
+    dom = conns.get("kvm0").defineXML(domains.with_uuid(make_plan(cluster, [cluster.vm("ldap")], conns).vms[0].xml,
+                                                         own))
+    dom.setAutostart(cluster.vm("ldap").autostart)
+    disk = Path(cluster.site.hosts["kvm0"].disk_dir) / "ldap.qcow2"
+    lines: list[str] = []
+    provision(cluster, ["ldap"], conns, log=lines.append)
+    assert lines == [f"ldap: created qcow2 disk {disk} (10 GB, thin)",
+                     "0 created, 1 changed, 0 to change (shown, not applied), 0 unchanged"]
+    assert disk.exists() and conns.get("kvm0").lookupByName("ldap").UUIDString() == own
+    # With a real change too: the disk made first is not listed again among the changes still to apply.
+    disk.unlink()
+    bigger = dataclasses.replace(cluster, vms=tuple(dataclasses.replace(vm, ram_mb=1536) if vm.name == "ldap" else vm
+                                                   for vm in cluster.vms))
+    lines.clear()
+    provision(bigger, ["ldap"], conns, log=lines.append)
+    assert lines[:3] == [f"ldap: created qcow2 disk {disk} (10 GB, thin)",
+                         "ldap: definition differs from cluster.conf (not applied; run again with --apply):",
+                         f"    keeps its UUID {own} (not the generated one)"]
+    assert not [line for line in lines if "is missing" in line]
+    assert lines[-1] == "0 created, 1 to change (shown, not applied), 0 unchanged"
+
+
 def test_a_cloud_vm_gets_an_overlay_and_its_seed_iso(cluster: Cluster, conns: Connections) -> None:
     provision(cluster, ["provision"], conns, log=quiet)
     vm = cluster.vm("provision")
