@@ -110,18 +110,24 @@ def connect(target: Target, timeout: int = 20) -> Connection:
         conn.client.load_host_keys(target.known_hosts)
     try:
         conn.open()
-    except BadHostKeyException:
-        raise RemoteError(f"{target.name}: its SSH host key CHANGED (known_hosts {target.known_hosts});"
-                          f" refusing to connect. {accept_hint(target.name)}") from None
-    except SSHException as err:
-        if "not found in known_hosts" in str(err):
-            raise RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}):"
-                              f" record it with `invoke keyscan --vm {target.name}`") from None
-        raise RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {_ssh_failure(err)}"
-                          ) from None
-    except OSError as err:
-        raise RemoteError(f"{target.name}: ssh to {target.hostname}:{target.port}: {err}") from None
+    except (SSHException, OSError) as err:
+        # A refusal after the handshake (host key, authentication) leaves paramiko's transport running: its
+        # thread and socket would stay until the process exits, one per VM that failed.
+        conn.client.close()
+        raise _open_failure(target, err) from None
     return conn
+
+
+def _open_failure(target: Target, err: SSHException | OSError) -> RemoteError:
+    if isinstance(err, BadHostKeyException):
+        return RemoteError(f"{target.name}: its SSH host key CHANGED (known_hosts {target.known_hosts});"
+                           f" refusing to connect. {accept_hint(target.name)}")
+    if isinstance(err, SSHException):
+        if "not found in known_hosts" in str(err):
+            return RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}):"
+                               f" record it with `invoke keyscan --vm {target.name}`")
+        return RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {_ssh_failure(err)}")
+    return RemoteError(f"{target.name}: ssh to {target.hostname}:{target.port}: {err}")
 
 
 def _ssh_failure(err: SSHException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -11,9 +12,11 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import paramiko
 import pytest
 
 from generators.model import Cluster
@@ -396,6 +399,35 @@ def test_unknown_host_key_is_refused(example: Cluster, farm: sshfarm.Farm, tmp_p
     config.write_text(farm.ssh_config.read_text().replace(str(farm.known_hosts), str(tmp_path / "empty")))
     with pytest.raises(RemoteError, match=r"db: host key unknown .* `invoke keyscan --vm db`"):
         connect(resolve("db", config))
+
+
+def _ssh_threads_and_sockets() -> tuple[int, int]:
+    """paramiko's transport threads alive in this process, and its open sockets."""
+    threads = sum(1 for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_alive())
+    sockets = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor is gone by now
+            sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return threads, sockets
+
+
+def test_a_failed_connect_leaves_no_thread_or_socket_behind(farm: sshfarm.Farm, tmp_path: Path) -> None:
+    # Refused after the SSH transport is up: an unknown host key, then a key the VM does not authorize.
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    unknown, stranger = tmp_path / "unknown_config", tmp_path / "stranger_config"
+    unknown.write_text(farm.ssh_config.read_text().replace(str(farm.known_hosts), str(tmp_path / "empty")))
+    stranger.write_text(farm.ssh_config.read_text().replace(str(farm.base / "client_key"), str(tmp_path / "stranger")))
+    before = _ssh_threads_and_sockets()
+    for _ in range(3):
+        with pytest.raises(RemoteError, match=r"^db: host key unknown "):
+            connect(resolve("db", unknown))
+        with pytest.raises(RemoteError, match=r"^db: ssh to root@127\.0\.0\.\d+:\d+: Authentication failed"):
+            connect(resolve("db", stranger))
+    # Closing asks the transport thread to stop; it ends within moments, not at exit.
+    deadline = time.monotonic() + 5
+    while _ssh_threads_and_sockets() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ssh_threads_and_sockets() == before
 
 
 def test_names_cannot_inject_shell(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
