@@ -36,6 +36,15 @@ def in_netns(pid: int, netns: str) -> bool:
         return False
 
 
+def command_line(pid: int) -> list[str]:
+    """The process's argv, from /proc ([] when it is gone): what it runs, to tell a recycled PID from ours."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
 def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -16,10 +16,17 @@ and per-MAC entries the build no longer has (a VM removed, a MAC changed) are de
 The mark never touches dnsmasq: its hostsfile lines carry no tags, because dnsmasq 2.90 crashed
 (segfault) on SIGHUP after it had answered a VM whose hostsfile line set one (``set:install``).
 
-Reloading: a deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmasq
-re-reads those, same PID); a changed main conf is first checked with ``dnsmasq --test`` (together
-with every hostsfile line, which --test alone never reads) and only then replaces the deployed one
-and restarts dnsmasq. A failed check leaves the running daemon and its files as they were.
+Checked before anything changes: a deploy renders everything in memory, checks that this machine has every
+file the TFTP root copies (pxelinux, GRUB, the netboot installers) and runs ``dnsmasq --test`` on the new
+main conf together with every hostsfile line (which --test alone never reads). Only then does it write
+build/, the TFTP root and config_dir/dnsmasq: a failed check leaves all of them, and the running daemon, as
+they were.
+
+Reloading: a deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmasq re-reads
+those, same PID); a changed main conf restarts dnsmasq. A new dnsmasq that does not start (its interface
+or port taken) gets the previous files back and their dnsmasq restarted, and the deploy fails saying so.
+"Running" means a live dnsmasq whose command line names our pid file: the pid file survives a reboot, and
+the PID in it may by then be an unrelated process, which is left alone.
 """
 
 from __future__ import annotations
@@ -35,11 +42,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from generators import pxe
@@ -53,7 +60,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.interfaces import interface_addresses
 from kvmconf.lab import Lab, start_dnsmasq
 from kvmconf.plan import find_vm
-from kvmconf.processes import alive, in_netns, output_of, stop_pid
+from kvmconf.processes import alive, command_line, in_netns, output_of, stop_pid
 
 Log = Callable[[str], None]
 
@@ -114,17 +121,37 @@ def boot_entries(config_dir: Path, vm: str) -> list[str]:
 
 @dataclass
 class Dnsmasq:
-    """The running dnsmasq: found through its pid file, (re)started with ``start(conf)``."""
+    """The running dnsmasq: found through its pid file, (re)started with ``start(conf)``.
+
+    Only a live dnsmasq whose command line names this pid file counts as running. The file outlives its process
+    (config_dir survives a reboot), and the PID it names may by now be any other process's: signalling that one
+    would SIGHUP, or SIGTERM then SIGKILL, an unrelated program.
+    """
 
     pid_file: Path
     start: Callable[[Path], None]
 
-    def pid(self) -> int | None:
+    def _recorded_pid(self) -> int | None:
         try:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
         return pid if alive(pid) else None  # a zombie is not serving
+
+    def _is_ours(self, pid: int) -> bool:
+        argv = command_line(pid)
+        return bool(argv) and Path(argv[0]).name == "dnsmasq" and f"--pid-file={self.pid_file}" in argv
+
+    def pid(self) -> int | None:
+        pid = self._recorded_pid()
+        return pid if pid is not None and self._is_ours(pid) else None
+
+    def stranger(self) -> str | None:
+        """What the pid file wrongly names, when that is a live process other than this dnsmasq: None otherwise."""
+        pid = self._recorded_pid()
+        if pid is None or self._is_ours(pid):
+            return None
+        return f"{self.pid_file} names PID {pid}, which is not this dnsmasq ({shlex.join(command_line(pid))!r})"
 
     def reload(self) -> None:
         """SIGHUP: re-read the hostsfiles and the hosts file (nothing to do when it is not running)."""
@@ -149,15 +176,16 @@ def system_dnsmasq(config_dir: Path) -> Dnsmasq:
     return Dnsmasq(pid_file, start)
 
 
-def check_dnsmasq(conf_text: str, hostsfile_lines: Iterable[str], scratch: Path) -> None:
-    """``dnsmasq --test`` on the main conf plus every hostsfile line as a dhcp-host= option (--test skips files)."""
-    check = scratch / "dnsmasq-check.conf"
-    check.write_text(conf_text + "\n" + "".join(f"dhcp-host={line}\n" for line in hostsfile_lines))
-    try:
+def check_dnsmasq(conf_text: str, hostsfile_lines: Iterable[str]) -> None:
+    """``dnsmasq --test`` on the main conf plus every hostsfile line as a dhcp-host= option (--test skips files).
+
+    The scratch file goes to a temporary directory: the check runs before anything of config_dir is written.
+    """
+    with tempfile.TemporaryDirectory(prefix="kvmconf-dnsmasq-check-") as scratch:
+        check = Path(scratch) / "dnsmasq-check.conf"
+        check.write_text(conf_text + "\n" + "".join(f"dhcp-host={line}\n" for line in hostsfile_lines))
         result = subprocess.run(["dnsmasq", "--test", f"--conf-file={check}"], capture_output=True, text=True,
                                 timeout=60, check=False)
-    finally:
-        check.unlink(missing_ok=True)
     if result.returncode != 0:
         raise KvmconfError("dnsmasq --test rejected the new configuration; the running one stays:"
                            f" {(result.stderr or result.stdout).strip()}")
@@ -173,43 +201,95 @@ def _config_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@dataclass(frozen=True)
+class DnsmasqFiles:
+    """What dnsmasq reads: the main conf, the hostsfiles (one per VM) and the hosts file."""
+
+    conf: str
+    hosts: dict[str, str]
+    addn: str | None  # None: no hosts file (a deploy from before it was generated)
+
+    @classmethod
+    def read(cls, directory: Path) -> DnsmasqFiles | None:
+        """The files in ``directory`` (config_dir/dnsmasq or build/dnsmasq); None before a first deploy."""
+        if not (directory / "dnsmasq.conf").exists():
+            return None
+        addn = (directory / "hosts").read_text() if (directory / "hosts").exists() else None
+        return cls((directory / "dnsmasq.conf").read_text(), _entries(directory / "dhcp-hosts"), addn)
+
+    @classmethod
+    def rendered(cls, files: Mapping[PurePosixPath, str | bytes]) -> DnsmasqFiles:
+        """The files as render_all made them, before any is written."""
+        def text(path: PurePosixPath) -> str:
+            content = files[path]
+            return content if isinstance(content, str) else content.decode()
+
+        root = PurePosixPath("dnsmasq")
+        hosts = {path.name: text(path) for path in sorted(files) if path.parent == root / "dhcp-hosts"}
+        return cls(text(root / "dnsmasq.conf"), hosts, text(root / "hosts"))
+
+    def check(self) -> None:
+        # Every hostsfile line too, also when only hostsfiles changed: at runtime dnsmasq skips a bad line silently.
+        check_dnsmasq(self.conf, [line for text in self.hosts.values() for line in _config_lines(text)])
+
+    def write_over(self, live: Path, old: DnsmasqFiles | None) -> None:
+        """Make ``live`` hold these files, rewriting only those that differ from ``old`` (what it holds now)."""
+        old_hosts = old.hosts if old else {}
+        (live / "dhcp-hosts").mkdir(parents=True, exist_ok=True)
+        for name, text in self.hosts.items():
+            if old_hosts.get(name) != text:
+                replace_text(live / "dhcp-hosts" / name, text)
+        for name in old_hosts.keys() - self.hosts.keys():
+            (live / "dhcp-hosts" / name).unlink()
+        if self.addn is not None and (old is None or old.addn != self.addn):
+            replace_text(live / "hosts", self.addn)
+        if old is None or old.conf != self.conf:
+            replace_text(live / "dnsmasq.conf", self.conf)
+
+
 def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     """Make config_dir/dnsmasq from config_dir/build/dnsmasq and the installed state; reload or restart.
 
-    Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started".
+    Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started". A restart whose new
+    dnsmasq does not start brings the previous files and their dnsmasq back and raises: DHCP keeps running.
     """
-    source = build_dir_in(config_dir) / "dnsmasq"
     live = config_dir / "dnsmasq"
-    conf = (source / "dnsmasq.conf").read_text()
-    hosts = _entries(source / "dhcp-hosts")
-    addn = (source / "hosts").read_text()
-    old_conf = (live / "dnsmasq.conf").read_text() if (live / "dnsmasq.conf").exists() else None
-    conf_changed = old_conf != conf
-    # Always checked, also when only hostsfiles changed: at runtime dnsmasq skips a bad line silently.
-    check_dnsmasq(conf, [line for text in hosts.values() for line in _config_lines(text)], config_dir)
-    old_hosts = _entries(live / "dhcp-hosts")
-    old_addn = (live / "hosts").read_text() if (live / "hosts").exists() else None
-    (live / "dhcp-hosts").mkdir(parents=True, exist_ok=True)
-    for name, text in hosts.items():
-        if old_hosts.get(name) != text:
-            replace_text(live / "dhcp-hosts" / name, text)
-    for name in old_hosts.keys() - hosts.keys():
-        (live / "dhcp-hosts" / name).unlink()
-    if old_addn != addn:
-        replace_text(live / "hosts", addn)
-    if conf_changed:
-        replace_text(live / "dnsmasq.conf", conf)
+    new = DnsmasqFiles.read(build_dir_in(config_dir) / "dnsmasq")
+    if new is None:
+        raise KvmconfError(f"{build_dir_in(config_dir) / 'dnsmasq' / 'dnsmasq.conf'} is missing: nothing to deploy")
+    new.check()
+    old = DnsmasqFiles.read(live)
+    if (stranger := dnsmasq.stranger()) is not None:
+        log(f"provision server: {stranger}: left alone; no dnsmasq of ours runs")
     running = dnsmasq.pid() is not None
-    if conf_changed or not running:
-        dnsmasq.restart(live / "dnsmasq.conf")
-        what = "restarted" if running else "started"
-    elif old_hosts != hosts or old_addn != addn:
-        dnsmasq.reload()
-        what = "reloaded"
+    new.write_over(live, old)
+    if old is not None and old.conf == new.conf and running:
+        what = "reloaded" if old != new else "unchanged"
+        if old != new:
+            dnsmasq.reload()
     else:
-        what = "unchanged"
+        _restart(dnsmasq, live, new, old if running else None)
+        what = "restarted" if running else "started"
     log(f"provision server: dnsmasq {what}")
     return what
+
+
+def _restart(dnsmasq: Dnsmasq, live: Path, new: DnsmasqFiles, previous: DnsmasqFiles | None) -> None:
+    """(Re)start dnsmasq on ``new``; if it does not start, bring back ``previous`` (what was running) and raise."""
+    try:
+        dnsmasq.restart(live / "dnsmasq.conf")
+    except KvmconfError as failed:
+        why = f"dnsmasq did not start with the new configuration: {failed}"
+        if previous is None:
+            raise KvmconfError(f"{why}; no dnsmasq of ours was running before, so none runs now") from failed
+        previous.write_over(live, new)
+        try:
+            dnsmasq.restart(live / "dnsmasq.conf")
+        except KvmconfError as again:
+            raise KvmconfError(f"{why}; the previous configuration, put back, did not start either: {again};"
+                               " no dnsmasq of ours runs now") from failed
+        raise KvmconfError(f"{why}; the previous configuration is back and its dnsmasq runs again"
+                           f" (pid {dnsmasq.pid()})") from failed
 
 
 def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> bool:
@@ -243,6 +323,33 @@ def netboot_dir(suite: str) -> Path:
     return path
 
 
+def tftp_sources(cluster: Cluster, tftp_root: Path) -> dict[str, Path]:
+    """The files the TFTP root needs from this machine's packages (its path there -> the file): pxelinux and each
+    OS's installer kernel and initrd. Every one missing, and GRUB's EFI modules when the root has no GRUB image
+    yet, is one KvmconfError before anything is written: a deploy never stops halfway for a package."""
+    sources = {name: Path(src) for name, src in BIOS_LOADER_FILES.items()}
+    problems: list[str] = []
+    for release in cluster.site.oses.values():
+        if release.family != "debian" or not release.kernel or not release.initrd:
+            continue
+        try:
+            netboot = netboot_dir(release.suite)
+        except KvmconfError as missing:
+            problems.append(str(missing))
+            continue
+        sources.update({rel.lstrip("/"): netboot / rel.lstrip("/") for rel in (release.kernel, release.initrd)})
+    problems += [f"{src} is missing (needed in the TFTP root as {Path(rel).name})" for rel, src in sources.items()
+                 if not src.is_file()]
+    if not (tftp_root / pxe.GRUB_CORE_EFI).exists():
+        if not GRUB_EFI_MODULES.is_dir():
+            problems.append(f"{GRUB_EFI_MODULES} is missing: install the package grub-efi-amd64-bin")
+        if shutil.which("grub-mknetdir") is None:
+            problems.append("grub-mknetdir is missing: install the package grub-common")
+    if problems:
+        raise KvmconfError("the TFTP root cannot be assembled; nothing was changed: " + "; ".join(problems))
+    return sources
+
+
 def _copy_if_changed(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise KvmconfError(f"{src} is missing (needed in the TFTP root as {dst.name})")
@@ -264,25 +371,18 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
 def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
     prefix /grub, each OS's installer kernel and initrd."""
+    sources = tftp_sources(cluster, tftp_root)  # before the first change
     tftp_root.mkdir(parents=True, exist_ok=True)
     with _state_locked(build.parent):
         _copy_boot_entries(build, tftp_root)
-    for name, src in BIOS_LOADER_FILES.items():
-        _copy_if_changed(Path(src), tftp_root / name)
     if not (tftp_root / pxe.GRUB_CORE_EFI).exists():
-        if not GRUB_EFI_MODULES.is_dir():
-            raise KvmconfError(f"{GRUB_EFI_MODULES} is missing: install the package grub-efi-amd64-bin")
         # Debian's netboot grubx64.efi has /debian-installer/amd64/grub built in as its prefix: it would never
         # read grub/grub.cfg. grub-mknetdir makes an image whose prefix is the TFTP directory grub/.
         output_of(["grub-mknetdir", f"-d{GRUB_EFI_MODULES}", f"--net-directory={tftp_root}",
-                     f"--subdir={pxe.GRUB_DIR}"])
+                   f"--subdir={pxe.GRUB_DIR}"])
     _copy_if_changed(tftp_root / pxe.GRUB_CORE_EFI, tftp_root / pxe.GRUB_EFI_IMAGE)
-    for release in cluster.site.oses.values():
-        if release.family != "debian" or not release.kernel or not release.initrd:
-            continue
-        source = netboot_dir(release.suite)
-        for rel in (release.kernel, release.initrd):
-            _copy_if_changed(source / rel.lstrip("/"), tftp_root / rel.lstrip("/"))
+    for rel, src in sources.items():
+        _copy_if_changed(src, tftp_root / rel)
 
 
 def _copy_boot_entries(build: Path, tftp_root: Path) -> None:
@@ -355,10 +455,18 @@ def stage_build(cluster: Cluster, config_dir: Path) -> Path:
 
 
 def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
-    """Everything the provision server serves, from the cluster: build, TFTP tree, dnsmasq (reload or restart)."""
-    config_dir = Path(cluster.site.provision.config_dir)
-    build = stage_build(cluster, config_dir)
-    assemble_tftp(cluster, build, Path(cluster.site.provision.tftp_root))
+    """Everything the provision server serves, from the cluster: build, TFTP tree, dnsmasq (reload or restart).
+
+    All is rendered and checked first (the packages the TFTP root copies from, ``dnsmasq --test``): a deploy that
+    would fail changes nothing, rather than serving new boot entries and preseeds beside the old dnsmasq.
+    """
+    config_dir, tftp_root = Path(cluster.site.provision.config_dir), Path(cluster.site.provision.tftp_root)
+    files = render_all(cluster)
+    tftp_sources(cluster, tftp_root)
+    DnsmasqFiles.rendered(files).check()
+    build = build_dir_in(config_dir)
+    write_tree(build, files, input_digest(cluster))
+    assemble_tftp(cluster, build, tftp_root)
     return deploy_dnsmasq(config_dir, dnsmasq, log)
 
 
@@ -495,8 +603,10 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
         return what
     pid_file.unlink(missing_ok=True)
     config_dir = Path(cluster.site.provision.config_dir)
-    with (the_lab.dir / "http-server.log").open("ab") as out:
-        subprocess.Popen(
+    server_log = the_lab.dir / "http-server.log"
+    with server_log.open("ab") as out:
+        logged_from = out.tell()  # the log is appended to across lab runs: only this start's lines tell why
+        server = subprocess.Popen(
             ["ip", "netns", "exec", the_lab.netns, sys.executable, "-m", "kvmconf.provision_server", "serve",
              f"--config-dir={config_dir}", *base.serve_args(),
              f"--tftp-root={cluster.site.provision.tftp_root}", f"--pid-file={pid_file}"],
@@ -504,8 +614,15 @@ def serve_lab(cluster: Cluster, the_lab: Lab, log: Log = print) -> str:
             stderr=out, start_new_session=True)
     deadline = time.monotonic() + 30
     while not pid_file.exists():
+        # A server that exited (its port taken, a bad argument) is told at once, not after the whole wait.
+        if (status := server.poll()) is not None:
+            with server_log.open("rb") as logged:
+                logged.seek(logged_from)
+                said = logged.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise KvmconfError(f"lab: the provision HTTP server exited with status {status} before it served"
+                               f" ({server_log}): " + (" | ".join(said) or "it wrote nothing"))
         if time.monotonic() > deadline:
-            raise KvmconfError(f"lab: the provision HTTP server did not start; see {the_lab.dir / 'http-server.log'}")
+            raise KvmconfError(f"lab: the provision HTTP server did not start; see {server_log}")
         time.sleep(0.05)
     the_lab.pids[HTTP_PID_KEY] = int(pid_file.read_text())
     the_lab.save()

@@ -8,19 +8,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from generators.model import Cluster
-from kvmconf import provision_server
+from kvmconf import lab, provision_server
 from kvmconf.errors import KvmconfError
+from kvmconf.processes import output_of
 from kvmconf.provision_server import Dnsmasq, ProvisionHTTPServer
 from tests import sshfarm
 from tests.tools import missing, require_tool
@@ -319,7 +321,13 @@ def _site_at(tmp_path: Path, *edits: tuple[str, str]) -> tuple[Path, Path, Path]
 
 
 def _invoke_in_own_netns(site: Path, config_dir: Path, *args: str, setup: str = "") -> tuple[int, str]:
-    """`invoke ARGS` in a network namespace of its own (``setup``: shell commands first): (exit status, stderr).
+    """`invoke ARGS` in a network namespace of its own: (exit status, stderr); see _run_in_own_netns."""
+    result = _run_in_own_netns(site, config_dir, *args, setup=setup)
+    return result.returncode, result.stderr
+
+
+def _run_in_own_netns(site: Path, config_dir: Path, *args: str, setup: str = "") -> subprocess.CompletedProcess[str]:
+    """`invoke ARGS` in a network namespace of its own (``setup``: shell commands first).
 
     Nothing but loopback is there: whatever a task wrongly starts (dnsmasq) stays away from this machine's networks,
     and is stopped here.
@@ -329,13 +337,12 @@ def _invoke_in_own_netns(site: Path, config_dir: Path, *args: str, setup: str = 
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
     env.update(KVMCONF_CLUSTER=str(Path("cluster.conf").absolute()), KVMCONF_SITE=str(site))
     try:
-        result = subprocess.run(["unshare", "--net", "sh", "-c", f'{setup}exec "$0" -m invoke "$@"', sys.executable,
-                                 *args], env=env, capture_output=True, text=True, timeout=120, check=False,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.run(["unshare", "--net", "sh", "-c", f'{setup}exec "$0" -m invoke "$@"', sys.executable,
+                               *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL)
     finally:  # a dnsmasq it started would keep the namespace
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int((config_dir / "dnsmasq.pid").read_text()), signal.SIGKILL)
-    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize(("args", "does"), [
@@ -387,3 +394,153 @@ def test_deploy_starts_then_reloads_only_for_hostsfiles_and_restarts_only_for_a_
     conf.write_text(good + "log-queries\n")
     assert provision_server.deploy_dnsmasq(config_dir, fake, print) == "restarted"
     assert fake.calls[-2:] == ["stop", "start dnsmasq.conf"]
+
+
+# --- what a deploy may touch ------------------------------------------------------------------------------
+
+@pytest.mark.services
+def test_a_pid_file_naming_an_unrelated_process_is_not_taken_for_dnsmasq() -> None:
+    """config_dir/dnsmasq.pid outlives its dnsmasq (config_dir survives a reboot): the PID may be any process's now.
+
+    A deploy must neither signal that process nor count it as dnsmasq running; it starts its own."""
+    require_tool("dnsmasq")
+    # dnsmasq drops to nobody, who must reach the TFTP root: not below pytest's private (0700) tmp_path.
+    served = Path(tempfile.mkdtemp(prefix="kvmconf-test-"))
+    served.chmod(0o755)
+    site, config_dir, _ = _site_at(served, ('vm = "provision"', 'server = "127.0.0.1"'),
+                                   ('interface = "enp1s0"', 'interface = "lo"'))
+    config_dir.mkdir()
+    unrelated = subprocess.Popen(["sleep", "300"])
+    try:
+        (config_dir / "dnsmasq.pid").write_text(f"{unrelated.pid}\n")
+        result = _run_in_own_netns(site, config_dir, "provision-server", setup="ip link set lo up && ")
+        assert unrelated.poll() is None  # neither SIGHUP nor SIGTERM/SIGKILL reached it
+        assert result.returncode == 0, result.stderr
+        assert (f"provision server: {config_dir / 'dnsmasq.pid'} names PID {unrelated.pid}, which is not this"
+                f" dnsmasq ('sleep 300'): left alone; no dnsmasq of ours runs\nprovision server: dnsmasq started\n"
+                in result.stdout), result.stdout
+        assert int((config_dir / "dnsmasq.pid").read_text()) != unrelated.pid  # its own dnsmasq wrote it
+    finally:
+        unrelated.kill()
+        unrelated.wait(timeout=10)
+        shutil.rmtree(served)
+
+
+@pytest.fixture
+def netns_dnsmasq(netns: str, tmp_path: Path) -> Iterator[Dnsmasq]:
+    """Real dnsmasq started as the lab starts it, in a namespace with loopback up (the interface of ``_at``)."""
+    require_tool("dnsmasq")
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    pid_file = tmp_path / "dnsmasq.pid"
+
+    def start(conf: Path) -> None:
+        # As root: the hostsfiles, re-read on SIGHUP, are in the test's private tmp_path.
+        output_of(["ip", "netns", "exec", netns, "dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}",
+                   f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", f"--log-facility={tmp_path / 'dnsmasq.log'}",
+                   "--user=root", "--group=root"])
+
+    dnsmasq = Dnsmasq(pid_file, start)
+    yield dnsmasq
+    if (pid := dnsmasq.pid()) is not None:  # it would keep the namespace
+        os.kill(pid, signal.SIGKILL)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_render(monkeypatch: pytest.MonkeyPatch, line: str) -> None:
+    """``line`` appended to the rendered dnsmasq.conf: the rest is rendered as always. A cluster that passed
+    validation renders a conf dnsmasq takes, so the fault that a deploy must survive is put in here."""
+    render_all = provision_server.render_all
+
+    def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
+        files = render_all(cluster)
+        files[PurePosixPath("dnsmasq/dnsmasq.conf")] = str(files[PurePosixPath("dnsmasq/dnsmasq.conf")]) + line
+        return files
+
+    monkeypatch.setattr(provision_server, "render_all", render)
+
+
+def _without_web(cluster: Cluster) -> Cluster:
+    """The next deploy would delete web's boot entries and build files: a change that must not happen halfway."""
+    import dataclasses
+
+    return dataclasses.replace(cluster, vms=tuple(vm for vm in cluster.vms if vm.name != "web"))
+
+
+@pytest.mark.services
+def test_a_config_dnsmasq_rejects_changes_nothing_the_server_serves(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    assert provision_server.deploy(cluster, netns_dnsmasq, print) == "started"
+    pid, before = netns_dnsmasq.pid(), (_tree(config_dir), _tree(tftp_root))
+    _bad_render(monkeypatch, "dhcp-range=not-an-address\n")
+    with pytest.raises(KvmconfError) as rejected:
+        provision_server.deploy(_without_web(cluster), netns_dnsmasq, print)
+    assert (_tree(config_dir), _tree(tftp_root)) == before  # web's entries and preseed are still served
+    assert str(rejected.value).startswith("dnsmasq --test rejected the new configuration; the running one stays:"
+                                          " dnsmasq: bad dhcp-range at line"), rejected.value
+    assert netns_dnsmasq.pid() == pid
+
+
+@pytest.mark.services
+def test_a_missing_netboot_package_changes_nothing_the_server_serves(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    assert provision_server.deploy(cluster, netns_dnsmasq, print) == "started"
+    before = (_tree(config_dir), _tree(tftp_root))
+    # Where the package would put its tree: not installed (the machine's real one stays as it is).
+    monkeypatch.setattr(provision_server, "NETBOOT_DIR", str(tmp_path / "not-installed/{release}"))
+    with pytest.raises(KvmconfError) as refused:
+        provision_server.deploy(_without_web(cluster), netns_dnsmasq, print)
+    assert (_tree(config_dir), _tree(tftp_root)) == before
+    assert str(refused.value) == (f"the TFTP root cannot be assembled; nothing was changed: {tmp_path}/not-installed/12"
+                                  " is missing: install the package debian-installer-12-netboot-amd64")
+
+
+@pytest.mark.services
+def test_a_new_dnsmasq_that_does_not_start_brings_the_previous_one_back(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    assert provision_server.deploy(cluster, netns_dnsmasq, print) == "started"
+    live = config_dir / "dnsmasq"
+    old_pid, old_live = netns_dnsmasq.pid(), _tree(live)
+    # dnsmasq --test takes it; only the daemon finds there is no such interface to bind to.
+    _bad_render(monkeypatch, "interface=nosuch0\n")
+    with pytest.raises(KvmconfError) as failed:
+        provision_server.deploy(_without_web(cluster), netns_dnsmasq, print)
+    new_pid = netns_dnsmasq.pid()
+    assert new_pid not in (None, old_pid)
+    message = str(failed.value)
+    assert message.startswith("dnsmasq did not start with the new configuration: `ip netns exec "), message
+    assert message.endswith("failed with exit status 2: dnsmasq: unknown interface nosuch0; the previous"
+                            f" configuration is back and its dnsmasq runs again (pid {new_pid})"), message
+    assert _tree(live) == old_live  # the conf and web's hostsfile, as the dnsmasq running now reads them
+
+
+@pytest.mark.services
+def test_the_labs_http_server_exiting_at_start_is_told_at_once(example: Cluster, tmp_path: Path, netns: str) -> None:
+    """Its address, [provision] http_url's 192.168.50.2, is not in the namespace (only loopback is): the server
+    cannot bind and exits. serve_lab says so with the server's own words, without waiting out its start time."""
+    require_tool("dnsmasq")
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    the_lab = lab.Lab(tmp_path / "lab", netns)
+    the_lab.dir.mkdir()
+    cluster = _at(example, tmp_path / "kvmconf", tmp_path / "tftp")
+    started = time.monotonic()
+    try:
+        with pytest.raises(KvmconfError) as failed:
+            provision_server.serve_lab(cluster, the_lab, print)
+        took = time.monotonic() - started
+    finally:  # the lab's dnsmasq, which the deploy started before the HTTP server
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((the_lab.dir / "dnsmasq.pid").read_text()), signal.SIGKILL)
+    message = str(failed.value)
+    assert message.startswith(f"lab: the provision HTTP server exited with status 1 before it served"
+                              f" ({the_lab.dir / 'http-server.log'}): "), message
+    assert message.endswith("OSError: [Errno 99] Cannot assign requested address"), message
+    assert took < 25, took  # the deploy takes seconds; the server's start alone is given 30 s
