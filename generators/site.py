@@ -155,6 +155,7 @@ def _default_name(top: TableReader, key: str, names: dict[str, Any], noun: str) 
 
 
 def _read_os(name: str, r: TableReader) -> OsRelease | None:
+    """One [os.NAME] table: an OS release VMs get, from its installer over PXE (Debian only) or a cloud image."""
     family = r.get("family", str, what="debian or ubuntu")
     if family is not None and family not in ("debian", "ubuntu"):
         r.problem("family", f"{shown(family)} is not an OS family (expected debian or ubuntu)")

@@ -18,6 +18,7 @@ _URI = re.compile(r"[a-z][a-z0-9+.-]*://\S*")
 
 
 def read_host(name: str, r: TableReader) -> PhysicalHost | None:
+    """One [hosts.NAME] table on its own; None once its problems are recorded."""
     uri = _read_uri(r)
     address = r.get("address", str, None, "the host's IP address or DNS name")
     bad_address = address is not None and not is_host_address(address)

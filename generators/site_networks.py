@@ -16,6 +16,7 @@ from generators.toml_reader import Locate, TableReader
 
 
 def read_network(name: str, r: TableReader) -> Network | None:
+    """One [networks.NAME] table on its own; None once its problems are recorded."""
     subnet = r.convert("subnet", _subnet, "an IPv4 network", "a.b.c.d/nn")
     bridge = read_interface_name(r, "bridge", "a bridge interface name")
     gateway = r.convert("gateway", IPv4Address, "an IPv4 address", "a.b.c.d", default=None)
