@@ -8,6 +8,7 @@ $KVMCONF_LAB set (see `invoke lab.up`) on the lab instead of the hosts of site.t
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
@@ -15,7 +16,7 @@ from invoke import Collection, Context, Exit, task
 from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
-from kvmconf.connection import connections
+from kvmconf.connection import HostReport, connections
 from kvmconf.plan import find_hosts, format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
@@ -39,6 +40,13 @@ def _ask(question: str) -> bool:
         return False
 
 
+def _print_per_host(report: str, hosts: Sequence[HostReport]) -> None:
+    """Print a report of every host asked; exit 1 if one failed (the report says why), so scripts and cron notice."""
+    print(report)
+    if any(h.error for h in hosts):
+        raise Exit("kvmconf: some hosts could not be reached", 1)
+
+
 @task(iterable=["vm"], help={
     "vm": "a VM of cluster.conf (repeatable)", "all": "every VM, in cluster.conf order",
     "apply": "redefine domains whose definition changed (otherwise the diff is only shown)",
@@ -60,9 +68,7 @@ def plan(c: Context, vm: list[str]) -> None:
         cluster = inputs.load()
         with connections(cluster) as conns:
             result = make_plan(cluster, select_or_all(cluster, vm), conns, others=not vm, strict=False)
-        print(format_plan(result))
-        if any(h.error for h in result.hosts):
-            raise Exit("kvmconf: some hosts could not be reached", 1)
+        _print_per_host(format_plan(result), result.hosts)
 
 
 @task(iterable=["host"], auto_shortflags=False, help={"host": "only these physical hosts (repeatable; default: all)"})
@@ -73,9 +79,7 @@ def status(c: Context, host: list[str]) -> None:
         find_hosts(cluster, host)  # every unknown --host, in one message, before any host is contacted
         with connections(cluster) as conns:
             result = host_status(cluster, conns, host)
-        print(format_status(result))
-        if any(h.error for h in result):
-            raise Exit("kvmconf: some hosts could not be reached", 1)
+        _print_per_host(format_status(result), result)
 
 
 @task(help={"vm": "the VM", "dry-run": "show what would be done"})
@@ -223,9 +227,7 @@ def capacity(c: Context, host: list[str], offline: bool = False) -> None:
             return
         with connections(cluster) as conns:
             result = host_capacity(cluster, conns, host)
-        print(format_capacity(result))
-        if any(h.error for h in result):
-            raise Exit("kvmconf: some hosts could not be reached", 1)
+        _print_per_host(format_capacity(result), result)
 
 
 @task(help={"vm": "the VM to move", "to": "the physical host to move it to",

@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import libvirt
-
 from generators.domain_xml import cpu_list
 from generators.model import Cluster, NicKind
-from kvmconf.connection import Connections
-from kvmconf.errors import HostUnreachable
+from kvmconf.connection import Connections, failure_noted
 
 
 @dataclass
@@ -51,7 +48,7 @@ class HostCapacity:
     pci: dict[str, str] = field(default_factory=dict)  # PCI function -> VM
     defined: int | None = None  # domains libvirt has on the host (None: not asked or unreachable)
     running: int | None = None
-    error: str = ""
+    error: str | None = None  # the host could not be reached, or a libvirt call failed there
 
 
 def capacity(cluster: Cluster, conns: Connections | None = None, hosts: Sequence[str] = ()) -> list[HostCapacity]:
@@ -76,13 +73,10 @@ def capacity(cluster: Cluster, conns: Connections | None = None, hosts: Sequence
                 elif nic.kind is NicKind.PCI:
                     report.pci[nic.source] = vm.name
         if conns is not None:
-            try:
-                conn = conns.get(name)
-                ours = [dom for dom in conn.listAllDomains() if dom.name() in report.vms]
+            with failure_noted(report):
+                ours = [dom for dom in conns.get(name).listAllDomains() if dom.name() in report.vms]
                 report.defined = len(ours)
                 report.running = sum(1 for dom in ours if dom.isActive())
-            except (HostUnreachable, libvirt.libvirtError) as err:
-                report.error = str(err)
         result.append(report)
     return result
 
@@ -92,7 +86,7 @@ def format_capacity(hosts: list[HostCapacity]) -> str:
     for h in hosts:
         count = f"{len(h.vms)} VM{'s' * (len(h.vms) != 1)} in cluster.conf"
         if h.error:
-            count += f"; unreachable: {h.error}"
+            count += f"; {h.error}"  # it names the host and what failed: unreachable, or a libvirt call
         elif h.defined is not None:
             count += f", {h.defined} defined, {h.running} running"
         out.append(f"{h.host} ({h.uri}): {count}")

@@ -5,15 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import libvirt
 from invoke import Exit
 
 from generators.errors import ConfigError, UsageError
+from kvmconf.connection import one_line
 from kvmconf.errors import KvmconfError
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Problems the admin can fix become a message and an exit status (1; 2 for usage); bugs keep their traceback."""
+    """Problems the admin can fix become a message and an exit status (1; 2 for usage); bugs keep their traceback.
+
+    A call libvirt refuses or fails (a bridge missing on the host at start, a daemon gone mid-run) is one of those:
+    libvirt's message names what failed, and a traceback would only bury it.
+    """
     try:
         yield
     except ConfigError as err:
@@ -23,6 +29,8 @@ def user_errors() -> Iterator[None]:
         raise Exit(f"kvmconf: {err}", 2) from None
     except KvmconfError as err:
         raise Exit(f"kvmconf: {err}", 1) from None
+    except libvirt.libvirtError as err:
+        raise Exit(f"kvmconf: libvirt failed: {one_line(err)}", 1) from None
 
 
 def say(line: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Protocol
 
 import libvirt
 
@@ -56,9 +57,8 @@ class Connections:
 
     def runner(self, host: str) -> Runner:
         """Where ``host``'s disk commands run (the machine its URI names)."""
-        if self.execute is None:
-            return runner_for_uri(self.uri(host))
-        return runner_for_uri(self.uri(host), self.execute)
+        # Runner.execute is that field's default: the real commands, as runner_for_uri runs them unless told otherwise.
+        return runner_for_uri(self.uri(host), self.execute or Runner.execute)
 
     def hosts_sharing_uri(self, host: str) -> set[str]:
         """Hosts whose URI is the same as ``host``'s (in the lab, every host is the one local daemon)."""
@@ -70,6 +70,29 @@ class Connections:
             with suppress(libvirt.libvirtError):  # a connection that broke mid-run has nothing left to close
                 conn.close()
         self._open.clear()
+
+
+def one_line(err: libvirt.libvirtError) -> str:
+    """libvirt's message on one line: QEMU's part of it may span several, and a report wants one per failure."""
+    return " ".join(str(err).split())
+
+
+class HostReport(Protocol):
+    host: str
+    error: str | None
+
+
+@contextmanager
+def failure_noted(report: HostReport) -> Iterator[None]:
+    """Ask one host of a per-host report inside this block: a host that cannot be reached, or whose libvirt fails a
+    call (its daemon gone mid-run), ends the block with the reason in ``report.error``, so that the other hosts are
+    still asked and shown (`invoke status`, `plan`, `capacity`)."""
+    try:
+        yield
+    except HostUnreachable as err:
+        report.error = str(err)
+    except libvirt.libvirtError as err:
+        report.error = f"host {report.host!r}: libvirt failed: {one_line(err)}"
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -21,9 +22,9 @@ from generators import cloud_init, domain_xml
 from generators.model import Cluster, PhysicalHost, Vm
 from generators.paths import seed_iso_path
 from kvmconf import defined, disks, domains
-from kvmconf.connection import Connections
+from kvmconf.connection import Connections, failure_noted
 from kvmconf.disks import DiskSpec
-from kvmconf.errors import HostUnreachable, UnknownHost, UnknownVm, WrongUsage
+from kvmconf.errors import UnknownHost, UnknownVm, WrongUsage
 from kvmconf.runner import Runner
 
 # A defined VM's seed ISO on its host: None when it is the generated one (or the VM has no seed).
@@ -97,7 +98,7 @@ class HostPlan:
     vms: list[VmPlan] = field(default_factory=list)
     others: list[str] = field(default_factory=list)  # defined here, not in cluster.conf (left alone)
     misplaced: dict[str, str] = field(default_factory=dict)  # defined here, cluster.conf places it on another host
-    error: str | None = None  # the host could not be reached
+    error: str | None = None  # the host could not be reached, or a libvirt call failed there
     problems: list[str] = field(default_factory=list)  # what would make creating a disk fail, found up front
 
 
@@ -201,11 +202,10 @@ def find_hosts(cluster: Cluster, names: Sequence[str], missing: str = NO_HOST) -
     return [cluster.site.hosts[name] for name in names]
 
 
-def plan_vm(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, exists: bool, artifacts: Artifacts,
+def plan_vm(cluster: Cluster, vm: Vm, disk: DiskSpec, exists: bool, conn: libvirt.virConnect, artifacts: Artifacts,
             aliases: dict[tuple[str, str], str]) -> VmPlan:
-    """The plan for one VM; ``exists`` tells whether its disk is on the host already."""
+    """The plan for one VM whose disk is ``disk``; ``exists`` tells whether that is on the host already."""
     xml = artifacts.domain_xml(vm)
-    disk = disks.disk_spec(cluster, vm)
     seed = seed_iso_path(cluster, vm)
     dom = domains.lookup(conn, vm.name)
     if dom is None:
@@ -226,8 +226,8 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
               others: bool = False, strict: bool = True) -> Plan:
     """Compare each VM with its host; ``others`` also lists domains on those hosts not in cluster.conf.
 
-    With ``strict``, an unreachable host raises at once (provisioning); otherwise it is recorded
-    in the plan and the other hosts are still shown (``invoke plan``, ``invoke status``).
+    With ``strict``, an unreachable host, or a libvirt call failing there, raises at once (provisioning); otherwise
+    it is recorded in the plan and the other hosts are still shown (``invoke plan``).
     """
     artifacts = artifacts or Artifacts(cluster)
     by_host: dict[str, list[Vm]] = {}
@@ -237,20 +237,8 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
     for host in sorted(by_host):
         hplan = HostPlan(host, conns.uri(host))
         hosts.append(hplan)
-        try:
-            conn = conns.get(host)
-        except HostUnreachable as err:
-            if strict:
-                raise
-            hplan.error = str(err)
-            continue
-        aliases = domains.machine_aliases(conn)
-        present = conns.runner(host).existing([disks.disk_spec(cluster, vm).path for vm in by_host[host]])
-        hplan.vms = [plan_vm(cluster, vm, conn, disks.disk_spec(cluster, vm).path in present, artifacts, aliases)
-                     for vm in by_host[host]]
-        hplan.problems = disks.missing_volume_groups(conns.runner(host), host, [p.disk for p in hplan.vms
-                                                                                if not p.disk_exists])
-        compare_seeds(conns.runner(host), [p for p in hplan.vms if p.action is not Action.CREATE], artifacts)
+        with nullcontext() if strict else failure_noted(hplan):
+            plan_host(cluster, hplan, by_host[host], conns, artifacts)
     plan = Plan(hosts)
     creates = [p for p in plan.vms if p.action is Action.CREATE]
     if not (creates or others):
@@ -265,6 +253,20 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
         plan.unchecked = [f"{why}; so whether a VM to create is defined there already (under its name or MAC) is"
                           " not known" for host, why in found.unreachable.items() if host not in by_host]
     return plan
+
+
+def plan_host(cluster: Cluster, hplan: HostPlan, vms: Sequence[Vm], conns: Connections, artifacts: Artifacts) -> None:
+    """Fill in the plan of one host for ``vms``, all placed on it: at the end, so a host that fails midway (the
+    caller notes why) shows no half plan."""
+    conn, runner = conns.get(hplan.host), conns.runner(hplan.host)
+    aliases = domains.machine_aliases(conn)
+    specs = [disks.disk_spec(cluster, vm) for vm in vms]
+    present = runner.existing([disk.path for disk in specs])  # one command for the host's VMs, not one per VM
+    planned = [plan_vm(cluster, vm, disk, disk.path in present, conn, artifacts, aliases)
+               for vm, disk in zip(vms, specs, strict=True)]
+    problems = disks.missing_volume_groups(runner, hplan.host, [p.disk for p in planned if not p.disk_exists])
+    compare_seeds(runner, [p for p in planned if p.action is not Action.CREATE], artifacts)
+    hplan.vms, hplan.problems = planned, problems
 
 
 def compare_seeds(runner: Runner, defined_vms: Sequence[VmPlan], artifacts: Artifacts) -> None:
@@ -354,7 +356,7 @@ def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str
     for h in plan.hosts:
         out.append(f"{h.host} ({h.uri}):")
         if h.error:
-            out.append(f"  ! unreachable: {h.error}")
+            out.append(f"  ! {h.error}")  # it names the host and what failed: unreachable, or a libvirt call
             continue
         out.extend(f"  ! {problem}" for problem in h.problems)
         width = max((len(p.vm.name) for p in h.vms), default=0)

@@ -15,8 +15,7 @@ import libvirt
 
 from generators.model import Cluster, Vm
 from kvmconf import disks, domains
-from kvmconf.connection import Connections
-from kvmconf.errors import HostUnreachable
+from kvmconf.connection import Connections, failure_noted
 from kvmconf.plan import Artifacts, foreign_domains
 
 _STATES = {
@@ -25,7 +24,6 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
     libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
-GIB = 1024**3
 HEADERS = ("VM", "STATE", "IP", "RAM MB", "VCPUS", "DISK GB (virt/alloc)", "AUTOSTART", "DRIFT FROM CLUSTER.CONF")
 
 
@@ -109,9 +107,9 @@ def vm_status(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, conns: Connect
     disk = disks.disk_spec(cluster, vm)
     try:
         capacity, allocation, _ = dom.blockInfo(disk.path)
-        status.disk_virtual, status.disk_allocated = capacity / GIB, allocation / GIB
-        if capacity != vm.disk.size_gb * GIB:
-            drift.append(f"disk {capacity / GIB:g} GB (cluster.conf: {vm.disk.size_gb})")
+        status.disk_virtual, status.disk_allocated = capacity / disks.GIB, allocation / disks.GIB
+        if capacity != vm.disk.size_gb * disks.GIB:
+            drift.append(f"disk {capacity / disks.GIB:g} GB (cluster.conf: {vm.disk.size_gb})")
     except libvirt.libvirtError:
         exists = disks.exists(conns.runner(vm.host), disk)
         drift.append(f"disk {disk.path} {'not attached' if exists else 'missing'}")
@@ -132,29 +130,40 @@ def _seen_ips(dom: libvirt.virDomain, mac: str) -> list[str]:
 
 
 def status(cluster: Cluster, conns: Connections, hosts: Sequence[str] = ()) -> list[HostStatus]:
+    """A report per host (all of site.toml's when ``hosts`` is empty); one that fails says why, the others are shown."""
     artifacts = Artifacts(cluster)
     result = []
     for host in sorted(hosts or cluster.site.hosts):
         hstatus = HostStatus(host, conns.uri(host))
         result.append(hstatus)
-        try:
-            conn = conns.get(host)
-        except HostUnreachable as err:
-            hstatus.error = str(err)
-            continue
-        aliases = domains.machine_aliases(conn)
-        hstatus.vms = [vm_status(cluster, vm, conn, conns, artifacts, aliases)
-                       for vm in cluster.vms if vm.host == host]
-        others, misplaced = foreign_domains(cluster, host, conns, [dom.name() for dom in conn.listAllDomains()])
-        for name in others:
-            hstatus.vms.append(VmStatus(name, _state_of(conn, name), drift=["not in cluster.conf"]))
-        for name, where in misplaced.items():
-            hstatus.vms.append(VmStatus(name, _state_of(conn, name), drift=[f"cluster.conf places it on {where}"]))
+        with failure_noted(hstatus):
+            hstatus.vms = host_vms(cluster, host, conns, artifacts)
     return result
 
 
-def _state_of(conn: libvirt.virConnect, name: str) -> str:
-    state = conn.lookupByName(name).state()[0]
+def host_vms(cluster: Cluster, host: str, conns: Connections, artifacts: Artifacts) -> list[VmStatus]:
+    """The VMs cluster.conf places on ``host``, then the domains there that it does not."""
+    conn = conns.get(host)
+    aliases = domains.machine_aliases(conn)
+    vms = [vm_status(cluster, vm, conn, conns, artifacts, aliases) for vm in cluster.vms if vm.host == host]
+    listed = {dom.name(): dom for dom in conn.listAllDomains()}
+    others, misplaced = foreign_domains(cluster, host, conns, listed)
+    # The listed objects, not a lookup by name: one call less per domain, and the domain listed is the one shown.
+    vms += [VmStatus(name, state, drift=["not in cluster.conf"])
+            for name in others if (state := state_of(listed[name]))]
+    vms += [VmStatus(name, state, drift=[f"cluster.conf places it on {where}"])
+            for name, where in misplaced.items() if (state := state_of(listed[name]))]
+    return vms
+
+
+def state_of(dom: libvirt.virDomain) -> str | None:
+    """The domain's state; None when it was undefined after it was listed (it is not there to show any more)."""
+    try:
+        state = dom.state()[0]
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
     return _STATES.get(state, str(state))
 
 
@@ -163,7 +172,7 @@ def format_status(hosts: list[HostStatus]) -> str:
     for h in hosts:
         out.append(f"{h.host} ({h.uri}):")
         if h.error:
-            out.append(f"  unreachable: {h.error}")
+            out.append(f"  ! {h.error}")  # it names the host and what failed: unreachable, or a libvirt call
             continue
         rows = [HEADERS, *(vm.row() for vm in h.vms)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS) - 1)]

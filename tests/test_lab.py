@@ -29,11 +29,13 @@ import pytest
 from generators.model import Cluster, Disk, DiskKind
 from generators.validate import load_cluster
 from kvmconf import disks, domains, lab, lifecycle, processes
+from kvmconf.capacity import capacity
 from kvmconf.connection import connections
 from kvmconf.errors import HostUnreachable
 from kvmconf.plan import Action, make_plan
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result
+from kvmconf.status import format_status, status
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
 from tests.tools import require_tool
 
@@ -188,6 +190,49 @@ def test_status_shows_the_vms_and_the_drift_of_a_manual_setmaxmem(
     assert re.match(r"  db +running +192\.168\.50\.20 +256 +1 +2/0\.\d\d +yes +RAM 256 MB \(cluster.conf: 160\);"
                     r" running with 160 MB RAM until restarted$", rows["db"])
     assert re.search(r"  cloud +not defined .* not provisioned$", rows["cloud"])
+
+
+def test_a_start_libvirt_refuses_is_one_line_naming_what_failed_not_a_traceback(
+        cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
+    assert invoke(workdir, clean, "provision", "--vm", "web", "--no-start").returncode == 0
+    with lab_domain(clean, "kvm0", "web") as dom:  # a bridge that is not on the host, as after a rename of br0
+        dom.connect().defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace("'br0'", "'kvmconf-nobr'"))
+    refused = invoke(workdir, clean, "start", "--vm", "web")
+    assert (refused.returncode, refused.stderr) == (
+        1, "kvmconf: libvirt failed: Cannot get interface MTU on 'kvmconf-nobr': No such device\n")
+
+
+def test_status_plan_and_capacity_show_every_host_when_one_hosts_libvirtd_goes_away_mid_run(
+        workdir: Path, tmp_path: Path) -> None:
+    require_lab()
+    inputs = load_cluster(workdir / "cluster.conf", workdir / "site.toml")
+    own = lab.up(inputs, tmp_path / "lab", f"{NETNS_PREFIX}{os.getpid()}-gone", log=quiet)  # its kvm1 is stopped
+    try:
+        cluster = lab.remap(inputs, own)
+        kvm1 = own.pids[own.pid_key("libvirtd", "kvm1")]
+
+        def open_then_lose_kvm1(uri: str) -> libvirt.virConnect:
+            conn = libvirt.open(uri)
+            if uri == own.uri_of("kvm1"):
+                processes.stop_pid(kvm1)  # connected, then the daemon goes (a restart, a crash): its calls fail
+            return conn
+
+        with connections(cluster, open_then_lose_kvm1) as conns:
+            hosts = status(cluster, conns)
+            planned = make_plan(cluster, cluster.vms, conns, strict=False).hosts  # as `invoke plan` (not provision)
+            counted = capacity(cluster, conns)
+        assert not processes.alive(kvm1)
+        gone = re.compile(r"host 'kvm1': libvirt failed: [^\n]*(End of file while reading data|Cannot recv data|"
+                          r"Cannot write data|client socket is closed)[^\n]*")
+        for report in (hosts, planned, counted):
+            assert [h.host for h in report] == ["kvm0", "kvm1"] and report[0].error is None
+            assert gone.fullmatch(report[1].error or ""), report[1].error
+        assert [(vm.name, vm.state) for vm in hosts[0].vms] == [("web", "not defined"), ("db", "not defined")]
+        assert format_status(hosts).splitlines()[-2:] == ["kvm1 (" + own.uri_of("kvm1") + "):", f"  ! {hosts[1].error}"]
+        assert [(p.vm.name, p.action) for p in planned[0].vms] == [("web", Action.CREATE), ("db", Action.CREATE)]
+        assert planned[1].vms == [] and (counted[0].defined, counted[1].defined) == (0, None)
+    finally:
+        lab.teardown(own, quiet)
 
 
 def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_purged(
