@@ -93,6 +93,15 @@ def _base_info(runner: Runner, disk: DiskSpec) -> tuple[str, int]:
     return str(info["format"]), int(info["virtual-size"])
 
 
+def check_base(runner: Runner, disk: DiskSpec) -> None:
+    """Raise :class:`CommandFailed` unless the base image of an install=cloud overlay is usable on ``runner``'s host.
+
+    For a copied overlay (a cold migration), whose header names the base: checked before the VM is stopped.
+    """
+    if disk.backing:
+        _base_info(runner, disk)
+
+
 def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambda _path: None) -> None:
     """Create the disk; raise :class:`DiskExists` if something is at its path, CommandFailed if the tool fails.
 

@@ -9,7 +9,11 @@ running on the source and the target's files are removed: the message names ``--
 Cold, in an order that never leaves the VM without a working copy: shut the VM down (ACPI; or
 power it off with ``force``), copy its disk (and seed ISO) to the target host's paths, define it
 there from the generated XML, start it, wait until it runs, and only then undefine it on the
-source.
+source. The copy keeps a thin disk thin and reports its progress as it goes (:func:`copy_file`);
+it has no time limit.
+
+Either way, an install=cloud overlay's base image must be usable on the target: that is checked
+before the VM is stopped or anything is made there.
 
 A failure, Ctrl-C or SIGTERM (cron's or systemd's timeout, `kill`) on the way removes what the run
 made on the target (files, a domain it defined) and leaves the VM defined on its source; an
@@ -28,7 +32,9 @@ on that host are checked there before any host is contacted.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
+import shlex
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -48,12 +54,18 @@ from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
-from kvmconf.errors import KvmconfError, WrongUsage
+from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
 from kvmconf.plan import Artifacts, find_host, find_vm
-from kvmconf.runner import Runner
+from kvmconf.runner import Runner, describe_failure, run_pipeline
 from kvmconf.signals import sigterm_as_interrupt
 
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]  # bytes done, bytes in all
+_RECORD = 1 << 20  # tar's record (--blocking-factor in 512-byte blocks): its checkpoints count records
+_CHECKPOINT = 16  # records between two progress reports: 16 MiB
+_PROGRESS_WORD = "kvmconf-copied"  # tar prints "<its argv[0]>: kvmconf-copied <records>" on stderr at each checkpoint
+_PROGRESS_LINE = re.compile(rf"[^\n]*: {_PROGRESS_WORD} (\d+)")
+_PROGRESS_EVERY = 10.0  # seconds between two progress lines of one copy
 _HOST_WORD = re.compile(r"(?<!\S)host=\S*")
 
 
@@ -82,23 +94,69 @@ def files_to_copy(cluster: Cluster, vm: Vm, target: Cluster, moved: Vm) -> Moves
     return Moves(tuple(pairs))
 
 
-def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None]) -> None:
+def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None],
+              progress: Progress = lambda _done, _total: None) -> None:
     """Copy a (sparse) disk file between hosts, never over a file at ``dst``; ``placed(dst)`` once it is there.
 
     The copy goes to a temporary name that :func:`disks.make_new` links into place and removes, also on an
     interrupt: a file that appeared at ``dst`` after the migration's check is neither replaced nor removed.
+    GNU tar carries it (:func:`_copy_pipeline`): holes stay holes on the target and are never sent, so a
+    thin 200 GB disk with 5 GB written moves 5 GB and takes 5 GB there. ``progress(done, total)`` gets the
+    bytes sent so far and the source's allocated size, every :data:`_CHECKPOINT` MiB; the copy has no time
+    limit (it takes as long as the data needs).
     """
+    allocated = source.check(["stat", "--format=%b %B", "--", src]).stdout.split()
+    total = int(allocated[0]) * int(allocated[1])
+
+    def watch(line: str) -> bool:
+        match = _PROGRESS_LINE.fullmatch(line)
+        if match:
+            progress(min(int(match[1]) * _RECORD, total), total)
+        return match is not None
+
     def copy(tmp: str) -> None:
-        if source.ssh is None and target.ssh is None:
-            target.check(["cp", "--sparse=always", "--", src, tmp])
-        elif target.ssh is None:
-            target.check(["scp", "-q", "-o", "BatchMode=yes", f"{source.ssh}:{src}", tmp])
-        else:  # the source host pushes to the target host (it needs SSH access to it, as the admin has)
-            source.check(["scp", "-q", "-o", "BatchMode=yes", src, f"{target.ssh}:{tmp}"])
+        argvs = _copy_pipeline(source, target, src, tmp)
+        result = run_pipeline(argvs, watch)
+        if result.returncode != 0:  # run here, ssh in it names the hosts
+            raise CommandFailed(describe_failure("localhost", " | ".join(map(shlex.join, argvs)), result))
 
     if not disks.make_new(target, dst, "kvmconf-migrating", copy, placed):
         raise KvmconfError(f"something else appeared at {dst} during the copy; it is never overwritten and was left"
                            " as it is")
+
+
+def _copy_pipeline(source: Runner, target: Runner, src: str, tmp: str) -> list[list[str]]:
+    """The commands, run on this machine, that copy ``src`` on the source host to ``tmp`` on the target host.
+
+    GNU tar, because it is on every Debian host (Essential: yes), as ssh is on a host reached by it: rsync is not
+    (kvm-setup does not install it), scp writes every zero of a thin disk, and ``dd conv=sparse`` would still
+    send them. ``--sparse`` sends the data map and the data only; extracting writes the data at its offsets.
+    """
+    directory, name = posixpath.split(src)
+    # The member is named as the temporary from the start: extracting it makes exactly that file, nothing else.
+    member = re.sub(r"[\\&,]", r"\\\g<0>", posixpath.basename(tmp))  # literal in sed's replacement
+    send = ["tar", "--create", "--sparse", f"--blocking-factor={_RECORD // 512}", f"--checkpoint={_CHECKPOINT}",
+            f"--checkpoint-action=echo={_PROGRESS_WORD} %u", f"--transform=s,.*,{member},", "--file=-",
+            f"--directory={directory or '.'}", "--", name]
+    receive = ["tar", "--extract", f"--blocking-factor={_RECORD // 512}", "--read-full-records", "--file=-",
+               f"--directory={posixpath.dirname(tmp) or '.'}", "--no-same-owner"]  # root's, as cp and scp made it
+    if source.ssh is not None and target.ssh is not None:
+        # The source host pushes straight to the target host (it needs SSH access to it, as the admin has): the
+        # data does not pass through this machine. A failed sender leaves the receiver an empty archive: it fails.
+        return [source.argv(["sh", "-c", f"{shlex.join(send)} | {shlex.join(target.argv(receive))}"])]
+    return [source.argv(send), target.argv(receive)]
+
+
+def _progress_lines(log: Log, what: str) -> Progress:
+    """``log`` a copy's progress: at its first checkpoint, then every :data:`_PROGRESS_EVERY` seconds."""
+    last: list[float] = []
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not last or now - last[0] >= _PROGRESS_EVERY:
+            last[:] = [now]
+            log(f"{what}: {done >> 20}/{total >> 20} MiB ...")
+    return progress
 
 
 def _wait(done: Callable[[], bool], timeout: float) -> bool:
@@ -197,7 +255,7 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         # Each file is listed once it is this run's: a file that appeared there since the check is not.
         disks.create(dst_run, disks.disk_spec(target, moved), made.append)  # empty, same size: libvirt mirrors into it
         for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
-            copy_file(src_run, dst_run, src, dst, made.append)
+            copy_file(src_run, dst_run, src, dst, made.append, _progress_lines(log, f"{vm.name}: copying {src}"))
         xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
         params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
                                      libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml}
@@ -235,11 +293,16 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         raise KvmconfError(f"{name}: a domain of that name is defined on {to} already; remove it first")
     target, moved = on_host(cluster, vm, to)
     moves = files_to_copy(cluster, vm, target, moved)
-    src_run, dst_run = conns.runner(vm.host), conns.runner(to)
+    dst_run = conns.runner(to)
     in_the_way = dst_run.existing([dst for _, dst in moves.files])
     if in_the_way:
         raise KvmconfError(f"{name}: {', '.join(sorted(in_the_way))} exists on {to} already and is never"
                            " overwritten; nothing was changed")
+
+    try:
+        disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied
+    except CommandFailed as err:
+        raise KvmconfError(f"{err}; nothing was changed") from None
 
     if domains.is_active(dom) and not cold:
         new = _migrate_live(vm, to, conns, dom, target, moved, moves, log)
@@ -247,36 +310,42 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
                                   f" {vm.host}: check both with `invoke status`")
         domains.set_autostart(new, moved.autostart)
-        _undefine_source(dom, vm, to, moves, log)
-        return moved
+    else:
+        _migrate_cold(vm, to, conns, dom, target, moved, moves, force, shutdown_timeout, log)
+    _undefine_source(dom, vm, to, moves, log)
+    return moved
+
+
+def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
+                  moves: Moves, force: bool, shutdown_timeout: float, log: Log) -> None:
+    """Shut the VM down, copy its files to ``to``, define and start it there; on failure it stays on the source."""
+    src_run, dst_run = conns.runner(vm.host), conns.runner(to)
     if domains.is_active(dom):
         if force:
             domains.power_off(dom)
-            log(f"{name}: powered off on {vm.host}")
+            log(f"{vm.name}: powered off on {vm.host}")
         else:
             domains.shutdown(dom)
-            log(f"{name}: shutting down on {vm.host} ...")
+            log(f"{vm.name}: shutting down on {vm.host} ...")
             if not _wait(lambda: not domains.is_active(dom), shutdown_timeout):
-                raise MigrationFailed(f"{name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
+                raise MigrationFailed(f"{vm.name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
                                       f" {vm.host} (run again with --force to power it off)")
-    with _undone_on_failure(dst_run, f"{name}: migration to {to}", f"the copies on {to} were removed and the VM"
+    with _undone_on_failure(dst_run, f"{vm.name}: migration to {to}", f"the copies on {to} were removed and the VM"
                             f" is still defined (shut off) on {vm.host}: start it there with `invoke start`",
                             log) as made:
         for src, dst in moves.files:
-            copy_file(src_run, dst_run, src, dst, made.append)
-            log(f"{name}: copied {src} to {to}:{dst}")
-        new = domains.define(dst_conn, Artifacts(target).domain_xml(moved))
+            copy_file(src_run, dst_run, src, dst, made.append, _progress_lines(log, f"{vm.name}: copying {src}"))
+            log(f"{vm.name}: copied {src} to {to}:{dst}")
+        new = domains.define(conns.get(to), Artifacts(target).domain_xml(moved))
         try:
             domains.set_autostart(new, moved.autostart)
             domains.start(new)
             if not _wait(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
-                raise MigrationFailed(f"{name}: defined on {to} but it does not run")
+                raise MigrationFailed(f"{vm.name}: defined on {to} but it does not run")
         except BaseException:
             domains.power_off(new)
             domains.undefine(new, keep_nvram=False)
             raise
-    _undefine_source(dom, vm, to, moves, log)
-    return moved
 
 
 def _undefine_source(dom: libvirt.virDomain, vm: Vm, to: str, moves: Moves, log: Log) -> None:

@@ -2,7 +2,9 @@
 
 Disks are made with qemu-img and lvcreate where the VM will run, so the host that libvirt's URI
 points at is also where these commands must go. Everything goes through :meth:`Runner.run`, so a
-test can record or fake the exact argv (there is no device-mapper on CI machines for lvcreate).
+test can record or fake the exact argv (there is no device-mapper on CI machines for lvcreate),
+with a time limit against a hung SSH session; but a disk copy, which takes as long as its data
+needs and streams its progress, runs in :func:`run_pipeline`, with none.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import IO
 from urllib.parse import urlsplit
 
 from generators.model import uri_host
@@ -27,7 +30,7 @@ Result = subprocess.CompletedProcess[bytes]
 Execute = Callable[[Sequence[str], bytes | None], Result]
 
 TEMPORARY_SUFFIX = "kvmconf-new"  # the kind of temporary a file is made under, unless its maker names another
-_TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH session forever
+_TIMEOUT = 600  # qemu-img and lvcreate are quick; this only stops a hung SSH session forever (copies: run_pipeline)
 
 
 def temporary_beside(path: str, suffix: str = TEMPORARY_SUFFIX) -> str:
@@ -36,7 +39,7 @@ def temporary_beside(path: str, suffix: str = TEMPORARY_SUFFIX) -> str:
     The shape of generators.files.replace_text's temporaries (a dot file beside the target, unique per writer),
     but not its mkstemp: the file may be on another host (a Runner over SSH, an SFTP upload), where mkstemp cannot
     create it. So the name is made unique here, by this machine's name, this process's pid and 64 random bits, and
-    the command that writes it (qemu-img, cat, cp, scp, SFTP) creates it there; two runs on one path never share a
+    the command that writes it (qemu-img, cat, tar, SFTP) creates it there; two runs on one path never share a
     temporary. A dot file, so conf directories (dnsmasq's, nagios's) skip it while it is there. The machine and
     pid say whose it is: :func:`abandoned_temporaries` finds those a killed run of this machine left.
     """
@@ -97,8 +100,63 @@ def _execute(argv: Sequence[str], stdin: bytes | None) -> Result:
     try:
         return subprocess.run(list(argv), input=stdin, capture_output=True, timeout=_TIMEOUT, check=False)
     except FileNotFoundError:
-        # What a shell (and so ssh) reports for a missing command: the same message either way.
-        return subprocess.CompletedProcess(list(argv), 127, b"", f"{argv[0]}: command not found".encode())
+        return _not_found(argv)
+    except subprocess.TimeoutExpired:
+        # Killed by subprocess.run. A failure the admin can act on, never a traceback: every caller's clean-up
+        # (a migration's, a provision run's) expects CommandFailed, and run()'s callers must not take a hung
+        # command's missing output for an answer (`test -e` for "absent").
+        raise CommandFailed(f"`{shlex.join(argv)}` did not finish within {_TIMEOUT:g} s and was stopped (a hung"
+                            " SSH session or host?)") from None
+
+
+def _not_found(argv: Sequence[str]) -> Result:
+    # What a shell (and so ssh) reports for a missing command: the same message either way.
+    return subprocess.CompletedProcess(list(argv), 127, b"", f"{argv[0]}: command not found".encode())
+
+
+def run_pipeline(argvs: Sequence[Sequence[str]], watch: Callable[[str], bool]) -> Result:
+    """Run ``argvs`` on this machine as a shell pipeline would (each one's output into the next), with no time limit.
+
+    For a copy, which takes as long as the data needs: its progress is what shows it is alive. Every line the
+    commands write on stderr goes to ``watch`` as it comes; those it returns True for (progress) are not part of
+    the result's stderr. The exit status is the last non-zero one, as with a shell's pipefail: a failed reader is
+    not hidden behind its writer's success, and the writer it stopped (SIGPIPE) does not hide why it failed.
+    An interrupt kills them all: no copy goes on behind the caller's clean-up.
+    """
+    errors_read, errors_written = os.pipe()  # one stream for all of them, as a shell's pipeline has
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        upstream: IO[bytes] | None = None
+        for index, argv in enumerate(argvs):
+            last = index == len(argvs) - 1
+            try:
+                started.append(subprocess.Popen(list(argv), stdin=upstream or subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL if last else subprocess.PIPE,
+                                                stderr=errors_written))
+            except FileNotFoundError:
+                return _not_found(argv)  # the finally below stops the ones started before
+            finally:
+                if upstream is not None:
+                    upstream.close()  # the reader has it now: when the reader ends, its writer gets EPIPE
+            upstream = started[-1].stdout
+        os.close(errors_written)
+        errors_written = -1
+        kept = []
+        with open(errors_read, "rb", closefd=False) as errors:
+            for line in errors:  # until every one of them has ended (or closed its stderr)
+                if not watch(line.decode(errors="replace").rstrip("\n")):
+                    kept.append(line)
+        codes = [process.wait() for process in started]
+        return subprocess.CompletedProcess([" | ".join(map(shlex.join, argvs))],
+                                           next((c for c in reversed(codes) if c), 0), b"", b"".join(kept))
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        os.close(errors_read)
+        if errors_written != -1:
+            os.close(errors_written)
 
 
 @dataclass
@@ -167,10 +225,12 @@ class Runner:
         self.check(["rm", "-f", "--", path])
 
 
-def describe_failure(where: str, argv: Sequence[str], result: Result) -> str:
+def describe_failure(where: str, argv: Sequence[str] | str, result: Result) -> str:
+    """``argv`` is one command's, or a whole command line as a shell would run it (a pipeline)."""
     stderr = result.stderr.decode(errors="replace").strip()
     tail = "\n".join(stderr.splitlines()[-5:]) or "(no error output)"
-    return f"{where}: `{shlex.join(argv)}` failed with exit status {result.returncode}: {tail}"
+    command = argv if isinstance(argv, str) else shlex.join(argv)
+    return f"{where}: `{command}` failed with exit status {result.returncode}: {tail}"
 
 
 def runner_for_uri(uri: str, execute: Execute = _execute) -> Runner:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -15,6 +17,7 @@ from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf import domains
 from kvmconf import migrate as migrate_module
+from kvmconf import runner as runner_module
 from kvmconf.connection import Connections, connections
 from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.migrate import MigrationFailed, _remove_all, edit_host, files_to_copy, host_line, migrate, on_host
@@ -241,8 +244,9 @@ def test_an_interrupt_as_a_copy_lands_removes_it_and_goes_on(two_hosts: Cluster,
     """
     real_copy = migrate_module.copy_file
 
-    def copy_then_interrupt(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None]) -> None:
-        real_copy(source, target, src, dst, placed)
+    def copy_then_interrupt(source: Runner, target: Runner, src: str, dst: str, placed: Callable[[str], None],
+                            progress: migrate_module.Progress) -> None:
+        real_copy(source, target, src, dst, placed, progress)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(migrate_module, "copy_file", copy_then_interrupt)
@@ -305,3 +309,107 @@ def test_files_that_cannot_be_removed_are_named_for_removal_by_hand() -> None:
     message = _remove_all(Runner(execute=rm_fails), ["/images/db.img"])
     assert message == (" (BUT COULD NOT REMOVE, remove by hand: /images/db.img: localhost: `rm -f -- /images/db.img`"
                        " failed with exit status 1: rm: Read-only file system)")
+
+
+def _slow_tools(directory: Path, seconds: float, *tools: str) -> str:
+    """A PATH with ``tools`` first on it as wrappers that wait ``seconds``, then run the real one."""
+    directory.mkdir()
+    for tool in tools:
+        (directory / tool).write_text(f'#!/bin/sh\nsleep {seconds}\nexec {shutil.which(tool)} "$@"\n')
+        (directory / tool).chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}"
+
+
+def test_a_copy_longer_than_the_command_time_limit_completes_and_shows_its_progress(
+        two_hosts: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit on a host's quick commands (10 minutes) is scaled down to 1 s, and the copy made to take 2 s.
+
+    Both cp and tar are slowed: whichever copies, a copy that ran under that limit would be stopped by it.
+    """
+    monkeypatch.setattr(runner_module, "_TIMEOUT", 1)
+    monkeypatch.setenv("PATH", _slow_tools(tmp_path / "slow", 2, "cp", "tar"))
+    log: list[str] = []
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        with source.open("r+b") as disk:
+            disk.seek(256 << 20)
+            disk.write(os.urandom(20 << 20))  # more than one progress step (16 MiB) of data
+        migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
+        assert domains.is_active(conns.get("kvm1").lookupByName("db"))
+    target = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"
+    assert log[:3] == ["db: powered off on kvm0", f"db: copying {source}: 16/20 MiB ...",
+                       f"db: copied {source} to kvm1:{target}"]
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_a_hung_command_fails_the_migration_with_a_message_not_a_traceback(
+        two_hosts: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ln` (the copy's last step) hangs past the limit: the run says where the VM is, as for any other failure."""
+    monkeypatch.setattr(runner_module, "_TIMEOUT", 0.5)
+    monkeypatch.setenv("PATH", _slow_tools(tmp_path / "slow", 30, "ln"))
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        with pytest.raises(MigrationFailed) as failed:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.lookup(conns.get("kvm0"), "db") is not None
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    target = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"
+    assert re.fullmatch(rf"db: migration to kvm1 failed: `ln -T -- \S+\.kvmconf-migrating {re.escape(str(target))}` did"
+                        r" not finish within 0\.5 s and was stopped \(a hung SSH session or host\?\); the copies on"
+                        r" kvm1 were removed and the VM is still defined \(shut off\) on kvm0: start it there with"
+                        r" `invoke start`", str(failed.value)), str(failed.value)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_cold_move_without_the_base_image_on_the_target_is_refused_before_the_vm_is_stopped(
+        two_hosts: Cluster, tmp_path: Path) -> None:
+    """A copied install=cloud overlay names its base image: without it there, the VM would not start on the target.
+
+    The base image is on the source host only (the lab's cloud_image path is not on this machine's /).
+    """
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    source_dir = Path(two_hosts.site.hosts["kvm0"].disk_dir)
+    cluster = dataclasses.replace(two_hosts, site=dataclasses.replace(two_hosts.site, oses={
+        name: dataclasses.replace(os_, cloud_image=str(base)) for name, os_ in two_hosts.site.oses.items()}))
+    vm = cluster.vm("provision")
+    with connections(cluster) as conns:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                        str(source_dir / "provision.qcow2"), "20G"], check=True)
+        (source_dir / "provision-seed.iso").write_bytes(b"seed")
+        domains.start(domains.define(conns.get("kvm0"), Artifacts(cluster).domain_xml(vm)))
+        base.rename(tmp_path / "elsewhere.qcow2")  # what the target host sees: no base image at that path
+        with pytest.raises(KvmconfError) as refused:
+            migrate(cluster, "provision", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm0").lookupByName("provision"))
+        assert domains.lookup(conns.get("kvm1"), "provision") is None
+    assert str(refused.value).startswith(
+        f"provision: base image {base} for its install=cloud overlay is not usable on localhost (put the OS's cloud"
+        f" image there, or fix cloud_image in site.toml): localhost: `qemu-img info {base}` failed with exit status 1:")
+    assert str(refused.value).endswith("; nothing was changed")
+    assert list(Path(cluster.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+def test_a_failed_copy_names_the_commands_and_what_the_failing_one_said(
+        two_hosts: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extracting tar fails (as on a full disk) and the sending one is stopped by it: the reader's failure is
+    the one reported, with its words."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "tar").write_text(f'#!/bin/sh\nif [ "$1" = --extract ]; then echo "tar: {tmp_path}/kvm1: Cannot write:'
+                              f' No space left on device" >&2; exit 2; fi\nexec {shutil.which("tar")} "$@"\n')
+    (fake / "tar").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        with pytest.raises(MigrationFailed) as failed:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.lookup(conns.get("kvm0"), "db") is not None
+    target_dir = Path(two_hosts.site.hosts["kvm1"].disk_dir)
+    assert re.fullmatch(
+        rf"db: migration to kvm1 failed: localhost: `tar --create --sparse .* -- db\.img \| tar --extract .*"
+        rf" --directory={re.escape(str(target_dir))} --no-same-owner` failed with exit status 2: tar:"
+        rf" {re.escape(str(target_dir))}: Cannot write: No space left on device; the copies on kvm1 were removed"
+        r" and the VM is still defined \(shut off\) on kvm0: start it there with `invoke start`", str(failed.value)
+    ), str(failed.value)
+    assert source.exists() and list(target_dir.iterdir()) == []

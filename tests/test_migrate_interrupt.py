@@ -88,8 +88,9 @@ def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined
         workdir: Path, clean: lab.Lab, tmp_path: Path, migration: Callable[..., subprocess.Popen[str]]) -> None:
     """The signal lands while the second file (the seed ISO) copies: the finished disk copy goes too.
 
-    The copy is slowed by a `cp` first on PATH that runs the real one, then sleeps: without that, a
-    copy of these small sparse files ends before a signal could be timed.
+    The copy is slowed by a `tar` first on PATH that runs the real one, then sleeps (holding the pipe to the
+    extracting tar open, so the copy does not end): without that, a copy of these small sparse files ends
+    before a signal could be timed.
     """
     _provision(workdir, clean, "cloud")  # on kvm1: a qcow2 overlay and a seed ISO
     # kvm0's 2 CPUs hold web's and db's vCPUs by cluster.conf: migrate validates the move, so make room for cloud's.
@@ -97,9 +98,10 @@ def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined
     site.write_text(site.read_text().replace("[hosts.kvm0]\n", "[hosts.kvm0]\ncpu_overcommit = 2.0\n"))
     slow = tmp_path / "slow-bin"
     slow.mkdir()
-    (slow / "cp").write_text(f'#!/bin/sh\ncase "$*" in *-seed.iso.*.kvmconf-migrating*) {shutil.which("cp")} "$@";'
-                             f' exec sleep 60;; esac\nexec {shutil.which("cp")} "$@"\n')
-    (slow / "cp").chmod(0o755)
+    # Only the sending tar names the temporary (in its --transform); the file appears as the other one extracts it.
+    (slow / "tar").write_text(f'#!/bin/sh\ncase "$*" in *-seed.iso.*.kvmconf-migrating*) {shutil.which("tar")} "$@";'
+                              f' exec sleep 60;; esac\nexec {shutil.which("tar")} "$@"\n')
+    (slow / "tar").chmod(0o755)
     target = clean.images / "kvm0"
     child = migration("--vm", "cloud", "--to", "kvm0", "--cold", "--force", path=f"{slow}:{os.environ['PATH']}")
     _wait_for(lambda: any(target.glob(".cloud-seed.iso.*.kvmconf-migrating")), "the seed ISO's copy")
