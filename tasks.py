@@ -112,14 +112,15 @@ def _lab_dir(directory: str) -> Path:
 
 @task(name="up", help={"dir": f"the lab's directory: a new or empty one, or a lab's (default: $KVMCONF_LAB or"
                               f" {lab.DEFAULT_DIR})",
-                       "netns": f"the network namespace's name: letters, digits, _ . - (default: {lab.DEFAULT_NETNS})",
+                       "netns": f"the network namespace's name: letters, digits, _ . - (default: {lab.DEFAULT_NETNS};"
+                                " a running lab keeps its own)",
                        "kvm": "use hardware virtualisation (only where KVM really runs guests; default: qemu)"})
-def lab_up(c: Context, dir: str = "", netns: str = lab.DEFAULT_NETNS, kvm: bool = False) -> None:
+def lab_up(c: Context, dir: str = "", netns: str = "", kvm: bool = False) -> None:
     """Start a throwaway lab: a network namespace, libvirtd and dnsmasq for the cluster's VMs."""
     directory = _lab_dir(dir)
     with user_errors():
         cluster = load_cluster(inputs.cluster_path(), inputs.site_path())
-        lab.up(cluster, directory, netns, kvm)
+        lab.up(cluster, directory, netns or None, kvm)  # "": not given, which a running lab's refresh must know
     print(f"act on the lab with: export KVMCONF_LAB={directory.absolute()}   (then: invoke provision --all)")
 
 

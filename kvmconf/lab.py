@@ -244,24 +244,29 @@ def check_lab_dir(lab_dir: Path) -> None:
                        f" lab made; give --dir (or KVMCONF_LAB) another one (default {DEFAULT_DIR})")
 
 
-def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS, kvm: bool = False,
+def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str | None = None, kvm: bool = False,
        log: Log = print) -> Lab:
     """Start the lab (or refresh the dnsmasq files of a running one); undo everything if a step fails.
 
+    ``netns`` None: :data:`DEFAULT_NETNS` for a new lab, the running lab's own for a refresh. A running lab keeps
+    its namespace and domain type: another ``netns``, or ``kvm`` for a qemu lab, is refused, not ignored.
     Only in a directory :func:`is_lab_dir` accepts, and what a failure undoes is what a lab makes there.
     """
     check_requirements()
     lab_dir = lab_dir.absolute()
-    check_netns_name(netns)
+    if netns is not None:
+        check_netns_name(netns)
     check_lab_dir(lab_dir)
     existing = Lab.load(lab_dir)
     if existing is not None and alive(existing.pids.get("libvirtd", 0)):
+        check_same_lab(existing, netns, kvm)
         _serve_provision(remap(cluster, existing), existing, log)
         log(f"lab already up in {lab_dir} (namespace {existing.netns}); dnsmasq files refreshed")
         return existing
     if existing is not None:
         log(f"lab: removing the remains of a lab that is no longer running in {lab_dir}")
         teardown(existing, log)
+    netns = netns or DEFAULT_NETNS
     if netns_exists(netns):
         raise KvmconfError(f"network namespace {netns} exists already and is not this lab's"
                            f" (see `ip netns pids {netns}`; remove it with `ip netns del {netns}` if it is a leftover)")
@@ -283,6 +288,22 @@ def up(cluster: Cluster, lab_dir: Path = DEFAULT_DIR, netns: str = DEFAULT_NETNS
     for host in lab.daemons:
         log(f"libvirt{f' of {host}' if host else ''}: virsh -c '{lab.uri_of(host)}' list --all")
     return lab
+
+
+def check_same_lab(running: Lab, netns: str | None, kvm: bool) -> None:
+    """Refuse what ``up`` asks of a running lab that it is not: it cannot change namespace or domain type running.
+
+    No ``kvm`` asks for nothing (the task has no --no-kvm), so a kvm lab is refreshed as it is.
+    """
+    if netns not in (None, running.netns):
+        asked = f"--netns {netns}"
+    elif kvm and not running.kvm:
+        asked = "--kvm"
+    else:
+        return
+    raise KvmconfError(f"a lab is up in {running.dir} already, in namespace {running.netns} with domain type"
+                       f" {'kvm' if running.kvm else 'qemu'}: {asked} needs a new lab; stop this one with `invoke"
+                       f" lab.down --dir {running.dir}` first, or start another with --dir")
 
 
 def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:

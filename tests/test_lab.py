@@ -651,6 +651,27 @@ def test_a_killed_runs_namespace_is_removed_at_the_next_start() -> None:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def test_lab_up_on_a_running_lab_refuses_another_namespace_or_kvm_and_refreshes_it_as_it_is(
+        workdir: Path, clean: lab.Lab) -> None:
+    """A running lab cannot change namespace or domain type: up used to ignore --netns and --kvm, saying nothing."""
+    running = (f"kvmconf: a lab is up in {clean.dir} already, in namespace {clean.netns} with domain type qemu:"
+               " {} needs a new lab; stop this one with `invoke lab.down --dir " f"{clean.dir}` first, or start another"
+               " with --dir\n")
+    other = invoke(workdir, None, "lab.up", "--dir", str(clean.dir), "--netns", "kvmconf-test-other")
+    assert (other.returncode, other.stderr) == (1, running.format("--netns kvmconf-test-other"))
+    kvm = invoke(workdir, None, "lab.up", "--dir", str(clean.dir), "--kvm")
+    assert (kvm.returncode, kvm.stderr) == (1, running.format("--kvm"))
+    assert not lab.netns_exists("kvmconf-test-other")
+    for same in ((), ("--netns", clean.netns)):  # no --netns: the running lab's, not the default kvmconf-lab
+        again = invoke(workdir, None, "lab.up", "--dir", str(clean.dir), *same)
+        assert again.returncode == 0, again.stderr
+        assert f"lab already up in {clean.dir} (namespace {clean.netns}); dnsmasq files refreshed\n" in again.stdout
+    refreshed = lab.Lab.load(clean.dir)
+    assert refreshed is not None
+    assert (refreshed.netns, refreshed.kvm, refreshed.pids["libvirtd"]) == (clean.netns, False, clean.pids["libvirtd"])
+    clean.pids.update(refreshed.pids)  # a refresh may restart dnsmasq: the module's teardown stops it by its new PID
+
+
 def test_options_reach_the_lab_through_the_tasks(workdir: Path, clean: lab.Lab) -> None:
     dry = invoke(workdir, clean, "provision", "--all", "--dry-run", "--no-start")
     assert dry.returncode == 0, dry.stderr
