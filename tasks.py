@@ -1,4 +1,8 @@
-"""kvmconf tasks (`invoke --list`): provision VMs through libvirt, inspect them, and run a local lab.
+"""kvmconf tasks (`invoke --list`): act on the cluster's VMs through libvirt, and run a local lab.
+
+Provision (provision, plan), inspect (status, capacity), run (start, stop, destroy, migrate), back up (backup,
+restore, backup-status), serve installs (provision-server, reinstall), record SSH host keys (keyscan), and the
+lab (lab.up, lab.down).
 
 Each task is a few lines over the ``kvmconf`` package. They act on the cluster of
 $KVMCONF_CLUSTER / $KVMCONF_SITE (default cluster.conf / site.toml), like `make`; with

@@ -3,8 +3,8 @@
 RAM, vCPUs and disk are shown as committed / capacity and against the overcommit limit that
 placement and validation use (capacity x overcommit); then the CPUs pinned (and to whom), the
 housekeeping CPUs, the SR-IOV VFs used per physical function and the PCI functions passed
-through. With connections, each host also says how many domains its libvirt has and runs, so an
-unreachable host shows up here too.
+through. With connections, each host also says how many of the VMs cluster.conf places on it its libvirt
+has defined and runs, so an unreachable host shows up here too.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class HostCapacity:
     housekeeping: tuple[int, ...] = ()
     vfs: dict[str, tuple[int, int]] = field(default_factory=dict)  # PF -> (used, count)
     pci: dict[str, str] = field(default_factory=dict)  # PCI function -> VM
-    defined: int | None = None  # domains libvirt has on the host (None: not asked or unreachable)
+    defined: int | None = None  # of the VMs cluster.conf places here, those libvirt has (None: not asked, or failed)
     running: int | None = None
     error: str | None = None  # the host could not be reached, or a libvirt call failed there
 

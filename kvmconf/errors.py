@@ -1,4 +1,4 @@
-"""Failures an admin can act on; ``tasks.py`` turns them into ``invoke.Exit`` with the message.
+"""Failures an admin can act on; :func:`kvmconf.cli.user_errors` turns them into ``invoke.Exit`` with the message.
 
 Bugs stay plain exceptions (and tracebacks): only these classes mean "you can fix this".
 """

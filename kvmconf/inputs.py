@@ -1,7 +1,8 @@
 """Which cluster the tasks act on: KVMCONF_CLUSTER/KVMCONF_SITE as for `make`, plus KVMCONF_LAB for the lab.
 
-KVMCONF_BUILD only locates the generated ssh config (:func:`build_dir`): provisioning renders the domain
-XML and seed ISOs it needs in memory from the validated cluster, so a stale build/ can never be provisioned.
+KVMCONF_BUILD only locates the generated ssh config (:func:`generators.locations.build_dir`): provisioning
+renders the domain XML and seed ISOs it needs in memory from the validated cluster, so a stale build/ can never
+be provisioned.
 
 With ``KVMCONF_LAB=<dir>`` (printed by `invoke lab.up`) every task acts on the lab in that
 directory instead of the real hosts of site.toml: see :func:`kvmconf.lab.remap`.
