@@ -54,6 +54,7 @@ from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains
 from kvmconf.connection import Connections
+from kvmconf.defined import inventory
 from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
 from kvmconf.plan import Artifacts, find_host, find_vm
 from kvmconf.runner import Runner, describe_failure, run_pipeline
@@ -269,6 +270,17 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
     return new
 
 
+def _placed_there_already(cluster: Cluster, vm: Vm, conns: Connections) -> str:
+    """Why a move to the host cluster.conf gives the VM is refused; and, when a migrate without --edit left it
+    defined on another host, where it is and how to bring it back (the plan's hint for such a VM)."""
+    elsewhere = [d for d in inventory(cluster, conns).domains if d.name == vm.name and vm.host not in d.hosts]
+    if not elsewhere:
+        return f"{vm.name}: cluster.conf places it on {vm.host} already"
+    return (f"{vm.name}: cluster.conf places it on {vm.host} already, but it is defined on {elsewhere[0].where}: to"
+            f" move it back, set host={min(elsewhere[0].hosts)} for it in cluster.conf and run `invoke migrate"
+            f" --vm {vm.name} --to {vm.host} --edit`")
+
+
 def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: bool = False,
             shutdown_timeout: float = 120.0, log: Log = print, cold: bool = False) -> Vm:
     """Move VM ``name`` from its host in cluster.conf to host ``to``; returns the VM as it is now placed."""
@@ -278,7 +290,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     vm = find_vm(cluster, name)
     find_host(cluster, to, "name the host to move the VM to with --to HOST")
     if to == vm.host:
-        raise KvmconfError(f"{name}: cluster.conf places it on {to} already")
+        raise KvmconfError(_placed_there_already(cluster, vm, conns))
     if conns.uri(to) == conns.uri(vm.host):
         raise KvmconfError(f"{name}: {vm.host} and {to} are the same libvirt ({conns.uri(to)}): nothing to move")
     if vm.disk.kind is DiskKind.LVM:
@@ -297,7 +309,9 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     in_the_way = dst_run.existing([dst for _, dst in moves.files])
     if in_the_way:
         raise KvmconfError(f"{name}: {', '.join(sorted(in_the_way))} exists on {to} already and is never"
-                           " overwritten; nothing was changed")
+                           " overwritten; nothing was changed (a migration keeps the files it moved away from: if"
+                           f" this is what an earlier move of {name} off {to} left, remove it there and run this"
+                           " again)")
 
     try:
         disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied

@@ -527,6 +527,31 @@ def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: P
     assert check.returncode == 0 and "Pattern verification failed" not in check.stdout, check.stdout + check.stderr
 
 
+def test_moving_a_vm_back_after_a_migrate_without_edit_is_said_step_by_step(workdir: Path, clean: lab.Lab) -> None:
+    """The reviewer's way back: each refusal says where the VM is and what to do, and changes nothing."""
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0
+    assert invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm1").returncode == 0  # cluster.conf: kvm0
+    back = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm0")
+    assert (back.returncode, back.stderr) == (1, "kvmconf: web: cluster.conf places it on kvm0 already, but it is"
+                                                 " defined on kvm1: to move it back, set host=kvm1 for it in"
+                                                 " cluster.conf and run `invoke migrate --vm web --to kvm0 --edit`\n")
+    conf = workdir / "cluster.conf"
+    line = next(line for line in conf.read_text().splitlines() if line.startswith("web\t"))
+    conf.write_text(conf.read_text().replace(line, line.replace("host=kvm0", "host=kvm1")))
+    kept = clean.images / "kvm0" / "web.qcow2"  # what the first move left behind
+    edit = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm0", "--edit")
+    assert (edit.returncode, edit.stderr) == (1, f"kvmconf: web: {kept} exists on kvm0 already and is never"
+                                                 " overwritten; nothing was changed (a migration keeps the files it"
+                                                 " moved away from: if this is what an earlier move of web off kvm0"
+                                                 " left, remove it there and run this again)\n")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["web"])
+    kept.unlink()
+    moved = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm0", "--edit")
+    assert moved.returncode == 0, moved.stderr
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert "host=kvm0" in next(line for line in conf.read_text().splitlines() if line.startswith("web\t"))
+
+
 def test_a_migration_whose_target_has_the_disk_already_changes_nothing(workdir: Path, clean: lab.Lab) -> None:
     assert invoke(workdir, clean, "provision", "--vm", "db").returncode == 0
     (clean.images / "kvm1" / "db.img").write_bytes(b"someone else's")
