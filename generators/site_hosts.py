@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from generators.columns import IFACE_PATTERN, MAC_PATTERN, PCI_PATTERN, FieldError, parse_cpuset
+from generators.columns import IFACE_PATTERN, MAC_PATTERN, MAX_CPU, PCI_PATTERN, FieldError, parse_cpuset
 from generators.errors import Problem, shown
 from generators.model import PhysicalHost
 from generators.site_values import IFACE_RULE, is_host_address, read_absolute_path, read_interface_name, read_matching
@@ -28,7 +28,7 @@ def read_host(name: str, r: TableReader) -> PhysicalHost | None:
     values = dict(
         uri=uri,
         ram_mb=r.positive("ram_mb"),
-        cpus=r.positive("cpus"),
+        cpus=r.positive("cpus", maximum=MAX_CPU + 1),  # Linux's most (NR_CPUS)
         disk_gb=r.positive("disk_gb"),
         disk_dir=read_absolute_path(r, "disk_dir", "/var/lib/libvirt/images"),
         ram_overcommit=r.positive("ram_overcommit", float, 1.0),

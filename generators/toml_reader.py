@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from generators.columns import MAX_INT
 from generators.errors import ConfigError, Location, Problem, UsageError, shown
 from generators.inventory import BOM
 
@@ -92,11 +93,15 @@ class TableReader:
             self.problem(key, f"{shown(raw)} is not {what} {reason}")
             return None
 
-    def positive(self, key: str, kind: type = int, default: Any = MISSING) -> Any:
+    def positive(self, key: str, kind: type = int, default: Any = MISSING, maximum: int = MAX_INT) -> Any:
+        """A positive number; an integer at most ``maximum`` (TOML's reach 2**63: a typo, not a size or count)."""
         what = f"a positive {'number' if kind is float else 'integer'}"
         value = self.get(key, kind, default, what)
         if value is not None and not 0 < value < math.inf:  # also refuses TOML's nan and inf
             self.problem(key, f"{shown(value)} is out of range (expected {what})")
+            return None
+        if kind is int and value is not None and value > maximum:
+            self.problem(key, f"{shown(value)} is out of range (expected {what}, at most {maximum})")
             return None
         return value
 

@@ -182,6 +182,13 @@ WRONG_VALUES = [
      ["39:1: key 'hosts.kvm0.uri': 'kvm0' is not a libvirt URI (expected e.g. qemu:///system or"
       " qemu+ssh://root@HOST/system)"]),
     ("cpus = 32", "cpus = 0", ["41:1: key 'hosts.kvm0.cpus': 0 is out of range (expected a positive integer)"]),
+    # TOML integers reach 2**63: such a count is a typo, and it overflowed the capacity sums into floats.
+    ("cpus = 32", "cpus = 99999999999999999999",
+     ["41:1: key 'hosts.kvm0.cpus': 99999999999999999999 is out of range (expected a positive integer, at most 8192)"]),
+    ("cpus = 32", "cpus = 8193", ["41:1: key 'hosts.kvm0.cpus': 8193 is out of range (expected a positive integer,"
+                                  " at most 8192)"]),
+    ("keep = 2", "keep = 2147483648", ["89:1: key 'backup.keep': 2147483648 is out of range (expected a positive"
+                                       " integer, at most 2147483647)"]),
     ("cpu_overcommit = 4.0", "ram_overcommit = -inf",
      ["45:1: key 'hosts.kvm0.ram_overcommit': -inf is out of range (expected a positive number)"]),
     # The address reaches Nagios's check_by_ssh -H and ssh: nothing but an IP address or a DNS name.
