@@ -27,7 +27,7 @@ from generators.model import Cluster, Vm
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
 from kvmconf.recipes import FileSpec, Recipe, recipe_for
-from kvmconf.remote import command, connect, resolve, run, script
+from kvmconf.remote import SESSION_ERRORS, command, connect, resolve, run, script, session_failure
 from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
@@ -308,8 +308,8 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
     except KvmconfError as err:
         # remote's errors start with the VM's name, which the report's line starts with already.
         report.failed_step, report.error = step, str(err).removeprefix(f"{vm.name}: ")
-    except (OSError, EOFError) as err:  # an SFTP or channel error midway
-        report.failed_step, report.error = step, f"{type(err).__name__}: {err}"
+    except SESSION_ERRORS as err:  # midway: that VM's failure, the other VMs go on
+        report.failed_step, report.error = step, session_failure(err)
     return report
 
 

@@ -22,7 +22,7 @@ from generators.render import environment, render, xml_banner
 from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
-from kvmconf.remote import RemoteError, command, connect, resolve, run, script
+from kvmconf.remote import SESSION_ERRORS, RemoteError, command, connect, resolve, run, script, session_failure
 
 PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients")
 STACK_PACKAGES = {"ifupdown": ("ifupdown", "bridge-utils", "vlan"), "netplan": ("netplan.io",),
@@ -135,6 +135,8 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
             _steps(conn, cluster, host, report, dry_run, network_dry_run or dry_run)
         except _StepFailed as err:
             report.error = f"{err.step}: {err}"
+        except SESSION_ERRORS as err:  # the report keeps the lines of the steps done, for the admin to see
+            report.error = f"ssh: {session_failure(err)}"
     return report
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fabric import Config, Connection
 from invoke.runners import Result
-from paramiko import BadHostKeyException, RejectPolicy, SSHException
+from paramiko import BadHostKeyException, ChannelException, RejectPolicy, SSHException
 
 from generators.locations import build_dir
 from kvmconf.errors import KvmconfError, WrongUsage
@@ -139,6 +139,18 @@ def _ssh_failure(err: SSHException) -> str:
     cause = text.removeprefix(_NO_BANNER).strip()
     return (f"no SSH banner came back{f' ({cause})' if cause else ''}: the machine may still be booting, or another"
             " service than sshd listens on that port")
+
+
+# What a command or an SFTP transfer on an open connection raises when its session fails midway: a channel the
+# server refused, a session that dropped (paramiko's SSHException is no OSError), a socket or stream that closed.
+SESSION_ERRORS = (SSHException, OSError, EOFError)
+
+
+def session_failure(err: BaseException) -> str:
+    """One line for one of SESSION_ERRORS, for a report."""
+    if isinstance(err, ChannelException):
+        return f"the SSH server refused to open a session ({err.text})"
+    return f"{type(err).__name__}: {err}"
 
 
 def command(*args: str) -> str:

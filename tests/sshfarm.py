@@ -14,10 +14,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmconf.processes import alive
+from kvmconf.processes import alive, stop_pid
 
 BASE_PREFIX = "kvmconf-sshfarm-"
 # Tools that would act on this machine's kernel or services (sysctl and modprobe through the bind-mounted /proc).
@@ -135,8 +137,42 @@ def _start_vm(farm: Farm, name: str, address: str) -> int:
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
         f"ChrootDirectory {root}", "Subsystem sftp internal-sftp", "MaxSessions 50", "MaxStartups 100",
         "LogLevel ERROR", ""]))
-    subprocess.Popen(["/usr/sbin/sshd", "-f", str(vm_dir / "sshd_config"), "-E", str(vm_dir / "sshd.log")])
+    _launch(vm_dir)
     return port
+
+
+def _launch(vm_dir: Path) -> None:
+    subprocess.Popen(["/usr/sbin/sshd", "-f", str(vm_dir / "sshd_config"), "-E", str(vm_dir / "sshd.log")])
+
+
+# For reconfigured(): the VM's sshd lets clients log in but refuses every session, so each command or SFTP channel
+# fails with paramiko's ChannelException; or it refuses SFTP only, which paramiko reports as an SSHException.
+# Both are SSHExceptions, no OSErrors, as the error of a session that drops (a VM rebooting) as a channel opens is.
+SESSIONS_REFUSED = ("MaxSessions 50", "MaxSessions 0")
+SFTP_REFUSED = ("Subsystem sftp internal-sftp", "")
+
+
+@contextmanager
+def reconfigured(farm: Farm, vm: str, change: tuple[str, str]) -> Iterator[None]:
+    """Inside, the VM's sshd runs with ``change`` (old line, new line) made to its config; connections made before
+    keep the old one."""
+    config = farm.base / vm / "sshd_config"
+    original = config.read_text()
+    assert change[0] in original, change
+    config.write_text(original.replace(*change))
+    _restart(farm, vm)
+    try:
+        yield
+    finally:
+        config.write_text(original)
+        _restart(farm, vm)
+
+
+def _restart(farm: Farm, vm: str) -> None:
+    """The VM's sshd stopped (by PID) and started again, on its address and port, reading its config anew."""
+    stop_pid(int((farm.base / vm / "sshd.pid").read_text()))
+    _launch(farm.base / vm)
+    _wait(*farm.addresses[vm], vm)
 
 
 def _wait(address: str, port: int, name: str, deadline: float = 30.0) -> None:

@@ -231,6 +231,20 @@ def test_failing_hook_stops_the_next_wave_and_the_summary_names_it(
     assert lines["mcp"].startswith("mcp: done (")
 
 
+def test_an_ssh_error_on_one_vm_is_its_failure_line_and_the_others_go_on(example: Cluster,
+                                                                        farm: sshfarm.Farm) -> None:
+    # ldap's sshd refuses sessions: paramiko's ChannelException is an SSHException, which is no OSError, like the
+    # error of a session that dropped (a VM rebooting) as a channel opened. It escaped run_cluster: a traceback,
+    # and the reports of mcp and scratch, deployed in the same wave, were lost.
+    with sshfarm.reconfigured(farm, "ldap", sshfarm.SESSIONS_REFUSED):
+        report = _run(example, farm, full=True, vms=("mcp", "ldap", "scratch"))
+    lines = [r.line() for r in report.reports]
+    assert lines[1] == "ldap: FAILED at packages: the SSH server refused to open a session (Connect failed)"
+    assert lines[0].startswith("mcp: done (") and lines[0].endswith("; 1 hook(s) run)"), lines
+    assert lines[2].startswith("scratch: done ("), lines
+    assert report.summary() == "deploy: 3 VM(s), 1 failed: ldap (packages)"
+
+
 def test_deploy_disables_the_debian_dnsmasq_an_earlier_provision_recipe_installed(
         example: Cluster, farm: sshfarm.Farm) -> None:
     """That recipe installed Debian's dnsmasq service, reading the generated config through an /etc/dnsmasq.d

@@ -227,3 +227,19 @@ def test_kvm_setup_defines_and_starts_the_vf_pools(example: Cluster, farm: sshfa
                                              "-c qemu:///system net-autostart vf-eno2",
                                              "-c qemu:///system net-start vf-eno2"]
     assert f"SR-IOV pools: changed: {dest}" in report.lines
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_an_ssh_error_midway_is_the_reports_error_and_the_lines_done_are_kept(example: Cluster,
+                                                                              farm: sshfarm.Farm) -> None:
+    # The settings files are pushed over SFTP, which the host's sshd refuses: paramiko's SSHException, no OSError,
+    # escaped setup() as a traceback, and the packages line (a step done) was never printed.
+    for path in (SYSCTL, MODULES):
+        (farm.root("kvm0") / path.lstrip("/")).unlink(missing_ok=True)
+    cluster = _with_host(example, disk_dir="/var/lib/kvmconf-test-images")
+    with sshfarm.reconfigured(farm, "kvm0", sshfarm.SFTP_REFUSED):
+        report = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    assert report.error == "ssh: SSHException: Channel closed."
+    assert len(report.lines) == 1 and report.lines[0].startswith("packages: "), report.lines
+    assert not (farm.root("kvm0") / SYSCTL.lstrip("/")).exists()
