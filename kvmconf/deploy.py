@@ -1,17 +1,13 @@
 """`fab deploy` and `fab update-confs`: put the recipes of hosts/ on the VMs over SSH, in dependency order.
 
-Files are compared by checksum on the VM (one command for all of a VM's files), so an unchanged file is never
-transferred; a replaced file is kept under BACKUP_DIR; services are reloaded only when one of their files
-changed; what a killed earlier run of this machine uploaded beside those files and never moved into place is
-removed. VMs run in waves: a VM starts once the VMs of its ``after=`` are done, up to ``parallel`` at a time
-(with parallel=1 strictly in cluster.conf order); the first failure lets the current wave finish and stops.
+Packages and files reach each VM through kvmconf.sync (only what differs is transferred, replaced files are
+backed up, services reloaded when one of their files changed); then its hooks run. VMs run in waves: a VM
+starts once the VMs of its ``after=`` are done, up to ``parallel`` at a time (with parallel=1 strictly in
+cluster.conf order); the first failure lets the current wave finish and stops.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import hashlib
 import io
 import threading
 import time
@@ -26,43 +22,20 @@ from fabric import Connection
 from generators.model import Cluster, Vm
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
-from kvmconf.recipes import FileSpec, Recipe, recipe_for
-from kvmconf.remote import SESSION_ERRORS, command, connect, resolve, run, script, session_failure
-from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
+from kvmconf.recipes import Recipe, recipe_for
+from kvmconf.remote import SESSION_ERRORS, command, connect, resolve, run, session_failure
+from kvmconf.sync import Changes, StepFailed, check, failure, install_packages, push
 
-BACKUP_DIR = "/var/lib/kvmconf/backup"
 HOOK_DIR = "/var/lib/kvmconf/hooks"
-
-# Args: suffix, the number of directories, the directories, then the paths. Prints every "<dir>/.*.<suffix>"
-# there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a line per path:
-# "owner:group:mode sha256", or "-" when it is not a regular file.
-_STATE = """suffix=$1 n=$2; shift 2
-while [ "$n" -gt 0 ]; do
-  for t in "${1%/}"/.*."$suffix"; do [ -e "$t" ] && printf '%s\\0' "$t"; done
-  shift; n=$((n - 1))
-done
-for f do
-  if [ -f "$f" ] && [ ! -L "$f" ]; then
-    printf '%s %s\\n' "$(stat -c %U:%G:%a -- "$f")" "$(sha256sum < "$f" | cut -c1-64)"
-  else echo -; fi
-done"""
-# Args: backup dir, stamp, then (tmp dest owner group mode) per file.
-_INSTALL = """bk=$1 stamp=$2; shift 2
-while [ $# -gt 0 ]; do tmp=$1 dest=$2 own=$3 grp=$4 mode=$5; shift 5
-  if [ -e "$dest" ]; then mkdir -p -- "$bk$(dirname -- "$dest")" && cp -p -- "$dest" "$bk$dest.$stamp" || exit 1; fi
-  chown -- "$own:$grp" "$tmp" && chmod -- "$mode" "$tmp" && mv -f -- "$tmp" "$dest" || exit 1
-done"""
 
 
 @dataclass
-class VmReport:
+class VmReport(Changes):
+    """One VM's run: the sync's changes (installed, pushed, reloaded, diffs), then its hooks, or where it failed."""
+
     vm: str
     steps: list[str] = field(default_factory=list)  # steps finished, in order
-    installed: list[str] = field(default_factory=list)
-    pushed: list[str] = field(default_factory=list)
-    reloaded: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
-    diffs: list[str] = field(default_factory=list)  # --dry-run only
     failed_step: str | None = None
     error: str | None = None
     dry_run: bool = False  # installed, pushed, reloaded and hooks say what would be done
@@ -116,12 +89,6 @@ class RunReport:
         return line
 
 
-class _StepFailed(Exception):
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__(message)
-        self.step = step
-
-
 def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
     """Group VMs so each wave only needs earlier waves (after= names earlier VMs; unselected ones count as met)."""
     level: dict[str, int] = {}
@@ -134,117 +101,6 @@ def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
     return result
 
 
-def _check(result_ok: bool, step: str, message: str) -> None:
-    if not result_ok:
-        raise _StepFailed(step, message)
-
-
-def _failure(res: object) -> str:
-    stderr = (getattr(res, "stderr", "") or getattr(res, "stdout", "") or "").strip().splitlines()
-    return f"exit {getattr(res, 'exited', '?')}: {stderr[-1] if stderr else 'no output'}"
-
-
-def remote_state(conn: Connection, paths: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Each path's state (_STATE), and the temporaries beside them that killed runs of this machine left.
-
-    One command for both: the temporaries are listed, once per directory, in the round trip that reads the
-    checksums, and judged here, where their pids are (runner.abandoned_among).
-    """
-    if not paths:
-        return [], []
-    directories = sorted({str(PurePosixPath(p).parent) for p in paths})
-    res = run(conn, script(_STATE, TEMPORARY_SUFFIX, str(len(directories)), *directories, *paths))
-    _check(res.ok, "files", f"reading checksums: {_failure(res)}")
-    listing, _, states = res.stdout.rpartition("\0")  # the states' lines hold no NUL
-    lines = states.splitlines()
-    _check(len(lines) == len(paths), "files", "reading checksums: unexpected output")
-    temporaries = listing.split("\0")
-    return lines, [t for p in paths for t in abandoned_among(temporaries, p)]
-
-
-def _wanted_state(spec: FileSpec) -> str:
-    return f"{spec.owner}:{spec.group}:{int(spec.mode, 8):o} {hashlib.sha256(spec.content).hexdigest()}"
-
-
-def push(conn: Connection, files: Sequence[FileSpec], report: VmReport, dry_run: bool) -> None:
-    """Transfer the files whose checksum/owner/mode differ, back up what they replace, reload their services."""
-    current, abandoned = remote_state(conn, [f.dest for f in files])
-    if abandoned and not dry_run:
-        # What killed runs of this machine uploaded and never moved into place: nothing else would remove it.
-        res = run(conn, command("rm", "-f", "--", *abandoned))
-        _check(res.ok, "files", f"removing a killed run's temporaries: {_failure(res)}")
-    changed = [(f, state) for f, state in zip(files, current, strict=True) if state != _wanted_state(f)]
-    if dry_run:
-        for spec, state in changed:
-            report.diffs.append(_diff(conn, spec, state))
-        report.pushed = [f.dest for f, _ in changed]
-        report.reloaded = sorted({s for f, _ in changed for s in f.reload})
-        return
-    if not changed:
-        return
-    parents = sorted({str(PurePosixPath(f.dest).parent) for f, _ in changed})
-    res = run(conn, command("mkdir", "-p", "--", *parents))
-    _check(res.ok, "files", f"mkdir: {_failure(res)}")
-    args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
-    sftp = conn.sftp()
-    uploaded: list[str] = []
-    try:
-        for spec, _ in changed:
-            tmp = temporary_beside(spec.dest)  # this run's own, and a dot file that conf dirs skip
-            uploaded.append(tmp)
-            sftp.putfo(io.BytesIO(spec.content), tmp)
-            args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
-        res = run(conn, script(_INSTALL, *args))
-        _check(res.ok, "files", f"installing: {_failure(res)}")
-    except BaseException:
-        # The temporaries not yet moved into place (rm -f: those moved are gone); a dead connection removes none,
-        # and its own error is the one to report.
-        with contextlib.suppress(Exception):
-            run(conn, command("rm", "-f", "--", *uploaded))
-        raise
-    report.pushed = [f.dest for f, _ in changed]
-    services = sorted({s for f, _ in changed for s in f.reload})
-    for service in services:
-        res = run(conn, command("systemctl", "reload-or-restart", "--", service))
-        _check(res.ok, "files", f"reloading {service}: {_failure(res)}")
-        report.reloaded.append(service)
-
-
-def _diff(conn: Connection, spec: FileSpec, state: str) -> str:
-    old = b""
-    if state != "-":
-        buffer = io.BytesIO()
-        conn.sftp().getfo(spec.dest, buffer)
-        old = buffer.getvalue()
-    head = f"--- {spec.dest}\n+++ {spec.dest} (from {spec.source})\n"
-    if old == spec.content:
-        return head + f"owner/mode: {state.split()[0]} -> {_wanted_state(spec).split()[0]}\n"
-    try:
-        lines = difflib.unified_diff(old.decode().splitlines(keepends=True), spec.content.decode().splitlines(True),
-                                     f"{spec.dest}", f"{spec.dest} (from {spec.source})")
-        return "".join(lines)
-    except UnicodeDecodeError:
-        return head + "binary content differs\n"
-
-
-def missing_packages(conn: Connection, packages: Sequence[str]) -> list[str]:
-    """The packages not installed on the machine `conn` reaches (read-only: dpkg-query)."""
-    if not packages:
-        return []
-    res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
-    installed = {line.split()[0] for line in res.stdout.splitlines() if line.endswith(" installed")}
-    return [p for p in packages if p not in installed]
-
-
-def install_packages(conn: Connection, packages: Sequence[str], report: VmReport, dry_run: bool = False) -> None:
-    """Install the missing ones (only name them in a dry run); report.installed lists them either way."""
-    missing = missing_packages(conn, packages)
-    if missing and not dry_run:
-        res = run(conn, "DEBIAN_FRONTEND=noninteractive " + command("apt-get", "install", "-y", "-q", "--", *missing))
-        _check(res.ok, "packages", f"apt-get install {' '.join(missing)}: {_failure(res)}")
-    report.installed = missing
-
-
 def run_hooks(conn: Connection, recipe: Recipe, report: VmReport) -> None:
     if not recipe.hooks:
         return
@@ -255,7 +111,7 @@ def run_hooks(conn: Connection, recipe: Recipe, report: VmReport) -> None:
         sftp.putfo(io.BytesIO(hook.content), path)
         sftp.chmod(path, 0o700)
         res = run(conn, command(path))
-        _check(res.ok, f"hook {hook.name}", _failure(res))
+        check(res.ok, f"hook {hook.name}", failure(res))
         report.hooks.append(hook.name)
 
 
@@ -303,7 +159,7 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
                 else:
                     run_hooks(conn, recipe, report)
                 report.steps.append("hooks")
-    except _StepFailed as err:
+    except StepFailed as err:
         report.failed_step, report.error = err.step, str(err)
     except KvmconfError as err:
         # remote's errors start with the VM's name, which the report's line starts with already.

@@ -19,10 +19,10 @@ from fabric import Connection
 from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
 from generators.render import environment, render, xml_banner
-from kvmconf.deploy import VmReport, _failure, _StepFailed, install_packages, push
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import SESSION_ERRORS, RemoteError, command, connect, resolve, run, script, session_failure
+from kvmconf.sync import Changes, StepFailed, failure, install_packages, push
 
 PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients")
 STACK_PACKAGES = {"ifupdown": ("ifupdown", "bridge-utils", "vlan"), "netplan": ("netplan.io",),
@@ -133,7 +133,7 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
     with conn:
         try:
             _steps(conn, cluster, host, report, dry_run, network_dry_run or dry_run)
-        except _StepFailed as err:
+        except StepFailed as err:
             report.error = f"{err.step}: {err}"
         except SESSION_ERRORS as err:  # the report keeps the lines of the steps done, for the admin to see
             report.error = f"ssh: {session_failure(err)}"
@@ -143,7 +143,7 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
 def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool,
            network_dry_run: bool) -> None:
     packages = PACKAGES + STACK_PACKAGES[host.network_stack]
-    state = VmReport(host.name)
+    state = Changes()
     install_packages(conn, packages, state, dry_run)
     verb = "would install" if dry_run else "installed"
     report.lines.append(f"packages: {verb} {' '.join(state.installed)}" if state.installed else "packages: all present")
@@ -160,7 +160,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     if host.nested:
         res = run(conn, _NESTED)
         if not {"Y", "1"} & set(res.stdout.split()):
-            raise _StepFailed("nested", "nested virtualisation is off (site.toml says nested = true): set `options"
+            raise StepFailed("nested", "nested virtualisation is off (site.toml says nested = true): set `options"
                               " kvm_intel nested=1` (or kvm_amd) in /etc/modprobe.d/ and reload the module")
         report.lines.append("nested: on")
     dirs = [host.disk_dir, cluster.site.backup.dir]
@@ -169,13 +169,13 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     if missing_dirs and not dry_run:
         res = run(conn, command("mkdir", "-p", "--", *missing_dirs))
         if not res.ok:
-            raise _StepFailed("directories", _failure(res))
+            raise StepFailed("directories", failure(res))
     verb = "would create" if dry_run else "created"
     report.lines.append(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
 
 
 def _push(conn: Connection, files: list[FileSpec], report: SetupReport, dry_run: bool, what: str) -> list[str]:
-    state = VmReport(report.host)
+    state = Changes()
     push(conn, files, state, dry_run)
     report.diffs += state.diffs
     verb = "would change" if dry_run else "changed"
@@ -190,7 +190,7 @@ def _apply(conn: Connection, commands: list[list[str]], report: SetupReport, dry
             continue
         res = run(conn, command(*words))
         if not res.ok:
-            raise _StepFailed(what, f"{command(*words)}: {_failure(res)}")
+            raise StepFailed(what, f"{command(*words)}: {failure(res)}")
         report.lines.append(f"{what}: ran: {command(*words)}")
 
 
@@ -227,7 +227,7 @@ def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
     changed = set(_push(conn, files, report, dry_run, what))
     res = run(conn, command(*VIRSH, "net-list", "--all", "--name"))
     if not res.ok:
-        raise _StepFailed(what, f"virsh net-list: {_failure(res)}")
+        raise StepFailed(what, f"virsh net-list: {failure(res)}")
     defined = set(res.stdout.split())
     commands: list[list[str]] = []
     for pf, spec in zip(sorted(host.sriov), files, strict=True):  # vf_network_files: one per PF, in this order

@@ -1,0 +1,177 @@
+"""Bring a machine's files and packages to what is wanted, over SSH: shared by deploy (VMs) and kvm-setup (hosts).
+
+Files are compared by owner, mode and checksum on the machine (one command for all of them), so an unchanged file
+is never transferred; a replaced file is kept under BACKUP_DIR; services are reloaded only when one of their files
+changed; what a killed earlier run of this machine uploaded beside those files and never moved into place is
+removed. Packages are installed only when dpkg says they are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from fabric import Connection
+
+from kvmconf.recipes import FileSpec
+from kvmconf.remote import command, run, script
+from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
+
+BACKUP_DIR = "/var/lib/kvmconf/backup"
+
+# Args: suffix, the number of directories, the directories, then the paths. Prints every "<dir>/.*.<suffix>"
+# there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a line per path:
+# "owner:group:mode sha256", or "-" when it is not a regular file.
+_STATE = """suffix=$1 n=$2; shift 2
+while [ "$n" -gt 0 ]; do
+  for t in "${1%/}"/.*."$suffix"; do [ -e "$t" ] && printf '%s\\0' "$t"; done
+  shift; n=$((n - 1))
+done
+for f do
+  if [ -f "$f" ] && [ ! -L "$f" ]; then
+    printf '%s %s\\n' "$(stat -c %U:%G:%a -- "$f")" "$(sha256sum < "$f" | cut -c1-64)"
+  else echo -; fi
+done"""
+# Args: backup dir, stamp, then (tmp dest owner group mode) per file.
+_INSTALL = """bk=$1 stamp=$2; shift 2
+while [ $# -gt 0 ]; do tmp=$1 dest=$2 own=$3 grp=$4 mode=$5; shift 5
+  if [ -e "$dest" ]; then mkdir -p -- "$bk$(dirname -- "$dest")" && cp -p -- "$dest" "$bk$dest.$stamp" || exit 1; fi
+  chown -- "$own:$grp" "$tmp" && chmod -- "$mode" "$tmp" && mv -f -- "$tmp" "$dest" || exit 1
+done"""
+
+
+class StepFailed(Exception):
+    """A step of a sync failed: ``step`` names it for the report, the message says why."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(kw_only=True)
+class Changes:
+    """What a sync did, or in a dry run would do; filled as it goes, so a failure midway keeps what was done."""
+
+    installed: list[str] = field(default_factory=list)
+    pushed: list[str] = field(default_factory=list)
+    reloaded: list[str] = field(default_factory=list)
+    diffs: list[str] = field(default_factory=list)  # dry run only
+
+
+def check(result_ok: bool, step: str, message: str) -> None:
+    """Raise StepFailed(step, message) unless result_ok."""
+    if not result_ok:
+        raise StepFailed(step, message)
+
+
+def failure(res: object) -> str:
+    """A failed command in one line: its exit status and the last line it wrote."""
+    stderr = (getattr(res, "stderr", "") or getattr(res, "stdout", "") or "").strip().splitlines()
+    return f"exit {getattr(res, 'exited', '?')}: {stderr[-1] if stderr else 'no output'}"
+
+
+def remote_state(conn: Connection, paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Each path's state (_STATE), and the temporaries beside them that killed runs of this machine left.
+
+    One command for both: the temporaries are listed, once per directory, in the round trip that reads the
+    checksums, and judged here, where their pids are (runner.abandoned_among).
+    """
+    if not paths:
+        return [], []
+    directories = sorted({str(PurePosixPath(p).parent) for p in paths})
+    res = run(conn, script(_STATE, TEMPORARY_SUFFIX, str(len(directories)), *directories, *paths))
+    check(res.ok, "files", f"reading checksums: {failure(res)}")
+    listing, _, states = res.stdout.rpartition("\0")  # the states' lines hold no NUL
+    lines = states.splitlines()
+    check(len(lines) == len(paths), "files", "reading checksums: unexpected output")
+    temporaries = listing.split("\0")
+    return lines, [t for p in paths for t in abandoned_among(temporaries, p)]
+
+
+def _wanted_state(spec: FileSpec) -> str:
+    return f"{spec.owner}:{spec.group}:{int(spec.mode, 8):o} {hashlib.sha256(spec.content).hexdigest()}"
+
+
+def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run: bool) -> None:
+    """Transfer the files whose checksum/owner/mode differ, back up what they replace, reload their services."""
+    current, abandoned = remote_state(conn, [f.dest for f in files])
+    if abandoned and not dry_run:
+        # What killed runs of this machine uploaded and never moved into place: nothing else would remove it.
+        res = run(conn, command("rm", "-f", "--", *abandoned))
+        check(res.ok, "files", f"removing a killed run's temporaries: {failure(res)}")
+    changed = [(f, state) for f, state in zip(files, current, strict=True) if state != _wanted_state(f)]
+    if dry_run:
+        for spec, state in changed:
+            changes.diffs.append(_diff(conn, spec, state))
+        changes.pushed = [f.dest for f, _ in changed]
+        changes.reloaded = sorted({s for f, _ in changed for s in f.reload})
+        return
+    if not changed:
+        return
+    parents = sorted({str(PurePosixPath(f.dest).parent) for f, _ in changed})
+    res = run(conn, command("mkdir", "-p", "--", *parents))
+    check(res.ok, "files", f"mkdir: {failure(res)}")
+    args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
+    sftp = conn.sftp()
+    uploaded: list[str] = []
+    try:
+        for spec, _ in changed:
+            tmp = temporary_beside(spec.dest)  # this run's own, and a dot file that conf dirs skip
+            uploaded.append(tmp)
+            sftp.putfo(io.BytesIO(spec.content), tmp)
+            args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
+        res = run(conn, script(_INSTALL, *args))
+        check(res.ok, "files", f"installing: {failure(res)}")
+    except BaseException:
+        # The temporaries not yet moved into place (rm -f: those moved are gone); a dead connection removes none,
+        # and its own error is the one to report.
+        with contextlib.suppress(Exception):
+            run(conn, command("rm", "-f", "--", *uploaded))
+        raise
+    changes.pushed = [f.dest for f, _ in changed]
+    services = sorted({s for f, _ in changed for s in f.reload})
+    for service in services:
+        res = run(conn, command("systemctl", "reload-or-restart", "--", service))
+        check(res.ok, "files", f"reloading {service}: {failure(res)}")
+        changes.reloaded.append(service)
+
+
+def _diff(conn: Connection, spec: FileSpec, state: str) -> str:
+    old = b""
+    if state != "-":
+        buffer = io.BytesIO()
+        conn.sftp().getfo(spec.dest, buffer)
+        old = buffer.getvalue()
+    head = f"--- {spec.dest}\n+++ {spec.dest} (from {spec.source})\n"
+    if old == spec.content:
+        return head + f"owner/mode: {state.split()[0]} -> {_wanted_state(spec).split()[0]}\n"
+    try:
+        lines = difflib.unified_diff(old.decode().splitlines(keepends=True), spec.content.decode().splitlines(True),
+                                     f"{spec.dest}", f"{spec.dest} (from {spec.source})")
+        return "".join(lines)
+    except UnicodeDecodeError:
+        return head + "binary content differs\n"
+
+
+def missing_packages(conn: Connection, packages: Sequence[str]) -> list[str]:
+    """The packages not installed on the machine `conn` reaches (read-only: dpkg-query)."""
+    if not packages:
+        return []
+    res = run(conn, command("dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n", "--", *packages))
+    installed = {line.split()[0] for line in res.stdout.splitlines() if line.endswith(" installed")}
+    return [p for p in packages if p not in installed]
+
+
+def install_packages(conn: Connection, packages: Sequence[str], changes: Changes, dry_run: bool = False) -> None:
+    """Install the missing ones (only name them in a dry run); changes.installed lists them either way."""
+    missing = missing_packages(conn, packages)
+    if missing and not dry_run:
+        res = run(conn, "DEBIAN_FRONTEND=noninteractive " + command("apt-get", "install", "-y", "-q", "--", *missing))
+        check(res.ok, "packages", f"apt-get install {' '.join(missing)}: {failure(res)}")
+    changes.installed = missing
