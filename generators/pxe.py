@@ -35,7 +35,7 @@ GRUB_TEMPLATE = "grub-install.cfg.j2"
 GRUB_MAIN_TEMPLATE = "grub.cfg.j2"
 
 # The TFTP root's layout, relative to that root. pxelinux and GRUB look these names up, and
-# kvmconf.provision_server assembles and prunes the deployed root by them: each is spelled here only.
+# kvmconf.tftp_tree assembles and prunes the deployed root by them: each is spelled here only.
 BUILD_DIR = PurePosixPath("tftp")  # where render() puts the generated part of the TFTP root (under build/)
 PXELINUX_BOOT_FILE = "pxelinux.0"  # the BIOS boot file (dnsmasq.conf's dhcp-boot), from package pxelinux
 PXELINUX_LDLINUX = "ldlinux.c32"  # the module pxelinux.0 loads from beside it, from package syslinux-common
@@ -51,7 +51,7 @@ GRUB_EFI_IMAGE = f"{GRUB_DIR}/grubx64.efi"  # the UEFI boot file (dnsmasq.conf's
 PER_MAC_DIRS = (PXELINUX_CFG_DIR, GRUB_DIR)  # where the per-MAC entries are
 ETHERNET = "01-"  # the ARP hardware type of Ethernet, which pxelinux (and Debian's GRUB) put before the MAC
 # Any per-MAC entry name boot_entries can give, relative to the TFTP root: a deploy removes the ones the
-# build no longer has (kvmconf.provision_server).
+# build no longer has (kvmconf.tftp_tree).
 PER_MAC_ENTRY = re.compile(rf"({re.escape(f'{PXELINUX_CFG_DIR}/{ETHERNET}')}|{re.escape(GRUB_MAC_CFG)}"
                            rf"({re.escape(ETHERNET)})?)[0-9a-f]{{2}}([-:][0-9a-f]{{2}}){{5}}")
 

@@ -39,6 +39,7 @@ from generators.model import Cluster, DomainType, Network
 from generators.render import environment
 from kvmconf.errors import KvmconfError
 from kvmconf.processes import alive, in_netns, output_of, stop_pid
+from kvmconf.provision_server import serve_lab
 
 Log = Callable[[str], None]
 
@@ -309,8 +310,6 @@ def check_same_lab(running: Lab, netns: str | None, kvm: bool) -> None:
 def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:
     """The provision server in the namespace (kvmconf.provision_server): the build, the TFTP tree, dnsmasq
     (deployed as on a real server: a changed config passes `dnsmasq --test` first) and HTTP."""
-    from kvmconf.provision_server import serve_lab  # it builds on this module
-
     serve_lab(cluster, lab, log)
 
 
@@ -380,19 +379,6 @@ def wait_for_libvirt(lab: Lab, timeout: float = _START_TIMEOUT) -> None:
                     raise KvmconfError(f"lab: libvirtd does not answer at {uri} ({err.get_error_message()});"
                                        f" see {lab.host_dir(host) / 'libvirtd.log'}") from None
                 time.sleep(0.2)
-
-
-def start_dnsmasq(lab: Lab, conf: Path) -> None:
-    pid_file = lab.dir / "dnsmasq.pid"
-    pid_file.unlink(missing_ok=True)
-    # The generated configuration as deployed; the command line only keeps dnsmasq's own state in the lab
-    # (pid, leases, log), stops DNS forwarding out of the namespace, and runs it as root so it can read
-    # the lab directory wherever that is (a test's private temporary directory included).
-    _run(["ip", "netns", "exec", lab.netns, "dnsmasq", f"--conf-file={conf}", f"--pid-file={pid_file}",
-          f"--dhcp-leasefile={lab.dir / 'dnsmasq.leases'}", f"--log-facility={lab.dir / 'dnsmasq.log'}",
-          "--log-dhcp", "--no-resolv", "--user=root", "--group=root"])
-    lab.pids["dnsmasq"] = _read_pid(pid_file)
-    lab.save()
 
 
 def down(lab_dir: Path = DEFAULT_DIR, log: Log = print) -> bool:

@@ -26,7 +26,7 @@ import pytest
 
 from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf import domains, lab, processes, provision_server
+from kvmconf import dnsmasq_control, domains, install_http, lab, processes, provision_server, provision_state
 from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
@@ -142,7 +142,7 @@ class Booted:
 def booted(pxe_lab: lab.Lab, cluster: Cluster, workdir: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Booted]:
     config_dir = Path(cluster.site.provision.config_dir)
-    dnsmasq_log, http_log = pxe_lab.dir / "dnsmasq.log", config_dir / provision_server.HTTP_LOG
+    dnsmasq_log, http_log = pxe_lab.dir / "dnsmasq.log", config_dir / install_http.HTTP_LOG
     dns_offset = dnsmasq_log.stat().st_size
     http_offset = http_log.stat().st_size if http_log.exists() else 0
     # The stranger is provisioned from a cluster.conf the provision server never saw: its MAC is unknown there.
@@ -238,8 +238,8 @@ def test_once_marked_installed_the_vms_next_pxe_boot_reads_the_local_boot_defaul
     assert (tftp_root / ENTRY).exists()
     assert ns_get(the_lab, f"http://192.168.50.2/installed/{BIOS.name}") == "installed\n"
     assert not (tftp_root / ENTRY).exists()
-    assert provision_server.read_installed(booted.config_dir) == {BIOS.name}
-    http_log = (booted.config_dir / provision_server.HTTP_LOG).read_text().splitlines()
+    assert provision_state.read_installed(booted.config_dir) == {BIOS.name}
+    http_log = (booted.config_dir / install_http.HTTP_LOG).read_text().splitlines()
     assert http_log[-1].split()[1:] == ["192.168.50.2", "GET", f"/installed/{BIOS.name}", "200"], http_log[-1]
     offset = dnsmasq_log.stat().st_size
     conn = libvirt.open(cluster.site.hosts[BIOS.host].uri)
@@ -270,7 +270,7 @@ def test_once_marked_installed_the_vms_next_pxe_boot_reads_the_local_boot_defaul
 def test_the_install_mark_survives_a_redeploy_and_reinstall_flips_it_back(booted: Booted, workdir: Path,
                                                                           cluster: Cluster) -> None:
     the_lab, entry = booted.the_lab, Path(cluster.site.provision.tftp_root) / ENTRY
-    provision_server.write_installed(booted.config_dir, {BIOS.name})
+    provision_state.write_installed(booted.config_dir, {BIOS.name})
     again = invoke(workdir, the_lab, "provision-server")
     assert again.returncode == 0, again.stderr
     assert not entry.exists()
@@ -278,7 +278,7 @@ def test_the_install_mark_survives_a_redeploy_and_reinstall_flips_it_back(booted
     assert flip.returncode == 0, flip.stderr
     assert f"{BIOS.name}: network install enabled again" in flip.stdout
     assert f"url=http://192.168.50.2/preseed/{BIOS.name}.cfg" in entry.read_text()
-    assert provision_server.read_installed(booted.config_dir) == set()
+    assert provision_state.read_installed(booted.config_dir) == set()
     unknown = invoke(workdir, the_lab, "reinstall", "--vm", "pxebois")  # as every task: a usage error, exit 2
     assert (unknown.returncode, unknown.stderr) == (
         2, f"kvmconf: 'pxebois' is not a VM of {workdir / 'cluster.conf'} (did you mean {BIOS.name}?);"
@@ -322,21 +322,21 @@ def test_a_broken_config_never_replaces_the_running_one(pxe_lab: lab.Lab, workdi
     assert provision_server.deploy(cluster, dnsmasq, quiet) in ("unchanged", "reloaded")
     old_pid, conf = dnsmasq.pid(), config_dir / "dnsmasq" / "dnsmasq.conf"
     good = conf.read_text()
-    candidate = provision_server.build_dir_in(config_dir) / "dnsmasq" / "dnsmasq.conf"
+    candidate = provision_state.build_dir_in(config_dir) / "dnsmasq" / "dnsmasq.conf"
     candidate.write_text(good + "no-such-option=1\n")
     with pytest.raises(KvmconfError, match="dnsmasq --test rejected the new configuration; the running one stays"):
-        provision_server.deploy_dnsmasq(config_dir, dnsmasq, quiet)
+        dnsmasq_control.deploy_dnsmasq(config_dir, dnsmasq, quiet)
     assert conf.read_text() == good and dnsmasq.pid() == old_pid
     # A bad hostsfile line: dnsmasq --test never reads hostsfiles and the daemon would skip it silently.
     candidate.write_text(good)
-    bad = provision_server.build_dir_in(config_dir) / "dnsmasq" / "dhcp-hosts" / "zz-bad"
+    bad = provision_state.build_dir_in(config_dir) / "dnsmasq" / "dhcp-hosts" / "zz-bad"
     bad.write_text("52:54:00:zz:00:01,192.168.50.88,bad,infinite\n")
     with pytest.raises(KvmconfError, match="bad hex constant"):
-        provision_server.deploy_dnsmasq(config_dir, dnsmasq, quiet)
+        dnsmasq_control.deploy_dnsmasq(config_dir, dnsmasq, quiet)
     assert not (config_dir / "dnsmasq" / "dhcp-hosts" / "zz-bad").exists() and dnsmasq.pid() == old_pid
     bad.unlink()
     # A main conf change that passes the check restarts dnsmasq on it.
     candidate.write_text(good + "# changed\n")
-    assert provision_server.deploy_dnsmasq(config_dir, dnsmasq, quiet) == "restarted"
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, dnsmasq, quiet) == "restarted"
     assert dnsmasq.pid() not in (None, old_pid) and conf.read_text() == good + "# changed\n"
     assert provision_server.deploy(cluster, dnsmasq, quiet) == "restarted"  # back to the generated conf

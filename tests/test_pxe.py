@@ -18,7 +18,7 @@ from generators import pxe
 from generators.model import Boot, Cluster, Install
 from generators.urls import preseed_url
 from generators.validate import load_cluster
-from kvmconf import provision_server
+from kvmconf import provision_server, tftp_tree
 from kvmconf.errors import KvmconfError
 from tests.golden import assert_golden
 from tests.tools import missing, require_tool, run
@@ -179,7 +179,7 @@ def _deploy(cluster: Cluster, tmp_path: Path) -> Deployed:
     of the dnsmasq.conf built with it: the guest gets what a real deploy would give it."""
     build = provision_server.stage_build(cluster, tmp_path / "kvmconf")
     root = tmp_path / "tftp"
-    provision_server.assemble_tftp(cluster, build, root)
+    tftp_tree.assemble_tftp(cluster, build, root)
     boot_file: dict[bool, str] = {}
     for line in (build / "dnsmasq/dnsmasq.conf").read_text().splitlines():
         if line.startswith("dhcp-boot=tag:"):
@@ -245,10 +245,10 @@ def _boot_requirements(cluster: Cluster) -> None:
     require_tool("grub-mknetdir")
     for release in cluster.site.oses.values():
         try:
-            provision_server.netboot_dir(release.suite)  # the installer's kernel and initrd
+            tftp_tree.netboot_dir(release.suite)  # the installer's kernel and initrd
         except KvmconfError as err:
             missing(f"{err} (make test-deps installs it)")
-    for path in (OVMF, provision_server.GRUB_EFI_MODULES, *map(Path, pxe.BIOS_LOADER_FILES.values())):
+    for path in (OVMF, tftp_tree.GRUB_EFI_MODULES, *map(Path, pxe.BIOS_LOADER_FILES.values())):
         if not path.exists():
             missing(f"{path} is missing (make test-deps installs it)")
 
