@@ -17,6 +17,13 @@ from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
+try:  # what the tasks need beyond `make`'s venv, which has only what generating needs (requirements.txt)
+    import libvirt  # noqa: F401
+    import paramiko  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"kvmconf: the tasks need {missing.name} in .venv, and `make` alone installs only what"
+                     " generating needs: run `make test-deps` once") from None
+
 from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors

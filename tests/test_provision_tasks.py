@@ -85,6 +85,19 @@ def test_every_task_is_listed_with_the_first_line_of_its_docstring() -> None:
         assert help_text == (body.__doc__ or "").splitlines()[0], name
 
 
+@pytest.mark.parametrize("module", ["libvirt", "paramiko"])
+def test_without_the_tasks_packages_invoke_says_how_to_install_them(module: str) -> None:
+    # `make` alone installs requirements.txt, without libvirt-python and Fabric: invoke --list was a 20-line
+    # ModuleNotFoundError. That venv is stood for by blocking the module's import (None in sys.modules).
+    program = (f"import sys; sys.modules[{module!r}] = None; from invoke.main import program;"
+               " sys.argv = ['invoke', '--list']; program.run()")
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"kvmconf: the tasks need {module} in .venv, and `make` alone installs only what generating needs:"
+               " run `make test-deps` once\n")
+
+
 UNKNOWN_HOST = f"kvmconf: 'kvm9' is not a host of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"
 
 
