@@ -5,9 +5,7 @@ an unreachable URI or a disk in the way stops it before anything exists. While c
 out, each step that creates something is journalled with its undo as soon as it is done (a disk file
 the moment it is in place, before its temporary is cleaned up); if a later step fails (or the run is
 interrupted), the journalled steps are undone, newest first, and nothing that was there before is
-touched. The one gap left: a Ctrl-C or SIGTERM taken in the instant between a step's last action and
-its journal entry (a libvirt call returning, a seed ISO renamed into place) leaves that step done and
-not listed in the message; `invoke status` shows it.
+touched. An interrupt never falls between a step and its journal entry: it waits for the entry.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from kvmconf.plan import (
     select,
 )
 from kvmconf.runner import Runner
-from kvmconf.signals import sigterm_as_interrupt
+from kvmconf.signals import interrupts_held, sigterm_as_interrupt
 
 Log = Callable[[str], None]
 Undo = Callable[[], object]
@@ -143,22 +141,28 @@ def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Opt
         return
     if p.seed_path:
         _write_seed(p, runner, artifacts.seed_iso(p.vm), journal)
-    dom = domains.define(conn, p.xml)
-    journal.done(f"{name}: defined on {p.vm.host}", _undefine(dom))
-    domains.set_autostart(dom, p.vm.autostart)
-    if options.start and domains.start(dom):
-        journal.done(f"{name}: started", _power_off(dom))
+    with interrupts_held():  # each libvirt step and its journal entry as one
+        dom = domains.define(conn, p.xml)
+        journal.done(f"{name}: defined on {p.vm.host}", _undefine(dom))
+    domains.set_autostart(dom, p.vm.autostart)  # undone with the domain
+    if options.start:
+        with interrupts_held():
+            if domains.start(dom):
+                journal.done(f"{name}: started", _power_off(dom))
 
 
 def _create_disk(p: VmPlan, runner: Runner, journal: Journal) -> None:
     def created(_path: str = "") -> None:
         journal.done(f"{p.vm.name}: created {p.disk.describe()}", _remove_disk(runner, p.disk))
 
-    # A disk file is journalled from inside create(), once it is in place: an interrupt that lands while its
-    # temporary is being removed must still undo it. An LVM volume is complete when lvcreate returns.
-    disks.create(runner, p.disk, created)
     if p.disk.kind is DiskKind.LVM:
-        created()
+        with interrupts_held():  # a volume is complete when lvcreate returns: journalled before an interrupt
+            disks.create(runner, p.disk)
+            created()
+        return
+    # A disk file is journalled from inside create(), once it is in place: an interrupt that lands while its
+    # temporary is being removed must still undo it.
+    disks.create(runner, p.disk, created)
 
 
 def _change(p: VmPlan, conn: libvirt.virConnect, runner: Runner, artifacts: Artifacts, options: Options,
@@ -176,16 +180,18 @@ def _change(p: VmPlan, conn: libvirt.virConnect, runner: Runner, artifacts: Arti
         return
     assert p.old_xml is not None
     if p.diff:
-        domains.define(conn, p.xml)
-        journal.done(f"{name}: applied the new definition", _redefine(conn, p.old_xml))
+        with interrupts_held():
+            domains.define(conn, p.xml)
+            journal.done(f"{name}: applied the new definition", _redefine(conn, p.old_xml))
         for line in changes:
             journal.log(f"    {line}")
     if p.seed_now:
         _write_seed(p, runner, artifacts.seed_iso(p.vm), journal, seed_applies(p))
     dom = conn.lookupByName(name)
-    if domains.set_autostart(dom, p.vm.autostart):
-        journal.done(f"{name}: autostart {'on' if p.vm.autostart else 'off'}",
-                     _autostart(dom, not p.vm.autostart))
+    with interrupts_held():
+        if domains.set_autostart(dom, p.vm.autostart):
+            journal.done(f"{name}: autostart {'on' if p.vm.autostart else 'off'}",
+                         _autostart(dom, not p.vm.autostart))
 
 
 def _write_seed(p: VmPlan, runner: Runner, iso: bytes, journal: Journal, when: str = "") -> None:
@@ -194,9 +200,10 @@ def _write_seed(p: VmPlan, runner: Runner, iso: bytes, journal: Journal, when: s
     before = runner.read(p.seed_path)  # a leftover of an earlier VM of this name, or the old seed: restored if we fail
     if before == iso:
         return
-    runner.write(p.seed_path, iso)
-    journal.done(f"{p.vm.name}: wrote seed ISO {p.seed_path}" + (f" ({when})" if when else ""),
-                 _restore_file(runner, p.seed_path, before))
+    with interrupts_held():  # a seed ISO is small; a Ctrl-C still ends an ssh child, which fails the write
+        runner.write(p.seed_path, iso)
+        journal.done(f"{p.vm.name}: wrote seed ISO {p.seed_path}" + (f" ({when})" if when else ""),
+                     _restore_file(runner, p.seed_path, before))
 
 
 # Undo steps as small closures over their own values (not over loop variables).

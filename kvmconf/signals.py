@@ -28,3 +28,28 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Inside, a Ctrl-C or SIGTERM waits until the block has run, then reaches its usual handler.
+
+    For a step and its journal entry, which an interrupt between them would leave done and unrecorded. Keep the
+    block short: the wait is the block's length. Only the main thread can take signals: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    taken: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        taken.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(taken):
+        signal.raise_signal(signum)  # the handler it would have met: KeyboardInterrupt, sigterm_as_interrupt's, ...

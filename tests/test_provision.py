@@ -423,6 +423,28 @@ def test_an_interrupt_as_the_disk_lands_still_undoes_the_disk(cluster: Cluster) 
     assert files_under(disk.parent) == set()
 
 
+def test_an_interrupt_as_a_domain_is_defined_still_undefines_it(cluster: Cluster, conns: Connections,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in, because nothing real can make a signal arrive in the instant between libvirt's defineXML
+    # returning and the journal entry: the real define, then a SIGTERM to this process before anything else runs.
+    real_define = domains.define
+
+    def define_then_sigterm(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+        dom = real_define(conn, xml)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return dom
+
+    monkeypatch.setattr(domains, "define", define_then_sigterm)
+    disk = Path(cluster.site.hosts["kvm0"].disk_dir) / "ldap.qcow2"
+    with pytest.raises(ProvisionFailed) as err:
+        provision(cluster, ["ldap"], conns, log=quiet)
+    assert str(err.value) == ("provisioning failed: interrupted\nundone: ldap: defined on kvm0; ldap: created qcow2"
+                              f" disk {disk} (10 GB, thin)")
+    assert "ldap" not in domain_names(conns.get("kvm0")) and files_under(disk.parent) == set()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_an_lvm_disk_is_made_with_exactly_one_lvcreate_and_purged_with_lvremove(cluster: Cluster) -> None:
     recorder = Recorder()
     with connections(cluster, execute=recorder) as conns:
