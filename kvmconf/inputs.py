@@ -13,13 +13,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The generators' own defaults, so the tasks read the variables exactly as `make` does.
-from generators.locations import cluster_path, site_path
+from generators import locations
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.errors import KvmconfError
 from kvmconf.lab import Lab, remap
 from kvmconf.processes import alive
+
+
+# The variables read exactly as `make` reads them; unset, the files of the checkout, wherever the task runs from.
+def cluster_path() -> Path:
+    return locations.cluster_path(locations.the_checkout())
+
+
+def site_path() -> Path:
+    return locations.site_path(locations.the_checkout())
+
+
+def build_dir() -> Path:
+    return locations.build_dir(locations.the_checkout())
 
 
 def lab_dir() -> Path | None:

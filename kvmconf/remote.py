@@ -18,7 +18,7 @@ from fabric import Config, Connection
 from invoke.runners import Result
 from paramiko import BadHostKeyException, ChannelException, RejectPolicy, SSHException
 
-from generators.locations import build_dir
+from generators.locations import build_dir, the_checkout
 from kvmconf.errors import KvmconfError, WrongUsage
 
 GENERATED_SSH_CONFIG = Path("ssh/config")  # where `make` writes it, inside its build directory
@@ -51,10 +51,10 @@ def generated_ssh_config(explicit: str = "") -> Path:
     chosen = chosen_ssh_config(explicit)
     if chosen:
         return chosen
-    path = build_dir() / GENERATED_SSH_CONFIG
+    path = build_dir(the_checkout()) / GENERATED_SSH_CONFIG
     if not path.is_file():
         # `make` writes to $KVMCONF_BUILD as this lookup reads it: say so, so the two are seen to agree.
-        into = f" in {build_dir()}/, from KVMCONF_BUILD" if os.environ.get("KVMCONF_BUILD") else ""
+        into = f" in {build_dir(the_checkout())}/, from KVMCONF_BUILD" if os.environ.get("KVMCONF_BUILD") else ""
         raise KvmconfError(f"{path} does not exist: run `make` first (it generates the ssh config{into})")
     return path
 

@@ -98,6 +98,19 @@ def test_without_the_tasks_packages_invoke_says_how_to_install_them(module: str)
                " run `make test-deps` once\n")
 
 
+def test_a_task_run_from_a_subdirectory_takes_the_checkouts_inputs() -> None:
+    # invoke finds tasks.py above hosts/, and cluster.conf and site.toml were then looked for in hosts/.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_")}
+
+    def capacity(where: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "invoke", "capacity", "--offline"], cwd=where,
+                              env=environment, capture_output=True, text=True, timeout=120, check=False)
+
+    at_the_top, below = capacity(ROOT), capacity(ROOT / "hosts")
+    assert (below.returncode, below.stderr) == (0, ""), below.stderr
+    assert below.stdout == at_the_top.stdout and "kvm0 (qemu:///system): " in below.stdout
+
+
 UNKNOWN_HOST = f"kvmconf: 'kvm9' is not a host of {ROOT}/site.toml (expected one of: kvm0, kvm1)\n"
 
 

@@ -197,10 +197,13 @@ def test_tasks_find_the_config_make_generates_in_kvmconf_build(tmp_path: Path, m
     monkeypatch.delenv("KVMCONF_BUILD", raising=False)
     monkeypatch.setenv("KVMCONF_CLUSTER", str(Path("cluster.conf").absolute()))
     monkeypatch.setenv("KVMCONF_SITE", str(Path("site.toml").absolute()))
+    # Unset, KVMCONF_BUILD means the build/ of the checkout, as for `make`, wherever the task runs.
+    monkeypatch.setattr(locations, "CHECKOUT", tmp_path / "kvmconf")  # a checkout where `make` has not run
+    (tmp_path / "kvmconf").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KvmconfError) as err:
         generated_ssh_config()
-    assert str(err.value) == "build/ssh/config does not exist: run `make` first (it generates the ssh config)"
+    assert str(err.value) == "kvmconf/build/ssh/config does not exist: run `make` first (it generates the ssh config)"
     # With KVMCONF_BUILD, `make` writes elsewhere: the tasks look there (not in build/), and say so.
     (tmp_path / "build/ssh").mkdir(parents=True)
     (tmp_path / "build/ssh/config").write_text("Host stale\n")
@@ -213,5 +216,7 @@ def test_tasks_find_the_config_make_generates_in_kvmconf_build(tmp_path: Path, m
     assert generators_main(["-q"]) == 0
     assert generated_ssh_config() == Path("gen/ssh/config")
     assert "Host db " in Path("gen/ssh/config").read_text()
-    monkeypatch.setenv("KVMCONF_BUILD", "")  # empty is unset, as in the Makefile
-    assert generated_ssh_config() == Path("build/ssh/config")
+    monkeypatch.setenv("KVMCONF_BUILD", "")  # empty is unset, as in the Makefile: the checkout's build/
+    (tmp_path / "kvmconf/build/ssh").mkdir(parents=True)
+    (tmp_path / "kvmconf/build/ssh/config").write_text("Host db\n")
+    assert generated_ssh_config() == Path("kvmconf/build/ssh/config")
