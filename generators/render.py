@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from generators.locations import CHECKOUT
 from generators.model import Cluster
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_DIR = CHECKOUT / "templates"
 
 
 @cache

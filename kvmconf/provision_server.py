@@ -30,6 +30,7 @@ from typing import Protocol
 
 from generators.build import input_digest, render_all
 from generators.files import replace_text
+from generators.locations import CHECKOUT  # `-m kvmconf...` runs from it
 from generators.model import Cluster, Install
 from generators.writer import write_tree
 from kvmconf.dnsmasq_control import Dnsmasq, DnsmasqFiles, deploy_dnsmasq, netns_dnsmasq, system_dnsmasq
@@ -43,7 +44,6 @@ from kvmconf.tftp_tree import assemble_tftp, set_installed, tftp_sources
 
 Log = Callable[[str], None]
 
-CHECKOUT = Path(__file__).resolve().parent.parent  # the kvmconf checkout this runs from: `-m kvmconf...` needs it
 HTTP_PID_KEY = "provision-http"  # the HTTP server's entry in the lab's pids
 
 

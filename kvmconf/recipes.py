@@ -27,12 +27,13 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
 
 from generators.errors import Problem
+from generators.locations import CHECKOUT
 from generators.model import Cluster, Vm
 from generators.toml_reader import Locate, TableReader, locator
 from kvmconf.errors import KvmconfError
 from kvmconf.template_errors import TemplateFault, shown_path, template_fault
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "hosts"
+RECIPE_DIR = CHECKOUT / "hosts"
 RECIPE = "recipe.toml"
 # What a remote path, user, package or service may look like: no shell metacharacters, no whitespace,
 # so a name can never be taken for an option or split by a shell even before shlex.quote.
