@@ -99,6 +99,7 @@ class HostPlan:
     others: list[str] = field(default_factory=list)  # defined here, not in cluster.conf (left alone)
     misplaced: dict[str, str] = field(default_factory=dict)  # defined here, cluster.conf places it on another host
     error: str | None = None  # the host could not be reached, or a libvirt call failed there
+    not_planned: int = 0  # the VMs placed on it that its error left without a plan
     problems: list[str] = field(default_factory=list)  # what would make creating a disk fail, found up front
 
 
@@ -239,6 +240,8 @@ def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts
         hosts.append(hplan)
         with nullcontext() if strict else failure_noted(hplan):
             plan_host(cluster, hplan, by_host[host], conns, artifacts)
+        if hplan.error:
+            hplan.not_planned = len(by_host[host])
     plan = Plan(hosts)
     creates = [p for p in plan.vms if p.action is Action.CREATE]
     if not (creates or others):
@@ -374,6 +377,8 @@ def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str
         for name, where in h.misplaced.items():
             out.append(f"  ? {name}  defined on this host, but cluster.conf places it on {where} (left alone)")
     out.extend(f"! not checked: {why}" for why in plan.unchecked)
-    out.append(f"{plan.count(Action.CREATE)} to create, {plan.count(Action.CHANGE)} to change,"
+    summary = (f"{plan.count(Action.CREATE)} to create, {plan.count(Action.CHANGE)} to change,"
                f" {plan.count(Action.KEEP)} unchanged")
+    not_planned = sum(h.not_planned for h in plan.hosts)
+    out.append(summary + f", {not_planned} not planned (see !)" if not_planned else summary)
     return "\n".join(out)

@@ -35,7 +35,7 @@ from kvmconf.errors import (
     UnknownVm,
     WrongUsage,
 )
-from kvmconf.plan import Action, find_host, find_vm, find_vms, make_plan, select, select_or_all
+from kvmconf.plan import Action, find_host, find_vm, find_vms, format_plan, make_plan, select, select_or_all
 from kvmconf.provision import Options, provision
 from kvmconf.runner import Result, Runner, runner_for_uri
 from tests.tools import require_tool
@@ -132,6 +132,18 @@ def test_an_unreachable_uri_names_the_host_the_uri_and_the_setting(example: Clus
     message = str(err.value)
     assert f"host 'kvm1': cannot connect to libvirt at {NOWHERE}" in message
     assert "[hosts.kvm1] uri in site.toml" in message
+
+
+def test_the_plans_summary_counts_the_vms_an_unreachable_host_left_unplanned(example: Cluster,
+                                                                             tmp_path: Path) -> None:
+    # With every host unreachable, `invoke plan` ended "0 to create, 0 to change, 0 unchanged": as if none were asked.
+    cluster = on_test_driver(example, tmp_path, {"kvm1": NOWHERE})
+    on_kvm1 = sum(1 for vm in cluster.vms if vm.host == "kvm1")
+    with connections(cluster) as conns:
+        plan = make_plan(cluster, cluster.vms, conns, strict=False)
+    summary = format_plan(plan).splitlines()[-1]
+    assert summary == f"{len(cluster.vms) - on_kvm1} to create, 0 to change, 0 unchanged, {on_kvm1} not planned (see !)"
+    assert on_kvm1 > 0
 
 
 def test_commands_run_locally_for_local_uris_and_over_ssh_for_remote_ones() -> None:
