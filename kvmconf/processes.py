@@ -2,7 +2,7 @@
 
 Pure /proc, signal and subprocess helpers with no libvirt or jinja behind them, so that modules which only
 run a tool, wait on or stop a PID (runner.py's abandoned temporaries, judged by whether their maker still runs;
-provision_server.py's dnsmasq; the lab's daemons) need not import the lab.
+dnsmasq_control.py's dnsmasq; the lab's daemons) need not import the lab.
 """
 
 from __future__ import annotations
