@@ -78,7 +78,8 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
             lost.append("its saved memory state")
         if snapshots := dom.snapshotNum(0):
             lost.append(f"the metadata of {snapshots} snapshot{'s' * (snapshots != 1)}")
-        dropped = lost + (["its backup checkpoints (the next backup is a full)"] if dom.listAllCheckpoints() else [])
+        checkpoints = ["its backup checkpoints, so that the next backup is a full one"]
+        dropped = lost + (checkpoints if dom.listAllCheckpoints() else [])
         steps += ["power off (it is running: what the guest has not written to disk is lost)"] if running else []
         steps += ["undefine" + (f" (deleting {' and '.join(dropped)})" if dropped else "")]
     steps += [f"remove {path} for good" for path in doomed]

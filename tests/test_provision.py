@@ -550,7 +550,8 @@ def test_destroy_says_it_drops_the_backup_checkpoints_without_asking(cluster: Cl
     conns.get("kvm0").lookupByName("db").destroy()  # shut off: only the checkpoint would go with the definition
     lines: list[str] = []
     lifecycle.destroy(cluster, "db", conns, dry_run=True, log=lines.append)
-    assert lines == ["db on kvm0: would undefine (deleting its backup checkpoints (the next backup is a full))"]
+    assert lines == ["db on kvm0: would undefine (deleting its backup checkpoints, so that the next backup is a full"
+                     " one)"]
     lifecycle.destroy(cluster, "db", conns, confirm=lambda _q: False, log=lines.append)  # not data: not asked
     assert "db" not in domain_names(conns.get("kvm0"))
 
