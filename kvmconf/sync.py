@@ -72,6 +72,9 @@ def check(result_ok: bool, step: str, message: str) -> None:
 
 def failure(res: object) -> str:
     """A failed command in one line: its exit status and the last line it wrote."""
+    if getattr(res, "exited", None) == -1:  # paramiko's value when the channel closed without an exit status
+        return ("the SSH session ended before the command did (no exit status): the machine may have rebooted, or"
+                " the connection dropped")
     stderr = (getattr(res, "stderr", "") or getattr(res, "stdout", "") or "").strip().splitlines()
     return f"exit {getattr(res, 'exited', '?')}: {stderr[-1] if stderr else 'no output'}"
 

@@ -245,6 +245,31 @@ def test_an_ssh_error_on_one_vm_is_its_failure_line_and_the_others_go_on(example
     assert report.summary() == "deploy: 3 VM(s), 1 failed: ldap (packages)"
 
 
+_DROP_HOOK = """#!/bin/sh
+# As a VM that reboots under its hook: the SSH connection this hook runs in ends (its sshd, killed by PID).
+pid=$$
+while [ "$pid" -gt 1 ]; do
+  pid=$(awk '/^PPid:/ {print $2}' "/proc/$pid/status")
+  case "$(cat "/proc/$pid/comm")" in sshd*) kill -9 "$pid"; exit 0 ;; esac
+done
+exit 1
+"""
+
+
+def test_a_session_that_ends_under_a_hook_says_so_and_the_others_go_on(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    # paramiko reports a command whose connection ended as exit status -1: the line read "exit -1: no output".
+    (hosts_copy / "ldap/hooks").mkdir()
+    (hosts_copy / "ldap/hooks/drop.sh").write_text(_DROP_HOOK)
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text('hooks = ["hooks/drop.sh"]\n' + recipe.read_text())
+    report = _run(example, farm, full=True, recipe_dir=hosts_copy, vms=("mcp", "ldap", "scratch"))
+    lines = [r.line() for r in report.reports]
+    assert lines[1] == ("ldap: FAILED at hook ldap/hooks/drop.sh: the SSH session ended before the command did"
+                        " (no exit status): the machine may have rebooted, or the connection dropped")
+    assert lines[0].startswith("mcp: done (") and lines[2].startswith("scratch: done ("), lines
+
+
 def test_deploy_disables_the_debian_dnsmasq_an_earlier_provision_recipe_installed(
         example: Cluster, farm: sshfarm.Farm) -> None:
     """That recipe installed Debian's dnsmasq service, reading the generated config through an /etc/dnsmasq.d
