@@ -43,9 +43,13 @@ def _ssh_config_option(c: Context, option: str) -> str:
     """--ssh-config after the task's name, else Fabric's own -S/--ssh-config before it: both name the ssh config.
 
     Fabric keeps the core flag for its own connections, which these tasks do not use: without this it was
-    taken, and silently ignored.
+    taken, and silently ignored. Fabric also sets that path from ``ssh_config_path`` in its config files
+    (~/.fabric.yaml): a setting for the admin's own Fabric work, which must not send a deploy elsewhere, so
+    when one is set only --ssh-config counts.
     """
-    return option or getattr(c.config, "_runtime_ssh_path", None) or ""
+    if option or getattr(c.config, "ssh_config_path", None):
+        return option
+    return getattr(c.config, "_runtime_ssh_path", None) or ""
 
 
 def _recipe_dir() -> Path | None:

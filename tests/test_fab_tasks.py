@@ -99,6 +99,17 @@ def test_the_vm_tasks_take_the_ssh_config_given_before_or_after_the_task(args: l
     assert result.stdout.startswith("db: FAILED at connect: ssh to 127.0.0.1:2: "), result.stdout
 
 
+def test_fabrics_own_ssh_config_path_setting_does_not_redirect_the_vm_tasks(tmp_path: Path) -> None:
+    # ssh_config_path in ~/.fabric.yaml reached the tasks as if given with -S, over $KVMCONF_SSH_CONFIG.
+    for name, port in (("fabrics", 2), ("environment", 3)):
+        (tmp_path / name).write_text(f"Host db\n  HostName 127.0.0.1\n  Port {port}\n  User root\n")
+    (tmp_path / ".fabric.yaml").write_text(f"ssh_config_path: {tmp_path / 'fabrics'}\n")
+    result = run_task("fab", "deploy", "--vm", "db",
+                      env={"HOME": str(tmp_path), "KVMCONF_SSH_CONFIG": str(tmp_path / "environment")})
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("db: FAILED at connect: ssh to 127.0.0.1:3: "), result.stdout
+
+
 @pytest.mark.parametrize(("task", "instead"), [(["deploy"], "choose VMs with --vm"),
                                                (["update-confs", "--vm", "db"], "choose VMs with --vm"),
                                                (["kvm-setup", "--host", "kvm0"], "name the physical host with --host")])
