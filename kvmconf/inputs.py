@@ -30,10 +30,6 @@ def site_path() -> Path:
     return locations.site_path(locations.the_checkout())
 
 
-def build_dir() -> Path:
-    return locations.build_dir(locations.the_checkout())
-
-
 def lab_dir() -> Path | None:
     value = os.environ.get("KVMCONF_LAB")
     return Path(value) if value else None

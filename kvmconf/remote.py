@@ -51,10 +51,11 @@ def generated_ssh_config(explicit: str = "") -> Path:
     chosen = chosen_ssh_config(explicit)
     if chosen:
         return chosen
-    path = build_dir(the_checkout()) / GENERATED_SSH_CONFIG
+    build = build_dir(the_checkout())  # `make`'s: the checkout's build/ unless $KVMCONF_BUILD says otherwise
+    path = build / GENERATED_SSH_CONFIG
     if not path.is_file():
         # `make` writes to $KVMCONF_BUILD as this lookup reads it: say so, so the two are seen to agree.
-        into = f" in {build_dir(the_checkout())}/, from KVMCONF_BUILD" if os.environ.get("KVMCONF_BUILD") else ""
+        into = f" in {build}/, from KVMCONF_BUILD" if os.environ.get("KVMCONF_BUILD") else ""
         raise KvmconfError(f"{path} does not exist: run `make` first (it generates the ssh config{into})")
     return path
 

@@ -98,7 +98,7 @@ def test_include_reads_an_empty_kvmconf_build_as_build(built: Path, tmp_path: Pa
     monkeypatch.setenv("KVMCONF_BUILD", "")
     assert ssh_include.main(["--config", str(config)]) == 0
     assert config.read_text() == include_of(built)
-    assert locations.build_dir() == Path("build")  # the tasks (kvmconf.remote) look in the same place
+    assert locations.build_dir() == Path("build")  # as the Makefile's $(or $(KVMCONF_BUILD),build)
 
 
 def test_include_goes_first_keeps_other_lines_and_mode(built: Path, tmp_path: Path) -> None:
