@@ -55,7 +55,8 @@ def _print_per_host(report: str, hosts: Sequence[HostReport]) -> None:
     """Print a report of every host asked; exit 1 if one failed (the report says why), so scripts and cron notice."""
     print(report)
     if any(h.error for h in hosts):
-        raise Exit("kvmconf: some hosts could not be reached", 1)
+        failed = ", ".join(h.host for h in hosts if h.error)
+        raise Exit(f"kvmconf: could not ask every host: {failed} (the report above says why)", 1)
 
 
 @task(iterable=["vm"], help={

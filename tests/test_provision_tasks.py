@@ -182,7 +182,7 @@ def test_plan_and_status_show_every_host_and_fail_when_one_is_unreachable(tmp_pa
     for task in ("plan", "status"):
         result = invoke(task, site=site)
         assert result.returncode == 1
-        assert result.stderr == "kvmconf: some hosts could not be reached\n"
+        assert result.stderr == "kvmconf: could not ask every host: kvm0, kvm1 (the report above says why)\n"
         for host in ("kvm0", "kvm1"):
             assert f"host '{host}': cannot connect to libvirt at {NOWHERE}" in result.stdout
 
