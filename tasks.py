@@ -12,6 +12,7 @@ $KVMCONF_LAB set (see `invoke lab.up`) on the lab instead of the hosts of site.t
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +25,12 @@ except ModuleNotFoundError as missing:
     raise SystemExit(f"kvmconf: the tasks need {missing.name} in .venv, and `make` alone installs only what"
                      " generating needs: run `make test-deps` once") from None
 
+from generators.errors import ConfigError, UsageError
 from generators.validate import load_cluster
 from kvmconf import inputs, lab, lifecycle, provision_server
 from kvmconf.cli import user_errors
 from kvmconf.connection import HostReport, connections
+from kvmconf.errors import KvmconfError
 from kvmconf.plan import find_hosts, format_plan, make_plan, select_or_all
 from kvmconf.provision import Options
 from kvmconf.provision import provision as provision_vms
@@ -209,18 +212,23 @@ def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bo
 @task(name="backup-status", iterable=["vm"], help={
     "vm": "only these VMs (repeatable; default: the VMs with backup=yes whose host is this machine, as"
           " `backup --all` takes them)",
-    "nagios": "one line and the Nagios exit code (0 OK, 1 WARNING, 2 CRITICAL)"})
+    "nagios": "one line and the Nagios exit code (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN: the check failed)"})
 def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
     """Per VM: last good backup, its age, chain length, sizes and the last failure."""
     from kvmconf.backup import report
     from kvmconf.backup.cluster import status_rows
 
+    if nagios:  # Nagios reads exit 1 as WARNING: a check that cannot tell is UNKNOWN (3), with why on its line
+        try:
+            code, line = report.nagios(*status_rows(inputs.load(), vm))
+        except Exception as err:  # any failure, a bug included, must reach Nagios as UNKNOWN
+            if not isinstance(err, KvmconfError | ConfigError | UsageError):
+                traceback.print_exc()  # a bug: its traceback on stderr, which Nagios does not show
+            code, line = 3, f"BACKUP UNKNOWN - backup-status failed: {type(err).__name__}: {err}"
+        print(line)
+        raise Exit(code=code)
     with user_errors():
         rows, limit = status_rows(inputs.load(), vm)
-        if nagios:
-            code, line = report.nagios(rows, limit)
-            print(line)
-            raise Exit(code=code)
         print(report.format_table(rows, limit))
 
 

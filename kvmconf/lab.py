@@ -316,7 +316,7 @@ def _serve_provision(cluster: Cluster, lab: Lab, log: Log) -> None:
 def _make_files(lab: Lab, cluster: Cluster) -> None:
     lab.dir.mkdir(parents=True, exist_ok=True)
     (lab.dir / MARKER_FILE).write_text("A kvmconf lab's directory: `invoke lab.down` removes what the lab made here.\n")
-    for sub in ("base", "kvmconf", "tftp"):
+    for sub in ("base", "kvmconf", "tftp", "backups"):  # backups: the [backup] dir, as kvm-setup makes it
         (lab.dir / sub).mkdir(parents=True, exist_ok=True)
     for name in cluster.site.hosts:
         (lab.images / name).mkdir(parents=True, exist_ok=True)

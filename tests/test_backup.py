@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
@@ -41,10 +42,32 @@ def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 12 MiB filesystem for the full-target test, mounted before the lab starts: the lab's daemons run
     in a mount namespace of their own, which sees only the mounts that existed when it was made."""
     require_lab()
-    small = tmp_path_factory.mktemp("small")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "kvmconf-bktest", str(small)], check=True)
-    yield small
-    subprocess.run(["umount", "--lazy", str(small)], check=False)
+    with mount_tmpfs(tmp_path_factory.mktemp("small"), "12m") as mounted:
+        yield mounted
+
+
+def backup_dir(parent: Path) -> Path:
+    """The [backup] dir, made as `fab kvm-setup` makes it: a backup never creates it (an unmounted disk's)."""
+    (parent / "backups").mkdir(exist_ok=True)
+    return parent / "backups"
+
+
+@contextmanager
+def mount_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "kvmconf-bktest", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+@pytest.fixture
+def nas(tmp_path: Path) -> Iterator[Path]:
+    """The NAS: a filesystem of its own, as an NFS share is (the NAS stage refuses the [backup] dir's own)."""
+    require_lab()
+    with mount_tmpfs(tmp_path / "nas", "256m") as mounted:
+        yield mounted
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +156,11 @@ def name() -> str:
     return f"bk{os.getpid()}{time.monotonic_ns() % 100000}"
 
 
-def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, tmp_path: Path, name: str,
+                                                     nas: Path) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 64)
-    settings = Settings(tmp_path / "backups", full_every=5, nas_dir=tmp_path / "nas")
+    settings = Settings(backup_dir(tmp_path), full_every=5, nas_dir=nas)
     snapshots = []
 
     full = ok(backup_vm(dom, settings, 5, quiet)).manifest
@@ -177,19 +201,19 @@ def test_full_incremental_restore_each_point_and_nas(conn: libvirt.virConnect, t
                           capture_output=True, text=True, check=True).stdout
     assert f"backing file: ../{inc1.time}/vda.qcow2" in info
 
-    nas = VmStore(settings.nas_dir, name)  # type: ignore[arg-type]
-    assert [m.time for m in nas.points()] == [full.time, inc1.time, inc2.time]
-    for m in nas.points():
+    on_nas = VmStore(nas, name)
+    assert [m.time for m in on_nas.points()] == [full.time, inc1.time, inc2.time]
+    for m in on_nas.points():
         for disk in m.disks:
-            assert disk.algorithm == "xxh128" and checksum_file(nas.point_dir(m.time) / disk.file) == disk.checksum
-    assert compare(nas.point_dir(inc2.time) / "vda.qcow2", snapshots[2]).returncode == 0
+            assert disk.algorithm == "xxh128" and checksum_file(on_nas.point_dir(m.time) / disk.file) == disk.checksum
+    assert compare(on_nas.point_dir(inc2.time) / "vda.qcow2", snapshots[2]).returncode == 0
 
 
 def test_qcow2_and_raw_disk_in_one_job(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "a.qcow2", "qcow2", 48), "qcow2"),
                               (make_disk(tmp_path / "b.raw", "raw", 32), "raw")])
     exp_a, exp_b = Expected(tmp_path / "ea.raw", 48), Expected(tmp_path / "eb.raw", 32)
-    settings = Settings(tmp_path / "backups", full_every=3)
+    settings = Settings(backup_dir(tmp_path), full_every=3)
     guest_write(dom, 1, 0x11, "0", "3M", exp_b)
     full = ok(backup_vm(dom, settings, 3, quiet)).manifest
     guest_write(dom, 0, 0x22, "8M", "2M", exp_a)
@@ -209,7 +233,7 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 32)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 2M 3M", str(disk)], check=True, capture_output=True)
     dom = define(conn, name, [(disk, "qcow2")], start=False)
-    settings = Settings(tmp_path / "backups", full_every=3)
+    settings = Settings(backup_dir(tmp_path), full_every=3)
     point = ok(backup_vm(dom, settings, 3, quiet)).manifest
     assert point is not None and point.kind == "offline" and point.checkpoint is None
     assert not dom.isActive()
@@ -248,7 +272,7 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
 def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libvirt.virConnect, tmp_path: Path,
                                                                       name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)
-    outcome = ok(backup_vm(dom, Settings(tmp_path / "backups", full_every=5), 5, quiet))
+    outcome = ok(backup_vm(dom, Settings(backup_dir(tmp_path), full_every=5), 5, quiet))
     assert outcome.manifest is not None and not outcome.manifest.frozen
     [note] = [n for n in outcome.manifest.notes if n.startswith("not frozen (crash-consistent): ")]
     assert "guest agent" in note and "no guest agent channel" not in note, note  # libvirt's own reason
@@ -259,7 +283,7 @@ def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, na
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 32)
     guest_write(dom, 0, 0x11, "0", "4M", expected)
-    settings = Settings(tmp_path / "backups", full_every=5)
+    settings = Settings(backup_dir(tmp_path), full_every=5)
     ok(backup_vm(dom, settings, 5, quiet))
     dom.blockResize("vda", 48 * MIB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
     os.truncate(expected.path, 48 * MIB)
@@ -271,9 +295,9 @@ def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, na
     assert result.returncode == 0, result.stdout
 
 
-def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, name: str, nas: Path) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 32), "qcow2")])
-    settings = Settings(tmp_path / "backups", full_every=1, nas_dir=tmp_path / "nas")
+    settings = Settings(backup_dir(tmp_path), full_every=1, nas_dir=nas)
     made = []
     for i in range(5):
         guest_write(dom, 0, 0x10 + i, f"{i}M", "1M")
@@ -283,7 +307,7 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
     assert [m.kind for m in made] == ["full", "incremental", "full", "incremental", "full"]
     # A full starts from no checkpoint: it retires every older one.
     assert [cp.getName() for cp in dom.listAllCheckpoints()] == [made[4].checkpoint]
-    for root in (settings.dir, tmp_path / "nas"):
+    for root in (settings.dir, nas):
         left = [m.time for m in VmStore(root, name).points()]
         # The first chain is gone whole; the chain of the 2nd-newest point keeps its base.
         assert left == [made[2].time, made[3].time, made[4].time], root
@@ -321,7 +345,7 @@ def _wait_for(predicate: object, timeout: float = 300.0) -> None:  # generous: a
 def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 512), "qcow2")])
     expected = Expected(tmp_path / "expected.raw", 512)
-    settings = Settings(tmp_path / "backups", full_every=5)
+    settings = Settings(backup_dir(tmp_path), full_every=5)
     store = VmStore(settings.dir, name)
     guest_write(dom, 0, 0x21, "0", "8M", expected)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
@@ -352,7 +376,7 @@ def _second_backup_in_child(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path
                                                       subprocess.Popen[str]]:
     """A VM with one backup, `written_mb` written since, and a second backup running in a child process."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", disk_mb), "qcow2")])
-    settings = Settings(tmp_path / "backups", full_every=5)
+    settings = Settings(backup_dir(tmp_path), full_every=5)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
     assert first is not None
     guest_write(dom, 0, 0x42, "0", f"{written_mb}M")
@@ -432,7 +456,7 @@ def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, con
     small = small_fs
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
     guest_write(dom, 0, 0x5A, "0", "40M")
-    settings = Settings(small / "backups", full_every=5)
+    settings = Settings(backup_dir(small), full_every=5)
     outcome = backup_vm(dom, settings, 5, quiet)
     assert not outcome.ok
     # The files are sized before a byte is written: refused up front, with what it needs and has.
@@ -461,27 +485,28 @@ def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, co
 
     dom = define(conn, "web", [(make_disk(tmp_path / "web.qcow2", "qcow2", 32), "qcow2")])
     guest_write(dom, 0, 0x5A, "0", "2M")
-    result = invoke("backup", "--all")  # web only: db and cloud are not defined in this lab
-    assert result.returncode == 0, result.stderr
-    assert "web: full backup " in result.stdout and "db: not defined on kvm0: skipped" in result.stdout
-    # In the lab directory, not the [backup] dir and nas_dir of site.toml: lab VMs may bear real VMs' names.
-    assert [p.name for p in (the_lab.dir / "backups" / "web").iterdir() if p.name[0].isdigit()] != []
-    assert not (tmp_path / "b").exists() and not (tmp_path / "nas").exists()
-    # No agent channel: said, not hidden.
-    assert "not frozen (crash-consistent): the VM has no guest agent channel" in result.stdout
-    failed = invoke("backup", "--vm", "web", "--vm", "db")
-    assert failed.returncode == 1
-    assert "web: incremental backup " in failed.stdout and "db: BACKUP FAILED: not defined on kvm0" in failed.stdout
-    assert failed.stderr.strip() == "kvmconf: backup failed for db"
-    status = invoke("backup-status", "--vm", "web")
-    assert status.returncode == 0 and "\nweb " in status.stdout, status.stdout
-    line = status.stdout.splitlines()[1].split()
-    assert (line[4], line[5], line[7]) == ("2", "2", "2"), line  # chain length, points, NAS copies
-    assert invoke("backup-status", "--nagios", "--vm", "web").stdout.startswith("BACKUP OK - web ")
-    running = invoke("restore", "--vm", "web")
-    assert running.returncode == 1 and "web: is running: shut it off first" in running.stderr
-    restored = invoke("restore", "--vm", "web", "--to", str(tmp_path / "out"))
-    assert restored.returncode == 0, restored.stderr
-    expected = Expected(tmp_path / "expected.raw", 32)
-    expected.write(0x5A, "0", "2M")
-    assert compare(tmp_path / "out" / "web-vda.qcow2", expected.path).returncode == 0
+    with mount_tmpfs(the_lab.dir / "backups-nas", "64m"):  # the lab's NAS: a filesystem of its own, as a share
+        result = invoke("backup", "--all")  # web only: db and cloud are not defined in this lab
+        assert result.returncode == 0, result.stderr
+        assert "web: full backup " in result.stdout and "db: not defined on kvm0: skipped" in result.stdout
+        # In the lab directory, not the [backup] dir and nas_dir of site.toml: lab VMs may bear real VMs' names.
+        assert [p.name for p in (the_lab.dir / "backups" / "web").iterdir() if p.name[0].isdigit()] != []
+        assert not (tmp_path / "b").exists() and not (tmp_path / "nas").exists()
+        # No agent channel: said, not hidden.
+        assert "not frozen (crash-consistent): the VM has no guest agent channel" in result.stdout
+        failed = invoke("backup", "--vm", "web", "--vm", "db")
+        assert failed.returncode == 1
+        assert "web: incremental backup " in failed.stdout and "db: BACKUP FAILED: not defined on kvm0" in failed.stdout
+        assert failed.stderr.strip() == "kvmconf: backup failed for db"
+        status = invoke("backup-status", "--vm", "web")
+        assert status.returncode == 0 and "\nweb " in status.stdout, status.stdout
+        line = status.stdout.splitlines()[1].split()
+        assert (line[4], line[5], line[8]) == ("2", "2", "2"), line  # chain, points, NAS copies ([6:8]: size, unit)
+        assert invoke("backup-status", "--nagios", "--vm", "web").stdout.startswith("BACKUP OK - web ")
+        running = invoke("restore", "--vm", "web")
+        assert running.returncode == 1 and "web: is running: shut it off first" in running.stderr
+        restored = invoke("restore", "--vm", "web", "--to", str(tmp_path / "out"))
+        assert restored.returncode == 0, restored.stderr
+        expected = Expected(tmp_path / "expected.raw", 32)
+        expected.write(0x5A, "0", "2M")
+        assert compare(tmp_path / "out" / "web-vda.qcow2", expected.path).returncode == 0

@@ -68,6 +68,7 @@ class TwoDiskVm:
         write_pattern(self.vda, "qcow2", 0x11, "1M", f"{vda_data_mb}M")
         write_pattern(self.vdb, "raw", 0x22, "0", "3M")
         self.dom = define(conn, name, [(self.vda, "qcow2"), (self.vdb, "raw")], start=False)
+        (tmp_path / "backups").mkdir()  # the [backup] dir, as `fab kvm-setup` makes it
         self.store = VmStore(tmp_path / "backups", name)
         point = ok(backup_vm(self.dom, Settings(self.store.dir.parent, full_every=3), 3, quiet)).manifest
         assert point is not None and point.kind == "offline"

@@ -8,8 +8,11 @@ left to their own host's cron.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
+import traceback
 from collections.abc import Callable, Collection
+from contextlib import suppress
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -18,15 +21,18 @@ import libvirt
 
 from generators.crontab import GRACE, max_interval
 from generators.model import Cluster, PhysicalHost, Vm, uri_host
+from kvmconf.backup import journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.report import VmStatus, vm_status
 from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
+from kvmconf.cli import say
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
-from kvmconf.errors import KvmconfError
+from kvmconf.errors import HostUnreachable, KvmconfError
 from kvmconf.interfaces import interface_addresses
 from kvmconf.plan import find_vm, find_vms, vms_or_all
+from kvmconf.signals import sigterm_as_interrupt
 
 Log = Callable[[str], None]
 
@@ -113,27 +119,91 @@ def require_this_machines_hosts(cluster: Cluster, machine: Machine, task: str) -
 
 
 def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections, progress: bool,
-           log: Log = print, machine: Machine | None = None) -> list[Outcome]:
-    """Back up the named VMs, or with ``all_vms`` the backup=yes VMs of this machine's hosts (``machine``: here)."""
+           log: Log = say, machine: Machine | None = None) -> list[Outcome]:
+    """Back up the named VMs, or with ``all_vms`` the backup=yes VMs of this machine's hosts (``machine``: here).
+
+    Each VM on its own: one VM's failure, however unexpected, is its outcome and the next VM is backed up.
+    Ctrl-C or SIGTERM ends the run, recorded as interrupted for the VM it stopped.
+    """
     vms_or_all(names, all_vms, "every backup=yes VM whose host is this machine")
+    machine = machine or Machine.here()
     if all_vms:
-        hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup --all")
+        hosts = require_this_machines_hosts(cluster, machine, "backup --all")
         chosen = [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
     else:
         chosen = find_vms(cluster, names)  # every unknown name in one error
-    outcomes = []
-    for vm in chosen:
-        dom = lookup(conns.get(vm.host), vm.name)
-        if dom is None:
-            if all_vms:
-                log(f"{vm.name}: not defined on {vm.host}: skipped")
-                continue
-            outcome = Outcome(vm.name, False, error=f"not defined on {vm.host}")
-        else:
-            outcome = backup_vm(dom, settings(cluster, progress), keep_of(cluster, vm), log)
-        outcomes.append(outcome)
-        log(describe(outcome))
+        require_here(cluster, chosen, machine, "backup")
+    log(f"backup: started {now_text()}, pid {os.getpid()}: {', '.join(vm.name for vm in chosen) or 'no VM'}")
+    outcomes: list[Outcome] = []
+    with sigterm_as_interrupt():  # also between two VMs: said and recorded, not a silent end
+        try:
+            for vm in chosen:
+                outcome = _backup_isolated(cluster, vm, all_vms, conns, progress, log)
+                if outcome is not None:
+                    outcomes.append(outcome)
+                    log(describe(outcome))
+        except KeyboardInterrupt:
+            done = ", ".join(o.vm for o in outcomes) or "none"
+            log(f"backup: interrupted {now_text()} (Ctrl-C or SIGTERM); finished before it: {done}")
+            raise
+    failed = [o.vm for o in outcomes if not o.ok or o.error]
+    log(f"backup: finished {now_text()}: {len(outcomes) - len(failed)} ok"
+        + (f", failed: {', '.join(failed)}" if failed else ""))
     return outcomes
+
+
+def _backup_isolated(cluster: Cluster, vm: Vm, all_vms: bool, conns: Connections, progress: bool,
+                     log: Log) -> Outcome | None:
+    """_backup_one; a failure of any kind is this VM's outcome and last run, an interrupt is recorded, then ends it."""
+    try:
+        return _backup_one(cluster, vm, all_vms, conns, progress, log)
+    except KeyboardInterrupt:
+        _record_failure(cluster, vm, "interrupted (Ctrl-C or SIGTERM) before it finished")
+        raise
+    except HostUnreachable as err:  # that host's other VMs fail alike; the other hosts' still run
+        outcome = Outcome(vm.name, False, error=str(err))
+    except Exception as err:  # a bug: this VM's failure, with its traceback, and the next VMs still run
+        traceback.print_exc()
+        outcome = Outcome(vm.name, False, error=f"unexpected error {type(err).__name__}: {err} (a bug: its"
+                                                " traceback is on stderr, in the cron log)")
+    _record_failure(cluster, vm, outcome.error)
+    return outcome
+
+
+def _backup_one(cluster: Cluster, vm: Vm, all_vms: bool, conns: Connections, progress: bool,
+                log: Log) -> Outcome | None:
+    """One VM's outcome; None when --all skips it (not defined on its host)."""
+    dom = lookup(conns.get(vm.host), vm.name)
+    if dom is None:
+        if all_vms:
+            log(f"{vm.name}: not defined on {vm.host}: skipped")
+            return None
+        return Outcome(vm.name, False, error=f"not defined on {vm.host}")
+    return backup_vm(dom, settings(cluster, progress), keep_of(cluster, vm), log)
+
+
+def _record_failure(cluster: Cluster, vm: Vm, error: str) -> None:
+    """last-run.json of a VM whose backup did not reach its own record (backup_vm's), for backup-status."""
+    vm_dir = VmStore(Path(cluster.site.backup.dir), vm.name).dir
+    if not vm_dir.is_dir():
+        return
+    entry = {"time": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"), "ok": False, "error": error, "point": None}
+    with suppress(OSError):  # a full disk must not hide the failure being reported
+        journal.write(vm_dir, entry, journal.LAST_RUN, durable=False)
+
+
+def now_text() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def require_here(cluster: Cluster, vms: list[Vm], machine: Machine, task: str) -> None:
+    """Refuse VMs of another host: their backups are local files of that host, and their NBD socket is there."""
+    hosts = this_machines_hosts(cluster, machine)
+    elsewhere = [vm for vm in vms if vm.host not in hosts]
+    if elsewhere:
+        raise KvmconfError("; ".join(f"{task} {vm.name}: its host {vm.host} is not this machine" for vm in elsewhere)
+                           + f" ({machine.describe()}; {RULE}): run it on "
+                           + ", ".join(sorted({vm.host for vm in elsewhere})))
 
 
 def describe(outcome: Outcome) -> str:
@@ -146,10 +216,11 @@ def describe(outcome: Outcome) -> str:
 
 
 def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, force: bool, conns: Connections,
-               log: Log = print) -> list[Path]:
+               log: Log = say, machine: Machine | None = None) -> list[Path]:
     vm = find_vm(cluster, name)
     dom: libvirt.virDomain | None = None
-    if to is None:
+    if to is None:  # in place: the VM's disks are files of its host, swapped here
+        require_here(cluster, [vm], machine or Machine.here(), "restore")
         dom = lookup(conns.get(vm.host), vm.name)
     return restore(VmStore(Path(cluster.site.backup.dir), vm.name), at, to, dom, force, log)
 

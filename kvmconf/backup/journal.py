@@ -22,8 +22,16 @@ SWAPPING = "swapping"  # in REPLACED while an in-place restore swaps the disks: 
 
 @contextmanager
 def vm_lock(vm_dir: Path) -> Iterator[None]:
-    """flock on <vm dir>/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next."""
-    vm_dir.mkdir(parents=True, exist_ok=True)
+    """flock on <vm dir>/.lock: the kernel drops it when the holder dies, so a killed run never blocks the next.
+
+    Only <vm dir> is made: a missing [backup] dir is a backup disk not mounted (or a host not set up), and
+    creating it would fill the root filesystem with backups the admin does not know are there.
+    """
+    try:
+        vm_dir.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise KvmconfError(f"{vm_dir.name}: the [backup] dir {vm_dir.parent} does not exist (is its filesystem"
+                           " mounted?): `fab kvm-setup` creates it") from None
     fd = os.open(vm_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:

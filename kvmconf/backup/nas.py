@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 from generators.files import fsync_path
 from kvmconf.backup.store import PARTIAL, VmStore, checksum_file, write_point_files
@@ -21,9 +22,35 @@ class NasFailed(KvmconfError):
     """Copying to the NAS or verifying the copy failed; the local backup is still good."""
 
 
+def check_mounted(local_root: Path, nas_root: Path) -> None:
+    """Refuse a nas_dir that is missing, or on the [backup] dir's filesystem: the NFS share is not mounted there.
+
+    Copying anyway would fill the mount point's filesystem (usually /) and count copies that are not on the NAS.
+    """
+    try:
+        nas_device = nas_root.stat().st_dev
+    except FileNotFoundError:
+        raise NasFailed(f"nas_dir {nas_root} does not exist: is the NAS share mounted? (kvmconf creates only the VM"
+                        " directories below it)") from None
+    except OSError as err:
+        raise NasFailed(f"nas_dir {nas_root}: {err.strerror}") from None
+    if nas_device == local_root.stat().st_dev:
+        raise NasFailed(f"nas_dir {nas_root} is on the same filesystem as the [backup] dir {local_root}: the NAS"
+                        " share is not mounted there (a copy would not be on the NAS)")
+
+
 def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
     """Copy every local point missing on the NAS (oldest first, so bases come before their incrementals)."""
-    nas.dir.mkdir(parents=True, exist_ok=True)
+    check_mounted(local.root, nas.root)
+    try:
+        return _stage(local, nas, keep, log)
+    except OSError as err:  # a read-only or full NAS: its error, not the local backup directory's
+        raise NasFailed(f"{local.vm}: the NAS copy in nas_dir {nas.root} failed:"
+                        f" {err.filename + ': ' if err.filename else ''}{err.strerror or err}") from None
+
+
+def _stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
+    nas.dir.mkdir(exist_ok=True)
     for partial in nas.partials():
         shutil.rmtree(partial, ignore_errors=True)
     there = {m.time for m in nas.points()}

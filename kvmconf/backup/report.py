@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvmconf.backup import journal
 from kvmconf.backup.store import VmStore
+from kvmconf.errors import KvmconfError
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class VmStatus:
     stored: int
     nas_points: int
     last_error: str
+    unreadable: str = ""  # why this VM's backups could not be read (a manifest that does not parse): CRITICAL
 
 
 def _parse(time: str) -> dt.datetime:
@@ -27,6 +29,14 @@ def _parse(time: str) -> dt.datetime:
 
 
 def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
+    """One VM's status; backups it cannot read are its own problem, not the end of the report of every VM."""
+    try:
+        return _vm_status(root, nas, vm, now)
+    except (KvmconfError, ValueError) as err:  # ValueError: a last-run.json that does not parse
+        return VmStatus(vm, None, None, 0, 0, 0, 0, "", unreadable=str(err))
+
+
+def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
     store = VmStore(root, vm)
     points = store.points()
     last = points[-1] if points else None
@@ -36,6 +46,26 @@ def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStat
     return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
                     sum(m.stored for m in points), len(VmStore(nas, vm).points()) if nas else 0, error)
+
+
+# A clock stepped back (or a point's name from a host whose clock ran ahead) makes the newest point look newer than
+# now: its age says nothing about whether backups still run. Beyond this slack it is a problem, not an age.
+CLOCK_SLACK = dt.timedelta(minutes=1)
+FUTURE = "newest point is in the future: check the clock"
+
+
+def in_the_future(row: VmStatus) -> bool:
+    return row.age is not None and row.age < -CLOCK_SLACK
+
+
+def _critical(row: VmStatus) -> str:
+    if row.unreadable:
+        return row.unreadable
+    if row.age is None:
+        return "no backup"
+    if in_the_future(row):
+        return f"last good {row.last_good}, {FUTURE}"
+    return f"last good {row.last_good}, {_age(row.age)} old"
 
 
 def _age(age: dt.timedelta | None) -> str:
@@ -56,10 +86,14 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
     lines = [f"{'VM':<16} {'LAST GOOD':<17} {'AGE':>8} {'CHAIN':>5} {'POINTS':>6} {'STORED':>10} {'NAS':>4}  PROBLEM"]
     for r in rows:
         problem = r.last_error
-        if r.age is None:
+        if r.unreadable:
+            problem = r.unreadable
+        elif r.age is None:
             problem = problem or "no backup yet"
+        elif in_the_future(r):
+            problem = "; ".join(p for p in (FUTURE, problem) if p)
         elif r.age > limit:
-            problem = f"older than the schedule allows ({_age(limit)}); " + problem
+            problem = "; ".join(p for p in (f"older than the schedule allows ({_age(limit)})", problem) if p)
         lines.append(f"{r.vm:<16} {r.last_good or '-':<17} {_age(r.age):>8} {r.chain_length:>5} {r.points:>6}"
                      f" {_size(r.stored, r.points):>10} {r.nas_points:>4}  {problem}".rstrip())
     return "\n".join(lines)
@@ -67,12 +101,11 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
 
 def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
     """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists), 2 CRITICAL."""
-    critical = [r for r in rows if r.age is None or r.age > limit]
+    critical = [r for r in rows if r.unreadable or r.age is None or r.age > limit or in_the_future(r)]
     warning = [r for r in rows if r.last_error and r not in critical]
     if critical:
-        return 2, "BACKUP CRITICAL - " + "; ".join(
-            f"{r.vm}: " + ("no backup" if r.age is None else f"last good {r.last_good}, {_age(r.age)} old")
-            for r in critical) + f" (limit {_age(limit)})"
+        return 2, "BACKUP CRITICAL - " + "; ".join(f"{r.vm}: {_critical(r)}" for r in critical) + \
+            f" (limit {_age(limit)})"
     if warning:
         return 1, "BACKUP WARNING - " + "; ".join(f"{r.vm}: last run failed ({r.last_error})" for r in warning)
     return 0, "BACKUP OK - " + ", ".join(f"{r.vm} {_age(r.age)}" for r in rows)

@@ -11,6 +11,8 @@ Layout (the same locally and on the NAS)::
     <dir>/<vm>/journal.json         what the running (or interrupted) run has started
     <dir>/<vm>/last-run.json        the outcome of the last run, for backup-status
     <dir>/<vm>/durable.json         the newest point known to be on disk (durability.py)
+    <dir>/<vm>/.lock                the per-VM lock a backup or restore holds (flock: journal.vm_lock)
+    <dir>/<vm>/replaced.json        disks an in-place restore replaced, kept until the restored VM runs
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import blake3
 import xxhash
 
 from generators.files import fsync_path, write_new
+from kvmconf.errors import KvmconfError
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
@@ -97,6 +100,15 @@ class Manifest:
         return SUMS[self.disks[0].algorithm] if self.disks else SUMS[CHECKSUM]
 
 
+def load_manifest(path: Path) -> Manifest:
+    """A point's manifest; one that does not parse (truncated, edited) is this VM's problem, said with its file."""
+    try:
+        return Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError; missing or unknown fields
+        raise KvmconfError(f"{path}: the restore point's manifest does not parse ({type(err).__name__}: {err}):"
+                           f" move {path.parent} aside (and the points after it in its chain) to go on") from None
+
+
 def new_hash() -> xxhash.xxh3_128:
     """A running checksum of the CHECKSUM algorithm; checksum_text gives what a DiskFile records."""
     return xxhash.xxh3_128()
@@ -147,7 +159,7 @@ class VmStore:
         for child in sorted(self.dir.iterdir()):
             if child.name.endswith(PARTIAL) or not (child / MANIFEST).is_file():
                 continue
-            found.append(Manifest.from_json((child / MANIFEST).read_text()))
+            found.append(load_manifest(child / MANIFEST))
         return found
 
     def point_dir(self, time: str) -> Path:

@@ -1,0 +1,247 @@
+"""What a backup run must not do quietly: write a NAS copy or a backup onto the wrong filesystem, stop every VM
+for one VM's problem, end without a word in its log, read a clock gone backwards as a fresh backup, or back up
+a VM of another host from here.
+
+Real components: libvirt's client failing to connect (an unreachable host), a real SIGTERM, real manifests on
+disk, tmpfs mounts (as root) for a NAS that is a filesystem of its own. Two stand-ins, said where used: a bug
+(no real one to trigger) and the signal's timing (sent from the connection opener, while a VM is being done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from generators.crontab import GRACE, max_interval
+from generators.model import Cluster
+from kvmconf.backup import journal, report
+from kvmconf.backup.cluster import RULE, Machine, backup, restore_vm
+from kvmconf.backup.nas import NasFailed, stage
+from kvmconf.backup.store import MANIFEST, DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from kvmconf.connection import connections, open_uri
+from kvmconf.errors import KvmconfError
+from tests.labs import quiet
+
+KVM0 = Machine("kvm0", ("192.168.50.4",))
+ALL_HOSTS = Machine("kvm1", ("192.168.50.4",))  # kvm1 by name, kvm0 by its address
+LIMIT = max_interval("30 2 * * *") + GRACE
+NOW = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC)
+# A libvirt that is not there: the real client fails to connect, as to a host that is down.
+UNREACHABLE = "qemu:///system?socket=/nonexistent/libvirt-sock"
+
+
+def local_point(root: Path, vm: str, time: str, data: bytes = b"backup") -> Manifest:
+    """A complete point with a real file, its checksum and manifest, as the engine leaves it."""
+    point_dir = VmStore(root, vm).point_dir(time)
+    point_dir.mkdir(parents=True)
+    (point_dir / "vda.qcow2").write_bytes(data)
+    disk = DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 20, len(data),
+                    checksum_file(point_dir / "vda.qcow2"), None)
+    manifest = Manifest(vm, time, "full", time, None, f"kvmconf-{time}", False, [], [disk], 1.0)
+    write_point_files(point_dir, manifest)
+    return manifest
+
+
+def with_backup_dir(cluster: Cluster, backup_dir: Path, **hosts: str) -> Cluster:
+    """The cluster with its [backup] dir here and some hosts' URIs replaced."""
+    site = dataclasses.replace(
+        cluster.site, backup=dataclasses.replace(cluster.site.backup, dir=str(backup_dir), nas_dir=None),
+        hosts={name: dataclasses.replace(h, uri=hosts.get(name, h.uri)) for name, h in cluster.site.hosts.items()})
+    return dataclasses.replace(cluster, site=site)
+
+
+# --- 1. an unmounted NAS share or backup disk ---
+
+def test_a_missing_nas_dir_is_refused_and_nothing_is_created(tmp_path: Path) -> None:
+    local_point(tmp_path / "local", "vm1", "20261120T023000Z")
+    nas = tmp_path / "mnt" / "nas" / "kvmconf"
+    with pytest.raises(NasFailed) as err:
+        stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas, "vm1"), 2, quiet)
+    assert str(err.value) == (f"nas_dir {nas} does not exist: is the NAS share mounted? (kvmconf creates only the VM"
+                              " directories below it)")
+    assert not (tmp_path / "mnt").exists()
+
+
+def test_a_nas_dir_on_the_backup_dirs_filesystem_is_an_unmounted_share(tmp_path: Path) -> None:
+    local_point(tmp_path / "local", "vm1", "20261120T023000Z")
+    nas = tmp_path / "nas"
+    nas.mkdir()  # the mount point, with the share not mounted on it
+    with pytest.raises(NasFailed) as err:
+        stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas, "vm1"), 2, quiet)
+    assert str(err.value) == (f"nas_dir {nas} is on the same filesystem as the [backup] dir {tmp_path / 'local'}: the"
+                              " NAS share is not mounted there (a copy would not be on the NAS)")
+    assert list(nas.iterdir()) == []
+
+
+@pytest.fixture
+def nas_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs: a NAS share of its own filesystem (root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kvmconf-nastest", str(nas)], check=True)
+    try:
+        yield nas
+    finally:
+        subprocess.run(["umount", "--lazy", str(nas)], check=False)
+
+
+def test_a_mounted_nas_gets_the_vm_directory_and_a_verified_copy(tmp_path: Path, nas_fs: Path) -> None:
+    made = local_point(tmp_path / "local", "vm1", "20261120T023000Z")
+    lines: list[str] = []
+    assert stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas_fs, "vm1"), 2, lines.append) == [made.time]
+    assert lines == ["vm1: NAS: copied and verified 20261120T023000Z"]
+    assert [m.time for m in VmStore(nas_fs, "vm1").points()] == [made.time]
+
+
+def test_a_read_only_nas_is_blamed_on_the_nas_not_the_local_directory(tmp_path: Path, nas_fs: Path) -> None:
+    local_point(tmp_path / "local", "vm1", "20261120T023000Z")
+    subprocess.run(["mount", "-o", "remount,ro", str(nas_fs)], check=True)
+    with pytest.raises(NasFailed) as err:
+        stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas_fs, "vm1"), 2, quiet)
+    assert str(err.value) == (f"vm1: the NAS copy in nas_dir {nas_fs} failed: {nas_fs}/vm1: Read-only file system")
+
+
+def test_a_full_nas_is_a_nas_failure(tmp_path: Path, nas_fs: Path) -> None:
+    local_point(tmp_path / "local", "vm1", "20261120T023000Z", os.urandom(2 << 20))  # 2 MiB on a 1 MiB NAS
+    with pytest.raises(NasFailed) as err:
+        stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas_fs, "vm1"), 2, quiet)
+    assert str(err.value).startswith("vm1: copying 20261120T023000Z to the NAS failed: cp: "), err.value
+    assert str(err.value).endswith(": No space left on device"), err.value
+    assert VmStore(nas_fs, "vm1").points() == [] and VmStore(nas_fs, "vm1").partials() == []
+
+
+def test_the_lock_never_creates_a_missing_backup_dir(tmp_path: Path) -> None:
+    with pytest.raises(KvmconfError) as err, journal.vm_lock(tmp_path / "backups" / "vm1"):
+        pass
+    assert str(err.value) == (f"vm1: the [backup] dir {tmp_path}/backups does not exist (is its filesystem mounted?):"
+                              " `fab kvm-setup` creates it")
+    assert not (tmp_path / "backups").exists()
+    (tmp_path / "backups").mkdir()
+    with journal.vm_lock(tmp_path / "backups" / "vm1"):
+        assert (tmp_path / "backups" / "vm1" / journal.LOCK).is_file()
+
+
+# --- 2. a point from the future ---
+
+def test_a_point_in_the_future_is_critical_not_a_negative_age(tmp_path: Path) -> None:
+    local_point(tmp_path, "vm1", "20361120T023000Z")  # a clock that ran ten years ahead when it was made
+    row = report.vm_status(tmp_path, None, "vm1", NOW)
+    assert report.nagios([row], LIMIT) == (2, "BACKUP CRITICAL - vm1: last good 20361120T023000Z, newest point is"
+                                              " in the future: check the clock (limit 26.0 h)")
+    assert report.format_table([row], LIMIT).splitlines()[1].endswith("  newest point is in the future: check the"
+                                                                      " clock")
+    local_point(tmp_path, "vm2", "20261121T030030Z")  # 30 s ahead: clocks of a few seconds apart are no problem
+    assert report.nagios([report.vm_status(tmp_path, None, "vm2", NOW)], LIMIT) == (0, "BACKUP OK - vm2 -0.0 h")
+
+
+# --- 3. one VM's problem is that VM's, and the run is recorded ---
+
+def test_a_manifest_that_does_not_parse_names_its_file_and_is_that_vms_problem(tmp_path: Path) -> None:
+    local_point(tmp_path, "vm1", "20261120T023000Z")
+    manifest = VmStore(tmp_path, "vm1").point_dir("20261120T023000Z") / MANIFEST
+    manifest.write_text(manifest.read_text()[:40])  # truncated by a crash of a filesystem without journal
+    expected = (f"{manifest}: the restore point's manifest does not parse (JSONDecodeError: Unterminated string"
+                f" starting at: line 3 column 12 (char 30)): move {manifest.parent} aside (and the points after it in"
+                " its chain) to go on")
+    with pytest.raises(KvmconfError) as err:
+        VmStore(tmp_path, "vm1").points()
+    assert str(err.value) == expected
+    local_point(tmp_path, "vm2", "20261120T023000Z")
+    rows = [report.vm_status(tmp_path, None, vm, NOW) for vm in ("vm1", "vm2")]
+    assert report.nagios(rows, LIMIT) == (2, f"BACKUP CRITICAL - vm1: {expected} (limit 26.0 h)")
+    table = report.format_table(rows, LIMIT).splitlines()
+    assert table[1].endswith(f"  {expected}") and table[2].startswith("vm2              20261120T023000Z")
+
+
+def test_an_unreachable_host_fails_its_vms_and_the_run_goes_on_recorded(example: Cluster, tmp_path: Path) -> None:
+    cluster = with_backup_dir(example, tmp_path, kvm0=UNREACHABLE)
+    (tmp_path / "db").mkdir()  # backed up before: its last run is recorded for backup-status
+    lines: list[str] = []
+    with connections(cluster) as conns:
+        outcomes = backup(cluster, [], True, conns, False, lines.append, KVM0)
+    vms = ["provision", "mcp", "ldap", "db", "web", "login"]
+    assert [o.vm for o in outcomes] == vms and not any(o.ok for o in outcomes)  # every VM tried, none skipped
+    error = outcomes[0].error
+    assert error.startswith(f"host 'kvm0': cannot connect to libvirt at {UNREACHABLE} (")
+    assert re.fullmatch(rf"backup: started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC, pid {os.getpid()}: "
+                        + ", ".join(vms), lines[0]), lines[0]
+    assert lines[1:-1] == [f"{vm}: BACKUP FAILED: {error}" for vm in vms]
+    assert lines[-1].startswith("backup: finished ") and lines[-1].endswith(f" UTC: 0 ok, failed: {', '.join(vms)}")
+    last_run = journal.read(tmp_path / "db", journal.LAST_RUN)
+    assert last_run is not None and (last_run["ok"], last_run["error"]) == (False, error)
+    assert not (tmp_path / "web").exists()  # never backed up: no directory made for the record
+
+
+def test_a_bug_in_one_vms_backup_is_its_failure_and_the_next_vm_is_still_tried(
+        example: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stand-in for a bug: the opener raises for kvm0 (no real bug to trigger); kvm1's VM is still tried."""
+    cluster = with_backup_dir(example, tmp_path, kvm1=UNREACHABLE)
+    (tmp_path / "db").mkdir()
+
+    def buggy_for_kvm0(uri: str) -> libvirt.virConnect:
+        if uri == example.site.hosts["kvm0"].uri:
+            raise TypeError("'NoneType' object is not subscriptable")
+        return open_uri(uri)
+
+    lines: list[str] = []
+    with connections(cluster, buggy_for_kvm0) as conns:
+        outcomes = backup(cluster, ["db", "compute1"], False, conns, False, lines.append, ALL_HOSTS)
+    bug = ("unexpected error TypeError: 'NoneType' object is not subscriptable (a bug: its traceback is on stderr,"
+           " in the cron log)")
+    assert (outcomes[0].vm, outcomes[0].ok, outcomes[0].error) == ("db", False, bug)
+    assert outcomes[1].vm == "compute1" and outcomes[1].error.startswith("host 'kvm1': cannot connect to libvirt")
+    assert lines[1] == f"db: BACKUP FAILED: {bug}"
+    assert capsys.readouterr().err.startswith("Traceback (most recent call last):")
+    last_run = journal.read(tmp_path / "db", journal.LAST_RUN)
+    assert last_run is not None and last_run["error"] == bug
+
+
+def test_sigterm_during_a_vm_records_it_as_interrupted_and_says_so(example: Cluster, tmp_path: Path) -> None:
+    """A real SIGTERM, sent while the run connects for its second VM (the opener sends it: the timing)."""
+    cluster = with_backup_dir(example, tmp_path, kvm0=UNREACHABLE, kvm1=UNREACHABLE + "1")
+    (tmp_path / "compute1").mkdir()
+
+    def terminated_while_connecting(uri: str) -> libvirt.virConnect:
+        if uri.endswith("1"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return open_uri(uri)
+
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt), connections(cluster, terminated_while_connecting) as conns:
+        backup(cluster, ["db", "compute1", "web"], False, conns, False, lines.append, ALL_HOSTS)
+    assert lines[1].startswith("db: BACKUP FAILED: host 'kvm0': cannot connect")
+    assert re.fullmatch(r"backup: interrupted \S+ \S+ UTC \(Ctrl-C or SIGTERM\); finished before it: db", lines[2])
+    assert len(lines) == 3  # web not tried
+    last_run = journal.read(tmp_path / "compute1", journal.LAST_RUN)
+    assert last_run is not None and (last_run["ok"], last_run["error"]) == (
+        False, "interrupted (Ctrl-C or SIGTERM) before it finished")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
+
+
+# --- 6. the VMs of another host are backed up and restored in place there ---
+
+def test_backup_or_in_place_restore_of_another_hosts_vm_names_the_host_to_run_it_on(example: Cluster,
+                                                                                     tmp_path: Path) -> None:
+    cluster = with_backup_dir(example, tmp_path)
+    expected = ("{task} compute1: its host kvm1 is not this machine (hostname kvm0, addresses 192.168.50.4;"
+                f" {RULE}): run it on kvm1")
+    with connections(cluster) as conns:
+        with pytest.raises(KvmconfError) as err:
+            backup(cluster, ["db", "compute1"], False, conns, False, quiet, KVM0)
+        assert str(err.value) == expected.format(task="backup")
+        with pytest.raises(KvmconfError) as err:
+            restore_vm(cluster, "compute1", None, None, True, conns, quiet, KVM0)
+        assert str(err.value) == expected.format(task="restore")
+        assert conns._open == {}  # refused before connecting to either host
+    assert list(tmp_path.iterdir()) == []
