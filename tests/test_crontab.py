@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -44,7 +44,7 @@ def test_job_line_is_five_schedule_fields_then_root_then_the_backup_command(exam
     fields = _job(_text(example)).split(maxsplit=6)
     assert fields[:5] == ["30", "2", "*", "*", "*"]
     assert fields[5] == "root"
-    assert fields[6] == "cd /root/kvmconf && .venv/bin/invoke backup --all >> /var/log/kvmconf-backup.log 2>&1"
+    assert fields[6] == "{ cd /root/kvmconf && .venv/bin/invoke backup --all; } >> /var/log/kvmconf-backup.log 2>&1"
 
 
 def test_environment_comes_before_the_job(example: Cluster) -> None:
@@ -78,7 +78,8 @@ def test_no_excluded_section_when_every_vm_is_backed_up(example: Cluster) -> Non
 
 def test_percent_is_escaped_and_spaces_quoted_in_paths(example: Cluster) -> None:
     job = _job(_text(_with_backup(example, checkout="/srv/kvm conf", log="/var/log/backup-%d.log")))
-    assert job.endswith("root cd '/srv/kvm conf' && .venv/bin/invoke backup --all >> /var/log/backup-\\%d.log 2>&1")
+    assert job.endswith("root { cd '/srv/kvm conf' && .venv/bin/invoke backup --all; } >> /var/log/backup-\\%d.log"
+                        " 2>&1")
 
 
 @pytest.mark.consumer
@@ -87,6 +88,17 @@ def test_job_command_is_valid_sh(example: Cluster) -> None:
     command = job.split(maxsplit=6)[6].replace("\\%", "%")  # what cron hands to /bin/sh
     result = run([require_tool("sh"), "-n", "-c", command])
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.consumer
+def test_a_checkout_that_is_gone_is_said_in_the_log_not_only_in_cron_mail(example: Cluster, tmp_path: Path) -> None:
+    log = tmp_path / "backup-%d.log"  # a % as well: cron's escaping must give sh the path back
+    job = _job(_text(_with_backup(example, checkout=str(tmp_path / "gone"), log=str(log))))
+    command = job.split(maxsplit=6)[6].replace("\\%", "%")  # what cron hands to /bin/sh
+    sh = require_tool("sh")
+    result = run([sh, "-c", command])
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", "")  # cron would mail nothing
+    assert log.read_text() == f"{sh}: 1: cd: can't cd to {tmp_path}/gone\n"
 
 
 def test_long_vm_lists_wrap_into_comment_lines_naming_every_vm(example: Cluster) -> None:
