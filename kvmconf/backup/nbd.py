@@ -63,6 +63,12 @@ STATE_DIRTY = 1
 
 _MAX_REQUEST = 32 * 1024 * 1024  # QEMU's NBD_MAX_BUFFER_SIZE; the server may say less
 _STATUS_SPAN = 1 << 30  # one BLOCK_STATUS asks about at most this much (the length field is 32 bits)
+# How long one send or receive may wait before the export counts as stalled. A healthy export answers a read
+# of at most 32 MiB in well under a second; storage under the VM's disks that hangs (an NFS server rebooting,
+# a dying disk retrying) may answer again after a minute or two. Five minutes let such storage come back, and
+# keep a hung export from holding the job (and the guest's copy-before-write), the VM's lock and every later
+# run forever.
+TIMEOUT = 300.0
 
 _REQUEST = struct.Struct(">IHHQQI")
 _CHUNK_HEADER = struct.Struct(">IHHQI")
@@ -97,11 +103,17 @@ class NbdClient:
     # --- handshake ------------------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, socket_path: str, export: str, contexts: Iterable[str] = ("base:allocation",)) -> NbdClient:
+    def connect(cls, socket_path: str, export: str, contexts: Iterable[str] = ("base:allocation",),
+                timeout: float = TIMEOUT) -> NbdClient:
+        """`timeout`: seconds a send or receive may wait, for the whole life of the connection (see TIMEOUT)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
             sock.connect(socket_path)
             return cls._handshake(sock, export, list(contexts))
+        except TimeoutError:
+            sock.close()
+            raise _stalled(export, timeout) from None
         except OSError as err:
             sock.close()
             raise NbdError(f"cannot connect to the NBD export {export!r} at {socket_path}: {err.strerror or err}") \
@@ -180,7 +192,7 @@ class NbdClient:
         try:
             self._sock.sendall(_REQUEST.pack(_REQUEST_MAGIC, flags, command, cookie, offset, length))
         except OSError as err:
-            raise _gone(self.export, err) from None
+            raise _gone(self.export, err, self._sock.gettimeout()) from None
         return cookie
 
     def _chunk_header(self) -> tuple[int, int, int, int]:
@@ -188,7 +200,7 @@ class NbdClient:
         try:
             magic, flags, kind, cookie, length = _CHUNK_HEADER.unpack(_recv_exact(self._sock, _CHUNK_HEADER.size))
         except OSError as err:
-            raise _gone(self.export, err) from None
+            raise _gone(self.export, err, self._sock.gettimeout()) from None
         if magic != _STRUCTURED_REPLY_MAGIC:
             raise NbdError(f"export {self.export!r}: unexpected reply (magic {magic:#x})")
         return flags, kind, cookie, length
@@ -197,7 +209,7 @@ class NbdClient:
         try:
             return _recv_exact(self._sock, length)
         except OSError as err:
-            raise _gone(self.export, err) from None
+            raise _gone(self.export, err, self._sock.gettimeout()) from None
 
     def extents(self, context: str, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """The extents of `context` covering [offset, offset+length), neighbours with equal flags merged."""
@@ -281,7 +293,7 @@ class NbdClient:
             try:
                 _recv_into_exact(self._sock, buffer[at:at + length - 8])
             except OSError as err:
-                raise _gone(self.export, err) from None
+                raise _gone(self.export, err, self._sock.gettimeout()) from None
         elif kind == _REPLY_TYPE_OFFSET_HOLE:
             at, span = struct.unpack(">QI", self._payload(12))
             buffer[at - offset:at - offset + span] = bytes(span)
@@ -310,8 +322,15 @@ def _recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _gone(export: str, err: OSError) -> NbdError:
+def _gone(export: str, err: OSError, timeout: float | None = None) -> NbdError:
+    if isinstance(err, TimeoutError):
+        return _stalled(export, timeout)
     return NbdError(f"export {export!r}: the NBD server went away ({err.strerror or err})")
+
+
+def _stalled(export: str, timeout: float | None) -> NbdError:
+    waited = "" if timeout is None else f" in {timeout:g} s"
+    return NbdError(f"export {export!r}: the NBD server did not answer{waited} (the VM's storage may hang)")
 
 
 def _option(sock: socket.socket, option: int, data: bytes) -> None:
