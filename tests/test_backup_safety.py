@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ LIMIT = max_interval("30 2 * * *") + GRACE
 NOW = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC)
 # A libvirt that is not there: the real client fails to connect, as to a host that is down.
 UNREACHABLE = "qemu:///system?socket=/nonexistent/libvirt-sock"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def local_point(root: Path, vm: str, time: str, data: bytes = b"backup") -> Manifest:
@@ -245,3 +247,35 @@ def test_backup_or_in_place_restore_of_another_hosts_vm_names_the_host_to_run_it
         assert str(err.value) == expected.format(task="restore")
         assert conns._open == {}  # refused before connecting to either host
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 3 and 4, as cron and Nagios run the tasks ---
+
+def _invoke(tmp_path: Path, site_text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The task in a process of its own, stdout and stderr into one pipe as cron's `>> log 2>&1` has them."""
+    (tmp_path / "site.toml").write_text(site_text)
+    env = {**os.environ, "KVMCONF_CLUSTER": str(ROOT / "cluster.conf"), "KVMCONF_SITE": str(tmp_path / "site.toml")}
+    env.pop("KVMCONF_LAB", None)
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_the_log_has_a_first_and_last_line_and_the_failure_after_the_vms_lines(tmp_path: Path) -> None:
+    site = (ROOT / "site.toml").read_text()
+    unreachable = site.replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}"').replace(
+        '\nuri = "qemu:///system"\n', f'\nuri = "{UNREACHABLE}"\n')
+    assert unreachable.count(UNREACHABLE) == 1 and str(tmp_path) in unreachable
+    result = _invoke(tmp_path, unreachable, "backup", "--vm", "db")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and len(lines) == 4, result.stdout
+    assert re.fullmatch(r"backup: started \S+ \S+ UTC, pid \d+: db", lines[0]), lines[0]
+    assert lines[1].startswith(f"db: BACKUP FAILED: host 'kvm0': cannot connect to libvirt at {UNREACHABLE} (")
+    assert re.fullmatch(r"backup: finished \S+ \S+ UTC: 0 ok, failed: db", lines[2]), lines[2]
+    assert lines[3] == "kvmconf: backup failed for db"  # stderr, after what it sums up
+
+
+def test_nagios_is_told_unknown_when_the_check_itself_fails(tmp_path: Path) -> None:
+    result = _invoke(tmp_path, "[backup\n", "backup-status", "--nagios")
+    assert (result.returncode, result.stdout) == (3, f"BACKUP UNKNOWN - backup-status failed: ConfigError:"
+                                                     f" {tmp_path}/site.toml:1:8: not valid TOML: Expected ']' at the"
+                                                     " end of a table declaration\n")  # no traceback: not a bug
