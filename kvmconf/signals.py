@@ -36,6 +36,8 @@ def interrupts_held() -> Iterator[None]:
 
     For a step and its journal entry, which an interrupt between them would leave done and unrecorded. Keep the
     block short: the wait is the block's length. Only the main thread can take signals: elsewhere this does nothing.
+    Also when the block raises: the caller may catch its error and go on, so a held interrupt is not dropped with it;
+    a KeyboardInterrupt from the handler then wins over the block's error (which stays its ``__context__``).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -51,5 +53,5 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for signum in dict.fromkeys(taken):
-        signal.raise_signal(signum)  # the handler it would have met: KeyboardInterrupt, sigterm_as_interrupt's, ...
+        for signum in dict.fromkeys(taken):
+            signal.raise_signal(signum)  # the handler it would have met: KeyboardInterrupt, sigterm_as_interrupt's, ...
