@@ -8,6 +8,7 @@ dnsmasq_control.py's dnsmasq; the lab's daemons) need not import the lab.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -66,6 +67,6 @@ def output_of(argv: Sequence[str], timeout: float = 120, context: str = "") -> s
     """
     result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
-        raise KvmconfError(f"{context}`{' '.join(argv)}` failed with exit status {result.returncode}:"
+        raise KvmconfError(f"{context}`{shlex.join(argv)}` failed with exit status {result.returncode}:"
                            f" {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kvmconf.processes import alive, stop_pid
+import pytest
+
+from kvmconf.errors import KvmconfError
+from kvmconf.processes import alive, output_of, stop_pid
 
 
 def test_runner_does_not_import_the_lab_libvirt_or_jinja() -> None:
@@ -25,3 +28,10 @@ def test_a_stopped_child_is_not_alive_even_before_it_is_reaped() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_failed_tool_is_named_as_a_shell_would_run_it() -> None:
+    """Quoted as runner.describe_failure quotes a command: an argument with spaces reads as one, and pastes as one."""
+    with pytest.raises(KvmconfError) as failed:
+        output_of(["sh", "-c", "echo it failed >&2; exit 3"], context="lab: ")
+    assert str(failed.value) == "lab: `sh -c 'echo it failed >&2; exit 3'` failed with exit status 3: it failed"
