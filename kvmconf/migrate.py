@@ -10,7 +10,7 @@ Cold, in an order that never leaves the VM without a working copy: shut the VM d
 power it off with ``force``), copy its disk (and seed ISO) to the target host's paths, define it
 there from the generated XML, start it, wait until it runs, and only then undefine it on the
 source. The copy keeps a thin disk thin and reports its progress as it goes (:func:`copy_file`);
-it has no time limit.
+it has no time limit, but its ssh gives up on a link that stopped answering for a minute.
 
 Either way, an install=cloud overlay's base image must be usable on the target: that is checked
 before the VM is stopped or anything is made there.
@@ -68,6 +68,9 @@ _PROGRESS_WORD = "kvmconf-copied"  # tar prints "<its argv[0]>: kvmconf-copied <
 _PROGRESS_LINE = re.compile(rf"[^\n]*: {_PROGRESS_WORD} (\d+)")
 _PROGRESS_EVERY = 10.0  # seconds between two progress lines of one copy
 _HOST_WORD = re.compile(r"(?<!\S)host=\S*")
+# A copy has no time limit, so a dropped link must end its ssh: after 4 keepalives 15 s apart go unanswered (about a
+# minute), ssh gives up and the copy fails, instead of hanging forever with the VM shut down.
+_KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 
 
 class MigrationFailed(KvmconfError):
@@ -106,7 +109,8 @@ def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callab
     bytes sent so far and the source's allocated size, every :data:`_CHECKPOINT` MiB; the copy has no time
     limit (it takes as long as the data needs).
     """
-    allocated = source.check(["stat", "--format=%b %B", "--", src]).stdout.split()
+    # --dereference: a symlinked disk or seed counts as the file it names, as the sending tar sends it.
+    allocated = source.check(["stat", "--dereference", "--format=%b %B", "--", src]).stdout.split()
     total = int(allocated[0]) * int(allocated[1])
 
     def watch(line: str) -> bool:
@@ -136,16 +140,20 @@ def _copy_pipeline(source: Runner, target: Runner, src: str, tmp: str) -> list[l
     directory, name = posixpath.split(src)
     # The member is named as the temporary from the start: extracting it makes exactly that file, nothing else.
     member = re.sub(r"[\\&,]", r"\\\g<0>", posixpath.basename(tmp))  # literal in sed's replacement
-    send = ["tar", "--create", "--sparse", f"--blocking-factor={_RECORD // 512}", f"--checkpoint={_CHECKPOINT}",
-            f"--checkpoint-action=echo={_PROGRESS_WORD} %u", f"--transform=s,.*,{member},", "--file=-",
-            f"--directory={directory or '.'}", "--", name]
+    # --dereference: a symlinked disk is sent as its file; archived as a link, --transform would rename its target too.
+    send = ["tar", "--create", "--sparse", "--dereference", f"--blocking-factor={_RECORD // 512}",
+            f"--checkpoint={_CHECKPOINT}", f"--checkpoint-action=echo={_PROGRESS_WORD} %u",
+            f"--transform=s,.*,{member},", "--file=-", f"--directory={directory or '.'}", "--", name]
     receive = ["tar", "--extract", f"--blocking-factor={_RECORD // 512}", "--read-full-records", "--file=-",
                f"--directory={posixpath.dirname(tmp) or '.'}", "--no-same-owner"]  # root's, as cp and scp made it
     if source.ssh is not None and target.ssh is not None:
         # The source host pushes straight to the target host (it needs SSH access to it, as the admin has): the
-        # data does not pass through this machine. A failed sender leaves the receiver an empty archive: it fails.
-        return [source.argv(["sh", "-c", f"{shlex.join(send)} | {shlex.join(target.argv(receive))}"])]
-    return [source.argv(send), target.argv(receive)]
+        # data does not pass through this machine. bash's pipefail (bash is Essential on Debian; dash, its sh, has
+        # no pipefail): a sender that fails mid-way (a read error) still ends its archive properly, with zeros for
+        # what it could not read, and the receiver succeeds; the sender's status is then the only sign.
+        pipeline = f"{shlex.join(send)} | {shlex.join(target.argv(receive, _KEEPALIVE))}"
+        return [source.argv(["bash", "-o", "pipefail", "-c", pipeline], _KEEPALIVE)]
+    return [source.argv(send, _KEEPALIVE), target.argv(receive, _KEEPALIVE)]
 
 
 def _progress_lines(log: Log, what: str) -> Progress:
@@ -273,7 +281,11 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
 def _placed_there_already(cluster: Cluster, vm: Vm, conns: Connections) -> str:
     """Why a move to the host cluster.conf gives the VM is refused; and, when a migrate without --edit left it
     defined on another host, where it is and how to bring it back (the plan's hint for such a VM)."""
-    elsewhere = [d for d in inventory(cluster, conns).domains if d.name == vm.name and vm.host not in d.hosts]
+    try:
+        listed = inventory(cluster, conns).domains  # a host it cannot reach is left out
+    except libvirt.libvirtError:
+        listed = []  # the hint is a courtesy: the refusal stands without it
+    elsewhere = [d for d in listed if d.name == vm.name and vm.host not in d.hosts]
     if not elsewhere:
         return f"{vm.name}: cluster.conf places it on {vm.host} already"
     return (f"{vm.name}: cluster.conf places it on {vm.host} already, but it is defined on {elsewhere[0].where}: to"

@@ -171,13 +171,13 @@ class Runner:
     def where(self) -> str:
         return self.ssh or "localhost"
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        """The argv actually executed: the command itself, or ssh running it on the host."""
+    def argv(self, argv: Sequence[str], ssh_options: Sequence[str] = ()) -> list[str]:
+        """The argv actually executed: the command itself, or ssh (given ``ssh_options`` too) running it on the host."""
         if self.ssh is None:
             return list(argv)
         # BatchMode: a provision run must fail, not hang, when the key is not accepted.
         port = ["-p", str(self.port)] if self.port else []
-        return ["ssh", "-o", "BatchMode=yes", *port, self.ssh, "--", shlex.join(argv)]
+        return ["ssh", "-o", "BatchMode=yes", *ssh_options, *port, self.ssh, "--", shlex.join(argv)]
 
     def run(self, argv: Sequence[str], stdin: bytes | None = None) -> Result:
         """Run and return the result whatever the exit status (see :meth:`check`)."""

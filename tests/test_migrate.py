@@ -104,6 +104,24 @@ def test_refused_requests_touch_no_host(example: Cluster, vm: str, to: str, mess
         migrate(example, vm, to, conns)
 
 
+def _broken_libvirt(_uri: str) -> libvirt.virConnect:
+    """A connection that opens, then fails its first call, as one whose daemon went away: a real libvirtError."""
+    conn = libvirt.open("test:///default")
+    conn.close()
+    return conn
+
+
+@pytest.mark.parametrize("opener", [_broken_libvirt, lambda _uri: libvirt.open("no-such-driver:///x")],
+                         ids=["fails-listing", "fails-opening"])
+def test_a_move_to_its_own_host_is_refused_in_short_when_libvirt_cannot_say_where_it_is_defined(
+        example: Cluster, opener: Callable[[str], libvirt.virConnect]) -> None:
+    """The hosts are asked only for a hint (where a migrate without --edit left it): their failure is not the
+    refusal's."""
+    with pytest.raises(KvmconfError) as refused:
+        migrate(example, "db", "kvm0", Connections(example, opener=opener))
+    assert str(refused.value) == "db: cluster.conf places it on kvm0 already"
+
+
 @pytest.mark.parametrize(("site_edit", "line_edit", "problem"), [
     # kvm1 has 20000 MB: with db (8192 MB, line 7) there, compute1 (16384 MB, line 10) no longer fits.
     (("ram_mb = 65536", "ram_mb = 20000"), None,
@@ -182,6 +200,13 @@ def _running_db(cluster: Cluster, conns: Connections) -> Path:
     return disk
 
 
+def _write_20_mib(disk: Path) -> None:
+    """More than one progress step (16 MiB) of data: the copy logs its progress once, as 16/20 MiB."""
+    with disk.open("r+b") as f:
+        f.seek(256 << 20)
+        f.write(os.urandom(20 << 20))
+
+
 def test_cold_move_copies_the_disk_and_undefines_the_source_only_while_the_target_runs(
         two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
@@ -233,6 +258,28 @@ def test_a_failed_live_migration_keeps_the_vm_running_on_the_source(two_hosts: C
         assert domains.is_active(conns.get("kvm0").lookupByName("db"))
         assert domains.lookup(conns.get("kvm1"), "db") is None
     assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+def test_a_symlinked_disk_is_copied_as_the_file_it_names(two_hosts: Cluster, tmp_path: Path) -> None:
+    """An admin who keeps the disk elsewhere and links it into disk_dir: the target gets the disk, thin, not a link
+    (which would name the copy's temporary, gone once the copy is in place)."""
+    elsewhere = tmp_path / "bigdisk/db.img"
+    elsewhere.parent.mkdir()
+    log: list[str] = []
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        _write_20_mib(source)
+        source.rename(elsewhere)
+        source.symlink_to(elsewhere)
+        migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
+        assert domains.is_active(conns.get("kvm1").lookupByName("db"))
+    target = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"
+    assert not target.is_symlink() and target.read_bytes() == elsewhere.read_bytes()
+    assert target.stat().st_blocks <= elsewhere.stat().st_blocks + 64, (target.stat().st_blocks,
+                                                                         elsewhere.stat().st_blocks)
+    # Out of the file's allocation (20 MiB), not the link's 0 bytes.
+    assert log[1:3] == [f"db: copying {source}: 16/20 MiB ...", f"db: copied {source} to kvm1:{target}"]
+    assert source.is_symlink()  # the source's files stay as they were
 
 
 def test_an_interrupt_as_a_copy_lands_removes_it_and_goes_on(two_hosts: Cluster,
@@ -310,6 +357,24 @@ def test_files_that_cannot_be_removed_are_named_for_removal_by_hand() -> None:
                        " failed with exit status 1: rm: Read-only file system)")
 
 
+@pytest.mark.parametrize(("source", "target"), [("kvm0", None), (None, "kvm1"), ("kvm0", "kvm1")],
+                         ids=["from-ssh", "to-ssh", "ssh-to-ssh"])
+def test_every_ssh_of_a_copy_gives_up_on_a_dropped_link(source: str | None, target: str | None) -> None:
+    """The copy has no time limit, so each of its ssh sessions must end itself when the link drops (about a minute
+    of unanswered keepalives), or a cold migration hangs forever with the VM shut down.
+
+    The argv only: a dropped link would need packets dropped on an established connection (a firewall rule on
+    loopback or in a namespace), and waiting out ssh's minute; the behaviour behind the options is ssh's own.
+    """
+    argvs = migrate_module._copy_pipeline(Runner(source), Runner(target), "/images/db.img",
+                                          "/images/.db.img.x.kvmconf-migrating")
+    keepalive = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    sshs = [argv for argv in argvs if argv[0] == "ssh"]
+    assert len(sshs) == 1 and sshs[0][:7] == ["ssh", "-o", "BatchMode=yes", *keepalive]
+    if source and target:  # the target's ssh runs on the source host, inside the command the first ssh runs there
+        assert f"ssh -o BatchMode=yes {' '.join(keepalive)} kvm1 -- " in sshs[0][-1]
+
+
 def _slow_tools(directory: Path, seconds: float, *tools: str) -> str:
     """A PATH with ``tools`` first on it as wrappers that wait ``seconds``, then run the real one."""
     directory.mkdir()
@@ -330,9 +395,7 @@ def test_a_copy_longer_than_the_command_time_limit_completes_and_shows_its_progr
     log: list[str] = []
     with connections(two_hosts) as conns:
         source = _running_db(two_hosts, conns)
-        with source.open("r+b") as disk:
-            disk.seek(256 << 20)
-            disk.write(os.urandom(20 << 20))  # more than one progress step (16 MiB) of data
+        _write_20_mib(source)
         migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
         assert domains.is_active(conns.get("kvm1").lookupByName("db"))
     target = Path(two_hosts.site.hosts["kvm1"].disk_dir) / "db.img"

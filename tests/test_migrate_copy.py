@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from generators.model import Cluster
 from kvmconf import domains
 from kvmconf.connection import Opener, connections
-from kvmconf.migrate import migrate
+from kvmconf.migrate import MigrationFailed, migrate
 from kvmconf.plan import Artifacts
 from tests import sshfarm
 from tests.tools import missing, require_tool
@@ -129,3 +130,47 @@ def test_a_thin_disk_stays_thin_on_the_target_and_its_copy_shows_progress(
     finally:
         for host in remote:  # the farm's tmpfs is shared by the cases: give its space back
             shutil.rmtree(seen(host, str(tmp_path)), ignore_errors=True)
+
+
+def test_a_sender_that_fails_after_sending_data_fails_a_host_to_host_copy(
+        example: Cluster, farm: sshfarm.Farm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GNU tar that meets a read error mid-way writes zeros for what it could not read, ends its archive properly
+    and exits 2; the receiving tar succeeds on that archive. Host to host both run on the source host, behind one
+    ssh: only the sender's status tells, and dash (Debian's sh) has no pipefail to pass it on.
+
+    kvm0's tar here archives the disk, then fails on a path that is gone: a failure after its data, as a read error's.
+    """
+    cluster = _cluster(example, tmp_path, HOSTS)
+    _ssh_wrapper(tmp_path / "bin", str(farm.ssh_config))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    for host in HOSTS:
+        (tmp_path / f"{host}.xml").write_text("<node/>\n")
+        (farm.root(host) / str(tmp_path / host).lstrip("/")).mkdir(parents=True)
+    with (farm.root("kvm0") / str(tmp_path / "kvm0/db.img").lstrip("/")).open("wb") as disk:
+        disk.truncate(APPARENT)
+        disk.write(b"kvmconf data" * 1000)
+    failing_tar = farm.root("kvm0") / "usr/local/bin/tar"  # before /usr/bin on the PATH of ssh's commands
+    failing_tar.write_text(f'#!/bin/bash\nif [ "$1" = --create ]; then exec -a tar {shutil.which("tar")} "$@"'
+                           f' kvmconf-gone; fi\nexec -a tar {shutil.which("tar")} "$@"\n')  # -a: its messages say tar
+    failing_tar.chmod(0o755)
+    target_dir = farm.root("kvm1") / str(tmp_path / "kvm1").lstrip("/")
+    try:
+        with connections(cluster, opener=_test_driver(tmp_path)) as conns:
+            domains.start(domains.define(conns.get("kvm0"), Artifacts(cluster).domain_xml(cluster.vm("db"))))
+            with pytest.raises(MigrationFailed) as failed:
+                migrate(cluster, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+            assert domains.lookup(conns.get("kvm0"), "db") is not None
+            assert domains.lookup(conns.get("kvm1"), "db") is None
+        assert re.fullmatch(
+            r"db: migration to kvm1 failed: localhost: `ssh -o BatchMode=yes -o ServerAliveInterval=15 -o"
+            r" ServerAliveCountMax=4 kvm0 -- 'bash -o pipefail -c .* kvm1 -- .*` failed with exit status 2: tar:"
+            r" kvmconf-gone: Cannot stat: No such file or directory\n"
+            r"(Warning: Permanently added .* to the list of known hosts\.\n)?"  # kvm0 meeting kvm1 the first time
+            r"tar: Exiting with failure status due to previous"
+            r" errors; the copies on kvm1 were removed and the VM is still defined \(shut off\) on kvm0: start it"
+            r" there with `invoke start`", str(failed.value)), str(failed.value)
+        assert list(target_dir.iterdir()) == []
+    finally:
+        failing_tar.unlink()
+        for host in HOSTS:
+            shutil.rmtree(farm.root(host) / str(tmp_path).lstrip("/"), ignore_errors=True)
