@@ -558,7 +558,9 @@ def test_a_migration_whose_target_has_the_disk_already_changes_nothing(workdir: 
     refused = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1", "--cold", "--force")
     assert refused.returncode == 1
     assert refused.stderr == (f"kvmconf: db: {clean.images / 'kvm1' / 'db.img'} exists on kvm1 already and is never"
-                              " overwritten; nothing was changed\n")
+                              " overwritten; nothing was changed (a migration keeps the files it moved away from: if"
+                              " this is what an earlier move of db off kvm1 left, remove it there and run this"
+                              " again)\n")
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["db"], [])
     assert (clean.images / "kvm1" / "db.img").read_bytes() == b"someone else's"
 
