@@ -3,12 +3,15 @@
 dnsmasq.conf holds nothing per VM, so adding or removing a VM only changes files that dnsmasq
 re-reads on SIGHUP (the dhcp-hostsfile directory and the addn-hosts file); SIGHUP never re-reads
 the main configuration. The files are deployed to <config_dir>/dnsmasq/ (site.toml [provision]).
+
+Their banners name the inputs by file name: a deploy compares these files with the running ones, and the way
+the path to cluster.conf was written (`invoke` run from hosts/ reads ../cluster.conf) must not restart dnsmasq.
 """
 
 from __future__ import annotations
 
 from ipaddress import IPv4Address
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from posixpath import join
 
 from generators import pxe
@@ -61,20 +64,24 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     env = environment()
     site = cluster.site
     networks = [site.networks[name] for name in sorted(site.networks)]
+
+    def by_name(template: str) -> dict[str, object]:  # the inputs by file name: see the module docstring
+        return {"banner": banner_lines(cluster, template, by_name=True), "site_toml": PurePath(site.path).name}
+
     tree: dict[PurePosixPath, str | bytes] = {
         OUT / "dnsmasq.conf": env.get_template(CONF_TEMPLATE).render(
-            cluster=cluster, site=site, banner=banner_lines(cluster, CONF_TEMPLATE), provision=site.provision,
+            cluster=cluster, site=site, **by_name(CONF_TEMPLATE), provision=site.provision,
             networks=networks, dns_servers={net.name: dns_servers(cluster, net) for net in networks},
             dhcp_hosts_dir=dhcp_hosts_dir(cluster), hosts_file=hosts_file(cluster), tftp=tftp_names(),
         ),
         OUT / "hosts": env.get_template(HOSTS_TEMPLATE).render(
-            cluster=cluster, site=site, banner=banner_lines(cluster, HOSTS_TEMPLATE),
+            cluster=cluster, site=site, **by_name(HOSTS_TEMPLATE),
             vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)), hosts=host_records(cluster),
         ),
     }
     # Fetched once, rendered per VM: this loop is what 10,000 VMs cost.
     host_template = env.get_template(HOST_TEMPLATE)
-    host_banner = banner_lines(cluster, HOST_TEMPLATE)
+    host_banner = banner_lines(cluster, HOST_TEMPLATE, by_name=True)
     for vm in cluster.vms:
         tree[HOSTS_DIR / vm.name] = host_template.render(
             banner=host_banner, vm=vm
