@@ -4,7 +4,8 @@ A deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmas
 PID); a changed main conf restarts dnsmasq. Either is checked first with ``dnsmasq --test`` on the main
 conf together with every hostsfile line (which --test alone never reads): a failed check leaves the running
 daemon and its files as they were. A new dnsmasq that does not start (its interface or port taken) gets the
-previous files back and their dnsmasq restarted, and the deploy fails saying so.
+previous files back and their dnsmasq restarted, and the deploy fails saying so (:class:`DnsmasqDidNotStart`,
+on which kvmconf.provision_server puts build/ and the TFTP boot entries back too).
 
 The hostsfile lines carry no tags, because dnsmasq 2.90 crashed (segfault) on SIGHUP after it had answered
 a VM whose hostsfile line set one (``set:install``): an install mark changes the TFTP root, never dnsmasq.
@@ -27,6 +28,11 @@ from kvmconf.processes import alive, command_line, output_of, stop_pid
 from kvmconf.provision_state import build_dir_in
 
 Log = Callable[[str], None]
+
+
+class DnsmasqDidNotStart(KvmconfError):
+    """The new configuration's dnsmasq did not start; config_dir/dnsmasq holds the previous files again when one
+    ran before (the message says whether their dnsmasq runs)."""
 
 
 @dataclass
@@ -185,7 +191,8 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     """Make config_dir/dnsmasq from config_dir/build/dnsmasq and the installed state; reload or restart.
 
     Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started". A restart whose new
-    dnsmasq does not start brings the previous files and their dnsmasq back and raises: DHCP keeps running.
+    dnsmasq does not start brings the previous files and their dnsmasq back and raises DnsmasqDidNotStart: DHCP
+    keeps running.
     """
     live = config_dir / "dnsmasq"
     new = DnsmasqFiles.read(build_dir_in(config_dir) / "dnsmasq")
@@ -215,12 +222,12 @@ def _restart(dnsmasq: Dnsmasq, live: Path, new: DnsmasqFiles, previous: DnsmasqF
     except KvmconfError as failed:
         why = f"dnsmasq did not start with the new configuration: {failed}"
         if previous is None:
-            raise KvmconfError(f"{why}; no dnsmasq of ours was running before, so none runs now") from failed
+            raise DnsmasqDidNotStart(f"{why}; no dnsmasq of ours was running before, so none runs now") from failed
         previous.write_over(live, new)
         try:
             dnsmasq.restart(live / "dnsmasq.conf")
         except KvmconfError as again:
-            raise KvmconfError(f"{why}; the previous configuration, put back, did not start either: {again};"
-                               " no dnsmasq of ours runs now") from failed
-        raise KvmconfError(f"{why}; the previous configuration is back and its dnsmasq runs again"
-                           f" (pid {dnsmasq.pid()})") from failed
+            raise DnsmasqDidNotStart(f"{why}; the previous configuration, put back, did not start either: {again};"
+                                     " no dnsmasq of ours runs now") from failed
+        raise DnsmasqDidNotStart(f"{why}; the previous configuration is back and its dnsmasq runs again"
+                                 f" (pid {dnsmasq.pid()})") from failed

@@ -8,7 +8,10 @@ in ``[provision] config_dir`` (kvmconf.provision_state). This module says where 
 Checked before anything changes: a deploy renders everything in memory, checks that this machine has every
 file the TFTP root copies (pxelinux, GRUB, the netboot installers) and runs ``dnsmasq --test`` on the new
 main conf together with every hostsfile line. Only then does it write build/, the TFTP root and
-config_dir/dnsmasq: a failed check leaves all of them, and the running daemon, as they were.
+config_dir/dnsmasq: a failed check leaves all of them, and the running daemon, as they were. A new dnsmasq
+that does not start gets the previous config_dir/dnsmasq, build/ and TFTP boot entries back (the installers
+and loaders copied from packages stay: nothing boots a new one without an entry), so that DHCP, TFTP and HTTP
+serve one cluster, the previous one.
 
 The lab (kvmconf.lab) starts the server through :func:`serve_lab`; this module does not import the lab: it
 needs only what :class:`LabPlace` names of it.
@@ -32,15 +35,22 @@ from generators.build import input_digest, render_all
 from generators.files import replace_text
 from generators.locations import CHECKOUT  # `-m kvmconf...` runs from it
 from generators.model import Cluster, Install
-from generators.writer import write_tree
-from kvmconf.dnsmasq_control import Dnsmasq, DnsmasqFiles, deploy_dnsmasq, netns_dnsmasq, system_dnsmasq
+from generators.writer import Tree, write_tree
+from kvmconf.dnsmasq_control import (
+    Dnsmasq,
+    DnsmasqDidNotStart,
+    DnsmasqFiles,
+    deploy_dnsmasq,
+    netns_dnsmasq,
+    system_dnsmasq,
+)
 from kvmconf.errors import KvmconfError
 from kvmconf.install_http import HttpBase, ProvisionHTTPServer, http_base
 from kvmconf.interfaces import interface_addresses
 from kvmconf.plan import find_vm
 from kvmconf.processes import alive, in_netns
-from kvmconf.provision_state import STATE_FILE, build_dir_in
-from kvmconf.tftp_tree import assemble_tftp, set_installed, tftp_sources
+from kvmconf.provision_state import STATE_FILE, build_dir_in, build_kept_aside
+from kvmconf.tftp_tree import assemble_tftp, copy_boot_entries, set_installed, tftp_sources
 
 Log = Callable[[str], None]
 
@@ -82,10 +92,10 @@ def require_provision_server(cluster: Cluster, does: str, netns: str | None = No
                        f" provision server ({provision.vm or provision.server}), or on the lab with KVMCONF_LAB set")
 
 
-def stage_build(cluster: Cluster, config_dir: Path) -> Path:
-    """Render the cluster into config_dir/build (only files that changed are rewritten)."""
+def stage_build(cluster: Cluster, config_dir: Path, files: Tree | None = None) -> Path:
+    """The cluster into config_dir/build (only files that changed are rewritten); ``files``: it, rendered already."""
     build = build_dir_in(config_dir)
-    write_tree(build, render_all(cluster), input_digest(cluster))
+    write_tree(build, render_all(cluster) if files is None else files, input_digest(cluster))
     return build
 
 
@@ -93,16 +103,25 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
     """Everything the provision server serves, from the cluster: build, TFTP tree, dnsmasq (reload or restart).
 
     All is rendered and checked first (the packages the TFTP root copies from, ``dnsmasq --test``): a deploy that
-    would fail changes nothing, rather than serving new boot entries and preseeds beside the old dnsmasq.
+    fails a check changes nothing, rather than serving new boot entries and preseeds beside the old dnsmasq. One
+    whose new dnsmasq does not start puts build/, the TFTP boot entries and the dnsmasq config back as they were
+    (see the module docstring) and raises DnsmasqDidNotStart.
     """
     config_dir, tftp_root = Path(cluster.site.provision.config_dir), Path(cluster.site.provision.tftp_root)
     files = render_all(cluster)
     tftp_sources(cluster, tftp_root)
     DnsmasqFiles.rendered(files).check()
-    build = build_dir_in(config_dir)
-    write_tree(build, files, input_digest(cluster))
-    assemble_tftp(cluster, build, tftp_root)
-    return deploy_dnsmasq(config_dir, dnsmasq, log)
+    with build_kept_aside(config_dir) as put_back:
+        build = stage_build(cluster, config_dir, files)
+        assemble_tftp(cluster, build, tftp_root)
+        try:
+            return deploy_dnsmasq(config_dir, dnsmasq, log)
+        except DnsmasqDidNotStart:
+            # DHCP reserves the previous VMs again (or none runs): without this, new VMs' installers would be
+            # served with no reservation, and removed VMs' entries would be gone while dnsmasq still answers them.
+            put_back()
+            copy_boot_entries(build, tftp_root)
+            raise
 
 
 def deploy_here(cluster: Cluster, log: Log = print) -> str:

@@ -87,9 +87,7 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     """The TFTP root: the generated boot configs (none for installed VMs), pxelinux, a GRUB EFI image with
     prefix /grub, each OS's installer kernel and initrd."""
     sources = tftp_sources(cluster, tftp_root)  # before the first change
-    tftp_root.mkdir(parents=True, exist_ok=True)
-    with state_locked(build.parent):
-        _copy_boot_entries(build, tftp_root)
+    copy_boot_entries(build, tftp_root)
     if not (tftp_root / pxe.GRUB_CORE_EFI).exists():
         # Debian's netboot grubx64.efi has /debian-installer/amd64/grub built in as its prefix: it would never
         # read grub/grub.cfg. grub-mknetdir makes an image whose prefix is the TFTP directory grub/.
@@ -98,6 +96,17 @@ def assemble_tftp(cluster: Cluster, build: Path, tftp_root: Path) -> None:
     _copy_if_changed(tftp_root / pxe.GRUB_CORE_EFI, tftp_root / pxe.GRUB_EFI_IMAGE)
     for rel, src in sources.items():
         _copy_if_changed(src, tftp_root / rel)
+
+
+def copy_boot_entries(build: Path, tftp_root: Path) -> None:
+    """The TFTP root's boot configs made those of build/: a deploy's, or the previous build's put back.
+
+    Every file of build/tftp is one (pxelinux's and GRUB's defaults, per-MAC entries); the loaders, GRUB's
+    modules and the installers copied from packages are left as they are.
+    """
+    tftp_root.mkdir(parents=True, exist_ok=True)
+    with state_locked(build.parent):
+        _copy_boot_entries(build, tftp_root)
 
 
 def _copy_boot_entries(build: Path, tftp_root: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from generators.model import Cluster
+from generators.writer import STAMP
 from kvmconf import dnsmasq_control, install_http, lab, provision_server, provision_state, tftp_tree
 from kvmconf.dnsmasq_control import Dnsmasq
 from kvmconf.errors import KvmconfError
@@ -495,6 +496,20 @@ def test_a_deploy_that_fails_a_check_changes_nothing_the_server_serves(
     assert netns_dnsmasq.pid() == pid
 
 
+def _web_replaced_by_web2(cluster: Cluster) -> Cluster:
+    """web gone (its entries and preseed would be deleted), web2 new (its entries and preseed would be served)."""
+    import dataclasses
+
+    web2 = dataclasses.replace(cluster.vm("web"), name="web2", mac="52:54:00:50:00:99", ip=IPv4Address("192.168.50.99"))
+    return dataclasses.replace(_without_web(cluster), vms=(*_without_web(cluster).vms, web2))
+
+
+def _served(config_dir: Path, tftp_root: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """What the provision server serves from: config_dir (but build/'s stamp, the writer's bookkeeping) and the
+    TFTP root."""
+    return ({rel: data for rel, data in _tree(config_dir).items() if rel != f"build/{STAMP}"}, _tree(tftp_root))
+
+
 @pytest.mark.services
 def test_a_new_dnsmasq_that_does_not_start_brings_the_previous_one_back(
         example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -502,11 +517,13 @@ def test_a_new_dnsmasq_that_does_not_start_brings_the_previous_one_back(
     cluster = _at(example, config_dir, tftp_root)
     assert provision_server.deploy(cluster, netns_dnsmasq, print) == "started"
     live = config_dir / "dnsmasq"
-    old_pid, old_live = netns_dnsmasq.pid(), _tree(live)
+    old_pid, old_live, before = netns_dnsmasq.pid(), _tree(live), _served(config_dir, tftp_root)
+    web_entries = [rel for rel in provision_state.boot_entries(config_dir, "web") if (tftp_root / rel).is_file()]
+    assert web_entries and "build/preseed/web.cfg" in before[0]
     # dnsmasq --test takes it; only the daemon finds there is no such interface to bind to.
     _bad_render(monkeypatch, "interface=nosuch0\n")
-    with pytest.raises(KvmconfError) as failed:
-        provision_server.deploy(_without_web(cluster), netns_dnsmasq, print)
+    with pytest.raises(dnsmasq_control.DnsmasqDidNotStart) as failed:
+        provision_server.deploy(_web_replaced_by_web2(cluster), netns_dnsmasq, print)
     new_pid = netns_dnsmasq.pid()
     assert new_pid not in (None, old_pid)
     message = str(failed.value)
@@ -514,6 +531,53 @@ def test_a_new_dnsmasq_that_does_not_start_brings_the_previous_one_back(
     assert message.endswith("failed with exit status 2: dnsmasq: unknown interface nosuch0; the previous"
                             f" configuration is back and its dnsmasq runs again (pid {new_pid})"), message
     assert _tree(live) == old_live  # the conf and web's hostsfile, as the dnsmasq running now reads them
+    # And what TFTP and HTTP serve matches it: web's boot entries and preseed are back, web2's gone (it has no
+    # reservation), byte for byte as before the deploy; no staging or kept-aside tree is left in config_dir.
+    assert _served(config_dir, tftp_root) == before
+    assert all((tftp_root / rel).is_file() for rel in web_entries)
+    assert sorted(p.name for p in config_dir.iterdir() if p.name.startswith(".build")) == [".build.lock"]
+
+
+def test_a_build_kept_aside_is_put_back_as_it_was(example: Cluster, tmp_path: Path) -> None:
+    build = provision_server.stage_build(example, tmp_path)
+    before = _tree(build)
+    with provision_state.build_kept_aside(tmp_path) as put_back:
+        provision_server.stage_build(_web_replaced_by_web2(example), tmp_path)
+        assert "preseed/web.cfg" not in _tree(build) and "preseed/web2.cfg" in _tree(build)
+        put_back()
+        after = _tree(build)
+    assert {rel: data for rel, data in after.items() if rel != STAMP} \
+        == {rel: data for rel, data in before.items() if rel != STAMP}
+    assert not (tmp_path / ".build-previous").exists()
+
+
+def test_with_no_build_before_putting_back_leaves_an_empty_one(example: Cluster, tmp_path: Path) -> None:
+    # A first deploy whose dnsmasq does not start: nothing was served before, nothing is now.
+    with provision_state.build_kept_aside(tmp_path) as put_back:
+        build = provision_server.stage_build(example, tmp_path)
+        put_back()
+    assert [p.name for p in build.iterdir()] == [STAMP]
+    assert provision_state.boot_entries(tmp_path, "web") == []
+
+
+@pytest.mark.consumer
+def test_the_dnsmasq_files_do_not_depend_on_how_the_inputs_path_was_written(
+        example: Cluster, tmp_path: Path) -> None:
+    """`invoke provision-server` from hosts/ reads ../cluster.conf: that must not restart (or SIGHUP) dnsmasq."""
+    import dataclasses
+
+    require_tool("dnsmasq")
+    config_dir, fake = tmp_path / "kvmconf", FakeDnsmasq(tmp_path)
+    assert (example.source, example.site.path) == ("cluster.conf", "site.toml")
+    build = provision_server.stage_build(example, config_dir)
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, fake, print) == "started"
+    built = _tree(build / "dnsmasq")
+    from_elsewhere = dataclasses.replace(example, source="../x/cluster.conf",
+                                         site=dataclasses.replace(example.site, path="../x/site.toml"))
+    provision_server.stage_build(from_elsewhere, config_dir)
+    assert _tree(build / "dnsmasq") == built
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, fake, print) == "unchanged"
+    assert fake.calls == ["start dnsmasq.conf"]
 
 
 @pytest.mark.services
