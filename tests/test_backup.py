@@ -8,6 +8,7 @@ with the same writes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -276,6 +277,24 @@ def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libv
     assert outcome.manifest is not None and not outcome.manifest.frozen
     [note] = [n for n in outcome.manifest.notes if n.startswith("not frozen (crash-consistent): ")]
     assert "guest agent" in note and "no guest agent channel" not in note, note  # libvirt's own reason
+
+
+def test_a_manifest_that_does_not_parse_fails_that_backup_naming_the_file(conn: libvirt.virConnect, tmp_path: Path,
+                                                                          name: str) -> None:
+    """It raised JSONDecodeError out of backup_vm, which stopped `backup --all` for every VM after this one."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = Settings(backup_dir(tmp_path), full_every=5)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert first is not None
+    manifest = VmStore(settings.dir, name).point_dir(first.time) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # truncated, as by a crash
+    with pytest.raises(json.JSONDecodeError) as parsed:
+        json.loads(manifest.read_text())
+    outcome = backup_vm(dom, settings, 5, quiet)
+    expected = (f"{manifest}: the restore point's manifest does not parse (JSONDecodeError: {parsed.value}): move"
+                f" {manifest.parent} aside (and the points after it in its chain) to go on")
+    assert (outcome.ok, outcome.error) == (False, expected)
+    assert journal.read(VmStore(settings.dir, name).dir, journal.LAST_RUN)["error"] == expected  # type: ignore[index]
 
 
 def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
