@@ -21,7 +21,8 @@ Log = Callable[[str], None]
 
 
 class RestoreFailed(KvmconfError):
-    """The restore could not be done; nothing of the VM was changed."""
+    """The restore could not be done. Its message says what became of the VM's disks: unchanged, except when
+    putting them back after a failed swap failed too; the message then names the record of where each is."""
 
 
 def pick(store: VmStore, at: str | None) -> Manifest:
