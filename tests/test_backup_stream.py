@@ -9,6 +9,8 @@ the checksum of its own bytes.
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvmconf.backup import qcow2, stream
-from kvmconf.backup.engine import explain_os_error
+from kvmconf.backup.engine import explain_libvirt_error, explain_os_error
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
 from kvmconf.processes import stop_pid
@@ -191,3 +193,63 @@ def test_plan_of_a_full_leaves_holes_and_zeros_out() -> None:
 
     layout = stream.plan(Fake(), None, None)  # type: ignore[arg-type]
     assert layout.runs == ((0, qcow2.CLUSTER_SIZE), (3 * qcow2.CLUSTER_SIZE, qcow2.CLUSTER_SIZE))
+
+
+def test_a_server_that_accepts_and_never_answers_times_out(tmp_path: Path) -> None:
+    """A stalled export must not hang the run forever (holding the job, the VM's lock and every later run)."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)  # the kernel accepts the connection; nobody ever writes to it
+        started = time.monotonic()
+        with pytest.raises(NbdError) as raised:
+            NbdClient.connect(str(path), "vda", timeout=0.5)
+        assert str(raised.value) == "export 'vda': the NBD server did not answer in 0.5 s (the VM's storage may hang)"
+        assert time.monotonic() - started < 5
+
+
+def test_an_export_that_stalls_midway_times_out(tmp_path: Path, serve: Serve) -> None:
+    """qemu-nbd stopped (SIGSTOP) after the handshake: the reads then wait for an answer that does not come."""
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
+    sock = serve(image)
+    client = NbdClient.connect(str(sock), "vda", timeout=1.0)
+    layout = stream.plan(client, None, None)
+    [pid] = [int(p) for p in subprocess.run(["pgrep", "-f", f"qemu-nbd.*--socket={sock}"], capture_output=True,
+                                            text=True, check=True).stdout.split()]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(NbdError) as raised:
+            stream.copy(client, layout, tmp_path / "full.qcow2")
+        assert str(raised.value) == "export 'vda': the NBD server did not answer in 1 s (the VM's storage may hang)"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        client.close()
+
+
+def test_os_errors_name_the_directory_of_the_file_they_are_about(tmp_path: Path) -> None:
+    """A read-only NAS used to be reported as '<local backup dir>: Read-only file system'."""
+    target = tmp_path / "local" / "vm1"
+    read_only = tmp_path / "nas"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "kvmconf-stream-test", str(read_only)], check=True)
+    try:
+        with pytest.raises(OSError) as raised:
+            (read_only / "vda.qcow2").write_bytes(b"x")
+        assert explain_os_error(raised.value, target) == f"{read_only}: Read-only file system"
+    finally:
+        subprocess.run(["umount", "--lazy", str(read_only)], check=False)
+    # A full filesystem named by the error but outside the backup target (the job's scratch directory).
+    full = OSError(errno.ENOSPC, "No space left on device", "/var/tmp/kvmconf-backup-1-x/vda.scratch")
+    assert explain_os_error(full, target) == \
+        "/var/tmp/kvmconf-backup-1-x is full (no space left on device): free space there"
+    inside = OSError(errno.ENOSPC, "No space left on device", str(target / "20260101T000000Z.partial"))
+    assert explain_os_error(inside, target) == \
+        f"the backup target {target} is full (no space left on device): free space or move [backup] dir"
+
+
+def test_libvirt_running_out_of_space_blames_scratch_or_vm_storage_not_the_target() -> None:
+    """In pull mode libvirt never writes the backup target: this process does."""
+    text = "unable to execute QEMU command 'blockdev-create': Could not write qcow2 header: No space left on device"
+    assert explain_libvirt_error(text) == ("no space left for the backup job's scratch files (under /var/tmp) or on the"
+                                    f" VM's own storage: free space there ({text})")
+    assert explain_libvirt_error("domain is not running") == "domain is not running"

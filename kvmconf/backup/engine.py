@@ -8,7 +8,8 @@ separate checksum pass, read the data twice or the whole virtual size. A full st
 data; an incremental stores the blocks dirtied since the previous checkpoint, in a qcow2 whose
 backing file is the previous point's, so stock `qemu-img` reads the chain. Raw disks carry no bitmap:
 they are copied whole (backupmode='full') in the same job. The VM's own disks and their backing
-chains are never changed: no snapshot, no overlay.
+chains are never changed: no snapshot, no overlay. The only write kvmconf makes to a VM's images is the
+removal of its own checkpoint's bitmap from a shut-off VM's qcow2 files (delete_checkpoint).
 
 Shut-off VM: `qemu-img convert` of each image (the image lock keeps the VM from starting meanwhile);
 such a point starts a new chain because no checkpoint can be created on an inactive domain.
@@ -17,8 +18,10 @@ such a point starts a new chain because no checkpoint can be created on an inact
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -33,6 +37,7 @@ from generators.files import fsync_path
 from kvmconf.backup import durability, journal, qcow2, stream
 from kvmconf.backup.libvirt_xml import (
     VmDisk,
+    backup_socket,
     backup_xml,
     checkpoint_xml,
     dirty_context,
@@ -58,6 +63,11 @@ CHECKPOINT_PREFIX = "kvmconf-"
 JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _Job
 Log = Callable[[str], None]
 _POLL = 0.05
+FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
+# How far the newest restore point may be ahead of this host's clock before a run refuses: two runs in the
+# same second wait for the next one, but a point from a clock that was wrong (a boot before NTP) would make
+# that wait last until the clock catches up, every later run failing on the lock meanwhile.
+CLOCK_SKEW = dt.timedelta(minutes=1)
 
 
 class BackupFailed(KvmconfError):
@@ -88,8 +98,22 @@ def utc_now() -> str:
 
 
 def _new_time(store: VmStore) -> str:
-    """A point name later than every existing one (two runs in the same second wait for the next)."""
+    """A point name later than every existing one (two runs in the same second wait for the next).
+
+    Refuses, naming the point, when the newest one is more than CLOCK_SKEW ahead of this host's clock.
+    """
     existing = {p.name.removesuffix(PARTIAL) for p in store.dir.iterdir()} if store.dir.is_dir() else set()
+    newest = max((name for name in existing if name[:1].isdigit()), default=None)
+    if newest is not None:
+        try:
+            ahead = dt.datetime.strptime(newest, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC) - dt.datetime.now(dt.UTC)
+        except ValueError:
+            ahead = dt.timedelta(0)  # not a point's name: it does not make the wait long
+        if ahead > CLOCK_SKEW:
+            raise BackupFailed(f"the restore point {store.dir / newest} is dated {ahead.total_seconds():.0f} s"
+                               f" ahead of this host's clock ({utc_now()}): a new point must sort after it. Check"
+                               " the clock (NTP); if it is right, move that point out of the directory or remove"
+                               " it")
     while True:
         now = utc_now()
         if now not in existing and all(now > name for name in existing if name[:1].isdigit()):
@@ -114,16 +138,23 @@ def backing_file(parent: Manifest | None, disk: VmDisk) -> str | None:
     return f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
 
 
-
-def explain_os_error(err: OSError, where: Path) -> str:
-    if err.errno == 28:
-        return f"the backup target {where} is full (no space left on device): free space or move [backup] dir"
+def explain_os_error(err: OSError, target: Path) -> str:
+    """`err` said about the directory of the file it names (the backup target `target` when it names none:
+    a write to an open file, as stream.copy's, carries no name)."""
+    where = target if err.filename is None else Path(os.fsdecode(err.filename)).parent
+    in_target = where.is_relative_to(target)
+    if err.errno == errno.ENOSPC:
+        return (f"the backup target {where} is full (no space left on device): free space or move [backup] dir"
+                if in_target else f"{where} is full (no space left on device): free space there")
     return f"{where}: {err.strerror or err}"
 
 
-def _space_message(text: str, where: Path) -> str:
+def explain_libvirt_error(text: str) -> str:
+    """libvirt's errors: in pull mode libvirt and QEMU never write the backup target (this process does), so a
+    full filesystem libvirt hits holds the job's scratch files or the VM's own disks."""
     if "No space left" in text or "ENOSPC" in text:
-        return f"the backup target {where} is full (no space left on device): free space or move [backup] dir ({text})"
+        return (f"no space left for the backup job's scratch files (under {JOB_DIR_PARENT}) or on the VM's own"
+                f" storage: free space there ({text})")
     return text
 
 
@@ -147,9 +178,14 @@ def delete_checkpoint(dom: libvirt.virDomain, name: str, disks: list[VmDisk], lo
     cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     if not dom.isActive():
         # The bitmap stays in the qcow2 images: remove it offline so it never collects dirty blocks for nobody.
+        # Only this bitmap, named after our checkpoint: the images' data and other bitmaps are not touched.
         for disk in disks:
             if disk.tracked:
-                subprocess.run(["qemu-img", "bitmap", "--remove", disk.path, name], capture_output=True, check=False)
+                removed = subprocess.run(["qemu-img", "bitmap", "--remove", disk.path, name], capture_output=True,
+                                         text=True, check=False)
+                if removed.returncode != 0:  # it keeps recording writes, harmlessly: said, not fatal
+                    log(f"{dom.name()}: could not remove bitmap {name} from {disk.path}:"
+                        f" {removed.stderr.strip() or 'exit status ' + str(removed.returncode)}")
     return True
 
 
@@ -158,14 +194,21 @@ def delete_checkpoint(dom: libvirt.virDomain, name: str, disks: list[VmDisk], lo
 def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str]:
     """Undo what an interrupted run of this VM left (called with the VM's lock held). Idempotent.
 
-    Aborts the backup job it started (a pull job lasts until aborted, also after its client died),
-    deletes the checkpoint it created (its parent then still covers every write), and removes its
-    partial files and its job directory. The VM's disks are never touched.
+    Thaws the guest's filesystems if the run may have frozen them, aborts the backup job it started
+    (a pull job lasts until aborted, also after its client died), deletes the checkpoint it created
+    (its parent then still covers every write), and removes its partial files and its job directory.
+    The VM's disks are not written (delete_checkpoint says the one exception, on a shut-off VM).
+    A job on the VM that is not the run's (another tool's backup, a migration) is left alone, and so is
+    what the run left: recovery fails. Only the thaw comes first, whatever runs: a guest left frozen
+    blocks every write of its filesystems.
     """
     notes: list[str] = []
     entry = journal.read(store.dir)
     if entry is not None and dom is not None:
+        if entry.get(FROZEN) and dom.isActive():
+            notes.append(_thaw_left_frozen(dom))
         if dom.isActive() and _job_active_when_settled(dom):
+            _refuse_unless_ours(dom, entry)
             try:
                 dom.abortJob()
                 notes.append(f"aborted the backup job of the interrupted run {entry['time']}")
@@ -187,6 +230,41 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
     for note in notes:
         log(f"{store.vm}: recovery: {note}")
     return notes
+
+
+def _thaw_left_frozen(dom: libvirt.virDomain) -> str:
+    """fsThaw of filesystems that may be frozen; a guest that is not frozen (or has no agent) makes it a no-op."""
+    try:
+        dom.fsThaw()
+        return "thawed the guest's filesystems the interrupted run may have left frozen"
+    except libvirt.libvirtError as err:
+        return f"could not thaw the guest's filesystems the interrupted run may have left frozen: " \
+            f"{err.get_error_message()}"
+
+
+def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
+    """The active job is the interrupted run's only when it is a backup job exporting on the socket in its job dir."""
+    job_dir = entry.get("job_dir")
+    try:
+        socket = backup_socket(dom.backupGetXMLDesc(0))
+    except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
+        socket = None
+    if job_dir and socket is not None and Path(socket).parent == Path(job_dir):
+        return
+    raise BackupFailed(f"another job runs on the VM ({_job_operation(dom)}), not the backup job of the interrupted"
+                       f" run {entry.get('time')}: it and what that run left are left alone; run the backup again"
+                       " when it has ended")
+
+
+def _job_operation(dom: libvirt.virDomain) -> str:
+    """What libvirt says the active job does, for the admin (migration, backup, ...)."""
+    prefix = "VIR_DOMAIN_JOB_OPERATION_"
+    with suppress(libvirt.libvirtError):
+        operation = dom.jobStats().get("operation")
+        names = [n for n in dir(libvirt) if n.startswith(prefix) and getattr(libvirt, n) == operation]
+        if operation and names:  # 0 is UNKNOWN
+            return "operation: " + names[0].removeprefix(prefix).lower().replace("_", " ")
+    return "libvirt does not say which"
 
 
 def _job_active(dom: libvirt.virDomain) -> bool:
@@ -269,10 +347,11 @@ class _Progress:
             self.open_line = False
 
 
-def _freeze(dom: libvirt.virDomain, xml: str) -> str | None:
+def _freeze(dom: libvirt.virDomain, xml: str, may_freeze: Callable[[], None]) -> str | None:
     """Freeze the guest's filesystems through the agent; the reason when that could not be done."""
     if not has_guest_agent(xml):  # libvirt would refuse too, after a round trip (up to 11 ms on a busy host)
         return "the VM has no guest agent channel (org.qemu.guest_agent.0)"
+    may_freeze()
     try:
         dom.fsFreeze()
         return None
@@ -339,9 +418,13 @@ def _virtual_size(dom: libvirt.virDomain, disk: VmDisk) -> int:
 
 
 def _begin(dom: libvirt.virDomain, xml: str, job: _Job, disks: list[VmDisk], skipped: list[str],
-           parent: Manifest | None, checkpoint: str, notes: list[str], log: Log) -> Manifest | None:
-    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on."""
-    frozen_error = _freeze(dom, xml)
+           parent: Manifest | None, checkpoint: str, notes: list[str], log: Log,
+           may_freeze: Callable[[], None]) -> Manifest | None:
+    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on.
+
+    `may_freeze` is called before the freeze is tried: it journals that a recovery must thaw.
+    """
+    frozen_error = _freeze(dom, xml, may_freeze)
     if frozen_error is not None:
         notes.append(f"not frozen (crash-consistent): {frozen_error}")
     since = None if parent is None else parent.checkpoint
@@ -409,6 +492,35 @@ def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
     return plans
 
 
+def _check_scratch_space(job: _Job, disks: list[VmDisk]) -> None:
+    """Refuse before the job starts when the scratch files might not fit in the job dir's filesystem.
+
+    While the job runs, QEMU copies the old content of each cluster the guest overwrites into the disk's
+    scratch file first, once per cluster; a cluster that held no data costs nothing (measured in the lab:
+    8 MiB written over holes grew the scratch file by 64 KiB, 4 MiB over data by 4 MiB). So the scratch
+    files need at most the data the images hold: their allocated size (capped at the virtual size; for a
+    block device, an LV, its whole size). That is the worst case, a guest rewriting all its data during
+    the backup, and the one checked: backup-notes.md §5 says never to let the scratch location fill up
+    (what QEMU 7.2 then does to the guest's writes was not tried here). Data in a qcow2's backing file is
+    not counted: a template under every VM's image would be counted once per VM.
+    """
+    needed = sum(_data_size(disk, job.sizes[disk.dev]) for disk in disks)
+    stats = os.statvfs(job.dir.parent)
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise BackupFailed(f"the scratch space {job.dir.parent} is too small for this backup: the guest's writes"
+                           f" during the job may need up to {needed >> 20} MiB there (the data its disks hold),"
+                           f" {free >> 20} MiB are free: free space on that filesystem")
+
+
+def _data_size(disk: VmDisk, virtual_size: int) -> int:
+    with suppress(OSError):
+        info = os.stat(disk.path)
+        if stat.S_ISREG(info.st_mode):
+            return min(info.st_blocks * 512, virtual_size)
+    return virtual_size
+
+
 def _check_space(where: Path, needed: int) -> None:
     """Refuse before writing anything when the files cannot fit (they are sized exactly in advance)."""
     free = shutil.disk_usage(where).free
@@ -434,14 +546,21 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     partial = store.dir / (stamp + PARTIAL)
     started = time.monotonic()
     job = _Job.plan(dom, xml, disks, stamp)
-    journal.write(store.dir, {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
-                              "job_dir": str(job.dir)})
+    _check_scratch_space(job, disks)
+    entry = {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
+             "job_dir": str(job.dir)}
+    journal.write(store.dir, entry)
     partial.mkdir()
     job.make()
+
+    def may_freeze() -> None:
+        # Not flushed: the journal must outlive this process (SIGKILL), not the host (a guest does not stay frozen
+        # across a power cut). Left set after the thaw, as recovery's thaw of a guest not frozen does nothing.
+        journal.write(store.dir, {**entry, FROZEN: True}, durable=False)
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
     try:
-        parent = _begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log)
+        parent = _begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log, may_freeze)
         plans = _plan_disks(job, disks, parent)
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
@@ -543,7 +662,7 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
     except OSError as err:
         outcome.error = explain_os_error(err, store.dir)
     except libvirt.libvirtError as err:
-        outcome.error = _space_message(err.get_error_message(), store.dir)
+        outcome.error = explain_libvirt_error(err.get_error_message())
     _record(store, outcome)
     return outcome
 

@@ -45,6 +45,12 @@ def domain_disks(xml: str) -> tuple[list[VmDisk], list[str]]:
     return disks, skipped
 
 
+def backup_socket(xml: str) -> str | None:
+    """The unix socket a pull-mode backup job's XML (backupGetXMLDesc) exports on; None for other jobs."""
+    server = ET.fromstring(xml).find("server")
+    return None if server is None or server.get("transport") != "unix" else server.get("socket")
+
+
 def backup_xml(socket: Path, scratch_dir: Path, disks: list[VmDisk], skipped: list[str],
                incremental: str | None) -> str:
     """A pull-mode job: QEMU exports each disk (export name = its dev) over NBD on `socket`.

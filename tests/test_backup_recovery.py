@@ -1,0 +1,243 @@
+"""What a backup run finds before it starts, in the lab (private libvirtd + QEMU under emulation, as test_backup.py):
+a point dated ahead of the clock, another tool's job on the VM, a guest an interrupted run may have left frozen,
+too little scratch space. Each must end the run with a message that says what to do, never hang or harm."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from kvmconf import lab
+from kvmconf.backup import engine, journal
+from kvmconf.backup.engine import Outcome, Settings, backup_vm
+from kvmconf.backup.libvirt_xml import backup_xml, domain_disks, qemu_owner
+from kvmconf.backup.store import VmStore
+from tests.labs import quiet, running_lab
+from tests.test_backup import define, guest_write, make_disk, ok
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+NETNS_PREFIX = "kvmconf-bkrec-"
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 12 MiB filesystem for the job's scratch files, mounted before the lab starts (its daemons see only the
+    mounts that existed when their mount namespace was made)."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "kvmconf-bkrec", str(scratch)], check=True)
+    yield scratch
+    subprocess.run(["umount", "--lazy", str(scratch)], check=False)
+
+
+@pytest.fixture(scope="module")
+def the_lab(tmp_path_factory: pytest.TempPathFactory, small_scratch: Path) -> Iterator[lab.Lab]:
+    yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
+
+
+@pytest.fixture
+def conn(the_lab: lab.Lab) -> Iterator[libvirt.virConnect]:
+    c = libvirt.open(the_lab.uri)
+    yield c
+    for dom in c.listAllDomains():
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    c.close()
+
+
+@pytest.fixture
+def name() -> str:
+    return f"rc{os.getpid()}{os.urandom(2).hex()}"
+
+
+def settings_in(tmp_path: Path) -> Settings:
+    (tmp_path / "backups").mkdir(exist_ok=True)  # the [backup] dir, as `fab kvm-setup` makes it
+    return Settings(tmp_path / "backups", full_every=5)
+
+
+def stale_journal(store: VmStore, **extra: object) -> dict[str, Any]:
+    """What a run killed (SIGKILL) after it had journalled its job leaves: the journal and its partial point."""
+    stamp = "20260101T000000Z"
+    entry: dict[str, Any] = {"time": stamp, "checkpoint": f"kvmconf-{stamp}", "pid": 999999,
+                             "partial": f"{stamp}.partial",
+                             "job_dir": f"{engine.JOB_DIR_PARENT}/kvmconf-backup-999999-{stamp}", **extra}
+    journal.write(store.dir, entry)
+    (store.dir / entry["partial"]).mkdir()
+    return entry
+
+
+def test_a_point_dated_ahead_of_the_clock_fails_the_run_instead_of_blocking_every_later_one(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """A point made while the clock was wrong (a boot before NTP): the run used to wait for a later second
+    forever, holding the VM's lock, and every later cron run failed with 'another backup is running'."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert first is not None
+    store = VmStore(settings.dir, name)
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).strftime("%Y%m%dT%H%M%SZ")
+    store.point_dir(first.time).rename(store.point_dir(ahead))
+    def run_backup(outcomes: list[Outcome]) -> None:
+        outcomes.append(backup_vm(dom, settings, 5, quiet))
+
+    for _ in range(2):  # the second run is not locked out by the first: it fails the same way
+        outcomes: list[Outcome] = []
+        run = threading.Thread(target=run_backup, args=(outcomes,), daemon=True)
+        run.start()
+        run.join(60)
+        assert outcomes, "the run did not end: it waits for its clock to pass the point's time"
+        [outcome] = outcomes
+        assert not outcome.ok
+        said = re.fullmatch(re.escape(f"the restore point {store.point_dir(ahead)} is dated ") + r"(\d+)"
+                            + re.escape(" s ahead of this host's clock (") + r"\d{8}T\d{6}Z"
+                            + re.escape("): a new point must sort after it. Check the clock (NTP); if it is right,"
+                                        " move that point out of the directory or remove it"), outcome.error)
+        assert said is not None, outcome.error
+        assert 7000 < int(said.group(1)) <= 7200, said.group(1)
+    assert dom.isActive() and not store.partials() and not (store.dir / journal.JOURNAL).exists()
+
+
+def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """A stale journal used to make recovery abort whatever job ran on the VM (another tool's pull backup here;
+    a live migration alike): it now fails, changing nothing, and recovers once that job has ended. A real second
+    pull job stands for the other tool; a migration cannot run in the lab (one libvirtd)."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    store.dir.mkdir()
+    entry = stale_journal(store)
+    xml = dom.XMLDesc(0)
+    disks, skipped = domain_disks(xml)
+    other = tmp_path / "other-tool"  # its socket and scratch files, writable by QEMU's user
+    other.mkdir()
+    owner = qemu_owner(xml)
+    if owner is not None:
+        os.chown(other, *owner)
+    dom.backupBegin(backup_xml(other / "nbd.sock", other, disks, skipped, None), None, 0)
+    try:
+        outcome = backup_vm(dom, settings, 5, quiet)
+        assert not outcome.ok
+        assert outcome.error == ("another job runs on the VM (operation: backup), not the backup job of the"
+                                 " interrupted run 20260101T000000Z: it and what that run left are left alone; run"
+                                 " the backup again when it has ended"), outcome.error
+        assert f"socket='{other / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # the other job still runs
+        assert journal.read(store.dir) == entry and (store.dir / entry["partial"]).is_dir()
+    finally:
+        dom.abortJob()
+    engine._wait_job_end(dom, 60.0)
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert f"removed the partial backup {entry['partial']}" in outcome.notes
+
+
+class _Watched:
+    """The lab's VM through a thin wrapper: the lab's VMs have no OS, so no guest agent, and a freeze or thaw
+    can never succeed or be observed there. Every call but the two overridden ones goes to the real domain."""
+
+    def __init__(self, dom: libvirt.virDomain, store: VmStore, thaw_works: bool) -> None:
+        self._dom = dom
+        self._store = store
+        self._thaw_works = thaw_works
+        self.journal_at_freeze: dict[str, Any] | None = None
+        self.thawed = 0
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._dom, attr)
+
+    def fsFreeze(self) -> int:  # libvirt's names
+        self.journal_at_freeze = journal.read(self._store.dir)
+        return int(self._dom.fsFreeze())  # fails: no agent answers
+
+    def fsThaw(self) -> int:
+        self.thawed += 1
+        return 0 if self._thaw_works else int(self._dom.fsThaw())
+
+
+def test_the_journal_says_frozen_before_the_guest_is_frozen(conn: libvirt.virConnect, tmp_path: Path,
+                                                            name: str) -> None:
+    """A run killed between freeze and thaw must leave the next run a record that it has to thaw."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)
+    settings = settings_in(tmp_path)
+    watched = _Watched(dom, VmStore(settings.dir, name), thaw_works=True)
+    ok(backup_vm(watched, settings, 5, quiet))
+    assert watched.journal_at_freeze is not None and watched.journal_at_freeze.get("frozen") is True
+
+
+def test_recovery_thaws_a_guest_an_interrupted_run_may_have_left_frozen(conn: libvirt.virConnect, tmp_path: Path,
+                                                                        name: str) -> None:
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    store.dir.mkdir()
+    # The real libvirt: no agent answers, so the thaw fails; said, and the run goes on.
+    stale_journal(store, frozen=True)
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    [note] = [n for n in outcome.notes if n.startswith("could not thaw")]
+    assert note.startswith("could not thaw the guest's filesystems the interrupted run may have left frozen: Guest"
+                           " agent is not responding"), note
+    # A thaw that works (the wrapper stands in for an agent the lab's VMs cannot have).
+    stale_journal(store, frozen=True)
+    watched = _Watched(dom, store, thaw_works=True)
+    outcome = ok(backup_vm(watched, settings, 5, quiet))
+    assert watched.thawed == 1
+    assert "thawed the guest's filesystems the interrupted run may have left frozen" in outcome.notes
+    # No flag, no thaw: a run that never reached the freeze.
+    stale_journal(store)
+    watched = _Watched(dom, store, thaw_works=True)
+    ok(backup_vm(watched, settings, 5, quiet))
+    assert watched.thawed == 0
+
+
+def test_too_little_scratch_space_is_refused_before_the_job_starts(small_scratch: Path, conn: libvirt.virConnect,
+                                                                   tmp_path: Path, name: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scratch files that cannot grow make QEMU fail the guest's own writes: refused up front, with the numbers."""
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 64)
+    dom = define(conn, name, [(disk, "qcow2")])
+    guest_write(dom, 0, 0x5A, "0", "40M")
+    monkeypatch.setattr(engine, "JOB_DIR_PARENT", str(small_scratch))
+    settings = settings_in(tmp_path)
+    outcome = backup_vm(dom, settings, 5, quiet)
+    assert not outcome.ok
+    needed = os.stat(disk).st_blocks * 512 >> 20
+    stats = os.statvfs(small_scratch)
+    free = stats.f_bavail * stats.f_frsize >> 20
+    assert 40 <= needed < 64 and free <= 12
+    assert outcome.error == (f"the scratch space {small_scratch} is too small for this backup: the guest's writes"
+                             f" during the job may need up to {needed} MiB there (the data its disks hold), {free} MiB"
+                             " are free: free space on that filesystem"), outcome.error
+    store = VmStore(settings.dir, name)
+    assert store.points() == [] and store.partials() == [] and not (store.dir / journal.JOURNAL).exists()
+    assert dom.listAllCheckpoints() == [] and dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    assert list(small_scratch.iterdir()) == []
+
+
+def test_a_bitmap_that_cannot_be_removed_from_a_shut_off_vms_image_is_said(conn: libvirt.virConnect, tmp_path: Path,
+                                                                           name: str) -> None:
+    """Deleting a checkpoint of a shut-off VM removes only its bitmap from the images with qemu-img; a failure
+    (here: the bitmap is gone already) used to be dropped without a word."""
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 16)
+    dom = define(conn, name, [(disk, "qcow2")])
+    point = ok(backup_vm(dom, settings_in(tmp_path), 5, quiet)).manifest
+    assert point is not None and point.checkpoint is not None
+    dom.destroy()
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(disk), point.checkpoint], check=True)
+    said: list[str] = []
+    disks, _ = domain_disks(dom.XMLDesc(0))
+    assert engine.delete_checkpoint(dom, point.checkpoint, disks, said.append)
+    assert dom.listAllCheckpoints() == []
+    cp = point.checkpoint
+    assert said == [f"{name}: checkpoint {cp}: Operation not supported: cannot delete checkpoint for inactive domain;"
+                    " removing its metadata only",
+                    f"{name}: could not remove bitmap {cp} from {disk}: qemu-img: Operation remove on bitmap {cp}"
+                    f" failed: Dirty bitmap '{cp}' not found"]
