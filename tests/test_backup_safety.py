@@ -123,6 +123,14 @@ def test_a_full_nas_is_a_nas_failure(tmp_path: Path, nas_fs: Path) -> None:
     assert VmStore(nas_fs, "vm1").points() == [] and VmStore(nas_fs, "vm1").partials() == []
 
 
+def test_status_counts_no_nas_copies_while_the_share_is_not_mounted(tmp_path: Path, nas_fs: Path) -> None:
+    local_point(tmp_path / "local", "vm1", "20261120T023000Z")
+    local_point(tmp_path / "unmounted", "vm1", "20261120T023000Z")  # left on / by a run before this check
+    assert report.vm_status(tmp_path / "local", tmp_path / "unmounted", "vm1", NOW).nas_points == 0
+    stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas_fs, "vm1"), 2, quiet)
+    assert report.vm_status(tmp_path / "local", nas_fs, "vm1", NOW).nas_points == 1
+
+
 def test_the_lock_never_creates_a_missing_backup_dir(tmp_path: Path) -> None:
     with pytest.raises(KvmconfError) as err, journal.vm_lock(tmp_path / "backups" / "vm1"):
         pass

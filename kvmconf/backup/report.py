@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmconf.backup import journal
+from kvmconf.backup.nas import NasFailed, check_mounted
 from kvmconf.backup.store import VmStore
 from kvmconf.errors import KvmconfError
 
@@ -45,7 +46,18 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
     error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
     return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
-                    sum(m.stored for m in points), len(VmStore(nas, vm).points()) if nas else 0, error)
+                    sum(m.stored for m in points), _nas_points(root, nas, vm), error)
+
+
+def _nas_points(root: Path, nas: Path | None, vm: str) -> int:
+    """The copies on the NAS; none while the share is not mounted (what is there is on the wrong filesystem)."""
+    if nas is None:
+        return 0
+    try:
+        check_mounted(root, nas)
+    except (NasFailed, OSError):  # OSError: no [backup] dir yet
+        return 0
+    return len(VmStore(nas, vm).points())
 
 
 # A clock stepped back (or a point's name from a host whose clock ran ahead) makes the newest point look newer than
