@@ -174,6 +174,15 @@ def test_a_manifest_that_does_not_parse_names_its_file_and_is_that_vms_problem(t
     assert table[1].endswith(f"  {expected}") and table[2].startswith("vm2              20261120T023000Z")
 
 
+def test_a_last_run_record_that_does_not_parse_is_a_warning_naming_it(tmp_path: Path) -> None:
+    local_point(tmp_path, "vm1", "20261120T023000Z")
+    (tmp_path / "vm1" / journal.LAST_RUN).write_text('{"error": "", "ok": tr')
+    row = report.vm_status(tmp_path, None, "vm1", NOW)
+    assert report.nagios([row], LIMIT) == (1, f"BACKUP WARNING - vm1: last run failed ({tmp_path}/vm1/last-run.json"
+                                              " does not parse (Expecting value: line 1 column 21 (char 20)): the"
+                                              " next run replaces it)")
+
+
 def test_an_unreachable_host_fails_its_vms_and_the_run_goes_on_recorded(example: Cluster, tmp_path: Path) -> None:
     cluster = with_backup_dir(example, tmp_path, kvm0=UNREACHABLE)
     (tmp_path / "db").mkdir()  # backed up before: its last run is recorded for backup-status

@@ -33,7 +33,7 @@ def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStat
     """One VM's status; backups it cannot read are its own problem, not the end of the report of every VM."""
     try:
         return _vm_status(root, nas, vm, now)
-    except (KvmconfError, ValueError) as err:  # ValueError: a last-run.json that does not parse
+    except KvmconfError as err:
         return VmStatus(vm, None, None, 0, 0, 0, 0, "", unreadable=str(err))
 
 
@@ -41,9 +41,13 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
     store = VmStore(root, vm)
     points = store.points()
     last = points[-1] if points else None
-    run = journal.read(store.dir, journal.LAST_RUN) if store.dir.is_dir() else None
-    # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
-    error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
+    try:
+        run = journal.read(store.dir, journal.LAST_RUN) if store.dir.is_dir() else None
+    except ValueError as err:  # written whole by a rename, so only damage truncates it: the points still count
+        error = f"{store.dir / journal.LAST_RUN} does not parse ({err}): the next run replaces it"
+    else:
+        # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
+        error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
     return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
                     sum(m.stored for m in points), _nas_points(root, nas, vm), error)
