@@ -21,6 +21,7 @@ from kvmconf.backup import engine, journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.libvirt_xml import backup_xml, domain_disks, qemu_owner
 from kvmconf.backup.store import VmStore
+from tests import test_backup
 from tests.labs import quiet, running_lab
 from tests.test_backup import define, guest_write, make_disk, ok
 
@@ -45,20 +46,8 @@ def the_lab(tmp_path_factory: pytest.TempPathFactory, small_scratch: Path) -> It
     yield from running_lab(tmp_path_factory.mktemp("lab"), NETNS_PREFIX)
 
 
-@pytest.fixture
-def conn(the_lab: lab.Lab) -> Iterator[libvirt.virConnect]:
-    c = libvirt.open(the_lab.uri)
-    yield c
-    for dom in c.listAllDomains():
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    c.close()
-
-
-@pytest.fixture
-def name() -> str:
-    return f"rc{os.getpid()}{os.urandom(2).hex()}"
+conn = test_backup.conn  # the fixture, run on this module's the_lab
+name = test_backup.name
 
 
 def settings_in(tmp_path: Path) -> Settings:
