@@ -238,6 +238,7 @@ class Backup:
     full_every: int
     log: str
     checkout: str = "/root/kvmconf"  # this repository on the physical hosts, where cron runs `invoke backup`
+    scratch_dir: str = "/var/tmp"  # a live backup's NBD socket and scratch files (copy-before-write)
 
 
 @dataclass(frozen=True)

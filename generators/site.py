@@ -53,6 +53,8 @@ from generators.toml_reader import (
     type_of,
 )
 
+# sun_path holds 107 bytes; below scratch_dir goes the backup job's socket, pid_max's largest pid included.
+MAX_SCRATCH_DIR = 107 - len("/kvmconf-backup-4194304-20261122T134650Z/nbd.sock")
 ZONEINFO = Path("/usr/share/zoneinfo")  # the zone database a time zone is checked against, where this machine has it
 
 
@@ -214,7 +216,15 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
         full_every=b.positive("full_every", int, 7),
         log=read_absolute_path(b, "log", "/var/log/kvmconf-backup.log"),
         checkout=read_absolute_path(b, "checkout", "/root/kvmconf"),
+        scratch_dir=read_absolute_path(b, "scratch_dir", "/var/tmp"),
     )
+    scratch = values["scratch_dir"]
+    if scratch is not None and len(scratch.encode()) > MAX_SCRATCH_DIR:
+        # The job's NBD socket is <scratch_dir>/kvmconf-backup-<pid>-<time>/nbd.sock: a unix socket path has at
+        # most 107 bytes, and QEMU could not create the socket of a longer one.
+        b.problem("scratch_dir", f"{shown(scratch)} is too long (expected at most {MAX_SCRATCH_DIR} bytes: the"
+                  " backup's unix socket goes below it)")
+        values["scratch_dir"] = None
     b.check_unknown()
     return values
 

@@ -163,7 +163,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
             raise StepFailed("nested", "nested virtualisation is off (site.toml says nested = true): set `options"
                               " kvm_intel nested=1` (or kvm_amd) in /etc/modprobe.d/ and reload the module")
         report.lines.append("nested: on")
-    dirs = [host.disk_dir, cluster.site.backup.dir]
+    dirs = [host.disk_dir, cluster.site.backup.dir, cluster.site.backup.scratch_dir]
     res = run(conn, script(_MISSING_DIRS, *dirs))
     missing_dirs = res.stdout.splitlines()
     if missing_dirs and not dry_run:

@@ -26,7 +26,7 @@ import pytest
 from kvmconf import bare_vm, lab, processes
 from kvmconf.backup import durability, journal
 from kvmconf.backup import restore as restore_module
-from kvmconf.backup.engine import JOB_DIR_PARENT, Outcome, Settings, backup_vm
+from kvmconf.backup.engine import SCRATCH_DIR, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
@@ -83,7 +83,7 @@ def _remove_orphaned_job_dirs() -> None:
     In production the VM's journal names them for the next run's recovery; here the VMs' backup
     directories are temporary, so nothing else would remove them.
     """
-    for job_dir in Path(JOB_DIR_PARENT).glob("kvmconf-backup-*-*"):
+    for job_dir in SCRATCH_DIR.glob("kvmconf-backup-*-*"):
         pid = job_dir.name.split("-")[2]
         if pid.isdigit() and not processes.alive(int(pid)):
             shutil.rmtree(job_dir, ignore_errors=True)

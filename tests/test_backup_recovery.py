@@ -4,6 +4,7 @@ too little scratch space. Each must end the run with a message that says what to
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -60,7 +61,7 @@ def stale_journal(store: VmStore, **extra: object) -> dict[str, Any]:
     stamp = "20260101T000000Z"
     entry: dict[str, Any] = {"time": stamp, "checkpoint": f"kvmconf-{stamp}", "pid": 999999,
                              "partial": f"{stamp}.partial",
-                             "job_dir": f"{engine.JOB_DIR_PARENT}/kvmconf-backup-999999-{stamp}", **extra}
+                             "job_dir": f"{engine.SCRATCH_DIR}/kvmconf-backup-999999-{stamp}", **extra}
     journal.write(store.dir, entry)
     (store.dir / entry["partial"]).mkdir()
     return entry
@@ -188,14 +189,12 @@ def test_recovery_thaws_a_guest_an_interrupted_run_may_have_left_frozen(conn: li
 
 
 def test_too_little_scratch_space_is_refused_before_the_job_starts(small_scratch: Path, conn: libvirt.virConnect,
-                                                                   tmp_path: Path, name: str,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   tmp_path: Path, name: str) -> None:
     """Scratch files that cannot grow make QEMU fail the guest's own writes: refused up front, with the numbers."""
     disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 64)
     dom = define(conn, name, [(disk, "qcow2")])
     guest_write(dom, 0, 0x5A, "0", "40M")
-    monkeypatch.setattr(engine, "JOB_DIR_PARENT", str(small_scratch))
-    settings = settings_in(tmp_path)
+    settings = dataclasses.replace(settings_in(tmp_path), scratch_dir=small_scratch)  # [backup] scratch_dir
     outcome = backup_vm(dom, settings, 5, quiet)
     assert not outcome.ok
     needed = os.stat(disk).st_blocks * 512 >> 20
@@ -204,7 +203,8 @@ def test_too_little_scratch_space_is_refused_before_the_job_starts(small_scratch
     assert 40 <= needed < 64 and free <= 12
     assert outcome.error == (f"the scratch space {small_scratch} is too small for this backup: the guest's writes"
                              f" during the job may need up to {needed} MiB there (the data its disks hold), {free} MiB"
-                             " are free: free space on that filesystem"), outcome.error
+                             " are free: free space on that filesystem, or set [backup] scratch_dir to a directory"
+                             " with room"), outcome.error
     store = VmStore(settings.dir, name)
     assert store.points() == [] and store.partials() == [] and not (store.dir / journal.JOURNAL).exists()
     assert dom.listAllCheckpoints() == [] and dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE

@@ -250,6 +250,7 @@ def test_os_errors_name_the_directory_of_the_file_they_are_about(tmp_path: Path)
 def test_libvirt_running_out_of_space_blames_scratch_or_vm_storage_not_the_target() -> None:
     """In pull mode libvirt never writes the backup target: this process does."""
     text = "unable to execute QEMU command 'blockdev-create': Could not write qcow2 header: No space left on device"
-    assert explain_libvirt_error(text) == ("no space left for the backup job's scratch files (under /var/tmp) or on the"
-                                    f" VM's own storage: free space there ({text})")
-    assert explain_libvirt_error("domain is not running") == "domain is not running"
+    assert explain_libvirt_error(text, Path("/srv/scratch")) == (
+        "no space left for the backup job's scratch files (under /srv/scratch, [backup] scratch_dir) or on the VM's own"
+        f" storage: free space there ({text})")
+    assert explain_libvirt_error("domain is not running", Path("/var/tmp")) == "domain is not running"

@@ -526,7 +526,7 @@ CASES = [
          lambda text: (text + vm(options="host=kvm9") + "\n").replace("\n", "\r\n")),
     # --- site.toml -----------------------------------------------------------------------------------------
     Case("site-not-toml", (site(89, 8, "not valid TOML: Invalid value"),), site=sub("keep = 2", "keep = = 2")),
-    Case("site-unclosed-table", (site(101, 3, "not valid TOML: Expected ']' at the end of a table declaration"),),
+    Case("site-unclosed-table", (site(102, 3, "not valid TOML: Expected ']' at the end of a table declaration"),),
          site=lambda text: text + "[x\n"),
     Case("site-unknown-top-key",
          (site(8, 1, "key 'timzone': unknown key (expected one of: accounts, backup, default_network, default_os,"

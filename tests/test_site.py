@@ -106,7 +106,7 @@ def test_unknown_key_in_every_table(table: str, tmp_path: Path) -> None:
 
 def test_unknown_table(tmp_path: Path) -> None:
     assert _problems(_write(tmp_path, EXAMPLE_SITE + "[mail]\nrelay = 'x'\n")) == [
-        "101:1: key 'mail': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
+        "102:1: key 'mail': unknown key (expected one of: accounts, backup, default_network, default_os, domain,"
         " domain_type, hostgroups, hosts, keyboard, locale, networks, os, provision, timezone)"]
 
 
@@ -231,8 +231,8 @@ WRONG_VALUES = [
     ("full_every = 7", "full_every = 1.5", ["90:1: key 'backup.full_every': 1.5 is a number (expected a positive"
                                             " integer)"]),
     ('compute = "Compute nodes"', 'compute = 5\n"bad group" = "x"',
-     ["100:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
-      "101:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-',"
+     ["101:1: key 'hostgroups.compute': 5 is an integer (expected a string: the hostgroup's description)",
+      "102:1: key 'hostgroups.bad group': is not a hostgroup name (expected letters, digits, '_', '.' and '-',"
       " starting with a letter or digit)"]),
     # Table names reach Nagios command lines, cron and virsh: only what cluster.conf's host=, net=, os= can name.
     ("[hosts.kvm1]\n", '[hosts."kvm1;x"]\n',
@@ -419,7 +419,7 @@ FREE_TEXT_VALUES = [
     ('keyboard = "us"', 'keyboard = "us\\tde"',
      f"6:1: key 'keyboard': 'us\\tde' holds the control character '\\t' {_ONE_LINE}"),
     ('compute = "Compute nodes"', 'compute = "Compute\\u0000nodes"',
-     f"100:1: key 'hostgroups.compute': 'Compute\\x00nodes' holds the control character '\\x00' {_ONE_LINE}"),
+     f"101:1: key 'hostgroups.compute': 'Compute\\x00nodes' holds the control character '\\x00' {_ONE_LINE}"),
     ('ssh_keys = ["ssh-ed25519', 'ssh_keys = ["ssh-ed25519 AAAA x\\u0085y", "ssh-ed25519',
      "16:1: key 'accounts.ssh_keys': ['ssh-ed25519 AAAA x\\x85y', 'ssh-ed25519 AAAAC3NzaC1lZDI...] holds the"
      f" control character '\\x85' {_ONE_LINE}"),
@@ -472,6 +472,13 @@ FREE_TEXT_VALUES = [
     ('checkout = "/root/kvmconf"', 'checkout = "~/kvmconf"',
      "92:1: key 'backup.checkout': '~/kvmconf' is not an absolute path (expected a path starting with '/', without"
      " whitespace, such as /root/kvmconf)"),
+    ('scratch_dir = "/var/tmp"', 'scratch_dir = "tmp"',
+     "93:1: key 'backup.scratch_dir': 'tmp' is not an absolute path (expected a path starting with '/', without"
+     " whitespace, such as /var/tmp)"),
+    # 59 bytes: the backup job's unix socket below it would not fit a socket path's 107 bytes.
+    ('scratch_dir = "/var/tmp"', f'scratch_dir = "/srv/{"s" * 54}"',
+     f"93:1: key 'backup.scratch_dir': '/srv/{'s' * 50}...' (59 characters) is too long (expected at most 58 bytes:"
+     " the backup's unix socket goes below it)"),
 ]
 
 
@@ -518,7 +525,7 @@ _ANSIBLE_GROUP_RULE = ("a hostgroup whose Ansible group name, with each characte
 def test_hostgroups_whose_ansible_groups_clash(group: str, clash: str, tmp_path: Path) -> None:
     text = EXAMPLE_SITE.replace('compute = "Compute nodes"\n', f'compute = "Compute nodes"\n{group} = "x"\n')
     assert _problems(_write(tmp_path, text)) == [
-        f"101:1: key 'hostgroups.{group}': would be {clash} in ansible/inventory.ini (expected {_ANSIBLE_GROUP_RULE})"]
+        f"102:1: key 'hostgroups.{group}': would be {clash} in ansible/inventory.ini (expected {_ANSIBLE_GROUP_RULE})"]
 
 
 def test_a_misspelt_optional_table_is_told_every_allowed_key(tmp_path: Path) -> None:

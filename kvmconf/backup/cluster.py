@@ -39,7 +39,7 @@ Log = Callable[[str], None]
 
 def settings(cluster: Cluster, progress: bool) -> Settings:
     b = cluster.site.backup
-    return Settings(Path(b.dir), b.full_every, Path(b.nas_dir) if b.nas_dir else None, progress)
+    return Settings(Path(b.dir), b.full_every, Path(b.nas_dir) if b.nas_dir else None, progress, Path(b.scratch_dir))
 
 
 def keep_of(cluster: Cluster, vm: Vm) -> int:

@@ -60,7 +60,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 
 CHECKPOINT_PREFIX = "kvmconf-"
-JOB_DIR_PARENT = "/var/tmp"  # the job's socket and scratch files: see _Job
+SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's socket and scratch files, see _Job
 Log = Callable[[str], None]
 _POLL = 0.05
 FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
@@ -82,6 +82,7 @@ class Settings:
     full_every: int  # incrementals after a full before the next full
     nas_dir: Path | None = None
     progress: bool = False  # bytes done/total on stderr (when run on a terminal)
+    scratch_dir: Path = SCRATCH_DIR
 
 
 @dataclass
@@ -149,12 +150,12 @@ def explain_os_error(err: OSError, target: Path) -> str:
     return f"{where}: {err.strerror or err}"
 
 
-def explain_libvirt_error(text: str) -> str:
+def explain_libvirt_error(text: str, scratch_dir: Path) -> str:
     """libvirt's errors: in pull mode libvirt and QEMU never write the backup target (this process does), so a
     full filesystem libvirt hits holds the job's scratch files or the VM's own disks."""
     if "No space left" in text or "ENOSPC" in text:
-        return (f"no space left for the backup job's scratch files (under {JOB_DIR_PARENT}) or on the VM's own"
-                f" storage: free space there ({text})")
+        return (f"no space left for the backup job's scratch files (under {scratch_dir}, [backup] scratch_dir) or"
+                f" on the VM's own storage: free space there ({text})")
     return text
 
 
@@ -379,8 +380,8 @@ class _Job:
     owner: tuple[int, int] | None  # QEMU's uid and gid
 
     @classmethod
-    def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str) -> _Job:
-        return cls(Path(JOB_DIR_PARENT) / f"kvmconf-backup-{os.getpid()}-{stamp}",
+    def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str, scratch_dir: Path) -> _Job:
+        return cls(scratch_dir / f"kvmconf-backup-{os.getpid()}-{stamp}",
                    {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(xml))
 
     @property
@@ -510,7 +511,8 @@ def _check_scratch_space(job: _Job, disks: list[VmDisk]) -> None:
     if needed > free:
         raise BackupFailed(f"the scratch space {job.dir.parent} is too small for this backup: the guest's writes"
                            f" during the job may need up to {needed >> 20} MiB there (the data its disks hold),"
-                           f" {free >> 20} MiB are free: free space on that filesystem")
+                           f" {free >> 20} MiB are free: free space on that filesystem, or set [backup] scratch_dir"
+                           " to a directory with room")
 
 
 def _data_size(disk: VmDisk, virtual_size: int) -> int:
@@ -545,7 +547,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
     started = time.monotonic()
-    job = _Job.plan(dom, xml, disks, stamp)
+    job = _Job.plan(dom, xml, disks, stamp, settings.scratch_dir)
     _check_scratch_space(job, disks)
     entry = {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
              "job_dir": str(job.dir)}
@@ -662,7 +664,7 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
     except OSError as err:
         outcome.error = explain_os_error(err, store.dir)
     except libvirt.libvirtError as err:
-        outcome.error = explain_libvirt_error(err.get_error_message())
+        outcome.error = explain_libvirt_error(err.get_error_message(), settings.scratch_dir)
     _record(store, outcome)
     return outcome
 
