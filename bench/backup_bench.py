@@ -181,6 +181,7 @@ def main() -> int:
             via_nbd.unlink()
             # Each round is a new chain: a fresh directory makes our next backup a full.
             settings = Settings(work / f"ours{r}", full_every=5)
+            settings.dir.mkdir()  # as `fab kvm-setup` makes [backup] dir: a backup refuses a missing one
             ours_dir, vnb_dir = settings.dir, work / f"vnb{r}"
             rows["full: ours"].append(timed(partial(ours, settings), images))
             rows["full: virtnbdbackup -l full"].append(timed(partial(vnb, the_lab.uri, other.name(), "full", vnb_dir,
