@@ -84,6 +84,27 @@ def test_a_nas_dir_on_the_backup_dirs_filesystem_is_an_unmounted_share(tmp_path:
     assert list(nas.iterdir()) == []
 
 
+def test_a_nas_dir_on_the_root_filesystem_is_an_unmounted_share_too(tmp_path: Path) -> None:
+    """The [backup] dir on a disk of its own: the same-filesystem check alone let copies fill / (a reviewer's case)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    local = tmp_path / "local"
+    local.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kvmconf-localtest", str(local)], check=True)
+    nas = Path(f"/kvmconf-test-nas-{os.getpid()}")  # the share's mount point on /, nothing mounted on it
+    nas.mkdir()
+    try:
+        local_point(local, "vm1", "20261120T023000Z")
+        with pytest.raises(NasFailed) as err:
+            stage(VmStore(local, "vm1"), VmStore(nas, "vm1"), 2, quiet)
+        assert str(err.value) == (f"nas_dir {nas} is on the root filesystem: the NAS share is not mounted there (a"
+                                  " copy would fill / and not be on the NAS)")
+        assert list(nas.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(local)], check=False)
+        nas.rmdir()
+
+
 @pytest.fixture
 def nas_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs: a NAS share of its own filesystem (root only), unmounted after."""

@@ -37,6 +37,9 @@ def check_mounted(local_root: Path, nas_root: Path) -> None:
     if nas_device == local_root.stat().st_dev:
         raise NasFailed(f"nas_dir {nas_root} is on the same filesystem as the [backup] dir {local_root}: the NAS"
                         " share is not mounted there (a copy would not be on the NAS)")
+    if nas_device == Path("/").stat().st_dev:  # the [backup] dir on a disk of its own, the share not mounted
+        raise NasFailed(f"nas_dir {nas_root} is on the root filesystem: the NAS share is not mounted there (a copy"
+                        " would fill / and not be on the NAS)")
 
 
 def stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
