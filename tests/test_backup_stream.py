@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmconf.backup import qcow2, stream
-from kvmconf.backup.engine import explain_libvirt_error, explain_os_error
+from kvmconf.backup import engine, qcow2, stream
+from kvmconf.backup.engine import BackupFailed, explain_libvirt_error, explain_os_error
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
 from kvmconf.processes import stop_pid
@@ -226,7 +226,7 @@ def test_an_export_that_stalls_midway_times_out(tmp_path: Path, serve: Serve) ->
         client.close()
 
 
-def test_os_errors_name_the_directory_of_the_file_they_are_about(tmp_path: Path) -> None:
+def test_os_errors_name_the_file_they_are_about_and_a_full_disk_its_directory(tmp_path: Path) -> None:
     """A read-only NAS used to be reported as '<local backup dir>: Read-only file system'."""
     target = tmp_path / "local" / "vm1"
     read_only = tmp_path / "nas"
@@ -235,13 +235,16 @@ def test_os_errors_name_the_directory_of_the_file_they_are_about(tmp_path: Path)
     try:
         with pytest.raises(OSError) as raised:
             (read_only / "vda.qcow2").write_bytes(b"x")
-        assert explain_os_error(raised.value, target) == f"{read_only}: Read-only file system"
+        assert explain_os_error(raised.value, target) == f"{read_only}/vda.qcow2: Read-only file system"
     finally:
         subprocess.run(["umount", "--lazy", str(read_only)], check=False)
     # A full filesystem named by the error but outside the backup target (the job's scratch directory).
     full = OSError(errno.ENOSPC, "No space left on device", "/var/tmp/kvmconf-backup-1-x/vda.scratch")
     assert explain_os_error(full, target) == \
         "/var/tmp/kvmconf-backup-1-x is full (no space left on device): free space there"
+    # A missing [backup] scratch_dir: the directory itself, not its parent, which exists.
+    gone = OSError(errno.ENOENT, "No such file or directory", "/srv/kvmconf-scratch")
+    assert explain_os_error(gone, target) == "/srv/kvmconf-scratch: No such file or directory"
     inside = OSError(errno.ENOSPC, "No space left on device", str(target / "20260101T000000Z.partial"))
     assert explain_os_error(inside, target) == \
         f"the backup target {target} is full (no space left on device): free space or move [backup] dir"
@@ -254,3 +257,10 @@ def test_libvirt_running_out_of_space_blames_scratch_or_vm_storage_not_the_targe
         "no space left for the backup job's scratch files (under /srv/scratch, [backup] scratch_dir) or on the VM's own"
         f" storage: free space there ({text})")
     assert explain_libvirt_error("domain is not running", Path("/var/tmp")) == "domain is not running"
+
+
+def test_a_missing_scratch_dir_is_said_with_the_way_to_make_it(tmp_path: Path) -> None:
+    job = engine._Job(tmp_path / "nosuch" / "kvmconf-backup-1-20260101T000000Z", {}, None)
+    with pytest.raises(BackupFailed) as err:
+        engine._check_scratch_space(job, [])
+    assert str(err.value) == f"[backup] scratch_dir {tmp_path / 'nosuch'} does not exist: `fab kvm-setup` creates it"

@@ -140,14 +140,14 @@ def backing_file(parent: Manifest | None, disk: VmDisk) -> str | None:
 
 
 def explain_os_error(err: OSError, target: Path) -> str:
-    """`err` said about the directory of the file it names (the backup target `target` when it names none:
-    a write to an open file, as stream.copy's, carries no name)."""
-    where = target if err.filename is None else Path(os.fsdecode(err.filename)).parent
-    in_target = where.is_relative_to(target)
+    """`err` said about the file it names, a full disk about that file's directory (the backup target `target`
+    when it names none: a write to an open file, as stream.copy's, carries no name)."""
+    named = None if err.filename is None else Path(os.fsdecode(err.filename))
     if err.errno == errno.ENOSPC:
+        where = target if named is None else named.parent
         return (f"the backup target {where} is full (no space left on device): free space or move [backup] dir"
-                if in_target else f"{where} is full (no space left on device): free space there")
-    return f"{where}: {err.strerror or err}"
+                if where.is_relative_to(target) else f"{where} is full (no space left on device): free space there")
+    return f"{named or target}: {err.strerror or err}"
 
 
 def explain_libvirt_error(text: str, scratch_dir: Path) -> str:
@@ -506,7 +506,11 @@ def _check_scratch_space(job: _Job, disks: list[VmDisk]) -> None:
     not counted: a template under every VM's image would be counted once per VM.
     """
     needed = sum(_data_size(disk, job.sizes[disk.dev]) for disk in disks)
-    stats = os.statvfs(job.dir.parent)
+    try:
+        stats = os.statvfs(job.dir.parent)
+    except FileNotFoundError:
+        raise BackupFailed(f"[backup] scratch_dir {job.dir.parent} does not exist: `fab kvm-setup`"
+                           " creates it") from None
     free = stats.f_bavail * stats.f_frsize
     if needed > free:
         raise BackupFailed(f"the scratch space {job.dir.parent} is too small for this backup: the guest's writes"
@@ -648,7 +652,10 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
                 manifest = (_running_backup(dom, store, settings, log) if dom.isActive()
                             else _offline_backup(dom, store, settings))
             except BaseException:
-                recover(dom, store, log)  # undo at once what the next run's recovery would
+                # Undo at once what the next run's recovery would; a refusal of its own (another tool's job
+                # runs) must not replace what ended the run, an interrupt above all.
+                with suppress(KvmconfError):
+                    recover(dom, store, log)
                 raise
             outcome.manifest = manifest
             outcome.ok = True
