@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
@@ -30,6 +29,7 @@ from kvmconf.backup.engine import SCRATCH_DIR, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
+from tests.tools import mount_tmpfs
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -51,16 +51,6 @@ def backup_dir(parent: Path) -> Path:
     """The [backup] dir, made as `fab kvm-setup` makes it: a backup never creates it (an unmounted disk's)."""
     (parent / "backups").mkdir(exist_ok=True)
     return parent / "backups"
-
-
-@contextmanager
-def mount_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "kvmconf-bktest", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from kvmconf.backup.store import VmStore
 from tests import test_backup
 from tests.labs import quiet, running_lab
 from tests.test_backup import define, guest_write, make_disk, ok
+from tests.tools import mount_tmpfs
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -36,10 +37,8 @@ MIB = 1024 * 1024
 def small_scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 12 MiB filesystem for the job's scratch files, mounted before the lab starts (its daemons see only the
     mounts that existed when their mount namespace was made)."""
-    scratch = tmp_path_factory.mktemp("scratch")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "kvmconf-bkrec", str(scratch)], check=True)
-    yield scratch
-    subprocess.run(["umount", "--lazy", str(scratch)], check=False)
+    with mount_tmpfs(tmp_path_factory.mktemp("scratch"), "12m") as scratch:
+        yield scratch
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from kvmconf.backup.store import MANIFEST, DiskFile, Manifest, VmStore, checksum
 from kvmconf.connection import connections, open_uri
 from kvmconf.errors import KvmconfError
 from tests.labs import quiet
+from tests.tools import mount_tmpfs
 
 KVM0 = Machine("kvm0", ("192.168.50.4",))
 ALL_HOSTS = Machine("kvm1", ("192.168.50.4",))  # kvm1 by name, kvm0 by its address
@@ -86,37 +87,25 @@ def test_a_nas_dir_on_the_backup_dirs_filesystem_is_an_unmounted_share(tmp_path:
 
 def test_a_nas_dir_on_the_root_filesystem_is_an_unmounted_share_too(tmp_path: Path) -> None:
     """The [backup] dir on a disk of its own: the same-filesystem check alone let copies fill / (a reviewer's case)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    local = tmp_path / "local"
-    local.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kvmconf-localtest", str(local)], check=True)
     nas = Path(f"/kvmconf-test-nas-{os.getpid()}")  # the share's mount point on /, nothing mounted on it
-    nas.mkdir()
-    try:
-        local_point(local, "vm1", "20261120T023000Z")
-        with pytest.raises(NasFailed) as err:
-            stage(VmStore(local, "vm1"), VmStore(nas, "vm1"), 2, quiet)
-        assert str(err.value) == (f"nas_dir {nas} is on the root filesystem: the NAS share is not mounted there (a"
-                                  " copy would fill / and not be on the NAS)")
-        assert list(nas.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "--lazy", str(local)], check=False)
-        nas.rmdir()
+    with mount_tmpfs(tmp_path / "local", "4m") as local:
+        nas.mkdir()
+        try:
+            local_point(local, "vm1", "20261120T023000Z")
+            with pytest.raises(NasFailed) as err:
+                stage(VmStore(local, "vm1"), VmStore(nas, "vm1"), 2, quiet)
+            assert str(err.value) == (f"nas_dir {nas} is on the root filesystem: the NAS share is not mounted there"
+                                      " (a copy would fill / and not be on the NAS)")
+            assert list(nas.iterdir()) == []
+        finally:
+            nas.rmdir()
 
 
 @pytest.fixture
 def nas_fs(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs: a NAS share of its own filesystem (root only), unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    nas = tmp_path / "nas"
-    nas.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kvmconf-nastest", str(nas)], check=True)
-    try:
+    """A tmpfs: a NAS share of its own filesystem, unmounted after."""
+    with mount_tmpfs(tmp_path / "nas", "1m") as nas:
         yield nas
-    finally:
-        subprocess.run(["umount", "--lazy", str(nas)], check=False)
 
 
 def test_a_mounted_nas_gets_the_vm_directory_and_a_verified_copy(tmp_path: Path, nas_fs: Path) -> None:

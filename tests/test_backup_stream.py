@@ -24,7 +24,7 @@ from kvmconf.backup.engine import BackupFailed, explain_libvirt_error, explain_o
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
 from kvmconf.processes import stop_pid
-from tests.tools import require_tool
+from tests.tools import mount_tmpfs, require_tool
 
 MIB = 1024 * 1024
 
@@ -151,10 +151,7 @@ def test_incremental_stores_dirty_blocks_over_the_previous_copy(tmp_path: Path, 
 
 def test_a_full_target_raises_enospc_with_a_clear_message(tmp_path: Path, serve: Serve) -> None:
     image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 16M")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kvmconf-stream-test", str(small)], check=True)
-    try:
+    with mount_tmpfs(tmp_path / "small", "4m") as small:
         with NbdClient.connect(str(serve(image)), "vda") as client:
             layout = stream.plan(client, None, None)
             with pytest.raises(OSError) as raised:
@@ -162,8 +159,6 @@ def test_a_full_target_raises_enospc_with_a_clear_message(tmp_path: Path, serve:
         assert raised.value.errno == errno.ENOSPC
         assert explain_os_error(raised.value, small) == \
             f"the backup target {small} is full (no space left on device): free space or move [backup] dir"
-    finally:
-        subprocess.run(["umount", "--lazy", str(small)], check=False)
 
 
 def test_server_gone_midway_is_an_nbd_error(tmp_path: Path, serve: Serve) -> None:
@@ -229,15 +224,10 @@ def test_an_export_that_stalls_midway_times_out(tmp_path: Path, serve: Serve) ->
 def test_os_errors_name_the_file_they_are_about_and_a_full_disk_its_directory(tmp_path: Path) -> None:
     """A read-only NAS used to be reported as '<local backup dir>: Read-only file system'."""
     target = tmp_path / "local" / "vm1"
-    read_only = tmp_path / "nas"
-    read_only.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "kvmconf-stream-test", str(read_only)], check=True)
-    try:
+    with mount_tmpfs(tmp_path / "nas", "1m", read_only=True) as read_only:
         with pytest.raises(OSError) as raised:
             (read_only / "vda.qcow2").write_bytes(b"x")
         assert explain_os_error(raised.value, target) == f"{read_only}/vda.qcow2: Read-only file system"
-    finally:
-        subprocess.run(["umount", "--lazy", str(read_only)], check=False)
     # A full filesystem named by the error but outside the backup target (the job's scratch directory).
     full = OSError(errno.ENOSPC, "No space left on device", "/var/tmp/kvmconf-backup-1-x/vda.scratch")
     assert explain_os_error(full, target) == \

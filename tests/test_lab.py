@@ -31,6 +31,7 @@ from generators.validate import load_cluster
 from kvmconf import disks, domains, lab, lifecycle, processes
 from kvmconf.capacity import capacity
 from kvmconf.connection import connections
+from kvmconf.disks import GIB
 from kvmconf.errors import HostUnreachable
 from kvmconf.plan import Action, make_plan
 from kvmconf.provision import Options, provision
@@ -43,7 +44,6 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "kvmconf-test-"  # + the pytest process's PID: a killed run's namespaces are found and removed
-GIB = 1024**3
 
 
 

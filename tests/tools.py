@@ -6,7 +6,9 @@ import importlib
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
@@ -43,3 +45,18 @@ def require_module(name: str) -> ModuleType:
 def run(args: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a tool, capturing text output; the caller asserts on returncode, stdout and stderr."""
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=False, **kwargs)  # type: ignore[call-overload]
+
+
+@contextmanager
+def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A filesystem of its own at ``path`` (made if missing) for the block, as a disk or NFS share would be:
+    its own free space, its own device. Mounting needs root: missing() otherwise."""
+    if os.geteuid() != 0:
+        missing("mounting a tmpfs needs root")
+    path.mkdir(exist_ok=True)
+    options = f"{'ro,' if read_only else ''}size={size}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "kvmconf-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
