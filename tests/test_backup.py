@@ -29,7 +29,7 @@ from kvmconf.backup.engine import SCRATCH_DIR, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
-from tests.tools import mount_tmpfs
+from tests.tools import mount_tmpfs, output_unless_hung
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -328,6 +328,7 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
 
 def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Popen[str]:
     code = (
+        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"  # output_unless_hung
         "import sys, libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.engine import Settings, backup_vm\n"
         f"dom = libvirt.open({uri!r}).lookupByName({name!r})\n"
@@ -399,7 +400,7 @@ def test_sigterm_midway_undoes_the_run_before_it_exits(the_lab: lab.Lab, conn: l
     _wait_for(lambda: _copying(store))
     job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
     child.send_signal(signal.SIGTERM)
-    output, _ = child.communicate(timeout=300)
+    output = output_unless_hung(child, 300)
     assert child.returncode != 0, output
     assert "recovery: aborted the backup job" not in output  # it had ended its job itself
     assert not store.partials() and not (store.dir / journal.JOURNAL).exists() and not job_dir.exists()
@@ -450,7 +451,7 @@ def test_qemu_killed_during_backup_next_is_full(the_lab: lab.Lab, conn: libvirt.
     dom, settings, store, _, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 512, 400)
     _wait_for(lambda: _copying(store))
     os.kill(_qemu_pid(name), signal.SIGKILL)
-    output, _ = child.communicate(timeout=600)
+    output = output_unless_hung(child, 600)
     _wait_for(lambda: not dom.isActive())
     dom.create()
     outcome = ok(backup_vm(dom, settings, 5, quiet))

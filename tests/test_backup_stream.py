@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from kvmconf.backup.engine import BackupFailed, explain_libvirt_error, explain_o
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
 from kvmconf.processes import stop_pid
-from tests.tools import mount_tmpfs, require_tool
+from tests.tools import ROOT, mount_tmpfs, output_unless_hung, require_tool
 
 MIB = 1024 * 1024
 
@@ -219,6 +220,35 @@ def test_an_export_that_stalls_midway_times_out(tmp_path: Path, serve: Serve) ->
     finally:
         os.kill(pid, signal.SIGCONT)
         client.close()
+
+
+def _interrupted_copy(*args: str) -> list[str]:
+    """Run tests/interrupted_copy.py; its lines. A copy that hangs fails with where each thread was."""
+    child = subprocess.Popen([sys.executable, "-m", "tests.interrupted_copy", *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return output_unless_hung(child, 60).splitlines()
+
+
+def test_sigterm_inside_the_hand_over_to_the_writer_ends_the_copy(tmp_path: Path, serve: Serve) -> None:
+    """CI hung here once: SIGTERM raised KeyboardInterrupt inside the queue's notify, which lost the writer thread's
+    next wake-up, and the copy waited for that thread for ever (see tests/interrupted_copy.py)."""
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
+    assert _interrupted_copy("inside-notify", str(serve(image)), str(tmp_path / "full.qcow2")) == [
+        "interrupted", "signal sent inside notify", "writer thread ended"]
+
+
+def test_sigterm_while_the_export_stalls_ends_the_copy_at_once(tmp_path: Path, serve: Serve) -> None:
+    """Not after the connection's timeout (60 s here, 5 min in a backup): Ctrl-C on a hung VM must still work."""
+    image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
+    sock = serve(image)
+    [pid] = subprocess.run(["pgrep", "-f", f"qemu-nbd.*--socket={sock}"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    try:
+        lines = _interrupted_copy("stalled-read", str(sock), str(tmp_path / "full.qcow2"), pid)
+    finally:
+        os.kill(int(pid), signal.SIGCONT)
+    assert lines[0] == "interrupted" and lines[2] == "writer thread ended", lines
+    assert float(lines[1].split()[1]) < 5, lines
 
 
 def test_os_errors_name_the_file_they_are_about_and_a_full_disk_its_directory(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""interrupts_held: a Ctrl-C or SIGTERM during the block reaches its handler once the block ends, however it ends.
+"""interrupts_held and interrupts_deferred: a Ctrl-C or SIGTERM during the block reaches its handler once the block ends
+or where it checks, however it ends.
 
 Real signals, sent to this process with os.kill, inside the block.
 """
@@ -10,7 +11,7 @@ import signal
 
 import pytest
 
-from kvmconf.signals import interrupts_held, sigterm_as_interrupt
+from kvmconf.signals import interrupts_deferred, interrupts_held, sigterm_as_interrupt
 
 
 def test_a_held_ctrl_c_arrives_after_the_block_has_run() -> None:
@@ -38,3 +39,29 @@ def test_the_handlers_are_restored_after_the_block() -> None:
     with pytest.raises(ValueError, match=r"^the block's own error$"), interrupts_held():
         raise ValueError("the block's own error")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_deferred_interrupt_is_raised_at_the_next_check_and_wakes_the_block_at_once() -> None:
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred(wake=lambda: steps.append("woken")) as check:
+        check()  # nothing taken yet: goes on
+        os.kill(os.getpid(), signal.SIGINT)
+        steps.append("between the checks")
+        check()
+        steps.append("after the check")
+    assert steps == ["woken", "between the checks"]
+
+
+def test_an_ignored_signal_neither_wakes_nor_stops_the_block() -> None:
+    woken: list[bool] = []
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with interrupts_deferred(wake=lambda: woken.append(True)) as check:
+            os.kill(os.getpid(), signal.SIGTERM)
+            check()
+            os.kill(os.getpid(), signal.SIGINT)  # held again after the ignored one: still deferred
+            with pytest.raises(KeyboardInterrupt):
+                check()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert woken == [True]  # the Ctrl-C's wake only

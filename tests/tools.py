@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,8 @@ from types import ModuleType
 from typing import NoReturn
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 
 # `make test` sets this: there, a missing tool is a failure, never a skip.
 REQUIRE_TOOLS = os.environ.get("KVMCONF_REQUIRE_TOOLS") == "1"
@@ -60,3 +64,15 @@ def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def output_unless_hung(child: subprocess.Popen[str], timeout: float) -> str:
+    """What `child` printed once it exited. If it has not within `timeout` seconds, the test fails with where each
+    of its threads was: the child must have run ``faulthandler.register(signal.SIGUSR1, all_threads=True)``."""
+    try:
+        return child.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        child.kill()
+        raise AssertionError(f"{child.args!r} did not exit within {timeout:g} s:\n{child.communicate()[0]}") from None

@@ -177,6 +177,11 @@ class NbdClient:
             self._sock.sendall(_REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_DISC, self._next_cookie(), 0, 0))
         self._sock.close()
 
+    def abort(self) -> None:
+        """Make a send or receive that waits, and every later one, fail at once (an NbdError): the run is ending."""
+        with suppress(OSError):  # closed or never connected: nothing waits on it
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> NbdClient:
         return self
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from kvmconf.backup import qcow2
 from kvmconf.backup.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
 from kvmconf.backup.store import checksum_text, new_hash
+from kvmconf.signals import interrupts_deferred
 
 # What is hashed and written at a time: a multiple of the cluster, filled by several NBD reads.
 CHUNK = 1024 * 1024
@@ -100,24 +101,29 @@ class _Pipeline:
         self.abandoned = False  # the reads failed: the worker skips what is still queued
 
     def run(self, layout: qcow2.Layout) -> str:
-        worker = threading.Thread(target=self._hash_and_write, name="backup-write", daemon=True)
-        worker.start()
-        try:
-            self._metadata(layout.metadata)
-            done = 0
-            self.progress(done)  # a disk with nothing to copy shows 0/0 and is done
-            for host, length, buffer in self._reads(layout):
-                self.filled.put((host, length, buffer))
-                done += length
-                self.progress(done)
-                if self.failed is not None:
-                    break
-        except BaseException:
-            self.abandoned = True
-            raise
-        finally:
-            self.filled.put(None)
-            worker.join()
+        # A Ctrl-C or SIGTERM is raised only between chunks, never inside the queues' hand-over (see
+        # interrupts_deferred: the writer would wait for ever); the socket is shut down at once, so a read
+        # the server does not answer fails now instead of after the connection's timeout.
+        with interrupts_deferred(wake=self.client.abort) as interrupt_point:
+            worker = threading.Thread(target=self._hash_and_write, name="backup-write", daemon=True)
+            worker.start()
+            try:
+                self._metadata(layout.metadata)
+                done = 0
+                self.progress(done)  # a disk with nothing to copy shows 0/0 and is done
+                for host, length, buffer in self._reads(layout):
+                    interrupt_point()
+                    self.filled.put((host, length, buffer))
+                    done += length
+                    self.progress(done)
+                    if self.failed is not None:
+                        break
+            except BaseException:
+                self.abandoned = True
+                raise
+            finally:
+                self.filled.put(None)
+                worker.join()
         if self.failed is not None:
             raise self.failed
         return checksum_text(self.hash)
