@@ -11,9 +11,8 @@ import pytest
 
 from generators.model import Cluster
 from generators.validate import load_cluster
-from tests.tools import missing
+from tests.tools import ROOT, missing
 
-ROOT = Path(__file__).resolve().parent.parent
 # Generated banners name the inventory as given; run from the repo root so goldens are stable.
 os.chdir(ROOT)
 

@@ -29,13 +29,12 @@ from kvmconf.backup.engine import SCRATCH_DIR, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
-from tests.tools import mount_tmpfs, output_unless_hung
+from tests.tools import ROOT, mount_tmpfs, output_unless_hung
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 NETNS_PREFIX = "kvmconf-bktest-"
 MIB = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

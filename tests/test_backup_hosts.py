@@ -21,8 +21,8 @@ from kvmconf import lab
 from kvmconf.backup.cluster import RULE, Machine, require_this_machines_hosts, status_rows, this_machines_hosts
 from kvmconf.errors import KvmconfError
 from tests.labs import FIXTURES
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 KVM0 = Machine("kvm0", ("192.168.50.4", "10.9.0.4"))
 KVM1 = Machine("kvm1.phys.example.org", ("192.168.50.5",))
 

@@ -31,7 +31,7 @@ from kvmconf.backup.store import MANIFEST, DiskFile, Manifest, VmStore, checksum
 from kvmconf.connection import connections, open_uri
 from kvmconf.errors import KvmconfError
 from tests.labs import quiet
-from tests.tools import mount_tmpfs
+from tests.tools import ROOT, mount_tmpfs
 
 KVM0 = Machine("kvm0", ("192.168.50.4",))
 ALL_HOSTS = Machine("kvm1", ("192.168.50.4",))  # kvm1 by name, kvm0 by its address
@@ -39,7 +39,6 @@ LIMIT = max_interval("30 2 * * *") + GRACE
 NOW = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC)
 # A libvirt that is not there: the real client fails to connect, as to a host that is down.
 UNREACHABLE = "qemu:///system?socket=/nonexistent/libvirt-sock"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def local_point(root: Path, vm: str, time: str, data: bytes = b"backup") -> Manifest:

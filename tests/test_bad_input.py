@@ -17,8 +17,8 @@ import pytest
 from generators.columns import NIC_GRAMMAR
 from generators.errors import ConfigError
 from generators.validate import load_cluster
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONF = (ROOT / "cluster.conf").read_text()
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 NEW = EXAMPLE_CONF.count("\n") + 1  # the line number of the first line a case appends (12)

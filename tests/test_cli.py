@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from generators.columns import markdown_tables
-from tests.tools import missing, require_tool
+from tests.tools import ROOT, missing, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"kvmconf: 8 VMs on 2 hosts; (?P<build>\S+)/: (?P<written>\d+) written, 0 unchanged, 0 removed")
 
 

@@ -18,8 +18,7 @@ from generators.errors import UsageError
 from generators.model import Cluster
 from kvmconf.recipes import RECIPE_DIR
 from kvmconf.remote import RemoteError, Target, connect
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.tools import ROOT
 
 
 def run_task(tool: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from generators.errors import ConfigError, UsageError
 from generators.validate import load_cluster
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONF = (ROOT / "cluster.conf").read_text()
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

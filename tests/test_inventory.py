@@ -10,8 +10,8 @@ import pytest
 from generators.columns import COLUMNS, MAX_INT, OPTIONS, FieldError, markdown_tables, parse_positive
 from generators.model import Boot, Cluster, Disk, DiskKind, Install
 from generators.validate import load_cluster
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONF = (ROOT / "cluster.conf").read_text()
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 

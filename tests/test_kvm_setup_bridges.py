@@ -15,10 +15,9 @@ from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.hostsetup import bridges, host_files, nmcli_commands
 from tests.test_hostsetup import _with_host
-from tests.tools import require_tool, run
+from tests.tools import ROOT, require_tool, run
 from tests.unique_yaml import UniqueKeyLoader
 
-ROOT = Path(__file__).resolve().parent.parent
 # Beside the example's dmz (br60, vlan 60): a second subnet on its L2 segment, and two VLANs on an Open vSwitch.
 SHARED = """
 [networks.dmz2]

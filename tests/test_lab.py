@@ -38,13 +38,11 @@ from kvmconf.provision import Options, provision
 from kvmconf.runner import Result
 from kvmconf.status import format_status, status
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
-from tests.tools import require_tool
+from tests.tools import ROOT, require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "kvmconf-test-"  # + the pytest process's PID: a killed run's namespaces are found and removed
-
 
 
 @pytest.fixture(scope="module")

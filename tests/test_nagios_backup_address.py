@@ -28,9 +28,8 @@ from generators.__main__ import main
 from generators.errors import ConfigError
 from generators.model import Cluster
 from tests.test_cli import run, snapshot
-from tests.tools import require_module, require_tool
+from tests.tools import ROOT, require_module, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 KVM0_ADDRESS = re.compile(r'^address = "192\.168\.50\.4".*$', re.M)
 KVM1_ADDRESS = re.compile(r'^address = "192\.168\.50\.5".*$', re.M)
 EXPECTED = 'expected address = "IP" of the host, or a DNS name outside phys.example.org, or backup=no on those VMs'

@@ -31,15 +31,14 @@ from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
 from tests.labs import FIXTURES, quiet, running_lab
+from tests.tools import ROOT
 
 # The first test sets up the boots; pytest-timeout counts that setup.
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-ROOT = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "kvmconf-pxetest-"  # + the pytest PID: a killed run's namespaces are removed by the next run
 BOOT_DEADLINE = 840.0  # seconds to the preseed request: ~80 s alone under emulation, 3-4 min on 2 busy shared cores
 STRANGER = "stranger\t52:54:00:50:00:99\t192.168.50.99\t128\t1\t1\t-\thost=kvm0 install=pxe\n"
-
 
 
 @dataclass

@@ -16,8 +16,8 @@ import pytest
 from invoke import Program
 
 import tasks
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
 
 

@@ -12,8 +12,8 @@ import pytest
 from generators.errors import ConfigError, Location, UsageError
 from generators.model import DomainType
 from generators.site import load_site
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 MINIMAL_SITE = """\
 domain = "lab.test"

@@ -15,8 +15,8 @@ from generators.model import Site
 from generators.site import load_site
 from generators.validate import load_cluster
 from tests.test_site import MINIMAL_SITE, _problems, _write  # MINIMAL_SITE: only the keys without a default
+from tests.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SITE = (ROOT / "site.toml").read_text()
 # A table of the example for each kind of table, and how README names that kind.
 TABLES = {"": "", "accounts": "accounts", "networks.lan": "networks.<name>", "hosts.kvm0": "hosts.<name>",
