@@ -1,6 +1,7 @@
 """What a backup run finds before it starts, in the lab (private libvirtd + QEMU under emulation, as test_backup.py):
-a point dated ahead of the clock, another tool's job on the VM, a guest an interrupted run may have left frozen,
-too little scratch space. Each must end the run with a message that says what to do, never hang or harm."""
+a point dated ahead of the clock, another tool's job on the VM (when the run starts, recovers, or undoes itself), a
+guest an interrupted run may have left frozen, too little scratch space. Each must end the run with a message that
+says what to do, never hang or harm."""
 
 from __future__ import annotations
 
@@ -106,14 +107,7 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     store = VmStore(settings.dir, name)
     store.dir.mkdir()
     entry = stale_journal(store)
-    xml = dom.XMLDesc(0)
-    disks, skipped = domain_disks(xml)
-    other = tmp_path / "other-tool"  # its socket and scratch files, writable by QEMU's user
-    other.mkdir()
-    owner = qemu_owner(xml)
-    if owner is not None:
-        os.chown(other, *owner)
-    dom.backupBegin(backup_xml(other / "nbd.sock", other, disks, skipped, None), None, 0)
+    other = _start_another_tools_backup(dom, tmp_path)
     try:
         outcome = backup_vm(dom, settings, 5, quiet)
         assert not outcome.ok
@@ -127,6 +121,73 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     engine._wait_job_end(dom, 60.0)
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert f"removed the partial backup {entry['partial']}" in outcome.notes
+
+
+def _start_another_tools_backup(dom: libvirt.virDomain, tmp_path: Path) -> Path:
+    """A pull backup job that is not ours (another tool's, as virtnbdbackup's); its directory."""
+    xml = dom.XMLDesc(0)
+    disks, skipped = domain_disks(xml)
+    other = tmp_path / "other-tool"  # its socket and scratch files, writable by QEMU's user
+    other.mkdir()
+    owner = qemu_owner(xml)
+    if owner is not None:
+        os.chown(other, *owner)
+    dom.backupBegin(backup_xml(other / "nbd.sock", other, disks, skipped, None), None, 0)
+    return other
+
+
+def test_a_run_that_finds_another_tools_job_running_leaves_it_running(conn: libvirt.virConnect, tmp_path: Path,
+                                                                        name: str) -> None:
+    """libvirt runs one job per VM: the run's begin waited 30 s, failed saying it could not acquire a lock, and its
+    clean-up aborted the job that was there (a virtnbdbackup run, a migration) as if it were its own."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    other = _start_another_tools_backup(dom, tmp_path)
+    try:
+        outcome = backup_vm(dom, settings, 5, quiet)
+        assert not outcome.ok
+        assert outcome.error == ("another job runs on the VM (operation: backup): it is left alone; run the backup"
+                                 " again when it has ended"), outcome.error
+        assert f"socket='{other / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # still runs
+        store = VmStore(settings.dir, name)
+        assert dom.listAllCheckpoints() == [] and not store.partials() and not (store.dir / journal.JOURNAL).exists()
+    finally:
+        dom.abortJob()
+
+
+class _InterruptedAsAnotherToolStarts:
+    """The lab's VM, whose backupBegin meets a Ctrl-C just as another tool's job starts on it. Every other call
+    goes to the real domain."""
+
+    def __init__(self, dom: libvirt.virDomain, tmp_path: Path) -> None:
+        self._dom = dom
+        self._tmp_path = tmp_path
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._dom, attr)
+
+    def backupBegin(self, *_args: object) -> int:  # libvirt's name
+        _start_another_tools_backup(self._dom, self._tmp_path)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_is_not_replaced_by_the_refusal_to_touch_another_tools_job(conn: libvirt.virConnect,
+                                                                                tmp_path: Path, name: str) -> None:
+    """The run undoes itself on Ctrl-C; finding a job that is not its own, that recovery refuses and leaves the run's
+    leftovers to the next one. The Ctrl-C must still end the run (the next VM of --all must not start)."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backup_vm(_InterruptedAsAnotherToolStarts(dom, tmp_path), settings, 5, quiet)  # type: ignore[arg-type]
+        assert f"socket='{tmp_path / 'other-tool' / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # left alone
+        assert journal.read(store.dir) is not None and store.partials()  # for the next run to recover
+    finally:
+        dom.abortJob()
+    engine._wait_job_end(dom, 60.0)
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert any(n.startswith("removed the partial backup") for n in outcome.notes), outcome.notes
 
 
 class _Watched:

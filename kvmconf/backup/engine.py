@@ -246,15 +246,28 @@ def _thaw_left_frozen(dom: libvirt.virDomain) -> str:
 def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
     """The active job is the interrupted run's only when it is a backup job exporting on the socket in its job dir."""
     job_dir = entry.get("job_dir")
-    try:
-        socket = backup_socket(dom.backupGetXMLDesc(0))
-    except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
-        socket = None
-    if job_dir and socket is not None and Path(socket).parent == Path(job_dir):
+    if job_dir and _runs_our_job(dom, Path(job_dir)):
         return
     raise BackupFailed(f"another job runs on the VM ({_job_operation(dom)}), not the backup job of the interrupted"
                        f" run {entry.get('time')}: it and what that run left are left alone; run the backup again"
                        " when it has ended")
+
+
+def _runs_our_job(dom: libvirt.virDomain, job_dir: Path) -> bool:
+    """Whether the VM's job is the backup job of the run whose job dir this is (its NBD socket is in it)."""
+    try:
+        socket = backup_socket(dom.backupGetXMLDesc(0))
+    except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
+        return False
+    return socket is not None and Path(socket).parent == job_dir
+
+
+def _refuse_another_job(dom: libvirt.virDomain) -> None:
+    """libvirt runs one job per VM: a backup begun beside another would wait 30 s for it, then fail saying only
+    that it could not acquire a lock."""
+    if _job_active(dom):
+        raise BackupFailed(f"another job runs on the VM ({_job_operation(dom)}): it is left alone; run the backup"
+                           " again when it has ended")
 
 
 def _job_operation(dom: libvirt.virDomain) -> str:
@@ -466,10 +479,11 @@ def _retire_checkpoints(dom: libvirt.virDomain, checkpoints: list[str], parent: 
             delete_checkpoint(dom, name, disks, log)
 
 
-def _end_job(dom: libvirt.virDomain) -> None:
-    """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end)."""
+def _end_job(dom: libvirt.virDomain, job: _Job) -> None:
+    """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end). Only ours:
+    a begin that failed may have met another tool's job (a backup, a migration), which runs on."""
     with suppress(libvirt.libvirtError):
-        if dom.isActive() and _job_active(dom):
+        if dom.isActive() and _job_active(dom) and _runs_our_job(dom, job.dir):
             dom.abortJob()
 
 
@@ -540,6 +554,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     disks, skipped = domain_disks(xml)
     if not disks:
         raise BackupFailed("the VM has no disk to back up")
+    _refuse_another_job(dom)
     points = store.points()
     checkpoints = [cp.getName() for cp in our_checkpoints(dom)]
     parent, why_full = _decide_incremental(checkpoints, disks, points, settings, store)
@@ -583,7 +598,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
                 from None
         raise BackupFailed(str(err)) from None
     finally:
-        _end_job(dom)
+        _end_job(dom, job)
         shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():
         raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")
