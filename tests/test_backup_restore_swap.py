@@ -31,7 +31,8 @@ from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore
 from tests import test_backup
 from tests.labs import quiet, running_lab
-from tests.test_backup import MIB, ROOT, compare, define, make_disk, ok
+from tests.test_backup import MIB, compare, define, make_disk, ok
+from tests.tools import ROOT, output_unless_hung
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -199,6 +200,7 @@ def _processes_naming(path: Path) -> list[int]:
 
 def _restore_in_place_in_child(uri: str, vm: TwoDiskVm) -> subprocess.Popen[str]:
     code = (
+        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"  # output_unless_hung
         "import libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.restore import restore\n"
         "from kvmconf.backup.store import VmStore\n"
@@ -220,7 +222,7 @@ def test_sigterm_while_the_images_are_rebuilt_leaves_nothing_of_the_restore(the_
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
         time.sleep(0.01)
     child.send_signal(signal.SIGTERM)
-    output, _ = child.communicate(timeout=300)
+    output = output_unless_hung(child, 300)
     assert child.returncode != 0, output
     assert not _processes_naming(partial), "a qemu-img writing the staged image outlived the restore"
     vm.assert_as_before()
