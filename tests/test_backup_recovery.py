@@ -1,7 +1,7 @@
 """What a backup run finds before it starts, in the lab (private libvirtd + QEMU under emulation, as test_backup.py):
 a point dated ahead of the clock, another tool's job on the VM (when the run starts, recovers, or undoes itself), a
-guest an interrupted run may have left frozen, too little scratch space. Each must end the run with a message that
-says what to do, never hang or harm."""
+guest an interrupted run may have left frozen, a run stopped once its point was complete, too little scratch space.
+Each must end the run with a message that says what to do, never hang or harm."""
 
 from __future__ import annotations
 
@@ -121,6 +121,26 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     engine._wait_job_end(dom, 60.0)
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert f"removed the partial backup {entry['partial']}" in outcome.notes
+
+
+def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: libvirt.virConnect, tmp_path: Path,
+                                                                         name: str) -> None:
+    """Stopped between moving its point into place and clearing its journal (a SIGTERM during the directory's
+    fsync): recovery used to delete the checkpoint of that good point, and the next backup was a full."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert first is not None and first.checkpoint is not None
+    journal.write(store.dir, {"time": first.time, "checkpoint": first.checkpoint, "pid": 999999,
+                              "partial": f"{first.time}.partial",
+                              "job_dir": f"{engine.SCRATCH_DIR}/kvmconf-backup-999999-{first.time}"})
+    guest_write(dom, 0, 0x33, "0", "1M")
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert outcome.manifest is not None and outcome.manifest.kind == "incremental", outcome.notes
+    assert outcome.manifest.parent == first.time
+    assert f"the interrupted run {first.time} had finished its point: nothing to undo" in outcome.notes
+    assert [m.time for m in store.points()] == [first.time, outcome.manifest.time]
 
 
 def _start_another_tools_backup(dom: libvirt.virDomain, tmp_path: Path) -> Path:

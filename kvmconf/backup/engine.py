@@ -201,10 +201,16 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
     The VM's disks are not written (delete_checkpoint says the one exception, on a shut-off VM).
     A job on the VM that is not the run's (another tool's backup, a migration) is left alone, and so is
     what the run left: recovery fails. Only the thaw comes first, whatever runs: a guest left frozen
-    blocks every write of its filesystems.
+    blocks every write of its filesystems. A run stopped once its point was in place has nothing to undo.
     """
     notes: list[str] = []
     entry = journal.read(store.dir)
+    if entry is not None and store.is_point(str(entry.get("time"))):
+        # Stopped after its point was moved into place (the job ended, its dir removed) and before the journal
+        # was cleared: undoing it would delete the checkpoint that point's next incremental starts from.
+        notes.append(f"the interrupted run {entry['time']} had finished its point: nothing to undo")
+        entry = None
+        journal.clear(store.dir)
     if entry is not None and dom is not None:
         if entry.get(FROZEN) and dom.isActive():
             notes.append(_thaw_left_frozen(dom))

@@ -157,13 +157,17 @@ class VmStore:
             return []
         found = []
         for child in sorted(self.dir.iterdir()):
-            if child.name.endswith(PARTIAL) or not (child / MANIFEST).is_file():
+            if not self.is_point(child.name):
                 continue
             found.append(load_manifest(child / MANIFEST))
         return found
 
     def point_dir(self, time: str) -> Path:
         return self.dir / time
+
+    def is_point(self, time: str) -> bool:
+        """Whether a complete restore point of this time is here (moved into place with its manifest)."""
+        return not time.endswith(PARTIAL) and (self.point_dir(time) / MANIFEST).is_file()
 
     def partials(self) -> list[Path]:
         return sorted(p for p in self.dir.glob(f"*{PARTIAL}")) if self.dir.is_dir() else []
