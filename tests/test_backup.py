@@ -29,7 +29,7 @@ from kvmconf.backup.engine import SCRATCH_DIR, Outcome, Settings, backup_vm
 from kvmconf.backup.restore import RestoreFailed, restore
 from kvmconf.backup.store import Manifest, VmStore, checksum_file
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
-from tests.tools import ROOT, mount_tmpfs, output_unless_hung
+from tests.tools import PRINT_STACKS_ON_SIGUSR1, ROOT, mount_tmpfs, output_unless_hung
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -327,7 +327,7 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
 
 def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Popen[str]:
     code = (
-        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"  # output_unless_hung
+        PRINT_STACKS_ON_SIGUSR1 +
         "import sys, libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.engine import Settings, backup_vm\n"
         f"dom = libvirt.open({uri!r}).lookupByName({name!r})\n"

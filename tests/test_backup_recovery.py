@@ -12,6 +12,7 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,16 @@ def settings_in(tmp_path: Path) -> Settings:
     return Settings(tmp_path / "backups", full_every=5)
 
 
-def stale_journal(store: VmStore, **extra: object) -> dict[str, Any]:
-    """What a run killed (SIGKILL) after it had journalled its job leaves: the journal and its partial point."""
-    stamp = "20260101T000000Z"
+def stale_journal(store: VmStore, stamp: str = "20260101T000000Z", partial_left: bool = True,
+                  **extra: object) -> dict[str, Any]:
+    """What a run killed (SIGKILL) after it had journalled its job leaves: the journal and its partial point
+    (``partial_left=False``: killed once that point was moved into place, before the journal was cleared)."""
     entry: dict[str, Any] = {"time": stamp, "checkpoint": f"kvmconf-{stamp}", "pid": 999999,
                              "partial": f"{stamp}.partial",
                              "job_dir": f"{engine.SCRATCH_DIR}/kvmconf-backup-999999-{stamp}", **extra}
     journal.write(store.dir, entry)
-    (store.dir / entry["partial"]).mkdir()
+    if partial_left:
+        (store.dir / entry["partial"]).mkdir()
     return entry
 
 
@@ -107,18 +110,14 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     store = VmStore(settings.dir, name)
     store.dir.mkdir()
     entry = stale_journal(store)
-    other = _start_another_tools_backup(dom, tmp_path)
-    try:
+    with _another_tools_backup_running(dom, tmp_path) as other_socket:
         outcome = backup_vm(dom, settings, 5, quiet)
         assert not outcome.ok
         assert outcome.error == ("another job runs on the VM (operation: backup), not the backup job of the"
                                  " interrupted run 20260101T000000Z: it and what that run left are left alone; run"
                                  " the backup again when it has ended"), outcome.error
-        assert f"socket='{other / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # the other job still runs
+        assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0)  # the other job still runs
         assert journal.read(store.dir) == entry and (store.dir / entry["partial"]).is_dir()
-    finally:
-        dom.abortJob()
-    engine._wait_job_end(dom, 60.0)
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert f"removed the partial backup {entry['partial']}" in outcome.notes
 
@@ -131,10 +130,8 @@ def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: li
     settings = settings_in(tmp_path)
     store = VmStore(settings.dir, name)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
-    assert first is not None and first.checkpoint is not None
-    journal.write(store.dir, {"time": first.time, "checkpoint": first.checkpoint, "pid": 999999,
-                              "partial": f"{first.time}.partial",
-                              "job_dir": f"{engine.SCRATCH_DIR}/kvmconf-backup-999999-{first.time}"})
+    assert first is not None
+    assert stale_journal(store, first.time, partial_left=False)["checkpoint"] == first.checkpoint
     guest_write(dom, 0, 0x33, "0", "1M")
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert outcome.manifest is not None and outcome.manifest.kind == "incremental", outcome.notes
@@ -156,23 +153,32 @@ def _start_another_tools_backup(dom: libvirt.virDomain, tmp_path: Path) -> Path:
     return other
 
 
+@contextmanager
+def _another_tools_backup_running(dom: libvirt.virDomain, tmp_path: Path, start: bool = True) -> Iterator[Path]:
+    """Inside, another tool's pull job runs on the VM (``start=False``: the test starts it); ended after, settled.
+
+    Yields the socket it exports on."""
+    try:
+        yield _start_another_tools_backup(dom, tmp_path) / "nbd.sock" if start else tmp_path / "other-tool/nbd.sock"
+    finally:
+        dom.abortJob()
+        engine._wait_job_end(dom, 60.0)
+
+
 def test_a_run_that_finds_another_tools_job_running_leaves_it_running(conn: libvirt.virConnect, tmp_path: Path,
                                                                         name: str) -> None:
     """libvirt runs one job per VM: the run's begin waited 30 s, failed saying it could not acquire a lock, and its
     clean-up aborted the job that was there (a virtnbdbackup run, a migration) as if it were its own."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
-    other = _start_another_tools_backup(dom, tmp_path)
-    try:
+    with _another_tools_backup_running(dom, tmp_path) as other_socket:
         outcome = backup_vm(dom, settings, 5, quiet)
         assert not outcome.ok
         assert outcome.error == ("another job runs on the VM (operation: backup): it is left alone; run the backup"
                                  " again when it has ended"), outcome.error
-        assert f"socket='{other / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # still runs
+        assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0)  # still runs
         store = VmStore(settings.dir, name)
         assert dom.listAllCheckpoints() == [] and not store.partials() and not (store.dir / journal.JOURNAL).exists()
-    finally:
-        dom.abortJob()
 
 
 class _InterruptedAsAnotherToolStarts:
@@ -198,14 +204,11 @@ def test_an_interrupt_is_not_replaced_by_the_refusal_to_touch_another_tools_job(
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
     store = VmStore(settings.dir, name)
-    try:
+    with _another_tools_backup_running(dom, tmp_path, start=False) as other_socket:
         with pytest.raises(KeyboardInterrupt):
             backup_vm(_InterruptedAsAnotherToolStarts(dom, tmp_path), settings, 5, quiet)  # type: ignore[arg-type]
-        assert f"socket='{tmp_path / 'other-tool' / 'nbd.sock'}'" in dom.backupGetXMLDesc(0)  # left alone
+        assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0)  # left alone
         assert journal.read(store.dir) is not None and store.partials()  # for the next run to recover
-    finally:
-        dom.abortJob()
-    engine._wait_job_end(dom, 60.0)
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert any(n.startswith("removed the partial backup") for n in outcome.notes), outcome.notes
 

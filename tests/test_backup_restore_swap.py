@@ -32,7 +32,7 @@ from kvmconf.backup.store import Manifest, VmStore
 from tests import test_backup
 from tests.labs import quiet, running_lab
 from tests.test_backup import MIB, compare, define, make_disk, ok
-from tests.tools import ROOT, output_unless_hung
+from tests.tools import PRINT_STACKS_ON_SIGUSR1, ROOT, output_unless_hung
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -200,7 +200,7 @@ def _processes_naming(path: Path) -> list[int]:
 
 def _restore_in_place_in_child(uri: str, vm: TwoDiskVm) -> subprocess.Popen[str]:
     code = (
-        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"  # output_unless_hung
+        PRINT_STACKS_ON_SIGUSR1 +
         "import libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.restore import restore\n"
         "from kvmconf.backup.store import VmStore\n"

@@ -82,6 +82,13 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         process.wait()
 
 
+def _server_pid(sock: Path) -> int:
+    """The PID of the qemu-nbd that `serve` started on this socket (a test stops and continues it)."""
+    [pid] = subprocess.run(["pgrep", "-f", f"qemu-nbd.*--socket={sock}"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return int(pid)
+
+
 def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", "compare", str(a), str(b)], capture_output=True, text=True, check=False)
 
@@ -210,8 +217,7 @@ def test_an_export_that_stalls_midway_times_out(tmp_path: Path, serve: Serve) ->
     sock = serve(image)
     client = NbdClient.connect(str(sock), "vda", timeout=1.0)
     layout = stream.plan(client, None, None)
-    [pid] = [int(p) for p in subprocess.run(["pgrep", "-f", f"qemu-nbd.*--socket={sock}"], capture_output=True,
-                                            text=True, check=True).stdout.split()]
+    pid = _server_pid(sock)
     os.kill(pid, signal.SIGSTOP)
     try:
         with pytest.raises(NbdError) as raised:
@@ -241,12 +247,11 @@ def test_sigterm_while_the_export_stalls_ends_the_copy_at_once(tmp_path: Path, s
     """Not after the connection's timeout (60 s here, 5 min in a backup): Ctrl-C on a hung VM must still work."""
     image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
     sock = serve(image)
-    [pid] = subprocess.run(["pgrep", "-f", f"qemu-nbd.*--socket={sock}"], capture_output=True, text=True,
-                           check=True).stdout.split()
+    pid = _server_pid(sock)
     try:
-        lines = _interrupted_copy("stalled-read", str(sock), str(tmp_path / "full.qcow2"), pid)
+        lines = _interrupted_copy("stalled-read", str(sock), str(tmp_path / "full.qcow2"), str(pid))
     finally:
-        os.kill(int(pid), signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     assert lines[0] == "interrupted" and lines[2] == "writer thread ended", lines
     assert float(lines[1].split()[1]) < 5, lines
 

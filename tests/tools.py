@@ -66,9 +66,13 @@ def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path
         subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
+# The first line of a `python -c` child's code, for output_unless_hung: SIGUSR1 prints every thread's stack.
+PRINT_STACKS_ON_SIGUSR1 = "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+
+
 def output_unless_hung(child: subprocess.Popen[str], timeout: float) -> str:
     """What `child` printed once it exited. If it has not within `timeout` seconds, the test fails with where each
-    of its threads was: the child must have run ``faulthandler.register(signal.SIGUSR1, all_threads=True)``."""
+    of its threads was: the child must have run PRINT_STACKS_ON_SIGUSR1 (or registered faulthandler alike)."""
     try:
         return child.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
