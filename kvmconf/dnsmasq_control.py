@@ -4,8 +4,9 @@ A deploy that changes only the hostsfiles or the hosts file sends SIGHUP (dnsmas
 PID); a changed main conf restarts dnsmasq. Either is checked first with ``dnsmasq --test`` on the main
 conf together with every hostsfile line (which --test alone never reads): a failed check leaves the running
 daemon and its files as they were. A new dnsmasq that does not start (its interface or port taken) gets the
-previous files back and their dnsmasq restarted, and the deploy fails saying so (:class:`DnsmasqDidNotStart`,
-on which kvmconf.provision_server puts build/ and the TFTP boot entries back too).
+previous files back (none, on a first deploy) and, if it ran before, their dnsmasq restarted; the deploy fails
+saying so (:class:`DnsmasqDidNotStart`, on which kvmconf.provision_server puts build/ and the TFTP boot entries
+back too).
 
 The hostsfile lines carry no tags, because dnsmasq 2.90 crashed (segfault) on SIGHUP after it had answered
 a VM whose hostsfile line set one (``set:install``): an install mark changes the TFTP root, never dnsmasq.
@@ -31,8 +32,8 @@ Log = Callable[[str], None]
 
 
 class DnsmasqDidNotStart(KvmconfError):
-    """The new configuration's dnsmasq did not start; config_dir/dnsmasq holds the previous files again when one
-    ran before (the message says whether their dnsmasq runs)."""
+    """The new configuration's dnsmasq did not start; config_dir/dnsmasq holds the previous files again (none if
+    there were none), and the message says whether a dnsmasq of ours runs."""
 
 
 @dataclass
@@ -186,13 +187,23 @@ class DnsmasqFiles:
         if old is None or old.conf != self.conf:
             replace_text(live / "dnsmasq.conf", self.conf)
 
+    def remove_from(self, live: Path) -> None:
+        """Remove these files from ``live`` (a first deploy undone): what else is there is not ours to remove."""
+        for name in self.hosts:
+            (live / "dhcp-hosts" / name).unlink(missing_ok=True)
+        if (live / "dhcp-hosts").is_dir() and not any((live / "dhcp-hosts").iterdir()):
+            (live / "dhcp-hosts").rmdir()
+        if self.addn is not None:
+            (live / "hosts").unlink(missing_ok=True)
+        (live / "dnsmasq.conf").unlink()
+
 
 def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     """Make config_dir/dnsmasq from config_dir/build/dnsmasq and the installed state; reload or restart.
 
-    Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started". A restart whose new
-    dnsmasq does not start brings the previous files and their dnsmasq back and raises DnsmasqDidNotStart: DHCP
-    keeps running.
+    Returns what happened: "unchanged", "reloaded" (SIGHUP), "restarted" or "started". A new dnsmasq that does
+    not start brings the previous files back, and their dnsmasq if one ran (DHCP keeps running), and raises
+    DnsmasqDidNotStart.
     """
     live = config_dir / "dnsmasq"
     new = DnsmasqFiles.read(build_dir_in(config_dir) / "dnsmasq")
@@ -209,21 +220,27 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
         if old != new:
             dnsmasq.reload()
     else:
-        _restart(dnsmasq, live, new, old if running else None)
+        _restart(dnsmasq, live, new, old, running)
         what = "restarted" if running else "started"
     log(f"provision server: dnsmasq {what}")
     return what
 
 
-def _restart(dnsmasq: Dnsmasq, live: Path, new: DnsmasqFiles, previous: DnsmasqFiles | None) -> None:
-    """(Re)start dnsmasq on ``new``; if it does not start, bring back ``previous`` (what was running) and raise."""
+def _restart(dnsmasq: Dnsmasq, live: Path, new: DnsmasqFiles, previous: DnsmasqFiles | None, running: bool) -> None:
+    """(Re)start dnsmasq on ``new``; if it does not start, bring back ``previous`` (the files before, None for none)
+    and, if one was ``running``, its dnsmasq, and raise."""
     try:
         dnsmasq.restart(live / "dnsmasq.conf")
     except KvmconfError as failed:
         why = f"dnsmasq did not start with the new configuration: {failed}"
         if previous is None:
-            raise DnsmasqDidNotStart(f"{why}; no dnsmasq of ours was running before, so none runs now") from failed
-        previous.write_over(live, new)
+            new.remove_from(live)
+        else:
+            previous.write_over(live, new)
+        if not running or previous is None:
+            before = "no dnsmasq of ours was running before" if not running else "the running one's files were gone"
+            files = "the previous files are back" if previous else f"the new files are removed from {live}"
+            raise DnsmasqDidNotStart(f"{why}; {before}, so none runs now; {files}") from failed
         try:
             dnsmasq.restart(live / "dnsmasq.conf")
         except KvmconfError as again:

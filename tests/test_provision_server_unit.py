@@ -26,7 +26,7 @@ from kvmconf import dnsmasq_control, install_http, lab, provision_server, provis
 from kvmconf.dnsmasq_control import Dnsmasq
 from kvmconf.errors import KvmconfError
 from kvmconf.install_http import ProvisionHTTPServer
-from kvmconf.processes import output_of
+from kvmconf.processes import output_of, stop_pid
 from tests import sshfarm
 from tests.tools import missing, require_tool
 
@@ -536,6 +536,44 @@ def test_a_new_dnsmasq_that_does_not_start_brings_the_previous_one_back(
     assert _served(config_dir, tftp_root) == before
     assert all((tftp_root / rel).is_file() for rel in web_entries)
     assert sorted(p.name for p in config_dir.iterdir() if p.name.startswith(".build")) == [".build.lock"]
+
+
+@pytest.mark.services
+def test_a_first_dnsmasq_that_does_not_start_leaves_nothing_served(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    _bad_render(monkeypatch, "interface=nosuch0\n")
+    with pytest.raises(dnsmasq_control.DnsmasqDidNotStart) as failed:
+        provision_server.deploy(cluster, netns_dnsmasq, print)
+    message = str(failed.value)
+    assert message.endswith("dnsmasq: unknown interface nosuch0; no dnsmasq of ours was running before, so none runs"
+                            f" now; the new files are removed from {config_dir / 'dnsmasq'}"), message
+    assert netns_dnsmasq.pid() is None
+    # No dnsmasq config a later start would pick up, and nothing served for VMs that no DHCP reservation backs.
+    assert _tree(config_dir / "dnsmasq") == {}
+    assert [rel for rel in _tree(config_dir) if not rel.startswith("build/") and not rel.endswith(".lock")] == []
+    assert provision_state.boot_entries(config_dir, "web") == []
+
+
+@pytest.mark.services
+def test_a_stopped_dnsmasq_whose_new_config_does_not_start_keeps_its_files(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    assert provision_server.deploy(cluster, netns_dnsmasq, print) == "started"
+    stop_pid(netns_dnsmasq.pid())  # the admin stopped it; the files it ran on stay
+    live = config_dir / "dnsmasq"
+    old_live, before = _tree(live), _served(config_dir, tftp_root)
+    _bad_render(monkeypatch, "interface=nosuch0\n")
+    with pytest.raises(dnsmasq_control.DnsmasqDidNotStart) as failed:
+        provision_server.deploy(_web_replaced_by_web2(cluster), netns_dnsmasq, print)
+    message = str(failed.value)
+    assert message.endswith("dnsmasq: unknown interface nosuch0; no dnsmasq of ours was running before, so none runs"
+                            " now; the previous files are back"), message
+    assert netns_dnsmasq.pid() is None
+    assert _tree(live) == old_live
+    assert _served(config_dir, tftp_root) == before
 
 
 def test_a_build_kept_aside_is_put_back_as_it_was(example: Cluster, tmp_path: Path) -> None:
