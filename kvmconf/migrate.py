@@ -39,7 +39,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -52,7 +52,7 @@ from generators.model import Cluster, DiskKind, Vm
 from generators.nagios import backup_targets
 from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
-from kvmconf import disks, domains
+from kvmconf import disks, domains, jobs
 from kvmconf.connection import Connections
 from kvmconf.defined import inventory
 from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
@@ -71,6 +71,7 @@ _HOST_WORD = re.compile(r"(?<!\S)host=\S*")
 # A copy has no time limit, so a dropped link must end its ssh: after 4 keepalives 15 s apart go unanswered (about a
 # minute), ssh gives up and the copy fails, instead of hanging forever with the VM shut down.
 _KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
+_ABORT_POLL = 0.2  # seconds between two looks at whether an interrupted migration's job can be aborted
 
 
 class MigrationFailed(KvmconfError):
@@ -219,15 +220,20 @@ def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, pa
     a Ctrl-C or SIGTERM would wait for the whole migration (minutes for a big disk). So the call runs
     in a worker; an interrupt aborts the job, libvirt removes the target's incoming domain, the guest
     keeps running on the source, and then the interrupt goes on.
+
+    Only a migration is aborted: a job another tool started since migrate()'s check (a backup) holds the
+    domain while migrate3 waits for it, and is left to run; the migration is aborted once it has begun.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="migrate3") as worker:
         job = worker.submit(dom.migrate3, dst_conn, params, flags)
         try:
             return job.result()
         except KeyboardInterrupt:
-            with suppress(libvirt.libvirtError):  # there is no job any more: it has just ended, one way or the other
-                dom.abortJob()
-            job.exception()  # until libvirt has undone its part (or completed, too far along to abort)
+            while not job.done():  # until libvirt has undone its part (or completed, too far along to abort)
+                if jobs.operation(dom) == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+                    with suppress(libvirt.libvirtError):  # it has just ended, or cannot be aborted yet: ask again
+                        dom.abortJob()
+                wait([job], timeout=_ABORT_POLL)
             raise
 
 
@@ -313,6 +319,9 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     dom = domains.lookup(src_conn, name)
     if dom is None:
         raise KvmconfError(f"{name}: not defined on {vm.host} ({conns.uri(vm.host)}): nothing to move")
+    if jobs.active(dom):  # a migration would wait 30 s for it and fail; a cold one would power the VM off under it
+        raise KvmconfError(f"{name}: another job runs on the VM ({jobs.describe(dom)}): it is left alone and nothing"
+                           " was changed; migrate again when it has ended")
     if domains.lookup(dst_conn, name) is not None:
         raise KvmconfError(f"{name}: a domain of that name is defined on {to} already; remove it first")
     target, moved = on_host(cluster, vm, to)

@@ -12,7 +12,6 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import pytest
 from kvmconf import lab
 from kvmconf.backup import engine, journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
-from kvmconf.backup.libvirt_xml import backup_xml, domain_disks, qemu_owner
+from kvmconf.backup.libvirt_xml import domain_disks
 from kvmconf.backup.store import VmStore
 from tests import test_backup
-from tests.labs import quiet, running_lab
+from tests.labs import another_tools_backup_running, quiet, running_lab, start_another_tools_backup
 from tests.test_backup import define, guest_write, make_disk, ok
 from tests.tools import mount_tmpfs
 
@@ -110,7 +109,7 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     store = VmStore(settings.dir, name)
     store.dir.mkdir()
     entry = stale_journal(store)
-    with _another_tools_backup_running(dom, tmp_path) as other_socket:
+    with another_tools_backup_running(dom, tmp_path) as other_socket:
         outcome = backup_vm(dom, settings, 5, quiet)
         assert not outcome.ok
         assert outcome.error == ("another job runs on the VM (operation: backup), not the backup job of the"
@@ -140,38 +139,13 @@ def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: li
     assert [m.time for m in store.points()] == [first.time, outcome.manifest.time]
 
 
-def _start_another_tools_backup(dom: libvirt.virDomain, tmp_path: Path) -> Path:
-    """A pull backup job that is not ours (another tool's, as virtnbdbackup's); its directory."""
-    xml = dom.XMLDesc(0)
-    disks, skipped = domain_disks(xml)
-    other = tmp_path / "other-tool"  # its socket and scratch files, writable by QEMU's user
-    other.mkdir()
-    owner = qemu_owner(xml)
-    if owner is not None:
-        os.chown(other, *owner)
-    dom.backupBegin(backup_xml(other / "nbd.sock", other, disks, skipped, None), None, 0)
-    return other
-
-
-@contextmanager
-def _another_tools_backup_running(dom: libvirt.virDomain, tmp_path: Path, start: bool = True) -> Iterator[Path]:
-    """Inside, another tool's pull job runs on the VM (``start=False``: the test starts it); ended after, settled.
-
-    Yields the socket it exports on."""
-    try:
-        yield _start_another_tools_backup(dom, tmp_path) / "nbd.sock" if start else tmp_path / "other-tool/nbd.sock"
-    finally:
-        dom.abortJob()
-        engine._wait_job_end(dom, 60.0)
-
-
 def test_a_run_that_finds_another_tools_job_running_leaves_it_running(conn: libvirt.virConnect, tmp_path: Path,
                                                                         name: str) -> None:
     """libvirt runs one job per VM: the run's begin waited 30 s, failed saying it could not acquire a lock, and its
     clean-up aborted the job that was there (a virtnbdbackup run, a migration) as if it were its own."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
-    with _another_tools_backup_running(dom, tmp_path) as other_socket:
+    with another_tools_backup_running(dom, tmp_path) as other_socket:
         outcome = backup_vm(dom, settings, 5, quiet)
         assert not outcome.ok
         assert outcome.error == ("another job runs on the VM (operation: backup): it is left alone; run the backup"
@@ -193,7 +167,7 @@ class _InterruptedAsAnotherToolStarts:
         return getattr(self._dom, attr)
 
     def backupBegin(self, *_args: object) -> int:  # libvirt's name
-        _start_another_tools_backup(self._dom, self._tmp_path)
+        start_another_tools_backup(self._dom, self._tmp_path)
         raise KeyboardInterrupt
 
 
@@ -204,7 +178,7 @@ def test_an_interrupt_is_not_replaced_by_the_refusal_to_touch_another_tools_job(
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
     store = VmStore(settings.dir, name)
-    with _another_tools_backup_running(dom, tmp_path, start=False) as other_socket:
+    with another_tools_backup_running(dom, tmp_path, start=False) as other_socket:
         with pytest.raises(KeyboardInterrupt):
             backup_vm(_InterruptedAsAnotherToolStarts(dom, tmp_path), settings, 5, quiet)  # type: ignore[arg-type]
         assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0)  # left alone

@@ -12,21 +12,25 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import libvirt_qemu
 import pytest
 
+from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf import lab
+from kvmconf import lab, migrate
 from kvmconf.connection import connections
+from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
 from tests import test_lab
-from tests.labs import quiet, running_lab
+from tests.labs import another_tools_backup_running, quiet, running_lab, start_another_tools_backup
 from tests.test_lab import ROOT, domains_on, lab_domain
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -44,7 +48,7 @@ def the_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Lab]:
 
 
 def _provision(workdir: Path, the_lab: lab.Lab, name: str) -> None:
-    cluster = lab.remap(load_cluster(workdir / "cluster.conf", workdir / "site.toml"), the_lab)
+    cluster = _lab_cluster(workdir, the_lab)
     with connections(cluster) as conns:
         provision(cluster, [name], conns, log=quiet)
 
@@ -138,5 +142,80 @@ def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_i
                                            " files made on kvm1 were removed")
         assert dom.isActive() and dom.isPersistent()
         assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert list((clean.images / "kvm1").iterdir()) == []
+
+
+def _lab_cluster(workdir: Path, the_lab: lab.Lab) -> Cluster:
+    return lab.remap(load_cluster(workdir / "cluster.conf", workdir / "site.toml"), the_lab)
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_migration_is_refused_while_another_tools_job_runs_and_leaves_it_running(
+        workdir: Path, clean: lab.Lab, tmp_path: Path, cold: bool) -> None:
+    """libvirt runs one job per VM: a live migration would wait 30 s for it and fail on a lock, a cold one would
+    power the VM off under another tool's backup."""
+    _provision(workdir, clean, "web")
+    cluster = _lab_cluster(workdir, clean)
+    with lab_domain(clean, "kvm0", "web") as dom, another_tools_backup_running(dom, tmp_path) as other_socket, \
+            connections(cluster) as conns:
+        with pytest.raises(KvmconfError) as refused:
+            migrate.migrate(cluster, "web", "kvm1", conns, force=cold, log=quiet, cold=cold)
+        assert str(refused.value) == ("web: another job runs on the VM (operation: backup): it is left alone and"
+                                      " nothing was changed; migrate again when it has ended")
+        assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0) and dom.isActive()
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert list((clean.images / "kvm1").iterdir()) == []
+
+
+def test_an_interrupt_while_migrate3_waits_for_another_tools_job_leaves_that_job_running(
+        workdir: Path, clean: lab.Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another tool's backup starts after migrate's check; migrate3 waits for it, and a Ctrl-C comes meanwhile.
+
+    The interrupt used to abort whatever job ran: the other tool's. Now that one runs on, and only the migration
+    is aborted, once it has begun (when the other job ends); the VM stays on its source. The migration is slowed
+    as in the SIGTERM test above, so it cannot complete before the abort.
+    """
+    _provision(workdir, clean, "web")
+    cluster = _lab_cluster(workdir, clean)
+    real_migrate3 = migrate._abortable_migrate3
+    waiting = threading.Event()
+    seen: dict[str, bool] = {}
+
+    def other_job_first(dom: libvirt.virDomain, *args: Any) -> libvirt.virDomain:
+        start_another_tools_backup(dom, tmp_path)
+        waiting.set()
+        try:
+            return real_migrate3(dom, *args)
+        finally:
+            waiting.clear()
+
+    def interrupt_then_end_the_other_job(dom: libvirt.virDomain) -> None:
+        assert waiting.wait(120)
+        time.sleep(1)  # migrate3 waits for the other job's lock (30 s at most)
+        if waiting.is_set():  # never a Ctrl-C to pytest itself, outside the migration
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the interrupted run polls the job meanwhile: it must not abort it
+        try:
+            seen["other job ran on"] = "other-tool/nbd.sock" in dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError:  # aborted: the migration then runs; aborting it keeps a failing test short
+            seen["other job ran on"] = False
+        dom.abortJob()  # the other tool ends: the migration begins, and is aborted
+
+    monkeypatch.setattr(migrate, "_abortable_migrate3", other_job_first)
+    with lab_domain(clean, "kvm0", "web") as dom, connections(cluster) as conns:
+        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 256M"'
+        assert libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP) == ""
+        dom.migrateSetMaxSpeed(1, 0)
+        other_tool = threading.Thread(target=interrupt_then_end_the_other_job, args=(dom,), daemon=True)
+        other_tool.start()
+        log: list[str] = []
+        with pytest.raises(KeyboardInterrupt):
+            migrate.migrate(cluster, "web", "kvm1", conns, log=log.append)
+        other_tool.join(60)
+        assert seen == {"other job ran on": True}
+        assert log[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the files made on kvm1"
+                           " were removed"), log
+        assert dom.isActive() and dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert list((clean.images / "kvm1").iterdir()) == []

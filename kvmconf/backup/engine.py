@@ -34,6 +34,7 @@ from typing import Any
 import libvirt
 
 from generators.files import fsync_path
+from kvmconf import jobs
 from kvmconf.backup import durability, journal, qcow2, stream
 from kvmconf.backup.libvirt_xml import (
     VmDisk,
@@ -221,7 +222,7 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
                 notes.append(f"aborted the backup job of the interrupted run {entry['time']}")
             except libvirt.libvirtError as err:
                 notes.append(f"could not abort the interrupted run's job: {err.get_error_message()}")
-            _wait_job_end(dom, 60.0)
+            jobs.wait_until_ended(dom, 60.0)
         checkpoint = entry.get("checkpoint")
         if checkpoint:
             disks, _ = domain_disks(dom.XMLDesc(0))
@@ -254,7 +255,7 @@ def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
     job_dir = entry.get("job_dir")
     if job_dir and _runs_our_job(dom, Path(job_dir)):
         return
-    raise BackupFailed(f"another job runs on the VM ({_job_operation(dom)}), not the backup job of the interrupted"
+    raise BackupFailed(f"another job runs on the VM ({jobs.describe(dom)}), not the backup job of the interrupted"
                        f" run {entry.get('time')}: it and what that run left are left alone; run the backup again"
                        " when it has ended")
 
@@ -271,27 +272,9 @@ def _runs_our_job(dom: libvirt.virDomain, job_dir: Path) -> bool:
 def _refuse_another_job(dom: libvirt.virDomain) -> None:
     """libvirt runs one job per VM: a backup begun beside another would wait 30 s for it, then fail saying only
     that it could not acquire a lock."""
-    if _job_active(dom):
-        raise BackupFailed(f"another job runs on the VM ({_job_operation(dom)}): it is left alone; run the backup"
+    if jobs.active(dom):
+        raise BackupFailed(f"another job runs on the VM ({jobs.describe(dom)}): it is left alone; run the backup"
                            " again when it has ended")
-
-
-def _job_operation(dom: libvirt.virDomain) -> str:
-    """What libvirt says the active job does, for the admin (migration, backup, ...)."""
-    prefix = "VIR_DOMAIN_JOB_OPERATION_"
-    with suppress(libvirt.libvirtError):
-        operation = dom.jobStats().get("operation")
-        names = [n for n in dir(libvirt) if n.startswith(prefix) and getattr(libvirt, n) == operation]
-        if operation and names:  # 0 is UNKNOWN
-            return "operation: " + names[0].removeprefix(prefix).lower().replace("_", " ")
-    return "libvirt does not say which"
-
-
-def _job_active(dom: libvirt.virDomain) -> bool:
-    try:
-        return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
-    except libvirt.libvirtError:
-        return False
 
 
 def _job_active_when_settled(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
@@ -309,12 +292,6 @@ def _job_active_when_settled(dom: libvirt.virDomain, timeout: float = 60.0) -> b
             if time.monotonic() > deadline:
                 raise BackupFailed(f"libvirt cannot say whether the interrupted run's backup job still runs:"
                                    f" {err.get_error_message()}") from None
-        time.sleep(_POLL)
-
-
-def _wait_job_end(dom: libvirt.virDomain, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _job_active(dom) and time.monotonic() < deadline:
         time.sleep(_POLL)
 
 
@@ -489,7 +466,7 @@ def _end_job(dom: libvirt.virDomain, job: _Job) -> None:
     """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end). Only ours:
     a begin that failed may have met another tool's job (a backup, a migration), which runs on."""
     with suppress(libvirt.libvirtError):
-        if dom.isActive() and _job_active(dom) and _runs_our_job(dom, job.dir):
+        if dom.isActive() and jobs.active(dom) and _runs_our_job(dom, job.dir):
             dom.abortJob()
 
 
