@@ -157,6 +157,30 @@ def test_incremental_stores_dirty_blocks_over_the_previous_copy(tmp_path: Path, 
     assert 3 * MIB <= allocated(inc) < 4 * MIB, allocated(inc)  # the 3 MiB written, not the zeros or the rest
 
 
+def test_zeros_written_over_part_of_our_cluster_do_not_fall_through_to_the_previous_copy(
+        tmp_path: Path, serve: Serve) -> None:
+    """The VM's image tracks changes finer than our 64 KiB clusters: QEMU's dirty bitmap follows the image's own
+    cluster size (4 KiB here). Zeros dirtied over part of one of our clusters used to be neither stored nor
+    flagged: that part read through to the previous copy's old data, and a restore's own check (against the
+    chain) could not see it."""
+    image = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(image), "4M"], check=True)
+    qemu_io(image, "write -P 0x11 0 2M")
+    previous = tmp_path / "prev.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(previous)], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "since-prev"], check=True)
+    # Inside one of our clusters, across two, and two kinds of zeros (unmapped, written) that cover one together.
+    qemu_io(image, "write -z 8k 4k", "write -z 100k 40k", "write -z -u 256k 32k", "write -z 288k 32k",
+            "write -P 0x22 512k 4k")
+    context = "qemu:dirty-bitmap:since-prev"
+    with NbdClient.connect(str(serve(image, "since-prev")), "vda", ["base:allocation", context]) as client:
+        layout = stream.plan(client, context, "prev.qcow2")
+        stream.copy(client, layout, tmp_path / "inc.qcow2")
+    inc = tmp_path / "inc.qcow2"
+    assert compare(inc, image).returncode == 0, compare(inc, image).stdout
+    assert check(inc).returncode == 0, check(inc).stdout
+
+
 def test_a_full_target_raises_enospc_with_a_clear_message(tmp_path: Path, serve: Serve) -> None:
     image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 16M")
     with mount_tmpfs(tmp_path / "small", "4m") as small:

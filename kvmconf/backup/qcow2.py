@@ -131,6 +131,20 @@ def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def _partial_clusters(ranges: list[tuple[int, int]], virtual_size: int) -> list[tuple[int, int]]:
+    """The pieces of these byte ranges that cover a cluster only in part (the disk's last cluster is whole from
+    its start to the end of the disk: what lies past the end is never read)."""
+    pieces = []
+    for start, end in ranges:
+        head_end = min(end, _ceil(start, CLUSTER_SIZE) * CLUSTER_SIZE)
+        if start < head_end:
+            pieces.append((start, head_end))
+        tail_start = max(head_end, end // CLUSTER_SIZE * CLUSTER_SIZE)
+        if tail_start < end and end != virtual_size:
+            pieces.append((tail_start, end))
+    return pieces
+
+
 def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """a minus b, both merged (sorted, disjoint)."""
     out = []
@@ -225,19 +239,24 @@ def plan(virtual_size: int, data: Iterable[tuple[int, int]], zero: Iterable[tupl
          backing: str | None = None, backing_format: str = "qcow2") -> Layout:
     """data: guest byte ranges (offset, length), any alignment, maybe overlapping/unsorted, to be stored:
     rounded OUT to whole clusters, merged, sorted. zero: guest ranges that must read as zeros even over a
-    backing file: rounded IN to whole clusters (a range reaching the end of the disk covers its last, partial
-    cluster); those clusters (unless also data) get the L2 'reads as zero' flag (bit 0) with no host cluster.
+    backing file, merged: the whole clusters they cover (a range reaching the end of the disk covers its last,
+    partial cluster) get the L2 'reads as zero' flag (bit 0) with no host cluster, unless also data; a cluster
+    they cover only in part is stored as data (read from the source like the data ranges), as a flag can only
+    make a whole cluster read as zeros and the rest of it must come from the source too.
     Every other cluster is unallocated (entry 0: reads from the backing file, or zeros without one).
     A range outside [0, virtual_size) raises ValueError, as does a backing name that does not fit the header.
     """
     if virtual_size < 0:
         raise ValueError(f"virtual size {virtual_size} is negative")
     disk_clusters = _ceil(virtual_size, CLUSTER_SIZE)
+    # Merged before rounding: two zero ranges that share a cluster may cover it together.
+    zero_ranges = _merge(_checked(zero, virtual_size, "zero"))
     data_clusters = _merge((s // CLUSTER_SIZE, _ceil(e, CLUSTER_SIZE))
-                           for s, e in _checked(data, virtual_size, "data"))
+                           for s, e in _checked(data, virtual_size, "data") + _partial_clusters(zero_ranges,
+                                                                                               virtual_size))
     zero_clusters = _subtract(
         _merge((_ceil(s, CLUSTER_SIZE), disk_clusters if e == virtual_size else e // CLUSTER_SIZE)
-               for s, e in _checked(zero, virtual_size, "zero")),
+               for s, e in zero_ranges),
         data_clusters)
     # One L2 table per region touched by data or zeros; the L1 entries of the others stay 0.
     regions: set[int] = set()
