@@ -92,3 +92,18 @@ def test_points_already_on_disk_are_not_checked_after_a_reboot(tmp_path: Path,
     monkeypatch.setattr(durability, "boot_id", lambda: OTHER_BOOT)
     (store.point_dir("20260102T000000Z") / "vda.qcow2").write_bytes(b"rot!")  # not durability's business
     assert durability.settle(store, print, flush=False) == [] and len(times(store)) == 3
+
+
+def test_a_mark_that_does_not_parse_is_replaced_after_every_point_is_settled_again(tmp_path: Path) -> None:
+    """An empty durable.json (a power cut after its rename, not flushed) used to fail every run of the VM."""
+    store = VmStore(tmp_path, "vm")
+    add_chain(store, OTHER_BOOT)
+    (store.point_dir("20260103T000000Z") / "vda.qcow2").write_bytes(b"lost")  # checked again, so found
+    (store.dir / durability.DURABLE).write_text("")
+    logged: list[str] = []
+    notes = durability.settle(store, logged.append, flush=False)
+    assert notes[0] == (f"{store.dir / durability.DURABLE} does not parse (Expecting value: line 1 column 1 (char 0)):"
+                        " every point is settled again")
+    assert notes[1].startswith("restore point 20260103T000000Z did not reach the disk") and len(notes) == 2
+    assert logged == [f"vm: {note}" for note in notes]
+    assert times(store) == ["20260101T000000Z", "20260102T000000Z"] and through(store) == "20260102T000000Z"

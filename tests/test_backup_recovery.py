@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from kvmconf import lab
 from kvmconf.backup import engine, journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
-from kvmconf.backup.libvirt_xml import domain_disks
+from kvmconf.backup.libvirt_xml import backup_xml, checkpoint_xml, domain_disks, qemu_owner
 from kvmconf.backup.store import VmStore
 from tests import test_backup
 from tests.labs import another_tools_backup_running, quiet, running_lab, start_another_tools_backup
@@ -121,6 +122,43 @@ def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect
     assert f"removed the partial backup {entry['partial']}" in outcome.notes
 
 
+def test_a_journal_that_does_not_parse_is_recovered_from_not_a_failure_of_every_later_run(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """A power cut right after a rename that was not flushed can leave the journal empty (XFS does). Every later run
+    used to fail on it ("unexpected error ... a bug"). Here the killed run's pull job (in a job dir of ours) and its
+    checkpoint are real; the journal naming them is empty."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    store.dir.mkdir()
+    stamp = "20260101T000000Z"
+    # The killed run's job dir, named as the engine names it, where it puts it (a socket path under tmp_path would be
+    # too long for QEMU); a lost journal does not name it, so the test removes it.
+    job_dir = engine.SCRATCH_DIR / f"{engine.JOB_DIR_PREFIX}{os.getpid()}-{stamp}"
+    job_dir.mkdir()
+    try:
+        xml = dom.XMLDesc(0)
+        disks, skipped = domain_disks(xml)
+        if (owner := qemu_owner(xml)) is not None:
+            os.chown(job_dir, *owner)
+        dom.backupBegin(backup_xml(job_dir / "nbd.sock", job_dir, disks, skipped, None),
+                        checkpoint_xml(f"{engine.CHECKPOINT_PREFIX}{stamp}", disks, skipped), 0)
+        (store.dir / f"{stamp}.partial").mkdir()
+        (store.dir / journal.JOURNAL).write_text("")
+        outcome = ok(backup_vm(dom, settings, 5, quiet))
+    finally:
+        shutil.rmtree(job_dir)
+    assert outcome.notes[:3] == [
+        f"{store.dir / journal.JOURNAL} does not parse (Expecting value: line 1 column 1 (char 0)): undoing what the"
+        " interrupted run it described may have left",
+        "aborted the backup job of the interrupted run (its journal does not parse)",
+        f"removed the partial backup {stamp}.partial"], outcome.notes
+    assert outcome.manifest is not None and outcome.manifest.kind == "full"
+    # The killed run's checkpoint, which the journal no longer named, is retired with the other unused ones.
+    assert [cp.getName() for cp in dom.listAllCheckpoints()] == [outcome.manifest.checkpoint]
+    assert not (store.dir / journal.JOURNAL).exists() and not store.partials()
+
+
 def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: libvirt.virConnect, tmp_path: Path,
                                                                          name: str) -> None:
     """Stopped between moving its point into place and clearing its journal (a SIGTERM during the directory's
@@ -183,6 +221,38 @@ def test_an_interrupt_is_not_replaced_by_the_refusal_to_touch_another_tools_job(
             backup_vm(_InterruptedAsAnotherToolStarts(dom, tmp_path), settings, 5, quiet)  # type: ignore[arg-type]
         assert f"socket='{other_socket}'" in dom.backupGetXMLDesc(0)  # left alone
         assert journal.read(store.dir) is not None and store.partials()  # for the next run to recover
+    outcome = ok(backup_vm(dom, settings, 5, quiet))
+    assert any(n.startswith("removed the partial backup") for n in outcome.notes), outcome.notes
+
+
+class _InterruptedAsLibvirtdGoes:
+    """The lab's VM, whose backupBegin meets a Ctrl-C just as libvirtd goes away: every later call fails as libvirt
+    then fails. The calls before go to the real domain."""
+
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self._dom = dom
+        self._gone = False
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._gone:
+            raise libvirt.libvirtError("End of file while reading data: Input/output error")
+        return getattr(self._dom, attr)
+
+    def backupBegin(self, *_args: object) -> int:  # libvirt's name
+        self._gone = True
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_is_not_replaced_by_a_libvirt_error_in_the_undo(conn: libvirt.virConnect, tmp_path: Path,
+                                                                     name: str) -> None:
+    """An undo that fails for any reason (libvirtd gone, a disk error) leaves the run's leftovers to the next run;
+    it used to replace the Ctrl-C with its own error, and `backup --all` went on to the next VM."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    with pytest.raises(KeyboardInterrupt):
+        backup_vm(_InterruptedAsLibvirtdGoes(dom), settings, 5, quiet)  # type: ignore[arg-type]
+    assert journal.read(store.dir) is not None and store.partials()  # for the next run to recover
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert any(n.startswith("removed the partial backup") for n in outcome.notes), outcome.notes
 

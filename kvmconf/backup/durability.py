@@ -32,22 +32,26 @@ def boot_id() -> str:
 
 def settle(store: VmStore, log: Callable[[str], None], flush: bool = True) -> list[str]:
     """Verify the unsettled points of earlier boots; flush this boot's too if `flush`. Notes for the run."""
-    mark = journal.read(store.dir, DURABLE) if store.dir.is_dir() else None
+    notes = []
+    try:
+        mark = journal.read(store.dir, DURABLE) if store.dir.is_dir() else None
+    except journal.Unreadable as err:  # no point is known to be on disk: those of earlier boots are verified
+        notes.append(f"{err}: every point is settled again")
+        mark = None
     through = "" if mark is None else str(mark.get("through", ""))
     points = store.points()
     unsettled = [m for m in points if m.time > through]
     earlier_boot = [m for m in unsettled if m.boot_id != boot_id()]
-    if not earlier_boot and not (flush and unsettled):
-        return []
-    notes = _verify(store, points, earlier_boot) if earlier_boot else []
-    if flush:
-        for manifest in unsettled:
-            _fsync_files(store, manifest)
-    kept = [m for m in store.points() if m.time > through]
-    if flush or all(m.boot_id != boot_id() for m in kept):
-        newest = max((m.time for m in kept), default=through)
-        if newest != through:
-            journal.write(store.dir, {"through": newest}, DURABLE)
+    if earlier_boot or (flush and unsettled):
+        notes += _verify(store, points, earlier_boot) if earlier_boot else []
+        if flush:
+            for manifest in unsettled:
+                _fsync_files(store, manifest)
+        kept = [m for m in store.points() if m.time > through]
+        if flush or all(m.boot_id != boot_id() for m in kept):
+            newest = max((m.time for m in kept), default=through)
+            if newest != through:
+                journal.write(store.dir, {"through": newest}, DURABLE)
     for note in notes:
         log(f"{store.vm}: {note}")
     return notes

@@ -64,6 +64,7 @@ CHECKPOINT_PREFIX = "kvmconf-"
 SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's socket and scratch files, see _Job
 Log = Callable[[str], None]
 _POLL = 0.05
+JOB_DIR_PREFIX = "kvmconf-backup-"  # + PID and time: a run's NBD socket and scratch files, in [backup] scratch_dir
 FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
 # How far the newest restore point may be ahead of this host's clock before a run refuses: two runs in the
 # same second wait for the next one, but a point from a clock that was wrong (a boot before NTP) would make
@@ -93,6 +94,8 @@ class Outcome:
     manifest: Manifest | None = None
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    # With ok: which step after the point was made failed ("NAS copy", "retention", ...), said before its error.
+    failed_step: str = ""
 
 
 def utc_now() -> str:
@@ -205,7 +208,14 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
     blocks every write of its filesystems. A run stopped once its point was in place has nothing to undo.
     """
     notes: list[str] = []
-    entry = journal.read(store.dir)
+    try:
+        entry = journal.read(store.dir)
+    except journal.Unreadable as err:
+        # Damaged (see journal.Unreadable): what the run started is unknown, so whatever it may have left is undone.
+        # Its checkpoint, not named, is deleted with the other unused ones by the next backup (_retire_checkpoints).
+        notes.append(f"{err}: undoing what the interrupted run it described may have left")
+        entry = {"time": "(its journal does not parse)",
+                 FROZEN: dom is not None and bool(dom.isActive()) and has_guest_agent(dom.XMLDesc(0))}
     if entry is not None and store.is_point(str(entry.get("time"))):
         # Stopped after its point was moved into place (the job ended, its dir removed) and before the journal
         # was cleared: undoing it would delete the checkpoint that point's next incremental starts from.
@@ -251,22 +261,28 @@ def _thaw_left_frozen(dom: libvirt.virDomain) -> str:
 
 
 def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
-    """The active job is the interrupted run's only when it is a backup job exporting on the socket in its job dir."""
+    """The active job is the interrupted run's only when it is a backup job exporting on the socket in its job dir;
+    when the journal was lost, in a job dir of ours (the VM's lock held, no other run of ours can be running)."""
     job_dir = entry.get("job_dir")
     if job_dir and _runs_our_job(dom, Path(job_dir)):
+        return
+    if "job_dir" not in entry and _runs_our_job(dom, None):
         return
     raise BackupFailed(f"another job runs on the VM ({jobs.describe(dom)}), not the backup job of the interrupted"
                        f" run {entry.get('time')}: it and what that run left are left alone; run the backup again"
                        " when it has ended")
 
 
-def _runs_our_job(dom: libvirt.virDomain, job_dir: Path) -> bool:
-    """Whether the VM's job is the backup job of the run whose job dir this is (its NBD socket is in it)."""
+def _runs_our_job(dom: libvirt.virDomain, job_dir: Path | None) -> bool:
+    """Whether the VM's job is the backup job of the run whose job dir this is (its NBD socket is in it); with
+    None, of any run of ours (its socket is in a job dir named as ours are)."""
     try:
         socket = backup_socket(dom.backupGetXMLDesc(0))
     except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
         return False
-    return socket is not None and Path(socket).parent == job_dir
+    if socket is None:
+        return False
+    return Path(socket).parent == job_dir if job_dir else Path(socket).parent.name.startswith(JOB_DIR_PREFIX)
 
 
 def _refuse_another_job(dom: libvirt.virDomain) -> None:
@@ -377,7 +393,7 @@ class _Job:
 
     @classmethod
     def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str, scratch_dir: Path) -> _Job:
-        return cls(scratch_dir / f"kvmconf-backup-{os.getpid()}-{stamp}",
+        return cls(scratch_dir / f"{JOB_DIR_PREFIX}{os.getpid()}-{stamp}",
                    {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(xml))
 
     @property
@@ -650,10 +666,14 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
                 manifest = (_running_backup(dom, store, settings, log) if dom.isActive()
                             else _offline_backup(dom, store, settings))
             except BaseException:
-                # Undo at once what the next run's recovery would; a refusal of its own (another tool's job
-                # runs) must not replace what ended the run, an interrupt above all.
-                with suppress(KvmconfError):
+                # Undo at once what the next run's recovery would. Whatever stops the undo (a refusal of its own
+                # as another tool's job runs, libvirtd gone) must not replace what ended the run, an interrupt
+                # above all: the next VM of --all would start.
+                try:
                     recover(dom, store, log)
+                except Exception as undo_failed:  # said in the outcome; the next run recovers
+                    outcome.notes.append(f"the run could not be undone at once ({undo_failed}): the next"
+                                         " run recovers what it left")
                 raise
             outcome.manifest = manifest
             outcome.ok = True

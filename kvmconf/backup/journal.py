@@ -44,11 +44,21 @@ def vm_lock(vm_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+class Unreadable(KvmconfError, ValueError):
+    """A journal file that does not parse. Each is replaced whole by a rename, so only damage does this: a power
+    cut right after a rename that was not flushed leaves an empty file on some filesystems."""
+
+
 def read(vm_dir: Path, name: str = JOURNAL) -> dict[str, Any] | None:
     path = vm_dir / name
     if not path.is_file():
         return None
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # JSON's errors and undecodable bytes alike
+        raise Unreadable(f"{path} does not parse ({err})") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"{path} does not hold a JSON object")
     return data
 
 
