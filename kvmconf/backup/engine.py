@@ -65,6 +65,7 @@ SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's sock
 Log = Callable[[str], None]
 _POLL = 0.05
 JOB_DIR_PREFIX = "kvmconf-backup-"  # + PID and time: a run's NBD socket and scratch files, in [backup] scratch_dir
+_VM_STOPPED = "the VM stopped (or QEMU died) during the backup; the next backup will be a new full"
 FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
 # How far the newest restore point may be ahead of this host's clock before a run refuses: two runs in the
 # same second wait for the next one, but a point from a clock that was wrong (a boot before NTP) would make
@@ -432,8 +433,9 @@ def _virtual_size(dom: libvirt.virDomain, disk: VmDisk) -> int:
 
 def _begin(dom: libvirt.virDomain, xml: str, job: _Job, disks: list[VmDisk], skipped: list[str],
            parent: Manifest | None, checkpoint: str, notes: list[str], log: Log,
-           may_freeze: Callable[[], None]) -> Manifest | None:
-    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on.
+           may_freeze: Callable[[], None]) -> tuple[Manifest | None, bool]:
+    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on, and
+    whether the guest was frozen (the notes say why not).
 
     `may_freeze` is called before the freeze is tried: it journals that a recovery must thaw.
     """
@@ -460,7 +462,7 @@ def _begin(dom: libvirt.virDomain, xml: str, job: _Job, disks: list[VmDisk], ski
     finally:
         if frozen_error is None:
             _thaw(dom, log)
-    return parent
+    return parent, frozen_error is None
 
 
 def _retire_checkpoints(dom: libvirt.virDomain, checkpoints: list[str], parent: Manifest | None, disks: list[VmDisk],
@@ -580,7 +582,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
     try:
-        parent = _begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log, may_freeze)
+        parent, frozen = _begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log, may_freeze)
         plans = _plan_disks(job, disks, parent)
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
@@ -593,18 +595,15 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
                 client.close()
     except NbdError as err:
         if not dom.isActive():
-            raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")\
-                from None
+            raise BackupFailed(_VM_STOPPED) from None
         raise BackupFailed(str(err)) from None
     finally:
         _end_job(dom, job)
         shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():
-        raise BackupFailed("the VM stopped (or QEMU died) during the backup; the next backup will be a new full")
-    manifest = _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
-                       "incremental" if parent else "full", not any(n.startswith("not frozen") for n in notes), notes,
-                       started)
-    return manifest
+        raise BackupFailed(_VM_STOPPED)
+    return _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
+                   "incremental" if parent else "full", frozen, notes, started)
 
 
 def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) -> Manifest:
