@@ -213,6 +213,7 @@ def test_qcow2_and_raw_disk_in_one_job(conn: libvirt.virConnect, tmp_path: Path,
     by_dev = {d.dev: d for d in inc.disks}
     assert by_dev["vda"].backing is not None and by_dev["vdb"].backing is None  # the raw disk: whole, every time
     assert by_dev["vdb"].stored < 8 * MIB  # ... but thin
+    (tmp_path / "restored").mkdir()  # a VM with several disks is restored into an existing directory
     out = restore(VmStore(settings.dir, name), None, tmp_path / "restored", None, False, quiet)
     assert sorted(p.name for p in out) == [f"{name}-vda.qcow2", f"{name}-vdb.raw"]
     assert compare(tmp_path / "restored" / f"{name}-vda.qcow2", exp_a.path).returncode == 0
@@ -325,13 +326,27 @@ def test_retention_keep_2_over_5_runs(conn: libvirt.virConnect, tmp_path: Path, 
     assert journal.read(VmStore(settings.dir, name).dir, durability.DURABLE) == {"through": made[3].time}
 
 
-def _backup_in_child(uri: str, name: str, settings: Settings) -> subprocess.Popen[str]:
+# The child kills itself (SIGKILL) 5 ms into backupBegin, which takes 40-90 ms here (libvirt validates the XML
+# against its schemas first): libvirtd then finishes the begin alone.
+_KILLED_IN_BEGIN = (
+    "import os, signal, threading, time\n"
+    "real_begin = libvirt.virDomain.backupBegin\n"
+    "def begin(self, *args):\n"
+    "    threading.Timer(0.005, os.kill, (os.getpid(), signal.SIGKILL)).start()\n"
+    "    real_begin(self, *args)\n"
+    "    time.sleep(60)\n"
+    "libvirt.virDomain.backupBegin = begin\n")
+
+
+def _backup_in_child(uri: str, name: str, settings: Settings, killed_in_begin: bool = False) -> subprocess.Popen[str]:
     code = (
         PRINT_STACKS_ON_SIGUSR1 +
         "import sys, libvirt; from pathlib import Path; import kvmconf.connection\n"
         "from kvmconf.backup.engine import Settings, backup_vm\n"
+        + (_KILLED_IN_BEGIN if killed_in_begin else "") +
         f"dom = libvirt.open({uri!r}).lookupByName({name!r})\n"
         f"o = backup_vm(dom, Settings(Path({str(settings.dir)!r}), 5), 5)\n"
+        "print(o.error)\n"
         "sys.exit(0 if o.ok else 1)\n")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -381,15 +396,16 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
 
 
 def _second_backup_in_child(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path, name: str, disk_mb: int,
-                            written_mb: int) -> tuple[libvirt.virDomain, Settings, VmStore, Manifest,
-                                                      subprocess.Popen[str]]:
+                            written_mb: int, killed_in_begin: bool = False
+                            ) -> tuple[libvirt.virDomain, Settings, VmStore, Manifest, subprocess.Popen[str]]:
     """A VM with one backup, `written_mb` written since, and a second backup running in a child process."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", disk_mb), "qcow2")])
     settings = Settings(backup_dir(tmp_path), full_every=5)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
     assert first is not None
     guest_write(dom, 0, 0x42, "0", f"{written_mb}M")
-    return dom, settings, VmStore(settings.dir, name), first, _backup_in_child(the_lab.uri, name, settings)
+    return dom, settings, VmStore(settings.dir, name), first, _backup_in_child(the_lab.uri, name, settings,
+                                                                               killed_in_begin)
 
 
 def test_sigterm_midway_undoes_the_run_before_it_exits(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
@@ -415,19 +431,14 @@ def test_sigkill_while_the_job_starts_then_recovery(the_lab: lab.Lab, conn: libv
     Recovering at once (deleting the new checkpoint while libvirt still set the job up) crashed
     libvirtd 9.0; the daemon must still answer afterwards.
     """
-    dom, settings, store, first, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 64, 8)
-
-    def job_dir_made() -> bool:
-        entry = journal.read(store.dir) if (store.dir / journal.JOURNAL).is_file() else None
-        return entry is not None and Path(entry["job_dir"]).is_dir()
-
-    _wait_for(job_dir_made)
-    time.sleep(0.01)  # into backupBegin (measured: the begin takes 40-90 ms)
+    dom, settings, store, first, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 64, 8,
+                                                                 killed_in_begin=True)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, output
     job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
-    child.send_signal(signal.SIGKILL)
-    child.communicate()
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert conn.getVersion() > 0 and dom.isActive()  # libvirtd survived the recovery
+    assert "aborted the backup job of the interrupted run" in " ".join(outcome.notes), outcome.notes  # it had begun
     assert outcome.manifest is not None and outcome.manifest.kind == "incremental"
     assert {cp.getName() for cp in dom.listAllCheckpoints()} == {first.checkpoint, outcome.manifest.checkpoint}
     assert not job_dir.exists() and not store.partials()
@@ -447,17 +458,27 @@ def _qemu_pid(name: str) -> int:
 
 def test_qemu_killed_during_backup_next_is_full(the_lab: lab.Lab, conn: libvirt.virConnect, tmp_path: Path,
                                                 name: str) -> None:
-    dom, settings, store, _, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 512, 400)
+    dom, settings, store, first, child = _second_backup_in_child(the_lab, conn, tmp_path, name, 512, 400)
     _wait_for(lambda: _copying(store))
     os.kill(_qemu_pid(name), signal.SIGKILL)
     output = output_unless_hung(child, 600)
+    # Killed midway the run fails, saying so; a copy quick enough to finish before the kill made its point.
+    killed_midway = child.returncode != 0
+    if killed_midway:
+        assert "the VM stopped (or QEMU died) during the backup; the next backup will be a new full" in output, output
     _wait_for(lambda: not dom.isActive())
     dom.create()
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert outcome.manifest is not None and outcome.manifest.kind == "full", (output, outcome)
     assert not store.partials()
-    assert len(store.points()) in (2, 3)  # the killed run added a point only if its job had finished
+    points = [m.time for m in store.points()]
+    assert points[0] == first.time and len(points) == (2 if killed_midway else 3), (points, output)
+    restore(store, first.time, tmp_path / "first.qcow2", None, False, quiet)  # verified against its checksums
     restore(store, None, tmp_path / "r.qcow2", None, False, quiet)
+    # No guest writes since QEMU came back: the new full holds the disk as it is (-U: the VM holds its image).
+    same = subprocess.run(["qemu-img", "compare", "-U", str(tmp_path / "r.qcow2"), str(tmp_path / "vda.qcow2")],
+                          capture_output=True, text=True, check=False)
+    assert same.returncode == 0, same.stdout + same.stderr
 
 
 def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, conn: libvirt.virConnect,
@@ -514,6 +535,7 @@ def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, co
         assert invoke("backup-status", "--nagios", "--vm", "web").stdout.startswith("BACKUP OK - web ")
         running = invoke("restore", "--vm", "web")
         assert running.returncode == 1 and "web: is running: shut it off first" in running.stderr
+        (tmp_path / "out").mkdir()  # an existing directory receives <vm>-<disk>.<format>
         restored = invoke("restore", "--vm", "web", "--to", str(tmp_path / "out"))
         assert restored.returncode == 0, restored.stderr
         expected = Expected(tmp_path / "expected.raw", 32)

@@ -65,6 +65,7 @@ SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's sock
 Log = Callable[[str], None]
 _POLL = 0.05
 JOB_DIR_PREFIX = "kvmconf-backup-"  # + PID and time: a run's NBD socket and scratch files, in [backup] scratch_dir
+_NOTICE_STOPPED = 5.0  # seconds libvirt may take to see that QEMU died, after its NBD export closed
 _VM_STOPPED = "the VM stopped (or QEMU died) during the backup; the next backup will be a new full"
 FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
 # How far the newest restore point may be ahead of this host's clock before a run refuses: two runs in the
@@ -594,7 +595,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
             for _, client, _ in plans:
                 client.close()
     except NbdError as err:
-        if not dom.isActive():
+        if _stops_within(dom, _NOTICE_STOPPED):
             raise BackupFailed(_VM_STOPPED) from None
         raise BackupFailed(str(err)) from None
     finally:
@@ -604,6 +605,16 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
         raise BackupFailed(_VM_STOPPED)
     return _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
                    "incremental" if parent else "full", frozen, notes, started)
+
+
+def _stops_within(dom: libvirt.virDomain, timeout: float) -> bool:
+    """Whether the VM is (or within `timeout` s is) shut off: a dead QEMU's socket closes before libvirt notices."""
+    deadline = time.monotonic() + timeout
+    while dom.isActive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL)
+    return True
 
 
 def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) -> Manifest:
