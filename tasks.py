@@ -195,12 +195,18 @@ def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
             raise Exit(f"kvmconf: backup failed for {', '.join(failed)}", 1)
 
 
-@task(name="restore", help={"vm": "the VM", "at": "the restore point (a time like 20261121T023000Z or its prefix;"
-                                                 " default: the newest)",
-                            "to": "write the flat image(s) here (a directory, or a file for a one-disk VM)",
+@task(name="restore", help={"vm": "the VM", "at": "the restore point: its UTC time, as 20261121T023000Z, or a beginning"
+                                                 " of it that only one point has (default: the newest)",
+                            "to": "write the flat image(s) here, 0600: an existing directory receives"
+                                  " <vm>-<disk>.<format> per disk; for a one-disk VM, a new file in an existing"
+                                  " directory. Never overwrites a file",
                             "force": "replace the VM's own disks (it must be shut off)"})
 def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bool = False) -> None:
-    """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force."""
+    """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force.
+
+    --to is an existing directory, which receives <vm>-<disk>.<format> per disk, or, for a one-disk VM, a new
+    file in an existing directory; a VM with several disks needs the directory. Progress shows on a terminal.
+    """
     from kvmconf.backup.cluster import restore_vm
 
     with user_errors():

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -233,6 +234,7 @@ def test_a_restore_to_a_full_filesystem_says_so_and_leaves_no_partial_image(conn
                                                                              name: str, small_fs: Path) -> None:
     vm = TwoDiskVm(conn, tmp_path, name, vda_data_mb=20)  # more than the 12 MiB filesystem holds
     out = small_fs / name
+    out.mkdir()
     with pytest.raises(RestoreFailed) as failed:
         restore(vm.store, None, out, None, False, quiet)
     partial = out / f"{name}-vda.qcow2.partial"
@@ -343,6 +345,7 @@ def test_a_target_that_cannot_be_linked_keeps_the_verified_image_and_says_where(
     """The one mock: os.link failing as on a filesystem without hard links (none can be made here)."""
     vm = TwoDiskVm(conn, tmp_path, name)
     out = tmp_path / "out"
+    out.mkdir()
 
     def no_links(src: Path, dst: Path) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
@@ -388,7 +391,25 @@ def test_a_point_pruned_while_the_restore_waited_for_the_lock_is_not_taken_for_d
         return real_lock(vm_dir)
 
     monkeypatch.setattr(journal, "vm_lock", lock_after_a_prune)
+    (tmp_path / "out").mkdir()
     with pytest.raises(RestoreFailed) as failed:
         restore(vm.store, None, tmp_path / "out", None, False, quiet)
     assert str(failed.value) == f"{name}: no restore point in {vm.store.dir}"
-    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_in_place_keeps_each_disks_mode_and_says_the_disks_not_the_staged_images(conn: libvirt.virConnect,
+                                                                               tmp_path: Path, name: str) -> None:
+    """qemu-img would create the restored images 0644 whatever the disks were; the log names the VM's disks."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    vm.vda.chmod(0o640)
+    vm.vdb.chmod(0o600)
+    lines: list[str] = []
+    assert restore(vm.store, None, None, vm.dom, True, lines.append) == [vm.vda, vm.vdb]
+    assert [stat.S_IMODE(disk.stat().st_mode) for disk in (vm.vda, vm.vdb)] == [0o640, 0o600]
+    t = vm.point.time
+    assert lines[:3] == [f"{name}: vda of {vm.vda} rebuilt from {t} (verified with qemu-img compare)",
+                         f"{name}: vdb of {vm.vdb} rebuilt from {t} (verified with qemu-img compare)",
+                         f"{name}: restored from {t} in place: {vm.vda}, {vm.vdb}"]
+    for disk in (vm.vda, vm.vdb):
+        assert compare(disk, vm.backed_up(disk)).returncode == 0

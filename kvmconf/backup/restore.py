@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import libvirt
@@ -13,7 +15,7 @@ from generators.files import fsync_path
 from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.libvirt_xml import domain_disks
-from kvmconf.backup.store import Manifest, VmStore
+from kvmconf.backup.store import DiskFile, Manifest, VmStore
 from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 
@@ -25,16 +27,33 @@ class RestoreFailed(KvmconfError):
     putting them back after a failed swap failed too; the message then names the record of where each is."""
 
 
+POINT_NAME = "20261122T192456Z"  # how restore points are named (a UTC time): the example the messages give
+
+
+def _is_point_prefix(at: str) -> bool:
+    """Whether `at` can begin a point's name: digits where POINT_NAME has digits, its letters where it has them."""
+    return 0 < len(at) <= len(POINT_NAME) and all(
+        c.isdigit() if p.isdigit() else c == p for c, p in zip(at, POINT_NAME, strict=False))
+
+
 def pick(store: VmStore, at: str | None) -> Manifest:
+    """The point `at` names (its time, or a prefix of it that only it has); the newest without `at`."""
     points = store.points()
     if not points:
         raise RestoreFailed(f"{store.vm}: no restore point in {store.dir}")
     if at is None:
         return points[-1]
+    there_are = f"there are: {', '.join(m.time for m in points)}"
+    if not _is_point_prefix(at):
+        raise RestoreFailed(f"{store.vm}: --at {at} is not a restore point's time: give the UTC time a point is named"
+                            f" by, as {POINT_NAME}, or a beginning of it that only one point has ({there_are})")
     matches = [m for m in points if m.time.startswith(at)]
     if not matches:
-        raise RestoreFailed(f"{store.vm}: no restore point {at} (there are: {', '.join(m.time for m in points)})")
-    return matches[-1]
+        raise RestoreFailed(f"{store.vm}: no restore point {at} ({there_are})")
+    if len(matches) > 1:  # the newest of them may well not be the one meant: the admin says which
+        raise RestoreFailed(f"{store.vm}: --at {at} begins {len(matches)} restore points"
+                            f" ({', '.join(m.time for m in matches)}): give more of the time, up to the whole of it")
+    return matches[0]
 
 
 def _verify_chain(store: VmStore, manifest: Manifest) -> None:
@@ -45,46 +64,98 @@ def _verify_chain(store: VmStore, manifest: Manifest) -> None:
 
 
 def _targets(store: VmStore, manifest: Manifest, out: Path) -> list[Path]:
-    """Where each disk goes: `out` itself for a one-disk VM given a file name, else <out>/<vm>-<dev>.<format>."""
-    if out.suffix and len(manifest.disks) == 1:
-        return [out]
-    return [out / f"{store.vm}-{disk.dev}.{disk.format}" for disk in manifest.disks]
+    """Where --to puts each disk: an existing directory gets <vm>-<dev>.<format> per disk; a path that does not
+    exist is the image of a one-disk VM, in a directory that exists. Nothing else is guessed: a mistyped path
+    is said, not made (a directory named like an image, or a new tree beside the one meant)."""
+    if out.is_dir():
+        return [out / f"{store.vm}-{disk.dev}.{disk.format}" for disk in manifest.disks]
+    if len(manifest.disks) > 1:
+        devs = ", ".join(disk.dev for disk in manifest.disks)
+        raise RestoreFailed(f"{store.vm}: has {len(manifest.disks)} disks ({devs}): --to must be an existing"
+                            f" directory, which receives one image per disk ({store.vm}-<disk>.<format>);"
+                            f" {out} is not a directory")
+    if not out.parent.is_dir():
+        raise RestoreFailed(f"{store.vm}: --to {out}: {out.parent} is not a directory: --to is an existing directory,"
+                            " or a new file in one")
+    return [out]
 
 
-def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], log: Log) -> None:
-    """Write each disk of `manifest` flat at its target, verified; an existing target is never overwritten."""
-    for disk, target in zip(manifest.disks, targets, strict=True):
+def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], modes: list[int], progress: bool, log: Log,
+             disks: list[Path] | None = None) -> None:
+    """Write each disk of `manifest` flat at its target with its mode, verified; an existing target is never
+    overwritten. `progress`: qemu-img's own on the terminal, a disk being minutes of silence otherwise.
+
+    `disks`: the VM's disks the targets are staged for (in place), which the log names rather than the targets.
+    """
+    for disk, target, mode, final in zip(manifest.disks, targets, modes, disks or targets, strict=True):
         top = store.point_dir(manifest.time) / disk.file
         partial = target.with_name(target.name + ".partial")
+        if progress:
+            sys.stderr.write(f"{store.vm}: {disk.dev} from {manifest.time}:\n")
         try:
-            run_tool(["qemu-img", "convert", "-f", "qcow2", "-O", disk.format, str(top), str(partial)],
-                     error=RestoreFailed)
-            compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", disk.format, str(top),
-                                       str(partial)], capture_output=True, text=True, check=False)
-        except BaseException:  # a full filesystem, Ctrl-C, SIGTERM: no half-written image stays behind
-            partial.unlink(missing_ok=True)
+            _create_private(partial, mode)
+            run_tool(["qemu-img", "convert", *(["-p"] if progress else []), "-f", "qcow2", "-O", disk.format,
+                      str(top), str(partial)], show=progress, error=RestoreFailed)
+            _compare(store, disk, top, partial)
+            # qemu-img convert writes its output without flushing (cache mode 'unsafe'): on disk before it is a disk.
+            fsync_path(partial)
+        except BaseException as err:  # a full filesystem, Ctrl-C, SIGTERM: no half-written image stays behind
+            _discard(partial, log)
+            if isinstance(err, OSError):  # the target's problem (read-only, no permission), not a bug: no traceback
+                raise RestoreFailed(f"{store.vm}: cannot write the restored {disk.dev} to {final}:"
+                                    f" {os.fsdecode(err.filename or partial)}: {err.strerror or err}") from None
             raise
-        if compared.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} ({partial}) differs from the backup {top}:"
-                                f" {compared.stdout.strip()}")
-        # qemu-img convert writes its output without flushing (cache mode 'unsafe'): on disk before it is a disk.
-        fsync_path(partial)
-        try:
-            os.link(partial, target)  # unlike a rename, fails if a file appeared there meanwhile
-        except FileExistsError:
-            raise RestoreFailed(f"{store.vm}: {target} appeared during the restore and is left as it is; the"
-                                f" restored {disk.dev} is {partial}") from None
-        except OSError as err:  # a filesystem without hard links: the verified image stays, under its own name
-            raise RestoreFailed(f"{store.vm}: cannot give the restored {disk.dev} its name {target} ({err}); it is"
-                                f" complete and verified as {partial}: rename it by hand") from None
-        partial.unlink()
-        fsync_path(target.parent)
-        log(f"{store.vm}: {disk.dev} restored from {manifest.time} to {target} (verified with qemu-img compare)")
+        _name(store, disk, partial, target)
+        if final == target:
+            log(f"{store.vm}: {disk.dev} restored from {manifest.time} to {target} (verified with qemu-img compare)")
+        else:  # staged: it becomes the disk once every disk is rebuilt
+            log(f"{store.vm}: {disk.dev} of {final} rebuilt from {manifest.time} (verified with qemu-img compare)")
+
+
+def _create_private(path: Path, mode: int) -> None:
+    """`path` made (emptied, if an interrupted restore left it) with `mode` before qemu-img writes it: a restored
+    disk holds what the VM's disk held, readable by no one it was not readable by, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is cut by the umask, and an existing file keeps its own
+    finally:
+        os.close(fd)
+
+
+def _compare(store: VmStore, disk: DiskFile, top: Path, partial: Path) -> None:
+    compared = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", disk.format, str(top), str(partial)],
+                              capture_output=True, text=True, check=False)
+    if compared.returncode != 0:
+        raise RestoreFailed(f"{store.vm}: the rebuilt {disk.dev} ({partial}) differs from the backup {top}:"
+                            f" {compared.stdout.strip()}")
+
+
+def _name(store: VmStore, disk: DiskFile, partial: Path, target: Path) -> None:
+    """Give the verified image its name, never over a file that appeared there meanwhile."""
+    try:
+        os.link(partial, target)  # unlike a rename, fails if a file appeared there meanwhile
+    except FileExistsError:
+        raise RestoreFailed(f"{store.vm}: {target} appeared during the restore and is left as it is; the"
+                            f" restored {disk.dev} is {partial}") from None
+    except OSError as err:  # a filesystem without hard links: the verified image stays, under its own name
+        raise RestoreFailed(f"{store.vm}: cannot give the restored {disk.dev} its name {target} ({err}); it is"
+                            f" complete and verified as {partial}: rename it by hand") from None
+    partial.unlink()
+    fsync_path(target.parent)
+
+
+def _discard(path: Path, log: Log) -> None:
+    """Remove an image this restore began. On a read-only filesystem unlink fails even where there is no file:
+    only one that is there and stays is said, and the error that brought us here is the one raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        if path.exists():
+            log(f"cannot remove {path} ({err.strerror or err}): remove it by hand")
 
 
 def _refuse_existing(store: VmStore, targets: list[Path]) -> None:
-    existing = [str(t) for t in targets if t.exists()]
+    existing = [str(t) for t in targets if t.exists() or t.is_symlink()]  # a dangling link's target is a file
     if existing:
         raise RestoreFailed(f"{store.vm}: {', '.join(existing)} exists already and is never overwritten (it may be a"
                             " disk in use): give --to a new path, or remove it first")
@@ -114,18 +185,50 @@ def _kept_name(source: Path, time: str) -> Path:
     return kept
 
 
+@contextmanager
+def _locked(store: VmStore, in_place: bool) -> Iterator[None]:
+    """The VM's lock, held so that no backup prunes the points this restore reads.
+
+    A store on a read-only filesystem (a backup disk remounted read-only to recover from it) cannot take it and
+    needs none: no backup can delete anything there. (Remounted read-write during the restore, a backup could:
+    the admin who does that mid-restore is the one lock this cannot be.) An in-place restore records its swap
+    in the store, which must then be writable. Any other failure to lock is an error.
+    """
+    if os.statvfs(store.dir).f_flag & os.ST_RDONLY:
+        if in_place:
+            raise RestoreFailed(f"{store.vm}: the backup store {store.dir} is read-only, and a restore in place records"
+                                " there which disks it swaps: restore with --to, or remount it read-write")
+        yield
+        return
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(journal.vm_lock(store.dir))
+        except OSError as err:
+            raise RestoreFailed(f"{store.vm}: cannot lock {store.dir / journal.LOCK} ({err.strerror or err}), which"
+                                " keeps backups from deleting the points a restore reads") from None
+        yield
+
+
 def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDomain | None, force: bool,
-            log: Log = print) -> list[Path]:
-    """Restore the point `at` (default: the newest) to `to`, or over the VM's own disks (shut off, --force)."""
-    pick(store, at)  # an unknown point is said before the lock makes the VM's backup directory
-    with sigterm_as_interrupt(), journal.vm_lock(store.dir):  # a timeout's or an admin's kill undoes it as Ctrl-C
+            log: Log = print, progress: bool | None = None) -> list[Path]:
+    """Restore the point `at` (default: the newest) to `to`, or over the VM's own disks (shut off, --force).
+
+    `to` is an existing directory, which receives <vm>-<disk>.<format> per disk, or, for a one-disk VM, a new file
+    in an existing directory. Images restored to `to` are 0600, as the backups; in place each keeps its disk's
+    mode. `progress`: qemu-img's own, on stderr's terminal; by default when stderr is one (as `backup` decides).
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    manifest = pick(store, at)  # an unknown point is said before the lock makes the VM's backup directory
+    if to is not None:
+        _refuse_existing(store, _targets(store, manifest, to))  # said at once, not after the chain is verified
+    with sigterm_as_interrupt(), _locked(store, to is None):  # a timeout's or an admin's kill undoes it as Ctrl-C
         manifest = pick(store, at)  # again under the lock: a backup's pruning may have removed the point meanwhile
         _verify_chain(store, manifest)
         if to is not None:
             targets = _targets(store, manifest, to)
             _refuse_existing(store, targets)
-            targets[0].parent.mkdir(parents=True, exist_ok=True)
-            _rebuild(store, manifest, targets, log)
+            _rebuild(store, manifest, targets, [0o600] * len(targets), progress, log)
             return targets
         if dom is None:
             raise RestoreFailed(f"{store.vm}: not defined here: restore with --to PATH")
@@ -142,14 +245,16 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
         # Every disk is rebuilt and verified before the first is swapped: a failure leaves the VM as it was.
         staged = [source.with_name(source.name + ".restored") for source in sources]
         for path in staged:
-            path.unlink(missing_ok=True)  # kvmconf's own name: an interrupted restore's leftover
+            _discard(path, log)  # kvmconf's own name: an interrupted restore's leftover
         try:
-            _rebuild(store, manifest, staged, log)
+            _rebuild(store, manifest, staged, [source.stat().st_mode & 0o7777 for source in sources], progress, log,
+                     sources)
         except BaseException:
             for path in staged:
-                path.unlink(missing_ok=True)
+                _discard(path, log)
             raise
         replaced = _swap_in(store, dom, manifest, sources, staged)
+        log(f"{store.vm}: restored from {manifest.time} in place: {', '.join(map(str, sources))}")
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
         # The restored images have no bitmaps: drop the checkpoints so the next backup is a new full.

@@ -1,0 +1,197 @@
+"""Restore with --to, from restore points written here (no libvirt): which point, where the images go, with which
+mode, from a read-only backup disk or onto a target that cannot be written, and its progress.
+
+Real qemu-img images, checksums and manifests as a backup writes them; read-only filesystems are real tmpfs
+mounts (root), remounted read-only as a backup disk is for a recovery.
+"""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kvmconf.backup.restore import RestoreFailed, pick, restore
+from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from tests.labs import quiet
+from tests.test_backup import MIB, compare
+from tests.tools import mount_tmpfs, require_tool
+
+VM = "web"
+TIMES = ("20261121T010000Z", "20261122T010000Z", "20261122T020000Z")
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+
+
+def backed_up(backups: Path, devs: tuple[str, ...] = ("vda",), times: tuple[str, ...] = TIMES[-1:],
+              fmt: str = "qcow2") -> VmStore:
+    """`VM`'s store under the [backup] dir `backups`: one full point per time, each disk 4 MiB with 1 MiB written."""
+    store = VmStore(backups, VM)
+    for time in times:
+        point = store.point_dir(time)
+        point.mkdir(parents=True)
+        disks = []
+        for n, dev in enumerate(devs):
+            image = point / f"{dev}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {0x50 + n} 0 1M", str(image)], check=True,
+                           capture_output=True)
+            disks.append(DiskFile(dev, f"/var/lib/libvirt/images/{VM}-{dev}.{fmt}", fmt, image.name, 4 * MIB,
+                                  image.stat().st_size, checksum_file(image), None))
+        write_point_files(point, Manifest(VM, time, "full", time, None, None, False, [], disks, 1.0))
+    return store
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path`, a mount point, read-only for the block, as a backup disk remounted for a recovery."""
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(path)], check=True)
+
+
+def as_backed_up(store: VmStore, image: Path, dev: str = "vda") -> bool:
+    return compare(image, store.point_dir(store.points()[-1].time) / f"{dev}.qcow2").returncode == 0
+
+
+def test_at_takes_a_whole_time_or_a_prefix_only_one_point_has(tmp_path: Path) -> None:
+    store = backed_up(tmp_path, times=TIMES)
+    assert pick(store, "20261121").time == TIMES[0]
+    assert pick(store, TIMES[1]).time == TIMES[1]
+    assert pick(store, None).time == TIMES[2]
+
+
+@pytest.mark.parametrize("at", ["2026", "20261122", "20261122T0"])
+def test_a_prefix_of_several_points_is_refused_with_them(tmp_path: Path, at: str) -> None:
+    """The newest of them is not necessarily the one meant."""
+    store = backed_up(tmp_path, times=TIMES)
+    matching = ", ".join(t for t in TIMES if t.startswith(at))
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, at, tmp_path / "out.qcow2", None, False, quiet)
+    assert str(failed.value) == (f"{VM}: --at {at} begins {matching.count(',') + 1} restore points ({matching}):"
+                                 " give more of the time, up to the whole of it")
+    assert not (tmp_path / "out.qcow2").exists()
+
+
+@pytest.mark.parametrize("at", ["2026-11-22", "yesterday", "20261122T010000Z1", "20261122t01"])
+def test_a_malformed_at_says_the_format_and_the_points(tmp_path: Path, at: str) -> None:
+    store = backed_up(tmp_path, times=TIMES)
+    with pytest.raises(RestoreFailed) as failed:
+        pick(store, at)
+    assert str(failed.value) == (f"{VM}: --at {at} is not a restore point's time: give the UTC time a point is named"
+                                 " by, as 20261122T192456Z, or a beginning of it that only one point has (there are:"
+                                 f" {', '.join(TIMES)})")
+
+
+def test_an_at_no_point_begins_with_lists_the_points(tmp_path: Path) -> None:
+    store = backed_up(tmp_path, times=TIMES)
+    with pytest.raises(RestoreFailed) as failed:
+        pick(store, "20261123")
+    assert str(failed.value) == f"{VM}: no restore point 20261123 (there are: {', '.join(TIMES)})"
+
+
+def test_an_existing_directory_receives_one_image_per_disk_even_named_like_a_file(tmp_path: Path) -> None:
+    store = backed_up(tmp_path / "backups")
+    out = tmp_path / "dir.d"
+    out.mkdir()
+    assert restore(store, None, out, None, False, quiet) == [out / f"{VM}-vda.qcow2"]
+    assert as_backed_up(store, out / f"{VM}-vda.qcow2")
+
+
+def test_a_new_path_is_the_image_of_a_one_disk_vm_whatever_its_name(tmp_path: Path) -> None:
+    store = backed_up(tmp_path / "backups")
+    assert restore(store, None, tmp_path / "restored", None, False, quiet) == [tmp_path / "restored"]
+    assert (tmp_path / "restored").is_file() and as_backed_up(store, tmp_path / "restored")
+
+
+@pytest.mark.parametrize("name", ["two.img", "two"])
+def test_a_vm_with_several_disks_needs_an_existing_directory(tmp_path: Path, name: str) -> None:
+    """Not a directory made under a name the admin meant for an image."""
+    store = backed_up(tmp_path / "backups", devs=("vda", "vdb"))
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, None, tmp_path / name, None, False, quiet)
+    assert str(failed.value) == (f"{VM}: has 2 disks (vda, vdb): --to must be an existing directory, which receives"
+                                 f" one image per disk ({VM}-<disk>.<format>); {tmp_path / name} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"]
+    (tmp_path / name).mkdir()
+    assert restore(store, None, tmp_path / name, None, False, quiet) == [tmp_path / name / f"{VM}-{dev}.qcow2"
+                                                                         for dev in ("vda", "vdb")]
+
+
+def test_a_mistyped_parent_directory_is_said_not_made(tmp_path: Path) -> None:
+    store = backed_up(tmp_path / "backups")
+    out = tmp_path / "restroed" / "web.qcow2"
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, None, out, None, False, quiet)
+    assert str(failed.value) == (f"{VM}: --to {out}: {out.parent} is not a directory: --to is an existing directory,"
+                                 " or a new file in one")
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_restored_images_are_private_as_the_backups(tmp_path: Path, fmt: str) -> None:
+    """qemu-img creates its output with the umask's mode (0644): a restored disk holds the VM's data."""
+    store = backed_up(tmp_path / "backups", fmt=fmt)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{VM}-vda.{fmt}.partial").write_bytes(b"an interrupted restore's")  # 0644: made anew, not kept
+    [image] = restore(store, None, out, None, False, quiet)
+    assert stat.S_IMODE(image.stat().st_mode) == 0o600
+    assert compare(image, store.point_dir(TIMES[-1]) / "vda.qcow2").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [image.name]
+
+
+def test_progress_shows_qemu_imgs_and_the_disk(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    store = backed_up(tmp_path / "backups")
+    said: list[str] = []
+    restore(store, None, tmp_path / "out.qcow2", None, False, said.append, progress=True)
+    out, err = capfd.readouterr()
+    assert "(100.00/100%)" in out and err == f"{VM}: vda from {TIMES[-1]}:\n"
+    assert said == [f"{VM}: vda restored from {TIMES[-1]} to {tmp_path / 'out.qcow2'} (verified with qemu-img compare)"]
+    restore(store, None, tmp_path / "quiet.qcow2", None, False, quiet, progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_read_only_backup_disk_restores_with_to(tmp_path: Path) -> None:
+    """It cannot take the lock, and needs none: no backup can delete a point there while the restore reads it."""
+    with mount_tmpfs(tmp_path / "backups", "16m") as backups:
+        store = backed_up(backups)
+        with read_only(backups):
+            [image] = restore(store, None, tmp_path / "out.qcow2", None, False, quiet)
+            assert as_backed_up(store, image)
+            with pytest.raises(RestoreFailed) as failed:
+                restore(store, None, None, None, True, quiet)
+        assert str(failed.value) == (f"{VM}: the backup store {store.dir} is read-only, and a restore in place records"
+                                     " there which disks it swaps: restore with --to, or remount it read-write")
+
+
+def test_a_lock_that_cannot_be_taken_on_a_writable_store_is_an_error(tmp_path: Path) -> None:
+    store = backed_up(tmp_path / "backups")
+    (store.dir / ".lock").mkdir()  # what open() cannot open for writing, even as root
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, None, tmp_path / "out.qcow2", None, False, quiet)
+    assert str(failed.value) == (f"{VM}: cannot lock {store.dir / '.lock'} (Is a directory), which keeps backups from"
+                                 " deleting the points a restore reads")
+    assert not (tmp_path / "out.qcow2").exists()
+
+
+@pytest.mark.parametrize("to", ["x.qcow2", "sub", "."])
+def test_a_read_only_target_is_said_with_its_path_and_leaves_nothing(tmp_path: Path, to: str) -> None:
+    store = backed_up(tmp_path / "backups")
+    with mount_tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        target = ro / f"{VM}-vda.qcow2" if to == "." else ro / to
+        with pytest.raises(RestoreFailed) as failed:
+            restore(store, None, ro / to, None, False, quiet)
+        assert str(failed.value) == (f"{VM}: cannot write the restored vda to {target}: {target}.partial: Read-only"
+                                     " file system")
+        assert list(ro.iterdir()) == []
