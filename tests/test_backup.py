@@ -281,10 +281,13 @@ def test_a_manifest_that_does_not_parse_fails_that_backup_naming_the_file(conn: 
     with pytest.raises(json.JSONDecodeError) as parsed:
         json.loads(manifest.read_text())
     outcome = backup_vm(dom, settings, 5, quiet)
-    expected = (f"{manifest}: the restore point's manifest does not parse (JSONDecodeError: {parsed.value}): move"
-                f" {manifest.parent} aside (and the points after it in its chain) to go on")
+    expected = (f"{manifest}: the restore point's manifest does not parse (JSONDecodeError: {parsed.value}):"
+                f" rename {manifest.parent} to {manifest.parent}.damaged (any name that is not a point's time) to go"
+                " on; the points built on it then cannot be restored")
     assert (outcome.ok, outcome.error) == (False, expected)
     assert journal.read(VmStore(settings.dir, name).dir, journal.LAST_RUN)["error"] == expected  # type: ignore[index]
+    manifest.parent.rename(f"{manifest.parent}.damaged")  # as the message says: the VM's backups go on
+    ok(backup_vm(dom, settings, 5, quiet))
 
 
 def test_disk_grown_between_backups(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:

@@ -171,8 +171,8 @@ def test_a_manifest_that_does_not_parse_names_its_file_and_is_that_vms_problem(t
     manifest = VmStore(tmp_path, "vm1").point_dir("20261120T023000Z") / MANIFEST
     manifest.write_text(manifest.read_text()[:40])  # truncated by a crash of a filesystem without journal
     expected = (f"{manifest}: the restore point's manifest does not parse (JSONDecodeError: Unterminated string"
-                f" starting at: line 3 column 12 (char 30)): move {manifest.parent} aside (and the points after it in"
-                " its chain) to go on")
+                f" starting at: line 3 column 12 (char 30)): rename {manifest.parent} to {manifest.parent}.damaged"
+                " (any name that is not a point's time) to go on; the points built on it then cannot be restored")
     with pytest.raises(KvmconfError) as err:
         VmStore(tmp_path, "vm1").points()
     assert str(err.value) == expected

@@ -7,7 +7,8 @@ Layout (the same locally and on the NAS)::
                                     checks by hand (points of kvmconf before 2026-11-22: B3SUMS, `b3sum -c`)
     <dir>/<vm>/<TS>/<dev>.qcow2     one thin qcow2 per disk; an incremental's backing file is
                                     ../<parent TS>/<dev>.qcow2 (relative, so a copied tree still reads)
-    <dir>/<vm>/<TS>.partial/        a run in progress (or an interrupted one, removed by recovery)
+    <dir>/<vm>/<TS>.partial/        a run in progress, or a point being removed (what an interrupted
+                                    one leaves, recovery removes); only <TS> names a point
     <dir>/<vm>/journal.json         what the running (or interrupted) run has started
     <dir>/<vm>/last-run.json        the outcome of the last run, for backup-status
     <dir>/<vm>/durable.json         the newest point known to be on disk (durability.py)
@@ -18,6 +19,7 @@ Layout (the same locally and on the NAS)::
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,8 @@ from kvmconf.errors import KvmconfError
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+# Only a directory named like a point's time is one: a damaged point renamed to anything else is out of the way.
+POINT_NAME = re.compile(r"\d{8}T\d{6}Z")
 # New points use XXH3-128, rsync's default file checksum: made to catch corruption, which is what these
 # checksums are for (anyone who can change a backup can change the manifest beside it). It costs
 # 0.09 CPU-s per GiB here, BLAKE3 0.22: a backup shares two CPUs with QEMU's NBD server.
@@ -100,13 +104,18 @@ class Manifest:
         return SUMS[self.disks[0].algorithm] if self.disks else SUMS[CHECKSUM]
 
 
+class ChainBroken(KvmconfError):
+    """A point of a chain is missing: the points built on it cannot be read."""
+
+
 def load_manifest(path: Path) -> Manifest:
     """A point's manifest; one that does not parse (truncated, edited) is this VM's problem, said with its file."""
     try:
         return Manifest.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError; missing or unknown fields
         raise KvmconfError(f"{path}: the restore point's manifest does not parse ({type(err).__name__}: {err}):"
-                           f" move {path.parent} aside (and the points after it in its chain) to go on") from None
+                           f" rename {path.parent} to {path.parent}.damaged (any name that is not a point's time)"
+                           " to go on; the points built on it then cannot be restored") from None
 
 
 def new_hash() -> xxhash.xxh3_128:
@@ -155,19 +164,14 @@ class VmStore:
         """Complete restore points, oldest first (a directory without a manifest is not one)."""
         if not self.dir.is_dir():
             return []
-        found = []
-        for child in sorted(self.dir.iterdir()):
-            if not self.is_point(child.name):
-                continue
-            found.append(load_manifest(child / MANIFEST))
-        return found
+        return [load_manifest(child / MANIFEST) for child in sorted(self.dir.iterdir()) if self.is_point(child.name)]
 
     def point_dir(self, time: str) -> Path:
         return self.dir / time
 
     def is_point(self, time: str) -> bool:
         """Whether a complete restore point of this time is here (moved into place with its manifest)."""
-        return not time.endswith(PARTIAL) and (self.point_dir(time) / MANIFEST).is_file()
+        return POINT_NAME.fullmatch(time) is not None and (self.point_dir(time) / MANIFEST).is_file()
 
     def partials(self) -> list[Path]:
         return sorted(p for p in self.dir.glob(f"*{PARTIAL}")) if self.dir.is_dir() else []
@@ -184,16 +188,35 @@ class VmStore:
         return problems
 
     def chain_of(self, manifest: Manifest) -> list[Manifest]:
-        """The point and every point it depends on, base first."""
-        by_time = {m.time: m for m in self.points()}
+        """The point and every point it depends on, base first; ChainBroken when one of them is missing."""
+        points = self.points()
+        by_time = {m.time: m for m in points}
         chain = [manifest]
         while chain[0].parent is not None:
             parent = by_time.get(chain[0].parent)
             if parent is None:
-                raise FileNotFoundError(f"{self.vm}: restore point {chain[0].parent}, which {chain[0].time} needs,"
-                                        f" is missing from {self.dir}")
+                missing = chain[0].parent
+                raise ChainBroken(f"{self.vm}: restore point {missing} is missing from {self.dir} (deleted or moved"
+                                  " away): the points built on it cannot be restored"
+                                  f" ({', '.join(dependents(points, missing))}); restore an earlier point or one of a"
+                                  " later chain")
             chain.insert(0, parent)
         return chain
+
+    def chain_intact(self, manifest: Manifest) -> str | None:
+        """What is missing for `manifest` to be readable (a point of its chain, a disk file), None when nothing is.
+
+        Cheap (no checksums): for deciding whether a backup may extend this chain.
+        """
+        try:
+            chain = self.chain_of(manifest)
+        except ChainBroken as err:
+            return str(err)
+        for m in chain:
+            for disk in m.disks:
+                if not (self.point_dir(m.time) / disk.file).is_file():
+                    return f"{self.vm}: {self.point_dir(m.time) / disk.file} is missing"
+        return None
 
     def prune(self, keep: int, log: Callable[[str], None], label: str = "retention") -> None:
         """Delete whole expired chains, newest point first, so a crash midway never leaves an orphaned overlay."""
@@ -205,10 +228,17 @@ class VmStore:
             log(f"{self.vm}: {label}: removed the chain starting {chain} (keep={keep})")
 
     def remove_point(self, time: str) -> None:
-        """Remove a point: its manifest first, so a crash midway leaves no half point that looks whole."""
+        """Remove a point: first renamed to a partial one (no half point then looks whole, and the next run's
+        recovery, or the NAS stage's, removes what an interrupted or failed removal leaves), then deleted."""
         point = self.point_dir(time)
-        (point / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(point, ignore_errors=True)
+        if not point.is_dir():
+            return
+        doomed = self.dir / (time + PARTIAL)
+        if doomed.exists():  # left by a removal that failed: it goes first, or the rename below cannot
+            shutil.rmtree(doomed)
+        point.rename(doomed)
+        fsync_path(self.dir)
+        shutil.rmtree(doomed)
 
 
 def chains(points: list[Manifest]) -> dict[str, list[Manifest]]:
@@ -218,11 +248,23 @@ def chains(points: list[Manifest]) -> dict[str, list[Manifest]]:
     return grouped
 
 
+def dependents(points: list[Manifest], time: str) -> list[str]:
+    """The points built on the point `time`, directly or through others, oldest first (`points`: oldest first)."""
+    needing = {time}
+    for m in points:
+        if m.parent in needing:
+            needing.add(m.time)
+    return sorted(needing - {time})
+
+
 def expired_chains(points: list[Manifest], keep: int) -> list[str]:
     """The chains to delete so that the newest `keep` points stay restorable.
 
     Only whole chains go: a chain holding any of the newest `keep` points is kept entirely (its base is
-    in use), so there may be more than `keep` points for a while, never fewer.
+    in use), so there may be more than `keep` points for a while, never fewer. `keep` below 1 is an error:
+    it would delete every chain, the newest point's too.
     """
-    kept = {m.chain for m in points[-keep:]} if keep > 0 else set()
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the newest point is always kept), not {keep}")
+    kept = {m.chain for m in points[-keep:]}
     return sorted(c for c in chains(points) if c not in kept)
