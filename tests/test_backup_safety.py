@@ -31,7 +31,7 @@ from kvmconf.backup.store import MANIFEST, DiskFile, Manifest, VmStore, checksum
 from kvmconf.connection import connections, open_uri
 from kvmconf.errors import KvmconfError
 from tests.labs import quiet
-from tests.tools import ROOT, mount_tmpfs
+from tests.tools import ROOT, mount_tmpfs, require_tool
 
 KVM0 = Machine("kvm0", ("192.168.50.4",))
 ALL_HOSTS = Machine("kvm1", ("192.168.50.4",))  # kvm1 by name, kvm0 by its address
@@ -41,14 +41,16 @@ NOW = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC)
 UNREACHABLE = "qemu:///system?socket=/nonexistent/libvirt-sock"
 
 
-def local_point(root: Path, vm: str, time: str, data: bytes = b"backup") -> Manifest:
-    """A complete point with a real file, its checksum and manifest, as the engine leaves it."""
+def local_point(root: Path, vm: str, time: str, data: bytes = b"backup", parent: Manifest | None = None) -> Manifest:
+    """A complete point with a real file, its checksum and manifest, as the engine leaves it (incremental on
+    `parent` when given; the file's content is what the test gives, not a qcow2 overlay)."""
     point_dir = VmStore(root, vm).point_dir(time)
     point_dir.mkdir(parents=True)
     (point_dir / "vda.qcow2").write_bytes(data)
     disk = DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 20, len(data),
-                    checksum_file(point_dir / "vda.qcow2"), None)
-    manifest = Manifest(vm, time, "full", time, None, f"kvmconf-{time}", False, [], [disk], 1.0)
+                    checksum_file(point_dir / "vda.qcow2"), None if parent is None else f"../{parent.time}/vda.qcow2")
+    manifest = Manifest(vm, time, "full" if parent is None else "incremental", time if parent is None else parent.chain,
+                        None if parent is None else parent.time, f"kvmconf-{time}", False, [], [disk], 1.0)
     write_point_files(point_dir, manifest)
     return manifest
 
@@ -130,6 +132,67 @@ def test_a_full_nas_is_a_nas_failure(tmp_path: Path, nas_fs: Path) -> None:
     assert str(err.value).startswith("vm1: copying 20261120T023000Z to the NAS failed: cp: "), err.value
     assert str(err.value).endswith(": No space left on device"), err.value
     assert VmStore(nas_fs, "vm1").points() == [] and VmStore(nas_fs, "vm1").partials() == []
+
+
+def test_a_point_damaged_here_is_named_and_the_other_chains_still_reach_the_nas(tmp_path: Path,
+                                                                               nas_fs: Path) -> None:
+    local = VmStore(tmp_path / "local", "vm1")
+    full = local_point(local.root, "vm1", "20261118T023000Z", b"full")
+    local_point(local.root, "vm1", "20261119T023000Z", b"incremental", parent=full)
+    newer = local_point(local.root, "vm1", "20261120T023000Z", b"the next chain")
+    (local.point_dir(full.time) / "vda.qcow2").write_bytes(b"rot!")  # bit rot on the local disk
+    lines: list[str] = []
+    with pytest.raises(NasFailed) as err:
+        stage(local, VmStore(nas_fs, "vm1"), 2, lines.append)
+    assert str(err.value) == (f"vm1: restore point {full.time} is damaged here (checksum mismatch: vda.qcow2 in"
+                              f" {local.point_dir(full.time)}): not copied to the NAS (nor the points built on it:"
+                              " 20261119T023000Z)")
+    assert lines == [f"vm1: NAS: copied and verified {newer.time}"]  # the damaged chain does not hold it back
+    assert [m.time for m in VmStore(nas_fs, "vm1").points()] == [newer.time]
+    assert VmStore(nas_fs, "vm1").partials() == []
+
+
+def test_a_nas_copy_that_does_not_verify_is_blamed_on_the_nas(tmp_path: Path, nas_fs: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: a NAS that damages what it stores (the copy function flips a byte after cp wrote it)."""
+    from kvmconf.backup import nas
+
+    local = VmStore(tmp_path / "local", "vm1")
+    made = local_point(local.root, "vm1", "20261120T023000Z", b"backup")
+    real_copy = nas._copy_file
+
+    def damaging_nas(source: Path, target: Path) -> str:
+        failure = real_copy(source, target)
+        target.write_bytes(b"X" + target.read_bytes()[1:])
+        return failure
+
+    monkeypatch.setattr(nas, "_copy_file", damaging_nas)
+    with pytest.raises(NasFailed) as err:
+        stage(local, VmStore(nas_fs, "vm1"), 2, quiet)
+    assert str(err.value) == (f"vm1: the NAS copy of {made.time} does not verify (checksum mismatch: vda.qcow2; the"
+                              " local files do)")
+    assert VmStore(nas_fs, "vm1").points() == [] and VmStore(nas_fs, "vm1").partials() == []
+    assert local.verify(made) == []
+
+
+def test_the_nas_copy_is_read_back_from_the_nas_not_this_hosts_cache(tmp_path: Path) -> None:
+    """After the flush the copy's pages leave the page cache (fincore counts them), so its checksum is the NAS's.
+
+    On a real filesystem (the test's, ext4): a tmpfs NAS would keep its pages, they are its storage.
+    """
+    from kvmconf.backup.nas import _flush_and_uncache
+
+    copy = tmp_path / "vda.qcow2"
+    copy.write_bytes(os.urandom(1 << 20))
+
+    def cached() -> int:
+        out = subprocess.run([require_tool("fincore"), "--bytes", "--noheadings", "--output", "RES", str(copy)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out)
+
+    assert cached() == 1 << 20
+    _flush_and_uncache(copy)
+    assert cached() == 0
 
 
 def test_status_counts_no_nas_copies_while_the_share_is_not_mounted(tmp_path: Path, nas_fs: Path) -> None:
