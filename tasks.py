@@ -222,7 +222,7 @@ def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bo
 def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
     """Per VM: last good backup, its age, chain length, sizes and the last failure."""
     from kvmconf.backup import report
-    from kvmconf.backup.cluster import status_rows
+    from kvmconf.backup.cluster import require_backup_dir, status_rows
 
     if nagios:  # Nagios reads exit 1 as WARNING: a check that cannot tell is UNKNOWN (3), with why on its line
         try:
@@ -234,8 +234,10 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
         print(line)
         raise Exit(code=code)
     with user_errors():
-        rows, limit = status_rows(inputs.load(), vm)
+        cluster = inputs.load()
+        rows, limit = status_rows(cluster, vm)
         print(report.format_table(rows, limit))
+        require_backup_dir(cluster)  # every VM above reads "the [backup] dir ... does not exist" then: exit 1
 
 
 @task(iterable=["host"], auto_shortflags=False, help={

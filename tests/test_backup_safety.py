@@ -271,7 +271,35 @@ def test_an_unreachable_host_fails_its_vms_and_the_run_goes_on_recorded(example:
     assert lines[-1].startswith("backup: finished ") and lines[-1].endswith(f" UTC: 0 ok, failed: {', '.join(vms)}")
     last_run = journal.read(tmp_path / "db", journal.LAST_RUN)
     assert last_run is not None and (last_run["ok"], last_run["error"]) == (False, error)
-    assert not (tmp_path / "web").exists()  # never backed up: no directory made for the record
+    never_backed_up = journal.read(tmp_path / "web", journal.LAST_RUN)  # its directory made for the record
+    assert never_backed_up is not None and (never_backed_up["ok"], never_backed_up["error"]) == (False, error)
+    assert report.vm_status(tmp_path, None, "web", NOW).last_error.endswith(f": {error}")  # not "no backup yet"
+
+
+def test_a_vm_not_defined_on_its_host_is_a_recorded_failure(example: Cluster, tmp_path: Path) -> None:
+    """libvirt's test driver (test:///default) as the host: a real connection on which db is not defined."""
+    cluster = with_backup_dir(example, tmp_path, kvm0="test:///default")
+    with connections(cluster) as conns:
+        [outcome] = backup(cluster, ["db"], False, conns, False, quiet, KVM0)
+    assert (outcome.ok, outcome.error) == (False, "not defined on kvm0")
+    last_run = journal.read(tmp_path / "db", journal.LAST_RUN)
+    assert last_run is not None and (last_run["ok"], last_run["error"]) == (False, "not defined on kvm0")
+
+
+def test_a_failure_with_no_backup_dir_is_not_recorded_in_a_new_one(example: Cluster, tmp_path: Path) -> None:
+    cluster = with_backup_dir(example, tmp_path / "not-mounted", kvm0=UNREACHABLE)
+    with connections(cluster) as conns:
+        [outcome] = backup(cluster, ["db"], False, conns, False, quiet, KVM0)
+    assert not outcome.ok and not (tmp_path / "not-mounted").exists()  # backup-status says the dir is missing
+
+
+def test_a_vm_named_twice_is_backed_up_once(example: Cluster, tmp_path: Path) -> None:
+    cluster = with_backup_dir(example, tmp_path, kvm0=UNREACHABLE)
+    lines: list[str] = []
+    with connections(cluster) as conns:
+        outcomes = backup(cluster, ["db", "web", "db"], False, conns, False, lines.append, KVM0)
+    assert [o.vm for o in outcomes] == ["db", "web"]
+    assert lines[0].endswith(f"pid {os.getpid()}: db, web"), lines[0]
 
 
 def test_a_bug_in_one_vms_backup_is_its_failure_and_the_next_vm_is_still_tried(

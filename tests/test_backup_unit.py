@@ -184,6 +184,14 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=root, env=env, capture_output=True,
                               text=True, timeout=120, check=False)
 
+    # The [backup] dir missing (its disk not mounted): said, not "no backup", and the table exits 1 too.
+    missing = f"the [backup] dir {tmp_path}/b does not exist (is its filesystem mounted?): `fab kvm-setup` creates it"
+    result = invoke("backup-status", "--nagios", "--vm", "provision")
+    assert (result.returncode, result.stdout) == (2, f"BACKUP CRITICAL - provision: {missing} (limit 26.0 h)\n")
+    table = invoke("backup-status")
+    assert (table.returncode, table.stderr) == (1, f"kvmconf: {missing}\n")
+    assert table.stdout.startswith("VM ") and table.stdout.splitlines()[1].endswith(f"  {missing}")
+    (tmp_path / "b").mkdir()
     result = invoke("backup-status", "--nagios", "--vm", "provision")
     assert (result.returncode, result.stdout) == (2, "BACKUP CRITICAL - provision: no backup (limit 26.0 h)\n")
     table = invoke("backup-status")
@@ -224,3 +232,43 @@ def test_progress_shows_bytes_done_and_total_per_disk(capsys: pytest.CaptureFixt
     silent.disk("vda", 64 << 20)(64 << 20)
     silent.done()
     assert capsys.readouterr().err == "\rvm: vda 3/64 MiB   \rvm: vda 64/64 MiB\n\rvm: vdb 32/32 MiB\n"
+
+
+def test_status_of_a_missing_backup_dir_says_so_not_no_backup(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 1, 4, tzinfo=dt.UTC)
+    root = tmp_path / "backup-disk" / "kvmconf"  # the disk not mounted: the directory below its mount point is missing
+    rows = [report.vm_status(root, None, vm, now) for vm in ("web", "db")]
+    missing = f"the [backup] dir {root} does not exist (is its filesystem mounted?): `fab kvm-setup` creates it"
+    assert [r.unreadable for r in rows] == [missing, missing]
+    assert report.nagios(rows, dt.timedelta(hours=26)) == (2, f"BACKUP CRITICAL - web, db: {missing} (limit 26.0 h)")
+    assert report.format_table(rows, dt.timedelta(hours=26)).splitlines()[1].endswith(f"  {missing}")
+
+
+def test_a_critical_nagios_line_still_lists_the_other_vms_warnings(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC)
+    store = VmStore(tmp_path, "web")
+    m = point("20261120T023000Z", "20261120T023000Z")
+    store.point_dir(m.time).mkdir(parents=True)
+    write_point_files(store.point_dir(m.time), m)
+    journal.write(store.dir, {"time": "20261121T023000Z", "ok": False, "error": "boom"}, journal.LAST_RUN)
+    rows = [report.vm_status(tmp_path, None, vm, now) for vm in ("db", "web", "ldap")]
+    assert report.nagios(rows, max_interval("30 2 * * *") + GRACE) == (
+        2, "BACKUP CRITICAL - db, ldap: no backup (limit 26.0 h); also WARNING - web: last run failed"
+           " (20261121T023000Z: boom)")
+
+
+def test_nagios_with_no_vm_to_check_says_so() -> None:
+    assert report.nagios([], dt.timedelta(hours=26)) == (
+        0, "BACKUP OK - no VM to check (none with backup=yes has its host on this machine)")
+
+
+def test_a_failure_after_the_point_was_made_is_labelled_with_its_step() -> None:
+    from kvmconf.backup.cluster import describe
+    from kvmconf.backup.engine import Outcome
+
+    made = point("20261120T023000Z", "20261120T023000Z")
+    head = "vm: full backup 20261120T023000Z ok, 1.0 MiB stored in 1.0 s (vda)"
+    assert describe(Outcome("vm", True, made, "retention: Permission denied", failed_step="retention")) == (
+        f"{head}\n  retention failed: retention: Permission denied")  # not "NAS: ..."
+    assert describe(Outcome("vm", True, made, "boom")) == f"{head}\n  a step after the point was made failed: boom"
+    assert describe(Outcome("vm", True, made)) == head

@@ -23,7 +23,7 @@ from generators.crontab import GRACE, max_interval
 from generators.model import Cluster, PhysicalHost, Vm, uri_host
 from kvmconf.backup import journal
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
-from kvmconf.backup.report import VmStatus, vm_status
+from kvmconf.backup.report import VmStatus, backup_dir_missing, vm_status
 from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
 from kvmconf.cli import say
@@ -131,7 +131,7 @@ def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections
         hosts = require_this_machines_hosts(cluster, machine, "backup --all")
         chosen = [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
     else:
-        chosen = find_vms(cluster, names)  # every unknown name in one error
+        chosen = find_vms(cluster, list(dict.fromkeys(names)))  # every unknown name in one error; each VM once
         require_here(cluster, chosen, machine, "backup")
     log(f"backup: started {now_text()}, pid {os.getpid()}: {', '.join(vm.name for vm in chosen) or 'no VM'}")
     outcomes: list[Outcome] = []
@@ -178,14 +178,22 @@ def _backup_one(cluster: Cluster, vm: Vm, all_vms: bool, conns: Connections, pro
         if all_vms:
             log(f"{vm.name}: not defined on {vm.host}: skipped")
             return None
-        return Outcome(vm.name, False, error=f"not defined on {vm.host}")
+        outcome = Outcome(vm.name, False, error=f"not defined on {vm.host}")
+        _record_failure(cluster, vm, outcome.error)
+        return outcome
     return backup_vm(dom, settings(cluster, progress), keep_of(cluster, vm), log)
 
 
 def _record_failure(cluster: Cluster, vm: Vm, error: str) -> None:
-    """last-run.json of a VM whose backup did not reach its own record (backup_vm's), for backup-status."""
+    """last-run.json of a VM whose backup did not reach its own record (backup_vm's), for backup-status.
+
+    Also of a VM never backed up (its directory is made): its first backup failing must not read "no backup yet".
+    Never the [backup] dir itself: missing, it is a disk not mounted, and backup-status says so.
+    """
     vm_dir = VmStore(Path(cluster.site.backup.dir), vm.name).dir
-    if not vm_dir.is_dir():
+    try:
+        vm_dir.mkdir(exist_ok=True)
+    except OSError:  # no [backup] dir, or it cannot be written: nowhere to record it
         return
     entry = {"time": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"), "ok": False, "error": error, "point": None}
     with suppress(OSError):  # a full disk must not hide the failure being reported
@@ -211,8 +219,11 @@ def describe(outcome: Outcome) -> str:
         return f"{outcome.vm}: BACKUP FAILED: {outcome.error}"
     m = outcome.manifest
     notes = "".join(f"\n  {n}" for n in m.notes)
+    # The point is made; what failed after it (NAS copy, retention, ...) is named by the step the engine gives.
+    step = outcome.failed_step or "a step after the point was made"
+    after = f"\n  {step} failed: {outcome.error}" if outcome.error else ""
     return (f"{m.vm}: {m.kind} backup {m.time} ok, {m.stored / 2**20:.1f} MiB stored in {m.seconds:.1f} s"
-            f" ({', '.join(d.dev for d in m.disks)}){notes}" + (f"\n  NAS: {outcome.error}" if outcome.error else ""))
+            f" ({', '.join(d.dev for d in m.disks)}){notes}{after}")
 
 
 def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, force: bool, conns: Connections,
@@ -225,6 +236,13 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
     return restore(VmStore(Path(cluster.site.backup.dir), vm.name), at, to, dom, force, log)
 
 
+def require_backup_dir(cluster: Cluster) -> None:
+    """Refuse a missing [backup] dir: backup-status would show every VM as without backup, and exit 0."""
+    missing = backup_dir_missing(Path(cluster.site.backup.dir))
+    if missing:
+        raise KvmconfError(missing)
+
+
 def status_rows(cluster: Cluster, names: list[str], machine: Machine | None = None
                 ) -> tuple[list[VmStatus], dt.timedelta]:
     """Status of the named VMs and the age the schedule allows.
@@ -234,7 +252,7 @@ def status_rows(cluster: Cluster, names: list[str], machine: Machine | None = No
     """
     b = cluster.site.backup
     if names:
-        vms = find_vms(cluster, names)
+        vms = find_vms(cluster, list(dict.fromkeys(names)))
     else:
         hosts = require_this_machines_hosts(cluster, machine or Machine.here(), "backup-status")
         vms = [v for v in cluster.vms if v.backup and v.host in hosts]

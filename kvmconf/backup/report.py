@@ -37,14 +37,26 @@ def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStat
         return VmStatus(vm, None, None, 0, 0, 0, 0, "", unreadable=str(err))
 
 
+def backup_dir_missing(root: Path) -> str:
+    """Why no VM's backups can be read here, or "": a missing [backup] dir (its disk not mounted, a host not set up)."""
+    if root.is_dir():
+        return ""
+    return f"the [backup] dir {root} does not exist (is its filesystem mounted?): `fab kvm-setup` creates it"
+
+
 def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
+    missing = backup_dir_missing(root)
+    if missing:  # not "no backup yet": the backups may well be there, on a disk that is not mounted
+        raise KvmconfError(missing)
     store = VmStore(root, vm)
     points = store.points()
     last = points[-1] if points else None
     try:
         run = journal.read(store.dir, journal.LAST_RUN) if store.dir.is_dir() else None
     except ValueError as err:  # written whole by a rename, so only damage truncates it: the points still count
-        error = f"{store.dir / journal.LAST_RUN} does not parse ({err}): the next run replaces it"
+        # journal.read's own error (a KvmconfError) names the file already; a bare JSON error does not
+        said = str(err) if isinstance(err, KvmconfError) else f"{store.dir / journal.LAST_RUN} does not parse ({err})"
+        error = f"{said}: the next run replaces it"
     else:
         # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
         error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
@@ -116,12 +128,26 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
 
 
 def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
-    """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists), 2 CRITICAL."""
+    """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists), 2 CRITICAL.
+
+    A CRITICAL line still lists the WARNINGs: the admin fixing one VM must not miss another's failing runs.
+    """
     critical = [r for r in rows if r.unreadable or r.age is None or r.age > limit or in_the_future(r)]
-    warning = [r for r in rows if r.last_error and r not in critical]
+    warnings = "; ".join(f"{r.vm}: last run failed ({r.last_error})" for r in rows
+                         if r.last_error and r not in critical)
     if critical:
-        return 2, "BACKUP CRITICAL - " + "; ".join(f"{r.vm}: {_critical(r)}" for r in critical) + \
-            f" (limit {_age(limit)})"
-    if warning:
-        return 1, "BACKUP WARNING - " + "; ".join(f"{r.vm}: last run failed ({r.last_error})" for r in warning)
+        return 2, ("BACKUP CRITICAL - " + _grouped(critical) + f" (limit {_age(limit)})"
+                   + (f"; also WARNING - {warnings}" if warnings else ""))
+    if warnings:
+        return 1, "BACKUP WARNING - " + warnings
+    if not rows:
+        return 0, "BACKUP OK - no VM to check (none with backup=yes has its host on this machine)"
     return 0, "BACKUP OK - " + ", ".join(f"{r.vm} {_age(r.age)}" for r in rows)
+
+
+def _grouped(critical: list[VmStatus]) -> str:
+    """The CRITICAL VMs, those with the same problem (a missing [backup] dir: every VM) together, in order."""
+    by_problem: dict[str, list[str]] = {}
+    for row in critical:
+        by_problem.setdefault(_critical(row), []).append(row.vm)
+    return "; ".join(f"{', '.join(vms)}: {problem}" for problem, vms in by_problem.items())
