@@ -35,7 +35,7 @@ import libvirt
 
 from generators.files import fsync_path
 from kvmconf import jobs
-from kvmconf.backup import durability, journal, qcow2, stream
+from kvmconf.backup import durability, journal, qcow2, stream, verify
 from kvmconf.backup.libvirt_xml import (
     VmDisk,
     backup_socket,
@@ -330,8 +330,12 @@ def _decide_incremental(checkpoints: list[str], disks: list[VmDisk], points: lis
     before = {(d.dev, d.source, d.format) for d in last.disks}
     if before != {(d.dev, d.path, d.format) for d in disks}:
         return None, "the VM's disks changed since the last point"
-    if any(not (store.point_dir(last.time) / d.file).is_file() for d in last.disks):
-        return None, f"files of the last point {last.time} are missing"
+    broken = store.chain_intact(last)  # a point deleted or moved by hand: the chain cannot be read
+    if broken is not None:
+        return None, f"the last point's chain cannot be restored ({broken})"
+    damaged = verify.damaged_in_chain(store, last)
+    if damaged:
+        return None, f"backup-verify found damaged points in the last point's chain ({', '.join(damaged)})"
     return last, ""
 
 

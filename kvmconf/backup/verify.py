@@ -1,0 +1,65 @@
+"""`invoke backup-verify`: read every restore point back and check it against its checksums.
+
+Otherwise a backup that rotted on disk is found only by the restore that needs it, and later backups go on
+extending its chain. Verifying reads every byte of every point, the longest of the backup tasks, so each
+point gets its line as it is checked. What fails is recorded in <vm dir>/damaged.json: the next backup reads
+it and starts a new chain rather than build on damaged data, and backup-status and the nagios check say it.
+
+It takes no lock: a backup (from cron) must not fail for a verify that runs for an hour. A point that a
+backup's retention deleted meanwhile is simply not reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvmconf.backup import journal
+from kvmconf.backup.store import Manifest, VmStore, dependents
+
+DAMAGED = "damaged.json"  # {"time": when verified, "points": {point time: [problems]}}
+
+Log = Callable[[str], None]
+
+
+def verify(store: VmStore, now: str, log: Log) -> dict[str, list[str]]:
+    """Check every point of `store`; the damaged ones and their problems, also recorded (none: the record goes)."""
+    points = store.points()
+    damaged: dict[str, list[str]] = {}
+    for manifest in points:
+        problems = store.verify(manifest)
+        if problems and not store.is_point(manifest.time):  # deleted by a backup's retention meanwhile
+            continue
+        if problems:
+            damaged[manifest.time] = problems
+            log(f"{store.vm}: {manifest.time}: DAMAGED: {'; '.join(problems)}")
+        else:
+            log(f"{store.vm}: {manifest.time}: ok ({_size(manifest)})")
+    for time in sorted(damaged):
+        needing = [t for t in dependents(points, time) if t not in damaged]
+        if needing:
+            log(f"{store.vm}: the points built on {time} cannot be restored either: {', '.join(needing)}")
+    if damaged:
+        journal.write(store.dir, {"time": now, "points": damaged}, DAMAGED)
+    else:
+        (store.dir / DAMAGED).unlink(missing_ok=True)
+    return damaged
+
+
+def damaged_points(store: VmStore) -> dict[str, list[str]]:
+    """The points the last verify found damaged and that are still there, with their problems."""
+    try:
+        record = journal.read(store.dir, DAMAGED) if store.dir.is_dir() else None
+    except journal.Unreadable:  # as if never verified: the next verify writes it anew
+        return {}
+    points = dict(record.get("points", {})) if record else {}
+    return {time: list(problems) for time, problems in points.items() if store.is_point(time)}
+
+
+def damaged_in_chain(store: VmStore, manifest: Manifest) -> list[str]:
+    """The damaged points of `manifest`'s chain (what the next backup of that chain would build on)."""
+    chain = {m.time for m in store.points() if m.chain == manifest.chain}
+    return sorted(time for time in damaged_points(store) if time in chain)
+
+
+def _size(manifest: Manifest) -> str:
+    return f"{sum(d.stored for d in manifest.disks) / (1 << 20):.1f} MiB"
