@@ -24,7 +24,8 @@ import pytest
 
 from generators.crontab import GRACE, max_interval
 from generators.model import Cluster
-from kvmconf.backup import journal, report
+from kvmconf.backup import cluster as cluster_module
+from kvmconf.backup import engine, journal, report
 from kvmconf.backup.cluster import RULE, Machine, backup, restore_vm
 from kvmconf.backup.nas import NasFailed, stage
 from kvmconf.backup.store import MANIFEST, DiskFile, Manifest, VmStore, checksum_file, write_point_files
@@ -115,6 +116,30 @@ def test_a_mounted_nas_gets_the_vm_directory_and_a_verified_copy(tmp_path: Path,
     assert stage(VmStore(tmp_path / "local", "vm1"), VmStore(nas_fs, "vm1"), 2, lines.append) == [made.time]
     assert lines == ["vm1: NAS: copied and verified 20261120T023000Z"]
     assert [m.time for m in VmStore(nas_fs, "vm1").points()] == [made.time]
+
+
+def test_a_retention_that_fails_is_named_and_the_new_point_still_reaches_the_nas(tmp_path: Path, nas_fs: Path) -> None:
+    """A failed prune used to skip the NAS copy and be reported as "NAS: ...". A real failure: an immutable file in
+    the expired chain (chattr +i, as root). No VM: the steps after the point touch it only for an in-place restore's
+    replaced disks, and there are none."""
+    old = local_point(tmp_path / "local", "vm1", "20261119T023000Z", b"old")
+    new = local_point(tmp_path / "local", "vm1", "20261120T023000Z", b"new")
+    store = VmStore(tmp_path / "local", "vm1")
+    stuck = store.point_dir(old.time) / "vda.qcow2"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    outcome = engine.Outcome("vm1", ok=True, manifest=new)
+    lines: list[str] = []
+    try:
+        engine._after_the_point(None, store, engine.Settings(store.dir.parent, 5, nas_fs), 1,  # type: ignore[arg-type]
+                                outcome, lines.append)
+    finally:
+        for path in (stuck, store.dir / f"{old.time}.partial" / "vda.qcow2"):
+            subprocess.run(["chattr", "-i", str(path)], check=False)
+    assert (outcome.failed_step, outcome.error) == (
+        "retention", f"{store.dir / (old.time + '.partial') / 'vda.qcow2'}: Operation not permitted")
+    assert [m.time for m in VmStore(nas_fs, "vm1").points()] == [new.time]  # the NAS copy was still made
+    assert "vm1: NAS: copied and verified 20261120T023000Z" in lines
+    assert cluster_module.describe(outcome).endswith(f"\n  retention failed: {outcome.error}")
 
 
 def test_a_read_only_nas_is_blamed_on_the_nas_not_the_local_directory(tmp_path: Path, nas_fs: Path) -> None:

@@ -685,27 +685,54 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
                 # above all: the next VM of --all would start.
                 try:
                     recover(dom, store, log)
-                except Exception as undo_failed:  # said in the outcome; the next run recovers
+                except Exception as undo_failed:  # said; the next run recovers
                     outcome.notes.append(f"the run could not be undone at once ({undo_failed}): the next"
                                          " run recovers what it left")
+                    log(f"{store.vm}: {outcome.notes[-1]}")
                 raise
             outcome.manifest = manifest
             outcome.ok = True
-            _remove_replaced(store, dom, log)
-            if expired_chains(store.points(), keep):
-                outcome.notes += durability.settle(store, log)  # the points that stay must be on disk first
-            store.prune(keep, log)
-            if settings.nas_dir is not None:
-                from kvmconf.backup.nas import stage
-                stage(store, VmStore(settings.nas_dir, store.vm), keep, log)
-    except KvmconfError as err:  # BackupFailed included
-        outcome.error = str(err)
-    except OSError as err:
-        outcome.error = explain_os_error(err, store.dir)
-    except libvirt.libvirtError as err:
-        outcome.error = explain_libvirt_error(err.get_error_message(), settings.scratch_dir)
+            _after_the_point(dom, store, settings, keep, outcome, log)
+    except (KvmconfError, OSError, libvirt.libvirtError) as err:  # BackupFailed included
+        outcome.error = _explain(err, store, settings)
     _record(store, outcome)
     return outcome
+
+
+def _after_the_point(dom: libvirt.virDomain, store: VmStore, settings: Settings, keep: int, outcome: Outcome,
+                     log: Log) -> None:
+    """What follows a point made: each step is tried whatever failed before it (a failed retention must not keep
+    the point off the NAS); the first failure is the outcome's error, named by its step, and the run exits 1."""
+    def retention() -> None:
+        if expired_chains(store.points(), keep):
+            outcome.notes.extend(durability.settle(store, log))  # the points that stay must be on disk first
+        store.prune(keep, log)
+
+    def nas_copy() -> None:
+        if settings.nas_dir is not None:
+            from kvmconf.backup.nas import stage
+            stage(store, VmStore(settings.nas_dir, store.vm), keep, log)
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("removing the disks an in-place restore replaced", lambda: _remove_replaced(store, dom, log)),
+        ("retention", retention), ("NAS copy", nas_copy)]
+    for step, action in steps:
+        try:
+            action()
+        except (KvmconfError, OSError, libvirt.libvirtError) as err:
+            if outcome.error:  # said now: the outcome's line names only the first
+                outcome.notes.append(f"{step} failed too: {_explain(err, store, settings)}")
+                log(f"{store.vm}: {outcome.notes[-1]}")
+            else:
+                outcome.failed_step, outcome.error = step, _explain(err, store, settings)
+
+
+def _explain(err: KvmconfError | OSError | libvirt.libvirtError, store: VmStore, settings: Settings) -> str:
+    if isinstance(err, OSError):
+        return explain_os_error(err, store.dir)
+    if isinstance(err, libvirt.libvirtError):
+        return explain_libvirt_error(err.get_error_message(), settings.scratch_dir)
+    return str(err)
 
 
 def _remove_replaced(store: VmStore, dom: libvirt.virDomain, log: Log) -> None:

@@ -235,10 +235,19 @@ class VmStore:
             return
         doomed = self.dir / (time + PARTIAL)
         if doomed.exists():  # left by a removal that failed: it goes first, or the rename below cannot
-            shutil.rmtree(doomed)
+            shutil.rmtree(doomed, onerror=_with_full_path)
         point.rename(doomed)
         fsync_path(self.dir)
-        shutil.rmtree(doomed)
+        shutil.rmtree(doomed, onerror=_with_full_path)
+
+
+def _with_full_path(_function: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
+    """rmtree's errors name the file as its directory's entry (it works through file descriptors): the full path
+    tells the admin which point it is in."""
+    err = exc_info[1]
+    if isinstance(err, OSError):
+        raise OSError(err.errno, err.strerror, path) from None
+    raise err
 
 
 def chains(points: list[Manifest]) -> dict[str, list[Manifest]]:
