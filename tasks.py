@@ -240,6 +240,22 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
         require_backup_dir(cluster)  # every VM above reads "the [backup] dir ... does not exist" then: exit 1
 
 
+@task(name="backup-verify", iterable=["vm"], help={
+    "vm": "a VM of cluster.conf (repeatable)",
+    "all": "every VM with backup=yes whose host is this machine, as `backup --all` takes them"})
+def backup_verify(c: Context, vm: list[str], all: bool = False) -> None:
+    """Read every restore point back (and its NAS copy) against its checksums; exits 1 if any is damaged.
+
+    What is damaged is recorded: the next backup starts a new chain, and backup-status and Nagios say it.
+    """
+    from kvmconf.backup.cluster import verify_backups
+
+    with user_errors():
+        damaged = verify_backups(inputs.load(), vm, all)
+        if damaged:
+            raise Exit(f"kvmconf: damaged restore points for {', '.join(damaged)}", 1)
+
+
 @task(iterable=["host"], auto_shortflags=False, help={
     "host": "only these physical hosts (repeatable; default: all)",
     "offline": "from cluster.conf and site.toml only, without asking libvirt"})
@@ -298,5 +314,5 @@ def keyscan(c: Context, vm: list[str], ssh_config: str = "", accept_changed: boo
 
 
 ns = Collection(provision, plan, status, start, stop, destroy, Collection("lab", lab_up, lab_down),
-                provision_server_task, reinstall, backup_task, restore_task, backup_status, capacity, migrate,
-                keyscan)
+                provision_server_task, reinstall, backup_task, restore_task, backup_status, backup_verify, capacity,
+                migrate, keyscan)

@@ -3,12 +3,16 @@ missing a point: real files and checksums, the engine's own decision (no VM need
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from kvmconf.backup import journal, verify
 from kvmconf.backup.engine import Settings, _decide_incremental
 from kvmconf.backup.libvirt_xml import VmDisk
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from tests.tools import ROOT
 
 FULL, INC1, INC2 = "20260101T000000Z", "20260102T000000Z", "20260103T000000Z"
 DISKS = [VmDisk("vda", "/d/vm.qcow2", "qcow2")]
@@ -19,7 +23,8 @@ def add_point(store: VmStore, time: str, parent: str | None, content: bytes) -> 
     point = store.point_dir(time)
     point.mkdir(parents=True)
     (point / "vda.qcow2").write_bytes(content)
-    m = Manifest("vm", time, "full" if parent is None else "incremental", FULL, parent, f"kvmconf-{time}", True, [],
+    m = Manifest(store.vm, time, "full" if parent is None else "incremental", time if parent is None else FULL, parent,
+                 f"kvmconf-{time}", True, [],
                  [DiskFile("vda", "/d/vm.qcow2", "qcow2", "vda.qcow2", 1 << 20, len(content),
                            checksum_file(point / "vda.qcow2"), None if parent is None else f"../{parent}/vda.qcow2")],
                  1.0)
@@ -27,8 +32,8 @@ def add_point(store: VmStore, time: str, parent: str | None, content: bytes) -> 
     return m
 
 
-def chain(tmp_path: Path) -> VmStore:
-    store = VmStore(tmp_path, "vm")
+def chain(tmp_path: Path, vm: str = "vm") -> VmStore:
+    store = VmStore(tmp_path, vm)
     add_point(store, FULL, None, b"full" * 1000)
     add_point(store, INC1, FULL, b"inc1")
     add_point(store, INC2, INC1, b"inc2")
@@ -94,3 +99,49 @@ def test_a_point_deleted_from_the_middle_of_the_chain_makes_the_next_backup_a_fu
     assert why == (f"the last point's chain cannot be restored (vm: restore point {INC1} is missing from {store.dir}"
                    f" (deleted or moved away): the points built on it cannot be restored ({INC2}); restore an"
                    " earlier point or one of a later chain)"), why
+
+
+def test_the_task_exits_1_naming_the_damage_and_the_nagios_check_goes_critical(tmp_path: Path) -> None:
+    """`invoke backup-verify` and `backup-status --nagios` as the admin and Nagios run them, on the example cluster
+    (provision's host, kvm0, is this machine: its URI is local) with its [backup] dir here and no NAS mounted."""
+    site = (ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"')
+    (tmp_path / "site.toml").write_text(site)
+    env = {**os.environ, "KVMCONF_CLUSTER": str(ROOT / "cluster.conf"), "KVMCONF_SITE": str(tmp_path / "site.toml")}
+    env.pop("KVMCONF_LAB", None)
+
+    def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    store = chain(tmp_path / "b", "provision")
+    with (store.point_dir(INC2) / "vda.qcow2").open("r+b") as f:
+        f.write(b"X")
+    result = invoke("backup-verify", "--vm", "provision")
+    problem = f"{store.point_dir(INC2) / 'vda.qcow2'}: checksum mismatch"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == "kvmconf: damaged restore points for provision\n"
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("backup-verify: the NAS copies are not verified: nas_dir /mnt/nas/kvmconf does not exist: is"
+                        " the NAS share mounted? (kvmconf creates only the VM directories below it)"), lines
+    assert lines[1:4] == [f"provision: {FULL}: ok (0.0 MiB)", f"provision: {INC1}: ok (0.0 MiB)",
+                          f"provision: {INC2}: DAMAGED: {problem}"], lines
+    assert lines[4].startswith("backup-verify: finished ") and lines[4].endswith(": damaged: provision"), lines
+    nagios = invoke("backup-status", "--nagios", "--vm", "provision")
+    assert nagios.returncode == 2, nagios.stdout
+    assert nagios.stdout.startswith(f"BACKUP CRITICAL - provision: the newest point {INC2} cannot be restored"
+                                    f" (backup-verify found damaged points: {INC2})"), nagios.stdout
+
+
+def test_damage_in_an_older_chain_is_a_warning_and_shows_in_the_table(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from kvmconf.backup import report
+
+    store = chain(tmp_path)
+    newer = add_point(store, NOW, None, b"a new full")  # the chain after the damaged one
+    journal.write(store.dir, {"time": NOW, "points": {INC1: ["checksum mismatch"]}}, verify.DAMAGED)
+    row = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 1, 4, 1, 0, tzinfo=dt.UTC))
+    assert (row.damaged, row.newest_damaged, row.last_good) == ((INC1,), False, newer.time)
+    limit = dt.timedelta(hours=26)
+    assert report.nagios([row], limit) == (1, f"BACKUP WARNING - vm: backup-verify found damaged points: {INC1}")
+    assert report.format_table([row], limit).splitlines()[1].endswith(f"backup-verify found damaged points: {INC1}")

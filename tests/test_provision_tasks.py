@@ -78,8 +78,8 @@ def test_every_task_is_listed_with_the_first_line_of_its_docstring() -> None:
     helps = {t["name"]: t["help"] for t in data["tasks"]}
     helps.update({f"lab.{t['name']}": t["help"] for c in data["collections"] for t in c["tasks"]})
     assert set(helps) == {"provision", "plan", "status", "start", "stop", "destroy", "lab.up", "lab.down",
-                          "provision-server", "reinstall", "backup", "restore", "backup-status", "keyscan",
-                          "capacity", "migrate"}
+                          "provision-server", "reinstall", "backup", "restore", "backup-status", "backup-verify",
+                          "keyscan", "capacity", "migrate"}
     for name, help_text in helps.items():
         body = tasks.ns.task_with_config(name)[0].body
         assert help_text == (body.__doc__ or "").splitlines()[0], name

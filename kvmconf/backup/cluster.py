@@ -22,10 +22,12 @@ import libvirt
 from generators.crontab import GRACE, max_interval
 from generators.model import Cluster, PhysicalHost, Vm, uri_host
 from kvmconf.backup import journal
-from kvmconf.backup.engine import Outcome, Settings, backup_vm
+from kvmconf.backup.engine import Outcome, Settings, backup_vm, utc_now
+from kvmconf.backup.nas import NasFailed, check_mounted
 from kvmconf.backup.report import VmStatus, backup_dir_missing, vm_status
 from kvmconf.backup.restore import restore
 from kvmconf.backup.store import VmStore
+from kvmconf.backup.verify import verify
 from kvmconf.cli import say
 from kvmconf.connection import Connections
 from kvmconf.domains import lookup
@@ -125,14 +127,7 @@ def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections
     Each VM on its own: one VM's failure, however unexpected, is its outcome and the next VM is backed up.
     Ctrl-C or SIGTERM ends the run, recorded as interrupted for the VM it stopped.
     """
-    vms_or_all(names, all_vms, "every backup=yes VM whose host is this machine")
-    machine = machine or Machine.here()
-    if all_vms:
-        hosts = require_this_machines_hosts(cluster, machine, "backup --all")
-        chosen = [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
-    else:
-        chosen = find_vms(cluster, list(dict.fromkeys(names)))  # every unknown name in one error; each VM once
-        require_here(cluster, chosen, machine, "backup")
+    chosen = _chosen(cluster, names, all_vms, machine or Machine.here(), "backup")
     log(f"backup: started {now_text()}, pid {os.getpid()}: {', '.join(vm.name for vm in chosen) or 'no VM'}")
     outcomes: list[Outcome] = []
     with sigterm_as_interrupt():  # also between two VMs: said and recorded, not a silent end
@@ -150,6 +145,44 @@ def backup(cluster: Cluster, names: list[str], all_vms: bool, conns: Connections
     log(f"backup: finished {now_text()}: {len(outcomes) - len(failed)} ok"
         + (f", failed: {', '.join(failed)}" if failed else ""))
     return outcomes
+
+
+def _chosen(cluster: Cluster, names: list[str], all_vms: bool, machine: Machine, task: str) -> list[Vm]:
+    """The named VMs, each once, or with ``all_vms`` the backup=yes VMs of ``machine``'s hosts: their backups are
+    that machine's files."""
+    vms_or_all(names, all_vms, "every backup=yes VM whose host is this machine")
+    if all_vms:
+        hosts = require_this_machines_hosts(cluster, machine, f"{task} --all")
+        return [vm for vm in cluster.vms if vm.backup and vm.host in hosts]
+    chosen = find_vms(cluster, list(dict.fromkeys(names)))  # every unknown name in one error; each VM once
+    require_here(cluster, chosen, machine, task)
+    return chosen
+
+
+def verify_backups(cluster: Cluster, names: list[str], all_vms: bool, log: Log = say,
+                   machine: Machine | None = None) -> list[str]:
+    """Read back every restore point of the chosen VMs (as `backup` chooses them), and their NAS copies when the
+    share is mounted, against their checksums; the VMs with a damaged point (recorded: see verify.py)."""
+    chosen = _chosen(cluster, names, all_vms, machine or Machine.here(), "backup-verify")
+    require_backup_dir(cluster)
+    b = cluster.site.backup
+    stores = [("", Path(b.dir))]
+    if b.nas_dir:
+        try:
+            check_mounted(Path(b.dir), Path(b.nas_dir))
+            stores.append(("NAS: ", Path(b.nas_dir)))
+        except NasFailed as err:
+            log(f"backup-verify: the NAS copies are not verified: {err}")
+    damaged: list[str] = []
+    for label, root in stores:
+        def labelled(line: str, label: str = label) -> None:
+            log(label + line)
+
+        for vm in chosen:
+            if verify(VmStore(root, vm.name), utc_now(), labelled):
+                damaged.append(label + vm.name)
+    log(f"backup-verify: finished {now_text()}: " + (f"damaged: {', '.join(damaged)}" if damaged else "all intact"))
+    return damaged
 
 
 def _backup_isolated(cluster: Cluster, vm: Vm, all_vms: bool, conns: Connections, progress: bool,

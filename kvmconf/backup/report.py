@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmconf.backup import journal
+from kvmconf.backup import journal, verify
 from kvmconf.backup.nas import NasFailed, check_mounted
 from kvmconf.backup.store import VmStore
 from kvmconf.errors import KvmconfError
@@ -23,6 +23,8 @@ class VmStatus:
     nas_points: int
     last_error: str
     unreadable: str = ""  # why this VM's backups could not be read (a manifest that does not parse): CRITICAL
+    damaged: tuple[str, ...] = ()  # points the last backup-verify found damaged (still there): WARNING
+    newest_damaged: bool = False  # one of them is in the newest point's chain, which cannot be restored: CRITICAL
 
 
 def _parse(time: str) -> dt.datetime:
@@ -62,7 +64,9 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
         error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
     return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
-                    sum(m.stored for m in points), _nas_points(root, nas, vm), error)
+                    sum(m.stored for m in points), _nas_points(root, nas, vm), error,
+                    damaged=tuple(sorted(verify.damaged_points(store))),
+                    newest_damaged=last is not None and bool(verify.damaged_in_chain(store, last)))
 
 
 def _nas_points(root: Path, nas: Path | None, vm: str) -> int:
@@ -86,9 +90,15 @@ def in_the_future(row: VmStatus) -> bool:
     return row.age is not None and row.age < -CLOCK_SLACK
 
 
+def _damaged(row: VmStatus) -> str:
+    return f"backup-verify found damaged points: {', '.join(row.damaged)}"
+
+
 def _critical(row: VmStatus) -> str:
     if row.unreadable:
         return row.unreadable
+    if row.newest_damaged:
+        return f"the newest point {row.last_good} cannot be restored ({_damaged(row)})"
     if row.age is None:
         return "no backup"
     if in_the_future(row):
@@ -122,19 +132,24 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
             problem = "; ".join(p for p in (FUTURE, problem) if p)
         elif r.age > limit:
             problem = "; ".join(p for p in (f"older than the schedule allows ({_age(limit)})", problem) if p)
+        if r.damaged:
+            problem = "; ".join(p for p in (_damaged(r), problem) if p)
         lines.append(f"{r.vm:<16} {r.last_good or '-':<17} {_age(r.age):>8} {r.chain_length:>5} {r.points:>6}"
                      f" {_size(r.stored, r.points):>10} {r.nas_points:>4}  {problem}".rstrip())
     return "\n".join(lines)
 
 
 def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
-    """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists), 2 CRITICAL.
+    """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists, or backup-verify found
+    damage in an older chain), 2 CRITICAL (no recent point, or the newest cannot be restored).
 
     A CRITICAL line still lists the WARNINGs: the admin fixing one VM must not miss another's failing runs.
     """
-    critical = [r for r in rows if r.unreadable or r.age is None or r.age > limit or in_the_future(r)]
-    warnings = "; ".join(f"{r.vm}: last run failed ({r.last_error})" for r in rows
-                         if r.last_error and r not in critical)
+    critical = [r for r in rows
+                if r.unreadable or r.newest_damaged or r.age is None or r.age > limit or in_the_future(r)]
+    warnings = "; ".join([f"{r.vm}: last run failed ({r.last_error})" for r in rows
+                          if r.last_error and r not in critical]
+                         + [f"{r.vm}: {_damaged(r)}" for r in rows if r.damaged and r not in critical])
     if critical:
         return 2, ("BACKUP CRITICAL - " + _grouped(critical) + f" (limit {_age(limit)})"
                    + (f"; also WARNING - {warnings}" if warnings else ""))
