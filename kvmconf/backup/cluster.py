@@ -22,11 +22,11 @@ import libvirt
 from generators.crontab import GRACE, max_interval
 from generators.model import Cluster, PhysicalHost, Vm, uri_host
 from kvmconf.backup import journal
-from kvmconf.backup.engine import Outcome, Settings, backup_vm, utc_now
+from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.nas import NasFailed, check_mounted
 from kvmconf.backup.report import VmStatus, backup_dir_missing, vm_status
 from kvmconf.backup.restore import restore
-from kvmconf.backup.store import VmStore
+from kvmconf.backup.store import VmStore, utc_now
 from kvmconf.backup.verify import verify
 from kvmconf.cli import say
 from kvmconf.connection import Connections
@@ -228,7 +228,7 @@ def _record_failure(cluster: Cluster, vm: Vm, error: str) -> None:
         vm_dir.mkdir(exist_ok=True)
     except OSError:  # no [backup] dir, or it cannot be written: nowhere to record it
         return
-    entry = {"time": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"), "ok": False, "error": error, "point": None}
+    entry = {"time": utc_now(), "ok": False, "error": error, "point": None}
     with suppress(OSError):  # a full disk must not hide the failure being reported
         journal.write(vm_dir, entry, journal.LAST_RUN, durable=False)
 

@@ -55,6 +55,8 @@ from kvmconf.backup.store import (
     allocated,
     checksum_file,
     expired_chains,
+    parse_time,
+    utc_now,
     write_point_files,
 )
 from kvmconf.errors import KvmconfError
@@ -100,10 +102,6 @@ class Outcome:
     failed_step: str = ""
 
 
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
 def _new_time(store: VmStore) -> str:
     """A point name later than every existing one (two runs in the same second wait for the next).
 
@@ -113,7 +111,7 @@ def _new_time(store: VmStore) -> str:
     newest = max((name for name in existing if name[:1].isdigit()), default=None)
     if newest is not None:
         try:
-            ahead = dt.datetime.strptime(newest, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC) - dt.datetime.now(dt.UTC)
+            ahead = parse_time(newest) - dt.datetime.now(dt.UTC)
         except ValueError:
             ahead = dt.timedelta(0)  # not a point's name: it does not make the wait long
         if ahead > CLOCK_SKEW:
@@ -339,19 +337,23 @@ def _decide_incremental(checkpoints: list[str], disks: list[VmDisk], points: lis
     return last, ""
 
 
+_REDRAW = 0.2  # seconds between two redraws of a disk's progress line
+
+
 class _Progress:
     """Bytes done/total per disk, one terminal line per disk, redrawn a few times a second."""
 
-    def __init__(self, vm: str, enabled: bool) -> None:
+    def __init__(self, vm: str, enabled: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.vm = vm
         self.enabled = enabled
+        self.clock = clock
         self.open_line = False
-        self.last = 0.0
+        self.last = -_REDRAW
 
     def disk(self, dev: str, total: int) -> Callable[[int], None]:
         def update(done: int) -> None:
-            now = time.monotonic()
-            if not self.enabled or (now - self.last < 0.2 and done < total):
+            now = self.clock()
+            if not self.enabled or (now - self.last < _REDRAW and done < total):
                 return
             self.last = now
             sys.stderr.write(f"\r{self.vm}: {dev} {done >> 20}/{total >> 20} MiB" + ("\n" if done >= total else "   "))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvmconf.backup import journal, verify
 from kvmconf.backup.nas import NasFailed, check_mounted
-from kvmconf.backup.store import VmStore
+from kvmconf.backup.store import VmStore, parse_time
 from kvmconf.errors import KvmconfError
 
 
@@ -25,10 +25,6 @@ class VmStatus:
     unreadable: str = ""  # why this VM's backups could not be read (a manifest that does not parse): CRITICAL
     damaged: tuple[str, ...] = ()  # points the last backup-verify found damaged (still there): WARNING
     newest_damaged: bool = False  # one of them is in the newest point's chain, which cannot be restored: CRITICAL
-
-
-def _parse(time: str) -> dt.datetime:
-    return dt.datetime.strptime(time, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
 
 
 def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
@@ -62,7 +58,7 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
     else:
         # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
         error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
-    return VmStatus(vm, last.time if last else None, now - _parse(last.time) if last else None,
+    return VmStatus(vm, last.time if last else None, now - parse_time(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
                     sum(m.stored for m in points), _nas_points(root, nas, vm), error,
                     damaged=tuple(sorted(verify.damaged_points(store))),

@@ -18,6 +18,7 @@ Layout (the same locally and on the NAS)::
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
@@ -36,6 +37,7 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 # Only a directory named like a point's time is one: a damaged point renamed to anything else is out of the way.
 POINT_NAME = re.compile(r"\d{8}T\d{6}Z")
+TIME_FORMAT = "%Y%m%dT%H%M%SZ"  # a point's time, in UTC, which is its name: names sort as times do
 # New points use XXH3-128, rsync's default file checksum: made to catch corruption, which is what these
 # checksums are for (anyone who can change a backup can change the manifest beside it). It costs
 # 0.09 CPU-s per GiB here, BLAKE3 0.22: a backup shares two CPUs with QEMU's NBD server.
@@ -248,6 +250,16 @@ def _with_full_path(_function: object, path: str, exc_info: tuple[type[BaseExcep
     if isinstance(err, OSError):
         raise OSError(err.errno, err.strerror, path) from None
     raise err
+
+
+def utc_now() -> str:
+    """Now, as a point's time is written (also in the journal and the last-run record)."""
+    return dt.datetime.now(dt.UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(time: str) -> dt.datetime:
+    """A point's time (its name) as a datetime; ValueError for a name that is not one."""
+    return dt.datetime.strptime(time, TIME_FORMAT).replace(tzinfo=dt.UTC)
 
 
 def chains(points: list[Manifest]) -> dict[str, list[Manifest]]:
