@@ -3,15 +3,13 @@ missing a point: real files and checksums, the engine's own decision (no VM need
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from kvmconf.backup import journal, verify
 from kvmconf.backup.engine import Settings, _decide_incremental
 from kvmconf.backup.libvirt_xml import VmDisk
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from tests.test_provision_tasks import invoke
 from tests.tools import ROOT
 
 FULL, INC1, INC2 = "20260101T000000Z", "20260102T000000Z", "20260103T000000Z"
@@ -104,19 +102,12 @@ def test_a_point_deleted_from_the_middle_of_the_chain_makes_the_next_backup_a_fu
 def test_the_task_exits_1_naming_the_damage_and_the_nagios_check_goes_critical(tmp_path: Path) -> None:
     """`invoke backup-verify` and `backup-status --nagios` as the admin and Nagios run them, on the example cluster
     (provision's host, kvm0, is this machine: its URI is local) with its [backup] dir here and no NAS mounted."""
-    site = (ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"')
-    (tmp_path / "site.toml").write_text(site)
-    env = {**os.environ, "KVMCONF_CLUSTER": str(ROOT / "cluster.conf"), "KVMCONF_SITE": str(tmp_path / "site.toml")}
-    env.pop("KVMCONF_LAB", None)
-
-    def invoke(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
-
+    site = tmp_path / "site.toml"
+    site.write_text((ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"'))
     store = chain(tmp_path / "b", "provision")
     with (store.point_dir(INC2) / "vda.qcow2").open("r+b") as f:
         f.write(b"X")
-    result = invoke("backup-verify", "--vm", "provision")
+    result = invoke("backup-verify", "--vm", "provision", site=site)
     problem = f"{store.point_dir(INC2) / 'vda.qcow2'}: checksum mismatch"
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == "kvmconf: damaged restore points for provision\n"
@@ -126,7 +117,7 @@ def test_the_task_exits_1_naming_the_damage_and_the_nagios_check_goes_critical(t
     assert lines[1:4] == [f"provision: {FULL}: ok (0.0 MiB)", f"provision: {INC1}: ok (0.0 MiB)",
                           f"provision: {INC2}: DAMAGED: {problem}"], lines
     assert lines[4].startswith("backup-verify: finished ") and lines[4].endswith(": damaged: provision"), lines
-    nagios = invoke("backup-status", "--nagios", "--vm", "provision")
+    nagios = invoke("backup-status", "--nagios", "--vm", "provision", site=site)
     assert nagios.returncode == 2, nagios.stdout
     assert nagios.stdout.startswith(f"BACKUP CRITICAL - provision: the newest point {INC2} cannot be restored"
                                     f" (backup-verify found damaged points: {INC2})"), nagios.stdout
