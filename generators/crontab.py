@@ -67,6 +67,34 @@ def field_values(text: str, low: int, high: int) -> set[int]:
     return values
 
 
+_SPAN_DAYS = 2 * 366  # from 2024-01-01: two New Years, and a leap day
+
+
+def _runs(schedule: str) -> tuple[list[dt.datetime], list[dt.timedelta]]:
+    """The days of the two years from 2024-01-01 the schedule runs on, and its times on each such day."""
+    fields = schedule.split()
+    minute, hour, dom, month, dow = (field_values(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
+    dow = {d % 7 for d in dow}
+    # As cron(8) decides it: a day field that starts with '*' (also '*/2') is unrestricted, and then a
+    # day must match both fields; when neither is, either may match (crontab(5)).
+    dom_any, dow_any = fields[2].startswith("*"), fields[4].startswith("*")
+    times_of_day = [dt.timedelta(hours=h, minutes=m) for h in sorted(hour) for m in sorted(minute)]
+    start = dt.datetime(2024, 1, 1)
+    run_days = []
+    for i in range(_SPAN_DAYS):
+        day = start + dt.timedelta(days=i)
+        day_dom, day_dow = day.day in dom, (day.isoweekday() % 7) in dow
+        if day.month in month and ((day_dom and day_dow) if (dom_any or dow_any) else (day_dom or day_dow)):
+            run_days.append(day)
+    return run_days, times_of_day
+
+
+def runs_in_two_years(schedule: str) -> int:
+    """How many times the schedule runs in two years (0 for a day that never comes, such as February 31st)."""
+    run_days, times_of_day = _runs(schedule)
+    return len(run_days) * len(times_of_day)
+
+
 def max_interval(schedule: str) -> dt.timedelta:
     """The longest time between two runs of a 5-field cron schedule (numbers, *, ranges, lists, steps).
 
@@ -76,22 +104,9 @@ def max_interval(schedule: str) -> dt.timedelta:
     inside a day or from one run day's last run to the next run day's first: listing every run would
     cost a second per load of site.toml for `* * * * *`. A schedule that never runs gets the whole span.
     """
-    fields = schedule.split()
-    minute, hour, dom, month, dow = (field_values(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
-    dow = {d % 7 for d in dow}
-    # As cron(8) decides it: a day field that starts with '*' (also '*/2') is unrestricted, and then a
-    # day must match both fields; when neither is, either may match (crontab(5)).
-    dom_any, dow_any = fields[2].startswith("*"), fields[4].startswith("*")
-    times_of_day = [dt.timedelta(hours=h, minutes=m) for h in sorted(hour) for m in sorted(minute)]
-    start, days = dt.datetime(2024, 1, 1), 2 * 366
-    run_days = []
-    for i in range(days):
-        day = start + dt.timedelta(days=i)
-        day_dom, day_dow = day.day in dom, (day.isoweekday() % 7) in dow
-        if day.month in month and ((day_dom and day_dow) if (dom_any or dow_any) else (day_dom or day_dow)):
-            run_days.append(day)
+    run_days, times_of_day = _runs(schedule)
     if len(run_days) * len(times_of_day) < 2:
-        return dt.timedelta(days=days)
+        return dt.timedelta(days=_SPAN_DAYS)
     first, last = times_of_day[0], times_of_day[-1]
     gaps = [b - a for a, b in itertools.pairwise(times_of_day)]
     gaps += [next_day + first - (day + last) for day, next_day in itertools.pairwise(run_days)]

@@ -15,7 +15,7 @@ from typing import Any
 
 from generators.ansible import GROUP_RULE, group_clash
 from generators.columns import NAME_PATTERN, NAME_RULE
-from generators.crontab import max_interval
+from generators.crontab import max_interval, runs_in_two_years
 from generators.errors import ConfigError, Problem, shown
 from generators.model import (
     Accounts,
@@ -242,6 +242,10 @@ def _read_schedule(b: TableReader) -> str | None:
             b.problem("schedule", f"{shown(schedule)} is not a cron schedule kvmconf reads (expected numbers, *,"
                       " ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
                       " month 1-12, weekday 0-7; no names such as mon)")
+            return None
+        if runs_in_two_years(schedule) < 2:  # the Nagios check's limit would be the whole span: never late
+            b.problem("schedule", f"{shown(schedule)} runs at most once in two years (a day that never comes, such"
+                      " as February 31st?): expected a schedule that runs at least yearly, e.g. '30 2 * * *'")
             return None
     return schedule
 

@@ -564,6 +564,10 @@ CASES = [
                       " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
                       " month 1-12, weekday 0-7; no names such as mon)"),),
          site=sub('schedule = "30 2 * * *"', 'schedule = "70 25 * * *"')),
+    Case("site-schedule-never-runs",
+         (site(86, 1, "key 'backup.schedule': '0 0 31 2 *' runs at most once in two years (a day that never comes,"
+                      " such as February 31st?): expected a schedule that runs at least yearly, e.g. '30 2 * * *'"),),
+         site=sub('schedule = "30 2 * * *"', 'schedule = "0 0 31 2 *"')),
     Case("site-provision-table-missing", (site(1, 1, "table '[provision]' is missing"),),
          site=lambda text: text[:text.index("[provision]")] + text[text.index("[backup]"):]),
     Case("site-secrets-is-a-directory",
