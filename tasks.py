@@ -200,8 +200,10 @@ def backup_task(c: Context, vm: list[str], all: bool = False) -> None:
                             "to": "write the flat image(s) here, 0600: an existing directory receives"
                                   " <vm>-<disk>.<format> per disk; for a one-disk VM, a new file in an existing"
                                   " directory. Never overwrites a file",
-                            "force": "replace the VM's own disks (it must be shut off)"})
-def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bool = False) -> None:
+                            "force": "replace the VM's own disks (it must be shut off)",
+                            "nas": "restore from the copies on the NAS ([backup] nas_dir, mounted), as when the"
+                                   " local backup disk is lost"})
+def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bool = False, nas: bool = False) -> None:
     """Rebuild a VM's disks from a restore point, verified; in place needs the VM shut off and --force.
 
     --to is an existing directory, which receives <vm>-<disk>.<format> per disk, or, for a one-disk VM, a new
@@ -212,7 +214,7 @@ def restore_task(c: Context, vm: str = "", at: str = "", to: str = "", force: bo
     with user_errors():
         cluster = inputs.load()
         with connections(cluster) as conns:
-            restore_vm(cluster, vm, at or None, Path(to) if to else None, force, conns)
+            restore_vm(cluster, vm, at or None, Path(to) if to else None, force, conns, from_nas=nas)
 
 
 @task(name="backup-status", iterable=["vm"], help={

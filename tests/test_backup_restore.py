@@ -7,6 +7,7 @@ mounts (root), remounted read-only as a backup disk is for a recovery.
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from generators.model import Cluster
+from kvmconf.backup.cluster import restore_vm
 from kvmconf.backup.restore import RestoreFailed, pick, restore
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from kvmconf.errors import KvmconfError
 from tests.labs import quiet
 from tests.test_backup import MIB, compare
 from tests.tools import mount_tmpfs, require_tool
@@ -195,3 +199,30 @@ def test_a_read_only_target_is_said_with_its_path_and_leaves_nothing(tmp_path: P
         assert str(failed.value) == (f"{VM}: cannot write the restored vda to {target}: {target}.partial: Read-only"
                                      " file system")
         assert list(ro.iterdir()) == []
+
+
+def test_restore_from_the_nas_when_the_local_backup_disk_is_lost(example: Cluster, tmp_path: Path) -> None:
+    """`restore --nas` reads the NAS copies (nas_dir, a filesystem of its own: a tmpfs here), also when the local
+    [backup] dir is gone; the NAS not mounted is said, not restored from."""
+    local, nas_mount = tmp_path / "local-disk", tmp_path / "nas"
+    backup = dataclasses.replace(example.site.backup, dir=str(local), nas_dir=str(nas_mount))
+    cluster = dataclasses.replace(example, site=dataclasses.replace(example.site, backup=backup))
+    out = tmp_path / "web.qcow2"
+    with pytest.raises(KvmconfError) as unmounted:
+        restore_vm(cluster, VM, None, out, False, None, quiet, from_nas=True)  # type: ignore[arg-type]
+    assert str(unmounted.value) == (f"nas_dir {nas_mount} does not exist: is the NAS share mounted? (kvmconf creates"
+                                    " only the VM directories below it)")
+    with mount_tmpfs(nas_mount, "16m") as nas:
+        store = backed_up(nas)
+        # No connection is needed to restore --to: `conns` is never used (None).
+        assert restore_vm(cluster, VM, None, out, False, None, quiet, from_nas=True) == [out]  # type: ignore[arg-type]
+        assert as_backed_up(store, out)
+    assert not out.with_name(out.name + ".partial").exists() and not local.exists()
+
+
+def test_restore_from_the_nas_needs_a_nas_dir(example: Cluster, tmp_path: Path) -> None:
+    backup = dataclasses.replace(example.site.backup, dir=str(tmp_path), nas_dir=None)
+    cluster = dataclasses.replace(example, site=dataclasses.replace(example.site, backup=backup))
+    with pytest.raises(KvmconfError) as refused:
+        restore_vm(cluster, VM, None, tmp_path / "x.qcow2", False, None, quiet, from_nas=True)  # type: ignore[arg-type]
+    assert str(refused.value) == "--nas: site.toml's [backup] has no nas_dir: there are no NAS copies to restore from"

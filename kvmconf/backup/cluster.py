@@ -260,13 +260,25 @@ def describe(outcome: Outcome) -> str:
 
 
 def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, force: bool, conns: Connections,
-               log: Log = say, machine: Machine | None = None) -> list[Path]:
+               log: Log = say, machine: Machine | None = None, from_nas: bool = False) -> list[Path]:
+    """Restore `name` from its points in [backup] dir, or with `from_nas` from their copies in nas_dir (the local
+    backup disk lost): see restore.restore."""
     vm = find_vm(cluster, name)
+    root = _nas_root(cluster) if from_nas else Path(cluster.site.backup.dir)
     dom: libvirt.virDomain | None = None
     if to is None:  # in place: the VM's disks are files of its host, swapped here
         require_here(cluster, [vm], machine or Machine.here(), "restore")
         dom = lookup(conns.get(vm.host), vm.name)
-    return restore(VmStore(Path(cluster.site.backup.dir), vm.name), at, to, dom, force, log)
+    return restore(VmStore(root, vm.name), at, to, dom, force, log)
+
+
+def _nas_root(cluster: Cluster) -> Path:
+    """nas_dir, once it is the mounted share (not the empty directory of an unmounted one, nor the local disk)."""
+    b = cluster.site.backup
+    if not b.nas_dir:
+        raise KvmconfError("--nas: site.toml's [backup] has no nas_dir: there are no NAS copies to restore from")
+    check_mounted(Path(b.dir), Path(b.nas_dir))
+    return Path(b.nas_dir)
 
 
 def require_backup_dir(cluster: Cluster) -> None:

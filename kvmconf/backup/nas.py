@@ -43,7 +43,7 @@ def check_mounted(local_root: Path, nas_root: Path) -> None:
                         " directories below it)") from None
     except OSError as err:
         raise NasFailed(f"nas_dir {nas_root}: {err.strerror}") from None
-    if nas_device == local_root.stat().st_dev:
+    if local_root.exists() and nas_device == local_root.stat().st_dev:  # missing: a lost disk, restored from the NAS
         raise NasFailed(f"nas_dir {nas_root} is on the same filesystem as the [backup] dir {local_root}: the NAS"
                         " share is not mounted there (a copy would not be on the NAS)")
     if nas_device == Path("/").stat().st_dev:  # the [backup] dir on a disk of its own, the share not mounted
