@@ -41,6 +41,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         covered=sorted(covered.items()),
         excluded=[vm.name for vm in cluster.vms if not vm.backup],
         schedule=" ".join(backup.schedule.split()),
+        verify_schedule=" ".join(backup.verify_schedule.split()),
         checkout=cron_argument(backup.checkout),
         log=cron_argument(backup.log),
     )

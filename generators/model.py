@@ -239,6 +239,7 @@ class Backup:
     log: str
     checkout: str = "/root/kvmconf"  # this repository on the physical hosts, where cron runs `invoke backup`
     scratch_dir: str = "/var/tmp"  # a live backup's NBD socket and scratch files (copy-before-write)
+    verify_schedule: str = "30 4 * * 0"  # cron expression of `invoke backup-verify --all`; "" for none
 
 
 @dataclass(frozen=True)

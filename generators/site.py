@@ -210,6 +210,7 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
     b = top.sub("backup", required=False)  # every key has a default
     values = dict(
         schedule=_read_schedule(b),
+        verify_schedule=_read_verify_schedule(b),
         dir=read_absolute_path(b, "dir", "/var/backups/kvmconf"),
         nas_dir=read_absolute_path(b, "nas_dir", None, "/mnt/nas/kvmconf"),
         keep=b.positive("keep", int, 1),
@@ -229,25 +230,34 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
     return values
 
 
-def _read_schedule(b: TableReader) -> str | None:
-    """The backups' cron schedule, in the forms kvmconf reads: the Nagios check's age limit comes from it."""
-    schedule: str | None = b.get("schedule", str, "30 2 * * *")
+def _read_schedule(b: TableReader, key: str = "schedule", default: str = "30 2 * * *", off: bool = False
+                   ) -> str | None:
+    """A cron schedule of [backup], in the forms kvmconf reads: the Nagios check's age limit comes from the
+    backups' one, so it must run (at least yearly). `off`: "" is allowed too, for no cron job at all."""
+    schedule: str | None = b.get(key, str, default)
+    if off and schedule == "":
+        return schedule
     if schedule is not None and len(schedule.split()) != 5:
-        b.problem("schedule", f"{shown(schedule)} is not a cron schedule (expected 5 fields, e.g. '30 2 * * *')")
+        b.problem(key, f"{shown(schedule)} is not a cron schedule (expected 5 fields, e.g. '{default}')")
         return None
     if schedule is not None:
         try:
             max_interval(schedule)
         except ValueError:
-            b.problem("schedule", f"{shown(schedule)} is not a cron schedule kvmconf reads (expected numbers, *,"
+            b.problem(key, f"{shown(schedule)} is not a cron schedule kvmconf reads (expected numbers, *,"
                       " ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"
                       " month 1-12, weekday 0-7; no names such as mon)")
             return None
         if runs_in_two_years(schedule) < 2:  # the Nagios check's limit would be the whole span: never late
-            b.problem("schedule", f"{shown(schedule)} runs at most once in two years (a day that never comes, such"
-                      " as February 31st?): expected a schedule that runs at least yearly, e.g. '30 2 * * *'")
+            b.problem(key, f"{shown(schedule)} runs at most once in two years (a day that never comes, such"
+                      f" as February 31st?): expected a schedule that runs at least yearly, e.g. '{default}'")
             return None
     return schedule
+
+
+def _read_verify_schedule(b: TableReader) -> str | None:
+    """When cron runs `backup-verify --all` (every point read back: weekly by default); "" for never."""
+    return _read_schedule(b, "verify_schedule", "30 4 * * 0", off=True)
 
 
 def _read_hostgroups(top: TableReader, hosts: dict[str, PhysicalHost | None]) -> dict[str, str] | None:

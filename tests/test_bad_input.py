@@ -568,6 +568,11 @@ CASES = [
          (site(86, 1, "key 'backup.schedule': '0 0 31 2 *' runs at most once in two years (a day that never comes,"
                       " such as February 31st?): expected a schedule that runs at least yearly, e.g. '30 2 * * *'"),),
          site=sub('schedule = "30 2 * * *"', 'schedule = "0 0 31 2 *"')),
+    Case("site-verify-schedule-with-names",
+         (site(94, 1, "key 'backup.verify_schedule': '30 4 * * sun' is not a cron schedule kvmconf reads (expected"
+                      " numbers, *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day"
+                      " 1-31, month 1-12, weekday 0-7; no names such as mon)"),),
+         site=sub('verify_schedule = "30 4 * * 0"', 'verify_schedule = "30 4 * * sun"')),
     Case("site-provision-table-missing", (site(1, 1, "table '[provision]' is missing"),),
          site=lambda text: text[:text.index("[provision]")] + text[text.index("[backup]"):]),
     Case("site-secrets-is-a-directory",

@@ -23,11 +23,15 @@ def _text(cluster: Cluster) -> str:
     return text
 
 
+def _jobs(text: str) -> list[str]:
+    """The lines that are neither comments, blank, nor environment settings."""
+    return [line for line in text.splitlines() if line and not line.startswith("#") and not re.match(r"[A-Z_]+=", line)]
+
+
 def _job(text: str) -> str:
-    """The one line that is neither a comment, blank, nor an environment setting."""
-    jobs = [line for line in text.splitlines()
-            if line and not line.startswith("#") and not re.match(r"[A-Z_]+=", line)]
-    assert len(jobs) == 1, jobs
+    """The backup's job line: the first one (the verify job follows it)."""
+    jobs = _jobs(text)
+    assert len(jobs) in (1, 2), jobs
     return jobs[0]
 
 
@@ -52,6 +56,15 @@ def test_environment_comes_before_the_job(example: Cluster) -> None:
     assert lines.index("SHELL=/bin/sh") < lines.index(_job(_text(example)))
     assert any(line.startswith("PATH=/usr/local/sbin:") for line in lines)
     assert _text(example).endswith("2>&1\n")  # cron ignores a last line without a newline
+
+
+def test_the_verify_job_runs_weekly_by_default_and_not_at_all_when_turned_off(example: Cluster) -> None:
+    jobs = _jobs(_text(example))
+    assert jobs[1] == ("30 4 * * 0 root { cd /root/kvmconf && .venv/bin/invoke backup-verify --all; }"
+                       " >> /var/log/kvmconf-backup.log 2>&1")
+    assert _jobs(_text(_with_backup(example, verify_schedule="0 3 1 * *")))[1].startswith("0 3 1 * * root ")
+    off = _text(_with_backup(example, verify_schedule=""))
+    assert len(_jobs(off)) == 1 and "backup-verify" not in off
 
 
 def test_schedule_with_extra_spaces_still_gives_five_fields(example: Cluster) -> None:
