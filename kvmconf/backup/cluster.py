@@ -165,24 +165,23 @@ def verify_backups(cluster: Cluster, names: list[str], all_vms: bool, log: Log =
     share is mounted, against their checksums; the VMs with a damaged point (recorded: see verify.py)."""
     chosen = _chosen(cluster, names, all_vms, machine or Machine.here(), "backup-verify")
     require_backup_dir(cluster)
-    b = cluster.site.backup
-    stores = [("", Path(b.dir))]
-    if b.nas_dir:
+    stores = [("", Path(cluster.site.backup.dir))]
+    if cluster.site.backup.nas_dir:
         try:
-            check_mounted(Path(b.dir), Path(b.nas_dir))
-            stores.append(("NAS: ", Path(b.nas_dir)))
+            stores.append(("NAS: ", _nas_root(cluster)))
         except NasFailed as err:
             log(f"backup-verify: the NAS copies are not verified: {err}")
     damaged: list[str] = []
     for label, root in stores:
-        def labelled(line: str, label: str = label) -> None:
-            log(label + line)
-
         for vm in chosen:
-            if verify(VmStore(root, vm.name), utc_now(), labelled):
+            if verify(VmStore(root, vm.name), utc_now(), _prefixed(log, label)):
                 damaged.append(label + vm.name)
     log(f"backup-verify: finished {now_text()}: " + (f"damaged: {', '.join(damaged)}" if damaged else "all intact"))
     return damaged
+
+
+def _prefixed(log: Log, prefix: str) -> Log:
+    return lambda line: log(prefix + line)
 
 
 def _backup_isolated(cluster: Cluster, vm: Vm, all_vms: bool, conns: Connections, progress: bool,
