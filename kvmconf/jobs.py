@@ -7,13 +7,13 @@ ours or another tool's: backups and migrations look first, and abort only a job 
 
 from __future__ import annotations
 
-import time
 from contextlib import suppress
 
 import libvirt
 
+from kvmconf.waiting import wait_until
+
 _OPERATION_PREFIX = "VIR_DOMAIN_JOB_OPERATION_"
-_POLL = 0.05  # seconds between two looks at a job that is ending
 
 
 def active(dom: libvirt.virDomain) -> bool:
@@ -42,9 +42,4 @@ def describe(dom: libvirt.virDomain) -> str:
 
 def wait_until_ended(dom: libvirt.virDomain, timeout: float) -> bool:
     """Wait for the domain's job to end (an aborted one takes a moment); whether it did within ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while active(dom):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(_POLL)
-    return True
+    return wait_until(lambda: not active(dom), timeout)

@@ -59,6 +59,7 @@ from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
 from kvmconf.plan import Artifacts, find_host, find_vm
 from kvmconf.runner import Runner, describe_failure, run_pipeline
 from kvmconf.signals import sigterm_as_interrupt
+from kvmconf.waiting import wait_until
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # bytes done, bytes in all
@@ -167,15 +168,6 @@ def _progress_lines(log: Log, what: str) -> Progress:
             last[:] = [now]
             log(f"{what}: {done >> 20}/{total >> 20} MiB ...")
     return progress
-
-
-def _wait(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @contextmanager
@@ -341,7 +333,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
 
     if domains.is_active(dom) and not cold:
         new = _migrate_live(vm, to, conns, dom, target, moved, moves, log)
-        if not _wait(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
+        if not wait_until(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60, every=0.2):
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
                                   f" {vm.host}: check both with `invoke status`")
         domains.set_autostart(new, moved.autostart)
@@ -362,7 +354,7 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         else:
             domains.shutdown(dom)
             log(f"{vm.name}: shutting down on {vm.host} ...")
-            if not _wait(lambda: not domains.is_active(dom), shutdown_timeout):
+            if not wait_until(lambda: not domains.is_active(dom), shutdown_timeout, every=0.2):
                 raise MigrationFailed(f"{vm.name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
                                       f" {vm.host} (run again with --force to power it off)")
     with _undone_on_failure(dst_run, f"{vm.name}: migration to {to}", f"the copies on {to} were removed and the VM"
@@ -375,7 +367,7 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         try:
             domains.set_autostart(new, moved.autostart)
             domains.start(new)
-            if not _wait(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60):
+            if not wait_until(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60, every=0.2):
                 raise MigrationFailed(f"{vm.name}: defined on {to} but it does not run")
         except BaseException:
             domains.power_off(new)

@@ -11,11 +11,11 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmconf.errors import KvmconfError
+from kvmconf.waiting import wait_until
 
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL: a daemon's clean exit (libvirtd saving state) is slow
 
@@ -53,11 +53,8 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not alive(pid):
-                return
-            time.sleep(0.05)
+        if wait_until(lambda: not alive(pid), timeout):
+            return
 
 
 def output_of(argv: Sequence[str], timeout: float = 120, context: str = "") -> str:

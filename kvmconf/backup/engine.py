@@ -61,6 +61,7 @@ from kvmconf.backup.store import (
 )
 from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
+from kvmconf.waiting import wait_until
 
 CHECKPOINT_PREFIX = "kvmconf-"
 SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's socket and scratch files, see _Job
@@ -601,7 +602,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
             for _, client, _ in plans:
                 client.close()
     except NbdError as err:
-        if _stops_within(dom, _NOTICE_STOPPED):
+        if wait_until(lambda: not dom.isActive(), _NOTICE_STOPPED):  # a dead QEMU's socket closes first
             raise BackupFailed(_VM_STOPPED) from None
         raise BackupFailed(str(err)) from None
     finally:
@@ -611,16 +612,6 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
         raise BackupFailed(_VM_STOPPED)
     return _finish(store, stamp, partial, disks, checksums, job.sizes, parent, checkpoint,
                    "incremental" if parent else "full", frozen, notes, started)
-
-
-def _stops_within(dom: libvirt.virDomain, timeout: float) -> bool:
-    """Whether the VM is (or within `timeout` s is) shut off: a dead QEMU's socket closes before libvirt notices."""
-    deadline = time.monotonic() + timeout
-    while dom.isActive():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(_POLL)
-    return True
 
 
 def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) -> Manifest:
