@@ -15,7 +15,7 @@ from generators.files import fsync_path
 from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.libvirt_xml import domain_disks
-from kvmconf.backup.store import DiskFile, Manifest, VmStore
+from kvmconf.backup.store import POINT_NAME, DiskFile, Manifest, VmStore
 from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 
@@ -27,13 +27,12 @@ class RestoreFailed(KvmconfError):
     putting them back after a failed swap failed too; the message then names the record of where each is."""
 
 
-POINT_NAME = "20261122T192456Z"  # how restore points are named (a UTC time): the example the messages give
+EXAMPLE_TIME = "20261122T192456Z"  # a restore point's name (its UTC time), as the messages show one
 
 
 def _is_point_prefix(at: str) -> bool:
-    """Whether `at` can begin a point's name: digits where POINT_NAME has digits, its letters where it has them."""
-    return 0 < len(at) <= len(POINT_NAME) and all(
-        c.isdigit() if p.isdigit() else c == p for c, p in zip(at, POINT_NAME, strict=False))
+    """Whether `at` can begin a point's name: completed by the example's rest, it is one (store.POINT_NAME)."""
+    return 0 < len(at) <= len(EXAMPLE_TIME) and POINT_NAME.fullmatch(at + EXAMPLE_TIME[len(at):]) is not None
 
 
 def pick(store: VmStore, at: str | None) -> Manifest:
@@ -46,7 +45,7 @@ def pick(store: VmStore, at: str | None) -> Manifest:
     there_are = f"there are: {', '.join(m.time for m in points)}"
     if not _is_point_prefix(at):
         raise RestoreFailed(f"{store.vm}: --at {at} is not a restore point's time: give the UTC time a point is named"
-                            f" by, as {POINT_NAME}, or a beginning of it that only one point has ({there_are})")
+                            f" by, as {EXAMPLE_TIME}, or a beginning of it that only one point has ({there_are})")
     matches = [m for m in points if m.time.startswith(at)]
     if not matches:
         raise RestoreFailed(f"{store.vm}: no restore point {at} ({there_are})")
