@@ -8,7 +8,10 @@ second, and with the CPU time the hypervisor gives to other machines, which is p
   full:        qemu-img convert -U of the live image (the floor) | ours | virtnbdbackup -l full
   incremental: after writing 20 MiB through the VM's disk device: ours | virtnbdbackup -l inc
 and, for reference, two reads of the backup API's point-in-time export (what any backup built on
-that API must read): nbdcopy into nothing, and qemu-img convert into a qcow2 file.
+that API must read): nbdcopy into nothing, and qemu-img convert into a qcow2 file; and the libvirt
+calls alone that any incremental with a checkpoint makes (delete the checkpoint before the last,
+begin the job with a new checkpoint, end it), on a third VM, copying nothing: the part of an
+incremental's time no backup built on libvirt can avoid.
 Prints wall-clock seconds and the bytes each backup occupies, and checks the issue's targets.
 
     .venv/bin/python bench/backup_bench.py [--rounds N] [--warmup N] [--keep DIR]
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from generators.validate import load_cluster  # noqa: E402
 from kvmconf import bare_vm, connection, lab  # noqa: E402,F401 (connection: libvirt errors are not printed twice)
+from kvmconf.backup import qcow2  # noqa: E402
 from kvmconf.backup.engine import Settings, backup_vm  # noqa: E402
 
 MIB = 1024 * 1024
@@ -44,6 +48,7 @@ ROWS = ("full: qemu-img convert", "full: ours", "full: virtnbdbackup -l full", "
 # For reference, not targets: what libvirt's backup API itself allows. Any tool built on it reads the
 # point-in-time export; reading it into nothing is the fastest such a full can be.
 EXPORT_ROWS = ("export: nbdcopy to null:", "export: qemu-img convert")
+LIBVIRT_ROW = "inc:  libvirt calls alone"
 
 
 def quiet(_line: str) -> None:
@@ -114,6 +119,21 @@ def vnb(uri: str, name: str, level: str, out: Path, scratch: Path) -> None:
         raise SystemExit(f"virtnbdbackup -l {level} failed:\n{result.stderr[-3000:]}")
 
 
+def libvirt_calls_alone(dom: libvirt.virDomain, job: Path, round_: int) -> None:
+    """What an incremental asks of libvirt, copying nothing: retire the checkpoint before the last, begin a
+    pull job from the last one with a new checkpoint, and end the job (its export is never read)."""
+    if round_ >= 2:
+        dom.checkpointLookupByName(f"ref{round_ - 2}").delete(0)
+    job.mkdir(exist_ok=True)
+    (job / "vda.scratch").write_bytes(qcow2.plan(2 * 1024 * MIB, []).metadata)  # an empty qcow2, as ours makes
+    since = f"<incremental>ref{round_ - 1}</incremental>" if round_ else ""
+    dom.backupBegin(f"<domainbackup mode='pull'>{since}<server transport='unix' socket='{job}/nbd.sock'/><disks>"
+                    f"<disk name='vda' type='file'><scratch file='{job}/vda.scratch'/></disk></disks></domainbackup>",
+                    f"<domaincheckpoint><name>ref{round_}</name><disks><disk name='vda' checkpoint='bitmap'/></disks>"
+                    "</domaincheckpoint>", libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+    dom.abortJob()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temporary one)")
@@ -130,21 +150,22 @@ def main() -> int:
     cluster = load_cluster(ROOT / "tests/fixtures/lab-cluster.conf", ROOT / "tests/fixtures/lab-site.toml")
     the_lab = lab.up(cluster, work / "lab", f"kvmconf-bench-{os.getpid()}", log=quiet)
     try:
-        # Two identical VMs: virtnbdbackup refuses to run while a checkpoint it did not create exists.
+        # Identical VMs: virtnbdbackup refuses to run while a checkpoint it did not create exists, and the
+        # third one's checkpoints (the libvirt reference row) stay out of both chains.
         conn = libvirt.open(the_lab.uri)
         doms = []
-        for which in ("ours", "vnb"):
+        for which in ("ours", "vnb", "ref"):
             disk = work / f"{which}.qcow2"
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "2G"], check=True)
             doms.append(define(conn, f"bench{which}{os.getpid()}", disk))
             for i in range(16):  # 1 GiB of data: 16 x 64 MiB, every other 64 MiB of the disk
                 hmp_write(doms[-1], 0x11 + i, i * 128 * MIB, 64 * MIB)
-        dom, other = doms
+        dom, other, ref = doms
         disk = work / "ours.qcow2"
         (work / "scratch").mkdir()
         subprocess.run(["sync"], check=True)
-        rows: dict[str, list[float]] = {name: [] for name in ROWS + EXPORT_ROWS}
-        images = (disk, work / "vnb.qcow2")
+        rows: dict[str, list[float]] = {name: [] for name in ROWS + EXPORT_ROWS + (LIBVIRT_ROW,)}
+        images = (disk, work / "vnb.qcow2", work / "ref.qcow2")
         sizes: dict[str, int] = {}
 
         def from_export(argv: list[str]) -> None:
@@ -197,7 +218,10 @@ def main() -> int:
             rows["inc:  virtnbdbackup -l inc"].append(timed(partial(vnb, the_lab.uri, other.name(), "inc", vnb_dir,
                                                                     work / "scratch"), images))
             sizes.update({"inc:  ours": du(ours_dir) - before_ours,
-                          "inc:  virtnbdbackup -l inc": du(vnb_dir) - before_vnb})
+                          "inc:  virtnbdbackup -l inc": du(vnb_dir) - before_vnb, LIBVIRT_ROW: 0})
+            # A 2 GiB disk like the others, so QEMU's bitmaps are as large; round 0 begins its chain.
+            rows[LIBVIRT_ROW].append(timed(partial(libvirt_calls_alone, ref, work / "ref-job", r), images))
+            shutil.rmtree(work / "ref-job")
         for d in doms:
             d.destroy()
             d.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
@@ -214,9 +238,11 @@ def main() -> int:
     print(f"median of {args.rounds} rounds after {args.warmup} not counted (each round: the three fulls, then the two"
           " incrementals)")
     print(f"{'':28} {'seconds':>8} {'stored MiB':>11}   rounds")
-    for name in ROWS + EXPORT_ROWS:
+    for name in ROWS + EXPORT_ROWS + (LIBVIRT_ROW,):
         if name == EXPORT_ROWS[0]:
             print("for reference, through the backup API's export (the same point-in-time view as ours):")
+        if name == LIBVIRT_ROW:
+            print("for reference, what an incremental asks of libvirt, copying nothing (its first round is a full):")
         warm, counted = rows[name][:args.warmup], rows[name][args.warmup:]
         print(f"{name:28} {median(counted):8.2f} {sizes[name] / MIB:11.1f}   "
               + "".join(f"({t:.2f}) " for t in warm) + " ".join(f"{t:.2f}" for t in counted))
@@ -230,6 +256,9 @@ def main() -> int:
     }
     for text, met in checks.items():
         print(f"{'met' if met else 'MISSED':>6}: {text}")
+    libvirt_s = median(rows[LIBVIRT_ROW][max(1, args.warmup):])
+    print(f"libvirt's own part of an incremental is {libvirt_s / full_s:.0%} of our full's time,"
+          f" {libvirt_s / inc_s:.0%} of our incremental's")
     export_s = median(rows[EXPORT_ROWS[0]][args.warmup:])
     print(f"reading the export alone takes {export_s / floor_s:.2f}x the floor; ours takes {full_s / export_s:.2f}x"
           " the export's own read")
