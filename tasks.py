@@ -228,11 +228,14 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
 
     if nagios:  # Nagios reads exit 1 as WARNING: a check that cannot tell is UNKNOWN (3), with why on its line
         try:
-            code, line = report.nagios(*status_rows(inputs.load(), vm))
+            rows, limit = status_rows(inputs.load(), vm)
+            code, text = report.nagios(rows, limit)
+            line = report.plugin_output(text, report.perfdata(rows, limit))
         except Exception as err:  # any failure, a bug included, must reach Nagios as UNKNOWN
             if not isinstance(err, KvmconfError | ConfigError | UsageError):
                 traceback.print_exc()  # a bug: its traceback on stderr, which Nagios does not show
-            code, line = 3, f"BACKUP UNKNOWN - backup-status failed: {type(err).__name__}: {err}"
+            why = f"{type(err).__name__}: {err}"
+            code, line = 3, report.plugin_output(f"BACKUP UNKNOWN - backup-status failed: {why}", "")
         print(line)
         raise Exit(code=code)
     with user_errors():

@@ -535,7 +535,8 @@ def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, co
         assert status.returncode == 0 and "\nweb " in status.stdout, status.stdout
         line = status.stdout.splitlines()[1].split()
         assert (line[4], line[5], line[8]) == ("2", "2", "2"), line  # chain, points, NAS copies ([6:8]: size, unit)
-        assert invoke("backup-status", "--nagios", "--vm", "web").stdout.startswith("BACKUP OK - web ")
+        check = invoke("backup-status", "--nagios", "--vm", "web").stdout
+        assert check.startswith("BACKUP OK - web ") and check.endswith(";;;0 web_chain=2;;;0\n"), check
         running = invoke("restore", "--vm", "web")
         assert running.returncode == 1 and "web: is running: shut it off first" in running.stderr
         (tmp_path / "out").mkdir()  # an existing directory receives <vm>-<disk>.<format>

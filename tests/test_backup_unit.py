@@ -135,6 +135,13 @@ def _cron_field(low: int, high: int) -> st.SearchStrategy[str]:
     return st.just("*") | single | stepped | lists
 
 
+def test_a_bar_in_the_checks_text_is_not_taken_for_the_start_of_its_performance_data() -> None:
+    line = report.plugin_output("BACKUP WARNING - vm: last run failed (qemu-img: a|b)", "vm_chain=1;;;0")
+    assert line == "BACKUP WARNING - vm: last run failed (qemu-img: a\u00a6b) | vm_chain=1;;;0"
+    assert line.count("|") == 1
+    assert report.plugin_output("BACKUP UNKNOWN - x", "") == "BACKUP UNKNOWN - x"
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.tuples(_cron_field(0, 59), _cron_field(0, 23), _cron_field(1, 31), _cron_field(1, 12), _cron_field(0, 7)))
 def test_max_interval_is_the_longest_gap_between_runs(fields: tuple[str, ...]) -> None:
@@ -163,6 +170,9 @@ def test_status_and_nagios_go_critical_when_too_old(tmp_path: Path) -> None:
     journal.write(store.dir, {"time": "20261121T023000Z", "ok": True, "error": nas}, journal.LAST_RUN)
     nas_failed = report.vm_status(tmp_path, None, "vm", dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC))
     assert report.nagios([nas_failed], limit)[0] == 1  # the local point is good; the NAS stage is not
+    assert report.perfdata([failed, none], limit) == (f"vm_age=88200s;;93600;0 vm_stored={failed.stored}B;;;0"
+                                                      " vm_chain=1;;;0 other_age=U;;93600;0 other_stored=0B;;;0"
+                                                      " other_chain=0;;;0")
     table = report.format_table([failed, none], limit).splitlines()
     assert table[1].split()[6:9] == [f"{failed.stored / 2**20:.1f}", "MiB", "0"] and "boom" in table[1]
     assert table[2].split() == ["other", "-", "-", "0", "0", "-", "0", "no", "backup", "yet"]  # no size: not 0.0
@@ -187,13 +197,16 @@ def test_backup_status_task_and_nagios_exit_code(tmp_path: Path) -> None:
     # The [backup] dir missing (its disk not mounted): said, not "no backup", and the table exits 1 too.
     missing = f"the [backup] dir {tmp_path}/b does not exist (is its filesystem mounted?): `fab kvm-setup` creates it"
     result = invoke("backup-status", "--nagios", "--vm", "provision")
-    assert (result.returncode, result.stdout) == (2, f"BACKUP CRITICAL - provision: {missing} (limit 26.0 h)\n")
+    no_point = "provision_age=U;;93600;0 provision_stored=0B;;;0 provision_chain=0;;;0"  # after "|": perfdata
+    assert (result.returncode, result.stdout) == (2, f"BACKUP CRITICAL - provision: {missing} (limit 26.0 h)"
+                                                     f" | {no_point}\n")
     table = invoke("backup-status")
     assert (table.returncode, table.stderr) == (1, f"kvmconf: {missing}\n")
     assert table.stdout.startswith("VM ") and table.stdout.splitlines()[1].endswith(f"  {missing}")
     (tmp_path / "b").mkdir()
     result = invoke("backup-status", "--nagios", "--vm", "provision")
-    assert (result.returncode, result.stdout) == (2, "BACKUP CRITICAL - provision: no backup (limit 26.0 h)\n")
+    assert (result.returncode, result.stdout) == (2, f"BACKUP CRITICAL - provision: no backup (limit 26.0 h)"
+                                                     f" | {no_point}\n")
     table = invoke("backup-status")
     assert table.returncode == 0 and table.stdout.startswith("VM ") and "no backup yet" in table.stdout
     unknown = invoke("backup-status", "--vm", "nosuch")

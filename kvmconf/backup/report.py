@@ -156,6 +156,25 @@ def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
     return 0, "BACKUP OK - " + ", ".join(f"{r.vm} {_age(r.age)}" for r in rows)
 
 
+def perfdata(rows: list[VmStatus], limit: dt.timedelta) -> str:
+    """Nagios performance data, for graphs and trends: per VM the newest point's age (critical at `limit`),
+    what its points occupy and its chain's length. A VM without a point has no age: "U", undetermined."""
+    critical = int(limit.total_seconds())
+    values = []
+    for r in rows:
+        age = "U" if r.age is None or r.unreadable else f"{max(0, int(r.age.total_seconds()))}s"
+        values += [f"{r.vm}_age={age};;{critical};0", f"{r.vm}_stored={r.stored}B;;;0",
+                   f"{r.vm}_chain={r.chain_length};;;0"]
+    return " ".join(values)
+
+
+def plugin_output(text: str, perf: str) -> str:
+    """The check's one line: Nagios takes everything after the first "|" as performance data, so a "|" in the
+    text (from an error message) is shown as a broken bar instead."""
+    text = text.replace("|", "\u00a6")
+    return f"{text} | {perf}" if perf else text
+
+
 def _grouped(critical: list[VmStatus]) -> str:
     """The CRITICAL VMs, those with the same problem (a missing [backup] dir: every VM) together, in order."""
     by_problem: dict[str, list[str]] = {}
