@@ -213,7 +213,8 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
         entry = journal.read(store.dir)
     except journal.Unreadable as err:
         # Damaged (see journal.Unreadable): what the run started is unknown, so whatever it may have left is undone.
-        # Its checkpoint, not named, is deleted with the other unused ones by the next backup (_retire_checkpoints).
+        # Its checkpoint, not named, is deleted with the other unused ones by the next backup (_retire_checkpoints);
+        # its job dir is found from its job while that runs (a job already ended leaves a dir no one can name).
         notes.append(f"{err}: undoing what the interrupted run it described may have left")
         entry = {"time": "(its journal does not parse)",
                  FROZEN: dom is not None and bool(dom.isActive()) and has_guest_agent(dom.XMLDesc(0))}
@@ -228,6 +229,8 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
             notes.append(_thaw_left_frozen(dom))
         if dom.isActive() and _job_active_when_settled(dom):
             _refuse_unless_ours(dom, entry)
+            if not entry.get("job_dir"):  # a lost journal: the job's socket says where its dir and scratch files are
+                entry["job_dir"] = str(_job_dir(dom))
             try:
                 dom.abortJob()
                 notes.append(f"aborted the backup job of the interrupted run {entry['time']}")
@@ -277,13 +280,19 @@ def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
 def _runs_our_job(dom: libvirt.virDomain, job_dir: Path | None) -> bool:
     """Whether the VM's job is the backup job of the run whose job dir this is (its NBD socket is in it); with
     None, of any run of ours (its socket is in a job dir named as ours are)."""
+    found = _job_dir(dom)
+    if found is None:
+        return False
+    return found == job_dir if job_dir else found.name.startswith(JOB_DIR_PREFIX)
+
+
+def _job_dir(dom: libvirt.virDomain) -> Path | None:
+    """The directory of the VM's pull-mode backup job's NBD socket; None without such a job."""
     try:
         socket = backup_socket(dom.backupGetXMLDesc(0))
     except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
-        return False
-    if socket is None:
-        return False
-    return Path(socket).parent == job_dir if job_dir else Path(socket).parent.name.startswith(JOB_DIR_PREFIX)
+        return None
+    return None if socket is None else Path(socket).parent
 
 
 def _refuse_another_job(dom: libvirt.virDomain) -> None:
