@@ -31,11 +31,16 @@ def _hash_or_none(value: str) -> str | None:
     return None if value == LOCKED else value
 
 
+def created_login_user(accounts: Accounts) -> str | None:
+    """accounts.ssh_user when it is neither root nor admin_user: `ssh <vm>` logs in as it, so every install
+    (this seed, the preseed) creates it, with the keys, no password and password-less sudo."""
+    return None if accounts.ssh_user in ("root", accounts.admin_user) else accounts.ssh_user
+
+
 def _users(accounts: Accounts) -> list[dict[str, str | None]]:
     users = [{"name": accounts.admin_user, "password_hash": _hash_or_none(accounts.admin_password_hash)}]
-    if accounts.ssh_user not in ("root", accounts.admin_user):
-        # `ssh <vm>` logs in as this user, so it has to exist; it gets the keys but no password.
-        users.append({"name": accounts.ssh_user, "password_hash": None})
+    if login_user := created_login_user(accounts):
+        users.append({"name": login_user, "password_hash": None})
     return users
 
 

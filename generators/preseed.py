@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from generators.cloud_init import created_login_user
 from generators.dnsmasq import dns_servers
 from generators.model import Boot, Cluster, Install, Vm
 from generators.render import banner_lines, environment
@@ -107,6 +108,9 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     # Shell words for the late_command, quoted once: a key's comment may hold anything but a newline.
     keys = [shlex.quote(key) for key in accounts.ssh_keys]
     sudoers_line = shlex.quote(f"{accounts.admin_user} ALL=(ALL) NOPASSWD:ALL")
+    login_user = created_login_user(accounts)
+    homes = [("/root", "root"), (f"/home/{accounts.admin_user}", accounts.admin_user)]
+    homes += [(f"/home/{login_user}", login_user)] if login_user else []
     tree: dict[PurePosixPath, str | bytes] = {}
     for vm in cluster.vms:
         if vm.install is not Install.PXE:
@@ -117,7 +121,9 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
             url=preseed_url(cluster, vm), uefi=vm.boot is Boot.UEFI, layout=partition_layout(vm),
             root_hash=accounts.root_password_hash, admin=accounts.admin_user,
             admin_hash=accounts.admin_password_hash, locked=LOCKED, keys=keys, sudoers_line=sudoers_line,
-            installed_url=installed_url(cluster, vm),
+            homes=homes, login_user=login_user, login_sudoers_line=shlex.quote(f"{login_user} ALL=(ALL) NOPASSWD:ALL"),
+            # A shell word: http_url's path may hold characters the shell reads (' $ ;), which URLs allow.
+            installed_url=installed_url(cluster, vm), installed_url_word=shlex.quote(installed_url(cluster, vm)),
         )
     return tree
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from generators import preseed
+from generators import domain_xml, preseed
 from generators.model import Boot, Cluster, Install, Vm
 from generators.urls import installed_url
 from tests.golden import assert_golden
@@ -22,6 +22,8 @@ CRYPT = re.compile(r"\$(6|y|gy|7)\$[./A-Za-z0-9$=,]+")
 ROOT_HASH = "$6$kvmconfsalt$Yx0Ex6B0yS9Xd8yV6f4tI3bOJc8o1nq0G9m7WlCqzv9n3x1a0R8Ww9yX1yZbN5zC2kQ4qjT1f6vXy0aLbC7sd."
 ADMIN_HASH = "$y$j9T$kvmconfsalt$4iH8n1WcUv3Q7r2mE5s0aLbC7sdYx0Ex6B0yS9Xd8yV"
 ODD_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOddKey0000000000000000000000000000000000000 it's $HOME; `x`"
+LOGIN_USER = "deploy"  # accounts.ssh_user of the variant
+ODD_HTTP_URL = "http://192.168.50.2/it's;$HOME"  # RFC 3986 allows ' ; $ in a path; site.toml takes it
 
 
 def _answers(text: str) -> dict[str, tuple[str, str]]:
@@ -43,12 +45,14 @@ def _answers(text: str) -> dict[str, tuple[str, str]]:
 
 def _variant(example: Cluster) -> Cluster:
     """Everything the example does not exercise: password hashes, a proxy, an odd SSH key, a network
-    without gateway and name servers, a small disk, and install=pxe on both firmwares there."""
+    without gateway and name servers, a small disk, install=pxe on both firmwares there, an ssh_user that is
+    neither root nor the admin, and an http_url whose path holds characters the shell reads."""
     site = example.site
     dmz = dataclasses.replace(site.networks["dmz"], gateway=None, dns_servers=())
     accounts = dataclasses.replace(site.accounts, root_password_hash=ROOT_HASH, admin_password_hash=ADMIN_HASH,
-                                   ssh_keys=(*site.accounts.ssh_keys, ODD_KEY))
-    provision = dataclasses.replace(site.provision, mirror_proxy="http://proxy.phys.example.org:3128/")
+                                   ssh_keys=(*site.accounts.ssh_keys, ODD_KEY), ssh_user=LOGIN_USER)
+    provision = dataclasses.replace(site.provision, mirror_proxy="http://proxy.phys.example.org:3128/",
+                                    http_url=ODD_HTTP_URL)
     site = dataclasses.replace(site, networks={**site.networks, "dmz": dmz}, accounts=accounts, provision=provision)
     login = dataclasses.replace(example.vm("login"), install=Install.PXE, boot=Boot.UEFI)
     tiny = dataclasses.replace(example.vm("ldap"), name="tiny", mac="52:54:00:50:00:77", disk=dataclasses.replace(
@@ -163,9 +167,11 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
     cluster = example if which == "example" else _variant(example)
     accounts = cluster.site.accounts
     admin = accounts.admin_user
+    login = [] if accounts.ssh_user in ("root", admin) else [accounts.ssh_user]  # the user the preseed creates
+    assert login == ([] if which == "example" else [LOGIN_USER])
     command = _answers(_texts(cluster)[PurePosixPath("preseed/ldap.cfg")])["preseed/late_command"][1]
     target, bin_dir, log = tmp_path / "target", tmp_path / "bin", tmp_path / "calls"
-    for directory in ("root", f"home/{admin}", "etc/sudoers.d"):
+    for directory in ("root", f"home/{admin}", *(f"home/{user}" for user in login), "etc/sudoers.d"):
         (target / directory).mkdir(parents=True)
     bin_dir.mkdir()
     for tool in ("in-target", "wget"):
@@ -176,15 +182,19 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
     result = run(["/bin/sh", "-c", command.replace("/target/", f"{target}/")],
                  env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
     assert (result.returncode, result.stderr) == (0, "")
-    for home in ("root", f"home/{admin}"):
+    for home in ("root", f"home/{admin}", *(f"home/{user}" for user in login)):
         assert (target / home / ".ssh/authorized_keys").read_text().splitlines() == list(accounts.ssh_keys)
         assert (target / home / ".ssh").stat().st_mode & 0o777 == 0o700
     assert log.read_text().splitlines() == [
+        *(f"in-target useradd --create-home --shell /bin/bash {user}" for user in login),
         "in-target chown -R root:root /root/.ssh",
         f"in-target chown -R {admin}:{admin} /home/{admin}/.ssh",
+        *(f"in-target chown -R {user}:{user} /home/{user}/.ssh" for user in login),
         f"in-target adduser {admin} sudo",
         f"wget -q -Y off -O /dev/null {installed_url(cluster, cluster.vm('ldap'))}",
     ]
+    for user in login:  # it has no password, as on install=cloud VMs: sudo must not ask for one
+        assert (target / "etc/sudoers.d" / f"kvmconf-{user}").read_text() == f"{user} ALL=(ALL) NOPASSWD:ALL\n"
     sudoers = target / "etc/sudoers.d" / f"kvmconf-{admin}"
     if accounts.admin_password_hash == "!":
         assert sudoers.read_text() == f"{admin} ALL=(ALL) NOPASSWD:ALL\n"
@@ -192,11 +202,21 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
         assert not sudoers.exists()
 
 
+def test_the_guest_agent_of_the_domain_xml_is_installed(example: Cluster) -> None:
+    """Every domain has a guest agent channel (backups freeze filesystems through it); cloud-init installs the
+    agent on install=cloud VMs, and the preseed must on install=pxe ones."""
+    assert all("org.qemu.guest_agent.0" in str(text) for text in domain_xml.render(example).values())
+    for _, answers in _pxe_answers(example):
+        assert "qemu-guest-agent" in answers["pkgsel/include"][1].split()
+
+
 def test_a_locked_admin_gets_sudo_without_password_and_only_then(example: Cluster) -> None:
     locked = _texts(example)[PurePosixPath("preseed/ldap.cfg")]
     with_password = _texts(_variant(example))[PurePosixPath("preseed/ldap.cfg")]
-    assert "NOPASSWD:ALL" in locked
-    assert "NOPASSWD" not in with_password
+    assert "admin ALL=(ALL) NOPASSWD:ALL" in locked
+    # (the variant's ssh_user, who has no password, does get a sudoers line of its own)
+    assert "admin ALL=(ALL) NOPASSWD" not in with_password
+    assert "kvmconf-admin" not in with_password
     assert "in-target adduser admin sudo" in with_password
 
 
