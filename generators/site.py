@@ -180,6 +180,13 @@ def _boot_file(r: TableReader, key: str, what: str, required: bool) -> str | Non
         r.problem(key, f"{shown(path)} is not a TFTP path the boot loaders can load (expected {what}, without"
                   " spaces)")
         return None
+    if path == "" and required:  # the boot entries would say `KERNEL` with nothing after it
+        r.problem(key, f"is empty (expected {what}: an OS of family debian installs over PXE with it)")
+        return None
+    if path and ".." in path.split("/"):
+        # dnsmasq's TFTP refuses such a path, and `invoke provision-server` would copy the file outside tftp_root.
+        r.problem(key, f"{shown(path)} leads out of the TFTP root (expected {what}, without '..')")
+        return None
     return path
 
 

@@ -204,6 +204,14 @@ WRONG_VALUES = [
     ('kernel = "debian-installer/amd64/linux"', 'kernel = "debian installer/amd64/linux"',
      ["70:1: key 'os.bookworm.kernel': 'debian installer/amd64/linux' is not a TFTP path the boot loaders can load"
       " (expected the installer kernel's path under the TFTP root, without spaces)"]),
+    # An empty kernel left the boot entries with a bare `KERNEL`; '..' is refused by dnsmasq's TFTP, and
+    # `invoke provision-server` would copy the file to that path, outside tftp_root.
+    ('kernel = "debian-installer/amd64/linux"', 'kernel = ""',
+     ["70:1: key 'os.bookworm.kernel': is empty (expected the installer kernel's path under the TFTP root: an OS of"
+      " family debian installs over PXE with it)"]),
+    ('initrd = "debian-installer/amd64/initrd.gz"', 'initrd = "debian-installer/../../initrd.gz"',
+     ["71:1: key 'os.bookworm.initrd': 'debian-installer/../../initrd.gz' leads out of the TFTP root (expected the"
+      " installer initrd's path under the TFTP root, without '..')"]),
     ('initrd = "debian-installer/amd64/initrd.gz"', 'initrd = "debian-installer/amd64/initrd.gz\\t"',
      ["71:1: key 'os.bookworm.initrd': 'debian-installer/amd64/initrd.gz\\t' holds the control character '\\t'"
       " (expected text on one line, without control characters such as newline or tab)"]),
