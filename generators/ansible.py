@@ -5,7 +5,8 @@ that `groups.web_servers` works in templates; for others it warns "Invalid chara
 group names". Hostgroups are nagios names like `web-servers`: :func:`group_name` maps every other
 character to '_'.
 Hostgroups that map to the same name, to a host_<physical host> name or to Ansible's own `all` and
-`ungrouped` would share one group: site.toml's [hostgroups] or cluster.conf refuses them (:func:`group_clash`).
+`ungrouped` would share one group: site.toml's [hostgroups] or cluster.conf refuses them (:func:`group_clash`),
+as site.toml refuses two physical hosts whose host_<name> groups are one (:func:`host_group_clashes`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def group_clash(hostgroup: str, hosts: Iterable[str], claimed: dict[str, str]) -
         return f"the group {name!r} of physical host {host!r}"
     other = claimed.setdefault(name, hostgroup)
     return None if other == hostgroup else f"the group {name!r} of hostgroup {other!r}"
+
+
+def host_group_clashes(hosts: Iterable[str]) -> dict[str, str]:
+    """Each physical host whose group host_<name> is an earlier host's (kvm-0 and kvm_0) -> that earlier host:
+    the two would share one group, and a play on one host's VMs would reach the other's too."""
+    claimed: dict[str, str] = {}
+    clashes: dict[str, str] = {}
+    for host in hosts:
+        other = claimed.setdefault(group_name(f"host_{host}"), host)
+        if other != host:
+            clashes[host] = other
+    return clashes
 
 
 def groups(cluster: Cluster) -> list[tuple[str, list[Vm]]]:

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from generators.ansible import GROUP_RULE, group_clash
+from generators.ansible import GROUP_RULE, group_clash, group_name, host_group_clashes
 from generators.columns import NAME_PATTERN, NAME_RULE
 from generators.crontab import max_interval, runs_in_two_years
 from generators.errors import ConfigError, Problem, shown
@@ -120,6 +120,11 @@ def _read_hosts(top: TableReader, networks: dict[str, Network | None]) -> dict[s
     hosts = _each(top, "hosts", read_host, "with uri, ram_mb, cpus, disk_gb, ...", "host")
     check_uplinks(networks, hosts, top.locate, top.problems)
     check_host_addresses_apart(hosts, top.locate, top.problems)
+    for host, other in host_group_clashes(hosts).items():
+        TableReader({}, "hosts", top.locate, top.problems).problem(
+            host, f"would share the group {group_name(f'host_{host}')!r} of ansible/inventory.ini with host {other!r}"
+            " (expected a host name whose group host_<name>, each character other than a letter, digit or '_' made"
+            " '_', is not another host's)")
     return hosts
 
 

@@ -191,6 +191,13 @@ CASES = [
          (conf(NEW, 47, f"column 'hostgroups': 'all' would be Ansible's own group 'all' in ansible/inventory.ini"
                         f" (expected {ANSIBLE_GROUP_RULE})"),),
          add(vm(groups="all")), site=lambda text: text[:text.index("[hostgroups]\n")]),
+    # Two physical hosts whose host_<name> groups are one: a play on host_kvm_2 would reach both hosts' VMs.
+    Case("hosts-ansible-name-of-another-host",
+         (site(SITE_END + 5, 1, "key 'hosts.kvm_2': would share the group 'host_kvm_2' of ansible/inventory.ini with"
+                                " host 'kvm-2' (expected a host name whose group host_<name>, each character other"
+                                " than a letter, digit or '_' made '_', is not another host's)"),),
+         site=lambda text: text + "".join(f'[hosts.{name}]\nuri = "qemu:///system"\nram_mb = 1024\ncpus = 1\n'
+                                          'disk_gb = 10\n' for name in ("kvm-2", "kvm_2"))),
     # NAME.DOMAIN is one DNS name: at most 253 characters (here 63 + 1 + 193 = 257; 59 + 1 + 193 fits exactly).
     Case("name-and-domain-beyond-253",
          (conf(NEW, 1, f"column 'name': '{'n' * 63}' with domain '{'a' * 55}...' (193 characters) makes a DNS name"
