@@ -401,6 +401,7 @@ class _Checker:
         macs = {vm.mac: vm.name for vm in vms}
         pci_owner: dict[tuple[str, str], str] = {}  # (host, PCI function) -> VM; pinned VFs count too
         vf_users: dict[tuple[str, str], list[str]] = {}  # (host, PF) -> VMs, one entry per VF
+        macvtaps: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (host, interface) -> (VM, mode) of each NIC
         result = []
         for vm in vms:
             if not vm.nics:
@@ -423,6 +424,8 @@ class _Checker:
                         report(f"{nic.source!r} is {what} {vm.host!r} (expected one of:"
                                f" {', '.join(sorted(host.interfaces)) or 'none listed'} from [hosts.{vm.host}]"
                                f" interfaces in {self.site.path}{placed})")
+                    else:
+                        self._check_macvtap(vm, name, nic.mode, report, macvtaps)
                     nic = dataclasses.replace(nic, source=name)
                 elif nic.kind is NicKind.PCI:
                     if nic.source not in host.pci:
@@ -447,6 +450,38 @@ class _Checker:
                 nics.append(nic)
             result.append(dataclasses.replace(vm, nics=tuple(nics)))
         return result
+
+    def _bridge_ports(self, host: str) -> dict[str, str]:
+        """The host's interfaces that fab kvm-setup makes a port of a Linux bridge -> that bridge's network:
+        its uplink under an untagged network's bridge, <uplink>.<vlan> under a tagged one's."""
+        uplink = self.site.hosts[host].uplink
+        ports: dict[str, str] = {}
+        for name, network in self.site.networks.items():
+            if uplink and not network.ovs:
+                ports.setdefault(f"{uplink}.{network.vlan}" if network.vlan else uplink, name)
+        return ports
+
+    def _check_macvtap(self, vm: Vm, interface: str, mode: str, report: Callable[[str], None],
+                       macvtaps: dict[tuple[str, str], list[tuple[str, str]]]) -> None:
+        """What the kernel refuses when the VM starts (checked with `ip link add ... type macvtap`): a macvtap on
+        a bridge port (EBUSY), and a passthrough macvtap beside any other macvtap on its interface (EINVAL)."""
+        network = self._bridge_ports(vm.host).get(interface)
+        if network is not None:
+            report(f"interface {interface!r} of host {vm.host!r} is a port of bridge"
+                   f" {self.site.networks[network].bridge!r} (network {network!r}; fab kvm-setup puts it there, from"
+                   f" [hosts.{vm.host}] uplink), and the kernel puts no macvtap on a bridge port (expected another"
+                   f" interface, or nic=bridge:{network})")
+            return
+        users = macvtaps.setdefault((vm.host, interface), [])
+        whole = next((user for user, user_mode in users if user_mode == "passthrough"), None)
+        if whole is not None:
+            report(f"interface {interface!r} of host {vm.host!r} is taken whole by the macvtap passthrough NIC of"
+                   f" {whole!r} (expected no other macvtap NIC on an interface in passthrough mode)")
+        elif mode == "passthrough" and users:
+            report(f"macvtap passthrough takes interface {interface!r} of host {vm.host!r} whole, and {users[0][0]!r}"
+                   " has a macvtap NIC on it already (expected no other macvtap NIC on an interface in passthrough"
+                   " mode)")
+        users.append((vm.name, mode))
 
     def _check_vf(self, vm: Vm, nic: Nic, report: Callable[[str], None], pci_owner: dict[tuple[str, str], str],
                   vf_users: dict[tuple[str, str], list[str]], placed: str) -> None:

@@ -330,6 +330,28 @@ CASES = [
          (option_problem(NEW, 59, "option 'nic': 'aa:bb:cc:dd:ee:01' is no interface of host 'kvm1' (expected one"
                                   " of: eno1, eno2 from [hosts.kvm1] interfaces in {site})"),),
          add(vm(options="host=kvm1 nic=macvtap:aa:bb:cc:dd:ee:01:vepa")), site=devices),
+    # What the kernel refuses when the VM starts (`ip link add link IF type macvtap mode ...` on a veth): a
+    # passthrough macvtap beside any other macvtap on its interface (EINVAL), a macvtap on a bridge port (EBUSY).
+    Case("nic-macvtap-beside-passthrough",
+         (option_problem(NEW, 88, "option 'nic': interface 'eno2' of host 'kvm1' is taken whole by the macvtap"
+                                  " passthrough NIC of 'new' (expected no other macvtap NIC on an interface in"
+                                  " passthrough mode)"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno2:passthrough nic=macvtap:eno2")), site=devices),
+    Case("nic-macvtap-passthrough-after-another-vm",
+         (option_problem(NEW + 1, 60, "option 'nic': macvtap passthrough takes interface 'eno2' of host 'kvm1' whole,"
+                                      " and 'new' has a macvtap NIC on it already (expected no other macvtap NIC on"
+                                      " an interface in passthrough mode)"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno2:vepa"),
+             vm(name="new2", mac="52:54:00:50:00:98", ip="192.168.50.98",
+                options="host=kvm1 nic=macvtap:eno2:passthrough")),
+         site=devices),
+    Case("nic-macvtap-on-the-uplink",
+         (option_problem(NEW, 59, "option 'nic': interface 'eno1' of host 'kvm1' is a port of bridge 'br0' (network"
+                                  " 'lan'; fab kvm-setup puts it there, from [hosts.kvm1] uplink), and the kernel"
+                                  " puts no macvtap on a bridge port (expected another interface, or"
+                                  " nic=bridge:lan)"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno1")),
+         site=lambda text: sub("[hosts.kvm1]\n", '[hosts.kvm1]\nuplink = "eno1"\n')(devices(text))),
     Case("nic-unknown-network", (option_problem(NEW, 59, "option 'nic': 'wan' is not a network in {site} (expected"
                                                          " one of: dmz, lan)"),),
          add(vm(options="host=kvm1 nic=bridge:wan"))),

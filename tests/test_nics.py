@@ -83,7 +83,7 @@ def test_macvtap_by_name_or_mac_with_each_mode(nics: Cluster) -> None:
     sources = [(d.get("type"), d.find("source").attrib) for d in _extra(nics, "macvtap")]  # type: ignore[union-attr]
     assert sources == [("direct", {"dev": "eno3", "mode": "bridge"}), ("direct", {"dev": "eno1", "mode": "vepa"}),
                        ("direct", {"dev": "eno1", "mode": "private"}),
-                       ("direct", {"dev": "eno3", "mode": "passthrough"})]
+                       ("direct", {"dev": "eno4", "mode": "passthrough"})]
 
 
 def test_pci_passthrough_is_a_managed_hostdev_without_mac(nics: Cluster) -> None:
