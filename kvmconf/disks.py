@@ -8,7 +8,7 @@ the path, even if it appeared after the plan was made.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from generators.model import Cluster, DiskKind, Install, Vm
@@ -74,6 +74,22 @@ def missing_volume_groups(runner: Runner, host: str, to_create: list[DiskSpec]) 
             problems.append(f"{', '.join(vms)}: volume group {vg} is not usable on {host} ({why}); create it there"
                             " or change disk=lvm:<vg> in cluster.conf")
     return problems
+
+
+def virtual_sizes(runner: Runner, paths: Sequence[str]) -> dict[str, int]:
+    """The virtual size in bytes of each of ``paths`` that qemu-img can read, in one command on the host."""
+    if not paths:
+        return {}
+    # One line of JSON per path (empty when qemu-img cannot read it); -U: a running VM holds a lock on its disk.
+    script = 'for p in "$@"; do qemu-img info -U --output=json "$p" 2>/dev/null | tr -d "\\n"; echo; done'
+    lines = runner.check(["sh", "-c", script, "sh", *paths]).stdout.decode().split("\n")
+    sizes = {}
+    for path, line in zip(paths, lines, strict=False):
+        try:
+            sizes[path] = int(json.loads(line)["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not readable: what the VM's start or backup will say, not a plan's business
+    return sizes
 
 
 def exists(runner: Runner, disk: DiskSpec) -> bool:

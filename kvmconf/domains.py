@@ -149,6 +149,17 @@ def definition_diff(live_xml: str, new_xml: str, aliases: dict[tuple[str, str], 
                                      lineterm="", n=2))
 
 
+def disk_sources(xml: str) -> dict[str, str]:
+    """Target device (``vda``) -> the file or block device behind it, for every disk of a definition that has one."""
+    sources = {}
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        path = None if source is None else source.get("file") or source.get("dev")
+        if target is not None and target.get("dev") and path:
+            sources[target.get("dev", "")] = path
+    return sources
+
+
 def uuid_of(xml: str) -> str | None:
     element = ET.fromstring(xml).find("uuid")
     return None if element is None or not element.text else element.text.strip()

@@ -84,6 +84,8 @@ class VmPlan:
     uuid_kept: str | None = None  # set when the defined UUID differs from the generated one
     seed_path: str | None = None  # the NoCloud seed ISO on the host, for install=cloud
     seed_now: SeedOnHost = None  # for a defined domain: how its seed ISO on the host compares with the generated one
+    disk_in_use: str | None = None  # for a defined domain: its disk, when cluster.conf now gives it another path
+    disk_size_now: int | None = None  # for a defined domain: its disk's size in bytes, when not cluster.conf's
 
     @property
     def autostart_changes(self) -> bool:
@@ -217,10 +219,31 @@ def plan_vm(cluster: Cluster, vm: Vm, disk: DiskSpec, exists: bool, conn: libvir
     xml = domains.with_uuid(xml, uuid)
     diff = domains.definition_diff(live, xml, aliases, vm.name)
     plan = VmPlan(vm, Action.KEEP, xml, disk, exists, diff, bool(dom.autostart()), domains.is_active(dom), live,
-                  uuid if generated_uuid != uuid else None, seed)
+                  uuid if generated_uuid != uuid else None, seed, disk_in_use=disk_in_use(live, xml, disk.path))
     if diff or plan.autostart_changes or not exists:
         plan.action = Action.CHANGE
     return plan
+
+
+def disk_in_use(live_xml: str, xml: str, path: str) -> str | None:
+    """The disk a defined domain has where the generated ``xml`` puts ``path``; None when it is ``path``, or none.
+
+    Another path means that cluster.conf or site.toml changed where the VM's disk is (disk=, disk_dir): the
+    domain's own disk is elsewhere, and holds the VM's data.
+    """
+    targets = [target for target, source in domains.disk_sources(xml).items() if source == path]
+    now = domains.disk_sources(live_xml).get(targets[0]) if targets else None
+    return now if now != path else None
+
+
+def disk_replaced(p: VmPlan) -> str:
+    """Why provision stops for a defined VM whose disk cluster.conf now puts at a path where none is."""
+    name = p.vm.name
+    return (f"{name}: its domain's disk is {p.disk_in_use}, but cluster.conf now puts its disk at {p.disk.path},"
+            f" where there is none: provision never moves or converts a disk, and would give {name} a new, empty"
+            f" one; to keep its data, put the disk there by hand (mv, qemu-img convert) and run again,"
+            f" or change disk= (or disk_dir) back; for an empty disk, `invoke destroy --vm {name}` first (it keeps"
+            " the old disk)")
 
 
 def make_plan(cluster: Cluster, vms: Iterable[Vm], conns: Connections, artifacts: Artifacts | None = None,
@@ -267,8 +290,10 @@ def plan_host(cluster: Cluster, hplan: HostPlan, vms: Sequence[Vm], conns: Conne
     present = runner.existing([disk.path for disk in specs])  # one command for the host's VMs, not one per VM
     planned = [plan_vm(cluster, vm, disk, disk.path in present, conn, artifacts, aliases)
                for vm, disk in zip(vms, specs, strict=True)]
-    problems = disks.missing_volume_groups(runner, hplan.host, [p.disk for p in planned if not p.disk_exists])
+    problems = [disk_replaced(p) for p in planned if p.disk_in_use and not p.disk_exists]
+    problems += disks.missing_volume_groups(runner, hplan.host, [p.disk for p in planned if not p.disk_exists])
     compare_seeds(runner, [p for p in planned if p.action is not Action.CREATE], artifacts)
+    compare_sizes(runner, [p for p in planned if p.action is not Action.CREATE and p.disk_exists])
     hplan.vms, hplan.problems = planned, problems
 
 
@@ -293,6 +318,25 @@ def compare_seeds(runner: Runner, defined_vms: Sequence[VmPlan], artifacts: Arti
             p.seed_now = "different"
         if p.seed_now:
             p.action = Action.CHANGE
+
+
+def compare_sizes(runner: Runner, defined_vms: Sequence[VmPlan]) -> None:
+    """Note the defined VMs whose disk is not the size cluster.conf gives: provision never resizes a disk, and says
+    so, rather than "no change" for a size the admin has just raised."""
+    sizes = disks.virtual_sizes(runner, [p.disk.path for p in defined_vms])
+    for p in defined_vms:
+        now = sizes.get(p.disk.path)
+        if now is not None and now != p.vm.disk.size_gb * disks.GIB:
+            p.disk_size_now = now
+
+
+def size_notes(p: VmPlan) -> list[str]:
+    """A line saying that the VM's disk is not cluster.conf's size and is left so; none when it is."""
+    if p.disk_size_now is None:
+        return []
+    return [f"note: disk {p.disk.path} is {p.disk_size_now / disks.GIB:g} GB, cluster.conf says {p.vm.disk.size_gb}:"
+            " provision never resizes a disk; resize it by hand (virsh blockresize, lvextend; then the guest's"
+            " partition and file system), or make cluster.conf say its size"]
 
 
 def foreign_domains(cluster: Cluster, host: str, conns: Connections,
@@ -327,7 +371,9 @@ def describe_create(p: VmPlan, reuse_disk: bool, start: bool) -> str:
 
 def describe_change(p: VmPlan) -> list[str]:
     lines = []
-    if not p.disk_exists:
+    if p.disk_in_use and not p.disk_exists:
+        lines.append(f"STOP: disk {p.disk.path} is missing, and its domain's disk is {p.disk_in_use} (see !)")
+    elif not p.disk_exists:
         lines.append(f"disk {p.disk.path} is missing: create {p.disk.describe()}")
     if p.autostart_changes:
         lines.append(f"autostart {'on' if p.autostart_now else 'off'} -> {'on' if p.vm.autostart else 'off'}")
@@ -335,6 +381,7 @@ def describe_change(p: VmPlan) -> list[str]:
         lines.append(f"keeps its UUID {p.uuid_kept} (not the generated one)")
     if p.seed_now:
         lines.append(describe_seed(p))
+    lines.extend(size_notes(p))
     lines.extend(p.diff)
     if p.diff and p.running:
         lines.append("(running: a new definition takes effect when the VM is next started)")
@@ -369,6 +416,7 @@ def format_plan(plan: Plan, reuse_disk: bool = False, start: bool = True) -> str
                 out.append(head + describe_create(p, reuse_disk, start))
             elif p.action is Action.KEEP:
                 out.append(head + "no change")
+                out.extend(f"      {line}" for line in size_notes(p))
             else:
                 out.append(head + "change:")
                 out.extend(f"      {line}" for line in describe_change(p))

@@ -30,6 +30,7 @@ from kvmconf.plan import (
     make_plan,
     seed_applies,
     select,
+    size_notes,
 )
 from kvmconf.runner import Runner
 from kvmconf.signals import interrupts_held, sigterm_as_interrupt
@@ -131,6 +132,8 @@ def _carry_out(p: VmPlan, conns: Connections, artifacts: Artifacts, options: Opt
     conn = conns.get(p.vm.host)
     if p.action is Action.KEEP:
         journal.log(f"{name}: no change")
+        for line in size_notes(p):
+            journal.log(f"    {line}")
         return
     if not p.disk_exists:
         _create_disk(p, runner, journal)

@@ -21,7 +21,7 @@ import libvirt
 import pytest
 
 from generators import cloud_init
-from generators.model import Cluster, DomainType
+from generators.model import Cluster, DiskKind, DomainType
 from kvmconf import disks, domains, lab, lifecycle
 from kvmconf.connection import Connections, connections
 from kvmconf.defined import Domain, Inventory
@@ -315,6 +315,59 @@ def test_a_ram_change_is_shown_as_exactly_that_diff_and_applied_only_with_apply(
     assert ET.fromstring(domains.inactive_xml(dom)).findtext("memory") == "1572864"
     assert dom.UUIDString() == uuid
     assert make_plan(bigger, [bigger.vm("ldap")], conns).vms[0].action is Action.KEEP
+
+
+def test_a_defined_vm_whose_disk_moved_in_cluster_conf_is_never_given_an_empty_one(
+        cluster: Cluster, conns: Connections) -> None:
+    # disk=qcow2 -> disk=raw (or another disk_dir) for a VM that exists: the new path has no disk, and making an
+    # empty one there (and, with --apply, pointing the domain at it) would leave the VM without its data.
+    provision(cluster, ["ldap"], conns, Options(start=False), log=quiet)
+    kvm0 = Path(cluster.site.hosts["kvm0"].disk_dir)
+    raw = dataclasses.replace(cluster, vms=tuple(
+        dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, kind=DiskKind.RAW)) if vm.name == "ldap" else vm
+        for vm in cluster.vms))
+    before = domains.inactive_xml(conns.get("kvm0").lookupByName("ldap"))
+    expected = (f"ldap: its domain's disk is {kvm0 / 'ldap.qcow2'}, but cluster.conf now puts its disk at"
+                f" {kvm0 / 'ldap.img'}, where there is none: provision never moves or converts a disk, and would give"
+                " ldap a new, empty one; to keep its data, put the disk there by hand (mv, qemu-img convert) and run"
+                " again, or change disk= (or disk_dir) back; for an empty disk, `invoke destroy --vm ldap` first (it"
+                " keeps the old disk)")
+    for options in (Options(), Options(apply=True)):
+        with pytest.raises(ProvisionBlocked) as err:
+            provision(raw, ["ldap"], conns, options, log=quiet)
+        assert str(err.value) == expected + "\nnothing was changed"
+        assert files_under(kvm0) == {"ldap.qcow2"}
+        assert domains.inactive_xml(conns.get("kvm0").lookupByName("ldap")) == before
+    shown = format_plan(make_plan(raw, [raw.vm("ldap")], conns, strict=False))
+    assert f"  ! {expected}\n" in shown
+    stop = f"STOP: disk {kvm0 / 'ldap.img'} is missing, and its domain's disk is {kvm0 / 'ldap.qcow2'} (see !)"
+    assert f"\n      {stop}\n" in shown
+    # Once the admin has put the disk there, the new definition is an ordinary change.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(kvm0 / "ldap.qcow2"), str(kvm0 / "ldap.img")], check=True)
+    provision(raw, ["ldap"], conns, Options(apply=True), log=quiet)
+    sources = domains.disk_sources(domains.inactive_xml(conns.get("kvm0").lookupByName("ldap")))
+    assert sources == {"vda": str(kvm0 / "ldap.img")}
+
+
+def test_a_disk_size_raised_in_cluster_conf_is_named_not_called_no_change(cluster: Cluster,
+                                                                          conns: Connections) -> None:
+    provision(cluster, ["ldap"], conns, Options(start=False), log=quiet)
+    disk = Path(cluster.site.hosts["kvm0"].disk_dir) / "ldap.qcow2"
+    bigger = dataclasses.replace(cluster, vms=tuple(
+        dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, size_gb=25)) if vm.name == "ldap" else vm
+        for vm in cluster.vms))
+    note = (f"note: disk {disk} is 10 GB, cluster.conf says 25: provision never resizes a disk; resize it by hand"
+            " (virsh blockresize, lvextend; then the guest's partition and file system), or make cluster.conf say its"
+            " size")
+    assert format_plan(make_plan(bigger, [bigger.vm("ldap")], conns)).splitlines()[1:3] == [
+        "  = ldap  no change", f"      {note}"]
+    lines: list[str] = []
+    provision(bigger, ["ldap"], conns, Options(apply=True), log=lines.append)
+    assert lines == ["ldap: no change", f"    {note}", "0 created, 0 changed, 1 unchanged"]
+    assert qemu_info(str(disk))["virtual-size"] == 10 * disks.GIB
+    lines.clear()
+    provision(cluster, ["ldap"], conns, log=lines.append)  # the size of cluster.conf: nothing to note
+    assert lines == ["ldap: no change", "0 created, 0 to change (shown, not applied), 1 unchanged"]
 
 
 def test_a_domain_defined_by_hand_keeps_its_uuid(cluster: Cluster, conns: Connections) -> None:
