@@ -24,6 +24,12 @@ from kvmconf.remote import command, run, script
 from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
+# A file per service whose changed files are in place but which has not been reloaded since: a run that fails or is
+# interrupted between the two leaves it, and the next run reloads the service although no file differs any more.
+PENDING_DIR = "/var/lib/kvmconf/reload-pending"
+# Args: the pending dir, then service names: prints those that have a mark there.
+_PENDING = """dir=$1; shift
+for s do [ -e "$dir/$s" ] && printf '%s\\n' "$s"; done; exit 0"""
 
 # Args: suffix, the number of directories, the directories, then the paths. Prints every "<dir>/.*.<suffix>"
 # there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a line per path:
@@ -109,22 +115,46 @@ def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run:
         res = run(conn, command("rm", "-f", "--", *abandoned))
         check(res.ok, "files", f"removing a killed run's temporaries: {failure(res)}")
     changed = [(f, state) for f, state in zip(files, current, strict=True) if state != _wanted_state(f)]
+    services = sorted({s for f, _ in changed for s in f.reload} | pending_reloads(conn, files))
     if dry_run:
         for spec, state in changed:
             changes.diffs.append(_diff(conn, spec, state))
         changes.pushed = [f.dest for f, _ in changed]
-        changes.reloaded = sorted({s for f, _ in changed for s in f.reload})
+        changes.reloaded = services
         return
-    if not changed:
-        return
-    parents = sorted({str(PurePosixPath(f.dest).parent) for f, _ in changed})
-    res = run(conn, command("mkdir", "-p", "--", *parents))
+    if changed:
+        _install(conn, [f for f, _ in changed], services)
+        changes.pushed = [f.dest for f, _ in changed]
+    for service in services:
+        # The mark goes only once the reload worked: a failed one is tried again by the next run.
+        res = run(conn, script('systemctl reload-or-restart -- "$1" && rm -f -- "$2"', service,
+                               f"{PENDING_DIR}/{service}"))
+        check(res.ok, "files", f"reloading {service}: {failure(res)}")
+        changes.reloaded.append(service)
+
+
+def pending_reloads(conn: Connection, files: Sequence[FileSpec]) -> set[str]:
+    """The services of ``files`` that an earlier run left marked as not reloaded since their files changed."""
+    services = sorted({s for f in files for s in f.reload})
+    if not services:
+        return set()
+    res = run(conn, script(_PENDING, PENDING_DIR, *services))
+    check(res.ok, "files", f"reading {PENDING_DIR}: {failure(res)}")
+    return set(res.stdout.split())
+
+
+def _install(conn: Connection, changed: Sequence[FileSpec], services: Sequence[str]) -> None:
+    """Put ``changed`` in place, each replaced file kept under BACKUP_DIR; ``services`` are marked pending first."""
+    parents = sorted({str(PurePosixPath(f.dest).parent) for f in changed})
+    marks = [f"{PENDING_DIR}/{s}" for s in services]
+    line = command("mkdir", "-p", "--", *parents, *([PENDING_DIR] if marks else []))
+    res = run(conn, line + (" && " + command("touch", "--", *marks) if marks else ""))
     check(res.ok, "files", f"mkdir: {failure(res)}")
     args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
     sftp = conn.sftp()
     uploaded: list[str] = []
     try:
-        for spec, _ in changed:
+        for spec in changed:
             tmp = temporary_beside(spec.dest)  # this run's own, and a dot file that conf dirs skip
             uploaded.append(tmp)
             sftp.putfo(io.BytesIO(spec.content), tmp)
@@ -137,12 +167,6 @@ def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run:
         with contextlib.suppress(Exception):
             run(conn, command("rm", "-f", "--", *uploaded))
         raise
-    changes.pushed = [f.dest for f, _ in changed]
-    services = sorted({s for f, _ in changed for s in f.reload})
-    for service in services:
-        res = run(conn, command("systemctl", "reload-or-restart", "--", service))
-        check(res.ok, "files", f"reloading {service}: {failure(res)}")
-        changes.reloaded.append(service)
 
 
 def _diff(conn: Connection, spec: FileSpec, state: str) -> str:

@@ -153,6 +153,34 @@ def test_changed_template_pushes_one_file_to_its_vms_and_reloads_its_service(
     assert not _run(example, farm, full=False).failed  # back to the repository's recipes
 
 
+def test_a_reload_that_failed_is_done_by_the_next_run_although_no_file_differs_any_more(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
+    # The file is in place once its reload fails: without a record of the reload still owed, the next run found
+    # nothing changed and never reloaded the service, which went on running the old configuration.
+    template = _add_app_recipe(hosts_copy)
+    assert not _run(example, farm, full=False, recipe_dir=hosts_copy, vms=(APP_VM,)).failed
+    template.write_text(template.read_text() + "log=debug\n")
+    stub = farm.root(APP_VM) / "usr/local/sbin/systemctl"
+    working = stub.read_text()
+    try:
+        stub.write_text(working + "echo 'Job for kvmconf-test-app.service failed.' >&2\nexit 1\n")
+        failed = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=(APP_VM,))
+        assert [r.line() for r in failed.reports] == [
+            f"{APP_VM}: FAILED at files: reloading {APP_SERVICE}: exit 1: Job for kvmconf-test-app.service failed."]
+    finally:
+        stub.write_text(working)
+    farm.clear_logs()
+    dry = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=(APP_VM,), dry_run=True)
+    assert [(r.pushed, r.reloaded) for r in dry.reports] == [([], [APP_SERVICE])]
+    again = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=(APP_VM,))
+    assert [r.line() for r in again.reports] == [f"{APP_VM}: done (0 file(s) changed; reloaded {APP_SERVICE})"]
+    assert farm.log(APP_VM, "systemctl") == [f"reload-or-restart -- {APP_SERVICE}"]
+    # Owed no more: the run after reloads nothing.
+    assert [r.reloaded for r in _run(example, farm, full=False, recipe_dir=hosts_copy, vms=(APP_VM,)).reports] == [[]]
+    assert farm.log(APP_VM, "systemctl") == [f"reload-or-restart -- {APP_SERVICE}"]
+    assert not _run(example, farm, full=False).failed  # back to the repository's recipes
+
+
 def test_dry_run_prints_diffs_and_changes_nothing(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
     template = _add_app_recipe(hosts_copy)
     assert not _run(example, farm, full=False, recipe_dir=hosts_copy).failed
