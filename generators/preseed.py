@@ -109,7 +109,9 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     keys = [shlex.quote(key) for key in accounts.ssh_keys]
     sudoers_line = shlex.quote(f"{accounts.admin_user} ALL=(ALL) NOPASSWD:ALL")
     login_user = created_login_user(accounts)
-    homes = [("/root", "root"), (f"/home/{accounts.admin_user}", accounts.admin_user)]
+    # Who gets the SSH keys: root only when `ssh <vm>` logs in as root, as cloud-init does (README: ssh_keys).
+    homes = [("/root", "root")] if accounts.ssh_user == "root" else []
+    homes += [(f"/home/{accounts.admin_user}", accounts.admin_user)]
     homes += [(f"/home/{login_user}", login_user)] if login_user else []
     tree: dict[PurePosixPath, str | bytes] = {}
     for vm in cluster.vms:

@@ -149,10 +149,12 @@ def test_late_command_installs_the_keys_and_reports_the_install(example: Cluster
         command = answers["preseed/late_command"][1]
         assert "\\" not in command
         words = shlex.split(command)  # the shell's reading, so quoting of an odd key comment is checked too
-        for directory in ("/target/root/.ssh/authorized_keys", f"/target/home/{admin}/.ssh/authorized_keys"):
+        for home, keys in [(f"home/{admin}", cluster.site.accounts.ssh_keys), (f"home/{LOGIN_USER}",
+                           cluster.site.accounts.ssh_keys), ("root", ())]:  # ssh_user is not root: root gets none
             written = [words[i + 1] for i in range(len(words) - 3)
-                       if words[i] == "echo" and words[i + 2] == ">>" and words[i + 3] == directory]
-            assert written == list(cluster.site.accounts.ssh_keys)
+                       if words[i] == "echo" and words[i + 2] == ">>" and words[i + 3] == f"/target/{home}/.ssh/"
+                       "authorized_keys"]
+            assert written == list(keys)
         # the report is the last step and may fail: nothing depends on it being answered
         assert words[-11:] == ["{", "wget", "-q", "-Y", "off", "-O", "/dev/null", installed_url(cluster, vm),
                                "||", "true;", "}"]
@@ -169,6 +171,8 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
     admin = accounts.admin_user
     login = [] if accounts.ssh_user in ("root", admin) else [accounts.ssh_user]  # the user the preseed creates
     assert login == ([] if which == "example" else [LOGIN_USER])
+    root = ["root"] if accounts.ssh_user == "root" else []  # root gets the keys only when ssh logs in as root
+    assert root == (["root"] if which == "example" else [])
     command = _answers(_texts(cluster)[PurePosixPath("preseed/ldap.cfg")])["preseed/late_command"][1]
     target, bin_dir, log = tmp_path / "target", tmp_path / "bin", tmp_path / "calls"
     for directory in ("root", f"home/{admin}", *(f"home/{user}" for user in login), "etc/sudoers.d"):
@@ -182,12 +186,13 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
     result = run(["/bin/sh", "-c", command.replace("/target/", f"{target}/")],
                  env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
     assert (result.returncode, result.stderr) == (0, "")
-    for home in ("root", f"home/{admin}", *(f"home/{user}" for user in login)):
+    for home in (*root, f"home/{admin}", *(f"home/{user}" for user in login)):
         assert (target / home / ".ssh/authorized_keys").read_text().splitlines() == list(accounts.ssh_keys)
         assert (target / home / ".ssh").stat().st_mode & 0o777 == 0o700
+    assert root or not (target / "root/.ssh").exists()
     assert log.read_text().splitlines() == [
         *(f"in-target useradd --create-home --shell /bin/bash {user}" for user in login),
-        "in-target chown -R root:root /root/.ssh",
+        *("in-target chown -R root:root /root/.ssh" for _ in root),
         f"in-target chown -R {admin}:{admin} /home/{admin}/.ssh",
         *(f"in-target chown -R {user}:{user} /home/{user}/.ssh" for user in login),
         f"in-target adduser {admin} sudo",
