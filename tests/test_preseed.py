@@ -198,6 +198,8 @@ def test_late_command_runs_in_a_real_shell(example: Cluster, tmp_path: Path, whi
         f"in-target adduser {admin} sudo",
         f"wget -q -Y off -O /dev/null {installed_url(cluster, cluster.vm('ldap'))}",
     ]
+    # key-only SSH logins, as cloud-init's ssh_pwauth: false on install=cloud VMs; Debian's sshd_config includes this
+    assert (target / "etc/ssh/sshd_config.d/kvmconf.conf").read_text() == "PasswordAuthentication no\n"
     for user in login:  # it has no password, as on install=cloud VMs: sudo must not ask for one
         assert (target / "etc/sudoers.d" / f"kvmconf-{user}").read_text() == f"{user} ALL=(ALL) NOPASSWD:ALL\n"
     sudoers = target / "etc/sudoers.d" / f"kvmconf-{admin}"
