@@ -5,12 +5,14 @@ Steps: packages (QEMU/KVM, libvirt, the network stack's tools), /etc/sysctl.d + 
 of the host's ``uplink``) for its ``network_stack``, a libvirt hostdev network ``vf-<pf>`` per SR-IOV
 physical function of site.toml (the pool a VM's ``nic=vf:<pf>`` takes a free VF from), a
 nested-virtualisation check where ``nested = true``, and the disk and backup directories. Files are pushed
-only when they differ, and a setting is applied only when its file changed. ``dry_run`` prints everything;
-``network_dry_run`` does all but the network.
+only when they differ, and a setting is applied only when its file changed, or when an earlier run placed the
+file and failed (or was interrupted) before applying it (kvmconf.sync marks such files). ``dry_run`` prints
+everything; ``network_dry_run`` does all but the network.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from generators.render import environment, render, xml_banner
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import SESSION_ERRORS, RemoteError, command, connect, resolve, run, script, session_failure
-from kvmconf.sync import Changes, StepFailed, failure, install_packages, push
+from kvmconf.sync import Changes, StepFailed, failure, followed_up, install_packages, push
 
 PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients")
 STACK_PACKAGES = {"ifupdown": ("ifupdown", "bridge-utils", "vlan"), "netplan": ("netplan.io",),
@@ -155,6 +157,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     if SYSCTL in changed:
         settings.append(["sysctl", "-q", "-p", SYSCTL])
     _apply(conn, settings, report, dry_run, "settings")
+    _applied(conn, changed, dry_run)
     _network(conn, cluster, host, bridge_file, report, network_dry_run)
     _vf_networks(conn, cluster, host, report, dry_run)
     if host.nested:
@@ -175,12 +178,24 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
 
 
 def _push(conn: Connection, files: list[FileSpec], report: SetupReport, dry_run: bool, what: str) -> list[str]:
+    """Push ``files``; the ones to apply: changed now, or placed by an earlier run that did not get to apply them.
+
+    The caller applies them, then calls :func:`_applied`: until then they stay marked, for the next run."""
     state = Changes()
-    push(conn, files, state, dry_run)
+    push(conn, files, state, dry_run, follow_up=True)
     report.diffs += state.diffs
     verb = "would change" if dry_run else "changed"
-    report.lines.append(f"{what}: {verb}: {', '.join(state.pushed)}" if state.pushed else f"{what}: unchanged")
-    return state.pushed
+    line = f"{what}: {verb}: {', '.join(state.pushed)}" if state.pushed else f"{what}: unchanged"
+    if state.resumed:
+        line += f"; not applied yet (an earlier run stopped first): {', '.join(state.resumed)}"
+    report.lines.append(line)
+    return state.pushed + state.resumed
+
+
+def _applied(conn: Connection, dests: Iterable[str], dry_run: bool) -> None:
+    """What :func:`_push` returned has been applied: the next run need not do it again."""
+    if not dry_run:
+        followed_up(conn, sorted(dests))
 
 
 def _apply(conn: Connection, commands: list[list[str]], report: SetupReport, dry_run: bool, what: str) -> None:
@@ -207,7 +222,8 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         _apply(conn, commands, report, dry_run, what)
         return
     report.files[bridge_file.dest] = bridge_file.content
-    if not _push(conn, [bridge_file], report, dry_run, what):
+    to_apply = _push(conn, [bridge_file], report, dry_run, what)
+    if not to_apply:
         return
     if host.network_stack == "netplan":
         report.commands = [["netplan", "apply"]]
@@ -216,6 +232,7 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         vlans = [b.port for b in all_bridges if b.vlan and b.port]
         report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
     _apply(conn, report.commands, report, dry_run, what)
+    _applied(conn, to_apply, dry_run)
 
 
 def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool) -> None:
@@ -239,3 +256,4 @@ def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
     if not commands:
         report.lines.append(f"{what}: defined")
     _apply(conn, commands, report, dry_run, what)
+    _applied(conn, changed, dry_run)

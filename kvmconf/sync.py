@@ -4,6 +4,10 @@ Files are compared by owner, mode and checksum on the machine (one command for a
 is never transferred; a replaced file is kept under BACKUP_DIR; services are reloaded only when one of their files
 changed; what a killed earlier run of this machine uploaded beside those files and never moved into place is
 removed. Packages are installed only when dpkg says they are not.
+
+A changed file with a step after it (its services' reload; kvm-setup's sysctl, ifup, ...) is marked under
+PENDING_DIR before it is put in place, and the mark goes once that step has worked: a run that fails or is
+interrupted in between leaves the mark, and the next run does the step although the file no longer differs.
 """
 
 from __future__ import annotations
@@ -24,22 +28,21 @@ from kvmconf.remote import command, run, script
 from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
-# A file per service whose changed files are in place but which has not been reloaded since: a run that fails or is
-# interrupted between the two leaves it, and the next run reloads the service although no file differs any more.
-PENDING_DIR = "/var/lib/kvmconf/reload-pending"
-# Args: the pending dir, then service names: prints those that have a mark there.
-_PENDING = """dir=$1; shift
-for s do [ -e "$dir/$s" ] && printf '%s\\n' "$s"; done; exit 0"""
+# The marks of files whose step after a change (see above) is still to do: <PENDING_DIR><path of the file>.
+PENDING_DIR = "/var/lib/kvmconf/pending"
+_PENDING_PREFIX = "pending "
 
-# Args: suffix, the number of directories, the directories, then the paths. Prints every "<dir>/.*.<suffix>"
-# there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a line per path:
-# "owner:group:mode sha256", or "-" when it is not a regular file.
-_STATE = """suffix=$1 n=$2; shift 2
+# Args: pending dir, suffix, the number of directories, the directories, then the paths. Prints every
+# "<dir>/.*.<suffix>" there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a
+# line per path: "owner:group:mode sha256", or "-" when it is not a regular file; after _PENDING_PREFIX when the
+# path has a mark.
+_STATE = """pending=$1 suffix=$2 n=$3; shift 3
 while [ "$n" -gt 0 ]; do
   for t in "${1%/}"/.*."$suffix"; do [ -e "$t" ] && printf '%s\\0' "$t"; done
   shift; n=$((n - 1))
 done
 for f do
+  [ -e "$pending$f" ] && printf 'pending '
   if [ -f "$f" ] && [ ! -L "$f" ]; then
     printf '%s %s\\n' "$(stat -c %U:%G:%a -- "$f")" "$(sha256sum < "$f" | cut -c1-64)"
   else echo -; fi
@@ -66,6 +69,7 @@ class Changes:
 
     installed: list[str] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # unchanged files whose step after a change an earlier run owes
     reloaded: list[str] = field(default_factory=list)
     diffs: list[str] = field(default_factory=list)  # dry run only
 
@@ -85,37 +89,55 @@ def failure(res: object) -> str:
     return f"exit {getattr(res, 'exited', '?')}: {stderr[-1] if stderr else 'no output'}"
 
 
-def remote_state(conn: Connection, paths: Sequence[str]) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class FileState:
+    """A file as it is on the machine: its "owner:group:mode sha256" ("-": not a regular file), and whether an
+    earlier run left it marked (PENDING_DIR)."""
+
+    state: str
+    pending: bool
+
+
+def remote_state(conn: Connection, paths: Sequence[str]) -> tuple[list[FileState], list[str]]:
     """Each path's state (_STATE), and the temporaries beside them that killed runs of this machine left.
 
     One command for both: the temporaries are listed, once per directory, in the round trip that reads the
-    checksums, and judged here, where their pids are (runner.abandoned_among).
+    checksums and the marks, and judged here, where their pids are (runner.abandoned_among).
     """
     if not paths:
         return [], []
     directories = sorted({str(PurePosixPath(p).parent) for p in paths})
-    res = run(conn, script(_STATE, TEMPORARY_SUFFIX, str(len(directories)), *directories, *paths))
+    res = run(conn, script(_STATE, PENDING_DIR, TEMPORARY_SUFFIX, str(len(directories)), *directories, *paths))
     check(res.ok, "files", f"reading checksums: {failure(res)}")
     listing, _, states = res.stdout.rpartition("\0")  # the states' lines hold no NUL
     lines = states.splitlines()
     check(len(lines) == len(paths), "files", "reading checksums: unexpected output")
     temporaries = listing.split("\0")
-    return lines, [t for p in paths for t in abandoned_among(temporaries, p)]
+    found = [FileState(line.removeprefix(_PENDING_PREFIX), line.startswith(_PENDING_PREFIX)) for line in lines]
+    return found, [t for p in paths for t in abandoned_among(temporaries, p)]
 
 
 def _wanted_state(spec: FileSpec) -> str:
     return f"{spec.owner}:{spec.group}:{int(spec.mode, 8):o} {hashlib.sha256(spec.content).hexdigest()}"
 
 
-def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run: bool) -> None:
-    """Transfer the files whose checksum/owner/mode differ, back up what they replace, reload their services."""
+def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run: bool, follow_up: bool = False) -> None:
+    """Transfer the files whose checksum/owner/mode differ, back up what they replace, reload their services.
+
+    ``follow_up``: the caller has a step of its own after any of ``files`` changes (kvm-setup: sysctl, ifup, ...),
+    for the files in ``changes.pushed`` and ``changes.resumed``, and calls :func:`followed_up` once it has worked.
+    Otherwise a file's step is the reload of its services, done here.
+    """
     current, abandoned = remote_state(conn, [f.dest for f in files])
     if abandoned and not dry_run:
         # What killed runs of this machine uploaded and never moved into place: nothing else would remove it.
         res = run(conn, command("rm", "-f", "--", *abandoned))
         check(res.ok, "files", f"removing a killed run's temporaries: {failure(res)}")
-    changed = [(f, state) for f, state in zip(files, current, strict=True) if state != _wanted_state(f)]
-    services = sorted({s for f, _ in changed for s in f.reload} | pending_reloads(conn, files))
+    changed = [(f, now.state) for f, now in zip(files, current, strict=True) if now.state != _wanted_state(f)]
+    resumed = [f for f, now in zip(files, current, strict=True) if now.pending and now.state == _wanted_state(f)]
+    stepped = [f for f, _ in changed if follow_up or f.reload]
+    services = sorted({s for f in [*stepped, *resumed] for s in f.reload})
+    changes.resumed = [f.dest for f in resumed]
     if dry_run:
         for spec, state in changed:
             changes.diffs.append(_diff(conn, spec, state))
@@ -123,31 +145,29 @@ def push(conn: Connection, files: Sequence[FileSpec], changes: Changes, dry_run:
         changes.reloaded = services
         return
     if changed:
-        _install(conn, [f for f, _ in changed], services)
+        _install(conn, [f for f, _ in changed], [f.dest for f in stepped])
         changes.pushed = [f.dest for f, _ in changed]
     for service in services:
-        # The mark goes only once the reload worked: a failed one is tried again by the next run.
-        res = run(conn, script('systemctl reload-or-restart -- "$1" && rm -f -- "$2"', service,
-                               f"{PENDING_DIR}/{service}"))
+        res = run(conn, command("systemctl", "reload-or-restart", "--", service))
         check(res.ok, "files", f"reloading {service}: {failure(res)}")
         changes.reloaded.append(service)
+    if not follow_up:
+        followed_up(conn, [f.dest for f in [*stepped, *resumed]])  # every reload has worked
 
 
-def pending_reloads(conn: Connection, files: Sequence[FileSpec]) -> set[str]:
-    """The services of ``files`` that an earlier run left marked as not reloaded since their files changed."""
-    services = sorted({s for f in files for s in f.reload})
-    if not services:
-        return set()
-    res = run(conn, script(_PENDING, PENDING_DIR, *services))
-    check(res.ok, "files", f"reading {PENDING_DIR}: {failure(res)}")
-    return set(res.stdout.split())
+def followed_up(conn: Connection, dests: Sequence[str]) -> None:
+    """Remove the marks of ``dests``: the step after their change is done."""
+    if dests:
+        res = run(conn, command("rm", "-f", "--", *(PENDING_DIR + d for d in dests)))
+        check(res.ok, "files", f"removing the marks under {PENDING_DIR}: {failure(res)}")
 
 
-def _install(conn: Connection, changed: Sequence[FileSpec], services: Sequence[str]) -> None:
-    """Put ``changed`` in place, each replaced file kept under BACKUP_DIR; ``services`` are marked pending first."""
+def _install(conn: Connection, changed: Sequence[FileSpec], marked: Sequence[str]) -> None:
+    """Put ``changed`` in place, each replaced file kept under BACKUP_DIR; the files ``marked`` get their mark first
+    (PENDING_DIR): their step after the change is still to do."""
     parents = sorted({str(PurePosixPath(f.dest).parent) for f in changed})
-    marks = [f"{PENDING_DIR}/{s}" for s in services]
-    line = command("mkdir", "-p", "--", *parents, *([PENDING_DIR] if marks else []))
+    marks = [PENDING_DIR + d for d in marked]
+    line = command("mkdir", "-p", "--", *parents, *sorted({str(PurePosixPath(m).parent) for m in marks}))
     res = run(conn, line + (" && " + command("touch", "--", *marks) if marks else ""))
     check(res.ok, "files", f"mkdir: {failure(res)}")
     args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
