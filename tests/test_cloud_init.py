@@ -136,6 +136,8 @@ def test_password_hashes_are_set_as_hashes(example: Cluster) -> None:
     admin = data["users"][0]
     assert admin["lock_passwd"] is False
     assert admin["passwd"] == ADMIN_HASH
+    # sudo asks for that password, as on PXE-installed VMs (the preseed gives NOPASSWD to a locked admin only)
+    assert admin["sudo"] == "ALL=(ALL) ALL"
     assert data["chpasswd"] == {"expire": False, "users": [{"name": "root", "password": ROOT_HASH, "type": "hash"}]}
     assert "plain_text_passwd" not in text
 
