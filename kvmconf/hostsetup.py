@@ -127,7 +127,7 @@ def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = 
     # Not host.ssh_address: the admin's machine reaches the host by the name in its own ssh config (Host kvm1),
     # which a URI's host (kvm1.example.org, the Nagios check's fallback) would bypass; address is for both.
     try:
-        conn = connect(resolve(host.address or name, ssh_config))
+        conn = connect(resolve(host.address or name, ssh_config), physical_host=True)
     except RemoteError as err:
         if host.address:  # the message names the address: say which host of site.toml has it
             raise RemoteError(f"{name}: {err}") from None

@@ -72,6 +72,7 @@ class Target:
     user: str
     identity_files: tuple[str, ...]
     known_hosts: str
+    ssh_config: Path | None = None  # the ssh config it was resolved from (None: the admin's own)
 
 
 def resolve(name: str, ssh_config: Path | None) -> Target:
@@ -87,7 +88,7 @@ def resolve(name: str, ssh_config: Path | None) -> Target:
     known = values.get("userknownhostsfile", ["~/.ssh/known_hosts"])[0].split()[0]
     identities = tuple(p for p in (os.path.expanduser(f) for f in values.get("identityfile", [])) if os.path.exists(p))
     return Target(name, values["hostname"][0], int(values["port"][0]), values["user"][0], identities,
-                  os.path.expanduser(known))
+                  os.path.expanduser(known), ssh_config)
 
 
 def known_hosts_name(target: Target) -> str:
@@ -99,7 +100,19 @@ def accept_hint(name: str) -> str:
     return f"if the VM was reinstalled, accept its new key with `invoke keyscan --vm {name} --accept-changed`"
 
 
-def connect(target: Target, timeout: int = 20) -> Connection:
+def host_key_hint(target: Target, changed: bool) -> str:
+    """What to do about a physical host's unknown or changed key: `invoke keyscan` records VMs' keys only."""
+    ssh = command("ssh", *(["-F", str(target.ssh_config)] if target.ssh_config else []), target.name)
+    if not changed:
+        return f"connect once with `{ssh}`, check the key's fingerprint and accept it"
+    return (f"if the host was reinstalled, remove its old key with"
+            f" `{command('ssh-keygen', '-f', target.known_hosts, '-R', known_hosts_name(target))}`, then connect once"
+            f" with `{ssh}` and check the new key's fingerprint")
+
+
+def connect(target: Target, timeout: int = 20, physical_host: bool = False) -> Connection:
+    """An open connection to ``target`` (a VM; with ``physical_host``, a host of site.toml, whose key is the admin's
+    to accept: errors say how), host key checked against its known_hosts."""
     kwargs: dict[str, object] = {"look_for_keys": not target.identity_files, "allow_agent": True}
     if target.identity_files:
         kwargs["key_filename"] = list(target.identity_files)
@@ -115,18 +128,20 @@ def connect(target: Target, timeout: int = 20) -> Connection:
         # A refusal after the handshake (host key, authentication) leaves paramiko's transport running: its
         # thread and socket would stay until the process exits, one per VM that failed.
         conn.client.close()
-        raise _open_failure(target, err) from None
+        raise _open_failure(target, err, physical_host) from None
     return conn
 
 
-def _open_failure(target: Target, err: SSHException | OSError) -> RemoteError:
+def _open_failure(target: Target, err: SSHException | OSError, physical_host: bool) -> RemoteError:
     if isinstance(err, BadHostKeyException):
+        hint = host_key_hint(target, changed=True) if physical_host else accept_hint(target.name)
         return RemoteError(f"{target.name}: its SSH host key CHANGED (known_hosts {target.known_hosts});"
-                           f" refusing to connect. {accept_hint(target.name)}")
+                           f" refusing to connect. {hint}")
     if isinstance(err, SSHException):
         if "not found in known_hosts" in str(err):
-            return RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}):"
-                               f" record it with `invoke keyscan --vm {target.name}`")
+            hint = host_key_hint(target, changed=False) if physical_host else \
+                f"record it with `invoke keyscan --vm {target.name}`"
+            return RemoteError(f"{target.name}: host key unknown (not in {target.known_hosts}): {hint}")
         return RemoteError(f"{target.name}: ssh to {target.user}@{target.hostname}:{target.port}: {_ssh_failure(err)}")
     return RemoteError(f"{target.name}: ssh to {target.hostname}:{target.port}: {err}")
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import paramiko
 import pytest
 import yaml
 
@@ -15,6 +16,7 @@ from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.hostsetup import MODULES, SYSCTL, VF_NETWORK_DIR, bridges, nmcli_commands, setup, vf_network_files
 from kvmconf.keyscan import keyscan
+from kvmconf.remote import RemoteError
 from tests import sshfarm
 from tests.tools import require_module, require_tool, run
 
@@ -153,6 +155,30 @@ def test_without_address_kvm_setup_connects_to_the_hosts_name_not_its_uris_host(
     report = setup(cluster, "kvm0", farm.ssh_config, dry_run=True)
     assert report.error is None
     assert report.lines and report.lines[0].startswith("packages: ")
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_an_unknown_or_changed_host_key_says_how_to_accept_it_for_a_physical_host(
+        example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
+    # They said `invoke keyscan --vm kvm0`, which records VMs' keys only and refuses kvm0 as no VM of cluster.conf.
+    known = tmp_path / "known_hosts"
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(farm.ssh_config.read_text().replace(str(farm.known_hosts), str(known)))
+    cluster = _with_host(example)
+    with pytest.raises(RemoteError) as unknown:
+        setup(cluster, "kvm0", ssh_config, dry_run=True)
+    assert str(unknown.value) == (f"kvm0: host key unknown (not in {known}): connect once with"
+                                  f" `ssh -F {ssh_config} kvm0`, check the key's fingerprint and accept it")
+    address, port = farm.addresses["kvm0"]
+    other = paramiko.Ed25519Key.from_private_key_file(str(farm.base / "client_key"))  # any key but the host's
+    known.write_text(f"[{address}]:{port} {other.get_name()} {other.get_base64()}\n")
+    with pytest.raises(RemoteError) as changed:
+        setup(cluster, "kvm0", ssh_config, dry_run=True)
+    assert str(changed.value) == (
+        f"kvm0: its SSH host key CHANGED (known_hosts {known}); refusing to connect. if the host was reinstalled,"
+        f" remove its old key with `ssh-keygen -f {known} -R '[{address}]:{port}'`, then connect once with"
+        f" `ssh -F {ssh_config} kvm0` and check the new key's fingerprint")
 
 
 @pytest.mark.services
