@@ -22,6 +22,9 @@ from generators.site import load_site_located
 from generators.site_values import MAX_DNS_NAME
 
 _RESOURCES = (("ram", "MB RAM"), ("cpus", "vCPUs"), ("disk", "GB disk"))
+# The names of Debian's own /etc/hosts (netbase): a VM named so would be this VM in ssh/config (`ssh localhost` from
+# the admin's machine would log in to it), the hosts fragment and the cluster's DNS, and the machine itself there.
+LOCAL_NAMES = ("localhost", "ip6-localhost", "ip6-loopback", "ip6-allnodes", "ip6-allrouters")
 
 
 def load_cluster(cluster_path: Path, site_path: Path) -> Cluster:
@@ -287,6 +290,10 @@ class _Checker:
                 self.report(row, "name", f"{name!r} is also the name of physical host {host.name!r} ([hosts."
                             f"{host.name}] at {host.where or self.site.path}) (expected a name of its own: DNS names"
                             f" ignore case, and a host with an IP address is {name}.{domain} in the cluster's DNS)")
+            if name in LOCAL_NAMES:
+                self.report(row, "name", f"{name!r} is a name of every machine's own /etc/hosts (expected another"
+                            f" name than {', '.join(LOCAL_NAMES)}: `ssh {name}` would reach this VM, and the hosts"
+                            " fragment and DNS would contradict that file)")
             if name is not None and (length := len(f"{name}.{domain}")) > MAX_DNS_NAME:
                 self.report(row, "name", f"{name!r} with domain {shown(domain)} makes a DNS name of {length}"
                             f" characters (expected at most {MAX_DNS_NAME} in NAME.DOMAIN: a shorter name or"

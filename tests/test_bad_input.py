@@ -198,6 +198,13 @@ CASES = [
                                 " than a letter, digit or '_' made '_', is not another host's)"),),
          site=lambda text: text + "".join(f'[hosts.{name}]\nuri = "qemu:///system"\nram_mb = 1024\ncpus = 1\n'
                                           'disk_gb = 10\n' for name in ("kvm-2", "kvm_2"))),
+    # ssh/config's `Host localhost localhost.<domain>`, included at the top of the admin's ~/.ssh/config, would
+    # take `ssh localhost` to the VM; the hosts fragment and DNS would contradict every machine's /etc/hosts.
+    Case("name-localhost",
+         (conf(NEW, 1, "column 'name': 'localhost' is a name of every machine's own /etc/hosts (expected another name"
+                       " than localhost, ip6-localhost, ip6-loopback, ip6-allnodes, ip6-allrouters: `ssh localhost`"
+                       " would reach this VM, and the hosts fragment and DNS would contradict that file)"),),
+         add(vm(name="localhost"))),
     # NAME.DOMAIN is one DNS name: at most 253 characters (here 63 + 1 + 193 = 257; 59 + 1 + 193 fits exactly).
     Case("name-and-domain-beyond-253",
          (conf(NEW, 1, f"column 'name': '{'n' * 63}' with domain '{'a' * 55}...' (193 characters) makes a DNS name"
