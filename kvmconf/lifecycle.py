@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from generators.model import Cluster
+from generators.model import Cluster, Vm
 from generators.paths import seed_iso_path
-from kvmconf import disks, domains
+from kvmconf import defined, disks, domains
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import find_vm
@@ -25,9 +25,22 @@ def _domain(cluster: Cluster, name: str, conns: Connections) -> tuple[domains.li
     return domains.lookup(conns.get(vm.host), name), vm.host
 
 
+def _defined_elsewhere(cluster: Cluster, vm: Vm, conns: Connections) -> None:
+    """Refuse to act on ``vm``, not defined on the host cluster.conf places it on, when another host has it
+    (`invoke migrate` without --edit, a host= changed by hand): there it is the VM, which the task would miss."""
+    found = defined.inventory(cluster, conns)
+    there = [d for d in found.domains if d.name == vm.name and vm.host not in d.hosts]
+    if there:
+        where = ", ".join(d.where for d in there)
+        raise KvmconfError(f"{vm.name} is not defined on {vm.host}, where cluster.conf places it, but on {where};"
+                           f" nothing was changed: set host={min(there[0].hosts)} for it in cluster.conf to act on"
+                           " it there")
+
+
 def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False, log: Log = print) -> None:
     dom, host = _domain(cluster, name, conns)
     if dom is None:
+        _defined_elsewhere(cluster, cluster.vm(name), conns)
         raise KvmconfError(f"{name} is not defined on {host}; create it with `invoke provision --vm {name}`")
     if dry_run:
         log(f"{name}: already running on {host}" if domains.is_active(dom) else f"{name} on {host}: would start")
@@ -40,6 +53,7 @@ def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, d
     """Ask the guest to shut down (ACPI), or with ``force`` power it off at once."""
     dom, host = _domain(cluster, name, conns)
     if dom is None:
+        _defined_elsewhere(cluster, cluster.vm(name), conns)
         raise KvmconfError(f"{name} is not defined on {host}")
     if dry_run:
         running = domains.is_active(dom)
@@ -64,6 +78,8 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     vm = find_vm(cluster, name)
     conn, runner = conns.get(vm.host), conns.runner(vm.host)
     dom = domains.lookup(conn, name)
+    if dom is None:
+        _defined_elsewhere(cluster, vm, conns)  # not "not defined" (and a purge of its host's files): it runs there
     disk = disks.disk_spec(cluster, vm)
     seed = seed_iso_path(cluster, vm)
     doomed = [path for path in (disk.path, seed) if path and runner.exists(path)] if purge else []

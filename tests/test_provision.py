@@ -798,3 +798,28 @@ def test_a_vm_defined_on_a_daemon_several_hosts_share_is_told_one_host_to_set(ex
         "web: defined on kvm1/kvm2 already, but cluster.conf places it on kvm0; it is not created a second time: to"
         " move it, set host=kvm1 for it in cluster.conf again and run `invoke migrate --vm web --to kvm0 --edit`; to"
         " keep it there, set host=kvm1; or undefine it on kvm1/kvm2 if that copy is unwanted"]
+
+
+def test_start_stop_and_destroy_of_a_vm_defined_on_another_host_say_where_and_touch_nothing(
+        two_hosts: Cluster, tmp_path: Path) -> None:
+    # After `invoke migrate` without --edit: destroy said "not defined on kvm0" (exit 0), --purge removed kvm0's
+    # copy of the disk, and start advised a provision that is refused; all while the VM ran on kvm1.
+    with connections(two_hosts, execute=Recorder()) as conns:
+        [web] = make_plan(two_hosts, [two_hosts.vm("web")], conns).vms
+        conns.get("kvm1").defineXML(web.xml)
+        leftover = tmp_path / "kvm0/web.qcow2"
+        leftover.write_bytes(b"the copy the move left")
+        expected = ("web is not defined on kvm0, where cluster.conf places it, but on kvm1; nothing was changed: set"
+                    " host=kvm1 for it in cluster.conf to act on it there")
+        for act in (lambda: lifecycle.start(two_hosts, "web", conns, log=quiet),
+                    lambda: lifecycle.stop(two_hosts, "web", conns, force=True, log=quiet),
+                    lambda: lifecycle.destroy(two_hosts, "web", conns, purge=True, log=quiet)):
+            with pytest.raises(KvmconfError) as err:
+                act()
+            assert str(err.value) == expected
+        assert leftover.read_bytes() == b"the copy the move left" and domain_names(conns.get("kvm1")) == {"web"}
+        # Not defined anywhere: what it said before.
+        conns.get("kvm1").lookupByName("web").undefine()
+        with pytest.raises(KvmconfError) as err:
+            lifecycle.start(two_hosts, "web", conns, log=quiet)
+        assert str(err.value) == "web is not defined on kvm0; create it with `invoke provision --vm web`"
