@@ -96,17 +96,43 @@ def exists(runner: Runner, disk: DiskSpec) -> bool:
     return runner.exists(disk.path)
 
 
-def _base_info(runner: Runner, disk: DiskSpec) -> tuple[str, int]:
-    """The base image's format and virtual size in bytes, for an overlay on it."""
-    assert disk.backing is not None
+def _base_info(runner: Runner, backing: str, vms: str, where: str = "") -> tuple[str, int]:
+    """The base image's format and virtual size in bytes, for an overlay on it of ``vms`` (named in an error, with
+    the host ``where``, by default the runner's)."""
     # -U: the base is shared by running VMs, which hold a lock on it; we only read its header.
-    result = runner.run(["qemu-img", "info", "-U", "--output=json", disk.backing])
+    result = runner.run(["qemu-img", "info", "-U", "--output=json", backing])
     if result.returncode != 0:
-        raise CommandFailed(f"{disk.vm}: base image {disk.backing} for its install=cloud overlay is not usable on"
-                            f" {runner.where} (put the OS's cloud image there, or fix cloud_image in site.toml): "
-                            + describe_failure(runner.where, ["qemu-img", "info", disk.backing], result))
+        their = "its install=cloud overlay" if "," not in vms else "their install=cloud overlays"
+        raise CommandFailed(f"{vms}: base image {backing} for {their} is not usable on"
+                            f" {where or runner.where} (put the OS's cloud image there, or fix cloud_image in"
+                            " site.toml): " + describe_failure(runner.where, ["qemu-img", "info", backing], result))
     info = json.loads(result.stdout)
     return str(info["format"]), int(info["virtual-size"])
+
+
+def _smaller_than_base(disk: DiskSpec, base_size: int) -> str | None:
+    if base_size <= disk.size_gb * GIB:
+        return None
+    return (f"{disk.vm}: disk size {disk.size_gb} GB is smaller than its base image {disk.backing}"
+            f" ({base_size / GIB:.1f} GB); give it at least {-(-base_size // GIB)} GB in cluster.conf")
+
+
+def base_image_problems(runner: Runner, host: str, to_create: list[DiskSpec]) -> list[str]:
+    """Problems with the base images install=cloud overlays would be made on, found before anything is created:
+    one command per base image, however many VMs use it."""
+    by_base: dict[str, list[DiskSpec]] = {}
+    for disk in to_create:
+        if disk.backing:
+            by_base.setdefault(disk.backing, []).append(disk)
+    problems = []
+    for backing, using in sorted(by_base.items()):
+        try:
+            _fmt, size = _base_info(runner, backing, ", ".join(d.vm for d in using), host)
+        except CommandFailed as err:
+            problems.append(str(err))
+            continue
+        problems += [why for disk in using if (why := _smaller_than_base(disk, size))]
+    return problems
 
 
 def check_base(runner: Runner, disk: DiskSpec) -> None:
@@ -115,7 +141,7 @@ def check_base(runner: Runner, disk: DiskSpec) -> None:
     For a copied overlay (a cold migration), whose header names the base: checked before the VM is stopped.
     """
     if disk.backing:
-        _base_info(runner, disk)
+        _base_info(runner, disk.backing, disk.vm)
 
 
 def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambda _path: None) -> None:
@@ -130,11 +156,9 @@ def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambd
         return
     size = f"{disk.size_gb}G"
     if disk.backing:
-        fmt, base_size = _base_info(runner, disk)
-        if base_size > disk.size_gb * GIB:
-            need = -(-base_size // GIB)
-            raise CommandFailed(f"{disk.vm}: disk size {disk.size_gb} GB is smaller than its base image {disk.backing}"
-                                f" ({base_size / GIB:.1f} GB); give it at least {need} GB in cluster.conf")
+        fmt, base_size = _base_info(runner, disk.backing, disk.vm)
+        if too_small := _smaller_than_base(disk, base_size):
+            raise CommandFailed(too_small)
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", disk.backing]
     elif disk.kind is DiskKind.QCOW2:
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=off"]

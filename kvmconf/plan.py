@@ -291,7 +291,9 @@ def plan_host(cluster: Cluster, hplan: HostPlan, vms: Sequence[Vm], conns: Conne
     planned = [plan_vm(cluster, vm, disk, disk.path in present, conn, artifacts, aliases)
                for vm, disk in zip(vms, specs, strict=True)]
     problems = [disk_replaced(p) for p in planned if p.disk_in_use and not p.disk_exists]
-    problems += disks.missing_volume_groups(runner, hplan.host, [p.disk for p in planned if not p.disk_exists])
+    to_create = [p.disk for p in planned if not p.disk_exists and not p.disk_in_use]
+    problems += disks.missing_volume_groups(runner, hplan.host, to_create)
+    problems += disks.base_image_problems(runner, hplan.host, to_create)
     compare_seeds(runner, [p for p in planned if p.action is not Action.CREATE], artifacts)
     compare_sizes(runner, [p for p in planned if p.action is not Action.CREATE and p.disk_exists])
     hplan.vms, hplan.problems = planned, problems

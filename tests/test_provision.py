@@ -209,6 +209,33 @@ def test_an_overlay_smaller_than_its_base_is_refused(cluster: Cluster, tmp_path:
         disks.create(Runner(), small)
 
 
+def test_a_missing_base_image_stops_the_run_before_anything_is_created(cluster: Cluster, conns: Connections,
+                                                                      tmp_path: Path) -> None:
+    # It was found only when its overlay was made: after the VMs before it in cluster.conf had been created (and
+    # were then undone), and `invoke plan` did not show it. One check per base image and host, for every VM using it.
+    none = tmp_path / "none.qcow2"
+    site = dataclasses.replace(cluster.site, oses={name: dataclasses.replace(o, cloud_image=str(none))
+                                                   for name, o in cluster.site.oses.items()})
+    missing = dataclasses.replace(cluster, site=site)
+    before = domain_names(conns.get("kvm0"))
+    with pytest.raises(ProvisionBlocked) as err:
+        provision(missing, ["ldap", "login", "provision"], conns, log=quiet)
+    failure = (f"localhost: `qemu-img info {none}` failed with exit status 1: qemu-img: Could not open '{none}':"
+               f" Could not open '{none}': No such file or directory")
+    assert str(err.value).splitlines() == [
+        f"provision, login: base image {none} for their install=cloud overlays is not usable on kvm0 (put the OS's"
+        f" cloud image there, or fix cloud_image in site.toml): {failure}",
+        "nothing was changed"]
+    assert files_under(tmp_path / "kvm0") == files_under(tmp_path / "kvm1") == set()
+    assert domain_names(conns.get("kvm0")) == before
+    small = dataclasses.replace(cluster, vms=tuple(
+        dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, size_gb=0)) if vm.install.value == "cloud" else vm
+        for vm in cluster.vms))
+    assert make_plan(small, [small.vm("ldap"), small.vm("provision")], conns, strict=False).hosts[0].problems == [
+        f"provision: disk size 0 GB is smaller than its base image {tmp_path / 'base.qcow2'} (1.0 GB); give it at"
+        " least 1 GB in cluster.conf"]
+
+
 def test_a_missing_base_image_is_named(cluster: Cluster, tmp_path: Path) -> None:
     disk = dataclasses.replace(disks.disk_spec(cluster, cluster.vm("provision")), backing=str(tmp_path / "none.qcow2"))
     with pytest.raises(KvmconfError, match=r"provision: base image .*none.qcow2 for its install=cloud overlay is not"
