@@ -359,6 +359,14 @@ CASES = [
                                   " nic=bridge:lan)"),),
          add(vm(options="host=kvm1 nic=macvtap:eno1")),
          site=lambda text: sub("[hosts.kvm1]\n", '[hosts.kvm1]\nuplink = "eno1"\n')(devices(text))),
+    # A tagged network's bridge sits on <uplink>.<vlan>: that VLAN interface is a bridge port too.
+    Case("nic-macvtap-on-the-uplinks-vlan-interface",
+         (option_problem(NEW, 59, "option 'nic': interface 'eno1.60' of host 'kvm1' is a port of bridge 'br60'"
+                                  " (network 'dmz'; fab kvm-setup puts it there, from [hosts.kvm1] uplink), and the"
+                                  " kernel puts no macvtap on a bridge port (expected another interface, or"
+                                  " nic=bridge:dmz)"),),
+         add(vm(options="host=kvm1 nic=macvtap:eno1.60")),
+         site=lambda text: sub("[hosts.kvm1]\n", '[hosts.kvm1]\nuplink = "eno1"\ninterfaces = ["eno1.60"]\n')(text)),
     Case("nic-unknown-network", (option_problem(NEW, 59, "option 'nic': 'wan' is not a network in {site} (expected"
                                                          " one of: dmz, lan)"),),
          add(vm(options="host=kvm1 nic=bridge:wan"))),
