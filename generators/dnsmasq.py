@@ -15,9 +15,12 @@ from pathlib import PurePath, PurePosixPath
 from posixpath import join
 
 from generators import pxe
+from generators.errors import Problem
 from generators.host_records import host_records
 from generators.model import Cluster, Network
 from generators.render import banner_lines, environment
+from generators.site import UPSTREAM_DNS_RULE
+from generators.toml_reader import Locate
 
 CONF_TEMPLATE = "dnsmasq.conf.j2"
 HOST_TEMPLATE = "dhcp-host.j2"
@@ -45,6 +48,38 @@ def dns_servers(cluster: Cluster, network: Network) -> tuple[IPv4Address, ...]:
     if server is None:
         raise RuntimeError("programming error: provision.server is resolved by validate.py before generators run")
     return (server,)
+
+
+def upstream_dns_problems(cluster: Cluster, locate: Locate) -> list[Problem]:
+    """What is wrong with [provision] upstream_dns, or with its absence, once the server's address is known.
+
+    dnsmasq never forwards to an address of its own (it logs "ignoring nameserver ... - local interface"), so a
+    server whose upstream is itself answers no name outside the cluster: the installers' and apt's mirror included.
+    Without upstream_dns, dnsmasq forwards to the servers of /etc/resolv.conf. For a provision VM, kvmconf writes
+    that file itself (cloud-init's network-config: its network's name servers); when those are only the VM, the
+    server is sure to be broken, so that is refused here, at `make`, rather than found when an install stalls.
+    A provision server that is no VM ([provision] server) has a resolv.conf of the admin's making, which may name
+    the site's resolvers: forwarding to it is kept, and the generated dnsmasq.conf says so.
+    """
+    provision, domain = cluster.site.provision, cluster.site.domain
+    server = provision.server
+    if server is None:
+        return []  # an unknown provision VM, or one without an IP: reported by validate.py
+    own = (f"the IP of the provision VM {provision.vm!r} in {cluster.source}" if provision.vm is not None
+           else "[provision] server")
+    if provision.upstream_dns is not None:
+        if server not in provision.upstream_dns:
+            return []
+        return [Problem(locate("provision", "upstream_dns"), f"key 'provision.upstream_dns': '{server}' is the"
+                        f" provision server's own address ({own}), to which dnsmasq never forwards (expected the"
+                        f" name servers it forwards names outside {domain} to, other than itself)")]
+    vm = next((vm for vm in cluster.vms if vm.name == provision.vm), None)
+    if vm is None or dns_servers(cluster, cluster.network_of(vm)) != (server,):
+        return []
+    return [Problem(locate("provision", ""), f"table '[provision]' needs key 'upstream_dns': the provision VM"
+                    f" {vm.name!r} has no name server but itself ({server}: network {vm.network!r} hands out no"
+                    f" other), to which its dnsmasq never forwards, so no VM could resolve a name outside {domain}"
+                    f" (expected upstream_dns = {UPSTREAM_DNS_RULE})")]
 
 
 def tftp_names() -> dict[str, str]:

@@ -218,6 +218,8 @@ class Provision:
     mirror_proxy: str = ""
     config_dir: str = "/etc/kvmconf"  # where `invoke provision-server` keeps its build and state on the server
     vm: str | None = None  # the VM of cluster.conf that is the provision server, if one is
+    # The name servers dnsmasq forwards names outside the cluster to; None: those of the server's /etc/resolv.conf.
+    upstream_dns: tuple[IPv4Address, ...] | None = None
 
 
 @dataclass(frozen=True)

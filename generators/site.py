@@ -209,12 +209,31 @@ def _read_provision(top: TableReader) -> dict[str, Any]:
         mirror_dir=read_mirror_dir(p),
         mirror_proxy=read_mirror_proxy(p),
         config_dir=read_absolute_path(p, "config_dir", "/etc/kvmconf"),
+        upstream_dns=p.convert("upstream_dns", _name_servers, "a list of IPv4 addresses", UPSTREAM_DNS_RULE,
+                               default=None, kind=list),
     )
     if not p.absent and ("vm" in p.data) == ("server" in p.data):
         p.problems.append(Problem(p.locate("provision", ""), "table '[provision]' needs exactly one of 'vm' (the"
                                   " provision VM's name in cluster.conf) or 'server' (its IPv4 address)"))
     p.check_unknown()
     return values
+
+
+UPSTREAM_DNS_RULE = (  # what [provision] upstream_dns takes, for its problems
+    '["a.b.c.d", ...]: the name servers the provision server\'s dnsmasq forwards names outside the cluster to,'
+    ' or [] for none')
+
+
+def _name_servers(value: list[Any]) -> tuple[IPv4Address, ...]:
+    """[provision] upstream_dns: each entry an IPv4 address; the error names the first entry that is not one."""
+    for item in value:
+        try:
+            if not isinstance(item, str):  # IPv4Address would take the integer 3 as 0.0.0.3
+                raise ValueError
+            IPv4Address(item)
+        except ValueError:
+            raise ValueError(f"(expected {UPSTREAM_DNS_RULE}; {shown(item)} is not an IPv4 address)") from None
+    return tuple(IPv4Address(item) for item in value)
 
 
 def _read_backup(top: TableReader) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from generators.ansible import GROUP_RULE, group_clash
+from generators.dnsmasq import upstream_dns_problems
 from generators.errors import ConfigError, Location, Problem, shown
 from generators.inventory import Row, read_rows
 from generators.model import Boot, Cluster, Disk, DiskKind, Install, Nic, NicKind, Site, Vm
@@ -45,9 +46,11 @@ def load_cluster(cluster_path: Path, site_path: Path) -> Cluster:
     site, locate = located
     checker = _Checker(str(cluster_path), site, locate, problems, complete=not row_problems)
     vms = checker.build(rows)
+    cluster = Cluster(site=checker.site, vms=tuple(vms), source=str(cluster_path))
+    problems.extend(upstream_dns_problems(cluster, locate))  # needs the provision VM's address and network
     if problems:
         raise ConfigError(problems)
-    return Cluster(site=checker.site, vms=tuple(vms), source=str(cluster_path))
+    return cluster
 
 
 def _report(path: str, row: Row, column: str, message: str, option: str | None = None, offset: int = 0) -> Problem:

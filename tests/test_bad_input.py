@@ -598,6 +598,26 @@ CASES = [
          (site(75, 1, "key 'provision.vm': 'nosuch' is not a VM of {conf} (expected the name of the VM that is the"
                       " provision server)"),),
          site=sub('vm = "provision"', 'vm = "nosuch"')),
+    # dnsmasq never forwards to its own address: a provision VM whose network hands out only itself as name server
+    # (its /etc/resolv.conf, written by cloud-init) needs upstream_dns, or no VM resolves deb.debian.org.
+    Case("site-upstream-dns-missing",
+         (site(74, 1, "table '[provision]' needs key 'upstream_dns': the provision VM 'provision' has no name server"
+                      " but itself (192.168.50.2: network 'lan' hands out no other), to which its dnsmasq never"
+                      " forwards, so no VM could resolve a name outside phys.example.org (expected upstream_dns ="
+                      " [\"a.b.c.d\", ...]: the name servers the provision server's dnsmasq forwards names outside"
+                      " the cluster to, or [] for none)"),),
+         site=sub('upstream_dns = ["192.168.50.1"]', "")),
+    Case("site-upstream-dns-is-the-provision-vm",
+         (site(84, 1, "key 'provision.upstream_dns': '192.168.50.2' is the provision server's own address (the IP of"
+                      " the provision VM 'provision' in {conf}), to which dnsmasq never forwards (expected the name"
+                      " servers it forwards names outside phys.example.org to, other than itself)"),),
+         site=sub('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["192.168.50.1", "192.168.50.2"]')),
+    Case("site-upstream-dns-is-the-provision-server",
+         (site(84, 1, "key 'provision.upstream_dns': '192.168.50.4' is the provision server's own address ([provision]"
+                      " server), to which dnsmasq never forwards (expected the name servers it forwards names outside"
+                      " phys.example.org to, other than itself)"),),
+         site=lambda text: sub('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["192.168.50.4"]')(
+             sub('vm = "provision"', 'server = "192.168.50.4"')(text))),
     Case("site-schedule-with-names",
          (site(86, 1, "key 'backup.schedule': '30 2 * * mon' is not a cron schedule kvmconf reads (expected numbers,"
                       " *, ranges, lists and steps, e.g. '30 2 * * 1-5', within minute 0-59, hour 0-23, day 1-31,"

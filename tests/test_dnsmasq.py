@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
+import time
 from ipaddress import IPv4Address
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
 from generators import dnsmasq, pxe
+from generators.errors import Location
 from generators.model import Cluster, Install
 from tests.golden import assert_golden
 from tests.tools import require_tool, run
@@ -198,3 +203,164 @@ def test_dnsmasq_staging_catches_a_broken_hostsfile_line(example: Cluster, tmp_p
     assert result.returncode != 0
     assert "bad hex constant" in result.stderr
     assert "syntax check OK" not in result.stdout + result.stderr
+
+
+# --- [provision] upstream_dns: where names outside the cluster go ----------------------------------------------
+
+
+def _with_upstream(cluster: Cluster, upstream: tuple[str, ...] | None, **changes: Any) -> Cluster:
+    servers = None if upstream is None else tuple(IPv4Address(ip) for ip in upstream)
+    provision = dataclasses.replace(cluster.site.provision, upstream_dns=servers, **changes)
+    return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, provision=provision))
+
+
+def _conf_lines(cluster: Cluster) -> list[str]:
+    conf = dnsmasq.render(cluster)[CONF]
+    assert isinstance(conf, str)
+    return conf.splitlines()
+
+
+def _forwarding(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith(("no-resolv", "server=", "resolv-file="))]
+
+
+def test_upstream_dns_replaces_resolv_conf_with_one_server_line_each(example: Cluster) -> None:
+    lines = _conf_lines(_with_upstream(example, ("192.168.50.1", "10.0.0.53")))
+    assert _forwarding(lines) == ["no-resolv", "server=192.168.50.1", "server=10.0.0.53"]  # dnsmasq tries in order
+
+
+def test_without_upstream_dns_the_conf_says_names_go_to_resolv_conf(example: Cluster) -> None:
+    lines = _conf_lines(_with_upstream(example, None))
+    assert _forwarding(lines) == []
+    assert "# Other names go to the name servers of this server's /etc/resolv.conf ([provision] upstream_dns in" \
+           " site.toml" in lines
+
+
+def test_empty_upstream_dns_forwards_nothing(example: Cluster) -> None:
+    lines = _conf_lines(_with_upstream(example, ()))
+    assert _forwarding(lines) == ["no-resolv"]
+    assert "# No other name is answered ([provision] upstream_dns = [] in site.toml): /etc/resolv.conf is not read." \
+           in lines
+
+
+def _upstream_problems(cluster: Cluster) -> list[str]:
+    return [problem.message for problem in dnsmasq.upstream_dns_problems(cluster, lambda table, key: Location(
+        "site.toml", 1, 1))]
+
+
+def test_upstream_dns_is_needed_only_where_the_provision_vm_would_ask_itself(example: Cluster) -> None:
+    """The example's lan (the provision VM's network) hands out the VM alone: without upstream_dns, refused.
+
+    tests/test_bad_input.py has the exact messages; these are the cases that must pass.
+    """
+    alone = _with_upstream(example, None)
+    assert _upstream_problems(alone) != []  # control: the cases below differ from it in one thing each
+    lan = dataclasses.replace(alone.site.networks["lan"], dns_servers=(IPv4Address("192.168.50.2"),
+                                                                       IPv4Address("192.168.50.1")))
+    another = dataclasses.replace(alone, site=dataclasses.replace(alone.site, networks={**alone.site.networks,
+                                                                                         "lan": lan}))
+    assert _upstream_problems(another) == []  # its resolv.conf names 192.168.50.1 too, which dnsmasq uses
+    # A provision server that is no VM has a resolv.conf of the admin's making: kept, and the conf says so.
+    assert _upstream_problems(_with_upstream(example, None, vm=None, server=IPv4Address("192.168.50.4"))) == []
+    assert _upstream_problems(_with_upstream(example, ())) == []  # [] says: no names outside the cluster
+
+
+@pytest.mark.consumer
+def test_dnsmasq_accepts_the_upstream_dns_lines(example: Cluster, tmp_path: Path) -> None:
+    staged = _stage(dnsmasq.render(_with_upstream(example, ("192.168.50.1", "10.0.0.53"))), tmp_path)
+    assert "no-resolv\nserver=192.168.50.1\nserver=10.0.0.53\n" in staged.read_text()
+    result = run([require_tool("dnsmasq"), "--test", "-C", str(staged)])
+    assert result.returncode == 0, result.stderr
+    assert "syntax check OK" in result.stdout + result.stderr
+    # Control: --test does read server= lines, so the check above could fail.
+    staged.write_text(staged.read_text().replace("server=10.0.0.53", "server=10.0.0.300"))
+    result = run([require_tool("dnsmasq"), "--test", "-C", str(staged)])
+    assert result.returncode != 0 and "syntax check OK" not in result.stdout + result.stderr
+
+
+# A name server for everything: it answers every A question with this address (a documentation address).
+UPSTREAM_ANSWER = "203.0.113.7"
+FAKE_UPSTREAM = f"""
+import socket, struct, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 53))
+print("ready", flush=True)
+while True:
+    query, peer = sock.recvfrom(512)
+    end = 12
+    while query[end]:
+        end += query[end] + 1
+    answer = b"\\xc0\\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton("{UPSTREAM_ANSWER}")
+    sock.sendto(query[:2] + b"\\x81\\x80" + struct.pack(">HHHH", 1, 1, 0, 0) + query[12:end + 5] + answer, peer)
+"""
+# Ask a name server for a name's A record: prints the response code and the first answer's address.
+ASK = """
+import socket, struct, sys
+name = b"".join(bytes([len(label)]) + label.encode() for label in sys.argv[2].split(".")) + b"\\0"
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(2)
+sock.sendto(struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1), (sys.argv[1], 53))
+reply = sock.recv(512)
+print(reply[3] & 15, socket.inet_ntoa(reply[-4:]) if struct.unpack(">H", reply[6:8])[0] else "-")
+"""
+
+
+def _ask(netns: str, server: str, name: str) -> str:
+    """The answer of `server` for `name` (rcode and address), retried while dnsmasq is still starting."""
+    deadline = time.monotonic() + 10
+    while True:
+        result = run(["ip", "netns", "exec", netns, sys.executable, "-c", ASK, server, name])
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+        time.sleep(0.2)
+
+
+def _resolve_outside_name(cluster: Cluster, netns: str, tmp_path: Path) -> str:
+    """What a VM asking the provision server's dnsmasq (the generated conf) gets for deb.debian.org.
+
+    In `netns`: the provision server at 192.168.50.2 on one end of a veth pair, a name server at 192.168.50.1 (the
+    example's gateway) on the other, and a resolv.conf naming the provision server only, as cloud-init writes it
+    for the example's provision VM.
+    """
+    dnsmasq_path = require_tool("dnsmasq")
+    staged = _stage(dnsmasq.render(cluster), tmp_path)
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.168.50.2\n")
+    conf = staged.read_text().replace(f"interface={cluster.site.provision.interface}\n", "interface=kvmconf-p0\n")
+    staged.write_text(conf + f"resolv-file={resolv}\ndhcp-leasefile={tmp_path / 'leases'}\nuser=root\n")
+    ns = ["ip", "netns", "exec", netns]
+    for command in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "link", "add", "kvmconf-p0", "type", "veth", "peer", "name", "kvmconf-p1"],
+                    ["ip", "addr", "add", "192.168.50.2/24", "dev", "kvmconf-p0"],
+                    ["ip", "addr", "add", "192.168.50.1/24", "dev", "kvmconf-p1"],
+                    ["ip", "link", "set", "kvmconf-p0", "up"], ["ip", "link", "set", "kvmconf-p1", "up"]):
+        subprocess.run([*ns, *command], check=True)
+    upstream = subprocess.Popen([*ns, sys.executable, "-c", FAKE_UPSTREAM, "192.168.50.1"], stdout=subprocess.PIPE,
+                                text=True)
+    server = subprocess.Popen([*ns, dnsmasq_path, "--keep-in-foreground", "--log-facility=-", "-C", str(staged)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert upstream.stdout is not None and upstream.stdout.readline() == "ready\n"
+        assert _ask(netns, "192.168.50.1", "deb.debian.org") == f"0 {UPSTREAM_ANSWER}"  # the name server works
+        return _ask(netns, "192.168.50.2", "deb.debian.org")
+    finally:
+        for process in (server, upstream):
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+def test_dnsmasq_forwards_names_outside_the_cluster_to_upstream_dns(example: Cluster, netns: str,
+                                                                     tmp_path: Path) -> None:
+    assert example.site.provision.upstream_dns == (IPv4Address("192.168.50.1"),)  # the example's
+    assert _resolve_outside_name(example, netns, tmp_path) == f"0 {UPSTREAM_ANSWER}"
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+def test_dnsmasq_cannot_resolve_outside_names_when_resolv_conf_names_only_itself(example: Cluster, netns: str,
+                                                                                 tmp_path: Path) -> None:
+    """Why upstream_dns is needed: dnsmasq ignores its own address in resolv.conf and refuses the name (rcode 5)."""
+    assert _resolve_outside_name(_with_upstream(example, None), netns, tmp_path) == "5 -"

@@ -39,6 +39,11 @@ interface = "eth0"
 """
 
 
+# What [provision] upstream_dns takes, as its problems say.
+UPSTREAM_RULE = ('["a.b.c.d", ...]: the name servers the provision server\'s dnsmasq forwards names outside the cluster'
+                 " to, or [] for none")
+
+
 def _write(tmp_path: Path, text: str | bytes, name: str = "site.toml") -> Path:
     path = tmp_path / name
     path.write_bytes(text.encode() if isinstance(text, str) else text)
@@ -50,6 +55,14 @@ def _problems(path: Path) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_site(path)
     return [str(problem).removeprefix(f"{path}:") for problem in caught.value.problems]
+
+
+def test_upstream_dns_is_optional_and_may_be_empty(tmp_path: Path) -> None:
+    """None: dnsmasq forwards to the server's resolv.conf; []: it forwards nothing (tests/test_dnsmasq.py)."""
+    assert load_site(_write(tmp_path, MINIMAL_SITE)).provision.upstream_dns is None
+    empty = load_site(_write(tmp_path, MINIMAL_SITE + "upstream_dns = []\n")).provision.upstream_dns
+    assert empty == ()
+    assert load_site(ROOT / "site.toml").provision.upstream_dns == (IPv4Address("192.168.50.1"),)
 
 
 def test_the_example_site_toml_parses() -> None:
@@ -231,6 +244,18 @@ WRONG_VALUES = [
     ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2/?x=1"',
      ["77:1: key 'provision.http_url': 'http://192.168.50.2/?x=1' is not a URL the provision server can serve (expected"
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
+    # [provision] upstream_dns becomes dnsmasq's server= lines: IPv4 addresses only, and the bad entry is named.
+    ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["192.168.50.1", ""]',
+     ["84:1: key 'provision.upstream_dns': ['192.168.50.1', ''] is not a list of IPv4 addresses (expected"
+      f" {UPSTREAM_RULE}; '' is not an IPv4 address)"]),
+    ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["ns1.example.org"]',
+     ["84:1: key 'provision.upstream_dns': ['ns1.example.org'] is not a list of IPv4 addresses (expected"
+      f" {UPSTREAM_RULE}; 'ns1.example.org' is not an IPv4 address)"]),
+    ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = [3232248321]',  # IPv4Address(3232248321) is 192.168.50.1
+     ["84:1: key 'provision.upstream_dns': [3232248321] is not a list of IPv4 addresses (expected"
+      f" {UPSTREAM_RULE}; 3232248321 is not an IPv4 address)"]),
+    ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = "192.168.50.1"',
+     ["84:1: key 'provision.upstream_dns': '192.168.50.1' is a string (expected a list of IPv4 addresses)"]),
     ('interface = "enp1s0"', 'interface = "enp1s0"\nserver = "192.168.50.2"',
      ["74:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
       " (its IPv4 address)"]),
