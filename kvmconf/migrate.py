@@ -67,7 +67,7 @@ _RECORD = 1 << 20  # tar's record (--blocking-factor in 512-byte blocks): its ch
 _CHECKPOINT = 16  # records between two progress reports: 16 MiB
 _PROGRESS_WORD = "kvmconf-copied"  # tar prints "<its argv[0]>: kvmconf-copied <records>" on stderr at each checkpoint
 _PROGRESS_LINE = re.compile(rf"[^\n]*: {_PROGRESS_WORD} (\d+)")
-_PROGRESS_EVERY = 10.0  # seconds between two progress lines of one copy
+_PROGRESS_EVERY = 10.0  # seconds between two progress lines of one copy or live migration
 _HOST_WORD = re.compile(r"(?<!\S)host=\S*")
 # A copy has no time limit, so a dropped link must end its ssh: after 4 keepalives 15 s apart go unanswered (about a
 # minute), ssh gives up and the copy fails, instead of hanging forever with the VM shut down.
@@ -205,7 +205,7 @@ def _remove_all(dst_run: Runner, paths: list[str]) -> str:
 
 
 def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, params: dict[str, object],
-                        flags: int) -> libvirt.virDomain:
+                        flags: int, progress: Callable[[], None] = lambda: None) -> libvirt.virDomain:
     """``dom.migrate3`` (returns the target's domain), but an interrupt aborts libvirt's job.
 
     Python runs signal handlers in the main thread between its own steps, never inside a libvirt call:
@@ -215,10 +215,13 @@ def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, pa
 
     Only a migration is aborted: a job another tool started since migrate()'s check (a backup) holds the
     domain while migrate3 waits for it, and is left to run; the migration is aborted once it has begun.
+    ``progress()`` is called every :data:`_PROGRESS_EVERY` seconds while it runs.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="migrate3") as worker:
         job = worker.submit(dom.migrate3, dst_conn, params, flags)
         try:
+            while wait([job], timeout=_PROGRESS_EVERY).not_done:
+                progress()
             return job.result()
         except KeyboardInterrupt:
             while not job.done():  # until libvirt has undone its part (or completed, too far along to abort)
@@ -227,6 +230,25 @@ def _abortable_migrate3(dom: libvirt.virDomain, dst_conn: libvirt.virConnect, pa
                         dom.abortJob()
                 wait([job], timeout=_ABORT_POLL)
             raise
+
+
+def _live_progress(dom: libvirt.virDomain, what: str, log: Log) -> Callable[[], None]:
+    """A live migration's progress as libvirt's job counts it: the disk copied ahead of the memory, then the memory.
+
+    A big disk takes minutes to hours: without it the run says nothing between its first line and its last.
+    """
+    def progress() -> None:
+        try:
+            stats = dom.jobStats()
+        except libvirt.libvirtError:
+            return  # between two phases, or ended: the next report, or the result, says more
+        parts = [f"{kind} {stats[done] >> 20}/{stats[total] >> 20} MiB" for kind, done, total in (
+            ("disk", libvirt.VIR_DOMAIN_JOB_DISK_PROCESSED, libvirt.VIR_DOMAIN_JOB_DISK_TOTAL),
+            ("memory", libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL))
+            if stats.get(total)]
+        if parts:
+            log(f"{what}: {', '.join(parts)} ...")
+    return progress
 
 
 def _live_xml(xml: str, moves: Moves) -> str:
@@ -272,7 +294,7 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
             params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = "127.0.0.1"
         flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_NON_SHARED_DISK
         log(f"{vm.name}: migrating live to {to} (memory and disk) ...")
-        new = _abortable_migrate3(dom, dst_conn, params, flags)
+        new = _abortable_migrate3(dom, dst_conn, params, flags, _live_progress(dom, f"{vm.name}: migrating", log))
     return new
 
 

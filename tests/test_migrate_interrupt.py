@@ -8,6 +8,8 @@ source, then still end non-zero.
 from __future__ import annotations
 
 import os
+import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import libvirt
 import libvirt_qemu
@@ -144,6 +146,45 @@ def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_i
         assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert list((clean.images / "kvm1").iterdir()) == []
+
+
+def test_a_long_live_migration_shows_its_progress(
+        workdir: Path, clean: lab.Lab, migration: Callable[..., subprocess.Popen[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said "migrating live ..." and then nothing until the end, minutes to hours for a big disk.
+
+    Slowed as above (1 MiB/s over 256 MiB the guest wrote): the first report comes after 10 s, long before the end.
+    """
+    _provision(workdir, clean, "web")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # each line as it is printed, as on a terminal
+    with lab_domain(clean, "kvm0", "web") as dom:
+        command = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 1M 256M"'
+        hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        assert libvirt_qemu.qemuMonitorCommand(dom, command, hmp).strip() == ""
+        dom.migrateSetMaxSpeed(1, 0)
+        child = migration("--vm", "web", "--to", "kvm1")
+        assert child.stdout is not None
+        got: queue.Queue[str] = queue.Queue()
+
+        def read(stream: IO[str]) -> None:
+            for line in stream:
+                got.put(line)
+
+        reader = threading.Thread(target=read, args=(child.stdout,), daemon=True)
+        reader.start()
+        lines: list[str] = []
+        with suppress(queue.Empty):  # a report is due 10 s in; the copy runs for minutes
+            while len(lines) < 2:
+                lines.append(got.get(timeout=60))
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 1
+        reader.join(timeout=60)
+        output = "".join(lines + list(got.queue))
+    assert len(lines) == 2 and lines[0] == "web: migrating live to kvm1 (memory and disk) ...\n", output
+    # The disk's whole size (what libvirt mirrors) first; the memory's once that phase has begun.
+    assert re.fullmatch(r"web: migrating: disk \d+/1024 MiB(, memory \d+/\d+ MiB)? \.\.\.\n", lines[1]), output
+    assert output.splitlines()[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
+                                       " files made on kvm1 were removed")
 
 
 def _lab_cluster(workdir: Path, the_lab: lab.Lab) -> Cluster:
