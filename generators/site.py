@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from generators.ansible import GROUP_RULE, group_clash, group_name, host_group_clashes
@@ -209,7 +209,7 @@ def _read_provision(top: TableReader) -> dict[str, Any]:
         mirror_dir=read_mirror_dir(p),
         mirror_proxy=read_mirror_proxy(p),
         config_dir=read_absolute_path(p, "config_dir", "/etc/kvmconf"),
-        upstream_dns=p.convert("upstream_dns", _name_servers, "a list of IPv4 addresses", UPSTREAM_DNS_RULE,
+        upstream_dns=p.convert("upstream_dns", _name_servers, "a list of name server addresses", UPSTREAM_DNS_RULE,
                                default=None, kind=list),
     )
     if not p.absent and ("vm" in p.data) == ("server" in p.data):
@@ -230,9 +230,12 @@ def _name_servers(value: list[Any]) -> tuple[IPv4Address, ...]:
         try:
             if not isinstance(item, str):  # IPv4Address would take the integer 3 as 0.0.0.3
                 raise ValueError
-            IPv4Address(item)
+            address = IPv4Address(item)
         except ValueError:
             raise ValueError(f"(expected {UPSTREAM_DNS_RULE}; {shown(item)} is not an IPv4 address)") from None
+        if address.is_loopback:  # with interface=, dnsmasq listens on lo too: port 53 there is dnsmasq itself
+            raise ValueError(f"(expected {UPSTREAM_DNS_RULE}; {shown(item)} is a loopback address, where the"
+                             " provision server's dnsmasq itself listens)")
     return tuple(IPv4Address(item) for item in value)
 
 
@@ -250,6 +253,13 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
         checkout=read_absolute_path(b, "checkout", "/root/kvmconf"),
         scratch_dir=read_absolute_path(b, "scratch_dir", "/var/tmp"),
     )
+    local, nas = values["dir"], values["nas_dir"]
+    if local is not None and nas is not None and _nested(PurePosixPath(local), PurePosixPath(nas)):
+        # The NAS copy is the second place of the backups, for when the local disk is lost; one inside the other is
+        # one filesystem, and the NAS stage would find its "share" never mounted.
+        b.problem("nas_dir", f"{shown(nas)} is, or is nested with, [backup] dir {shown(local)} (expected the"
+                  " mount point of a NAS share, outside dir)")
+        values["nas_dir"] = None
     scratch = values["scratch_dir"]
     if scratch is not None and len(scratch.encode()) > MAX_SCRATCH_DIR:
         # The job's NBD socket is <scratch_dir>/kvmconf-backup-<pid>-<time>/nbd.sock: a unix socket path has at
@@ -259,6 +269,10 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
         values["scratch_dir"] = None
     b.check_unknown()
     return values
+
+
+def _nested(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _read_schedule(b: TableReader, key: str = "schedule", default: str = "30 2 * * *", off: bool = False

@@ -246,16 +246,19 @@ WRONG_VALUES = [
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
     # [provision] upstream_dns becomes dnsmasq's server= lines: IPv4 addresses only, and the bad entry is named.
     ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["192.168.50.1", ""]',
-     ["84:1: key 'provision.upstream_dns': ['192.168.50.1', ''] is not a list of IPv4 addresses (expected"
+     ["84:1: key 'provision.upstream_dns': ['192.168.50.1', ''] is not a list of name server addresses (expected"
       f" {UPSTREAM_RULE}; '' is not an IPv4 address)"]),
     ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["ns1.example.org"]',
-     ["84:1: key 'provision.upstream_dns': ['ns1.example.org'] is not a list of IPv4 addresses (expected"
+     ["84:1: key 'provision.upstream_dns': ['ns1.example.org'] is not a list of name server addresses (expected"
       f" {UPSTREAM_RULE}; 'ns1.example.org' is not an IPv4 address)"]),
     ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = [3232248321]',  # IPv4Address(3232248321) is 192.168.50.1
-     ["84:1: key 'provision.upstream_dns': [3232248321] is not a list of IPv4 addresses (expected"
+     ["84:1: key 'provision.upstream_dns': [3232248321] is not a list of name server addresses (expected"
       f" {UPSTREAM_RULE}; 3232248321 is not an IPv4 address)"]),
+    ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["127.0.0.53"]',  # dnsmasq listens on lo itself
+     ["84:1: key 'provision.upstream_dns': ['127.0.0.53'] is not a list of name server addresses (expected"
+      f" {UPSTREAM_RULE}; '127.0.0.53' is a loopback address, where the provision server's dnsmasq itself listens)"]),
     ('upstream_dns = ["192.168.50.1"]', 'upstream_dns = "192.168.50.1"',
-     ["84:1: key 'provision.upstream_dns': '192.168.50.1' is a string (expected a list of IPv4 addresses)"]),
+     ["84:1: key 'provision.upstream_dns': '192.168.50.1' is a string (expected a list of name server addresses)"]),
     ('interface = "enp1s0"', 'interface = "enp1s0"\nserver = "192.168.50.2"',
      ["74:1: table '[provision]' needs exactly one of 'vm' (the provision VM's name in cluster.conf) or 'server'"
       " (its IPv4 address)"]),
@@ -502,6 +505,15 @@ FREE_TEXT_VALUES = [
     ('nas_dir = "/mnt/nas/kvmconf"', 'nas_dir = "nas:/kvmconf"',
      "88:1: key 'backup.nas_dir': 'nas:/kvmconf' is not an absolute path (expected a path starting with '/', without"
      " whitespace, such as /mnt/nas/kvmconf)"),
+    ('nas_dir = "/mnt/nas/kvmconf"', 'nas_dir = "/var/backups/kvmconf"',
+     "88:1: key 'backup.nas_dir': '/var/backups/kvmconf' is, or is nested with, [backup] dir '/var/backups/kvmconf'"
+     " (expected the mount point of a NAS share, outside dir)"),
+    ('nas_dir = "/mnt/nas/kvmconf"', 'nas_dir = "/var/backups/kvmconf/nas/"',
+     "88:1: key 'backup.nas_dir': '/var/backups/kvmconf/nas/' is, or is nested with, [backup] dir"
+     " '/var/backups/kvmconf' (expected the mount point of a NAS share, outside dir)"),
+    ('nas_dir = "/mnt/nas/kvmconf"', 'nas_dir = "/var/backups"',
+     "88:1: key 'backup.nas_dir': '/var/backups' is, or is nested with, [backup] dir '/var/backups/kvmconf'"
+     " (expected the mount point of a NAS share, outside dir)"),
     ('checkout = "/root/kvmconf"', 'checkout = "~/kvmconf"',
      "92:1: key 'backup.checkout': '~/kvmconf' is not an absolute path (expected a path starting with '/', without"
      " whitespace, such as /root/kvmconf)"),
