@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -67,10 +69,27 @@ def instance_id(vm: Vm, user_data: str, network_config: str) -> str:
 
     A new id makes cloud-init treat the VM as a new instance (new SSH host keys, with Debian's defaults),
     so the seeds' banners name the inputs by file name: the id must not change with the way the path to
-    cluster.conf was written (`invoke plan` would then want to replace every seed ISO).
+    cluster.conf was written (`invoke plan` would then want to replace every seed ISO). The caller hashes
+    the seed as the usual file names render it (see _as_usually_named).
     """
     digest = hashlib.sha256(user_data.encode() + b"\0" + network_config.encode()).hexdigest()
     return f"{vm.name}-{digest[:12]}"
+
+
+def _as_usually_named(cluster: Cluster) -> Callable[[str], str]:
+    """A seed's text as it reads when the inputs are called cluster.conf and site.toml: renaming them (prod.conf)
+    changes the banners, which must not give every cloud VM a new instance-id, and new host keys, at its next boot.
+    """
+    usual = replace(cluster, source="cluster.conf", site=replace(cluster.site, path="site.toml"))
+    renamed = [(given, line) for template in (USER_DATA, NETWORK_CONFIG)
+               for given, line in zip(banner_lines(cluster, template, by_name=True),
+                                      banner_lines(usual, template, by_name=True), strict=True) if given != line]
+
+    def text(seed: str) -> str:
+        for given, line in renamed:
+            seed = seed.replace(given, line, 1)
+        return seed
+    return text
 
 
 def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
@@ -85,6 +104,7 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     user_data_context = {**seed_context(USER_DATA), "q": quoted_site_values(cluster),
                          "root_login": site.accounts.ssh_user == "root"}
     meta_data_context, network_config_context = seed_context(META_DATA), seed_context(NETWORK_CONFIG)
+    usually_named = _as_usually_named(cluster)
     tree: dict[PurePosixPath, str | bytes] = {}
     for vm in cluster.vms:
         if vm.install is not Install.CLOUD:
@@ -94,7 +114,8 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         network_config = network_config_template.render(network_config_context, vm=vm, network=network,
                                                         nameservers=dns_servers(cluster, network))
         meta_data = meta_data_template.render(meta_data_context, vm=vm,
-                                              instance_id=instance_id(vm, user_data, network_config))
+                                              instance_id=instance_id(vm, usually_named(user_data),
+                                                                      usually_named(network_config)))
         seed = f"cloud-init/{vm.name}"
         tree[PurePosixPath(f"{seed}/user-data")] = user_data
         tree[PurePosixPath(f"{seed}/meta-data")] = meta_data
