@@ -144,7 +144,12 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
     report = VmReport(vm.name, dry_run=options.dry_run)
     step = "connect"
     try:
-        with connect(resolve(vm.name, options.ssh_config)) as conn:
+        target = resolve(vm.name, options.ssh_config)
+        if target.user != "root":  # else apt-get, the pushes into /etc and the reloads fail midway, one by one
+            raise StepFailed(step, f"the ssh config logs in as {target.user!r}: deploy and update-confs install"
+                             " packages, write system files and reload services as root (expected User root:"
+                             " site.toml accounts.ssh_user = \"root\" makes the generated ssh config say so)")
+        with connect(target) as conn:
             if full:
                 step = "packages"
                 install_packages(conn, recipe.packages, report, options.dry_run)

@@ -461,6 +461,22 @@ def test_keyscan_records_the_reachable_vms_as_it_goes_and_names_the_others(
     assert sorted(known.read_text().splitlines()) == sorted(recorded) != []
 
 
+def test_a_login_that_is_not_root_is_refused_before_anything_is_done(example: Cluster, farm: sshfarm.Farm,
+                                                                     tmp_path: Path) -> None:
+    """accounts.ssh_user = "deploy" makes the ssh config log in as deploy: apt-get, the pushes into /etc and the
+    reloads would each fail on the VM, after the first ones had been done."""
+    config = tmp_path / "ssh_config"
+    config.write_text(farm.ssh_config.read_text().replace("User root", "User deploy"))
+    farm.clear_logs()
+    report = run_cluster(example, ["db"], True, Options(config, 1, False, None))
+    [db] = report.reports
+    assert (db.failed_step, db.error) == ("connect", "the ssh config logs in as 'deploy': deploy and update-confs"
+                                          " install packages, write system files and reload services as root"
+                                          " (expected User root: site.toml accounts.ssh_user = \"root\" makes the"
+                                          " generated ssh config say so)")
+    assert farm.log("db", "apt-get") == [] and farm.log("db", "systemctl") == []
+
+
 def test_unknown_host_key_is_refused(example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
     config = tmp_path / "ssh_config"
     config.write_text(farm.ssh_config.read_text().replace(str(farm.known_hosts), str(tmp_path / "empty")))
