@@ -41,6 +41,7 @@ from generators.validate import load_cluster  # noqa: E402
 from kvmconf import bare_vm, connection, lab  # noqa: E402,F401 (connection: libvirt errors are not printed twice)
 from kvmconf.backup import qcow2  # noqa: E402
 from kvmconf.backup.engine import Settings, backup_vm  # noqa: E402
+from kvmconf.backup.libvirt_xml import backup_xml, checkpoint_xml, domain_disks  # noqa: E402
 
 MIB = 1024 * 1024
 ROWS = ("full: qemu-img convert", "full: ours", "full: virtnbdbackup -l full", "inc:  ours",
@@ -121,16 +122,15 @@ def vnb(uri: str, name: str, level: str, out: Path, scratch: Path) -> None:
 
 def libvirt_calls_alone(dom: libvirt.virDomain, job: Path, round_: int) -> None:
     """What an incremental asks of libvirt, copying nothing: retire the checkpoint before the last, begin a
-    pull job from the last one with a new checkpoint, and end the job (its export is never read)."""
+    pull job from the last one with a new checkpoint, and end the job (its export is never read). The job and
+    checkpoint XML are the engine's own."""
     if round_ >= 2:
         dom.checkpointLookupByName(f"ref{round_ - 2}").delete(0)
     job.mkdir(exist_ok=True)
     (job / "vda.scratch").write_bytes(qcow2.plan(2 * 1024 * MIB, []).metadata)  # an empty qcow2, as ours makes
-    since = f"<incremental>ref{round_ - 1}</incremental>" if round_ else ""
-    dom.backupBegin(f"<domainbackup mode='pull'>{since}<server transport='unix' socket='{job}/nbd.sock'/><disks>"
-                    f"<disk name='vda' type='file'><scratch file='{job}/vda.scratch'/></disk></disks></domainbackup>",
-                    f"<domaincheckpoint><name>ref{round_}</name><disks><disk name='vda' checkpoint='bitmap'/></disks>"
-                    "</domaincheckpoint>", libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+    disks, skipped = domain_disks(dom.XMLDesc(0))
+    dom.backupBegin(backup_xml(job / "nbd.sock", job, disks, skipped, f"ref{round_ - 1}" if round_ else None),
+                    checkpoint_xml(f"ref{round_}", disks, skipped), libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
     dom.abortJob()
 
 
