@@ -254,7 +254,8 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
         scratch_dir=read_absolute_path(b, "scratch_dir", "/var/tmp"),
     )
     local, nas = values["dir"], values["nas_dir"]
-    if local is not None and nas is not None and _nested(PurePosixPath(local), PurePosixPath(nas)):
+    if local is not None and nas is not None and (PurePosixPath(nas).is_relative_to(local)
+                                                  or PurePosixPath(local).is_relative_to(nas)):
         # The NAS copy is the second place of the backups, for when the local disk is lost; one inside the other is
         # one filesystem, and the NAS stage would find its "share" never mounted.
         b.problem("nas_dir", f"{shown(nas)} is, or is nested with, [backup] dir {shown(local)} (expected the"
@@ -269,10 +270,6 @@ def _read_backup(top: TableReader) -> dict[str, Any]:
         values["scratch_dir"] = None
     b.check_unknown()
     return values
-
-
-def _nested(a: PurePosixPath, b: PurePosixPath) -> bool:
-    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _read_schedule(b: TableReader, key: str = "schedule", default: str = "30 2 * * *", off: bool = False
