@@ -12,7 +12,9 @@ that API must read): nbdcopy into nothing, and qemu-img convert into a qcow2 fil
 calls alone that any incremental with a checkpoint makes (delete the checkpoint before the last,
 begin the job with a new checkpoint, end it), on a third VM, copying nothing: the part of an
 incremental's time no backup built on libvirt can avoid.
-Prints wall-clock seconds and the bytes each backup occupies, and checks the issue's targets.
+Prints wall-clock seconds and the bytes each backup occupies, and checks the issue's targets. Ours and
+the floor are both on the disk when their time stops: ours writes with direct I/O, and qemu-img convert
+flushes its output (fdatasync) before it exits.
 
     .venv/bin/python bench/backup_bench.py [--rounds N] [--warmup N] [--keep DIR]
 """

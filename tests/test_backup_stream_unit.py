@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,35 @@ def test_a_missing_scratch_dir_is_said_with_the_way_to_make_it(tmp_path: Path) -
     with pytest.raises(BackupFailed) as err:
         engine._check_scratch_space(job, [])
     assert str(err.value) == f"[backup] scratch_dir {tmp_path / 'nosuch'} does not exist: `fab kvm-setup` creates it"
+
+
+def test_a_direct_write_cut_short_is_finished_through_the_page_cache(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ext4 and XFS return a full disk's error for the whole direct write, so none here cuts one short: the first
+    pwrite is faked to write a part (through a second, buffered descriptor) and return. The real kernel then
+    refuses the unaligned rest with EINVAL unless direct I/O is off for it."""
+    target = tmp_path / "f"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    data = mmap.mmap(-1, qcow2.CLUSTER_SIZE)  # page-aligned, as the pipeline's buffers are
+    data[:] = bytes(range(256)) * (qcow2.CLUSTER_SIZE // 256)
+    real_pwrite, calls = os.pwrite, []
+
+    def part_first(fd_: int, view: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:
+            return real_pwrite(fd_, view, offset)
+        buffered = os.open(target, os.O_WRONLY)
+        try:
+            return real_pwrite(buffered, view[:1000], offset)
+        finally:
+            os.close(buffered)
+
+    try:
+        assert stream.direct_io(fd, True), f"{tmp_path} has no direct I/O: this test needs a disk's filesystem"
+        monkeypatch.setattr(os, "pwrite", part_first)
+        stream.write_fully(fd, memoryview(data), 0)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert calls == [0, 1000]
+    assert target.read_bytes() == bytes(data)

@@ -55,13 +55,37 @@ def run(args: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[st
 def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
     """A filesystem of its own at ``path`` (made if missing) for the block, as a disk or NFS share would be:
     its own free space, its own device. Mounting needs root: missing() otherwise."""
-    if os.geteuid() != 0:
-        missing("mounting a tmpfs needs root")
-    path.mkdir(exist_ok=True)
     options = f"{'ro,' if read_only else ''}size={size}"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "kvmconf-test", str(path)], check=True)
-    try:
+    with _mounted(path, ["-t", "tmpfs", "-o", options, "kvmconf-test"]):
         yield path
+
+
+@contextmanager
+def mount_ext4(path: Path, size: str) -> Iterator[Path]:
+    """A small ext4 at ``path``, on a loop device over a file beside it: a disk's filesystem, with direct I/O and
+    a block allocator, which a tmpfs does not have. Needs root: missing() otherwise."""
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    with _mounted(path, ["-o", "loop", str(image)]):  # the loop device goes with the mount (autoclear)
+        yield path
+
+
+@contextmanager
+def mount_ramfs(path: Path) -> Iterator[Path]:
+    """A ramfs at ``path``: a filesystem that refuses direct I/O (EINVAL), as some FUSE ones do. Needs root."""
+    with _mounted(path, ["-t", "ramfs", "kvmconf-test"]):
+        yield path
+
+
+@contextmanager
+def _mounted(path: Path, mount_args: list[str]) -> Iterator[None]:
+    if os.geteuid() != 0:
+        missing("mounting a filesystem needs root")
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", *mount_args, str(path)], check=True)
+    try:
+        yield
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=False)
 

@@ -1,13 +1,15 @@
-"""Restore points are written without waiting for the disk; this module keeps that safe.
+"""Restore points are not flushed as they are written; this module keeps that safe.
 
-A run writes a point's data files through the page cache (stream.py says why); only its manifest and
-checksum file are flushed, and the manifest names the boot of the host it was written in. Points newer than the
-"durable through" mark of the VM's directory may not be on disk yet. Before anything older is
-deleted, and at the start of every run, they are settled:
+A running VM's point has its data written with direct I/O where the filesystem has it (stream.py says why):
+the data is on the disk when the run ends, but the file's block map may not be, nor what the disk holds in
+its own write cache; elsewhere the data goes through the page cache. Only the manifest and checksum file are
+flushed, and the manifest names the boot of the host it was written in. Points newer than the "durable
+through" mark of the VM's directory may not be on disk yet. Before anything older is deleted, and at the
+start of every run, they are settled:
 
-- written in this boot: nothing to fear while the host stays up (the page cache holds them), so a
-  run only flushes them (fsync) when it is about to delete older points: cheap by then, since the
-  kernel writes dirty pages back within seconds, and paid only when something depends on it;
+- written in this boot: nothing to fear while the host stays up (what is not on the disk yet is in its
+  memory), so a run only flushes them (fsync) when it is about to delete older points: cheap by then,
+  since the kernel writes dirty pages back within seconds, and paid only when something depends on it;
 - written in an earlier boot: the host went down in between, perhaps before the files reached the
   disk. Each is verified against its checksums; one that fails is removed together with the points
   built on it, so the next backup starts a new chain rather than building on lost data.
