@@ -90,11 +90,19 @@ def _provision_server(cluster: Cluster) -> IPv4Address:
     return server
 
 
+def ns_address(cluster: Cluster, hosts: list[HostRecord]) -> IPv4Address | None:
+    """The address of the zones' name server, ns.<domain>: the provision server's; None when a VM or a host with a
+    record is itself called `ns`, whose own record serves."""
+    if any(vm.name == NS_NAME for vm in cluster.vms) or any(host.name == NS_NAME for host in hosts):
+        return None
+    return _provision_server(cluster)
+
+
 def forward_records(cluster: Cluster, hosts: list[HostRecord]) -> list[Record]:
     records = [(vm.name, "A", str(vm.ip)) for vm in cluster.vms]
     records += [(host.name, host.rdtype, str(host.ip)) for host in hosts]
-    if all(vm.name != NS_NAME for vm in cluster.vms) and all(host.name != NS_NAME for host in hosts):
-        records.append((NS_NAME, "A", str(_provision_server(cluster))))
+    if (server := ns_address(cluster, hosts)) is not None:
+        records.append((NS_NAME, "A", str(server)))
     return sorted(records)
 
 

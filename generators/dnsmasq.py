@@ -15,6 +15,7 @@ from pathlib import PurePath, PurePosixPath
 from posixpath import join
 
 from generators import pxe
+from generators.dns_zones import NS_NAME, ns_address
 from generators.errors import Problem
 from generators.host_records import host_records
 from generators.model import Cluster, Network
@@ -103,6 +104,8 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
     def by_name(template: str) -> dict[str, object]:  # the inputs by file name: see the module docstring
         return {"banner": banner_lines(cluster, template, by_name=True), "site_toml": PurePath(site.path).name}
 
+    hosts = host_records(cluster)
+    ns_ip = ns_address(cluster, hosts)  # the zones' NS name answers here too, with the same address
     tree: dict[PurePosixPath, str | bytes] = {
         OUT / "dnsmasq.conf": env.get_template(CONF_TEMPLATE).render(
             cluster=cluster, site=site, **by_name(CONF_TEMPLATE), provision=site.provision,
@@ -111,7 +114,10 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         ),
         OUT / "hosts": env.get_template(HOSTS_TEMPLATE).render(
             cluster=cluster, site=site, **by_name(HOSTS_TEMPLATE),
-            vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)), hosts=host_records(cluster),
+            vms=sorted(cluster.vms, key=lambda vm: (vm.ip, vm.name)), hosts=hosts,
+            ns_ip=ns_ip, ns_names=f"{NS_NAME}.{site.domain} {NS_NAME}",
+            ns_line=ns_ip is not None and all(vm.ip != ns_ip for vm in cluster.vms) and all(
+                host.ip != ns_ip for host in hosts),
         ),
     }
     # Fetched once, rendered per VM: this loop is what 10,000 VMs cost.

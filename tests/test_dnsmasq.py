@@ -86,9 +86,11 @@ def test_hosts_file_is_sorted_by_address_then_name(example: Cluster) -> None:
     assert [IPv4Address(row[0]) for row in rows] == sorted(vm.ip for vm in example.vms)
     # Numeric, not text order: .21 comes before .101.
     assert [row[2] for row in rows].index("web") < [row[2] for row in rows].index("compute1")
-    for address, fqdn, name in rows:
+    for address, fqdn, name, *aliases in rows:
         vm = example.vm(name)
         assert (IPv4Address(address), fqdn) == (vm.ip, f"{name}.{example.site.domain}")
+        # The zones' NS name is the provision VM's too, after its own names: those give the PTR.
+        assert aliases == (["ns.phys.example.org", "ns"] if name == "provision" else []), name
 
 
 def test_each_network_gets_a_tagged_static_range_router_and_name_servers(example: Cluster) -> None:

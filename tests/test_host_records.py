@@ -76,9 +76,13 @@ def test_every_dns_artefact_has_the_same_host_records(example: Cluster) -> None:
 
     def hosts_of(text: str | bytes) -> dict[str, list[str]]:
         assert isinstance(text, str)
-        return {name: [fqdn, ip] for ip, fqdn, name in _entries(text) if name not in vm_names}
+        names: dict[str, list[str]] = {}
+        for ip, *more in _entries(text):  # fqdn, short name, and as many more pairs as the address has names
+            names |= {short: [fqdn, ip] for fqdn, short in zip(more[::2], more[1::2], strict=True)}
+        return {name: entry for name, entry in names.items() if name not in vm_names}
 
-    assert hosts_of(dnsmasq.render(cluster)[PurePosixPath("dnsmasq/hosts")]) == expected
+    ns = {"ns": ["ns.phys.example.org", "192.168.50.2"]}  # the zones' name server: the provision VM
+    assert hosts_of(dnsmasq.render(cluster)[PurePosixPath("dnsmasq/hosts")]) == expected | ns
     assert hosts_of(etc_hosts.render(cluster)[PurePosixPath("hosts")]) == expected
 
     zones = dns_zones.render(cluster)
@@ -91,7 +95,7 @@ def test_every_dns_artefact_has_the_same_host_records(example: Cluster) -> None:
                 short = name.to_text().removesuffix(f".{DOMAIN}.")
                 if short not in vm_names:
                     found[short] = [name.to_text().rstrip("."), *(r.address for r in rdataset)]
-    assert found == expected | {"ns": ["ns.phys.example.org", "192.168.50.2"]}
+    assert found == expected | ns
     # A PTR where the cluster has a reverse zone for the address: the IPv4 host in the VMs' /24; IPv6 and 10.99/16
     # have none.
     ptrs = {}
@@ -147,6 +151,25 @@ def test_a_host_called_ns_is_the_name_servers_record_like_a_vm_called_ns(example
     forward = dns.zone.from_text(str(dns_zones.render(cluster)[PurePosixPath(f"dns/{DOMAIN}.zone")]),
                                  origin=f"{DOMAIN}.")
     assert [r.address for r in forward.find_rdataset("ns", dns.rdatatype.A)] == ["192.168.50.6"]  # one, not two
+    hosts = _entries(str(dnsmasq.render(cluster)[PurePosixPath("dnsmasq/hosts")]))
+    assert [entry for entry in hosts if "ns" in entry] == [["192.168.50.6", f"ns.{DOMAIN}", "ns"]]  # here too
+
+
+@pytest.mark.parametrize(("server", "line"), [
+    ("192.168.50.4", ["192.168.50.4", f"kvm0.{DOMAIN}", "kvm0", f"ns.{DOMAIN}", "ns"]),  # dnsmasq runs on kvm0
+    ("192.168.50.9", ["192.168.50.9", f"ns.{DOMAIN}", "ns"]),  # an address of no VM or host: ns first, its PTR
+], ids=["a-host", "no-vm-or-host"])
+def test_dnsmasq_answers_the_name_servers_name_as_the_zones_do(example: Cluster, server: str,
+                                                                line: list[str]) -> None:
+    """The zones' NS record names ns.<domain>; dnsmasq, which VMs ask, used not to know that name."""
+    provision = dataclasses.replace(example.site.provision, server=IPv4Address(server), vm=None)
+    cluster = dataclasses.replace(example, site=dataclasses.replace(example.site, provision=provision))
+    hosts = _entries(str(dnsmasq.render(cluster)[PurePosixPath("dnsmasq/hosts")]))
+    assert [entry for entry in hosts if "ns" in entry] == [line]
+    reverse = dns.zone.from_text(str(dns_zones.render(cluster)[PurePosixPath("dns/50.168.192.in-addr.arpa.zone")]),
+                                 origin="50.168.192.in-addr.arpa.")
+    ptr = reverse.find_rdataset(server.rsplit(".", 1)[1], dns.rdatatype.PTR)
+    assert [r.target.to_text() for r in ptr] == [f"{line[1]}."]  # the first name, which gives dnsmasq's PTR
 
 
 # --- a real dnsmasq ---------------------------------------------------------------------------------------------
@@ -211,6 +234,9 @@ def test_dnsmasq_answers_the_hosts_by_short_name_fqdn_and_address(example: Clust
     assert _answer(_ask(port, "4.50.168.192.in-addr.arpa", "PTR")) == [f"kvm0.{DOMAIN}."]
     assert _answer(_ask(port, dns.reversename.from_address("2001:db8::5").to_text(), "PTR")) == [f"kvm1.{DOMAIN}."]
     assert _answer(_ask(port, f"web.{DOMAIN}", "A")) == ["192.168.50.21"]  # the VMs are still there
+    # The zones' name server, the provision VM, by its second name; the PTR keeps its first.
+    assert _answer(_ask(port, f"ns.{DOMAIN}", "A")) == ["192.168.50.2"]
+    assert _answer(_ask(port, "2.50.168.192.in-addr.arpa", "PTR")) == [f"provision.{DOMAIN}."]
     # A host whose address is a DNS name has no record: the domain is dnsmasq's alone (local=), so no answer.
     unknown = _ask(port, f"kvm2.{DOMAIN}", "A")
     assert (unknown.rcode(), unknown.answer) == (dns.rcode.NXDOMAIN, [])
