@@ -9,8 +9,9 @@ from kvmconf.backup import journal, verify
 from kvmconf.backup.engine import Settings, _decide_incremental
 from kvmconf.backup.libvirt_xml import VmDisk
 from kvmconf.backup.store import DiskFile, Manifest, VmStore, checksum_file, write_point_files
+from tests.test_backup_restore import read_only
 from tests.test_provision_tasks import invoke
-from tests.tools import ROOT
+from tests.tools import ROOT, mount_tmpfs
 
 FULL, INC1, INC2 = "20260101T000000Z", "20260102T000000Z", "20260103T000000Z"
 DISKS = [VmDisk("vda", "/d/vm.qcow2", "qcow2")]
@@ -136,3 +137,25 @@ def test_damage_in_an_older_chain_is_a_warning_and_shows_in_the_table(tmp_path: 
     limit = dt.timedelta(hours=26)
     assert report.nagios([row], limit) == (1, f"BACKUP WARNING - vm: backup-verify found damaged points: {INC1}")
     assert report.format_table([row], limit).splitlines()[1].endswith(f"backup-verify found damaged points: {INC1}")
+
+
+def test_a_read_only_backup_disk_is_verified_and_what_is_found_said_though_not_recorded(tmp_path: Path) -> None:
+    """As after a disk error (ext4's errors=remount-ro), when the README says to run it: it used to end in an
+    OSError traceback, even on an intact store, and no later VM was verified."""
+    with mount_tmpfs(tmp_path / "backups", "8m") as backups:
+        store = chain(backups)
+        with read_only(backups):
+            logged: list[str] = []
+            assert verify.verify(store, NOW, logged.append) == {}
+            assert logged == [f"vm: {FULL}: ok (0.0 MiB)", f"vm: {INC1}: ok (0.0 MiB)", f"vm: {INC2}: ok (0.0 MiB)"]
+        with (store.point_dir(INC2) / "vda.qcow2").open("r+b") as f:
+            f.write(b"X")
+        with read_only(backups):
+            logged.clear()
+            problem = f"{store.point_dir(INC2) / 'vda.qcow2'}: checksum mismatch"
+            assert verify.verify(store, NOW, logged.append) == {INC2: [problem]}
+            assert logged[2:] == [f"vm: {INC2}: DAMAGED: {problem}",
+                                  f"vm: cannot record this in {store.dir / verify.DAMAGED} (Read-only file system):"
+                                  " backup-status and the next backup go by what it holds until a verify can write"
+                                  " it"], logged
+        assert not (store.dir / verify.DAMAGED).exists()

@@ -38,10 +38,16 @@ def verify(store: VmStore, now: str, log: Log) -> dict[str, list[str]]:
         needing = [t for t in dependents(points, time) if t not in damaged]
         if needing:
             log(f"{store.vm}: the points built on {time} cannot be restored either: {', '.join(needing)}")
-    if damaged:
-        journal.write(store.dir, {"time": now, "points": damaged}, DAMAGED)
-    else:
-        (store.dir / DAMAGED).unlink(missing_ok=True)
+    record = store.dir / DAMAGED
+    try:
+        if damaged:
+            journal.write(store.dir, {"time": now, "points": damaged}, DAMAGED)
+        else:
+            record.unlink(missing_ok=True)
+    except OSError as err:  # a backup disk remounted read-only after a disk error: what was found is still said
+        if damaged or record.exists():  # read-only, unlink fails even where there is no file
+            log(f"{store.vm}: cannot record this in {record} ({err.strerror or err}): backup-status and the next"
+                " backup go by what it holds until a verify can write it")
     return damaged
 
 
