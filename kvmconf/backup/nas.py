@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from generators.files import fsync_path
+from kvmconf.backup import verify
 from kvmconf.backup.store import (
     PARTIAL,
     DiskFile,
@@ -71,11 +72,14 @@ def _stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
         shutil.rmtree(partial)
     there = {m.time for m in nas.points()}
     points = local.points()
+    # A copy backup-verify found damaged is copied again, or it stays so until retention, with every later point
+    # of its chain built on it on the NAS (backup-status counts it as a copy). It is replaced only by a verified one.
+    redo = set(verify.damaged_points(nas)) & {m.time for m in points}
     copied: list[str] = []
     problems: list[str] = []
     blocked: set[str] = set()  # points built on one that did not copy: their base is not on the NAS
     for manifest in points:
-        if manifest.time in there or manifest.time in blocked:
+        if (manifest.time in there and manifest.time not in redo) or manifest.time in blocked:
             continue
         problem = _copy_point(local, nas, manifest)
         if problem:  # the other chains still go to the NAS
@@ -84,7 +88,9 @@ def _stage(local: VmStore, nas: VmStore, keep: int, log: Log) -> list[str]:
             problems.append(problem + (f" (nor the points built on it: {', '.join(later)})" if later else ""))
             continue
         copied.append(manifest.time)
-        log(f"{local.vm}: NAS: copied and verified {manifest.time}")
+        log(f"{local.vm}: NAS: copied and verified {manifest.time}"
+            + (" (replacing the copy backup-verify found damaged)" if manifest.time in redo else ""))
+    verify.forget(nas, copied)
     nas.prune(keep, log, "NAS retention")
     if problems:
         raise NasFailed("; ".join(problems))
@@ -109,8 +115,14 @@ def _copy_point(local: VmStore, nas: VmStore, manifest: Manifest) -> str:
         shutil.rmtree(partial)
         return _mismatch(local, manifest, mismatched)
     write_point_files(partial, manifest)
-    partial.rename(nas.point_dir(manifest.time))
+    point = nas.point_dir(manifest.time)
+    damaged = nas.dir / (manifest.time + ".damaged" + PARTIAL)  # a partial: what a crash leaves, the next stage removes
+    if point.exists():  # a copy backup-verify found damaged, out of the way now that its replacement verified
+        point.rename(damaged)
+    partial.rename(point)
     fsync_path(nas.dir)
+    if damaged.exists():
+        shutil.rmtree(damaged)
     return ""
 
 

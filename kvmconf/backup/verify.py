@@ -11,7 +11,7 @@ backup's retention deleted meanwhile is simply not reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from kvmconf.backup import journal
 from kvmconf.backup.store import Manifest, VmStore, dependents
@@ -59,6 +59,22 @@ def damaged_points(store: VmStore) -> dict[str, list[str]]:
         return {}
     points = dict(record.get("points", {})) if record else {}
     return {time: list(problems) for time, problems in points.items() if store.is_point(time)}
+
+
+def forget(store: VmStore, times: Collection[str]) -> None:
+    """Drop points from the record: their files were replaced by copies verified since (the NAS stage's)."""
+    try:
+        record = journal.read(store.dir, DAMAGED) if store.dir.is_dir() else None
+    except journal.Unreadable:  # as if never verified
+        return
+    points = dict(record.get("points", {})) if record else {}
+    if not set(points) & set(times):
+        return
+    left = {time: problems for time, problems in points.items() if time not in times}
+    if left:
+        journal.write(store.dir, {**(record or {}), "points": left}, DAMAGED)
+    else:
+        (store.dir / DAMAGED).unlink()
 
 
 def damaged_in_chain(store: VmStore, manifest: Manifest) -> list[str]:
