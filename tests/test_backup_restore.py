@@ -226,3 +226,14 @@ def test_restore_from_the_nas_needs_a_nas_dir(example: Cluster, tmp_path: Path) 
     with pytest.raises(KvmconfError) as refused:
         restore_vm(cluster, VM, None, tmp_path / "x.qcow2", False, None, quiet, from_nas=True)  # type: ignore[arg-type]
     assert str(refused.value) == "--nas: site.toml's [backup] has no nas_dir: there are no NAS copies to restore from"
+
+
+def test_in_place_is_refused_before_the_chain_is_read(tmp_path: Path) -> None:
+    """Verifying reads every byte of the chain, minutes to hours: what refuses an in-place restore is said first
+    (here the VM not defined; the point's damage shows which came first)."""
+    store = backed_up(tmp_path / "backups")
+    with (store.point_dir(TIMES[-1]) / "vda.qcow2").open("r+b") as f:
+        f.write(b"X")
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, None, None, None, True, quiet)
+    assert str(failed.value) == f"{VM}: not defined here: restore with --to PATH"

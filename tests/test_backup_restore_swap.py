@@ -413,3 +413,16 @@ def test_in_place_keeps_each_disks_mode_and_says_the_disks_not_the_staged_images
                          f"{name}: restored from {t} in place: {vm.vda}, {vm.vdb}"]
     for disk in (vm.vda, vm.vdb):
         assert compare(disk, vm.backed_up(disk)).returncode == 0
+
+
+def test_in_place_without_force_is_refused_before_the_chain_is_read(conn: libvirt.virConnect, tmp_path: Path,
+                                                                   name: str) -> None:
+    """It used to read every byte of the chain first (minutes to hours) to say then that --force was missing. The
+    point's damage shows which came first."""
+    vm = TwoDiskVm(conn, tmp_path, name)
+    with vm.backed_up(vm.vda).open("r+b") as f:
+        f.write(b"X")
+    with pytest.raises(RestoreFailed) as failed:
+        restore(vm.store, None, None, vm.dom, False, quiet)
+    assert str(failed.value) == f"{name}: restoring in place replaces its disks: confirm with --force"
+    vm.assert_as_before()

@@ -223,18 +223,15 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
         _refuse_existing(store, _targets(store, manifest, to))  # said at once, not after the chain is verified
     with sigterm_as_interrupt(), _locked(store, to is None):  # a timeout's or an admin's kill undoes it as Ctrl-C
         manifest = pick(store, at)  # again under the lock: a backup's pruning may have removed the point meanwhile
+        if to is None:  # said at once too: verifying reads every byte of the chain, minutes to hours
+            _may_replace_disks(store, dom, force)
         _verify_chain(store, manifest)
         if to is not None:
             targets = _targets(store, manifest, to)
             _refuse_existing(store, targets)
             _rebuild(store, manifest, targets, [0o600] * len(targets), progress, log)
             return targets
-        if dom is None:
-            raise RestoreFailed(f"{store.vm}: not defined here: restore with --to PATH")
-        if dom.isActive():
-            raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
-        if not force:
-            raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
+        dom = _may_replace_disks(store, dom, force)  # again: it may have been started meanwhile
         _undo_unfinished_swap(store, log)
         _refuse_moved_disks(store, manifest, dom)
         sources = [Path(disk.source) for disk in manifest.disks]
@@ -264,6 +261,17 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             log(f"{store.vm}: restored, but its checkpoints could not be dropped ({err.get_error_message()}): the"
                 " next backup finds their bitmaps missing and makes a new full")
         return sources
+
+
+def _may_replace_disks(store: VmStore, dom: libvirt.virDomain | None, force: bool) -> libvirt.virDomain:
+    """The VM's domain, when a restore may replace its disks: defined here, shut off, and confirmed with --force."""
+    if dom is None:
+        raise RestoreFailed(f"{store.vm}: not defined here: restore with --to PATH")
+    if dom.isActive():
+        raise RestoreFailed(f"{store.vm}: is running: shut it off first (invoke stop), then restore in place")
+    if not force:
+        raise RestoreFailed(f"{store.vm}: restoring in place replaces its disks: confirm with --force")
+    return dom
 
 
 def _swap_in(store: VmStore, dom: libvirt.virDomain, manifest: Manifest, sources: list[Path],
