@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,7 +16,8 @@ from kvmconf.errors import KvmconfError
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Problems the admin can fix become a message and an exit status (1; 2 for usage); bugs keep their traceback.
+    """Problems the admin can fix, and interrupts, become a message and an exit status (1; 2 for usage); bugs keep
+    their traceback.
 
     A call libvirt refuses or fails (a bridge missing on the host at start, a daemon gone mid-run) is one of those:
     libvirt's message names what failed, and a traceback would only bury it.
@@ -31,6 +33,12 @@ def user_errors() -> Iterator[None]:
         raise Exit(f"kvmconf: {err}", 1) from None
     except libvirt.libvirtError as err:
         raise Exit(f"kvmconf: libvirt failed: {one_line(err)}", 1) from None
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM inside sigterm_as_interrupt: invoke would exit 1 without a word, which after a
+        # Ctrl-C while a task still plans looks like a crash. What the task undid, it has said by now: flushed
+        # first, so a log that takes both streams (cron's) has that before this.
+        sys.stdout.flush()
+        raise Exit("kvmconf: interrupted", 1) from None
 
 
 def say(line: str) -> None:

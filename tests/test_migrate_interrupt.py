@@ -113,8 +113,9 @@ def test_sigterm_during_a_cold_copy_removes_the_copies_and_leaves_the_vm_defined
     _wait_for(lambda: any(target.glob(".cloud-seed.iso.*.kvmconf-migrating")), "the seed ISO's copy")
     assert (target / "cloud.qcow2").is_file()  # the disk's copy is complete and in place
     output = _interrupt(child)
-    assert output.splitlines()[-1] == ("cloud: migration to kvm0 interrupted; the copies on kvm0 were removed and the"
-                                       " VM is still defined (shut off) on kvm1: start it there with `invoke start`")
+    assert output.splitlines()[-2:] == [
+        ("cloud: migration to kvm0 interrupted; the copies on kvm0 were removed and the VM is still defined (shut off)"
+         " on kvm1: start it there with `invoke start`"), "kvmconf: interrupted"]
     assert list(target.iterdir()) == []
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["cloud"])
     assert sorted(p.name for p in (clean.images / "kvm1").iterdir()) == ["cloud-seed.iso", "cloud.qcow2"]
@@ -140,8 +141,8 @@ def test_sigterm_during_a_live_migration_aborts_it_and_the_vm_keeps_running_on_i
         started = time.monotonic()
         output = _interrupt(child)
         assert time.monotonic() - started < 40, output  # aborted: waited for, it would take minutes
-        assert output.splitlines()[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
-                                           " files made on kvm1 were removed")
+        assert output.splitlines()[-2:] == [("web: live migration to kvm1 interrupted; it still runs on kvm0 and"
+                                             " the files made on kvm1 were removed"), "kvmconf: interrupted"]
         assert dom.isActive() and dom.isPersistent()
         assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
@@ -183,8 +184,8 @@ def test_a_long_live_migration_shows_its_progress(
     assert len(lines) == 2 and lines[0] == "web: migrating live to kvm1 (memory and disk) ...\n", output
     # The disk's whole size (what libvirt mirrors) first; the memory's once that phase has begun.
     assert re.fullmatch(r"web: migrating: disk \d+/1024 MiB(, memory \d+/\d+ MiB)? \.\.\.\n", lines[1]), output
-    assert output.splitlines()[-1] == ("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
-                                       " files made on kvm1 were removed")
+    assert output.splitlines()[-2:] == [("web: live migration to kvm1 interrupted; it still runs on kvm0 and the"
+                                         " files made on kvm1 were removed"), "kvmconf: interrupted"]
 
 
 def _lab_cluster(workdir: Path, the_lab: lab.Lab) -> Cluster:
