@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvmconf.backup import journal, verify
 from kvmconf.backup.nas import NasFailed, check_mounted
-from kvmconf.backup.store import VmStore, parse_time
+from kvmconf.backup.store import ChainBroken, Manifest, VmStore, parse_time
 from kvmconf.errors import KvmconfError
 
 
@@ -25,6 +25,7 @@ class VmStatus:
     unreadable: str = ""  # why this VM's backups could not be read (a manifest that does not parse): CRITICAL
     damaged: tuple[str, ...] = ()  # points the last backup-verify found damaged (still there): WARNING
     newest_damaged: bool = False  # one of them is in the newest point's chain, which cannot be restored: CRITICAL
+    newest_broken: str = ""  # the point the newest point's chain lacks (deleted by hand): CRITICAL
 
 
 def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
@@ -62,7 +63,19 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
                     sum(m.stored for m in points), _nas_points(root, nas, vm), error,
                     damaged=tuple(sorted(verify.damaged_points(store))),
-                    newest_damaged=last is not None and bool(verify.damaged_in_chain(store, last)))
+                    newest_damaged=last is not None and bool(verify.damaged_in_chain(store, last)),
+                    newest_broken=_broken(store, last))
+
+
+def _broken(store: VmStore, last: Manifest | None) -> str:
+    """The point the newest point's chain lacks, or "": its age alone would call a point that cannot be restored
+    good. (A disk file missing from a point is backup-verify's to find: its record makes it critical.)"""
+    try:
+        if last is not None:
+            store.chain_of(last)
+    except ChainBroken as err:
+        return str(err).removeprefix(f"{store.vm}: ")
+    return ""
 
 
 def _nas_points(root: Path, nas: Path | None, vm: str) -> int:
@@ -95,11 +108,17 @@ def _critical(row: VmStatus) -> str:
         return row.unreadable
     if row.newest_damaged:
         return f"the newest point {row.last_good} cannot be restored ({_damaged(row)})"
+    if row.newest_broken:
+        return _cannot_be_restored(row)
     if row.age is None:
         return "no backup"
     if in_the_future(row):
         return f"last good {row.last_good}, {FUTURE}"
     return f"last good {row.last_good}, {_age(row.age)} old"
+
+
+def _cannot_be_restored(row: VmStatus) -> str:
+    return f"the newest point {row.last_good} cannot be restored ({row.newest_broken})"
 
 
 def _age(age: dt.timedelta | None) -> str:
@@ -130,6 +149,8 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
             problem = "; ".join(p for p in (f"older than the schedule allows ({_age(limit)})", problem) if p)
         if r.damaged:
             problem = "; ".join(p for p in (_damaged(r), problem) if p)
+        if r.newest_broken:
+            problem = "; ".join(p for p in (_cannot_be_restored(r), problem) if p)
         lines.append(f"{r.vm:<16} {r.last_good or '-':<17} {_age(r.age):>8} {r.chain_length:>5} {r.points:>6}"
                      f" {_size(r.stored, r.points):>10} {r.nas_points:>4}  {problem}".rstrip())
     return "\n".join(lines)
@@ -137,12 +158,13 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
 
 def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
     """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists, or backup-verify found
-    damage in an older chain), 2 CRITICAL (no recent point, or the newest cannot be restored).
+    damage in an older chain), 2 CRITICAL (no recent point, or the newest cannot be restored: damaged, or a point of
+    its chain missing).
 
     A CRITICAL line still lists the WARNINGs: the admin fixing one VM must not miss another's failing runs.
     """
-    critical = [r for r in rows
-                if r.unreadable or r.newest_damaged or r.age is None or r.age > limit or in_the_future(r)]
+    critical = [r for r in rows if r.unreadable or r.newest_damaged or r.newest_broken
+                or r.age is None or r.age > limit or in_the_future(r)]
     warnings = "; ".join([f"{r.vm}: last run failed ({r.last_error})" for r in rows
                           if r.last_error and r not in critical]
                          + [f"{r.vm}: {_damaged(r)}" for r in rows if r.damaged and r not in critical])

@@ -1,0 +1,33 @@
+"""`invoke backup-status` and its Nagios check on a chain that lacks a point (deleted by hand): the newest point
+cannot be restored, whatever its age. It used to read as the last good one, and the check was OK."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from kvmconf.backup.store import TIME_FORMAT, VmStore
+from tests.test_backup_safety import local_point
+from tests.test_provision_tasks import invoke
+from tests.tools import ROOT
+
+
+def test_a_newest_point_whose_chain_lacks_a_point_is_critical(tmp_path: Path) -> None:
+    """As the admin and Nagios run them, on the example cluster (provision's host, kvm0, is this machine)."""
+    site = tmp_path / "site.toml"
+    site.write_text((ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"'))
+    now = dt.datetime.now(dt.UTC)
+    full, inc1, inc2 = ((now - dt.timedelta(hours=hours)).strftime(TIME_FORMAT) for hours in (3, 2, 1))
+    store = VmStore(tmp_path / "b", "provision")  # recent points: the age is fine
+    local_point(store.root, store.vm, inc2, b"inc2",
+                local_point(store.root, store.vm, inc1, b"inc1", local_point(store.root, store.vm, full, b"full")))
+    store.remove_point(inc1)
+    problem = (f"the newest point {inc2} cannot be restored (restore point {inc1} is missing from {store.dir} (deleted"
+               f" or moved away): the points built on it cannot be restored ({inc2}); restore an earlier point or one"
+               " of a later chain)")
+    nagios = invoke("backup-status", "--nagios", "--vm", "provision", site=site)
+    assert nagios.returncode == 2, nagios.stdout + nagios.stderr
+    assert nagios.stdout.startswith(f"BACKUP CRITICAL - provision: {problem} (limit "), nagios.stdout
+    table = invoke("backup-status", "--vm", "provision", site=site)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].endswith(f"  {problem}"), table.stdout
