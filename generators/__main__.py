@@ -13,8 +13,10 @@ from generators import locations
 from generators.build import build, render_all
 from generators.columns import markdown_tables
 from generators.errors import ConfigError, UsageError
+from generators.model import Install
 
-SHOWN_PLACEMENTS = 20
+SHOWN_PLACEMENTS = 20  # and notes of one kind
+INSTALLER_RAM_MB = 1024  # below it Debian's installer stops at its low-memory note (README)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"placed {vm.name} on {vm.host} (host=auto; add host={vm.host} to its line to pin it)")
         if len(placed) > SHOWN_PLACEMENTS:
             print(f"... and {len(placed) - SHOWN_PLACEMENTS} more VMs placed automatically")
+        # A note, not a refusal: the line is valid, and the lab boots 128 MB VMs only as far as the installer.
+        small = [vm for vm in cluster.vms if vm.install is Install.PXE and vm.ram_mb < INSTALLER_RAM_MB]
+        for vm in small[:SHOWN_PLACEMENTS]:
+            print(f"{args.cluster}:{vm.line}: note: {vm.name} installs over PXE with {vm.ram_mb} MB of RAM: the Debian"
+                  f" installer needs {INSTALLER_RAM_MB} MB, or it stops at its low-memory note", file=sys.stderr)
+        if len(small) > SHOWN_PLACEMENTS:
+            print(f"... and {len(small) - SHOWN_PLACEMENTS} more VMs like it", file=sys.stderr)
         print(f"kvmconf: {len(cluster.vms)} VMs on {len({vm.host for vm in cluster.vms})} hosts;"
               f" {args.build}/: {result.report.summary()}")
     return 0

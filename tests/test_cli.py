@@ -54,6 +54,19 @@ def test_build_with_flags(inputs: Path) -> None:
     assert int(match["written"]) == sum(1 for p in (inputs / "out").rglob("*") if p.is_file()) - 1  # minus the stamp
 
 
+def test_a_pxe_vm_with_too_little_ram_for_the_installer_gets_a_note_and_is_built(inputs: Path) -> None:
+    conf = inputs / "cluster.conf"
+    lines = conf.read_text().splitlines(keepends=True)
+    (number,) = [i + 1 for i, line in enumerate(lines) if line.startswith("web\t")]  # install=pxe (the default)
+    lines[number - 1] = lines[number - 1].replace("\t2048\t", "\t512\t", 1)
+    conf.write_text("".join(lines))
+    result = run("--cluster", "cluster.conf", "--site", "site.toml", "--build", "out", cwd=inputs)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"cluster.conf:{number}: note: web installs over PXE with 512 MB of RAM: the Debian"
+                             " installer needs 1024 MB, or it stops at its low-memory note\n")
+    assert (inputs / "out/dnsmasq/dhcp-hosts/web").is_file()
+
+
 def test_build_with_environment_variables(inputs: Path) -> None:
     (inputs / "in").mkdir()
     for name in ("cluster.conf", "site.toml"):
