@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from kvmconf.backup import journal, report
 from kvmconf.backup.store import TIME_FORMAT, VmStore
 from tests.test_backup_safety import local_point
 from tests.test_provision_tasks import invoke
@@ -31,3 +32,20 @@ def test_a_newest_point_whose_chain_lacks_a_point_is_critical(tmp_path: Path) ->
     table = invoke("backup-status", "--vm", "provision", site=site)
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[1].endswith(f"  {problem}"), table.stdout
+
+
+def test_a_critical_line_says_the_vms_last_failure(tmp_path: Path) -> None:
+    """Why its backups stopped: a warning's line said it, a critical one dropped it, and the admin it woke had to go
+    and run backup-status on the host to learn it."""
+    local_point(tmp_path, "web", "20261120T023000Z")
+    scratch = "scratch_dir /var/tmp has 2.0 GiB free, the job needs up to 30.0 GiB"
+    journal.write(tmp_path / "web", {"time": "20261122T023000Z", "ok": False, "error": scratch}, journal.LAST_RUN)
+    (tmp_path / "db").mkdir()
+    journal.write(tmp_path / "db", {"time": "20261122T023000Z", "ok": False, "error": "not defined on kvm0"},
+                  journal.LAST_RUN)
+    now = dt.datetime(2026, 11, 22, 5, 0, tzinfo=dt.UTC)
+    rows = [report.vm_status(tmp_path, None, vm, now) for vm in ("web", "db", "ldap")]
+    assert report.nagios(rows, dt.timedelta(hours=26)) == (
+        2, f"BACKUP CRITICAL - web: last good 20261120T023000Z, 2.1 d old, last run failed (20261122T023000Z:"
+           f" {scratch}); db: no backup, last run failed (20261122T023000Z: not defined on kvm0); ldap: no backup"
+           " (limit 26.0 h)")

@@ -104,8 +104,15 @@ def _damaged(row: VmStatus) -> str:
 
 
 def _critical(row: VmStatus) -> str:
+    """The VM's problem, with its last run's failure if any: most often why its backups stopped, what the admin
+    the check wakes needs first."""
     if row.unreadable:
         return row.unreadable
+    problem = _critical_problem(row)
+    return f"{problem}, last run failed ({row.last_error})" if row.last_error else problem
+
+
+def _critical_problem(row: VmStatus) -> str:
     if row.newest_damaged:
         return f"the newest point {row.last_good} cannot be restored ({_damaged(row)})"
     if row.newest_broken:
