@@ -237,3 +237,26 @@ def test_in_place_is_refused_before_the_chain_is_read(tmp_path: Path) -> None:
     with pytest.raises(RestoreFailed) as failed:
         restore(store, None, None, None, True, quiet)
     assert str(failed.value) == f"{VM}: not defined here: restore with --to PATH"
+
+
+def test_a_damaged_point_is_said_with_the_points_it_takes_along_and_what_is_left(tmp_path: Path) -> None:
+    """It said only the damage: which points are still to be restored is what the admin needs next."""
+    from tests.test_backup_verify import FULL, INC1, INC2, chain
+
+    store = chain(tmp_path / "backups")
+    for time in (FULL, INC2):
+        with (store.point_dir(time) / "vda.qcow2").open("r+b") as f:
+            f.write(b"X")
+    damaged = f"{store.point_dir(FULL) / 'vda.qcow2'}: checksum mismatch"
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, INC1, tmp_path / "out.qcow2", None, False, quiet)
+    assert str(failed.value) == (f"vm: restore point {FULL} is damaged: {damaged}: it cannot be restored, nor the"
+                                 f" points built on it ({INC1}, {INC2}); restore an earlier point or one of a later"
+                                 " chain")
+    (store.point_dir(FULL) / "vda.qcow2").write_bytes(b"full" * 1000)  # as it was written (test_backup_verify.chain)
+    with pytest.raises(RestoreFailed) as failed:
+        restore(store, None, tmp_path / "out.qcow2", None, False, quiet)
+    assert str(failed.value) == (f"vm: restore point {INC2} is damaged: {store.point_dir(INC2) / 'vda.qcow2'}:"
+                                 " checksum mismatch: it cannot be restored; restore an earlier point or one of a later"
+                                 " chain")
+    assert not (tmp_path / "out.qcow2").exists()

@@ -15,7 +15,7 @@ from generators.files import fsync_path
 from kvmconf.backup import journal
 from kvmconf.backup.engine import our_checkpoints, run_tool
 from kvmconf.backup.libvirt_xml import domain_disks
-from kvmconf.backup.store import POINT_NAME, DiskFile, Manifest, VmStore
+from kvmconf.backup.store import POINT_NAME, DiskFile, Manifest, VmStore, dependents
 from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 
@@ -58,8 +58,11 @@ def pick(store: VmStore, at: str | None) -> Manifest:
 def _verify_chain(store: VmStore, manifest: Manifest) -> None:
     for m in store.chain_of(manifest):
         problems = store.verify(m)
-        if problems:
-            raise RestoreFailed(f"{store.vm}: restore point {m.time} is damaged: {'; '.join(problems)}")
+        if problems:  # which points are left to restore is what the admin needs next
+            later = ", ".join(dependents(store.points(), m.time))
+            raise RestoreFailed(f"{store.vm}: restore point {m.time} is damaged: {'; '.join(problems)}: it cannot be"
+                                f" restored{f', nor the points built on it ({later})' if later else ''}; restore an"
+                                " earlier point or one of a later chain")
 
 
 def _targets(store: VmStore, manifest: Manifest, out: Path) -> list[Path]:
