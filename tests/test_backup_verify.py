@@ -159,3 +159,22 @@ def test_a_read_only_backup_disk_is_verified_and_what_is_found_said_though_not_r
                                   " backup-status and the next backup go by what it holds until a verify can write"
                                   " it"], logged
         assert not (store.dir / verify.DAMAGED).exists()
+
+
+def test_a_manifest_that_does_not_parse_is_one_vms_damage_and_the_next_vms_are_verified(tmp_path: Path) -> None:
+    """It ended the run at that VM, with no word of the VMs after it (with --all, every later one unverified)."""
+    site = tmp_path / "site.toml"
+    site.write_text((ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"'))
+    broken, intact = chain(tmp_path / "b", "provision"), chain(tmp_path / "b", "mcp")
+    manifest = broken.point_dir(INC1) / "manifest.json"
+    manifest.write_text(manifest.read_text()[:20])  # truncated by a crash
+    result = invoke("backup-verify", "--vm", "provision", "--vm", "mcp", site=site)
+    assert (result.returncode, result.stderr) == (1, "kvmconf: damaged restore points for provision\n"), result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == (f"provision: {INC1}: DAMAGED: {manifest}: the restore point's manifest does not parse"
+                        " (JSONDecodeError: Expecting property name enclosed in double quotes: line 3 column 2 (char"
+                        f" 20)): rename {manifest.parent} to {manifest.parent}.damaged (any name that is not a point's"
+                        " time) to go on; the points built on it then cannot be restored"), lines
+    assert lines[2:5] == [f"mcp: {time}: ok (0.0 MiB)" for time in (FULL, INC1, INC2)], lines
+    assert lines[5].endswith(": damaged: provision"), lines
+    assert intact.points() and not (broken.dir / verify.DAMAGED).exists()

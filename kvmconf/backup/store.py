@@ -110,14 +110,22 @@ class ChainBroken(KvmconfError):
     """A point of a chain is missing: the points built on it cannot be read."""
 
 
+class ManifestUnreadable(KvmconfError):
+    """A point's manifest does not parse: that VM's backups and restores stop until its directory is renamed."""
+
+    def __init__(self, message: str, point: str) -> None:
+        super().__init__(message)
+        self.point = point  # the point's directory name (its time)
+
+
 def load_manifest(path: Path) -> Manifest:
     """A point's manifest; one that does not parse (truncated, edited) is this VM's problem, said with its file."""
     try:
         return Manifest.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError; missing or unknown fields
-        raise KvmconfError(f"{path}: the restore point's manifest does not parse ({type(err).__name__}: {err}):"
+        raise ManifestUnreadable(f"{path}: the restore point's manifest does not parse ({type(err).__name__}: {err}):"
                            f" rename {path.parent} to {path.parent}.damaged (any name that is not a point's time)"
-                           " to go on; the points built on it then cannot be restored") from None
+                           " to go on; the points built on it then cannot be restored", path.parent.name) from None
 
 
 def new_hash() -> xxhash.xxh3_128:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from kvmconf.backup import journal
-from kvmconf.backup.store import Manifest, VmStore, dependents
+from kvmconf.backup.store import Manifest, ManifestUnreadable, VmStore, dependents
 
 DAMAGED = "damaged.json"  # {"time": when verified, "points": {point time: [problems]}}
 
@@ -23,7 +23,11 @@ Log = Callable[[str], None]
 
 def verify(store: VmStore, now: str, log: Log) -> dict[str, list[str]]:
     """Check every point of `store`; the damaged ones and their problems, also recorded (none: the record goes)."""
-    points = store.points()
+    try:
+        points = store.points()
+    except ManifestUnreadable as err:  # damage too, and this VM's alone: the next VMs are still verified
+        log(f"{store.vm}: {err.point}: DAMAGED: {err}")
+        return {err.point: [str(err)]}  # not recorded: backup-status says it already, reading the manifest
     damaged: dict[str, list[str]] = {}
     for manifest in points:
         problems = store.verify(manifest)
