@@ -260,3 +260,20 @@ def test_a_damaged_point_is_said_with_the_points_it_takes_along_and_what_is_left
                                  " checksum mismatch: it cannot be restored; restore an earlier point or one of a later"
                                  " chain")
     assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_a_backup_dir_that_is_not_there_is_said_not_taken_for_no_point(example: Cluster, tmp_path: Path) -> None:
+    """Its disk not mounted, or lost: the backups may well exist. It said "no restore point", as if none had been
+    made; backup-status tells the two apart."""
+    disk = tmp_path / "backup-disk"
+    backup = dataclasses.replace(example.site.backup, dir=str(disk / "kvmconf"), nas_dir=None)
+    cluster = dataclasses.replace(example, site=dataclasses.replace(example.site, backup=backup))
+    with pytest.raises(RestoreFailed) as failed:
+        restore_vm(cluster, VM, None, tmp_path / "x.qcow2", False, None, quiet)  # type: ignore[arg-type]
+    assert str(failed.value) == (f"{VM}: the [backup] dir {disk / 'kvmconf'} does not exist (is its filesystem"
+                                 " mounted?): mount it, or restore from the NAS copies with --nas")
+    assert not disk.exists()
+    (disk / "kvmconf").mkdir(parents=True)
+    with pytest.raises(RestoreFailed) as failed:
+        restore_vm(cluster, VM, None, tmp_path / "x.qcow2", False, None, quiet)  # type: ignore[arg-type]
+    assert str(failed.value) == f"{VM}: no restore point in {disk / 'kvmconf' / VM}"

@@ -38,6 +38,9 @@ def _is_point_prefix(at: str) -> bool:
 def pick(store: VmStore, at: str | None) -> Manifest:
     """The point `at` names (its time, or a prefix of it that only it has); the newest without `at`."""
     points = store.points()
+    if not points and not store.root.is_dir():  # not "no point": they may well be there, on a disk not mounted
+        raise RestoreFailed(f"{store.vm}: the [backup] dir {store.root} does not exist (is its filesystem mounted?):"
+                            " mount it, or restore from the NAS copies with --nas")
     if not points:
         raise RestoreFailed(f"{store.vm}: no restore point in {store.dir}")
     if at is None:
