@@ -178,3 +178,10 @@ def test_a_manifest_that_does_not_parse_is_one_vms_damage_and_the_next_vms_are_v
     assert lines[2:5] == [f"mcp: {time}: ok (0.0 MiB)" for time in (FULL, INC1, INC2)], lines
     assert lines[5].endswith(": damaged: provision"), lines
     assert intact.points() and not (broken.dir / verify.DAMAGED).exists()
+
+
+def test_a_vm_without_a_point_is_said_not_passed_over(tmp_path: Path) -> None:
+    """It had no line at all, and the run's last line said "all intact" as if its backups had been checked."""
+    logged: list[str] = []
+    assert verify.verify(VmStore(tmp_path, "vm"), NOW, logged.append) == {}
+    assert logged == [f"vm: no restore point in {tmp_path / 'vm'}: nothing to verify"]

@@ -28,6 +28,8 @@ def verify(store: VmStore, now: str, log: Log) -> dict[str, list[str]]:
     except ManifestUnreadable as err:  # damage too, and this VM's alone: the next VMs are still verified
         log(f"{store.vm}: {err.point}: DAMAGED: {err}")
         return {err.point: [str(err)]}  # not recorded: backup-status says it already, reading the manifest
+    if not points:  # a line of its own: the run's "all intact" must not pass for this VM's backups being checked
+        log(f"{store.vm}: no restore point in {store.dir}: nothing to verify")
     damaged: dict[str, list[str]] = {}
     for manifest in points:
         problems = store.verify(manifest)
