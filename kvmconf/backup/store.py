@@ -124,8 +124,9 @@ def load_manifest(path: Path) -> Manifest:
         return Manifest.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError; missing or unknown fields
         raise ManifestUnreadable(f"{path}: the restore point's manifest does not parse ({type(err).__name__}: {err}):"
-                           f" rename {path.parent} to {path.parent}.damaged (any name that is not a point's time)"
-                           " to go on; the points built on it then cannot be restored", path.parent.name) from None
+                                 f" rename {path.parent} to {path.parent}.damaged (any name that is not a point's"
+                                 " time) to go on; the points built on it then cannot be restored",
+                                 path.parent.name) from None
 
 
 def new_hash() -> xxhash.xxh3_128:
