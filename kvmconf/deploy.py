@@ -89,13 +89,18 @@ class RunReport:
         return line
 
 
-def waves(vms: Sequence[Vm]) -> list[list[Vm]]:
-    """Group VMs so each wave only needs earlier waves (after= names earlier VMs; unselected ones count as met)."""
-    level: dict[str, int] = {}
+def waves(vms: Sequence[Vm], every: Sequence[Vm] = ()) -> list[list[Vm]]:
+    """Group VMs so each wave only needs earlier waves (after= names earlier VMs; unselected ones count as met).
+
+    What an unselected VM of ``every`` (cluster.conf's VMs) is after still counts: with web after db after ldap,
+    `--vm ldap --vm web` deploys web after ldap, as one by one in cluster.conf order, not beside it.
+    """
+    level: dict[str, int] = {}  # a selected VM's wave; an unselected one's, the last wave it needs done
     chosen = {vm.name for vm in vms}
-    for vm in vms:
-        level[vm.name] = 1 + max((level[d] for d in vm.after if d in chosen), default=-1)
-    result: list[list[Vm]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for vm in every or vms:
+        needed = max((level[d] for d in vm.after if d in level), default=-1)
+        level[vm.name] = needed + 1 if vm.name in chosen else needed
+    result: list[list[Vm]] = [[] for _ in range(max((level[vm.name] for vm in vms), default=-1) + 1)]
     for vm in vms:
         result[level[vm.name]].append(vm)
     return result
@@ -195,7 +200,7 @@ def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Opt
             progress(report)
         return report
 
-    groups = waves(vms) if options.parallel > 1 else [[vm] for vm in vms]
+    groups = waves(vms, cluster.vms) if options.parallel > 1 else [[vm] for vm in vms]
     with ThreadPoolExecutor(max_workers=max(1, options.parallel)) as pool:
         for index, group in enumerate(groups):
             result.reports += list(pool.map(work, group))

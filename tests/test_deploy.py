@@ -555,3 +555,14 @@ def test_command_line_tasks(example: Cluster, farm: sshfarm.Farm, tmp_path: Path
                            capture_output=True, text=True, check=False, timeout=120)
     assert (usage.returncode, usage.stderr) == (2, "kvmconf: /nonexistent: no such file (give the inventory with"
                                                    " --cluster, CLUSTER=... or KVMCONF_CLUSTER)\n")
+
+
+def test_a_vm_waits_for_what_an_unselected_vm_it_is_after_depends_on(example: Cluster, farm: sshfarm.Farm) -> None:
+    # db is after ldap, which is after provision: `--vm provision --vm db --parallel 4` deployed both at once, as
+    # if ldap, not chosen, cut the chain; one by one (cluster.conf order) db came after provision.
+    assert [[vm.name for vm in wave] for wave in waves([example.vm("provision"), example.vm("db")], example.vms)] \
+        == [["provision"], ["db"]]
+    report = _run(example, farm, full=True, vms=("provision", "db"))
+    assert not report.failed, "\n".join(r.line() for r in report.failed)
+    times = {(vm, kind): t for t, vm, kind in report.events}
+    assert times["provision", "end"] <= times["db", "start"]
