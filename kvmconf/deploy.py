@@ -8,7 +8,6 @@ cluster.conf order); the first failure lets the current wave finish and stops.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
 from kvmconf.recipes import Recipe, recipe_for
 from kvmconf.remote import SESSION_ERRORS, command, connect, resolve, run, session_failure
-from kvmconf.sync import Changes, StepFailed, check, failure, install_packages, push
+from kvmconf.sync import Changes, StepFailed, check, failure, install_packages, push, upload
 
 HOOK_DIR = "/var/lib/kvmconf/hooks"
 
@@ -113,7 +112,7 @@ def run_hooks(conn: Connection, recipe: Recipe, report: VmReport) -> None:
     sftp = conn.sftp()
     for hook in recipe.hooks:
         path = f"{HOOK_DIR}/{hook.name.replace('/', '_')}"
-        sftp.putfo(io.BytesIO(hook.content), path)
+        upload(conn, hook.content, path, f"hook {hook.name}", path)
         sftp.chmod(path, 0o700)
         res = run(conn, command(path))
         check(res.ok, f"hook {hook.name}", failure(res))

@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 from fabric import Connection
 
 from kvmconf.recipes import FileSpec
-from kvmconf.remote import command, run, script
+from kvmconf.remote import SESSION_ERRORS, command, run, script, session_failure
 from kvmconf.runner import TEMPORARY_SUFFIX, abandoned_among, temporary_beside
 
 BACKUP_DIR = "/var/lib/kvmconf/backup"
@@ -53,6 +53,8 @@ while [ $# -gt 0 ]; do tmp=$1 dest=$2 own=$3 grp=$4 mode=$5; shift 5
   if [ -e "$dest" ]; then mkdir -p -- "$bk$(dirname -- "$dest")" && cp -p -- "$dest" "$bk$dest.$stamp" || exit 1; fi
   chown -- "$own:$grp" "$tmp" && chmod -- "$mode" "$tmp" && mv -f -- "$tmp" "$dest" || exit 1
 done"""
+# Args: path, size. Writes that many bytes where an upload failed, to learn why (see upload), then removes them.
+_WRITE_PROBE = 'head -c "$2" /dev/zero > "$1"; written=$?; rm -f -- "$1"; exit "$written"'
 
 
 class StepFailed(Exception):
@@ -171,13 +173,12 @@ def _install(conn: Connection, changed: Sequence[FileSpec], marked: Sequence[str
     res = run(conn, line + (" && " + command("touch", "--", *marks) if marks else ""))
     check(res.ok, "files", f"mkdir: {failure(res)}")
     args: list[str] = [BACKUP_DIR, time.strftime("%Y%m%dT%H%M%S", time.gmtime())]
-    sftp = conn.sftp()
     uploaded: list[str] = []
     try:
         for spec in changed:
             tmp = temporary_beside(spec.dest)  # this run's own, and a dot file that conf dirs skip
             uploaded.append(tmp)
-            sftp.putfo(io.BytesIO(spec.content), tmp)
+            upload(conn, spec.content, tmp, "files", spec.dest)
             args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
         res = run(conn, script(_INSTALL, *args))
         check(res.ok, "files", f"installing: {failure(res)}")
@@ -187,6 +188,24 @@ def _install(conn: Connection, changed: Sequence[FileSpec], marked: Sequence[str
         with contextlib.suppress(Exception):
             run(conn, command("rm", "-f", "--", *uploaded))
         raise
+
+
+def upload(conn: Connection, content: bytes, path: str, step: str, what: str) -> None:
+    """Write ``content`` to ``path`` over SFTP; if that fails, StepFailed(step) saying why, naming ``what``.
+
+    SFTP hardly says why: OpenSSH's server answers a read-only file system with "Failure", and a write cut short by
+    a full one only shows as paramiko's "size mismatch in put!". So the shell is asked, by writing as many bytes
+    there: its error ends with the system's reason ("No space left on device").
+    """
+    try:
+        conn.sftp().putfo(io.BytesIO(content), path)
+    except OSError as err:
+        reason = session_failure(err)
+        with contextlib.suppress(*SESSION_ERRORS):  # a dead connection: its own error is the reason
+            probe = run(conn, script(_WRITE_PROBE, path, str(len(content))))
+            if not probe.ok:
+                reason = failure(probe).rpartition(": ")[2]
+        raise StepFailed(step, f"uploading {what}: {reason}") from None
 
 
 def _diff(conn: Connection, spec: FileSpec, state: str) -> str:

@@ -566,3 +566,28 @@ def test_a_vm_waits_for_what_an_unselected_vm_it_is_after_depends_on(example: Cl
     assert not report.failed, "\n".join(r.line() for r in report.failed)
     times = {(vm, kind): t for t, vm, kind in report.events}
     assert times["provision", "end"] <= times["db", "start"]
+
+
+@pytest.mark.parametrize(("options", "reason"), [("size=8k", "No space left on device"),
+                                                 ("size=8k,ro", "Read-only file system")])
+def test_an_upload_that_fails_names_the_file_and_why(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path,
+                                                    options: str, reason: str) -> None:
+    # SFTP's answer was the whole line: "OSError: size mismatch in put!  8192 != 200000" for a full file system,
+    # "OSError: Failure" for a read-only one; neither named the file, nor what to free or remount.
+    (hosts_copy / "db").mkdir()
+    (hosts_copy / "db/big.j2").write_text("x" * 200_000)
+    (hosts_copy / "db/recipe.toml").write_text('[[file]]\ndest = "/etc/kvmconf-test-small/big.conf"\n'
+                                               'template = "big.j2"\n')
+    small = farm.root("db") / "etc/kvmconf-test-small"
+    small.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(small)], check=True)
+        try:
+            report = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=("db",))
+            assert [r.line() for r in report.reports] == [
+                f"db: FAILED at files: uploading /etc/kvmconf-test-small/big.conf: {reason}"]
+            assert list(small.iterdir()) == []  # the temporary is removed
+        finally:
+            subprocess.run(["umount", str(small)], check=True)
+    finally:
+        small.rmdir()
