@@ -60,6 +60,15 @@ def _form(pattern: re.Pattern[str]) -> Callable[[str], str]:
 _absolute_path = _form(_SAFE_PATH)
 
 
+def _account_name(value: str) -> str:
+    """A user or group name: chown would take a number for an id, which push compares with the name stat gives,
+    so the file would differ on every run, be pushed again and its services reloaded each time."""
+    if value.isdigit():
+        raise ValueError("(a number, which chown takes for an id while the VM's files are compared by name: the"
+                         " file would be pushed again on every run; give the name, such as \"root\")")
+    return _form(_SAFE_NAME)(value)
+
+
 def _form_or_template(check: Callable[[str], str]) -> Callable[[str], str]:
     """``check``, unless the value holds a jinja expression: its form is only known once rendered for a VM."""
     return lambda value: value if "{" in value else check(value)
@@ -89,8 +98,8 @@ FILE_TYPES: dict[str, Field] = {
     "template": Field(str, "a template file next to the recipe", form=_form(_RELATIVE_PATH), rule=_NEXT_TO_RECIPE),
     "build": Field(str, "a generated file or directory of build/", form=_form(_RELATIVE_PATH),
                    rule="a relative path below build/, without .."),
-    "owner": Field(str, "a user name", form=_form(_SAFE_NAME), rule=_NAME_RULE),
-    "group": Field(str, "a group name", form=_form(_SAFE_NAME), rule=_NAME_RULE),
+    "owner": Field(str, "a user name", form=_account_name, rule=_NAME_RULE),
+    "group": Field(str, "a group name", form=_account_name, rule=_NAME_RULE),
     "mode": Field(str, 'an octal mode in quotes such as "0644"', form=_form(_MODE), rule="3 or 4 octal digits"),
     "reload": Field(list, "a list of service names", form=_form(_SAFE_NAME), rule=_NAME_RULE),
 }

@@ -208,6 +208,21 @@ def test_values_of_the_wrong_form_are_refused_all_at_once_with_their_line(exampl
     ]
 
 
+def test_an_owner_or_group_given_as_a_number_is_refused_with_its_line(example: Cluster, tmp_path: Path) -> None:
+    """chown took owner = "0", but the VM's files are compared by name ("root:root:644 ..."): the file differed on
+    every update-confs, was pushed again and its services reloaded, week after week."""
+    hosts = _with_ldap_recipe(tmp_path, '[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\nowner = "0"\n'
+                                        'group = "998"\nreload = ["slapd"]\n')
+    err = _refused_before_any_vm(example, tmp_path, hosts)
+    why = ("(a number, which chown takes for an id while the VM's files are compared by name: the file would be"
+           ' pushed again on every run; give the name, such as "root")')
+    assert err.splitlines() == [f"{hosts}/ldap/recipe.toml:4:1: key 'file.owner': '0' is not a user name {why}",
+                                f"{hosts}/ldap/recipe.toml:5:1: key 'file.group': '998' is not a group name {why}"]
+    # A name with digits is a name.
+    (hosts / "ldap/recipe.toml").write_text('[[file]]\ndest = "/etc/a"\ntemplate = "recipe.toml"\nowner = "u1000"\n')
+    assert recipes(example, [example.vm("ldap")], hosts)["ldap"].files[-1].owner == "u1000"
+
+
 def test_a_dest_with_jinja_is_checked_once_rendered_with_its_line(example: Cluster, tmp_path: Path) -> None:
     hosts = _with_ldap_recipe(tmp_path, '[[file]]\n\ndest = "/etc/{{ vm.hostgroups | join(\' \') }}"\n'
                                             'template = "recipe.toml"\n')
