@@ -260,6 +260,40 @@ def test_shut_off_vm_from_its_images_and_in_place_restore(conn: libvirt.virConne
     assert not kept.exists() and not again.exists()
 
 
+def test_in_place_restore_from_the_nas_copies_leaves_its_record_where_the_next_backup_looks(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """restore --nas reads the NAS copies, but the lock and the record of the replaced disks are the [backup] dir's,
+    where the VM's backups look: in the NAS dir the replaced disk was kept for good, the restore saying that the
+    next backup would remove it, and no cron backup was kept out meanwhile."""
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 32)
+    dom = define(conn, name, [(disk, "qcow2")], start=False)
+    settings = Settings(backup_dir(tmp_path), full_every=3)
+    point = ok(backup_vm(dom, settings, 3, quiet)).manifest
+    assert point is not None
+    nas = VmStore(tmp_path / "nas", name)
+    shutil.copytree(settings.dir / name / point.time, nas.point_dir(point.time))  # the point's NAS copy
+    shutil.rmtree(settings.dir / name)  # the local disk replaced: an empty [backup] dir
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 0 8M", str(disk)], check=True, capture_output=True)
+    local = VmStore(settings.dir, name)
+    restore(nas, None, None, dom, True, quiet, home=local)
+    kept = tmp_path / f"vda.qcow2.before-restore-{point.time}"
+    assert journal.read(local.dir, journal.REPLACED) == {"files": [str(kept)]}
+    assert not (nas.dir / journal.REPLACED).exists() and not (nas.dir / journal.LOCK).exists()
+    assert compare(disk, nas.point_dir(point.time) / "vda.qcow2").returncode == 0
+    dom.create()
+    ok(backup_vm(dom, settings, 3, quiet))  # the restored VM runs: the replaced disk goes
+    assert not kept.exists()
+    # With its [backup] dir not there (the disk not mounted), no backup could ever remove it: refused.
+    dom.destroy()
+    shutil.rmtree(settings.dir)
+    with pytest.raises(RestoreFailed) as refused:
+        restore(nas, None, None, dom, True, quiet, home=local)
+    assert str(refused.value) == (
+        f"{name}: the [backup] dir {settings.dir} does not exist (is its filesystem mounted?), and a restore in place"
+        " records there which disks it replaces, for the next backup to remove: mount it (or make it: fab"
+        " kvm-setup), or restore with --to")
+
+
 def test_an_agent_that_does_not_answer_is_said_and_the_backup_goes_on(conn: libvirt.virConnect, tmp_path: Path,
                                                                       name: str) -> None:
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")], agent_channel=True)

@@ -263,12 +263,13 @@ def restore_vm(cluster: Cluster, name: str, at: str | None, to: Path | None, for
     """Restore `name` from its points in [backup] dir, or with `from_nas` from their copies in nas_dir (the local
     backup disk lost): see restore.restore."""
     vm = find_vm(cluster, name)
-    root = _nas_root(cluster) if from_nas else Path(cluster.site.backup.dir)
+    local = VmStore(Path(cluster.site.backup.dir), vm.name)  # the lock and the in-place records, from NAS copies too
+    store = VmStore(_nas_root(cluster), vm.name) if from_nas else local
     dom: libvirt.virDomain | None = None
     if to is None:  # in place: the VM's disks are files of its host, swapped here
         require_here(cluster, [vm], machine or Machine.here(), "restore")
         dom = lookup(conns.get(vm.host), vm.name)
-    return restore(VmStore(root, vm.name), at, to, dom, force, log)
+    return restore(store, at, to, dom, force, log, home=local)
 
 
 def _nas_root(cluster: Cluster) -> Path:

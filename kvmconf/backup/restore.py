@@ -192,14 +192,24 @@ def _kept_name(source: Path, time: str) -> Path:
 
 @contextmanager
 def _locked(store: VmStore, in_place: bool) -> Iterator[None]:
-    """The VM's lock, held so that no backup prunes the points this restore reads.
+    """The VM's lock in its [backup] dir (`store`), held so that no backup, nor its NAS stage, prunes the points
+    this restore reads, or backs up the disks it replaces.
 
     A store on a read-only filesystem (a backup disk remounted read-only to recover from it) cannot take it and
     needs none: no backup can delete anything there. (Remounted read-write during the restore, a backup could:
-    the admin who does that mid-restore is the one lock this cannot be.) An in-place restore records its swap
-    in the store, which must then be writable. Any other failure to lock is an error.
+    the admin who does that mid-restore is the one lock this cannot be.) Nor does a [backup] dir that is not
+    there (its disk lost, when restoring from the NAS copies): backups refuse to run without it. An in-place
+    restore records its swap in the store, which must then be there and writable. Any other failure to lock
+    is an error.
     """
-    if os.statvfs(store.dir).f_flag & os.ST_RDONLY:
+    if not store.root.is_dir():
+        if in_place:
+            raise RestoreFailed(f"{store.vm}: the [backup] dir {store.root} does not exist (is its filesystem"
+                                " mounted?), and a restore in place records there which disks it replaces, for the"
+                                " next backup to remove: mount it (or make it: fab kvm-setup), or restore with --to")
+        yield
+        return
+    if os.statvfs(store.root).f_flag & os.ST_RDONLY:  # root: the VM's own directory may not be there (--nas)
         if in_place:
             raise RestoreFailed(f"{store.vm}: the backup store {store.dir} is read-only, and a restore in place records"
                                 " there which disks it swaps: restore with --to, or remount it read-write")
@@ -215,8 +225,11 @@ def _locked(store: VmStore, in_place: bool) -> Iterator[None]:
 
 
 def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDomain | None, force: bool,
-            log: Log = print, progress: bool | None = None) -> list[Path]:
+            log: Log = print, progress: bool | None = None, home: VmStore | None = None) -> list[Path]:
     """Restore the point `at` (default: the newest) to `to`, or over the VM's own disks (shut off, --force).
+
+    `home` is the VM's store in [backup] dir, where its lock and an in-place restore's record of the disks it
+    replaced live: the VM's backups look there. Default: `store`; restoring from the NAS copies, `store` is theirs.
 
     `to` is an existing directory, which receives <vm>-<disk>.<format> per disk, or, for a one-disk VM, a new file
     in an existing directory. Images restored to `to` are 0600, as the backups; in place each keeps its disk's
@@ -227,7 +240,8 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
     manifest = pick(store, at)  # an unknown point is said before the lock makes the VM's backup directory
     if to is not None:
         _refuse_existing(store, _targets(store, manifest, to))  # said at once, not after the chain is verified
-    with sigterm_as_interrupt(), _locked(store, to is None):  # a timeout's or an admin's kill undoes it as Ctrl-C
+    home = home or store
+    with sigterm_as_interrupt(), _locked(home, to is None):  # a timeout's or an admin's kill undoes it as Ctrl-C
         manifest = pick(store, at)  # again under the lock: a backup's pruning may have removed the point meanwhile
         if to is None:  # said at once too: verifying reads every byte of the chain, minutes to hours
             _may_replace_disks(store, dom, force)
@@ -238,7 +252,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             _rebuild(store, manifest, targets, [0o600] * len(targets), progress, log)
             return targets
         dom = _may_replace_disks(store, dom, force)  # again: it may have been started meanwhile
-        _undo_unfinished_swap(store, log)
+        _undo_unfinished_swap(home, log)
         _refuse_moved_disks(store, manifest, dom)
         sources = [Path(disk.source) for disk in manifest.disks]
         for disk, source in zip(manifest.disks, sources, strict=True):
@@ -255,7 +269,7 @@ def restore(store: VmStore, at: str | None, to: Path | None, dom: libvirt.virDom
             for path in staged:
                 _discard(path, log)
             raise
-        replaced = _swap_in(store, dom, manifest, sources, staged)
+        replaced = _swap_in(home, dom, manifest, sources, staged)
         log(f"{store.vm}: restored from {manifest.time} in place: {', '.join(map(str, sources))}")
         log(f"{store.vm}: the replaced disks are kept ({', '.join(replaced)}) until the restored VM has started;"
             " the next backup of the running VM removes them")
