@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
 
@@ -138,7 +138,15 @@ def _build_tree(cluster: Cluster) -> Callable[[], dict[PurePosixPath, str | byte
 
 
 def recipes(cluster: Cluster, vms: Sequence[Vm], recipe_dir: Path | None = None) -> dict[str, Recipe]:
-    """Render every recipe before touching any VM: a template error stops the run before it starts."""
+    """Render every recipe before touching any VM: a template error stops the run before it starts.
+
+    Banners name cluster.conf and site.toml: by their file names alone here, as generators' ``by_name`` does, so
+    a file pushed is the same however their paths were given (run from hosts/, ../cluster.conf; KVMCONF_CLUSTER
+    as a full path). Otherwise every VM's /etc/hosts and mcp's nagios files would be pushed again, nagios
+    reloaded, and all of it pushed back by the next run from the checkout's top.
+    """
+    site = replace(cluster.site, path=PurePosixPath(cluster.site.path).name)
+    cluster = replace(cluster, site=site, source=PurePosixPath(cluster.source).name)
     tree = _build_tree(cluster)
     kwargs = {"root": recipe_dir} if recipe_dir else {}
     return {vm.name: recipe_for(cluster, vm, tree, **kwargs) for vm in vms}

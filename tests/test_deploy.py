@@ -596,13 +596,13 @@ def test_an_upload_that_fails_names_the_file_and_why(example: Cluster, farm: ssh
 def test_update_confs_run_from_hosts_or_given_the_cluster_by_its_full_path_changes_nothing(
         example: Cluster, farm: sshfarm.Farm) -> None:
     # The banner of a pushed file named cluster.conf and site.toml as their paths were given: run from hosts/
-    # (../cluster.conf) or with KVMCONF_CLUSTER=/root/kvmconf/cluster.conf, every VM's /etc/hosts differed, was
-    # pushed again, and pushed back by the next run from the top.
-    assert not _run(example, farm, full=False, vms=("db",)).failed
+    # (../cluster.conf) or with KVMCONF_CLUSTER=/root/kvmconf/cluster.conf, every VM's /etc/hosts and mcp's
+    # nagios files (of build/) differed, were pushed again, nagios reloaded, and all pushed back from the top.
+    assert not _run(example, farm, full=False, vms=("mcp", "db")).failed
     fab = str(Path(".venv/bin/fab").absolute())
     env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config)}
     for cwd, variables in [("hosts", {}), (".", {"KVMCONF_CLUSTER": str(Path("cluster.conf").absolute())})]:
-        run = subprocess.run([fab, "update-confs", "--vm", "db"], cwd=cwd, env={**env, **variables},
+        run = subprocess.run([fab, "update-confs", "--vm", "mcp", "--vm", "db"], cwd=cwd, env={**env, **variables},
                              capture_output=True, text=True, check=False, timeout=120)
-        assert (run.returncode, run.stdout) == (0, "db: done (0 file(s) changed)\nupdate-confs: 1 VM(s), 0 failed\n"), \
-            (cwd, variables, run.stderr)
+        assert (run.returncode, run.stdout) == (0, "mcp: done (0 file(s) changed)\ndb: done (0 file(s) changed)\n"
+                                                   "update-confs: 2 VM(s), 0 failed\n"), (cwd, variables, run.stderr)
