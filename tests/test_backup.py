@@ -418,6 +418,8 @@ def test_sigkill_midway_then_recovery(the_lab: lab.Lab, conn: libvirt.virConnect
     output, _ = child.communicate()
     assert child.returncode == -signal.SIGKILL, output
     assert store.partials()  # it was killed midway: a partial point and a journal are left
+    job_dir = Path(journal.read(store.dir)["job_dir"])  # type: ignore[index]
+    assert (job_dir / "vm").read_text() == name  # what finds it should the journal be lost (test_backup_recovery)
     outcome = ok(backup_vm(dom, settings, 5, quiet))
     assert any(n.startswith("removed the partial backup") for n in outcome.notes), outcome.notes
     assert not store.partials() and not (store.dir / journal.JOURNAL).exists()

@@ -160,6 +160,31 @@ def test_a_journal_that_does_not_parse_is_recovered_from_not_a_failure_of_every_
     assert not (store.dir / journal.JOURNAL).exists() and not store.partials()
 
 
+def test_the_job_dir_of_a_run_whose_journal_was_lost_is_removed_though_its_job_has_ended(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """The journal named the job dir, and a job still running names it by its socket; with the journal lost and the
+    job ended (QEMU restarted, or the run killed after it aborted its job), nothing did: its scratch files, as large
+    as what the guest overwrote during the job, stayed in scratch_dir for good. The dir now names its VM."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    store = VmStore(settings.dir, name)
+    store.dir.mkdir()
+    ours, other = (settings.scratch_dir / f"{engine.JOB_DIR_PREFIX}{pid}-20260101T000000Z" for pid in (999998, 999999))
+    for job_dir, vm in ((ours, name), (other, f"{name}x")):
+        job_dir.mkdir()
+        (job_dir / engine.JOB_OWNER).write_text(vm)
+        (job_dir / "vda.scratch").write_bytes(b"what the guest overwrote")
+    (store.dir / journal.JOURNAL).write_text("")
+    try:
+        outcome = ok(backup_vm(dom, settings, 5, quiet))
+        assert f"removed {ours}, the job dir of a run whose journal was lost" in outcome.notes, outcome.notes
+        assert not ours.exists()
+        assert (other / "vda.scratch").is_file()  # another VM's: its own run may be using it
+    finally:
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: libvirt.virConnect, tmp_path: Path,
                                                                          name: str) -> None:
     """Stopped between moving its point into place and clearing its journal (a SIGTERM during the directory's

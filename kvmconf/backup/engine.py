@@ -68,6 +68,7 @@ SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's sock
 Log = Callable[[str], None]
 _POLL = 0.05
 JOB_DIR_PREFIX = "kvmconf-backup-"  # + PID and time: a run's NBD socket and scratch files, in [backup] scratch_dir
+JOB_OWNER = "vm"  # in a job dir: the VM whose run made it, so that a run whose journal was lost is still cleaned up
 _NOTICE_STOPPED = 5.0  # seconds libvirt may take to see that QEMU died, after its NBD export closed
 _VM_STOPPED = "the VM stopped (or QEMU died) during the backup; the next backup will be a new full"
 FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
@@ -197,12 +198,13 @@ def delete_checkpoint(dom: libvirt.virDomain, name: str, disks: list[VmDisk], lo
 
 # --- recovery -------------------------------------------------------------------------------------
 
-def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str]:
+def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log, scratch_dir: Path | None = None) -> list[str]:
     """Undo what an interrupted run of this VM left (called with the VM's lock held). Idempotent.
 
     Thaws the guest's filesystems if the run may have frozen them, aborts the backup job it started
     (a pull job lasts until aborted, also after its client died), deletes the checkpoint it created
-    (its parent then still covers every write), and removes its partial files and its job directory.
+    (its parent then still covers every write), and removes its partial files and its job directory,
+    also one that no journal names any more: any job dir of this VM in `scratch_dir` is a dead run's.
     The VM's disks are not written (delete_checkpoint says the one exception, on a shut-off VM).
     A job on the VM that is not the run's (another tool's backup, a migration) is left alone, and so is
     what the run left: recovery fails. Only the thaw comes first, whatever runs: a guest left frozen
@@ -214,7 +216,7 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
     except journal.Unreadable as err:
         # Damaged (see journal.Unreadable): what the run started is unknown, so whatever it may have left is undone.
         # Its checkpoint, not named, is deleted with the other unused ones by the next backup (_retire_checkpoints);
-        # its job dir is found from its job while that runs (a job already ended leaves a dir no one can name).
+        # its job dir is found from its job while that runs, else by the VM's name in it (_dead_job_dirs).
         notes.append(f"{err}: undoing what the interrupted run it described may have left")
         entry = {"time": "(its journal does not parse)",
                  FROZEN: dom is not None and bool(dom.isActive()) and has_guest_agent(dom.XMLDesc(0))}
@@ -244,6 +246,9 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
                 notes.append(f"deleted checkpoint {checkpoint} of the interrupted run")
     if entry is not None and entry.get("job_dir"):
         shutil.rmtree(entry["job_dir"], ignore_errors=True)  # the NBD socket and scratch files
+    for job_dir in _dead_job_dirs(scratch_dir, store.vm):  # as many bytes as the guest overwrote during its job
+        shutil.rmtree(job_dir, ignore_errors=True)
+        notes.append(f"removed {job_dir}, the job dir of a run whose journal was lost")
     for partial in store.partials():
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed the partial backup {partial.name}")
@@ -252,6 +257,18 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log) -> list[str
     for note in notes:
         log(f"{store.vm}: recovery: {note}")
     return notes
+
+
+def _dead_job_dirs(scratch_dir: Path | None, vm: str) -> list[Path]:
+    """The job dirs in `scratch_dir` that a run of `vm` made: with the VM's lock held, no run of it is alive."""
+    if scratch_dir is None:
+        return []
+    found = []
+    for job_dir in scratch_dir.glob(JOB_DIR_PREFIX + "*"):
+        with suppress(OSError):  # another VM's run may be removing its own right now
+            if (job_dir / JOB_OWNER).read_text() == vm:
+                found.append(job_dir)
+    return found
 
 
 def _thaw_left_frozen(dom: libvirt.virDomain) -> str:
@@ -408,11 +425,12 @@ class _Job:
     dir: Path
     sizes: dict[str, int]  # dev -> virtual size
     owner: tuple[int, int] | None  # QEMU's uid and gid
+    vm: str = ""  # written into the dir (JOB_OWNER): a VM name can be too long for the socket's path
 
     @classmethod
     def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str, scratch_dir: Path) -> _Job:
         return cls(scratch_dir / f"{JOB_DIR_PREFIX}{os.getpid()}-{stamp}",
-                   {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(xml))
+                   {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(xml), dom.name())
 
     @property
     def socket(self) -> Path:
@@ -421,6 +439,7 @@ class _Job:
     def make(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)  # a reused PID's leftover
         self.dir.mkdir(mode=0o700)
+        (self.dir / JOB_OWNER).write_text(self.vm)
         self._chown(self.dir)
 
     def make_scratch(self) -> None:
@@ -676,7 +695,7 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
     outcome = Outcome(dom.name(), ok=False)
     try:
         with sigterm_as_interrupt(), journal.vm_lock(store.dir):
-            outcome.notes += recover(dom, store, log)
+            outcome.notes += recover(dom, store, log, settings.scratch_dir)
             outcome.notes += durability.settle(store, log, flush=False)  # after a reboot: verify, drop lost points
             try:
                 manifest = (_running_backup(dom, store, settings, log) if dom.isActive()
@@ -686,7 +705,7 @@ def backup_vm(dom: libvirt.virDomain, settings: Settings, keep: int, log: Log = 
                 # as another tool's job runs, libvirtd gone) must not replace what ended the run, an interrupt
                 # above all: the next VM of --all would start.
                 try:
-                    recover(dom, store, log)
+                    recover(dom, store, log, settings.scratch_dir)
                 except Exception as undo_failed:  # said; the next run recovers
                     outcome.notes.append(f"the run could not be undone at once ({undo_failed}): the next"
                                          " run recovers what it left")
