@@ -185,6 +185,29 @@ def test_the_job_dir_of_a_run_whose_journal_was_lost_is_removed_though_its_job_h
         shutil.rmtree(other, ignore_errors=True)
 
 
+def test_the_job_dir_of_a_job_that_still_runs_is_kept_though_no_journal_names_it(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """No journal at all (deleted by hand), and the dead run's job still exports from its dir: nothing aborts that job,
+    and the backup is refused while it runs; its socket and scratch files stay with it."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    job_dir = engine.SCRATCH_DIR / f"{engine.JOB_DIR_PREFIX}{os.getpid()}-20260101T000000Z"
+    job_dir.mkdir()
+    try:
+        (job_dir / engine.JOB_OWNER).write_text(name)
+        xml = dom.XMLDesc(0)
+        disks, skipped = domain_disks(xml)
+        if (owner := qemu_owner(xml)) is not None:
+            os.chown(job_dir, *owner)
+        dom.backupBegin(backup_xml(job_dir / "nbd.sock", job_dir, disks, skipped, None), None, 0)
+        outcome = backup_vm(dom, settings, 5, quiet)
+        assert not outcome.ok and "another job" in outcome.error, outcome.error
+        assert (job_dir / "nbd.sock").exists() and f"socket='{job_dir}/nbd.sock'" in dom.backupGetXMLDesc(0)
+        dom.abortJob()
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
 def test_a_run_stopped_once_its_point_was_complete_keeps_its_checkpoint(conn: libvirt.virConnect, tmp_path: Path,
                                                                          name: str) -> None:
     """Stopped between moving its point into place and clearing its journal (a SIGTERM during the directory's

@@ -246,7 +246,12 @@ def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log, scratch_dir
                 notes.append(f"deleted checkpoint {checkpoint} of the interrupted run")
     if entry is not None and entry.get("job_dir"):
         shutil.rmtree(entry["job_dir"], ignore_errors=True)  # the NBD socket and scratch files
-    for job_dir in _dead_job_dirs(scratch_dir, store.vm):  # as many bytes as the guest overwrote during its job
+    # As many bytes as the guest overwrote during its job. A job still running (its journal deleted, not lost: no
+    # recovery aborts it) keeps its dir, as the refusal of the next backup says it runs.
+    running = _job_dir(dom) if dom is not None and dom.isActive() else None
+    for job_dir in _dead_job_dirs(scratch_dir, store.vm):
+        if job_dir == running:
+            continue
         shutil.rmtree(job_dir, ignore_errors=True)
         notes.append(f"removed {job_dir}, the job dir of a run whose journal was lost")
     for partial in store.partials():
