@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from fabric import Connection, task
@@ -29,7 +30,7 @@ def _run(c: Context, vm: list[str], full: bool, parallel: str, ssh_config: str, 
         recipes = _recipe_dir()
         cluster = inputs.load()
         options = Options(generated_ssh_config(_ssh_config_option(c, ssh_config)), at_a_time, dry_run, recipes)
-        report = run_cluster(cluster, vm, full, options, progress=_print_vm)
+        report = run_cluster(cluster, vm, full, options, progress=_print_vm, interrupted=_print_interrupted)
     _print(report, dry_run)
 
 
@@ -81,8 +82,16 @@ def _print_vm(report: VmReport) -> None:
     say(report.line())
 
 
+def _print_interrupted(running: list[str]) -> None:
+    """At Ctrl-C, at once: nothing else may show for as long as the VMs still being deployed take."""
+    print(f"kvmconf: interrupted: letting {', '.join(running)} end (stopped midway, an apt-get or a hook would be"
+          " left half done; Ctrl-\\ stops at once all the same); no other VM is started", file=sys.stderr, flush=True)
+
+
 def _print(report: RunReport, dry_run: bool) -> None:
     print(("(dry run: nothing changed)\n" if dry_run else "") + report.summary())
+    if report.interrupted:
+        raise Exit("kvmconf: interrupted", 1)
     if report.failed:
         raise Exit(code=1)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -68,6 +68,7 @@ class RunReport:
     action: str
     reports: list[VmReport] = field(default_factory=list)
     not_started: list[str] = field(default_factory=list)
+    interrupted: bool = False  # by Ctrl-C: the VMs being deployed were let end, no other was started
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (time, vm, start|end), for tests
 
     @property
@@ -84,7 +85,8 @@ class RunReport:
         if self.failed:
             line += ": " + ", ".join(f"{r.vm} ({r.failed_step})" for r in self.failed)
         if self.not_started:
-            line += f"; not started (an earlier failure stopped later waves): {', '.join(self.not_started)}"
+            why = "interrupted" if self.interrupted else "an earlier failure stopped later waves"
+            line += f"; not started ({why}): {', '.join(self.not_started)}"
         return line
 
 
@@ -187,11 +189,16 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
 
 
 def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Options,
-                progress: Callable[[VmReport], None] = lambda report: None) -> RunReport:
+                progress: Callable[[VmReport], None] = lambda report: None,
+                interrupted: Callable[[list[str]], None] = lambda running: None) -> RunReport:
     """deploy (full=True: packages, files, hooks) or update-confs (files only) on the chosen VMs, in waves.
 
     `progress` gets each VM's report as soon as that VM is done (one call at a time), so a long run shows where
     it is; the RunReport keeps them in cluster.conf order, and its summary only counts them.
+
+    Ctrl-C starts no other VM, but lets those being deployed end: stopped midway, a VM's apt-get could leave dpkg
+    interrupted, or a hook half done. `interrupted` gets their names at each Ctrl-C, so the run is not taken to
+    ignore it (it used to say nothing until they ended); the report says so and which VMs were not started.
     """
     vms = select_or_all(cluster, names)
     plan = recipes(cluster, vms, options.recipe_dir)
@@ -210,8 +217,20 @@ def run_cluster(cluster: Cluster, names: Sequence[str], full: bool, options: Opt
     groups = waves(vms, cluster.vms) if options.parallel > 1 else [[vm] for vm in vms]
     with ThreadPoolExecutor(max_workers=max(1, options.parallel)) as pool:
         for index, group in enumerate(groups):
-            result.reports += list(pool.map(work, group))
-            if result.failed:
-                result.not_started = [vm.name for later in groups[index + 1:] for vm in later]
+            futures = [pool.submit(work, vm) for vm in group]
+            while not all(future.done() for future in futures):
+                try:
+                    wait(futures)
+                except KeyboardInterrupt:
+                    result.interrupted = True
+                    for future in futures:
+                        future.cancel()  # those still queued; a running one cannot be
+                    running = [vm.name for vm, future in zip(group, futures, strict=True) if not future.done()]
+                    if running:
+                        interrupted(running)
+            result.reports += [future.result() for future in futures if not future.cancelled()]
+            if result.failed or result.interrupted:
+                result.not_started = [vm.name for vm, future in zip(group, futures, strict=True) if future.cancelled()]
+                result.not_started += [vm.name for later in groups[index + 1:] for vm in later]
                 break
     return result

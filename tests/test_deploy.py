@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -606,3 +607,44 @@ def test_update_confs_run_from_hosts_or_given_the_cluster_by_its_full_path_chang
                              capture_output=True, text=True, check=False, timeout=120)
         assert (run.returncode, run.stdout) == (0, "mcp: done (0 file(s) changed)\ndb: done (0 file(s) changed)\n"
                                                    "update-confs: 2 VM(s), 0 failed\n"), (cwd, variables, run.stderr)
+
+
+def test_ctrl_c_says_at_once_which_vm_it_lets_end_and_starts_no_other(example: Cluster, farm: sshfarm.Farm,
+                                                                      hosts_copy: Path) -> None:
+    # Ctrl-C while ldap's hook ran said nothing until the hook had ended, however long that took; then only
+    # "kvmconf: interrupted", without the summary naming the VMs never started.
+    started, go = farm.root("ldap") / "tmp/kvmconf-test-started", farm.root("ldap") / "tmp/kvmconf-test-go"
+    started.unlink(missing_ok=True)
+    go.unlink(missing_ok=True)
+    (hosts_copy / "ldap/hooks").mkdir()
+    (hosts_copy / "ldap/hooks/wait.sh").write_text(
+        "#!/bin/sh\ntouch /tmp/kvmconf-test-started\nuntil [ -e /tmp/kvmconf-test-go ]; do sleep 0.1; done\n")
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text('hooks = ["hooks/wait.sh"]\n' + recipe.read_text())
+    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config), "KVMCONF_RECIPES": str(hosts_copy)}
+    proc = subprocess.Popen([".venv/bin/fab", "deploy", "--vm", "provision", "--vm", "ldap", "--vm", "db"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = threading.Timer(30, go.touch)  # so a run that says nothing until the hook ends, ends
+    deadline.start()
+    try:
+        end = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
+        assert started.exists(), "ldap's hook never started"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        notice = proc.stderr.readline()
+        assert not go.exists(), "the Ctrl-C was answered only once ldap's hook had ended"
+        assert notice == ("kvmconf: interrupted: letting ldap end (stopped midway, an apt-get or a hook would be left"
+                          " half done; Ctrl-\\ stops at once all the same); no other VM is started\n")
+    finally:
+        deadline.cancel()
+        go.touch()
+        out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (1, "kvmconf: interrupted\n")
+    lines = out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["provision", "ldap", "deploy"]
+    assert lines[1].startswith("ldap: done (") and lines[1].endswith("; 1 hook(s) run)"), lines
+    assert lines[2] == "deploy: 2 VM(s), 0 failed; not started (interrupted): db"
+    started.unlink()
+    go.unlink()
