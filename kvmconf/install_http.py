@@ -53,7 +53,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.client_address[0]} {self.command} {self.path} {code}\n"
+        # A request line that does not parse (garbage, a bad HTTP version, too long) is answered 400 or 414 before
+        # self.path is set, and without a command: "-" for them, or the answer never went out.
+        path = getattr(self, "path", "-")
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.client_address[0]} {self.command or '-'} {path} {code}\n"
         with self.server.lock, (self.server.config_dir / HTTP_LOG).open("a") as f:
             f.write(line)
 

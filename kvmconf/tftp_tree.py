@@ -145,7 +145,7 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
 
 def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> bool:
     """Mark a VM's install done (remove its boot entries) or to be redone (restore them). False: no such VM."""
-    if not vm or "/" in vm or vm.startswith("."):
+    if not vm or "/" in vm or "\0" in vm or vm.startswith("."):  # NUL: from the URL's %00, no file name has it
         return False
     entries = boot_entries(config_dir, vm)
     if not entries:

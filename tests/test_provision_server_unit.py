@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,35 @@ def test_http_serves_each_preseed_and_seed_at_its_url_and_nothing_else(served: t
         assert _get(url + path)[0] == 404, path
     log = (config_dir / install_http.HTTP_LOG).read_text().splitlines()
     assert log[0].split()[1:] == ["127.0.0.1", "GET", "/preseed/mcp.cfg", "200"]
+
+
+def _raw(url: str, request: bytes) -> bytes:
+    """What the server answers to ``request`` sent as is: urllib never sends a malformed one."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(("request_line", "status"), [
+    (b"GARBAGE", 400), (b"GET /preseed/mcp.cfg HTTP/9.x", 400), (b"GET /" + b"a" * 70000 + b" HTTP/1.0", 414)])
+def test_a_request_line_that_does_not_parse_is_answered_and_logged(
+        served: tuple[str, Path, Path], request_line: bytes, status: int) -> None:
+    url, config_dir, _ = served
+    # It used to fail in log_request (no self.path yet): the client got no answer, and no line was logged.
+    # (Without a version it understands, the stdlib answers as HTTP/0.9: the error page without a status line.)
+    assert f"<p>Error code: {status}</p>".encode() in _raw(url, request_line + b"\r\n\r\n")
+    assert (config_dir / install_http.HTTP_LOG).read_text().split()[1:] == ["127.0.0.1", "-", "-", str(status)]
+    assert _get(f"{url}/preseed/mcp.cfg")[0] == 200  # and the server goes on
+
+
+def test_an_install_mark_for_a_name_with_a_nul_byte_is_no_such_vm(served: tuple[str, Path, Path]) -> None:
+    url, config_dir, tftp_root = served
+    # %00 decodes to a NUL, which no path may hold: the lookup raised, and the installer's wget got no answer.
+    assert _get(f"{url}/installed/mcp%00") == (404, b"no such VM\n")
+    assert provision_state.read_installed(config_dir) == set() and (tftp_root / MCP_ENTRY).exists()
 
 
 def test_http_url_with_a_path_is_served_under_that_path(example: Cluster, tmp_path: Path) -> None:
