@@ -157,8 +157,14 @@ def recipes(cluster: Cluster, vms: Sequence[Vm], recipe_dir: Path | None = None)
 def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
     report = VmReport(vm.name, dry_run=options.dry_run)
     step = "connect"
+    unnamed = ""  # why connect failed, when the ssh config does not name the VM's address
     try:
         target = resolve(vm.name, options.ssh_config)
+        if target.hostname == vm.name:
+            # `make` writes a HostName for every VM of cluster.conf: an ssh config without one for this VM is an
+            # older one (a VM added, then provisioned, which needs no `make`), or a hand-written one relying on DNS.
+            unnamed = (f" ({options.ssh_config} gives no HostName for {vm.name}: if `make` wrote it, it predates"
+                       " this VM: run `make` again)")
         if target.user != "root":  # else apt-get, the pushes into /etc and the reloads fail midway, one by one
             raise StepFailed(step, f"the ssh config logs in as {target.user!r}: deploy and update-confs install"
                              " packages, write system files and reload services as root (expected User root:"
@@ -185,6 +191,8 @@ def _one(vm: Vm, recipe: Recipe, full: bool, options: Options) -> VmReport:
         report.failed_step, report.error = step, str(err).removeprefix(f"{vm.name}: ")
     except SESSION_ERRORS as err:  # midway: that VM's failure, the other VMs go on
         report.failed_step, report.error = step, session_failure(err)
+    if report.failed_step == "connect":
+        report.error = f"{report.error}{unnamed}"
     return report
 
 

@@ -648,3 +648,19 @@ def test_ctrl_c_says_at_once_which_vm_it_lets_end_and_starts_no_other(example: C
     assert lines[2] == "deploy: 2 VM(s), 0 failed; not started (interrupted): db"
     started.unlink()
     go.unlink()
+
+
+def test_a_vm_the_ssh_config_does_not_name_fails_at_connect_saying_to_run_make(example: Cluster, farm: sshfarm.Farm,
+                                                                                tmp_path: Path) -> None:
+    # A VM added to cluster.conf and provisioned (which needs no `make`) is not in build/ssh/config yet: ssh took its
+    # name for the address, and the line only read "ssh to scratch:22: [Errno -2] Name or service not known".
+    config = tmp_path / "ssh_config"
+    config.write_text("\n\n".join(block for block in farm.ssh_config.read_text().split("\n\n")
+                                  if not block.startswith("Host scratch\n")))
+    report = run_cluster(example, ["db", "scratch"], False, Options(config, 1, False, None))
+    db, scratch = report.reports
+    assert db.line().startswith("db: done ("), db.line()
+    assert scratch.failed_step == "connect"
+    assert scratch.line().startswith("scratch: FAILED at connect: ssh to scratch:22: "), scratch.line()
+    assert scratch.line().endswith(f" ({config} gives no HostName for scratch: if `make` wrote it, it predates this"
+                                   " VM: run `make` again)"), scratch.line()
