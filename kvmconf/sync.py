@@ -47,11 +47,13 @@ for f do
     printf '%s %s\\n' "$(stat -c %U:%G:%a -- "$f")" "$(sha256sum < "$f" | cut -c1-64)"
   else echo -; fi
 done"""
-# Args: backup dir, stamp, then (tmp dest owner group mode) per file.
+# Args: backup dir, stamp, then (tmp dest owner group mode) per file. On a failure, prints the file's dest.
 _INSTALL = """bk=$1 stamp=$2; shift 2
 while [ $# -gt 0 ]; do tmp=$1 dest=$2 own=$3 grp=$4 mode=$5; shift 5
-  if [ -e "$dest" ]; then mkdir -p -- "$bk$(dirname -- "$dest")" && cp -p -- "$dest" "$bk$dest.$stamp" || exit 1; fi
-  chown -- "$own:$grp" "$tmp" && chmod -- "$mode" "$tmp" && mv -f -- "$tmp" "$dest" || exit 1
+  if [ -e "$dest" ]; then
+    mkdir -p -- "$bk$(dirname -- "$dest")" && cp -p -- "$dest" "$bk$dest.$stamp" || { printf %s "$dest"; exit 1; }
+  fi
+  chown -- "$own:$grp" "$tmp" && chmod -- "$mode" "$tmp" && mv -f -- "$tmp" "$dest" || { printf %s "$dest"; exit 1; }
 done"""
 # Args: path, size. Writes that many bytes where an upload failed, to learn why (see upload), then removes them.
 _WRITE_PROBE = 'head -c "$2" /dev/zero > "$1"; written=$?; rm -f -- "$1"; exit "$written"'
@@ -181,7 +183,8 @@ def _install(conn: Connection, changed: Sequence[FileSpec], marked: Sequence[str
             upload(conn, spec.content, tmp, "files", spec.dest)
             args += [tmp, spec.dest, spec.owner, spec.group, spec.mode]
         res = run(conn, script(_INSTALL, *args))
-        check(res.ok, "files", f"installing: {failure(res)}")
+        # Which file: chown's "invalid user: 'nagios:root'" does not say, and the recipe may have many.
+        check(res.ok, "files", f"installing {res.stdout or 'the files'}: {failure(res)}")
     except BaseException:
         # The temporaries not yet moved into place (rm -f: those moved are gone); a dead connection removes none,
         # and its own error is the one to report.

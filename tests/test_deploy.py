@@ -336,7 +336,8 @@ def test_a_failed_install_leaves_no_temporary_on_the_vm(
     try:
         report = _run(example, farm, full=False, recipe_dir=hosts_copy, vms=("ldap",))
         assert [r.line() for r in report.reports] == [
-            "ldap: FAILED at files: installing: exit 1: chown: invalid user: 'nosuchuser:root'"]
+            "ldap: FAILED at files: installing /etc/kvmconf-test/b.conf: exit 1: chown: invalid user:"
+            " 'nosuchuser:root'"]
         assert sorted(p.name for p in directory.iterdir()) == ["a.conf"]  # b.conf's temporary is removed
     finally:
         shutil.rmtree(directory, ignore_errors=True)
