@@ -6,7 +6,8 @@ conf together with every hostsfile line (which --test alone never reads): a fail
 daemon and its files as they were. A new dnsmasq that does not start (its interface or port taken) gets the
 previous files back (none, on a first deploy) and, if it ran before, their dnsmasq restarted; the deploy fails
 saying so (:class:`DnsmasqDidNotStart`, on which kvmconf.provision_server puts build/ and the TFTP boot entries
-back too).
+back too). A deploy stopped between writing the files and signalling dnsmasq (Ctrl-C, SIGTERM) leaves
+config_dir/dnsmasq.pending: the next deploy restarts dnsmasq, since the files alone no longer tell what it runs on.
 
 The hostsfile lines carry no tags, because dnsmasq 2.90 crashed (segfault) on SIGHUP after it had answered
 a VM whose hostsfile line set one (``set:install``): an install mark changes the TFTP root, never dnsmasq.
@@ -29,6 +30,8 @@ from kvmconf.processes import alive, command_line, output_of, stop_pid
 from kvmconf.provision_state import build_dir_in
 
 Log = Callable[[str], None]
+
+PENDING = "dnsmasq.pending"  # in config_dir while a deploy changes config_dir/dnsmasq and signals dnsmasq
 
 
 class DnsmasqDidNotStart(KvmconfError):
@@ -214,14 +217,25 @@ def deploy_dnsmasq(config_dir: Path, dnsmasq: Dnsmasq, log: Log = print) -> str:
     if (stranger := dnsmasq.stranger()) is not None:
         log(f"provision server: {stranger}: left alone; no dnsmasq of ours runs")
     running = dnsmasq.pid() is not None
-    new.write_over(live, old)
-    if old is not None and old.conf == new.conf and running:
-        what = "reloaded" if old != new else "unchanged"
-        if old != new:
-            dnsmasq.reload()
-    else:
-        _restart(dnsmasq, live, new, old, running)
-        what = "restarted" if running else "started"
+    # There from before the files change until dnsmasq has read them: one left over is a deploy stopped in between
+    # (Ctrl-C, SIGTERM), whose dnsmasq may still run on the files before. Compared with the files alone, the next
+    # deploy would find nothing to do and leave it so: a new VM without its reservation, a removed VM's still there.
+    pending = config_dir / PENDING
+    interrupted = pending.exists()
+    pending.touch()
+    try:
+        new.write_over(live, old)
+        if old is not None and old.conf == new.conf and running and not interrupted:
+            what = "reloaded" if old != new else "unchanged"
+            if old != new:
+                dnsmasq.reload()
+        else:
+            _restart(dnsmasq, live, new, old, running)
+            what = "restarted" if running else "started"
+    except KvmconfError:
+        pending.unlink(missing_ok=True)  # the files there are what dnsmasq runs on (or none runs): nothing pending
+        raise
+    pending.unlink(missing_ok=True)
     log(f"provision server: dnsmasq {what}")
     return what
 

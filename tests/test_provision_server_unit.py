@@ -606,6 +606,35 @@ def test_a_stopped_dnsmasq_whose_new_config_does_not_start_keeps_its_files(
     assert _served(config_dir, tftp_root) == before
 
 
+@pytest.mark.services
+def test_a_deploy_stopped_before_dnsmasq_read_its_files_is_finished_by_the_next(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    provision_server.stage_build(cluster, config_dir)
+    tftp_root.mkdir()  # dnsmasq refuses to start without it
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, netns_dnsmasq, print) == "started"
+    (config_dir / "build/dnsmasq/dhcp-hosts/newvm").write_text("52:54:00:50:00:99,127.0.0.99,newvm,infinite\n")
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt  # the admin's Ctrl-C, after the new hostsfile is written, before the SIGHUP
+
+    monkeypatch.setattr(netns_dnsmasq, "reload", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dnsmasq_control.deploy_dnsmasq(config_dir, netns_dnsmasq, print)
+    monkeypatch.undo()
+    assert (config_dir / "dnsmasq/dhcp-hosts/newvm").exists() and (config_dir / dnsmasq_control.PENDING).exists()
+    # The files deployed are already the new ones: compared with them alone, this deploy was "unchanged", and
+    # dnsmasq never learnt newvm's reservation.
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, netns_dnsmasq, print) == "restarted"
+    assert not (config_dir / dnsmasq_control.PENDING).exists()
+    deadline = time.monotonic() + 30
+    while "dhcp-hosts/newvm" not in (tmp_path / "dnsmasq.log").read_text():
+        assert time.monotonic() < deadline, "dnsmasq did not read newvm's hostsfile"
+        time.sleep(0.1)
+    assert dnsmasq_control.deploy_dnsmasq(config_dir, netns_dnsmasq, print) == "unchanged"
+
+
 def test_a_build_kept_aside_is_put_back_as_it_was(example: Cluster, tmp_path: Path) -> None:
     build = provision_server.stage_build(example, tmp_path)
     before = _tree(build)
