@@ -50,7 +50,7 @@ from kvmconf.interfaces import interface_addresses
 from kvmconf.plan import find_vm
 from kvmconf.processes import alive, in_netns
 from kvmconf.provision_state import STATE_FILE, build_dir_in, build_kept_aside
-from kvmconf.tftp_tree import assemble_tftp, copy_boot_entries, set_installed, tftp_sources
+from kvmconf.tftp_tree import assemble_tftp, copy_boot_entries, forget_removed_installed, set_installed, tftp_sources
 
 Log = Callable[[str], None]
 
@@ -115,13 +115,15 @@ def deploy(cluster: Cluster, dnsmasq: Dnsmasq, log: Log = print) -> str:
         build = stage_build(cluster, config_dir, files)
         assemble_tftp(cluster, build, tftp_root)
         try:
-            return deploy_dnsmasq(config_dir, dnsmasq, log)
+            what = deploy_dnsmasq(config_dir, dnsmasq, log)
         except DnsmasqDidNotStart:
             # DHCP reserves the previous VMs again (or none runs): without this, new VMs' installers would be
             # served with no reservation, and removed VMs' entries would be gone while dnsmasq still answers them.
             put_back()
             copy_boot_entries(build, tftp_root)
             raise
+    forget_removed_installed(config_dir)
+    return what
 
 
 def deploy_here(cluster: Cluster, log: Log = print) -> str:

@@ -5,7 +5,9 @@ boot entries from the TFTP root, so its next PXE boot reads the defaults (pxelin
 the next boot device, the disk). ``invoke reinstall --vm`` puts them back. Because every deploy assembles the
 TFTP root from build/ *and* the installed state, a later `make` + deploy never turns an installed VM back
 into one that reinstalls; and per-MAC entries the build no longer has (a VM removed, a MAC changed) are
-deleted. Every file copied from this machine's packages is checked for before the first change.
+deleted. The marks of VMs gone from the build go at the end of a deploy that succeeded: a VM created later
+under such a name is installed. Every file copied from this machine's packages is checked for before the first
+change.
 """
 
 from __future__ import annotations
@@ -141,6 +143,20 @@ def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:
             rel = f"{directory}/{path.name}"
             if pxe.PER_MAC_ENTRY.fullmatch(rel) and not (built / rel).exists():
                 path.unlink()
+
+
+def forget_removed_installed(config_dir: Path) -> None:
+    """Drop the install marks of VMs that the build no longer has (removed from cluster.conf, or renamed).
+
+    A mark is for the disk that was installed: a VM given that name later has a new, empty one and needs its
+    installer, which a mark left behind keeps from it (PXE reads the local-boot default; the disk boots nothing).
+    Called once a deploy has succeeded: one that fails puts back the previous build, whose VMs keep their marks.
+    """
+    with state_locked(config_dir):
+        installed = read_installed(config_dir)
+        kept = {vm for vm in installed if boot_entries(config_dir, vm)}
+        if kept != installed:
+            write_installed(config_dir, kept)
 
 
 def set_installed(config_dir: Path, tftp_root: Path, vm: str, done: bool) -> bool:

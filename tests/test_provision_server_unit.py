@@ -635,6 +635,22 @@ def test_a_deploy_stopped_before_dnsmasq_read_its_files_is_finished_by_the_next(
     assert dnsmasq_control.deploy_dnsmasq(config_dir, netns_dnsmasq, print) == "unchanged"
 
 
+@pytest.mark.services
+def test_a_vm_removed_and_later_added_again_gets_its_installer_again(
+        example: Cluster, tmp_path: Path, netns_dnsmasq: Dnsmasq) -> None:
+    """The install mark is the installed VM's: a VM of the same name created later (a new, empty disk) needs the
+    installer, and the disk boots nothing until it has run."""
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    cluster = _at(example, config_dir, tftp_root)
+    provision_server.deploy(cluster, netns_dnsmasq, print)
+    web_entries = [rel for rel in provision_state.boot_entries(config_dir, "web") if (tftp_root / rel).is_file()]
+    assert web_entries and tftp_tree.set_installed(config_dir, tftp_root, "web", True)
+    provision_server.deploy(_without_web(cluster), netns_dnsmasq, print)
+    assert provision_state.read_installed(config_dir) == set()  # no VM of that name is left to keep off its installer
+    provision_server.deploy(cluster, netns_dnsmasq, print)
+    assert all((tftp_root / rel).is_file() for rel in web_entries)
+
+
 def test_a_build_kept_aside_is_put_back_as_it_was(example: Cluster, tmp_path: Path) -> None:
     build = provision_server.stage_build(example, tmp_path)
     before = _tree(build)
