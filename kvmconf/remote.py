@@ -180,6 +180,9 @@ def script(body: str, *args: str) -> str:
 
 
 def run(conn: Connection, line: str) -> Result:
-    result = conn.run(line, hide=True, warn=True, in_stream=False)
+    # stdin is /dev/null, so a command that asks (a dpkg conffile prompt, ssh-keygen over an existing key, a read in
+    # a hook) reads its end at once: with in_stream=False, Fabric leaves the remote stdin open, never closed, and
+    # such a command waited forever, the deploy with it.
+    result = conn.run(f"exec </dev/null; {line}", hide=True, warn=True, in_stream=False)
     assert result is not None
     return result

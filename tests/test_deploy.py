@@ -665,3 +665,20 @@ def test_a_vm_the_ssh_config_does_not_name_fails_at_connect_saying_to_run_make(e
     assert scratch.line().startswith("scratch: FAILED at connect: ssh to scratch:22: "), scratch.line()
     assert scratch.line().endswith(f" ({config} gives no HostName for scratch: if `make` wrote it, it predates this"
                                    " VM: run `make` again)"), scratch.line()
+
+
+def test_a_hook_that_asks_gets_no_answer_instead_of_waiting_forever(example: Cluster, farm: sshfarm.Farm,
+                                                                   hosts_copy: Path) -> None:
+    # Fabric left the remote stdin open: a command that asks (ssh-keygen over an existing key; in apt-get, a dpkg
+    # conffile prompt) waited for an answer that never came, and the deploy with it, Ctrl-C or not.
+    (hosts_copy / "ldap/hooks").mkdir()
+    (hosts_copy / "ldap/hooks/ask.sh").write_text(
+        "#!/bin/sh\nprintf 'Overwrite (y/n)? '\nif read -r answer; then echo \"answered $answer\" >&2; exit 1; fi\n"
+        "echo 'no answer' >&2\nexit 4\n")
+    recipe = hosts_copy / "ldap/recipe.toml"
+    recipe.write_text('hooks = ["hooks/ask.sh"]\n' + recipe.read_text())
+    env = {**os.environ, "KVMCONF_SSH_CONFIG": str(farm.ssh_config), "KVMCONF_RECIPES": str(hosts_copy)}
+    fab = subprocess.run([".venv/bin/fab", "deploy", "--vm", "ldap"], env=env, capture_output=True, text=True,
+                         check=False, timeout=60)
+    assert fab.returncode == 1, fab.stderr
+    assert fab.stdout.splitlines()[0] == "ldap: FAILED at hook ldap/hooks/ask.sh: exit 4: no answer"
