@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
 
 from fabric import Connection
 
 from generators.model import Cluster, Vm
+from generators.render import named_by_file
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import select_or_all
 from kvmconf.recipes import Recipe, recipe_for
@@ -147,8 +148,7 @@ def recipes(cluster: Cluster, vms: Sequence[Vm], recipe_dir: Path | None = None)
     as a full path). Otherwise every VM's /etc/hosts and mcp's nagios files would be pushed again, nagios
     reloaded, and all of it pushed back by the next run from the checkout's top.
     """
-    site = replace(cluster.site, path=PurePosixPath(cluster.site.path).name)
-    cluster = replace(cluster, site=site, source=PurePosixPath(cluster.source).name)
+    cluster = named_by_file(cluster)
     tree = _build_tree(cluster)
     kwargs = {"root": recipe_dir} if recipe_dir else {}
     return {vm.name: recipe_for(cluster, vm, tree, **kwargs) for vm in vms}

@@ -20,7 +20,7 @@ from fabric import Connection
 
 from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
-from generators.render import environment, render, xml_banner
+from generators.render import environment, named_by_file, render, xml_banner
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import SESSION_ERRORS, RemoteError, command, connect, resolve, run, script, session_failure
@@ -81,6 +81,7 @@ def bridges(cluster: Cluster, host: PhysicalHost) -> list[Bridge]:
 
 def host_files(cluster: Cluster, host: PhysicalHost) -> tuple[list[FileSpec], FileSpec | None]:
     """(system files, the bridge file or None for NetworkManager), rendered from templates/."""
+    cluster = named_by_file(cluster)  # else run from hosts/, every file is pushed again, sysctl and ifup redone
     context = {"host": host, "bridges": bridges(cluster, host)}
     system = [FileSpec(SYSCTL, render("kvm-setup-sysctl.conf.j2", cluster, **context).encode(),
                        source="templates/kvm-setup-sysctl.conf.j2"),
@@ -96,7 +97,7 @@ def host_files(cluster: Cluster, host: PhysicalHost) -> tuple[list[FileSpec], Fi
 def vf_network_files(cluster: Cluster, host: PhysicalHost) -> list[FileSpec]:
     """One libvirt network definition per SR-IOV physical function of the host, named as the domain XML expects."""
     template = environment().get_template(VF_NETWORK_TEMPLATE)
-    banner = xml_banner(cluster, VF_NETWORK_TEMPLATE)
+    banner = xml_banner(named_by_file(cluster), VF_NETWORK_TEMPLATE)
     return [FileSpec(f"{VF_NETWORK_DIR}/{vf_pool_network(pf)}.xml",
                      template.render(banner=banner, name=vf_pool_network(pf), pf=pf).encode(),
                      source=f"templates/{VF_NETWORK_TEMPLATE}")

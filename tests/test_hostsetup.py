@@ -14,7 +14,16 @@ import yaml
 from generators.errors import ConfigError
 from generators.model import Cluster
 from generators.validate import load_cluster
-from kvmconf.hostsetup import MODULES, SYSCTL, VF_NETWORK_DIR, bridges, nmcli_commands, setup, vf_network_files
+from kvmconf.hostsetup import (
+    MODULES,
+    SYSCTL,
+    VF_NETWORK_DIR,
+    bridges,
+    host_files,
+    nmcli_commands,
+    setup,
+    vf_network_files,
+)
 from kvmconf.keyscan import keyscan
 from kvmconf.remote import RemoteError
 from tests import sshfarm
@@ -25,6 +34,22 @@ def _with_host(cluster: Cluster, **changes: object) -> Cluster:
     hosts = dict(cluster.site.hosts)
     hosts["kvm0"] = dataclasses.replace(hosts["kvm0"], address=None, **changes)  # type: ignore[arg-type]
     return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts))
+
+
+def test_the_files_kvm_setup_pushes_are_the_same_however_the_inputs_paths_were_given(example: Cluster) -> None:
+    """Their banners named cluster.conf and site.toml as given: run from hosts/ (../cluster.conf) or with
+    KVMCONF_CLUSTER as a full path, every file was pushed again and sysctl, ifup and the VF pools redone."""
+    def rendered(cluster_conf: str, site_toml: str) -> list[bytes]:
+        site = dataclasses.replace(example.site, path=site_toml)
+        cluster = _with_host(dataclasses.replace(example, source=cluster_conf, site=site), sriov={"eno2": 4})
+        host = cluster.site.hosts["kvm0"]
+        system, bridge = host_files(cluster, host)
+        return [spec.content for spec in [*system, *([bridge] if bridge else []), *vf_network_files(cluster, host)]]
+
+    top = rendered("cluster.conf", "site.toml")
+    assert len(top) == 4 and all(b"from cluster.conf and site.toml with templates/" in text for text in top)
+    assert rendered("../cluster.conf", "../site.toml") == top
+    assert rendered("/root/kvmconf/cluster.conf", "/root/kvmconf/site.toml") == top
 
 
 def test_bridges_follow_site_toml(example: Cluster) -> None:
