@@ -224,12 +224,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pid-file", type=Path)
     args = parser.parse_args(argv)
     host, _, port = args.bind.rpartition(":")
+    if not build_dir_in(args.config_dir).is_dir():
+        # Else it would serve 404 for everything, or, without config_dir, answer nothing (http.log cannot be opened).
+        parser.exit(1, f"kvmconf: {build_dir_in(args.config_dir)} is missing: run `invoke provision-server` first,"
+                       " which builds it, and serve its --config-dir ([provision] config_dir)\n")
 
     server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root, args.prefix)
     if args.pid_file:
         replace_text(args.pid_file, f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how the admin stops the server run in the foreground, as printed: no traceback, status 0
+    finally:
+        server.server_close()
+        if args.pid_file:
+            args.pid_file.unlink(missing_ok=True)  # it would name a PID that another process gets later
 
 
 if __name__ == "__main__":

@@ -197,6 +197,48 @@ def test_the_printed_serve_command_runs_as_printed(example: Cluster, tmp_path: P
         server.wait(timeout=10)
 
 
+def _serve(config_dir: Path, tftp_root: Path, *more: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "kvmconf.provision_server", "serve", f"--config-dir={config_dir}",
+                             f"--bind=127.0.0.1:{sshfarm.free_port()}", f"--tftp-root={tftp_root}", *more],
+                            cwd=provision_server.CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_server_stops_on_ctrl_c_or_sigterm_with_status_0_and_no_pid_file_left(
+        example: Cluster, tmp_path: Path, stop: signal.Signals) -> None:
+    """Ctrl-C is how the admin stops the server run as printed, SIGTERM how lab teardown does."""
+    config_dir = tmp_path / "kvmconf"
+    provision_server.stage_build(example, config_dir)
+    pid_file = tmp_path / "http.pid"
+    server = _serve(config_dir, tmp_path / "tftp", f"--pid-file={pid_file}")
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate(timeout=10)
+            time.sleep(0.05)
+        server.send_signal(stop)
+        _, err = server.communicate(timeout=10)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    # Ctrl-C used to end in a KeyboardInterrupt traceback (status -2), and either left the pid file.
+    assert (server.returncode, err) == (0, "")
+    assert not pid_file.exists()
+
+
+def test_the_server_refuses_a_config_dir_without_a_build(tmp_path: Path) -> None:
+    # It used to start, and drop every connection unanswered: http.log, in the missing config_dir, cannot be opened.
+    server = _serve(tmp_path / "nosuch", tmp_path / "tftp")
+    try:
+        _, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert (server.returncode, err) == (1, f"kvmconf: {tmp_path / 'nosuch/build'} is missing: run `invoke"
+                                           " provision-server` first, which builds it, and serve its --config-dir"
+                                           " ([provision] config_dir)\n")
+
+
 @pytest.mark.parametrize("http_url", ["https://192.168.50.2", "http://192.168.50.2:http", "http://192.168.50.2:99999",
                                       "http://192.168.50.2/pxe?x=1", "http://:80/"])
 def test_an_http_url_the_server_cannot_serve_is_refused(http_url: str) -> None:
