@@ -49,7 +49,7 @@ from kvmconf.install_http import HttpBase, ProvisionHTTPServer, http_base
 from kvmconf.interfaces import interface_addresses
 from kvmconf.plan import find_vm
 from kvmconf.processes import alive, in_netns
-from kvmconf.provision_state import STATE_FILE, build_dir_in, build_kept_aside
+from kvmconf.provision_state import STATE_FILE, boot_entries, build_dir_in, build_kept_aside
 from kvmconf.tftp_tree import assemble_tftp, copy_boot_entries, forget_removed_installed, set_installed, tftp_sources
 
 Log = Callable[[str], None]
@@ -160,8 +160,14 @@ def reinstall(cluster: Cluster, name: str, log: Log = print, netns: str | None =
     site = cluster.site
     require_provision_server(cluster, f"`invoke reinstall` changes {Path(site.provision.config_dir) / STATE_FILE}"
                              f" and {site.provision.tftp_root}", netns)
-    if not set_installed(Path(site.provision.config_dir), Path(site.provision.tftp_root), name, False):
+    config_dir, tftp_root = Path(site.provision.config_dir), Path(site.provision.tftp_root)
+    if not set_installed(config_dir, tftp_root, name, False):
         raise KvmconfError(f"{name} is not deployed on the provision server yet: run `invoke provision-server`")
+    if not any((tftp_root / rel).is_file() for rel in boot_entries(config_dir, name)):
+        # Deployed while it was install=cloud or none: its build has no installer entry to put back. The mark is
+        # gone, so the deploy that makes one serves it.
+        raise KvmconfError(f"{name} has no installer entry in {build_dir_in(config_dir) / 'tftp'}: the provision"
+                           " server's build is from before it was install=pxe; run `invoke provision-server`")
     log(f"{name}: network install enabled again; it installs at its next PXE boot (with an empty disk)")
 
 

@@ -276,6 +276,26 @@ def test_installed_url_removes_the_vms_boot_entry_and_reinstall_restores_it(
         provision_server.reinstall(cluster, "login")
 
 
+def test_reinstall_of_a_vm_whose_deployed_build_has_no_installer_entry_says_to_deploy(
+        served: tuple[str, Path, Path], example: Cluster) -> None:
+    """login is install=cloud in the build the server has; cluster.conf now says install=pxe, not deployed yet."""
+    import dataclasses
+
+    from generators.model import Install
+
+    _, config_dir, tftp_root = served
+    cluster = _at(example, config_dir, tftp_root)
+    login = dataclasses.replace(cluster.vm("login"), install=Install.PXE)
+    cluster = dataclasses.replace(cluster, vms=tuple(login if vm.name == "login" else vm for vm in cluster.vms))
+    lines: list[str] = []
+    # It used to say "login: network install enabled again; it installs at its next PXE boot", and nothing would.
+    with pytest.raises(KvmconfError) as refused:
+        provision_server.reinstall(cluster, "login", lines.append)
+    assert str(refused.value) == (f"login has no installer entry in {config_dir / 'build/tftp'}: the provision"
+                                  " server's build is from before it was install=pxe; run `invoke provision-server`")
+    assert lines == []
+
+
 def test_a_rebuild_removes_an_installed_vms_entry_that_an_older_deploy_left(example: Cluster, tmp_path: Path) -> None:
     config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
     cluster = _at(example, config_dir, tftp_root)
