@@ -12,6 +12,7 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -122,13 +123,31 @@ def _copy_boot_entries(build: Path, tftp_root: Path) -> None:
         return {name for name in names if str(where / name) in installed}
 
     if built.is_dir():
-        shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries)
+        shutil.copytree(built, tftp_root, dirs_exist_ok=True, ignore=installed_entries,
+                        copy_function=_replace_boot_entry)
     _remove_stale_boot_entries(built, tftp_root)
     # copytree leaves an installed VM's entries uncopied, but cannot remove one that an older deploy put there:
     # that happens here. `installed` can name a VM whose entry is still deployed: the file edited by hand or
     # restored, or a mark stopped between writing the state and unlinking the entry (set_installed).
     for rel in installed:
         (tftp_root / rel).unlink(missing_ok=True)
+
+
+def _replace_boot_entry(src: str, dst: str) -> None:
+    """copytree's copy: a boot config is replaced whole (a new file renamed over it), never rewritten in place,
+    where a VM reading it over TFTP meanwhile would get it cut short; one unchanged is left as it is."""
+    with contextlib.suppress(FileNotFoundError):
+        if Path(dst).read_bytes() == Path(src).read_bytes():
+            return
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(dst).name}.", suffix=".new", dir=Path(dst).parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)  # TFTP serves world-readable files only
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _remove_stale_boot_entries(built: Path, tftp_root: Path) -> None:

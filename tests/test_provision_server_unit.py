@@ -338,6 +338,23 @@ def test_an_install_mark_during_a_rebuild_waits_and_its_entry_stays_away(
     assert marks == [True] and not entry.exists() and provision_state.read_installed(config_dir) == {"mcp"}
 
 
+def test_a_tftp_read_begun_before_a_deploy_gets_the_whole_old_boot_entry(example: Cluster, tmp_path: Path) -> None:
+    config_dir, tftp_root = tmp_path / "kvmconf", tmp_path / "tftp"
+    build = provision_server.stage_build(_at(example, config_dir, tftp_root), config_dir)
+    tftp_tree.copy_boot_entries(build, tftp_root)
+    entry, default = tftp_root / MCP_ENTRY, tftp_root / "pxelinux.cfg/default"
+    old, default_inode = entry.read_bytes(), default.stat().st_ino
+    (build / "tftp" / MCP_ENTRY).unlink()
+    (build / "tftp" / MCP_ENTRY).write_bytes(old + b"# the next build's\n")
+    with entry.open("rb") as reading:  # dnsmasq sending it to mcp, as the deploy copies the new one
+        tftp_tree.copy_boot_entries(build, tftp_root)
+        # Copied in place, the file was truncated under the reader, which got part of the new one, or nothing.
+        assert reading.read() == old
+    assert entry.read_bytes() == old + b"# the next build's\n" and entry.stat().st_mode & 0o777 == 0o644
+    assert default.stat().st_ino == default_inode  # unchanged: not copied again
+    assert [p.name for p in tftp_root.rglob(".*")] == []  # no temporary left
+
+
 def test_a_failed_copy_into_the_tftp_root_leaves_no_temporary_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, root = tmp_path / "pxelinux.0", tmp_path / "tftp"
