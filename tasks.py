@@ -156,7 +156,8 @@ def _running_lab() -> lab.Lab | None:
 
 @task(name="provision-server")
 def provision_server_task(c: Context) -> None:
-    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP.
+    """Be the provision server (run on it, or in the lab): TFTP tree, dnsmasq (SIGHUP or checked restart), HTTP
+    (the lab's is started; on a real server, the command that serves it is printed).
 
     Refused on any machine that lacks [provision] interface or the provision server's address.
     """

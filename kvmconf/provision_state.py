@@ -3,6 +3,7 @@
   build/            the generated files as built (dnsmasq/, preseed/, cloud-init/, tftp/): the server's copy
   .build-previous/  during a deploy, build/ as it was (hard links), put back if the new dnsmasq does not start
   dnsmasq/          what dnsmasq reads (build/dnsmasq, checked before it replaces the running config)
+  dnsmasq.pending   while a deploy changes dnsmasq/ and signals dnsmasq: left, the next deploy restarts it
   installed         the VMs whose network install is done, one name a line: the state a rebuild must keep
   http.log          one line per HTTP request (client, path, status)
 
