@@ -32,9 +32,15 @@ BACKUP_DIR = "/var/lib/kvmconf/backup"
 PENDING_DIR = "/var/lib/kvmconf/pending"
 _PENDING_PREFIX = "pending "
 
-# A package's conffile already on the machine is kept, not replaced: it is kvmconf's when update-confs pushed it
-# before the deploy that installs the package. dpkg would ask which to keep and, with no one to answer, fail.
-_KEEP_CONFFILES = ("-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold")
+# In a VM's first minutes unattended-upgrades, or cloud-init's own packages, hold dpkg's lock: apt-get waits for it,
+# up to this many seconds, instead of failing at once ("Unable to acquire the dpkg frontend lock").
+DPKG_LOCK_WAIT = 300
+_APT_OPTIONS = (
+    # A package's conffile already on the machine is kept, not replaced: it is kvmconf's when update-confs pushed
+    # it before the deploy that installs the package. dpkg would ask which to keep and, with no one to answer, fail.
+    "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
+    "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_WAIT}",
+)
 
 # Args: pending dir, suffix, the number of directories, the directories, then the paths. Prints every
 # "<dir>/.*.<suffix>" there (runner.temporary_beside's names, listed once per directory) NUL-terminated, then a
@@ -245,7 +251,7 @@ def install_packages(conn: Connection, packages: Sequence[str], changes: Changes
     """Install the missing ones (only name them in a dry run); changes.installed lists them either way."""
     missing = missing_packages(conn, packages)
     if missing and not dry_run:
-        line = command("apt-get", "install", "-y", "-q", *_KEEP_CONFFILES, "--", *missing)
+        line = command("apt-get", "install", "-y", "-q", *_APT_OPTIONS, "--", *missing)
         res = run(conn, "DEBIAN_FRONTEND=noninteractive " + line)
         check(res.ok, "packages", f"apt-get install {' '.join(missing)}: {failure(res)}")
     changes.installed = missing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import os
@@ -104,7 +105,8 @@ def test_deploy_places_rendered_files_in_wave_order(example: Cluster, farm: sshf
     ldap = next(r for r in report.reports if r.vm == "ldap")
     assert ldap.installed, "the ldap recipe's packages are not on this machine, so deploy must install them"
     assert farm.log("ldap", "apt-get") == ["install -y -q -o Dpkg::Options::=--force-confdef -o"
-                                           f" Dpkg::Options::=--force-confold -- {' '.join(ldap.installed)}"]
+                                           " Dpkg::Options::=--force-confold -o DPkg::Lock::Timeout=300"
+                                           f" -- {' '.join(ldap.installed)}"]
     assert "reload-or-restart -- nagios4" in farm.log("mcp", "systemctl")
 
 
@@ -685,11 +687,11 @@ def test_a_hook_that_asks_gets_no_answer_instead_of_waiting_forever(example: Clu
     assert fab.stdout.splitlines()[0] == "ldap: FAILED at hook ldap/hooks/ask.sh: exit 4: no answer"
 
 
-def test_a_package_whose_conffile_update_confs_pushed_first_is_installed_keeping_that_file(
-        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path, tmp_path: Path) -> None:
-    # update-confs pushed /etc/kvmconf-probe.conf, then deploy installed its package: dpkg asked whether to replace
-    # that file. With no one to answer, the deploy failed at packages ("dpkg returned an error code (1)"), run
-    # after run; before stdin was /dev/null, it waited for the answer forever.
+@contextlib.contextmanager
+def _probe_package(farm: sshfarm.Farm, tmp_path: Path, vm: str = "db") -> Iterator[Path]:
+    """The package kvmconf-probe (one conffile, /etc/kvmconf-probe.conf), installable on `vm` by the real apt-get and
+    dpkg: its stub apt-get is given the package's file for its name, as the VM has no repository that holds it.
+    Yields the VM's root; the package is purged afterwards."""
     package = tmp_path / "package"
     (package / "DEBIAN").mkdir(parents=True)
     (package / "etc").mkdir()
@@ -697,26 +699,52 @@ def test_a_package_whose_conffile_update_confs_pushed_first_is_installed_keeping
                                             "Maintainer: kvmconf tests <root@localhost>\nDescription: one conffile\n")
     (package / "DEBIAN/conffiles").write_text("/etc/kvmconf-probe.conf\n")
     (package / "etc/kvmconf-probe.conf").write_text("the package's\n")
-    root = farm.root("db")
+    root = farm.root(vm)
     subprocess.run(["dpkg-deb", "--build", str(package), str(root / "tmp/kvmconf-probe.deb")], check=True,
                    capture_output=True)
-    (hosts_copy / "db").mkdir()
-    (hosts_copy / "db/probe.j2").write_text("kvmconf's\n")
-    (hosts_copy / "db/recipe.toml").write_text('packages = ["kvmconf-probe"]\n\n[[file]]\n'
-                                               'dest = "/etc/kvmconf-probe.conf"\ntemplate = "probe.j2"\n')
-    # The real apt-get, given the package's file for its name: the VM has no repository that holds it.
     stub = root / "usr/local/sbin/apt-get"
     working = stub.read_text()
     stub.write_text('#!/bin/sh\nfor word do shift; [ "$word" = kvmconf-probe ] && word=/tmp/kvmconf-probe.deb\n'
                     '  set -- "$@" "$word"; done\nexec /usr/bin/apt-get "$@"\n')
     try:
-        assert not _run(example, farm, full=False, recipe_dir=hosts_copy, vms=("db",)).failed
-        report = _run(example, farm, full=True, recipe_dir=hosts_copy, vms=("db",))
-        assert [r.line() for r in report.reports] == [
-            "db: done (1 package(s) installed; 0 file(s) changed; 0 hook(s) run)"]
-        assert (root / "etc/kvmconf-probe.conf").read_text() == "kvmconf's\n"
+        yield root
     finally:
         stub.write_text(working)
         subprocess.run(["chroot", str(root), "dpkg", "--purge", "kvmconf-probe"], capture_output=True, check=False)
         for leftover in ("tmp/kvmconf-probe.deb", "etc/kvmconf-probe.conf"):
             (root / leftover).unlink(missing_ok=True)
+
+
+def test_a_package_whose_conffile_update_confs_pushed_first_is_installed_keeping_that_file(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path, tmp_path: Path) -> None:
+    # update-confs pushed /etc/kvmconf-probe.conf, then deploy installed its package: dpkg asked whether to replace
+    # that file. With no one to answer, the deploy failed at packages ("dpkg returned an error code (1)"), run
+    # after run; before stdin was /dev/null, it waited for the answer forever.
+    (hosts_copy / "db").mkdir()
+    (hosts_copy / "db/probe.j2").write_text("kvmconf's\n")
+    (hosts_copy / "db/recipe.toml").write_text('packages = ["kvmconf-probe"]\n\n[[file]]\n'
+                                               'dest = "/etc/kvmconf-probe.conf"\ntemplate = "probe.j2"\n')
+    with _probe_package(farm, tmp_path) as root:
+        assert not _run(example, farm, full=False, recipe_dir=hosts_copy, vms=("db",)).failed
+        report = _run(example, farm, full=True, recipe_dir=hosts_copy, vms=("db",))
+        assert [r.line() for r in report.reports] == [
+            "db: done (1 package(s) installed; 0 file(s) changed; 0 hook(s) run)"]
+        assert (root / "etc/kvmconf-probe.conf").read_text() == "kvmconf's\n"
+
+
+def test_apt_get_waits_for_the_dpkg_lock_another_process_holds(
+        example: Cluster, farm: sshfarm.Farm, hosts_copy: Path, tmp_path: Path) -> None:
+    """A VM's first minutes: unattended-upgrades or cloud-init's own package run hold dpkg's lock. apt-get failed at
+    once ("Could not get lock /var/lib/dpkg/lock-frontend"), and deploy with it; it now waits for the lock. The lock
+    is held here as apt holds it (fcntl, on the VM's lock-frontend) for 3 s."""
+    (hosts_copy / "db").mkdir()
+    (hosts_copy / "db/recipe.toml").write_text('packages = ["kvmconf-probe"]\n')
+    with _probe_package(farm, tmp_path) as root:
+        with (root / "var/lib/dpkg/lock-frontend").open("w") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            threading.Timer(3, fcntl.lockf, (lock, fcntl.LOCK_UN)).start()
+            started = time.monotonic()
+            report = _run(example, farm, full=True, recipe_dir=hosts_copy, vms=("db",))
+        assert [r.line() for r in report.reports] == [
+            "db: done (1 package(s) installed; 0 file(s) changed; 0 hook(s) run)"]
+        assert time.monotonic() - started >= 3  # it did wait
