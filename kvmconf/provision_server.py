@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(1, f"kvmconf: {build_dir_in(args.config_dir)} is missing: run `invoke provision-server` first,"
                        " which builds it, and serve its --config-dir ([provision] config_dir)\n")
 
-    server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root, args.prefix)
+    try:
+        server = ProvisionHTTPServer((host, int(port)), args.config_dir, args.tftp_root, args.prefix)
+    except OSError as err:  # the admin's to fix, as printed: no traceback
+        parser.exit(1, f"kvmconf: cannot serve HTTP on {args.bind}: {err.strerror or err} (it must be an address of"
+                       " this machine and a port no other server holds: [provision] http_url names them)\n")
     if args.pid_file:
         replace_text(args.pid_file, f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

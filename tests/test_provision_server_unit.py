@@ -239,6 +239,22 @@ def test_the_server_refuses_a_config_dir_without_a_build(tmp_path: Path) -> None
                                            " ([provision] config_dir)\n")
 
 
+def test_the_server_on_a_port_another_holds_says_so_without_a_traceback(example: Cluster, tmp_path: Path) -> None:
+    config_dir = tmp_path / "kvmconf"
+    provision_server.stage_build(example, config_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = subprocess.run([sys.executable, "-m", "kvmconf.provision_server", "serve",
+                                 f"--config-dir={config_dir}", f"--bind=127.0.0.1:{port}",
+                                 f"--tftp-root={tmp_path / 'tftp'}"], cwd=provision_server.CHECKOUT,
+                                capture_output=True, text=True, timeout=60)
+    assert (server.returncode, server.stderr) == (
+        1, f"kvmconf: cannot serve HTTP on 127.0.0.1:{port}: Address already in use (it must be an address of this"
+           " machine and a port no other server holds: [provision] http_url names them)\n")
+
+
 @pytest.mark.parametrize("http_url", ["https://192.168.50.2", "http://192.168.50.2:http", "http://192.168.50.2:99999",
                                       "http://192.168.50.2/pxe?x=1", "http://:80/"])
 def test_an_http_url_the_server_cannot_serve_is_refused(http_url: str) -> None:
@@ -792,5 +808,7 @@ def test_the_labs_http_server_exiting_at_start_is_told_at_once(example: Cluster,
     message = str(failed.value)
     assert message.startswith(f"lab: the provision HTTP server exited with status 1 before it served"
                               f" ({the_lab.dir / 'http-server.log'}): "), message
-    assert message.endswith("OSError: [Errno 99] Cannot assign requested address"), message
+    assert message.endswith("kvmconf: cannot serve HTTP on 192.168.50.2:80: Cannot assign requested address (it must"
+                            " be an address of this machine and a port no other server holds: [provision] http_url"
+                            " names them)"), message
     assert took < 25, took  # the deploy takes seconds; the server's start alone is given 30 s
