@@ -12,6 +12,7 @@ backup's retention deleted meanwhile is simply not reported.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import Any
 
 from kvmconf.backup import journal
 from kvmconf.backup.store import Manifest, ManifestUnreadable, VmStore, dependents
@@ -57,28 +58,30 @@ def verify(store: VmStore, now: str, log: Log) -> dict[str, list[str]]:
     return damaged
 
 
+def _record(store: VmStore) -> dict[str, Any]:
+    """The last verify's record; empty when there is none, or it does not parse (as if never verified: the next
+    verify writes it anew)."""
+    try:
+        return (journal.read(store.dir, DAMAGED) if store.dir.is_dir() else None) or {}
+    except journal.Unreadable:
+        return {}
+
+
 def damaged_points(store: VmStore) -> dict[str, list[str]]:
     """The points the last verify found damaged and that are still there, with their problems."""
-    try:
-        record = journal.read(store.dir, DAMAGED) if store.dir.is_dir() else None
-    except journal.Unreadable:  # as if never verified: the next verify writes it anew
-        return {}
-    points = dict(record.get("points", {})) if record else {}
+    points = dict(_record(store).get("points", {}))
     return {time: list(problems) for time, problems in points.items() if store.is_point(time)}
 
 
 def forget(store: VmStore, times: Collection[str]) -> None:
     """Drop points from the record: their files were replaced by copies verified since (the NAS stage's)."""
-    try:
-        record = journal.read(store.dir, DAMAGED) if store.dir.is_dir() else None
-    except journal.Unreadable:  # as if never verified
-        return
-    points = dict(record.get("points", {})) if record else {}
+    record = _record(store)
+    points = dict(record.get("points", {}))
     if not set(points) & set(times):
         return
     left = {time: problems for time, problems in points.items() if time not in times}
     if left:
-        journal.write(store.dir, {**(record or {}), "points": left}, DAMAGED)
+        journal.write(store.dir, {**record, "points": left}, DAMAGED)
     else:
         (store.dir / DAMAGED).unlink()
 
