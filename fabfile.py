@@ -17,7 +17,7 @@ from invoke import Context, Exit
 
 from generators.errors import shown
 from kvmconf import inputs
-from kvmconf.cli import say, user_errors
+from kvmconf.cli import INTERRUPTED, say, user_errors
 from kvmconf.deploy import Options, RunReport, VmReport, run_cluster
 from kvmconf.errors import WrongUsage
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
@@ -91,7 +91,7 @@ def _print_interrupted(running: list[str]) -> None:
 def _print(report: RunReport, dry_run: bool) -> None:
     print(("(dry run: nothing changed)\n" if dry_run else "") + report.summary())
     if report.interrupted:
-        raise Exit("kvmconf: interrupted", 1)
+        raise Exit(INTERRUPTED, 1)
     if report.failed:
         raise Exit(code=1)
 

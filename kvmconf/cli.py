@@ -13,6 +13,8 @@ from generators.errors import ConfigError, UsageError
 from kvmconf.connection import one_line
 from kvmconf.errors import KvmconfError
 
+INTERRUPTED = "kvmconf: interrupted"  # the last line of a task that Ctrl-C (or its own SIGTERM handling) ended
+
 
 @contextmanager
 def user_errors() -> Iterator[None]:
@@ -38,7 +40,7 @@ def user_errors() -> Iterator[None]:
         # Ctrl-C while a task still plans looks like a crash. What the task undid, it has said by now: flushed
         # first, so a log that takes both streams (cron's) has that before this.
         sys.stdout.flush()
-        raise Exit("kvmconf: interrupted", 1) from None
+        raise Exit(INTERRUPTED, 1) from None
 
 
 def say(line: str) -> None:

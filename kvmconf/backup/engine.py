@@ -430,7 +430,7 @@ class _Job:
     dir: Path
     sizes: dict[str, int]  # dev -> virtual size
     owner: tuple[int, int] | None  # QEMU's uid and gid
-    vm: str = ""  # written into the dir (JOB_OWNER): a VM name can be too long for the socket's path
+    vm: str  # written into the dir (JOB_OWNER): a VM name can be too long for the socket's path
 
     @classmethod
     def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str, scratch_dir: Path) -> _Job:
