@@ -209,8 +209,9 @@ def test_a_filesystem_without_direct_io_gets_the_copy_written_through_the_page_c
         assert checksum == checksum_file(out)
 
 
-# tmpfs fills up in the page cache; ext4 with direct I/O, where a write cut short by the full disk would leave the
-# rest unaligned, which direct I/O refuses with EINVAL rather than the ENOSPC that explains it.
+# tmpfs fills up in the page cache; ext4 on a disk with direct I/O, whose full disk must show as ENOSPC, the error
+# the message explains, not direct I/O's EINVAL. (ext4 fails the whole write; a write cut short, finished without
+# direct I/O, is test_backup_stream_unit's.)
 @pytest.mark.parametrize("mount", [partial(mount_tmpfs, size="4m"), partial(mount_ext4, size="16M")],
                          ids=["tmpfs", "ext4-direct-io"])
 def test_a_full_target_raises_enospc_with_a_clear_message(
