@@ -7,11 +7,11 @@ A child, so that a copy that hangs for ever fails its test (the parent's timeout
 SIGUSR1 prints where each thread is (faulthandler). It prints one line per fact the test checks.
 
 inside-notify: the signal arrives while the main thread is inside `threading.Condition.notify`, waking the
-writer thread to hand it a buffer, the moment of the hang seen in CI. A KeyboardInterrupt raised there leaves
-the woken waiter on the condition's list; once the writer waits again, the next notify wakes that stale waiter
-instead, so the writer never sees the pipeline's end and joining it hangs. A trace function sends the signal just
-before the waiter is released and holds the main thread until the writer waits again: without that the hang
-needs the two threads to meet in a window of microseconds.
+hash thread to hand it a buffer, the moment of the hang seen in CI. A KeyboardInterrupt raised there leaves
+the woken waiter on the condition's list; once the hash thread waits again, the next notify wakes that stale
+waiter instead, so that thread never sees the pipeline's end and joining it hangs. A trace function sends the
+signal just before the waiter is released and holds the main thread until the hash thread waits again: without
+that the hang needs the two threads to meet in a window of microseconds.
 
 stalled-read: the signal arrives while the main thread waits for an answer the NBD server will not give
 (SIGSTOP once the copy is planned; the test sends SIGCONT); the copy must end at once, not when the
@@ -46,7 +46,7 @@ class _SignalInsideNotify:
 
     def __init__(self) -> None:
         self.sent = False
-        self.woken: Any = None  # the waiter released (the writer's lock)
+        self.woken: Any = None  # the waiter released (the hash thread's lock)
 
     def __call__(self, frame: FrameType, event: str, _arg: Any) -> Any:
         return self.in_notify if frame.f_code is _NOTIFY and not self.sent else None
@@ -65,23 +65,23 @@ class _SignalInsideNotify:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         return None
 
-    def writer_waits_again(self) -> bool:
-        """The woken writer took its buffer and waits for the next one, with a waiter of its own."""
+    def hash_thread_waits_again(self) -> bool:
+        """The woken hash thread took its buffer and waits for the next one, with a waiter of its own."""
         for thread in threading.enumerate():
             frame = sys._current_frames().get(thread.ident or 0)
-            if thread.name == "backup-write" and frame is not None and frame.f_code is _WAIT:
+            if thread.name == "backup-hash" and frame is not None and frame.f_code is _WAIT:
                 return frame.f_locals.get("waiter") not in (None, self.woken)
         return False
 
 
 def _hold_the_end_marker(tracer: _SignalInsideNotify) -> None:
-    """The pipeline's end (None) is queued once the writer waits again: the order that lost its wake-up."""
+    """The pipeline's end (None) is queued once the hash thread waits again: the order that lost its wake-up."""
     put = queue.Queue.put
 
     def held_put(self: queue.Queue[Any], item: Any, *args: Any, **kwargs: Any) -> None:
         if item is None and tracer.sent:
             deadline = time.monotonic() + 10
-            while not tracer.writer_waits_again() and time.monotonic() < deadline:
+            while not tracer.hash_thread_waits_again() and time.monotonic() < deadline:
                 time.sleep(0.001)
         put(self, item, *args, **kwargs)
 
@@ -112,8 +112,8 @@ def main(mode: str, socket_path: str, target: str, server_pid: str = "") -> None
                   f" {_RELEASE!r} on this Python")
         else:
             print(f"ended {time.monotonic() - started - 0.5:.1f} s after the signal")
-    writers = [t.name for t in threading.enumerate() if t.name == "backup-write"]
-    print("writer thread still running" if writers else "writer thread ended")
+    left = [t.name for t in threading.enumerate() if t.name in ("backup-hash", "backup-write")]
+    print(f"pipeline threads still running: {left}" if left else "pipeline threads ended")
 
 
 if __name__ == "__main__":

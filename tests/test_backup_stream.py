@@ -274,12 +274,12 @@ def _interrupted_copy(*args: str) -> list[str]:
     return output_unless_hung(child, 60).splitlines()
 
 
-def test_sigterm_inside_the_hand_over_to_the_writer_ends_the_copy(tmp_path: Path, serve: Serve) -> None:
-    """CI hung here once: SIGTERM raised KeyboardInterrupt inside the queue's notify, which lost the writer thread's
-    next wake-up, and the copy waited for that thread for ever (see tests/interrupted_copy.py)."""
+def test_sigterm_inside_the_hand_over_to_the_hash_thread_ends_the_copy(tmp_path: Path, serve: Serve) -> None:
+    """CI hung here once: SIGTERM raised KeyboardInterrupt inside the queue's notify, which lost the next wake-up of
+    the thread the main thread hands buffers to, and the copy waited for it for ever (see tests/interrupted_copy.py)."""
     image = make_image(tmp_path / "d.qcow2", "64M", "write -P 0x11 0 48M")
     assert _interrupted_copy("inside-notify", str(serve(image)), str(tmp_path / "full.qcow2")) == [
-        "interrupted", "signal sent inside notify", "writer thread ended"]
+        "interrupted", "signal sent inside notify", "pipeline threads ended"]
 
 
 def test_sigterm_while_the_export_stalls_ends_the_copy_at_once(tmp_path: Path, serve: Serve) -> None:
@@ -291,7 +291,7 @@ def test_sigterm_while_the_export_stalls_ends_the_copy_at_once(tmp_path: Path, s
         lines = _interrupted_copy("stalled-read", str(sock), str(tmp_path / "full.qcow2"), str(pid))
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert lines[0] == "interrupted" and lines[2] == "writer thread ended", lines
+    assert lines[0] == "interrupted" and lines[2] == "pipeline threads ended", lines
     assert float(lines[1].split()[1]) < 5, lines
 
 
