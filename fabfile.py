@@ -20,6 +20,7 @@ from kvmconf import inputs
 from kvmconf.cli import INTERRUPTED, say, user_errors
 from kvmconf.deploy import Options, RunReport, VmReport, run_cluster
 from kvmconf.errors import WrongUsage
+from kvmconf.recipes import RECIPE_DIR, unused_recipes
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 
 
@@ -30,6 +31,8 @@ def _run(c: Context, vm: list[str], full: bool, parallel: str, ssh_config: str, 
         recipes = _recipe_dir()
         cluster = inputs.load()
         options = Options(generated_ssh_config(_ssh_config_option(c, ssh_config)), at_a_time, dry_run, recipes)
+        for note in unused_recipes(cluster, recipes or RECIPE_DIR):
+            print(note, file=sys.stderr, flush=True)
         report = run_cluster(cluster, vm, full, options, progress=_print_vm, interrupted=_print_interrupted)
     _print(report, dry_run)
 

@@ -150,6 +150,19 @@ def _recipe_dirs(vm: Vm, root: Path) -> list[Path]:
     return [d for d in dirs if (d / RECIPE).is_file()]
 
 
+def unused_recipes(cluster: Cluster, root: Path = RECIPE_DIR) -> list[str]:
+    """A note for each recipe that applies to no VM of `cluster`: a misspelt directory (hosts/ladp/) would
+    otherwise be skipped without a word, and its VM deployed without it. Notes, not errors: clusters that
+    share one hosts/ each leave the others' recipes unused."""
+    names = {vm.name for vm in cluster.vms}
+    notes = [f"{shown_path(path)}: note: no VM of {cluster.source} is named {path.parent.name}: this recipe is not"
+             " deployed" for path in sorted(root.glob(f"*/{RECIPE}")) if path.parent.name not in names]
+    notes += [f"{shown_path(path)}: note: no VM of {cluster.source} is in hostgroup {path.parent.name}: this"
+              " recipe is not deployed" for path in sorted(root.glob(f"group/*/{RECIPE}"))
+              if path.parent.name not in cluster.hostgroups]
+    return notes
+
+
 def recipe_for(cluster: Cluster, vm: Vm, build_tree: Callable[[], dict[PurePosixPath, str | bytes]],
                root: Path = RECIPE_DIR) -> Recipe:
     """Everything ``vm`` gets, groups first; a later recipe's file for the same dest replaces the earlier."""

@@ -168,6 +168,16 @@ def test_a_template_error_names_the_template_file_line_vm_and_recipe_key(tmp_pat
                f" provision; {recipes}/group/linux-servers/recipe.toml:6:1: key 'file.template')\n")
 
 
+def test_a_deploy_notes_a_recipe_that_applies_to_no_vm_on_stderr(tmp_path: Path) -> None:
+    recipes = Path(shutil.copytree(RECIPE_DIR, tmp_path / "rec"))
+    (recipes / "mcp").rename(recipes / "mpc")
+    (tmp_path / "ssh_config").write_text("")  # the run then fails at connect: the note comes before any VM
+    result = run_task("fab", "update-confs", "--vm", "ldap", env={"KVMCONF_RECIPES": str(recipes),
+                                                                 "KVMCONF_SSH_CONFIG": str(tmp_path / "ssh_config")})
+    assert result.returncode == 1 and result.stderr.splitlines()[0] == (
+        f"{recipes}/mpc/recipe.toml: note: no VM of cluster.conf is named mpc: this recipe is not deployed"), result
+
+
 @pytest.fixture()
 def no_ssh_server() -> Iterator[int]:
     """A port on 127.0.0.1 that takes each connection and closes it without an SSH banner, as a machine whose sshd

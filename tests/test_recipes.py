@@ -13,7 +13,7 @@ import pytest
 from generators import ssh_config
 from generators.model import Cluster
 from kvmconf.deploy import Options, recipes, run_cluster, waves
-from kvmconf.recipes import RECIPE_DIR, RecipeError
+from kvmconf.recipes import RECIPE_DIR, RecipeError, unused_recipes
 from kvmconf.remote import command, resolve, script
 
 
@@ -297,3 +297,16 @@ def _refused_before_any_vm(example: Cluster, tmp_path: Path, hosts: Path) -> str
     with pytest.raises(RecipeError) as err:
         run_cluster(example, [], True, Options(tmp_path / "no-ssh-config", recipe_dir=hosts))
     return str(err.value)
+
+
+def test_a_recipe_that_applies_to_no_vm_gets_a_note_naming_it(example: Cluster, tmp_path: Path) -> None:
+    """A misspelt directory was skipped without a word, and its VM deployed without its recipe."""
+    hosts = Path(shutil.copytree(RECIPE_DIR, tmp_path / "hosts"))
+    assert unused_recipes(example, hosts) == []  # every recipe of the example applies to a VM
+    (hosts / "ldap").rename(hosts / "ladp")
+    (hosts / "group/linux-servers").rename(hosts / "group/linux-server")
+    (hosts / "notes").mkdir()  # a directory without a recipe.toml is not a recipe
+    assert unused_recipes(example, hosts) == [
+        f"{hosts}/ladp/recipe.toml: note: no VM of cluster.conf is named ladp: this recipe is not deployed",
+        f"{hosts}/group/linux-server/recipe.toml: note: no VM of cluster.conf is in hostgroup linux-server: this"
+        " recipe is not deployed"]
