@@ -7,12 +7,13 @@ of its own (root), damaged by writing a byte into a copy, as rot on the NAS woul
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvmconf.backup import journal, verify
+from kvmconf.backup import journal, report, verify
 from kvmconf.backup.nas import NasFailed, stage
 from kvmconf.backup.store import VmStore
 from tests.labs import quiet
@@ -60,3 +61,23 @@ def test_a_copy_damaged_here_too_keeps_the_nas_copy_and_its_record(tmp_path: Pat
                                         f" {local.point_dir(INC1)}): not copied to the NAS"), failed.value
     assert [m.time for m in nas.points()] == [FULL, INC1, INC2] and nas.partials() == []
     assert journal.read(nas.dir, verify.DAMAGED) == record
+
+
+def test_backup_status_shows_damaged_nas_copies_until_the_nas_stage_replaces_them(tmp_path: Path,
+                                                                                   nas: VmStore) -> None:
+    """They were recorded, and the README said backup-status did not show them: a NAS the admin counts on for a lost
+    backup disk held a copy that could not be restored, and neither the table nor Nagios said so."""
+    local = chain(tmp_path / "local")
+    stage(local, nas, 5, quiet)
+    rot(nas, INC1)
+    verify.verify(nas, NOW, quiet)
+    now, limit = dt.datetime(2026, 1, 3, 1, 0, tzinfo=dt.UTC), dt.timedelta(hours=26)
+    row = report.vm_status(local.root, nas.root, "vm", now)
+    assert (row.nas_points, row.nas_damaged, row.damaged) == (3, (INC1,), ())
+    said = f"backup-verify found damaged NAS copies: {INC1} (the next backup's NAS stage copies them again)"
+    assert report.format_table([row], limit).splitlines()[1].endswith(f"   3  {said}")
+    assert report.nagios([row], limit) == (1, f"BACKUP WARNING - vm: {said}")
+    stage(local, nas, 5, quiet)
+    row = report.vm_status(local.root, nas.root, "vm", now)
+    assert (row.nas_points, row.nas_damaged) == (3, ())
+    assert report.nagios([row], limit) == (0, "BACKUP OK - vm 1.0 h")

@@ -26,6 +26,7 @@ class VmStatus:
     damaged: tuple[str, ...] = ()  # points the last backup-verify found damaged (still there): WARNING
     newest_damaged: bool = False  # one of them is in the newest point's chain, which cannot be restored: CRITICAL
     newest_broken: str = ""  # the point the newest point's chain lacks (deleted by hand): CRITICAL
+    nas_damaged: tuple[str, ...] = ()  # NAS copies backup-verify found damaged (the next NAS stage redoes them)
 
 
 def vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmStatus:
@@ -59,12 +60,14 @@ def _vm_status(root: Path, nas: Path | None, vm: str, now: dt.datetime) -> VmSta
     else:
         # Also when the point was made: a failed NAS copy leaves ok=true and the error (the run exits 1).
         error = "" if run is None or not run.get("error") else f"{run.get('time')}: {run.get('error')}"
+    nas_store = _nas_store(root, nas, vm)
     return VmStatus(vm, last.time if last else None, now - parse_time(last.time) if last else None,
                     sum(1 for m in points if last and m.chain == last.chain), len(points),
-                    sum(m.stored for m in points), _nas_points(root, nas, vm), error,
+                    sum(m.stored for m in points), len(nas_store.points()) if nas_store else 0, error,
                     damaged=tuple(sorted(verify.damaged_points(store))),
                     newest_damaged=last is not None and bool(verify.damaged_in_chain(store, last)),
-                    newest_broken=_broken(store, last))
+                    newest_broken=_broken(store, last),
+                    nas_damaged=tuple(sorted(verify.damaged_points(nas_store))) if nas_store else ())
 
 
 def _broken(store: VmStore, last: Manifest | None) -> str:
@@ -78,15 +81,15 @@ def _broken(store: VmStore, last: Manifest | None) -> str:
     return ""
 
 
-def _nas_points(root: Path, nas: Path | None, vm: str) -> int:
-    """The copies on the NAS; none while the share is not mounted (what is there is on the wrong filesystem)."""
+def _nas_store(root: Path, nas: Path | None, vm: str) -> VmStore | None:
+    """The VM's copies on the NAS; None while the share is not mounted (what is there is on the wrong filesystem)."""
     if nas is None:
-        return 0
+        return None
     try:
         check_mounted(root, nas)
     except (NasFailed, OSError):  # OSError: no [backup] dir yet
-        return 0
-    return len(VmStore(nas, vm).points())
+        return None
+    return VmStore(nas, vm)
 
 
 # A clock stepped back (or a point's name from a host whose clock ran ahead) makes the newest point look newer than
@@ -101,6 +104,11 @@ def in_the_future(row: VmStatus) -> bool:
 
 def _damaged(row: VmStatus) -> str:
     return f"backup-verify found damaged points: {', '.join(row.damaged)}"
+
+
+def _nas_damaged(row: VmStatus) -> str:
+    return (f"backup-verify found damaged NAS copies: {', '.join(row.nas_damaged)} (the next backup's NAS stage"
+            " copies them again)")
 
 
 def _critical(row: VmStatus) -> str:
@@ -156,6 +164,8 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
             problem = "; ".join(p for p in (f"older than the schedule allows ({_age(limit)})", problem) if p)
         if r.damaged:
             problem = "; ".join(p for p in (_damaged(r), problem) if p)
+        if r.nas_damaged:
+            problem = "; ".join(p for p in (problem, _nas_damaged(r)) if p)
         if r.newest_broken:
             problem = "; ".join(p for p in (_cannot_be_restored(r), problem) if p)
         lines.append(f"{r.vm:<16} {r.last_good or '-':<17} {_age(r.age):>8} {r.chain_length:>5} {r.points:>6}"
@@ -165,8 +175,8 @@ def format_table(rows: list[VmStatus], limit: dt.timedelta) -> str:
 
 def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
     """Nagios plugin result: 0 OK, 1 WARNING (last run failed but a recent point exists, or backup-verify found
-    damage in an older chain), 2 CRITICAL (no recent point, or the newest cannot be restored: damaged, or a point of
-    its chain missing).
+    damage in an older chain or in NAS copies), 2 CRITICAL (no recent point, or the newest cannot be restored:
+    damaged, or a point of its chain missing).
 
     A CRITICAL line still lists the WARNINGs: the admin fixing one VM must not miss another's failing runs.
     """
@@ -174,7 +184,8 @@ def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
                 or r.age is None or r.age > limit or in_the_future(r)]
     warnings = "; ".join([f"{r.vm}: last run failed ({r.last_error})" for r in rows
                           if r.last_error and r not in critical]
-                         + [f"{r.vm}: {_damaged(r)}" for r in rows if r.damaged and r not in critical])
+                         + [f"{r.vm}: {_damaged(r)}" for r in rows if r.damaged and r not in critical]
+                         + [f"{r.vm}: {_nas_damaged(r)}" for r in rows if r.nas_damaged])
     if critical:
         return 2, ("BACKUP CRITICAL - " + _grouped(critical) + f" (limit {_age(limit)})"
                    + (f"; also WARNING - {warnings}" if warnings else ""))
