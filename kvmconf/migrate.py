@@ -321,10 +321,11 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         raise WrongUsage("--force powers a running VM off for a cold migration: give it together with --cold")
     vm = find_vm(cluster, name)
     find_host(cluster, to, "name the host to move the VM to with --to HOST")
+    # Both are requests with nothing to do, whatever the hosts say: usage errors (exit 2), as an unknown --to is.
     if to == vm.host:
-        raise KvmconfError(_placed_there_already(cluster, vm, conns))
+        raise WrongUsage(_placed_there_already(cluster, vm, conns))
     if conns.uri(to) == conns.uri(vm.host):
-        raise KvmconfError(f"{name}: {vm.host} and {to} are the same libvirt ({conns.uri(to)}): nothing to move")
+        raise WrongUsage(f"{name}: {vm.host} and {to} are the same libvirt ({conns.uri(to)}): nothing to move")
     if vm.disk.kind is DiskKind.LVM:
         raise KvmconfError(f"{name}: its disk is an LVM volume; migration copies and creates disk files only (create"
                            f" the volume on {to} and copy it with dd, then provision there with --reuse-disk)")

@@ -497,7 +497,7 @@ def test_cold_migration_moves_the_disk_data_and_undefines_the_source_only_once_t
     status = invoke(workdir, clean, "status", "--host", "kvm1")
     assert re.search(r"^  db +running .* none$", status.stdout, re.M), status.stdout  # no drift: cluster.conf agrees
     again = invoke(workdir, clean, "migrate", "--vm", "db", "--to", "kvm1")
-    assert (again.returncode, again.stderr) == (1, "kvmconf: db: cluster.conf places it on kvm1 already\n")
+    assert (again.returncode, again.stderr) == (2, "kvmconf: db: cluster.conf places it on kvm1 already\n")
 
 
 def test_live_migration_of_a_running_vm_copies_its_disk_while_it_runs(workdir: Path, clean: lab.Lab) -> None:
@@ -530,7 +530,7 @@ def test_moving_a_vm_back_after_a_migrate_without_edit_is_said_step_by_step(work
     assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0
     assert invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm1").returncode == 0  # cluster.conf: kvm0
     back = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm0")
-    assert (back.returncode, back.stderr) == (1, "kvmconf: web: cluster.conf places it on kvm0 already, but it is"
+    assert (back.returncode, back.stderr) == (2, "kvmconf: web: cluster.conf places it on kvm0 already, but it is"
                                                  " defined on kvm1: to move it back, set host=kvm1 for it in"
                                                  " cluster.conf and run `invoke migrate --vm web --to kvm0 --edit`\n")
     conf = workdir / "cluster.conf"

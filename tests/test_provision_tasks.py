@@ -230,3 +230,15 @@ def test_ctrl_d_or_ctrl_c_at_the_purge_question_is_a_no(
     assert (code, out, err) == (1, f"db on kvm0: remove {disk} for good. Go ahead? [y/N] \n",
                                 "kvmconf: db: not destroyed (not confirmed; nothing was changed)\n")
     assert disk.read_bytes() == b"the only copy"
+
+
+@pytest.mark.parametrize(("to", "message"), [
+    ("kvm0", "kvmconf: db: cluster.conf places it on kvm0 already\n"),
+    # Every host on one URI: a move between two of them is no move either.
+    ("kvm1", f"kvmconf: db: kvm0 and kvm1 are the same libvirt ({NOWHERE}): nothing to move\n"),
+])
+def test_a_migration_to_where_the_vm_is_already_is_a_usage_error(tmp_path: Path, to: str, message: str) -> None:
+    """Exit 2 as for an unknown --to: the request has nothing to do, whatever the hosts say (they are unreachable
+    here, and only asked for a hint)."""
+    result = invoke("migrate", "--vm", "db", "--to", to, site=site_with_uris(tmp_path, NOWHERE))
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", message)
