@@ -31,6 +31,7 @@ from generators.site_accounts import read_accounts
 from generators.site_hosts import check_host_addresses_apart, read_host
 from generators.site_networks import check_bridges_agree, check_subnets_apart, check_uplinks, read_network
 from generators.site_values import (
+    parse_name_servers,
     read_absolute_path,
     read_domain,
     read_http_url,
@@ -225,18 +226,8 @@ UPSTREAM_DNS_RULE = (  # what [provision] upstream_dns takes, for its problems
 
 
 def _name_servers(value: list[Any]) -> tuple[IPv4Address, ...]:
-    """[provision] upstream_dns: each entry an IPv4 address; the error names the first entry that is not one."""
-    for item in value:
-        try:
-            if not isinstance(item, str):  # IPv4Address would take the integer 3 as 0.0.0.3
-                raise ValueError
-            address = IPv4Address(item)
-        except ValueError:
-            raise ValueError(f"(expected {UPSTREAM_DNS_RULE}; {shown(item)} is not an IPv4 address)") from None
-        if address.is_loopback:  # with interface=, dnsmasq listens on lo too: port 53 there is dnsmasq itself
-            raise ValueError(f"(expected {UPSTREAM_DNS_RULE}; {shown(item)} is a loopback address, where the"
-                             " provision server's dnsmasq itself listens)")
-    return tuple(IPv4Address(item) for item in value)
+    # With interface=, dnsmasq listens on lo too: port 53 there is dnsmasq itself.
+    return parse_name_servers(value, UPSTREAM_DNS_RULE, "where the provision server's dnsmasq itself listens")
 
 
 def _read_backup(top: TableReader) -> dict[str, Any]:

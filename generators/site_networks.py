@@ -11,7 +11,7 @@ from typing import Any
 
 from generators.errors import Problem, shown
 from generators.model import Network, PhysicalHost
-from generators.site_values import read_interface_name
+from generators.site_values import parse_name_servers, read_interface_name
 from generators.toml_reader import Locate, TableReader
 
 
@@ -21,7 +21,7 @@ def read_network(name: str, r: TableReader) -> Network | None:
     bridge = read_interface_name(r, "bridge", "a bridge interface name")
     gateway = r.convert("gateway", IPv4Address, "an IPv4 address", "a.b.c.d", default=None)
     vlan = _read_vlan(r)
-    dns = r.convert("dns", _addresses, "a list of IPv4 addresses", '["a.b.c.d", ...]', default=(), kind=list)
+    dns = r.convert("dns", _name_servers, "a list of IPv4 addresses", DNS_RULE, default=(), kind=list)
     ranges = r.convert("dhcp_ranges", _parse_ranges, "a list of DHCP ranges", '["FIRST-LAST", ...]', default=(),
                        kind=list)
     if subnet is not None:
@@ -63,10 +63,11 @@ def _subnet(value: str) -> IPv4Network:
         raise ValueError("(expected a.b.c.d/nn)") from None
 
 
-def _addresses(value: list[Any]) -> tuple[IPv4Address, ...]:
-    if not all(isinstance(item, str) for item in value):
-        raise ValueError("(expected strings such as \"192.168.1.2\")")
-    return tuple(IPv4Address(item) for item in value)
+DNS_RULE = '["a.b.c.d", ...]: the name servers the VMs of this network are given, or [] for the provision server'
+
+
+def _name_servers(value: list[Any]) -> tuple[IPv4Address, ...]:
+    return parse_name_servers(value, DNS_RULE, "where each VM would ask itself")
 
 
 def _parse_ranges(value: list[Any]) -> tuple[tuple[IPv4Address, IPv4Address], ...]:

@@ -6,8 +6,9 @@ is refused; the other functions answer for a value the rest of kvmconf checks to
 
 from __future__ import annotations
 
+import contextlib
 import re
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -110,6 +111,32 @@ def is_host_address(value: str) -> bool:
         return True
     except ValueError:
         return len(value) <= MAX_DNS_NAME and bool(_DOMAIN.fullmatch(value.lower()))
+
+
+def parse_name_servers(value: list[Any], rule: str, loopback: str) -> tuple[IPv4Address, ...]:
+    """A list of name servers' IPv4 addresses, the one parser of [networks.*] dns and [provision] upstream_dns.
+
+    Each entry goes as it is into dnsmasq.conf (dns-server option, server=), the preseeds and cloud-init's
+    network-config, so only an address a name server can answer at passes. The error names the first entry that is
+    not one, after ``rule`` (what the key takes); ``loopback`` says why a loopback address is none there.
+    """
+    addresses = []
+    for item in value:
+        address = None
+        if isinstance(item, str):  # IPv4Address would take the integer 3 as 0.0.0.3
+            with contextlib.suppress(ValueError):
+                address = IPv4Address(item)
+        if address is None:
+            reason = "is not an IPv4 address"
+        elif address.is_loopback:
+            reason = f"is a loopback address, {loopback}"
+        elif address.is_unspecified or address.is_multicast or address.is_reserved:  # 255.255.255.255 is reserved
+            reason = "is not the unicast address of a name server"
+        else:
+            addresses.append(address)
+            continue
+        raise ValueError(f"(expected {rule}; {shown(item)} {reason})")
+    return tuple(addresses)
 
 
 def parse_http_url(url: str) -> tuple[str, int, str] | None:

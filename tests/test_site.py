@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -42,6 +43,9 @@ interface = "eth0"
 # What [provision] upstream_dns takes, as its problems say.
 UPSTREAM_RULE = ('["a.b.c.d", ...]: the name servers the provision server\'s dnsmasq forwards names outside the cluster'
                  " to, or [] for none")
+# What [networks.*] dns takes, as its problems say.
+DNS_RULE = ('["a.b.c.d", ...]: the name servers the VMs of this network are given, or [] for the provision'
+            " server")
 
 
 def _write(tmp_path: Path, text: str | bytes, name: str = "site.toml") -> Path:
@@ -178,11 +182,13 @@ WRONG_VALUES = [
     ('subnet = "192.168.60.0/24"\ngateway = "192.168.60.1"', 'subnet = "192.168.0.0/16"\ngateway = "192.168.60.1"',
      ["31:1: key 'networks.dmz.subnet': '192.168.0.0/16' overlaps network 'lan' (192.168.50.0/24) (expected a subnet"
       " that shares no address with another network's)"]),
+    # [networks.*] dns becomes DHCP's dns-server option and the static installs' nameservers: the bad entry is named.
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = ["ns1"]',
-     ["25:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected [\"a.b.c.d\", ...])"]),
+     [f"25:1: key 'networks.lan.dns': ['ns1'] is not a list of IPv4 addresses (expected {DNS_RULE}; 'ns1' is not an"
+      " IPv4 address)"]),
     ('bridge = "br0"\ndns = ["192.168.50.2"]', 'bridge = "br0"\ndns = [3232248322]',
-     ["25:1: key 'networks.lan.dns': [3232248322] is not a list of IPv4 addresses (expected strings such as"
-      ' "192.168.1.2")']),
+     [f"25:1: key 'networks.lan.dns': [3232248322] is not a list of IPv4 addresses (expected {DNS_RULE}; 3232248322"
+      " is not an IPv4 address)"]),
     ('dhcp_ranges = ["192.168.50.200-192.168.50.250"]', 'dhcp_ranges = ["192.168.50.250-192.168.50.200"]',
      ["26:1: key 'networks.lan.dhcp_ranges': ['192.168.50.250-192.168.50.200'] is not a list of DHCP ranges"
       " ('192.168.50.250-192.168.50.200' ends before it starts; expected FIRST-LAST with FIRST <= LAST)"]),
@@ -295,6 +301,48 @@ WRONG_VALUES = [
 def test_wrong_values(old: str, new: str, expected: list[str], tmp_path: Path) -> None:
     assert EXAMPLE_SITE.count(old) == 1
     assert _problems(_write(tmp_path, EXAMPLE_SITE.replace(old, new))) == expected
+
+
+# Both lists of name servers are read by one parser: each key refuses the same entries, naming the first bad one.
+NAME_SERVER_KEYS = [
+    ('dns = ["192.168.50.2"]\ndhcp', "dns = {}\ndhcp", "25:1: key 'networks.lan.dns'", "IPv4 addresses", DNS_RULE,
+     "where each VM would ask itself"),
+    ('upstream_dns = ["192.168.50.1"]', "upstream_dns = {}", "84:1: key 'provision.upstream_dns'",
+     "name server addresses", UPSTREAM_RULE, "where the provision server's dnsmasq itself listens"),
+]
+BAD_NAME_SERVERS = [
+    ('["192.168.50.1", "ns1"]', "'ns1' is not an IPv4 address"),
+    ('["192.168.50.1, 192.168.50.3"]', "'192.168.50.1, 192.168.50.3' is not an IPv4 address"),  # one string, not two
+    ('["192.168.50.1 "]', "'192.168.50.1 ' is not an IPv4 address"),
+    ('[true]', "True is not an IPv4 address"),
+    # A VM given 127.0.0.1 asks itself, and its installer (no resolver of its own) resolves nothing.
+    ('["127.0.0.1"]', "'127.0.0.1' is a loopback address, {loopback}"),
+    # Written as they are into preseed's netcfg/get_nameservers, cloud-init's nameservers and dnsmasq's server=.
+    ('["0.0.0.0"]', "'0.0.0.0' is not the unicast address of a name server"),
+    ('["224.0.0.251"]', "'224.0.0.251' is not the unicast address of a name server"),
+    ('["255.255.255.255"]', "'255.255.255.255' is not the unicast address of a name server"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "where", "what", "rule", "loopback"), NAME_SERVER_KEYS,
+                         ids=["networks.dns", "upstream_dns"])
+@pytest.mark.parametrize(("value", "reason"), BAD_NAME_SERVERS, ids=[value for value, _ in BAD_NAME_SERVERS])
+def test_lists_of_name_servers_refuse_the_same_entries(old: str, new: str, where: str, what: str, rule: str,
+                                                      loopback: str, value: str, reason: str, tmp_path: Path) -> None:
+    assert EXAMPLE_SITE.count(old) == 1
+    text = EXAMPLE_SITE.replace(old, new.format(value))
+    shown = repr(tomllib.loads(text)["networks"]["lan"]["dns"] if "networks" in where else
+                 tomllib.loads(text)["provision"]["upstream_dns"])
+    assert _problems(_write(tmp_path, text)) == [
+        f"{where}: {shown} is not a list of {what} (expected {rule}; {reason.format(loopback=loopback)})"]
+
+
+def test_lists_of_name_servers_keep_their_addresses_in_order(tmp_path: Path) -> None:
+    text = EXAMPLE_SITE.replace('dns = ["192.168.50.2"]\ndhcp', 'dns = ["192.168.50.2", "10.0.0.53"]\ndhcp')
+    text = text.replace('upstream_dns = ["192.168.50.1"]', 'upstream_dns = ["192.168.50.1", "9.9.9.9"]')
+    site = load_site(_write(tmp_path, text))
+    assert site.networks["lan"].dns_servers == (IPv4Address("192.168.50.2"), IPv4Address("10.0.0.53"))
+    assert site.provision.upstream_dns == (IPv4Address("192.168.50.1"), IPv4Address("9.9.9.9"))
 
 
 def test_the_longest_domain_is_242_characters(tmp_path: Path) -> None:
