@@ -101,6 +101,29 @@ def test_a_point_dated_ahead_of_the_clock_fails_the_run_instead_of_blocking_ever
     assert dom.isActive() and not store.partials() and not (store.dir / journal.JOURNAL).exists()
 
 
+@pytest.mark.parametrize("aside", [".damaged", ".old"])
+def test_a_point_renamed_out_of_the_way_does_not_make_the_next_run_wait_for_its_time(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, aside: str) -> None:
+    """A point dated ahead of the clock, renamed in place as a manifest that does not parse is told to be
+    (<time>.damaged) or by the admin (<time>.old): no point any more, it made the next run wait until the clock
+    passed its time, holding the VM's lock, so the cron run never reached the next VMs."""
+    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
+    settings = settings_in(tmp_path)
+    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
+    assert first is not None
+    store = VmStore(settings.dir, name)
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).strftime("%Y%m%dT%H%M%SZ")
+    store.point_dir(first.time).rename(store.dir / (ahead + aside))
+    outcomes: list[Outcome] = []
+    run = threading.Thread(target=lambda: outcomes.append(backup_vm(dom, settings, 5, quiet)), daemon=True)
+    run.start()
+    run.join(60)
+    assert outcomes, f"the run did not end: it waits for its clock to pass {ahead}{aside}, which is no point"
+    [outcome] = outcomes
+    assert ok(outcome).manifest is not None and outcome.manifest.kind == "full"
+    assert outcome.manifest.time < ahead and (store.dir / (ahead + aside)).is_dir()
+
+
 def test_recovery_leaves_another_tools_backup_job_alone(conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
     """A stale journal used to make recovery abort whatever job ran on the VM (another tool's pull backup here;
     a live migration alike): it now fails, changing nothing, and recovers once that job has ended. A real second

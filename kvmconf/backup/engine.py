@@ -49,6 +49,7 @@ from kvmconf.backup.libvirt_xml import (
 from kvmconf.backup.nbd import NbdClient, NbdError
 from kvmconf.backup.store import (
     PARTIAL,
+    POINT_NAME,
     DiskFile,
     Manifest,
     VmStore,
@@ -107,15 +108,15 @@ class Outcome:
 def _new_time(store: VmStore) -> str:
     """A point name later than every existing one (two runs in the same second wait for the next).
 
-    Refuses, naming the point, when the newest one is more than CLOCK_SKEW ahead of this host's clock.
+    Refuses, naming the point, when the newest one is more than CLOCK_SKEW ahead of this host's clock. Only
+    names of points (and partial ones) count: a directory renamed out of the way (<time>.damaged, as a manifest
+    that does not parse is told to be) is no point, and one dated ahead made the wait last until the clock
+    passed it, the VM's lock held all along.
     """
-    existing = {p.name.removesuffix(PARTIAL) for p in store.dir.iterdir()} if store.dir.is_dir() else set()
-    newest = max((name for name in existing if name[:1].isdigit()), default=None)
+    names = (p.name.removesuffix(PARTIAL) for p in store.dir.iterdir()) if store.dir.is_dir() else iter(())
+    newest = max((name for name in names if _is_time(name)), default=None)
     if newest is not None:
-        try:
-            ahead = parse_time(newest) - dt.datetime.now(dt.UTC)
-        except ValueError:
-            ahead = dt.timedelta(0)  # not a point's name: it does not make the wait long
+        ahead = parse_time(newest) - dt.datetime.now(dt.UTC)
         if ahead > CLOCK_SKEW:
             raise BackupFailed(f"the restore point {store.dir / newest} is dated {ahead.total_seconds():.0f} s"
                                f" ahead of this host's clock ({utc_now()}): a new point must sort after it. Check"
@@ -123,9 +124,20 @@ def _new_time(store: VmStore) -> str:
                                " it")
     while True:
         now = utc_now()
-        if now not in existing and all(now > name for name in existing if name[:1].isdigit()):
+        if newest is None or now > newest:
             return now
         time.sleep(0.2)
+
+
+def _is_time(name: str) -> bool:
+    """Whether `name` is a point's time, as a new point's name must sort after."""
+    if POINT_NAME.fullmatch(name) is None:
+        return False
+    try:
+        parse_time(name)
+    except ValueError:  # 20261399T..., a name no run made
+        return False
+    return True
 
 
 def run_tool(argv: list[str], show: bool = False, error: type[KvmconfError] = BackupFailed) -> None:
