@@ -144,20 +144,22 @@ def check_base(runner: Runner, disk: DiskSpec) -> None:
         _base_info(runner, disk.backing, disk.vm)
 
 
-def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambda _path: None) -> None:
+def create(runner: Runner, disk: DiskSpec, placed: Callable[[str], None] = lambda _path: None,
+           size_bytes: int | None = None) -> None:
     """Create the disk; raise :class:`DiskExists` if something is at its path, CommandFailed if the tool fails.
 
     ``placed(disk.path)`` is called once the disk is there (see :func:`make_new`); not for an LVM volume,
-    which no file clean-up could remove.
+    which no file clean-up could remove. ``size_bytes``, for a disk file, is its size instead of cluster.conf's:
+    a live migration's target must be the size the VM's disk is now, which cluster.conf may no longer say.
     """
     if disk.kind is DiskKind.LVM:
         # lvcreate itself refuses an existing name, so there is no window for an overwrite here.
         runner.check(lvcreate_argv(disk))
         return
-    size = f"{disk.size_gb}G"
+    size = f"{disk.size_gb}G" if size_bytes is None else str(size_bytes)
     if disk.backing:
         fmt, base_size = _base_info(runner, disk.backing, disk.vm)
-        if too_small := _smaller_than_base(disk, base_size):
+        if size_bytes is None and (too_small := _smaller_than_base(disk, base_size)):
             raise CommandFailed(too_small)
         argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", disk.backing]
     elif disk.kind is DiskKind.QCOW2:

@@ -262,6 +262,14 @@ def _live_xml(xml: str, moves: Moves) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _disk_size(dom: libvirt.virDomain, path: str) -> int | None:
+    """The virtual size in bytes of the domain's disk ``path``; None when libvirt cannot say (then cluster.conf's)."""
+    try:
+        return int(dom.blockInfo(path)[0])
+    except libvirt.libvirtError:
+        return None
+
+
 def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
                   moves: Moves, log: Log) -> libvirt.virDomain:
     """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
@@ -282,7 +290,9 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
                             f"it still runs on {vm.host} and the files made on {to} were removed", log,
                             " (try --cold: shut down, copy, start there)", finished) as made:
         # Each file is listed once it is this run's: a file that appeared there since the check is not.
-        disks.create(dst_run, disks.disk_spec(target, moved), made.append)  # empty, same size: libvirt mirrors into it
+        # Empty, and the size the VM's disk is now, which libvirt requires of the disk it mirrors into: cluster.conf
+        # may say another (a size raised there, which provision never applies to a disk).
+        disks.create(dst_run, disks.disk_spec(target, moved), made.append, _disk_size(dom, moves.files[0][0]))
         for src, dst in moves.files[1:]:  # the seed ISO is read-only: libvirt does not copy it
             copy_file(src_run, dst_run, src, dst, made.append, _progress_lines(log, f"{vm.name}: copying {src}"))
         xml = _live_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), moves)
