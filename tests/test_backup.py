@@ -539,6 +539,23 @@ def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, con
     assert dom.isActive()
 
 
+def test_a_shut_off_vm_that_would_not_fit_is_refused_before_a_byte_is_written(
+        small_fs: Path, conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """As a running VM's: qemu-img convert used to fill the backup disk first, then fail with its own words."""
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 64)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 40M", str(disk)], check=True, capture_output=True)
+    dom = define(conn, name, [(disk, "qcow2")], start=False)
+    settings = Settings(backup_dir(small_fs), full_every=5)
+    outcome = backup_vm(dom, settings, 5, quiet)
+    assert not outcome.ok
+    assert f"the backup target {store_dir(settings, name)} is too small for this backup: it needs 40 MiB," \
+        in outcome.error, outcome.error
+    assert "MiB are free: free space or move [backup] dir" in outcome.error
+    store = VmStore(settings.dir, name)
+    assert store.points() == [] and store.partials() == []
+    assert not (store.dir / journal.JOURNAL).exists() and not dom.isActive()
+
+
 def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, conn: libvirt.virConnect,
                                                             tmp_path: Path) -> None:
     """`invoke backup/restore/backup-status` on the lab: exit codes and messages, as cron and an admin see them."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import os
 import shutil
 import stat
@@ -666,6 +667,7 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
     stamp = _new_time(store)
     partial = store.dir / (stamp + PARTIAL)
     started = time.monotonic()
+    _check_space(store.dir, sum(_converted_size(disk) for disk in disks))
     journal.write(store.dir, {"time": stamp, "checkpoint": None, "pid": os.getpid(), "partial": partial.name})
     partial.mkdir(parents=True)
     checksums, sizes = {}, {}
@@ -680,6 +682,16 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
         sizes[disk.dev] = dom.blockInfo(disk.dev)[0]
     return _finish(store, stamp, partial, disks, checksums, sizes, None, None, "offline", False,
                    ["shut off: copied from its images (the next running backup starts a new chain)"], started)
+
+
+def _converted_size(disk: VmDisk) -> int:
+    """The size of the qcow2 file `qemu-img convert` makes of a shut-off VM's disk (its data and metadata, as
+    `qemu-img measure` counts them: at most a little more than convert writes, which also skips zeros it reads)."""
+    result = subprocess.run(["qemu-img", "measure", "--output=json", "-O", "qcow2", "-f", disk.format, disk.path],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BackupFailed(f"qemu-img measure {disk.path}: {result.stderr.strip() or result.returncode}")
+    return int(json.loads(result.stdout)["required"])
 
 
 def _finish(store: VmStore, stamp: str, partial: Path, disks: list[VmDisk], checksums: dict[str, str],
