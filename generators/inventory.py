@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from generators.columns import COLUMNS, OPTIONS, OPTIONS_BY_KEY, REQUIRED_COLUMNS, FieldError
+from generators.columns import COLUMNS, LABEL, OPTIONS, OPTIONS_BY_KEY, REQUIRED_COLUMNS, FieldError
 from generators.errors import Location, Problem, UsageError, shown
 
 _FIELD_NAMES = " ".join(c.name for c in COLUMNS[:REQUIRED_COLUMNS]) + " [options]"
@@ -31,6 +31,9 @@ class Row:
     option_cols: dict[str, int] = field(default_factory=dict)  # option key -> column of "key="
     repeat_cols: dict[str, list[int]] = field(default_factory=dict)  # repeatable option -> column of each
     ok: bool = True  # False when a field failed; such rows are left out of checks that need a whole VM
+    # A line that could not be split into fields: its first word, when that is a VM name. Only after= uses it, so
+    # that one line with spaces for tabs does not make every VM deployed after it name a VM "not defined above".
+    unsplit_name: str | None = None
 
 
 def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
@@ -96,6 +99,8 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
         problems.append(Problem(Location(path, number, 1),
                                 f"found {count} (expected {REQUIRED_COLUMNS} or {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
         row.ok = False
+        first_word = text.split(None, 1)[0]
+        row.unsplit_name = first_word if LABEL.fullmatch(first_word) else None
         return row
     col = 1
     for column, value in zip(COLUMNS, fields, strict=False):

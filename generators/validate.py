@@ -38,9 +38,9 @@ def load_cluster(cluster_path: Path, site_path: Path) -> Cluster:
         problems.extend(err.problems)
     rows, row_problems = read_rows(cluster_path)
     problems.extend(row_problems)
+    _check_after(str(cluster_path), rows, problems)
     rows = [row for row in rows if row.cols]  # lines with a wrong field count have nothing more to check
     _check_unique(str(cluster_path), rows, problems)
-    _check_after(str(cluster_path), rows, problems)
     if located is None:  # checks against site.toml need a valid one
         raise ConfigError(problems)
     site, locate = located
@@ -84,6 +84,8 @@ def _check_after(path: str, rows: list[Row], problems: list[Problem]) -> None:
             offset += len(name) + 1
         if "name" in row.values:
             seen.add(row.values["name"])
+        elif row.unsplit_name is not None:  # its problem is the field count: this name may well be right
+            seen.add(row.unsplit_name)
 
 
 @dataclasses.dataclass

@@ -101,6 +101,7 @@ def site_line(start: str) -> int:
     return next(number for number, line in enumerate(EXAMPLE_SITE.split("\n"), 1) if line.startswith(start))
 
 
+LDAP_LINE = next(line for line in EXAMPLE_CONF.split("\n") if line.startswith("ldap\t"))  # line 6
 KVM0_LINE = site_line("[hosts.kvm0]")
 KVM0_ADDRESS_LINE = site_line('address = "192.168.50.4"')
 SITE_END = EXAMPLE_SITE.count("\n") + 1  # the line of the first line a case appends to site.toml
@@ -221,6 +222,13 @@ CASES = [
          tuple(conf(line, 1, f"found 1 tab-separated field ({FIELDS}); fields must be separated by tabs, not spaces")
                for line in range(4, 12)),
          lambda text: text.replace("\t", "    ")),
+    # A line that cannot be split still names its VM for after=: the VMs deployed after ldap are not said to name
+    # a VM "not defined above" (one problem, not four); a name no line has is still reported.
+    Case("unsplit-line-still-defines-its-name-for-after",
+         (conf(6, 1, f"found 1 tab-separated field ({FIELDS}); fields must be separated by tabs, not spaces"),
+          option_problem(NEW, 70, f"option 'after': 'nosuch' {AFTER_RULE}")),
+         lambda text: add(vm(options="host=kvm1 after=ldap,nosuch"))(
+             sub(LDAP_LINE, LDAP_LINE.replace("\t", " "))(text))),
     # --- options -----------------------------------------------------------------------------------
     Case("option-unknown", (option_problem(NEW, 49, f"unknown option 'hots' (expected one of: {OPTION_KEYS})"),),
          add(vm(options="hots=kvm1"))),
