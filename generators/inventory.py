@@ -90,13 +90,19 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
     row = Row(number)
     fields = text.split("\t")
     if not REQUIRED_COLUMNS <= len(fields) <= len(COLUMNS):
-        hint = ""
+        col, hint = 1, ""
+        blank = _blank_tail(fields)
         if len(fields) < REQUIRED_COLUMNS and " " in text:
             hint = "; fields must be separated by tabs, not spaces"
+        elif blank and len(fields) - blank <= len(COLUMNS):
+            # Nothing but tabs (and blanks) after the last value: invisible in an editor, so said, and where.
+            col = len("\t".join(fields[:len(fields) - blank])) + 1
+            tabs, them = ("a tab", "it") if blank == 1 else ("tabs", "them")
+            hint = f"; the line ends with {tabs} after the {COLUMNS[len(fields) - blank - 1].name}: remove {them}"
         elif len(fields) > len(COLUMNS):
             hint = "; options are separated by spaces, not tabs"
         count = f"{len(fields)} tab-separated field{'s' * (len(fields) != 1)}"
-        problems.append(Problem(Location(path, number, 1),
+        problems.append(Problem(Location(path, number, col),
                                 f"found {count} (expected {REQUIRED_COLUMNS} or {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
         row.ok = False
         first_word = text.split(None, 1)[0]
@@ -117,6 +123,16 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
                 row.ok = False
         col += len(value) + 1
     return row
+
+
+def _blank_tail(fields: list[str]) -> int:
+    """How many fields at the end of a line are blank, the required columns left out: one per trailing tab."""
+    blank = 0
+    for value in reversed(fields[REQUIRED_COLUMNS:]):
+        if value.strip():
+            break
+        blank += 1
+    return blank
 
 
 def _parse_options(path: str, number: int, start: int, text: str, row: Row, problems: list[Problem]) -> None:

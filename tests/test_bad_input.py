@@ -218,6 +218,14 @@ CASES = [
          add(vm().replace("\t", " "))),
     Case("too-many-fields", (conf(NEW, 1, f"found 9 tab-separated fields ({FIELDS}); options are separated by"
                                           " spaces, not tabs"),), add(vm(options="host=kvm1\tafter=db"))),
+    # An invisible tab at the end of a line: said so, at its column (the provision line's tab is at column 104).
+    Case("trailing-tab", (conf(4, 104, f"found 9 tab-separated fields ({FIELDS}); the line ends with a tab after the"
+                                       " options: remove it"),),
+         lambda text: text.replace("install=cloud\n", "install=cloud\t\n", 1)),
+    Case("trailing-tabs-without-options",
+         (conf(NEW, 48, f"found 10 tab-separated fields ({FIELDS}); the line ends with tabs after the hostgroups:"
+                        " remove them"),),
+         add(vm(options=None) + "\t \t\t")),
     Case("whole-file-with-spaces",
          tuple(conf(line, 1, f"found 1 tab-separated field ({FIELDS}); fields must be separated by tabs, not spaces")
                for line in range(4, 12)),
