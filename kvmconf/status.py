@@ -98,6 +98,13 @@ def vm_status(cluster: Cluster, vm: Vm, conn: libvirt.virConnect, conns: Connect
             drift.append(f"running with {max_kib // 1024} MB RAM until restarted")
         if live_cpus != cpus:
             drift.append(f"running with {live_cpus} vCPUs until restarted")
+        # A MAC changed with `provision --apply`: the guest keeps its old NIC, which the DHCP reservation made for the
+        # new MAC does not match, until it is started again.
+        running_macs = _config_values(dom.XMLDesc(0))[2]
+        if old := [mac for mac in running_macs if mac not in macs]:
+            new = [mac for mac in macs if mac not in running_macs]
+            drift.append(f"running with MAC {', '.join(old)} until restarted"
+                         + (f" (definition: {', '.join(new)})" if new else ""))
         seen = _seen_ips(dom, vm.mac)
         if seen and str(vm.ip) not in seen:
             status.ip = f"{vm.ip} (seen: {', '.join(seen)})"
