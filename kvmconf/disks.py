@@ -62,17 +62,27 @@ def lvremove_argv(disk: DiskSpec) -> list[str]:
 
 def missing_volume_groups(runner: Runner, host: str, to_create: list[DiskSpec]) -> list[str]:
     """Problems with the volume groups LVM disks would be created in, found before anything is created."""
-    needed: dict[str, list[str]] = {}
+    needed: dict[str, list[DiskSpec]] = {}
     for disk in to_create:
         if disk.kind is DiskKind.LVM and disk.volume_group:
-            needed.setdefault(disk.volume_group, []).append(disk.vm)
+            needed.setdefault(disk.volume_group, []).append(disk)
     problems = []
-    for vg, vms in sorted(needed.items()):
-        result = runner.run(["vgs", "--noheadings", "-o", "vg_name", vg])
+    for vg, volumes in sorted(needed.items()):
+        vms = ", ".join(disk.vm for disk in volumes)
+        result = runner.run(["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_name,vg_free", vg])
         if result.returncode != 0:
             why = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1].strip()
-            problems.append(f"{', '.join(vms)}: volume group {vg} is not usable on {host} ({why}); create it there"
+            problems.append(f"{vms}: volume group {vg} is not usable on {host} ({why}); create it there"
                             " or change disk=lvm:<vg> in cluster.conf")
+            continue
+        # lvcreate would fail for want of space only once the run has made (and then undoes) the VMs before: said now.
+        fields = result.stdout.decode(errors="replace").split()
+        free = int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else None
+        size = sum(disk.size_gb for disk in volumes)
+        if free is not None and size * GIB > free:
+            their = "its new volume needs" if len(volumes) == 1 else "their new volumes need"
+            problems.append(f"{vms}: volume group {vg} on {host} has {free / GIB:.1f} GB free, and {their} {size} GB;"
+                            " free space there (vgextend), or give less disk or another disk=lvm:<vg> in cluster.conf")
     return problems
 
 

@@ -577,6 +577,28 @@ def test_a_missing_volume_group_stops_the_run_before_anything_is_created(cluster
     assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
 
 
+def test_a_volume_group_without_room_for_the_new_volumes_stops_the_run_before_anything_is_created(
+        cluster: Cluster) -> None:
+    """lvcreate refused only once the VMs before it were made (and started), which the run then undid."""
+    calls: list[list[str]] = []
+
+    def full_vg(argv: Sequence[str], stdin: bytes | None) -> Result:
+        if argv[0] == "vgs":  # a mock: no device-mapper here; what lvm2 2.03 prints for a VG with 60 MiB free
+            calls.append(list(argv))
+            return subprocess.CompletedProcess(list(argv), 0, b"  vg0 62914560\n", b"")
+        return Recorder()(argv, stdin)
+
+    with connections(cluster, execute=full_vg) as conns:
+        with pytest.raises(ProvisionBlocked) as err:
+            provision(cluster, ["ldap", "compute1"], conns, log=quiet)
+        assert "ldap" not in domain_names(conns.get("kvm0"))
+    assert calls == [["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_name,vg_free", "vg0"]]
+    assert str(err.value) == ("compute1: volume group vg0 on kvm1 has 0.1 GB free, and its new volume needs 100 GB;"
+                              " free space there (vgextend), or give less disk or another disk=lvm:<vg> in"
+                              " cluster.conf\nnothing was changed")
+    assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
+
+
 # --- destroy, start, stop ----------------------------------------------------------------------
 
 def test_destroy_keeps_the_disk_and_purge_removes_it_only_when_confirmed(cluster: Cluster, conns: Connections) -> None:
