@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import posixpath
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Literal
 import libvirt
 
 from generators import cloud_init, domain_xml
-from generators.model import Cluster, PhysicalHost, Vm
+from generators.model import Cluster, DiskKind, PhysicalHost, Vm
 from generators.paths import seed_iso_path
 from kvmconf import defined, disks, domains
 from kvmconf.connection import Connections, failure_noted
@@ -287,16 +288,35 @@ def plan_host(cluster: Cluster, hplan: HostPlan, vms: Sequence[Vm], conns: Conne
     conn, runner = conns.get(hplan.host), conns.runner(hplan.host)
     aliases = domains.machine_aliases(conn)
     specs = [disks.disk_spec(cluster, vm) for vm in vms]
-    present = runner.existing([disk.path for disk in specs])  # one command for the host's VMs, not one per VM
+    # "<dir>/." exists only where <dir> is a directory: a disk_dir missing on the host is found with the disks.
+    folders = {disk.path: posixpath.join(posixpath.dirname(disk.path), ".") for disk in specs
+               if disk.kind is not DiskKind.LVM}
+    # One command for the host's VMs, not one per VM.
+    present = runner.existing([disk.path for disk in specs] + sorted(set(folders.values())))
     planned = [plan_vm(cluster, vm, disk, disk.path in present, conn, artifacts, aliases)
                for vm, disk in zip(vms, specs, strict=True)]
     problems = [disk_replaced(p) for p in planned if p.disk_in_use and not p.disk_exists]
     to_create = [p.disk for p in planned if not p.disk_exists and not p.disk_in_use]
+    unplaceable = [disk for disk in to_create if disk.path in folders and folders[disk.path] not in present]
+    problems += missing_folders(hplan.host, unplaceable, cluster)
     problems += disks.missing_volume_groups(runner, hplan.host, to_create)
     problems += disks.base_image_problems(runner, hplan.host, to_create)
     compare_seeds(runner, [p for p in planned if p.action is not Action.CREATE], artifacts)
     compare_sizes(runner, [p for p in planned if p.action is not Action.CREATE and p.disk_exists])
     hplan.vms, hplan.problems = planned, problems
+
+
+def missing_folders(host: str, to_create: Sequence[DiskSpec], cluster: Cluster) -> list[str]:
+    """Why the disk files ``to_create``, whose directory is not on ``host``, cannot be made: one line per directory.
+
+    Found before anything is created: qemu-img would fail only once the VMs before them were made (and undone).
+    """
+    by_folder: dict[str, list[str]] = {}
+    for disk in to_create:
+        by_folder.setdefault(posixpath.dirname(disk.path), []).append(disk.vm)
+    return [f"{', '.join(vms)}: the directory {folder} for {'its disk' if len(vms) == 1 else 'their disks'} is not"
+            f" on {host}; create it there (`fab kvm-setup` does), or fix disk_dir of [hosts.{host}] in"
+            f" {cluster.site.path}" for folder, vms in sorted(by_folder.items())]
 
 
 def compare_seeds(runner: Runner, defined_vms: Sequence[VmPlan], artifacts: Artifacts) -> None:

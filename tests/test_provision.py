@@ -460,6 +460,26 @@ def test_an_existing_disk_stops_the_run_before_anything_is_created(cluster: Clus
     assert (kvm0 / "db.img").read_bytes() == b"precious" and "db" in domain_names(conns.get("kvm0"))
 
 
+def test_a_disk_dir_missing_on_its_host_stops_the_run_before_anything_is_created(
+        cluster: Cluster, conns: Connections) -> None:
+    """qemu-img failed on it only once the VMs before were made (and started), which the run then undid."""
+    missing = Path(cluster.site.hosts["kvm1"].disk_dir) / "not-made"
+    hosts = {**cluster.site.hosts, "kvm1": dataclasses.replace(cluster.site.hosts["kvm1"], disk_dir=str(missing))}
+    moved = dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts),
+                                vms=tuple(dataclasses.replace(vm, host="kvm1") if vm.name in ("web", "scratch") else vm
+                                          for vm in cluster.vms))
+    before = domain_names(conns.get("kvm0"))
+    with pytest.raises(ProvisionBlocked) as err:
+        provision(moved, ["ldap", "web", "scratch"], conns, log=quiet)
+    assert str(err.value) == (f"web, scratch: the directory {missing} for their disks is not on kvm1; create it there"
+                              f" (`fab kvm-setup` does), or fix disk_dir of [hosts.kvm1] in {cluster.site.path}"
+                              "\nnothing was changed")
+    assert domain_names(conns.get("kvm0")) == before
+    assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set() and not missing.exists()
+    plan = make_plan(moved, [moved.vm("web")], conns, strict=False)
+    assert f"  ! web: the directory {missing} for its disk is not on kvm1; create it there" in format_plan(plan)
+
+
 def test_a_failing_disk_create_midway_removes_what_the_run_created_and_nothing_else(
         example: Cluster, tmp_path: Path) -> None:
     cluster = on_test_driver(example, tmp_path)
