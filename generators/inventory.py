@@ -68,7 +68,12 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
             continue
         if number == 1:
             text = text.removeprefix(BOM)  # editors on Windows may start the file with one
-        lines.append((number, text.removesuffix("\r")))  # CRLF files from Windows editors are fine
+        text = text.removesuffix("\r")  # CRLF files from Windows editors are fine
+        if "\r" in text:  # a file of CR-ended lines would be one line: a comment, or a VM with all the others in it
+            problems.append(Problem(Location(where, number, text.index("\r") + 1),
+                                    "holds a carriage return (CR) inside the line (expected lines ending in LF or"
+                                    " CR LF: save the file as Unix or Windows text)"))
+        lines.append((number, text))
     return lines, problems
 
 

@@ -102,6 +102,7 @@ def site_line(start: str) -> int:
 
 
 LDAP_LINE = next(line for line in EXAMPLE_CONF.split("\n") if line.startswith("ldap\t"))  # line 6
+FIRST_LINE_END = EXAMPLE_CONF.index("\n") + 1  # the column of the first line's end
 KVM0_LINE = site_line("[hosts.kvm0]")
 KVM0_ADDRESS_LINE = site_line('address = "192.168.50.4"')
 SITE_END = EXAMPLE_SITE.count("\n") + 1  # the line of the first line a case appends to site.toml
@@ -584,6 +585,16 @@ CASES = [
     Case("crlf-line-endings", (option_problem(NEW, 49, "option 'host': 'kvm9' is not a physical host in {site}"
                                                        " (expected one of: auto, kvm0, kvm1)"),),
          lambda text: (text + vm(options="host=kvm9") + "\n").replace("\n", "\r\n")),
+    # Lines ended by CR alone (classic Mac; some spreadsheets still save tab-separated text so) made the file one
+    # comment line: "no VMs defined". Said as what it is, at the first CR.
+    Case("classic-mac-line-endings",
+         (conf(1, FIRST_LINE_END, "holds a carriage return (CR) inside the line (expected lines ending in LF or CR LF:"
+                                  " save the file as Unix or Windows text)"),),
+         lambda text: text.replace("\n", "\r")),
+    Case("carriage-return-inside-a-line",
+         (conf(NEW, 58, "holds a carriage return (CR) inside the line (expected lines ending in LF or CR LF: save the"
+                        " file as Unix or Windows text)"),),
+         add(vm(options="host=kvm1\rafter=db"))),
     # --- site.toml -----------------------------------------------------------------------------------------
     Case("site-not-toml", (site(89, 8, "not valid TOML: Invalid value"),), site=sub("keep = 2", "keep = = 2")),
     Case("site-unclosed-table", (site(102, 3, "not valid TOML: Expected ']' at the end of a table declaration"),),
