@@ -79,6 +79,13 @@ def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
     """Make ``build`` hold exactly ``tree``; see the module docstring for how."""
     files = {_check_path(path): _as_bytes(content) for path, content in tree.items()}
     build = _check_location(build)
+    try:
+        return _write_tree(build, files, digest)
+    except OSError as err:  # a full disk, a quota, an I/O error: the old build is still whole, and said to be
+        raise UsageError(f"{build}: cannot write the new build: {err.strerror or err}; nothing was changed") from None
+
+
+def _write_tree(build: Path, files: dict[str, bytes], digest: str) -> WriteReport:
     report = WriteReport()
     root = str(build)
     with _locked(build):
@@ -105,8 +112,12 @@ def write_tree(build: Path, tree: Tree, digest: str) -> WriteReport:
             report.removed = [PurePosixPath(p) for p in sorted(old_files - set(files))]
             os.chmod(staging, 0o755)
             if report.written or report.removed or not build.is_dir():
+                # Into the new tree, before the swap: a build swapped in without its stamp would be refused by
+                # every later run as a folder kvmconf did not write.
+                _write_stamp(staging, digest, new_stamp)
                 _swap(staging, build)
-            _write_stamp(root, digest, new_stamp)
+            else:
+                _write_stamp(root, digest, new_stamp)
         finally:
             _remove(staging)
     return report
@@ -244,9 +255,14 @@ def _write_stamp(root: str, digest: str, files: Stamp) -> None:
                 return  # a no-op build leaves every file of build/ untouched, the stamp too
     except OSError:
         pass
-    with open(path + ".tmp", "w") as temporary:
-        temporary.write(content)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as temporary:
+            temporary.write(content)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        with suppress(FileNotFoundError):
+            os.unlink(path + ".tmp")  # else the next build would count it as a file of its own to remove
+        raise
 
 
 def _remove_stale_staging(build: Path) -> None:

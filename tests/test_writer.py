@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import warnings
@@ -9,8 +10,10 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from generators import writer
 from generators.errors import UsageError
 from generators.writer import STAMP, is_up_to_date, write_tree
+from tests.tools import mount_tmpfs
 
 
 def _tree(**files: str) -> dict[PurePosixPath, str | bytes]:
@@ -208,3 +211,35 @@ def test_a_refusal_leaves_no_directory_open(tmp_path: Path) -> None:
             write_tree(tmp_path / "mine", _tree(a="1\n"), "d1")
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_full_disk_is_said_and_leaves_the_old_build_as_it_was(tmp_path: Path) -> None:
+    """No space for the new tree (a real full filesystem): an error naming the build and why, not a traceback."""
+    with mount_tmpfs(tmp_path / "small", "256k") as small:
+        build = small / "build"
+        write_tree(build, _tree(a="old\n"), "d1")
+        before = _snapshot(build)
+        with pytest.raises(UsageError) as caught:
+            write_tree(build, _tree(a="new\n", big="x" * 1_000_000), "d2")
+        assert str(caught.value) == f"{build}: cannot write the new build: No space left on device; nothing was changed"
+        assert _snapshot(build) == before and is_up_to_date(build, "d1") == 1
+        assert sorted(p.name for p in small.iterdir()) == [".build.lock", "build"]  # no staging tree left
+
+
+def test_a_stamp_that_cannot_be_written_leaves_the_old_build_in_place(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stamp goes into the new tree before the swap: written after it, a failure left a build without a stamp,
+    which every later run refused as 'not a build folder kvmconf wrote'."""
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="old\n"), "d1")
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(writer, "_write_stamp", full)
+        with pytest.raises(UsageError, match="cannot write the new build: No space left on device"):
+            write_tree(build, _tree(a="new\n"), "d2")
+    assert (build / "a").read_text() == "old\n" and is_up_to_date(build, "d1") == 1
+    write_tree(build, _tree(a="new\n"), "d2")  # the next run, with room again, is not refused
+    assert (build / "a").read_text() == "new\n" and is_up_to_date(build, "d2") == 1
