@@ -556,6 +556,20 @@ def test_a_shut_off_vm_that_would_not_fit_is_refused_before_a_byte_is_written(
     assert not (store.dir / journal.JOURNAL).exists() and not dom.isActive()
 
 
+def test_a_shut_off_vms_progress_goes_to_stderr_as_a_running_ones_does(
+        conn: libvirt.virConnect, tmp_path: Path, name: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Progress is shown when stderr is a terminal, and written there: qemu-img's own went to stdout, so
+    `invoke backup --all | tee backup.log` or `> backup.log` filled the log with carriage-return lines."""
+    disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 16)
+    dom = define(conn, name, [(disk, "qcow2")], start=False)
+    settings = Settings(backup_dir(tmp_path), full_every=5, progress=True)
+    capfd.readouterr()
+    ok(backup_vm(dom, settings, 5, quiet))
+    out, err = capfd.readouterr()
+    assert "%)" not in out, out
+    assert f"{name}: vda ({disk}):\n" in err and "(100.00/100%)" in err, err
+
+
 def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, conn: libvirt.virConnect,
                                                             tmp_path: Path) -> None:
     """`invoke backup/restore/backup-status` on the lab: exit codes and messages, as cron and an admin see them."""

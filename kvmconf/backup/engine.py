@@ -141,9 +141,13 @@ def _is_time(name: str) -> bool:
     return True
 
 
-def run_tool(argv: list[str], show: bool = False, error: type[KvmconfError] = BackupFailed) -> None:
-    """Run qemu-img and the like; its own progress (-p) goes to the terminal when `show`; fails as `error`."""
-    result = subprocess.run(argv, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def run_tool(argv: list[str], show: bool = False, error: type[KvmconfError] = BackupFailed,
+             on_stderr: bool = False) -> None:
+    """Run qemu-img and the like; its own progress (-p, written to its stdout) goes to the terminal when `show`:
+    to stderr with `on_stderr` (a backup's, where a running VM's goes: not into a log stdout is redirected to);
+    fails as `error`."""
+    shown = sys.stderr if on_stderr else None
+    result = subprocess.run(argv, stdout=shown if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             check=False)
     if result.returncode != 0:
         raise error(f"{' '.join(argv)}: {result.stderr.strip() or 'exit status ' + str(result.returncode)}")
@@ -677,7 +681,7 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
             sys.stderr.write(f"{store.vm}: {disk.dev} ({disk.path}):\n")
         # Zeros are not written (thin); without -U the image lock keeps the VM from starting meanwhile.
         run_tool(["qemu-img", "convert", *(["-p"] if settings.progress else []), "-f", disk.format, "-O", "qcow2",
-                  disk.path, str(target)], show=settings.progress)
+                  disk.path, str(target)], show=settings.progress, on_stderr=True)
         checksums[disk.dev] = checksum_file(target)
         sizes[disk.dev] = dom.blockInfo(disk.dev)[0]
     return _finish(store, stamp, partial, disks, checksums, sizes, None, None, "offline", False,
