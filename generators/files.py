@@ -36,7 +36,7 @@ def write_new(path: Path, text: str, *, flush: bool = False, mode: int = 0o666) 
             os.fsync(f.fileno())
 
 
-def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o644) -> None:
+def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o644, errors: str = "strict") -> None:
     """Give `path` the content `text` through a temporary file beside it and a rename.
 
     The file keeps its permissions (an admin's cluster.conf stays as they set it); a new one gets
@@ -44,13 +44,14 @@ def replace_text(path: Path, text: str, *, flush: bool = False, mode: int = 0o64
     outlive a power cut (a journal); without it a power cut may lose the new content, but a reader
     never sees half of it. The temporary's name is unique (`.<name>.<random>.new`), so two writers at
     once each publish a whole file, and a failure or Ctrl-C removes it; only a SIGKILL mid-write
-    leaves one behind, a dot file.
+    leaves one behind, a dot file. `errors` is the UTF-8 encoder's: "surrogateescape" writes back the bytes of a
+    file read with it, whatever they were.
     """
     with contextlib.suppress(FileNotFoundError):
         mode = stat.S_IMODE(path.stat().st_mode)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as out:
             os.fchmod(out.fileno(), mode)  # mkstemp's 0600 until here, whatever the umask
             out.write(text)
             if flush:

@@ -49,7 +49,8 @@ def ensure_include(config: Path, included: Path) -> bool:
     line = include_line(included.resolve())
     config = Path(os.path.realpath(config.expanduser()))
     try:
-        current = config.read_text(encoding="utf-8")
+        # ssh reads bytes: a line that is not UTF-8 (a Latin-1 comment) is kept as it is, byte for byte.
+        current = config.read_text(encoding="utf-8", errors="surrogateescape")
         mode = config.stat().st_mode & 0o7777
     except FileNotFoundError:
         current, mode = "", NEW_FILE_MODE
@@ -59,7 +60,7 @@ def ensure_include(config: Path, included: Path) -> bool:
     if not config.parent.is_dir():
         config.parent.mkdir(mode=SSH_DIR_MODE, parents=True)
         config.parent.chmod(SSH_DIR_MODE)  # mkdir's mode is reduced by the umask
-    replace_text(config, new, flush=True, mode=mode)
+    replace_text(config, new, flush=True, mode=mode, errors="surrogateescape")
     return True
 
 

@@ -170,6 +170,30 @@ def test_ssh_applies_the_included_config_before_the_users_own(example: Cluster, 
     assert (other["hostname"], other["user"]) == ("elsewhere.example.com", "bob")
 
 
+# A user's config need not be UTF-8 (a Latin-1 comment from years ago): ssh reads bytes, and so must the Include;
+# it raised UnicodeDecodeError, a traceback from `make ~/.ssh/config`.
+LATIN1_CONFIG = b"# J\xfcrgen's hosts\nHost *\n    User bob\n"
+
+
+def test_include_keeps_a_config_that_is_not_utf8_byte_for_byte(built: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config"
+    config.write_bytes(LATIN1_CONFIG)
+    assert ssh_include.main(["--build", str(built.parent.parent), "--config", str(config)]) == 0
+    assert config.read_bytes() == include_of(built).encode() + LATIN1_CONFIG
+    assert capsys.readouterr().out == f"{config} now includes {built}\n"
+    assert ssh_include.ensure_include(config, built) is False  # found again: nothing to change
+
+
+@pytest.mark.consumer
+def test_ssh_reads_the_include_of_a_config_that_is_not_utf8(built: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_bytes(LATIN1_CONFIG)
+    ssh_include.ensure_include(config, built)
+    web = effective(require_tool("ssh"), config, "web")
+    assert (web["hostname"], web["user"]) == ("192.168.50.21", "root")
+
+
 def test_tasks_find_the_chosen_config_or_say_it_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing, config = tmp_path / "missing", tmp_path / "config"
     config.write_text("")
