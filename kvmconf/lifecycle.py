@@ -12,6 +12,7 @@ from collections.abc import Callable
 from generators.model import Cluster, Vm
 from generators.paths import seed_iso_path
 from kvmconf import defined, disks, domains
+from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import find_vm
@@ -37,7 +38,7 @@ def _defined_elsewhere(cluster: Cluster, vm: Vm, conns: Connections) -> None:
                            " it there")
 
 
-def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False, log: Log = print) -> None:
+def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False, log: Log = say) -> None:
     dom, host = _domain(cluster, name, conns)
     if dom is None:
         _defined_elsewhere(cluster, cluster.vm(name), conns)
@@ -49,7 +50,7 @@ def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False
 
 
 def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, dry_run: bool = False,
-         log: Log = print) -> None:
+         log: Log = say) -> None:
     """Ask the guest to shut down (ACPI), or with ``force`` power it off at once."""
     dom, host = _domain(cluster, name, conns)
     if dom is None:
@@ -68,7 +69,7 @@ def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, d
 
 
 def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False,
-            confirm: Confirm | None = None, dry_run: bool = False, log: Log = print) -> None:
+            confirm: Confirm | None = None, dry_run: bool = False, log: Log = say) -> None:
     """Power off and undefine; with ``purge`` also remove the disk and seed ISO.
 
     ``confirm`` is asked, with every step listed, before anything that loses data: powering off a

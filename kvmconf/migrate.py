@@ -53,6 +53,7 @@ from generators.nagios import backup_targets
 from generators.paths import disk_path, seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import disks, domains, jobs
+from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
 from kvmconf.connection import Connections
 from kvmconf.defined import inventory
 from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
@@ -324,7 +325,7 @@ def _placed_there_already(cluster: Cluster, vm: Vm, conns: Connections) -> str:
 
 
 def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: bool = False,
-            shutdown_timeout: float = 120.0, log: Log = print, cold: bool = False) -> Vm:
+            shutdown_timeout: float = 120.0, log: Log = say, cold: bool = False) -> Vm:
     """Move VM ``name`` from its host in cluster.conf to host ``to``; returns the VM as it is now placed."""
     if force and not cold:
         # Refused rather than ignored: a live migration never stops the guest, so --force alone would do nothing.

@@ -18,6 +18,7 @@ import libvirt
 
 from generators.model import Cluster, DiskKind
 from kvmconf import disks, domains
+from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
 from kvmconf.connection import Connections
 from kvmconf.errors import KvmconfError, ProvisionBlocked, ProvisionFailed
 from kvmconf.plan import (
@@ -72,7 +73,7 @@ class Journal:
 
 
 def provision(cluster: Cluster, names: Sequence[str], conns: Connections, options: Options = Options(),
-              all_vms: bool = False, log: Log = print, artifacts: Artifacts | None = None) -> Plan:
+              all_vms: bool = False, log: Log = say, artifacts: Artifacts | None = None) -> Plan:
     vms = select(cluster, names, all_vms)
     artifacts = artifacts or Artifacts(cluster)
     plan = make_plan(cluster, vms, conns, artifacts, strict=True)

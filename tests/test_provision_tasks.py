@@ -16,7 +16,7 @@ import pytest
 from invoke import Program
 
 import tasks
-from tests.tools import ROOT
+from tests.tools import ROOT, mount_tmpfs
 
 NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
 
@@ -242,3 +242,28 @@ def test_a_migration_to_where_the_vm_is_already_is_a_usage_error(tmp_path: Path,
     here, and only asked for a hint)."""
     result = invoke("migrate", "--vm", "db", "--to", to, site=site_with_uris(tmp_path, NOWHERE))
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message)
+
+
+def test_a_failed_runs_lines_come_before_its_error_in_a_log_of_both_streams(tmp_path: Path) -> None:
+    """As cron's `>> log 2>&1` or `2>&1 | tee` keep them. Printed lines waited in Python's buffer until the exit,
+    after the error: such a log ended with "db: started", as if the run had gone on after its failure."""
+    site = site_with_uris(tmp_path, "test:///default", disk_dir=tmp_path / "kvm0")
+    (tmp_path / "kvm0").mkdir()
+    readonly = tmp_path / "kvm1"  # kvm1's disk_dir refuses writes: scratch, provisioned after db, fails there
+    site.write_text(site.read_text().replace('[hosts.kvm1]\nuri = "test:///default"\n',
+                                             f'[hosts.kvm1]\nuri = "test:///default"\ndisk_dir = "{readonly}"\n'))
+    cluster = tmp_path / "cluster.conf"
+    cluster.write_text((ROOT / "cluster.conf").read_text().replace("install=none backup=no", "host=kvm1 install=none"
+                                                                   " backup=no"))
+    env = environment(site, cluster)
+    env.pop("PYTHONUNBUFFERED", None)  # as an admin's shell has it
+    with mount_tmpfs(readonly, "1m", read_only=True):
+        result = subprocess.run([sys.executable, "-m", "invoke", "provision", "--vm", "db", "--vm", "scratch"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=120, check=False, stdin=subprocess.DEVNULL)
+    lines = result.stdout.splitlines()
+    created = f"db: created raw disk {tmp_path / 'kvm0' / 'db.img'} (200 GB, thin)"
+    assert result.returncode == 1, result.stdout
+    assert lines[:3] == [created, "db: defined on kvm0", "db: started"], result.stdout
+    assert lines[3].startswith("kvmconf: provisioning failed: localhost: `qemu-img create "), result.stdout
+    assert lines[-1] == f"undone: db: started; db: defined on kvm0; {created}", result.stdout
