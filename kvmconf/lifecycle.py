@@ -13,7 +13,7 @@ from generators.model import Cluster, Vm
 from generators.paths import seed_iso_path
 from kvmconf import defined, disks, domains
 from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
-from kvmconf.connection import Connections
+from kvmconf.connection import Connections, one_line
 from kvmconf.errors import KvmconfError
 from kvmconf.plan import find_vm
 
@@ -46,7 +46,11 @@ def start(cluster: Cluster, name: str, conns: Connections, dry_run: bool = False
     if dry_run:
         log(f"{name}: already running on {host}" if domains.is_active(dom) else f"{name} on {host}: would start")
         return
-    log(f"{name}: started on {host}" if domains.start(dom) else f"{name}: already running on {host}")
+    try:
+        started = domains.start(dom)
+    except domains.libvirt.libvirtError as err:  # its message names neither the VM nor the host
+        raise KvmconfError(f"{name} on {host}: libvirt failed: {one_line(err)}") from None
+    log(f"{name}: started on {host}" if started else f"{name}: already running on {host}")
 
 
 def stop(cluster: Cluster, name: str, conns: Connections, force: bool = False, dry_run: bool = False,

@@ -19,7 +19,7 @@ import libvirt
 from generators.model import Cluster, DiskKind
 from kvmconf import disks, domains
 from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
-from kvmconf.connection import Connections
+from kvmconf.connection import Connections, one_line
 from kvmconf.errors import KvmconfError, ProvisionBlocked, ProvisionFailed
 from kvmconf.plan import (
     Action,
@@ -92,7 +92,10 @@ def provision(cluster: Cluster, names: Sequence[str], conns: Connections, option
         with sigterm_as_interrupt():
             by_name = {p.vm.name: p for p in plan.vms}
             for vm in vms:  # cluster.conf order, which is deployment order
-                _carry_out(by_name[vm.name], conns, artifacts, options, journal)
+                try:
+                    _carry_out(by_name[vm.name], conns, artifacts, options, journal)
+                except libvirt.libvirtError as err:  # its message names neither the VM nor the host
+                    raise KvmconfError(f"{vm.name} on {vm.host}: libvirt failed: {one_line(err)}") from err
     except (KvmconfError, libvirt.libvirtError, KeyboardInterrupt, OSError) as err:
         undone, failed = journal.rollback()
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
