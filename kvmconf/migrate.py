@@ -397,7 +397,18 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         for src, dst in moves.files:
             copy_file(src_run, dst_run, src, dst, made.append, _progress_lines(log, f"{vm.name}: copying {src}"))
             log(f"{vm.name}: copied {src} to {to}:{dst}")
-        new = domains.define(conns.get(to), Artifacts(target).domain_xml(moved))
+        dst_conn = conns.get(to)
+        # Defined as cluster.conf says for the target host, under the VM's own UUID: what provision had not applied yet
+        # (no --apply) takes effect now, and is said, as provision would show it.
+        xml = domains.with_uuid(Artifacts(target).domain_xml(moved), dom.UUIDString())
+        changes = domains.definition_diff(_live_xml(domains.inactive_xml(dom), moves), xml,
+                                          domains.machine_aliases(dst_conn), vm.name)
+        if changes:
+            log(f"{vm.name}: defined on {to} as cluster.conf says, which changes its definition (not applied on"
+                f" {vm.host} yet: `invoke provision --apply` would have):")
+            for line in changes:
+                log(f"    {line}")
+        new = domains.define(dst_conn, xml)
         try:
             domains.set_autostart(new, moved.autostart)
             domains.start(new)

@@ -231,6 +231,35 @@ def test_cold_move_copies_the_disk_and_undefines_the_source_only_while_the_targe
     assert log[0] == "db: powered off on kvm0" and log[-1].startswith("db: undefined on kvm0; its files there")
 
 
+def test_a_cold_move_says_the_changes_of_cluster_conf_it_applies_and_keeps_the_uuid(two_hosts: Cluster) -> None:
+    """The target is defined as cluster.conf says: a RAM raised there without `provision --apply` took effect on the
+    move without a word, and a UUID of the VM's own was replaced by the generated one."""
+    own = "5a5a5a5a-1111-2222-3333-444444444444"
+    bigger = dataclasses.replace(two_hosts, vms=tuple(dataclasses.replace(vm, ram_mb=16384) if vm.name == "db" else vm
+                                                     for vm in two_hosts.vms))
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        dom = conns.get("kvm0").lookupByName("db")
+        xml = domains.inactive_xml(dom)
+        dom.destroy()
+        dom.undefine()
+        domains.start(conns.get("kvm0").defineXML(domains.with_uuid(xml, own)))  # as an admin defined it, running
+        log: list[str] = []
+        migrate(bigger, "db", "kvm1", conns, log=log.append, cold=True)
+        moved = conns.get("kvm1").lookupByName("db")
+        assert moved.UUIDString() == own and moved.maxMemory() == 16384 * 1024
+    said = log[log.index("db: defined on kvm1 as cluster.conf says, which changes its definition (not applied on kvm0"
+                         " yet: `invoke provision --apply` would have):"):]
+    assert [line for line in said if line.startswith(("    -  <memory", "    +  <memory"))] == [
+        '    -  <memory unit="KiB">8388608</memory>', '    +  <memory unit="KiB">16777216</memory>']
+    assert said[-2:] == ["db: running on kvm1",
+                         f"db: undefined on kvm0; its files there are kept: {_db_disk(two_hosts)}"]
+
+
+def _db_disk(cluster: Cluster) -> Path:
+    return Path(cluster.site.hosts["kvm0"].disk_dir) / "db.img"
+
+
 def test_a_target_that_does_not_start_leaves_the_source_defined_and_nothing_on_the_target(
         two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     with connections(two_hosts) as conns:
