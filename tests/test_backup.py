@@ -570,6 +570,35 @@ def test_a_shut_off_vms_progress_goes_to_stderr_as_a_running_ones_does(
     assert f"{name}: vda ({disk}):\n" in err and "(100.00/100%)" in err, err
 
 
+def test_a_disk_that_is_not_backed_up_is_said_not_left_out_silently(conn: libvirt.virConnect, tmp_path: Path,
+                                                                    name: str) -> None:
+    """A storage pool's volume (as virt-manager attaches disks) is no file or block disk: the point leaves it out.
+    The run said 'ok' and listed the other disks, so a restore was the first to find that disk missing."""
+    (tmp_path / "pool").mkdir()
+    pool = conn.storagePoolCreateXML(f"<pool type='dir'><name>{name}</name><target><path>{tmp_path / 'pool'}"
+                                     "</path></target></pool>", 0)
+    try:
+        pool.createXML("<volume><name>data.qcow2</name><capacity unit='M'>16</capacity>"
+                       "<target><format type='qcow2'/></target></volume>", 0)
+        xml = bare_vm.domain_xml(name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")],
+                                 bare_vm.halting_floppy(tmp_path / "halt.img"))
+        dom = conn.defineXML(xml.replace("</devices>", "<disk type='volume' device='disk'><driver name='qemu'"
+                                         f" type='qcow2'/><source pool='{name}' volume='data.qcow2'/>"
+                                         "<target dev='vdb' bus='virtio'/></disk></devices>"))
+        settings = Settings(backup_dir(tmp_path), full_every=5)
+        said = ("vdb is NOT in this point: a disk of type 'volume' (only disks of type 'file' or 'block', with a"
+                " source, are backed up): back it up another way, or attach it as its file or block device")
+        offline = ok(backup_vm(dom, settings, 5, quiet)).manifest  # shut off
+        dom.create()
+        running = ok(backup_vm(dom, settings, 5, quiet)).manifest
+        for point in (offline, running):
+            assert point is not None and [d.dev for d in point.disks] == ["vda"]
+            assert said in point.notes, point.notes
+        dom.destroy()
+    finally:
+        pool.destroy()
+
+
 def test_tasks_backup_restore_status_as_the_admin_runs_them(the_lab: lab.Lab, conn: libvirt.virConnect,
                                                             tmp_path: Path) -> None:
     """`invoke backup/restore/backup-status` on the lab: exit codes and messages, as cron and an admin see them."""
