@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from generators.domain_xml import cpu_list
 from generators.model import Cluster, NicKind
 from kvmconf.connection import Connections, failure_noted
+from kvmconf.plan import foreign_domains
 
 
 @dataclass
@@ -48,6 +49,9 @@ class HostCapacity:
     pci: dict[str, str] = field(default_factory=dict)  # PCI function -> VM
     defined: int | None = None  # of the VMs cluster.conf places here, those libvirt has (None: not asked, or failed)
     running: int | None = None
+    # Domains defined here that cluster.conf does not place here (made by hand, or moved by a migrate without --edit):
+    # how many, how many of them run and the RAM (MB) those have. Nothing above counts them.
+    others: tuple[int, int, int] = (0, 0, 0)
     error: str | None = None  # the host could not be reached, or a libvirt call failed there
 
 
@@ -74,9 +78,14 @@ def capacity(cluster: Cluster, conns: Connections | None = None, hosts: Sequence
                     report.pci[nic.source] = vm.name
         if conns is not None:
             with failure_noted(report):
-                ours = [dom for dom in conns.get(name).listAllDomains() if dom.name() in report.vms]
+                listed = conns.get(name).listAllDomains()
+                ours = [dom for dom in listed if dom.name() in report.vms]
                 report.defined = len(ours)
                 report.running = sum(1 for dom in ours if dom.isActive())
+                unknown, misplaced = foreign_domains(cluster, name, conns, [dom.name() for dom in listed])
+                others = [dom for dom in listed if dom.name() in unknown or dom.name() in misplaced]
+                running = [dom for dom in others if dom.isActive()]
+                report.others = (len(others), len(running), sum(dom.info()[1] for dom in running) // 1024)
         result.append(report)
     return result
 
@@ -89,6 +98,10 @@ def format_capacity(hosts: list[HostCapacity]) -> str:
             count += f"; {h.error}"  # it names the host and what failed: unreachable, or a libvirt call
         elif h.defined is not None:
             count += f", {h.defined} defined, {h.running} running"
+            defined, running, ram_mb = h.others
+            if defined:
+                count += (f"; and {defined} other domain{'s' * (defined != 1)} not placed here by cluster.conf, not"
+                          f" counted below: {running} running with {ram_mb} MB RAM (see `invoke status`)")
         out.append(f"{h.host} ({h.uri}): {count}")
         out.extend("  " + r.line() for r in h.resources)
         by_vm: dict[str, list[int]] = {}

@@ -7,6 +7,8 @@ from pathlib import Path
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf.capacity import capacity, format_capacity
+from kvmconf.connection import connections
+from tests.test_provision import on_test_driver
 
 FIXTURES = Path("tests/fixtures")
 
@@ -39,3 +41,14 @@ def test_devices_pinned_cpus_used_vfs_and_passed_through_functions() -> None:
 
 def test_only_the_hosts_asked_for(example: Cluster) -> None:
     assert [h.host for h in capacity(example, hosts=["kvm1"])] == ["kvm1"]
+
+
+def test_domains_cluster_conf_does_not_place_on_a_host_are_said_with_the_ram_they_run_with(
+        example: Cluster, tmp_path: Path) -> None:
+    """A host showed "0% used" while domains made by hand, or moved there by a migrate without --edit, ran on it."""
+    cluster = on_test_driver(example, tmp_path)  # test:///default holds a running domain "test" of 8 GiB
+    with connections(cluster) as conns:
+        [kvm1] = capacity(cluster, conns, ["kvm1"])
+    assert format_capacity([kvm1]).splitlines()[0] == (
+        "kvm1 (test:///default): 1 VM in cluster.conf, 0 defined, 0 running; and 1 other domain not placed here by"
+        " cluster.conf, not counted below: 1 running with 8192 MB RAM (see `invoke status`)")
