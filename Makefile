@@ -52,5 +52,12 @@ test: lint
 doc: $(VENV)/.base
 	@$(PY) -m generators --doc
 
+# Like the writer, only a folder kvmconf wrote (its stamp inside) or an empty one: BUILD=/srv meant for /srv/build
+# must not take /srv with it.
 clean:
-	rm -rf $(BUILD)
+	@if [ -e '$(BUILD)/.kvmconf-stamp' ] || [ -z "$$(ls -A '$(BUILD)' 2>/dev/null)" ]; then \
+	  echo "rm -rf $(BUILD)"; rm -rf '$(BUILD)'; \
+	else \
+	  echo "kvmconf: $(BUILD): not a build folder kvmconf wrote (it is not empty and has no .kvmconf-stamp), so make clean removes nothing" >&2; \
+	  exit 2; \
+	fi

@@ -105,6 +105,30 @@ def test_make_takes_an_empty_variable_as_unset(args: list[str], env: dict[str, s
     assert result.stdout.splitlines()[-1].endswith(f"-m generators {expected}")
 
 
+def _make_clean(build: Path) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMCONF_") and k != "MAKEFLAGS"}
+    return subprocess.run(["make", "-s", "clean", f"BUILD={build}"], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_make_clean_removes_a_build_and_nothing_else(inputs: Path) -> None:
+    """`make clean` is rm -rf of BUILD: like the writer, it removes only a folder kvmconf wrote (or an empty one).
+    A BUILD or KVMCONF_BUILD naming another folder (KVMCONF_BUILD=/srv for /srv/build) lost all its files."""
+    assert run("--build", "out", cwd=inputs).returncode == 0
+    result = _make_clean(inputs / "out")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not (inputs / "out").exists()
+    assert _make_clean(inputs / "out").returncode == 0  # nothing to remove: fine
+    (inputs / "empty").mkdir()
+    assert _make_clean(inputs / "empty").returncode == 0 and not (inputs / "empty").exists()
+    result = _make_clean(inputs)  # cluster.conf and site.toml, no stamp: not a build
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0] == (f"kvmconf: {inputs}: not a build folder kvmconf wrote (it is not empty and"
+                                             " has no .kvmconf-stamp), so make clean removes nothing")
+    assert [(inputs / name).read_text() == (ROOT / name).read_text() for name in ("cluster.conf", "site.toml")] == [
+        True, True]
+
+
 def test_flags_win_over_environment(inputs: Path) -> None:
     result = run("--cluster", "cluster.conf", cwd=inputs, env={"KVMCONF_CLUSTER": "missing.conf"})
     assert result.returncode == 0, result.stderr
