@@ -15,7 +15,7 @@ from kvmconf import defined, disks, domains
 from kvmconf.cli import say  # each line flushed as it is said: a log of both streams keeps their order
 from kvmconf.connection import Connections, one_line
 from kvmconf.errors import KvmconfError
-from kvmconf.plan import find_vm
+from kvmconf.plan import Artifacts, disk_in_use, find_vm
 
 Log = Callable[[str], None]
 Confirm = Callable[[str], bool]
@@ -91,7 +91,9 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     running = False
     lost: list[str] = []
     steps: list[str] = []
+    own = None  # the domain's own disk, when cluster.conf now puts its disk elsewhere (another disk= or disk_dir)
     if dom is not None:
+        own = disk_in_use(domains.inactive_xml(dom), Artifacts(cluster).domain_xml(vm), disk.path)
         running = domains.is_active(dom)
         # What undefining deletes besides the definition (which `invoke provision` makes again): `lost` is worth
         # a question; dropping the backup checkpoints only makes the next backup a full one.
@@ -104,6 +106,7 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
         steps += ["power off (it is running: what the guest has not written to disk is lost)"] if running else []
         steps += ["undefine" + (f" (deleting {' and '.join(dropped)})" if dropped else "")]
     steps += [f"remove {path} for good" for path in doomed]
+    steps += [f"keep {own}, the disk it has, which is not where cluster.conf puts its disk"] if own and purge else []
     if not steps:
         log(f"{name}: not defined on {vm.host}" + ("" if purge else f"; its disk {disk.path} is kept if it exists"))
         return
@@ -119,8 +122,11 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
             log(f"{name}: powered off")
         domains.undefine(dom, keep_nvram=not purge)
         log(f"{name}: undefined on {vm.host}")
+    # Its own disk is named, not cluster.conf's path: that is where its data is, and --purge does not remove it.
+    kept_own = (f"{name}: its disk {own} kept: cluster.conf puts its disk at {disk.path}, which --purge removes, not"
+                f" {own}; remove {own} by hand when it is no longer wanted")
     if not purge:
-        log(f"{name}: disk {disk.path} kept (remove it with --purge)")
+        log(kept_own if own else f"{name}: disk {disk.path} kept (remove it with --purge)")
         return
     if disk.path in doomed:
         disks.remove(runner, disk)
@@ -128,3 +134,5 @@ def destroy(cluster: Cluster, name: str, conns: Connections, purge: bool = False
     if seed and seed in doomed:
         runner.remove(seed)
         log(f"{name}: removed seed ISO {seed}")
+    if own:
+        log(kept_own)

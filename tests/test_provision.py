@@ -636,6 +636,33 @@ def test_destroy_keeps_the_disk_and_purge_removes_it_only_when_confirmed(cluster
     assert not disk.exists()
 
 
+def test_destroy_names_the_disk_a_vm_has_when_cluster_conf_now_puts_its_disk_elsewhere(
+        cluster: Cluster, conns: Connections) -> None:
+    """What plan tells to do after a disk= change (`destroy` first: it keeps the old disk) said "disk db.qcow2 kept
+    (remove it with --purge)": a path with nothing there, while the data stayed in db.img, which --purge never
+    removes."""
+    provision(cluster, ["db"], conns, log=quiet)  # disk=raw: db.img
+    kvm0 = Path(cluster.site.hosts["kvm0"].disk_dir)
+    db = cluster.vm("db")
+    as_qcow2 = dataclasses.replace(cluster, vms=tuple(
+        dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, kind=DiskKind.QCOW2)) if vm is db else vm
+        for vm in cluster.vms))
+    kept = (f"db: its disk {kvm0 / 'db.img'} kept: cluster.conf puts its disk at {kvm0 / 'db.qcow2'}, which --purge"
+            f" removes, not {kvm0 / 'db.img'}; remove {kvm0 / 'db.img'} by hand when it is no longer wanted")
+    lines: list[str] = []
+    lifecycle.destroy(as_qcow2, "db", conns, log=lines.append)
+    assert lines == ["db: powered off", "db: undefined on kvm0", kept]
+    provision(cluster, ["db"], conns, Options(reuse_disk=True, start=False), log=quiet)
+    lines.clear()
+    lifecycle.destroy(as_qcow2, "db", conns, purge=True, dry_run=True, log=lines.append)
+    assert lines == [f"db on kvm0: would undefine, keep {kvm0 / 'db.img'}, the disk it has, which is not where"
+                     " cluster.conf puts its disk"]
+    lines.clear()
+    lifecycle.destroy(as_qcow2, "db", conns, purge=True, log=lines.append)
+    assert lines == ["db: undefined on kvm0", kept]
+    assert files_under(kvm0) == {"db.img"}
+
+
 def test_destroy_asks_before_it_loses_data_and_lists_every_step(cluster: Cluster, conns: Connections) -> None:
     # No domain object and no ExceptionInfo kept in a local: either would keep the test driver's state,
     # shared in this process, alive into the next tests.
