@@ -172,10 +172,21 @@ class VmStore:
         self.dir = root / vm
 
     def points(self) -> list[Manifest]:
-        """Complete restore points, oldest first (a directory without a manifest is not one)."""
+        """Complete restore points, oldest first (a directory without a manifest is not one).
+
+        backup-status (Nagios) and backup-verify read them without the VM's lock: a point a backup's retention
+        renames away between the listing and the read of its manifest is no point any more, not an error.
+        """
         if not self.dir.is_dir():
             return []
-        return [load_manifest(child / MANIFEST) for child in sorted(self.dir.iterdir()) if self.is_point(child.name)]
+        found = []
+        for child in sorted(self.dir.iterdir()):
+            if self.is_point(child.name):
+                try:
+                    found.append(load_manifest(child / MANIFEST))
+                except FileNotFoundError:
+                    continue
+        return found
 
     def point_dir(self, time: str) -> Path:
         return self.dir / time
