@@ -141,6 +141,7 @@ def _blank_tail(fields: list[str]) -> int:
 
 
 def _parse_options(path: str, number: int, start: int, text: str, row: Row, problems: list[Problem]) -> None:
+    repeated: dict[str, list[Any]] = {}  # a repeatable option's values, made a tuple once the line is read
     for match in _WORDS.finditer(text):
         word, col = match[0], start + match.start()
         where = Location(path, number, col)
@@ -154,7 +155,7 @@ def _parse_options(path: str, number: int, start: int, text: str, row: Row, prob
             row.option_cols.setdefault(key, col)
             row.repeat_cols.setdefault(key, []).append(col)
             try:
-                row.options[key] = (*row.options.get(key, ()), option.parse(value))
+                repeated.setdefault(key, []).append(option.parse(value))
             except FieldError as err:
                 expected = "" if "(expected" in str(err) else f" (expected {option.values})"
                 problems.append(Problem(where, f"column 'options': option {key!r}: {shown(value)} {err}{expected}"))
@@ -170,3 +171,4 @@ def _parse_options(path: str, number: int, start: int, text: str, row: Row, prob
                 expected = "" if "(expected" in str(err) else f" (expected {option.values})"
                 problems.append(Problem(where, f"column 'options': option {key!r}: {shown(value)} {err}{expected}"))
                 row.ok = False
+    row.options.update((key, tuple(values)) for key, values in repeated.items())
