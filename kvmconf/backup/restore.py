@@ -100,7 +100,7 @@ def _rebuild(store: VmStore, manifest: Manifest, targets: list[Path], modes: lis
         try:
             _create_private(partial, mode)
             run_tool(["qemu-img", "convert", *(["-p"] if progress else []), "-f", "qcow2", "-O", disk.format,
-                      str(top), str(partial)], show=progress, error=RestoreFailed)
+                      str(top), str(partial)], show=progress, error=RestoreFailed, on_stderr=True)
             _compare(store, disk, top, partial)
             # qemu-img convert writes its output without flushing (cache mode 'unsafe'): on disk before it is a disk.
             fsync_path(partial)
