@@ -31,13 +31,14 @@ class Row:
     option_cols: dict[str, int] = field(default_factory=dict)  # option key -> column of "key="
     repeat_cols: dict[str, list[int]] = field(default_factory=dict)  # repeatable option -> column of each
     ok: bool = True  # False when a field failed; such rows are left out of checks that need a whole VM
-    # A line that could not be split into fields: its first word, when that is a VM name. Only after= uses it, so
-    # that one line with spaces for tabs does not make every VM deployed after it name a VM "not defined above".
+    # A line that could not be split into fields (or read as UTF-8): its first word, when that is a VM name. Only
+    # after= uses it, so that one such line does not make every VM deployed after it name a VM "not defined above".
     unsplit_name: str | None = None
 
 
 def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
-    """The file's lines as (number, text) without line endings; undecodable lines become problems."""
+    """The file's lines as (number, text) without line endings; undecodable lines become problems, and are given
+    with their number negated, decoded with U+FFFD for what is not UTF-8 (read_rows reads their VM's name only)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -65,6 +66,7 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
             problems.append(Problem(Location(where, number, col),
                                     f"byte {raw[err.start]:#04x} is not UTF-8 text (expected a tab-separated"
                                     " UTF-8 text file)"))
+            lines.append((-number, raw.decode("utf-8", "replace")))
             continue
         if number == 1:
             text = text.removeprefix(BOM)  # editors on Windows may start the file with one
@@ -83,6 +85,9 @@ def read_rows(path: Path) -> tuple[list[Row], list[Problem]]:
     for number, text in lines:
         stripped = text.strip()
         if not stripped or stripped.startswith("#"):
+            continue
+        if number < 0:  # not UTF-8, said by read_text: only its VM's name is read, for after= (see Row)
+            rows.append(Row(-number, ok=False, unsplit_name=_first_word_if_name(stripped)))
             continue
         rows.append(_parse_line(str(path), number, text, problems))
     if not rows and not problems:
@@ -110,8 +115,7 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
         problems.append(Problem(Location(path, number, col),
                                 f"found {count} (expected {REQUIRED_COLUMNS} or {len(COLUMNS)}: {_FIELD_NAMES}){hint}"))
         row.ok = False
-        first_word = text.split(None, 1)[0]
-        row.unsplit_name = first_word if LABEL.fullmatch(first_word) else None
+        row.unsplit_name = _first_word_if_name(text)
         return row
     col = 1
     for column, value in zip(COLUMNS, fields, strict=False):
@@ -128,6 +132,12 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
                 row.ok = False
         col += len(value) + 1
     return row
+
+
+def _first_word_if_name(text: str) -> str | None:
+    """The first word of a line that could not be read into fields, when it is a VM name (Row.unsplit_name)."""
+    first_word = text.split(None, 1)[0]
+    return first_word if LABEL.fullmatch(first_word) else None
 
 
 def _blank_tail(fields: list[str]) -> int:

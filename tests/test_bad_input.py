@@ -220,6 +220,11 @@ CASES = [
     Case("too-many-fields", (conf(NEW, 1, f"found 9 tab-separated fields ({FIELDS}); options are separated by"
                                           " spaces, not tabs"),), add(vm(options="host=kvm1\tafter=db"))),
     # An invisible tab at the end of a line: said so, at its column (the provision line's tab is at column 104).
+    # Likewise a line that is not UTF-8 (a Latin-1 'é' in its options): the VMs after ldap are not told it is missing.
+    Case("undecodable-line-still-defines-its-name-for-after",
+         (conf(6, 78, "byte 0xe9 is not UTF-8 text (expected a tab-separated UTF-8 text file)"),),
+         lambda text: text.encode().replace(b"\t1\tlinux-servers,infrastructure\thost=kvm0 after=provision\nd",
+                                            b"\t1\tlinux-servers,infrastructure\th\xe9st=kvm0 after=provision\nd")),
     Case("trailing-tab", (conf(4, 104, f"found 9 tab-separated fields ({FIELDS}); the line ends with a tab after the"
                                        " options: remove it"),),
          lambda text: text.replace("install=cloud\n", "install=cloud\t\n", 1)),
