@@ -45,6 +45,12 @@ class Connections:
     def get(self, host: str) -> libvirt.virConnect:
         """The connection to ``host``; raises :class:`HostUnreachable` naming the host and its URI."""
         uri = self.uri(host)
+        if uri in self._open and not _alive(self._open[uri]):
+            # libvirtd restarted (an upgrade of libvirt does it) or dropped us: every later call on this connection
+            # fails, and a night's `backup --all` would lose all the VMs after it. Open a new one.
+            with suppress(libvirt.libvirtError):
+                self._open[uri].close()
+            del self._open[uri]
         if uri not in self._open:
             try:
                 self._open[uri] = self.opener(uri)
@@ -70,6 +76,16 @@ class Connections:
             with suppress(libvirt.libvirtError):  # a connection that broke mid-run has nothing left to close
                 conn.close()
         self._open.clear()
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    """Whether the daemon still answers: a round trip, as isAlive() notices a dropped connection only once a call
+    on it has failed, and that call would be the next VM's."""
+    try:
+        conn.getLibVersion()
+    except libvirt.libvirtError:
+        return False
+    return True
 
 
 def one_line(err: libvirt.libvirtError) -> str:

@@ -222,15 +222,39 @@ def test_status_plan_and_capacity_show_every_host_when_one_hosts_libvirtd_goes_a
         assert not processes.alive(kvm1)
         gone = re.compile(r"host 'kvm1': libvirt failed: [^\n]*(End of file while reading data|Cannot recv data|"
                           r"Cannot write data|client socket is closed)[^\n]*")
+        # Asked again, plan and capacity try a new connection to kvm1, and say that nothing answers there.
+        unreachable = (f"host 'kvm1': cannot connect to libvirt at {own.uri_of('kvm1')} (Failed to connect socket to"
+                       f" '{own.host_dir('kvm1')}/sock/libvirt-sock': No such file or directory); check [hosts.kvm1]"
+                       f" uri in {workdir / 'site.toml'} and that libvirtd runs there")
         for report in (hosts, planned, counted):
             assert [h.host for h in report] == ["kvm0", "kvm1"] and report[0].error is None
-            assert gone.fullmatch(report[1].error or ""), report[1].error
+        assert gone.fullmatch(hosts[1].error or ""), hosts[1].error
+        assert planned[1].error == counted[1].error == unreachable
         assert [(vm.name, vm.state) for vm in hosts[0].vms] == [("web", "not defined"), ("db", "not defined")]
         assert format_status(hosts).splitlines()[-2:] == ["kvm1 (" + own.uri_of("kvm1") + "):", f"  ! {hosts[1].error}"]
         assert [(p.vm.name, p.action) for p in planned[0].vms] == [("web", Action.CREATE), ("db", Action.CREATE)]
         assert planned[1].vms == [] and (counted[0].defined, counted[1].defined) == (0, None)
     finally:
         lab.teardown(own, quiet)
+
+
+def test_a_connection_libvirtd_dropped_is_opened_again_for_the_next_use(cluster: Cluster, clean: lab.Lab) -> None:
+    """As when libvirtd restarts (an upgrade of libvirt does it) during `backup --all`: the dropped connection failed
+    every call after it, so every VM after it failed, each with a libvirt error. The daemon drops the client itself
+    here (virt-admin client-disconnect), the nearest this machine has to a restart under a running task."""
+    require_tool("virt-admin")
+    admin = f"libvirtd:///system?socket={clean.host_dir('kvm0')}/sock/libvirt-admin-sock"
+    with connections(cluster) as conns:
+        first = conns.get("kvm0")
+        assert first.listAllDomains() == []
+        listed = subprocess.run(["virt-admin", "-c", admin, "client-list", "libvirtd"], capture_output=True, text=True,
+                                check=True).stdout
+        clients = [line.split()[0] for line in listed.splitlines()[2:] if line.strip()]
+        assert len(clients) == 1, listed  # this test's connection: the lab's tasks keep none open
+        subprocess.run(["virt-admin", "-c", admin, "client-disconnect", "libvirtd", clients[0]], check=True,
+                       capture_output=True)
+        again = conns.get("kvm0")
+        assert again is not first and again.listAllDomains() == []
 
 
 def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_purged(
