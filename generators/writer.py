@@ -233,7 +233,11 @@ def _swap(staging: str, build: Path) -> None:
     # Filesystems without RENAME_EXCHANGE: two renames, with a moment where build/ is missing.
     old = staging + ".old"
     os.rename(target, old)
-    os.rename(staging, target)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)  # the old build back in place before the error is said
+        raise
     os.rename(old, staging)
 
 

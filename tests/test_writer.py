@@ -243,3 +243,27 @@ def test_a_stamp_that_cannot_be_written_leaves_the_old_build_in_place(tmp_path: 
     assert (build / "a").read_text() == "old\n" and is_up_to_date(build, "d1") == 1
     write_tree(build, _tree(a="new\n"), "d2")  # the next run, with room again, is not refused
     assert (build / "a").read_text() == "new\n" and is_up_to_date(build, "d2") == 1
+
+
+def test_without_rename_exchange_a_failed_swap_puts_the_old_build_back(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the filesystem has no RENAME_EXCHANGE the swap is two renames; the second failing left no build/ at
+    all (the old one under a hidden .old name, never cleaned up) behind a traceback."""
+    build = tmp_path / "build"
+    write_tree(build, _tree(a="old\n"), "d1")
+    before = _snapshot(build)
+    rename = os.rename
+
+    def failing_rename(source: str, target: str) -> None:
+        if os.path.basename(source).startswith(".kvmconf-staging-") and not source.endswith(".old") and (
+                target == str(build)):  # the new tree into place, not the old one back
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        rename(source, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(writer.ctypes, "CDLL", lambda *args, **kwargs: object())  # a libc without renameat2
+        patched.setattr(writer.os, "rename", failing_rename)
+        with pytest.raises(UsageError, match="cannot write the new build: Input/output error; nothing was changed"):
+            write_tree(build, _tree(a="new\n"), "d2")
+    assert _snapshot(build) == before and is_up_to_date(build, "d1") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build.lock", "build"]
