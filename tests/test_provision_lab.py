@@ -1,5 +1,6 @@
 """Provisioning against the lab's real libvirtd daemons (one per host): what provision refuses to create a second
-time, and seed ISOs that changed reaching VMs that exist.
+time, seed ISOs that changed reaching VMs that exist, and a VM whose line changed since it was provisioned moving
+live.
 
 The lab, its fixtures' cluster and the way tasks are run are test_lab's; this module starts a lab of its own.
 """
@@ -19,9 +20,10 @@ from generators.model import Cluster
 from generators.paths import seed_iso_path
 from generators.validate import load_cluster
 from kvmconf import lab
+from kvmconf.disks import GIB
 from tests import test_lab
 from tests.labs import running_lab
-from tests.test_lab import domains_on, invoke
+from tests.test_lab import domains_on, invoke, lab_domain
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -178,3 +180,19 @@ def test_a_vm_libvirt_cannot_start_is_named_with_its_host_by_provision_and_start
     refused = invoke(workdir, clean, "start", "--vm", "db")
     assert (refused.returncode, refused.stderr) == (
         1, "kvmconf: db on kvm0: libvirt failed: Cannot get interface MTU on 'br60': No such device\n")
+
+
+def test_a_live_migration_keeps_the_disk_size_the_vm_has_when_cluster_conf_says_another(
+        workdir: Path, clean: lab.Lab) -> None:
+    """A size raised in cluster.conf is never applied to a disk (provision says so): the target's disk was made at
+    cluster.conf's size all the same, and libvirt refused to mirror into it ("Source and target image have
+    different sizes"), so a running VM whose size had been raised could not move live."""
+    assert invoke(workdir, clean, "provision", "--vm", "web").returncode == 0  # 1 GB, running
+    edit_vm_line(workdir, "web", 4, "1", "3")
+    moved = invoke(workdir, clean, "migrate", "--vm", "web", "--to", "kvm1")
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.splitlines()[:2] == ["web: migrating live to kvm1 (memory and disk) ...",
+                                             "web: running on kvm1"]
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["web"])
+    with lab_domain(clean, "kvm1", "web") as dom:
+        assert dom.isActive() and dom.blockInfo("vda")[0] == GIB  # as it was: still not resized
