@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from generators.columns import COLUMNS, LABEL, OPTIONS, OPTIONS_BY_KEY, REQUIRED_COLUMNS, FieldError
 from generators.errors import Location, Problem, UsageError, shown
@@ -36,9 +36,14 @@ class Row:
     unsplit_name: str | None = None
 
 
-def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
-    """The file's lines as (number, text) without line endings; undecodable lines become problems, and are given
-    with their number negated, decoded with U+FFFD for what is not UTF-8 (read_rows reads their VM's name only)."""
+class Line(NamedTuple):
+    number: int
+    text: str  # without its line ending; U+FFFD where it is not UTF-8
+    utf8: bool  # False: said as a problem already, and only its VM's name is read (see Row.unsplit_name)
+
+
+def read_text(path: Path) -> tuple[list[Line], list[Problem]]:
+    """The file's lines; undecodable ones become problems, and are still given (decoded with U+FFFD)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -56,7 +61,7 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
         col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
         return [], [Problem(Location(where, line, col), "contains a NUL byte: this is not a text file"
                             " (expected tab-separated UTF-8 text)")]
-    lines: list[tuple[int, str]] = []
+    lines: list[Line] = []
     problems: list[Problem] = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
@@ -66,7 +71,7 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
             problems.append(Problem(Location(where, number, col),
                                     f"byte {raw[err.start]:#04x} is not UTF-8 text (expected a tab-separated"
                                     " UTF-8 text file)"))
-            lines.append((-number, raw.decode("utf-8", "replace")))
+            lines.append(Line(number, raw.decode("utf-8", "replace"), utf8=False))
             continue
         if number == 1:
             text = text.removeprefix(BOM)  # editors on Windows may start the file with one
@@ -75,19 +80,19 @@ def read_text(path: Path) -> tuple[list[tuple[int, str]], list[Problem]]:
             problems.append(Problem(Location(where, number, text.index("\r") + 1),
                                     "holds a carriage return (CR) inside the line (expected lines ending in LF or"
                                     " CR LF: save the file as Unix or Windows text)"))
-        lines.append((number, text))
+        lines.append(Line(number, text, utf8=True))
     return lines, problems
 
 
 def read_rows(path: Path) -> tuple[list[Row], list[Problem]]:
     lines, problems = read_text(path)
     rows: list[Row] = []
-    for number, text in lines:
+    for number, text, utf8 in lines:
         stripped = text.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        if number < 0:  # not UTF-8, said by read_text: only its VM's name is read, for after= (see Row)
-            rows.append(Row(-number, ok=False, unsplit_name=_first_word_if_name(stripped)))
+        if not utf8:  # said by read_text: only its VM's name is read, for after= (see Row)
+            rows.append(Row(number, ok=False, unsplit_name=_first_word_if_name(stripped)))
             continue
         rows.append(_parse_line(str(path), number, text, problems))
     if not rows and not problems:
