@@ -38,7 +38,7 @@ from kvmconf.provision import Options, provision
 from kvmconf.runner import Result
 from kvmconf.status import format_status, status
 from tests.labs import FIXTURES, quiet, require_lab, running_lab
-from tests.tools import ROOT, require_tool
+from tests.tools import ROOT, mount_tmpfs, require_tool
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -197,7 +197,7 @@ def test_a_start_libvirt_refuses_is_one_line_naming_what_failed_not_a_traceback(
         dom.connect().defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace("'br0'", "'kvmconf-nobr'"))
     refused = invoke(workdir, clean, "start", "--vm", "web")
     assert (refused.returncode, refused.stderr) == (
-        1, "kvmconf: libvirt failed: Cannot get interface MTU on 'kvmconf-nobr': No such device\n")
+        1, "kvmconf: web on kvm0: libvirt failed: Cannot get interface MTU on 'kvmconf-nobr': No such device\n")
 
 
 def test_status_plan_and_capacity_show_every_host_when_one_hosts_libvirtd_goes_away_mid_run(
@@ -244,14 +244,18 @@ def test_a_connection_libvirtd_dropped_is_opened_again_for_the_next_use(cluster:
     here (virt-admin client-disconnect), the nearest this machine has to a restart under a running task."""
     require_tool("virt-admin")
     admin = f"libvirtd:///system?socket={clean.host_dir('kvm0')}/sock/libvirt-admin-sock"
+
+    def clients() -> set[str]:
+        listed = subprocess.run(["virt-admin", "-c", admin, "client-list", "libvirtd"], capture_output=True, text=True,
+                                check=True).stdout
+        return {line.split()[0] for line in listed.splitlines()[2:] if line.strip()}
+
+    before = clients()  # connections of the module's other tests may still be open
     with connections(cluster) as conns:
         first = conns.get("kvm0")
         assert first.listAllDomains() == []
-        listed = subprocess.run(["virt-admin", "-c", admin, "client-list", "libvirtd"], capture_output=True, text=True,
-                                check=True).stdout
-        clients = [line.split()[0] for line in listed.splitlines()[2:] if line.strip()]
-        assert len(clients) == 1, listed  # this test's connection: the lab's tasks keep none open
-        subprocess.run(["virt-admin", "-c", admin, "client-disconnect", "libvirtd", clients[0]], check=True,
+        [ours] = clients() - before
+        subprocess.run(["virt-admin", "-c", admin, "client-disconnect", "libvirtd", ours], check=True,
                        capture_output=True)
         again = conns.get("kvm0")
         assert again is not first and again.listAllDomains() == []
@@ -288,9 +292,11 @@ def test_destroy_keeps_the_disk_and_provisioning_over_it_changes_nothing_until_p
 
 def test_a_failing_disk_create_midway_leaves_nothing_the_run_created(
         cluster: Cluster, workdir: Path, clean: lab.Lab) -> None:
-    shutil.rmtree(clean.images / "kvm1")  # cloud (on kvm1) comes after web (on kvm0): its qemu-img fails
-    failed = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "cloud")
-    assert failed.returncode == 1
+    # cloud (on kvm1) comes after web (on kvm0): its qemu-img fails, on a disk_dir that is there (a missing one is
+    # found by the plan, before anything is created) but read-only.
+    with mount_tmpfs(clean.images / "kvm1", "1m", read_only=True):
+        failed = invoke(workdir, clean, "provision", "--vm", "web", "--vm", "cloud")
+    assert failed.returncode == 1, failed.stderr
     assert failed.stderr.startswith("kvmconf: provisioning failed: localhost: `qemu-img create -q -f qcow2")
     assert "\nundone: web: started; web: defined on kvm0; web: created qcow2 disk" in failed.stderr
     assert domains_on(clean) == []
