@@ -131,12 +131,22 @@ def _parse_line(path: str, number: int, text: str, problems: list[Problem]) -> R
             try:
                 row.values[column.name] = column.parse(value)
             except FieldError as err:
-                hint = " (fields are separated by tabs; is one missing?)" if " " in value.strip() else ""
+                hint = _space_hint(value.strip())
                 problems.append(Problem(Location(path, number, col),
                                         f"column '{column.name}': {shown(value)} {err}{hint}"))
                 row.ok = False
         col += len(value) + 1
     return row
+
+
+def _space_hint(value: str) -> str:
+    """Why a field with a space inside may be wrong: spaces only beside commas are a list written as prose (the
+    hostgroups column), others most likely two fields with a space where a tab belongs."""
+    if " " not in value:
+        return ""
+    if not re.sub(r" *, *", ",", value).count(" "):
+        return " (a comma list has no spaces around its commas)"
+    return " (fields are separated by tabs; is one missing?)"
 
 
 def _first_word_if_name(text: str) -> str | None:

@@ -164,6 +164,12 @@ CASES = [
                         " starting with a letter or digit, or '-' for none) (fields are separated by tabs; is one"
                         " missing?)"),),
          add(vm(groups="linux-servers host=kvm1", options=None))),
+    # Written as prose: the tab hint of the case above misled there (the helper-81 review).
+    Case("hostgroups-space-after-comma",
+         (conf(NEW, 47, "column 'hostgroups': 'linux-servers, web-servers' has an invalid hostgroup ' web-servers'"
+                        " (expected a comma list of names made of letters, digits, '_', '.' and '-', starting with a"
+                        " letter or digit, or '-' for none) (a comma list has no spaces around its commas)"),),
+         add(vm(groups="linux-servers, web-servers"))),
     Case("hostgroups-twice", (conf(NEW, 47, "column 'hostgroups': 'web-servers,web-servers' names hostgroup"
                                             " 'web-servers' twice (expected each hostgroup once)"),),
          add(vm(groups="web-servers,web-servers"))),
