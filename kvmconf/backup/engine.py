@@ -26,7 +26,6 @@ import stat
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from kvmconf.backup.libvirt_xml import (
     dirty_context,
     domain_disks,
     has_guest_agent,
+    left_out,
     qemu_owner,
 )
 from kvmconf.backup.nbd import NbdClient, NbdError
@@ -614,19 +614,6 @@ def _check_space(where: Path, needed: int) -> None:
                            f" {free >> 20} MiB are free: free space or move [backup] dir")
 
 
-def left_out(xml: str, skipped: list[str]) -> list[str]:
-    """A note per disk (device='disk') the point leaves out, its source being no file or block device (a storage
-    pool's volume, a network disk): the run's line says it, else a restore would be found to lack that disk."""
-    notes = []
-    for disk in ET.fromstring(xml).iterfind("./devices/disk"):
-        dev = disk.find("target")
-        if disk.get("device", "disk") == "disk" and dev is not None and dev.get("dev") in skipped:
-            notes.append(f"{dev.get('dev')} is NOT in this point: a disk of type '{disk.get('type')}' (only disks"
-                         " of type 'file' or 'block', with a source, are backed up): back it up another way, or"
-                         " attach it as its file or block device")
-    return notes
-
-
 def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, log: Log) -> Manifest:
     xml = dom.XMLDesc(0)
     disks, skipped = domain_disks(xml)
@@ -639,7 +626,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     notes: list[str] = []
     if parent is None:
         notes.append(f"full: {why_full}")
-    notes += left_out(xml, skipped)
+    notes += left_out(xml)
     _retire_checkpoints(dom, checkpoints, parent, disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
@@ -686,7 +673,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
 
 def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) -> Manifest:
     xml = dom.XMLDesc(0)
-    disks, skipped = domain_disks(xml)
+    disks, _ = domain_disks(xml)
     if not disks:
         raise BackupFailed("the VM has no disk to back up")
     stamp = _new_time(store)
@@ -707,7 +694,7 @@ def _offline_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings) 
         sizes[disk.dev] = dom.blockInfo(disk.dev)[0]
     return _finish(store, stamp, partial, disks, checksums, sizes, None, None, "offline", False,
                    ["shut off: copied from its images (the next running backup starts a new chain)",
-                    *left_out(xml, skipped)], started)
+                    *left_out(xml)], started)
 
 
 def _converted_size(disk: VmDisk) -> int:

@@ -27,22 +27,38 @@ class VmDisk:
 
 def domain_disks(xml: str) -> tuple[list[VmDisk], list[str]]:
     """The backed-up disks (device='disk' with a file or block source) and the devs to leave out (cdroms, ...)."""
-    root = ET.fromstring(xml)
     disks: list[VmDisk] = []
     skipped: list[str] = []
-    for disk in root.iterfind("./devices/disk"):
-        target = disk.find("target")
-        if target is None:
-            continue
-        dev = target.get("dev", "")
-        source = disk.find("source")
-        path = None if source is None else source.get("file") or source.get("dev")
-        driver = disk.find("driver")
-        if disk.get("device", "disk") != "disk" or path is None or disk.get("type") not in ("file", "block"):
+    for disk, dev in _targets(xml):
+        path = _backed_up_from(disk)
+        if path is None:
             skipped.append(dev)
             continue
+        driver = disk.find("driver")
         disks.append(VmDisk(dev, path, "raw" if driver is None else driver.get("type", "raw")))
     return disks, skipped
+
+
+def left_out(xml: str) -> list[str]:
+    """A note per disk (device='disk', not a cdrom) that a point leaves out, its source being no file or block device
+    (a storage pool's volume, a network disk): the run's line says it, else a restore would be found to lack it."""
+    return [f"{dev} is NOT in this point: a disk of type '{disk.get('type')}' (only disks of type 'file' or 'block',"
+            " with a source, are backed up): back it up another way, or attach it as its file or block device"
+            for disk, dev in _targets(xml) if disk.get("device", "disk") == "disk" and _backed_up_from(disk) is None]
+
+
+def _targets(xml: str) -> list[tuple[ET.Element, str]]:
+    """The domain's disk elements that have a target, with its dev."""
+    return [(disk, target.get("dev", "")) for disk in ET.fromstring(xml).iterfind("./devices/disk")
+            if (target := disk.find("target")) is not None]
+
+
+def _backed_up_from(disk: ET.Element) -> str | None:
+    """The file or block device a disk element is backed up from; None for one left out."""
+    if disk.get("device", "disk") != "disk" or disk.get("type") not in ("file", "block"):
+        return None
+    source = disk.find("source")
+    return None if source is None else source.get("file") or source.get("dev")
 
 
 def backup_socket(xml: str) -> str | None:
