@@ -525,18 +525,22 @@ def test_full_target_gives_clear_error_and_no_corrupt_backup(small_fs: Path, con
     small = small_fs
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 64), "qcow2")])
     guest_write(dom, 0, 0x5A, "0", "40M")
-    settings = Settings(backup_dir(small), full_every=5)
-    outcome = backup_vm(dom, settings, 5, quiet)
-    assert not outcome.ok
-    # The files are sized before a byte is written: refused up front, with what it needs and has.
-    assert f"the backup target {store_dir(settings, name)} is too small for this backup: it needs 40 MiB," \
-        in outcome.error, outcome.error
-    assert "MiB are free: free space or move [backup] dir" in outcome.error
-    store = VmStore(settings.dir, name)
-    assert store.points() == [] and store.partials() == []
-    assert not (store.dir / journal.JOURNAL).exists()
+    refused_for_space(dom, Settings(backup_dir(small), full_every=5))
     assert dom.listAllCheckpoints() == []  # the failed run's checkpoint is gone
     assert dom.isActive()
+
+
+def refused_for_space(dom: libvirt.virDomain, settings: Settings) -> None:
+    """The backup of `dom`'s 40 MiB of data is refused up front, as the files are sized before a byte is written,
+    saying what it needs and has; nothing of it is left in the store."""
+    outcome = backup_vm(dom, settings, 5, quiet)
+    assert not outcome.ok
+    assert f"the backup target {store_dir(settings, dom.name())} is too small for this backup: it needs 40 MiB," \
+        in outcome.error, outcome.error
+    assert "MiB are free: free space or move [backup] dir" in outcome.error
+    store = VmStore(settings.dir, dom.name())
+    assert store.points() == [] and store.partials() == []
+    assert not (store.dir / journal.JOURNAL).exists()
 
 
 def test_a_shut_off_vm_that_would_not_fit_is_refused_before_a_byte_is_written(
@@ -545,15 +549,8 @@ def test_a_shut_off_vm_that_would_not_fit_is_refused_before_a_byte_is_written(
     disk = make_disk(tmp_path / "vda.qcow2", "qcow2", 64)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 40M", str(disk)], check=True, capture_output=True)
     dom = define(conn, name, [(disk, "qcow2")], start=False)
-    settings = Settings(backup_dir(small_fs), full_every=5)
-    outcome = backup_vm(dom, settings, 5, quiet)
-    assert not outcome.ok
-    assert f"the backup target {store_dir(settings, name)} is too small for this backup: it needs 40 MiB," \
-        in outcome.error, outcome.error
-    assert "MiB are free: free space or move [backup] dir" in outcome.error
-    store = VmStore(settings.dir, name)
-    assert store.points() == [] and store.partials() == []
-    assert not (store.dir / journal.JOURNAL).exists() and not dom.isActive()
+    refused_for_space(dom, Settings(backup_dir(small_fs), full_every=5))
+    assert not dom.isActive()
 
 
 def test_a_shut_off_vms_progress_goes_to_stderr_as_a_running_ones_does(

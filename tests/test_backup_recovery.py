@@ -70,25 +70,37 @@ def stale_journal(store: VmStore, stamp: str = "20260101T000000Z", partial_left:
     return entry
 
 
-def test_a_point_dated_ahead_of_the_clock_fails_the_run_instead_of_blocking_every_later_one(
-        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
-    """A point made while the clock was wrong (a boot before NTP): the run used to wait for a later second
-    forever, holding the VM's lock, and every later cron run failed with 'another backup is running'."""
+def _first_point_dated_ahead(conn: libvirt.virConnect, tmp_path: Path, name: str,
+                             suffix: str) -> tuple[libvirt.virDomain, Settings, str]:
+    """A VM with one point, its directory renamed to a time two hours ahead of the clock plus `suffix`: the VM, the
+    settings and that time."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
     first = ok(backup_vm(dom, settings, 5, quiet)).manifest
     assert first is not None
     store = VmStore(settings.dir, name)
     ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).strftime("%Y%m%dT%H%M%SZ")
-    store.point_dir(first.time).rename(store.point_dir(ahead))
-    def run_backup(outcomes: list[Outcome]) -> None:
-        outcomes.append(backup_vm(dom, settings, 5, quiet))
+    store.point_dir(first.time).rename(store.dir / (ahead + suffix))
+    return dom, settings, ahead
 
+
+def _backup_within(dom: libvirt.virDomain, settings: Settings, seconds: float) -> list[Outcome]:
+    """A backup's outcome, in a list that is empty when the run did not end within `seconds` (it is left to run)."""
+    outcomes: list[Outcome] = []
+    run = threading.Thread(target=lambda: outcomes.append(backup_vm(dom, settings, 5, quiet)), daemon=True)
+    run.start()
+    run.join(seconds)
+    return outcomes
+
+
+def test_a_point_dated_ahead_of_the_clock_fails_the_run_instead_of_blocking_every_later_one(
+        conn: libvirt.virConnect, tmp_path: Path, name: str) -> None:
+    """A point made while the clock was wrong (a boot before NTP): the run used to wait for a later second
+    forever, holding the VM's lock, and every later cron run failed with 'another backup is running'."""
+    dom, settings, ahead = _first_point_dated_ahead(conn, tmp_path, name, "")
+    store = VmStore(settings.dir, name)
     for _ in range(2):  # the second run is not locked out by the first: it fails the same way
-        outcomes: list[Outcome] = []
-        run = threading.Thread(target=run_backup, args=(outcomes,), daemon=True)
-        run.start()
-        run.join(60)
+        outcomes = _backup_within(dom, settings, 60)
         assert outcomes, "the run did not end: it waits for its clock to pass the point's time"
         [outcome] = outcomes
         assert not outcome.ok
@@ -107,17 +119,9 @@ def test_a_point_renamed_out_of_the_way_does_not_make_the_next_run_wait_for_its_
     """A point dated ahead of the clock, renamed in place as a manifest that does not parse is told to be
     (<time>.damaged) or by the admin (<time>.old): no point any more, it made the next run wait until the clock
     passed its time, holding the VM's lock, so the cron run never reached the next VMs."""
-    dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
-    settings = settings_in(tmp_path)
-    first = ok(backup_vm(dom, settings, 5, quiet)).manifest
-    assert first is not None
+    dom, settings, ahead = _first_point_dated_ahead(conn, tmp_path, name, aside)
     store = VmStore(settings.dir, name)
-    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).strftime("%Y%m%dT%H%M%SZ")
-    store.point_dir(first.time).rename(store.dir / (ahead + aside))
-    outcomes: list[Outcome] = []
-    run = threading.Thread(target=lambda: outcomes.append(backup_vm(dom, settings, 5, quiet)), daemon=True)
-    run.start()
-    run.join(60)
+    outcomes = _backup_within(dom, settings, 60)
     assert outcomes, f"the run did not end: it waits for its clock to pass {ahead}{aside}, which is no point"
     [outcome] = outcomes
     assert ok(outcome).manifest is not None and outcome.manifest.kind == "full"
