@@ -489,14 +489,21 @@ def test_unknown_host_key_is_refused(example: Cluster, farm: sshfarm.Farm, tmp_p
         connect(resolve("db", config))
 
 
-def _ssh_threads_and_sockets() -> tuple[int, int]:
-    """paramiko's transport threads alive in this process, and its open sockets."""
-    threads = sum(1 for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_alive())
-    sockets = 0
+def _ssh_threads_and_sockets() -> tuple[frozenset[threading.Thread], frozenset[str]]:
+    """paramiko's transport threads alive in this process, and its open sockets (by inode)."""
+    threads = frozenset(t for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_alive())
+    sockets = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor is gone by now
-            sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return threads, sockets
+            if (target := os.readlink(f"/proc/self/fd/{fd}")).startswith("socket:"):
+                sockets.add(target)
+    return threads, frozenset(sockets)
+
+
+def _none_added(before: tuple[frozenset[threading.Thread], frozenset[str]]) -> bool:
+    # A subset, not equality: an earlier test's transport may still be ending while this one runs.
+    threads, sockets = _ssh_threads_and_sockets()
+    return threads <= before[0] and sockets <= before[1]
 
 
 def test_a_failed_connect_leaves_no_thread_or_socket_behind(farm: sshfarm.Farm, tmp_path: Path) -> None:
@@ -513,9 +520,9 @@ def test_a_failed_connect_leaves_no_thread_or_socket_behind(farm: sshfarm.Farm, 
             connect(resolve("db", stranger))
     # Closing asks the transport thread to stop; it ends within moments, not at exit.
     deadline = time.monotonic() + 5
-    while _ssh_threads_and_sockets() != before and time.monotonic() < deadline:
+    while not _none_added(before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _ssh_threads_and_sockets() == before
+    assert _none_added(before), (before, _ssh_threads_and_sockets())
 
 
 def test_names_cannot_inject_shell(example: Cluster, farm: sshfarm.Farm, hosts_copy: Path) -> None:
