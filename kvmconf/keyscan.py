@@ -3,6 +3,8 @@
 A key seen for the first time is added; a key that differs from the recorded one is an error naming the VM
 (a reinstalled VM, or someone in the middle) unless the admin accepts it explicitly. One VM that cannot be
 scanned does not stop the others: theirs are recorded, and the run then fails naming every VM that failed.
+The VMs are scanned at the same time (ssh-keyscan waits up to 40 s for one that does not answer), and reported and
+recorded in the order asked for.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from generators.files import replace_text
@@ -17,6 +20,8 @@ from kvmconf.errors import KvmconfError
 from kvmconf.remote import Target, accept_hint, known_hosts_name, resolve
 
 KEY_TYPES = "ed25519,ecdsa,rsa"
+# ssh-keyscan processes at a time: each is one short TCP exchange, or a wait on a VM that is down.
+PARALLEL = 16
 
 
 class HostKeyChanged(KvmconfError):
@@ -60,16 +65,19 @@ def keyscan(names: Sequence[str], ssh_config: Path, accept_changed: bool = False
     messages: list[str] = []
     files: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=min(PARALLEL, max(len(names), 1)), thread_name_prefix="keyscan")
     try:
-        for name in names:
+        scans = [pool.submit(_scan, name, ssh_config) for name in names]
+        for name, scanned in zip(names, scans, strict=True):
             try:
-                message = _record(name, ssh_config, files, accept_changed)
+                message = _record(name, *scanned.result(), files, accept_changed)
             except KvmconfError as err:
                 failed[name] = str(err).removeprefix(f"{name}: ")
                 message = f"{name}: FAILED: {failed[name]}"
             messages.append(message)
             progress(message)
-    finally:  # also on Ctrl-C: what was scanned so far is kept
+    finally:  # also on Ctrl-C: what was scanned so far is kept, and no scan not yet started starts
+        pool.shutdown(wait=False, cancel_futures=True)
         for path, lines in files.items():
             _write(path, lines)
     if failed:
@@ -78,13 +86,17 @@ def keyscan(names: Sequence[str], ssh_config: Path, accept_changed: bool = False
     return messages
 
 
-def _record(name: str, ssh_config: Path, files: dict[str, list[str]], accept_changed: bool) -> str:
-    """Scan one VM and update its known_hosts lines in `files`; the message says what changed."""
+def _scan(name: str, ssh_config: Path) -> tuple[Target, list[tuple[str, str]]]:
     target = resolve(name, ssh_config)
+    return target, scan(target)
+
+
+def _record(name: str, target: Target, offered: list[tuple[str, str]], files: dict[str, list[str]],
+            accept_changed: bool) -> str:
+    """Update the VM's known_hosts lines in `files` with the keys it offered; the message says what changed."""
     lines = files.setdefault(target.known_hosts, _read(target.known_hosts))
     host = known_hosts_name(target)
     recorded = {(f[1], f[2]) for f in (line.split() for line in lines) if len(f) >= 3 and host in f[0].split(",")}
-    offered = scan(target)
     recorded_types = {t for t, _ in recorded}
     differs = [(t, k) for t, k in offered if t in recorded_types and (t, k) not in recorded]
     if differs and not accept_changed:

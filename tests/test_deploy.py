@@ -415,51 +415,59 @@ def test_changed_host_key_is_refused_naming_the_vm(example: Cluster, farm: sshfa
 
 def test_keyscan_records_the_reachable_vms_as_it_goes_and_names_the_others(
         example: Cluster, farm: sshfarm.Farm, tmp_path: Path) -> None:
-    # mcp is a TCP listener that never speaks SSH (ssh-keyscan waits for it), ldap a refused port.
+    # mcp and db are TCP listeners that never speak SSH (ssh-keyscan waits for them), ldap a refused port.
     known = tmp_path / "known_hosts"
     config = farm.ssh_config.read_text().replace(str(farm.known_hosts), str(known))
-    silent, refused = socket.socket(), socket.socket()
-    with silent, refused:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(1)
+    silent = {"mcp": socket.socket(), "db": socket.socket()}
+    refused = socket.socket()
+    with silent["mcp"], silent["db"], refused:
+        for listener in silent.values():
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            listener.settimeout(30)  # a test that hangs in accept() fails instead
         refused.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
-        ports = {"mcp": silent.getsockname()[1], "ldap": refused.getsockname()[1]}
+        ports = {vm: sock.getsockname()[1] for vm, sock in (*silent.items(), ("ldap", refused))}
         for vm, port in ports.items():
             config = config.replace("HostName {}\n    Port {}\n".format(*farm.addresses[vm]),
                                     f"HostName 127.0.0.1\n    Port {port}\n")
         (tmp_path / "ssh_config").write_text(config)
         env = {**os.environ, "KVMCONF_SSH_CONFIG": str(tmp_path / "ssh_config")}
         proc = subprocess.Popen([".venv/bin/invoke", "keyscan", "--vm", "web", "--vm", "ldap", "--vm", "mcp",
-                                 "--vm", "provision"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 "--vm", "db", "--vm", "provision"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
             # In cluster.conf order. provision's line is out while mcp is still being scanned: a line per VM as
             # it goes, not all at the end.
             assert proc.stdout.readline() == "provision: recorded key(s) of [{}]:{}\n".format(
                 *farm.addresses["provision"])
-            # mcp's ssh-keyscan is connected and still waiting (no EOF yet): had the line come only at the end,
-            # its -T timeout would already have closed this connection.
-            silent.settimeout(30)  # a test that hangs here fails instead
-            waiting, _ = silent.accept()
-            with waiting:
-                # Closed with a zero linger it is reset, as closing the listener resets a connection not accepted:
-                # mcp then fails at once, and quietly ("no answer"), rather than at ssh-keyscan's timeout.
-                waiting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                waiting.setblocking(True)  # so MSG_DONTWAIT, not the timeout, decides: no data yet is BlockingIOError
-                with pytest.raises(BlockingIOError):
-                    waiting.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                assert proc.poll() is None
+            # mcp's and db's ssh-keyscans are both connected and still waiting (no EOF yet): the VMs are scanned
+            # at the same time, not one after the other's timeout; and had the lines come only at the end, their
+            # -T timeout would already have closed these connections.
+            waiting = [listener.accept()[0] for listener in silent.values()]
+            for connection in waiting:
+                with connection:
+                    # Closed with a zero linger it is reset, as closing the listener resets a connection not
+                    # accepted: the scan then fails at once, and quietly ("no answer"), not at ssh-keyscan's timeout.
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    # Blocking, so MSG_DONTWAIT, not a timeout, decides: no data yet is BlockingIOError.
+                    connection.setblocking(True)
+                    with pytest.raises(BlockingIOError):
+                        connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    assert proc.poll() is None
         finally:
-            silent.close()  # if the test failed before accept(): resets mcp's waiting connection, as above
+            for listener in silent.values():  # if the test failed before accept(): resets the waiting scan, as above
+                listener.close()
             out, err = proc.communicate(timeout=120)
     assert out == (f"mcp: FAILED: no host key from 127.0.0.1:{ports['mcp']} (no answer)\n"
                    f"ldap: FAILED: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n"
+                   f"db: FAILED: no host key from 127.0.0.1:{ports['db']} (no answer)\n"
                    "web: recorded key(s) of [{}]:{}\n".format(*farm.addresses["web"]))
     assert proc.returncode == 1
-    assert err == ("kvmconf: keyscan FAILED for 2 of 4 VM(s), their keys not recorded: mcp, ldap\n"
+    assert err == ("kvmconf: keyscan FAILED for 3 of 5 VM(s), their keys not recorded: mcp, ldap, db\n"
                    f"  mcp: no host key from 127.0.0.1:{ports['mcp']} (no answer)\n"
-                   f"  ldap: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n")
+                   f"  ldap: no host key from 127.0.0.1:{ports['ldap']} (no answer)\n"
+                   f"  db: no host key from 127.0.0.1:{ports['db']} (no answer)\n")
     # The reachable VMs' keys are recorded, as the farm's own keyscan recorded them.
     hosts = {"[{}]:{}".format(*farm.addresses[vm]) for vm in ("provision", "web")}
     recorded = [line for line in farm.known_hosts.read_text().splitlines() if line.split()[0] in hosts]
