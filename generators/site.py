@@ -36,6 +36,7 @@ from generators.site_values import (
     read_domain,
     read_http_url,
     read_interface_name,
+    read_keyboard,
     read_locale,
     read_mirror_dir,
     read_mirror_host,
@@ -57,6 +58,7 @@ from generators.toml_reader import (
 # sun_path holds 107 bytes; below scratch_dir goes the backup job's socket, pid_max's largest pid included.
 MAX_SCRATCH_DIR = 107 - len("/kvmconf-backup-4194304-20261122T134650Z/nbd.sock")
 ZONEINFO = Path("/usr/share/zoneinfo")  # the zone database a time zone is checked against, where this machine has it
+XKB_RULES = Path("/usr/share/X11/xkb/rules/base.lst")  # the layouts a keyboard is checked against, likewise
 
 
 def load_site(path: Path) -> Site:
@@ -74,7 +76,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
     domain = read_domain(top)
     domain_type = top.convert("domain_type", DomainType, "a domain type", "kvm or qemu", default=DomainType.KVM)
     locale = read_locale(top)
-    keyboard = top.get("keyboard", str, "us")
+    keyboard = read_keyboard(top, XKB_RULES)
     timezone = read_timezone(top, ZONEINFO)
     networks = _read_networks(top)
     hosts = _read_hosts(top, networks)
@@ -92,7 +94,7 @@ def load_site_located(path: Path) -> tuple[Site, Locate]:
         domain=domain,  # type: ignore[arg-type]
         domain_type=domain_type,  # type: ignore[arg-type]
         locale=locale,  # type: ignore[arg-type]
-        keyboard=keyboard,
+        keyboard=keyboard,  # type: ignore[arg-type]
         timezone=timezone,  # type: ignore[arg-type]
         networks={k: v for k, v in networks.items() if v},
         hosts={k: v for k, v in hosts.items() if v},

@@ -1,4 +1,5 @@
-"""The forms of site.toml's single values: a DNS domain, a locale, a time zone, paths, interface names, URLs, mirrors.
+"""The forms of site.toml's single values: a DNS domain, a locale, a time zone, a keyboard, paths, interface names,
+URLs, mirrors.
 
 Each ``read_*`` reads one key through a :class:`TableReader` and returns its value, or None after recording why it
 is refused; the other functions answer for a value the rest of kvmconf checks too (nagios, the provision server).
@@ -25,6 +26,8 @@ MAX_DNS_NAME = 253  # characters of a name without its final dot: 255 octets on 
 MAX_DOMAIN = MAX_DNS_NAME - len("hostmaster.")
 _TIMEZONE = re.compile(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*")  # IANA names: Europe/Berlin, Etc/GMT+5, UTC
 _LOCALE = re.compile(r"[a-z]{2,3}_[A-Z]{2}(\.[A-Za-z0-9-]+)?(@[A-Za-z0-9]+)?")
+# What the installer's keyboard-configuration/xkb-keymap takes: an xkb layout, optionally with a variant (fr(latin9)).
+_KEYBOARD = re.compile(r"([a-z][a-z0-9_-]*)(?:\(([A-Za-z0-9_-]+)\))?")
 _MIRROR_HOST = re.compile(r"([^:]+)(?::([0-9]{1,5}))?")
 _URL_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 _PROXY = re.compile(r"(https?://[^\s/]+/?)?")  # "" for none
@@ -74,6 +77,32 @@ def read_timezone(top: TableReader, zoneinfo: Path) -> str | None:
                     f" Europe/Berlin or UTC, one that {zoneinfo} holds: checked where that directory exists)")
         return None
     return timezone
+
+
+def read_keyboard(top: TableReader, xkb_rules: Path) -> str | None:
+    """The VMs' keyboard, as the installer's xkb-keymap question takes it: a layout such as us, or fr(latin9)."""
+    expected = "expected an xkb layout, optionally with its variant in parentheses, such as us, de or fr(latin9)"
+    keyboard = read_matching(top, "keyboard", _KEYBOARD, f"is not a keyboard layout ({expected})", "us")
+    # Where this machine has xkb's list (the installer's comes from the same xkb-data), a misspelt layout is
+    # caught here rather than by an installer that stops to ask for one.
+    if keyboard is not None and xkb_rules.is_file() and keyboard not in _xkb_keymaps(xkb_rules):
+        top.problem("keyboard", f"{shown(keyboard)} is not a layout of {xkb_rules} ({expected}, one that file lists:"
+                    " checked where it exists)")
+    return keyboard
+
+
+def _xkb_keymaps(rules: Path) -> set[str]:
+    """Every `layout` and `layout(variant)` of an xkb rules list (its '! layout' and '! variant' sections)."""
+    keymaps: set[str] = set()
+    section = ""
+    for line in rules.read_text(errors="replace").splitlines():
+        if line.startswith("!"):
+            section = line[1:].strip()
+        elif section == "layout" and (fields := line.split()):
+            keymaps.add(fields[0])
+        elif section == "variant" and len(fields := line.split()) >= 2 and fields[1].endswith(":"):
+            keymaps.add(f"{fields[1][:-1]}({fields[0]})")  # "  latin9   fr: French (legacy, alt.)"
+    return keymaps
 
 
 def _is_tzfile(path: Path) -> bool:

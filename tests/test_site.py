@@ -492,6 +492,8 @@ def test_two_hosts_with_one_address_are_refused(kvm0_address: str, kvm1_address:
 _ONE_LINE = "(expected text on one line, without control characters such as newline or tab)"
 # Free text reaches preseeds, dnsmasq.conf, cloud-init and domain XML as it is.
 # (old text, new text, 'LINE:COL: message')
+_KEYBOARD_EXPECTED = "expected an xkb layout, optionally with its variant in parentheses, such as us, de or fr(latin9)"
+_XKB = "/usr/share/X11/xkb/rules/base.lst"
 FREE_TEXT_VALUES = [
     # A newline would add a preseed line of its own: the installer would run it as root.
     ('timezone = "Europe/Berlin"', 'timezone = "Europe/Berlin\\nd-i preseed/late_command string touch /target/PWNED"',
@@ -517,6 +519,17 @@ FREE_TEXT_VALUES = [
     ('timezone = "Europe/Berlin"', 'timezone = "../../etc/passwd"',
      "7:1: key 'timezone': '../../etc/passwd' is not a time zone name (expected an IANA name such as Europe/Berlin or"
      " UTC)"),
+    # The installer would stop at its keyboard question: an empty or misspelt layout is no answer.
+    ('keyboard = "us"', 'keyboard = ""',
+     f"6:1: key 'keyboard': '' is not a keyboard layout ({_KEYBOARD_EXPECTED})"),
+    ('keyboard = "us"', 'keyboard = "US"',
+     f"6:1: key 'keyboard': 'US' is not a keyboard layout ({_KEYBOARD_EXPECTED})"),
+    ('keyboard = "us"', 'keyboard = "usa"',
+     f"6:1: key 'keyboard': 'usa' is not a layout of {_XKB} ({_KEYBOARD_EXPECTED}, one that file lists: checked where"
+     " it exists)"),
+    ('keyboard = "us"', 'keyboard = "fr(latin0)"',
+     f"6:1: key 'keyboard': 'fr(latin0)' is not a layout of {_XKB} ({_KEYBOARD_EXPECTED}, one that file lists:"
+     " checked where it exists)"),
     ('locale = "en_US.UTF-8"', 'locale = "en_US.UTF-8 garbage"',
      "5:1: key 'locale': 'en_US.UTF-8 garbage' is not a locale (expected language_COUNTRY.CHARSET such as en_US.UTF-8"
      " or de_DE.UTF-8)"),
@@ -588,6 +601,9 @@ def test_valid_free_text_values_are_accepted(tmp_path: Path) -> None:
                      ' "/debian/x~1"\nmirror_proxy = "http://user:pw@proxy:3128/"'))
     site = load_site(_write(tmp_path, text))
     assert (site.timezone, site.locale) == ("America/Argentina/Buenos_Aires", "de_CH.ISO-8859-1@euro")
+    for keyboard in ("de", "fr(latin9)", "us(dvorak)", "latam"):
+        with_keyboard = text.replace('domain = "lab.test"', f'domain = "lab.test"\nkeyboard = "{keyboard}"')
+        assert load_site(_write(tmp_path, with_keyboard)).keyboard == keyboard
     assert (site.provision.mirror_host, site.provision.mirror_dir) == ("192.168.1.2:3142", "/debian/x~1")
     assert site.provision.mirror_proxy == "http://user:pw@proxy:3128/"
 
@@ -603,6 +619,16 @@ def test_without_a_zone_database_only_the_time_zones_form_is_checked(tmp_path: P
     site_path.write_text(MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\ntimezone = "Mars Olympus"'))
     assert _problems(site_path) == ["2:1: key 'timezone': 'Mars Olympus' is not a time zone name (expected an IANA name"
                                     " such as Europe/Berlin or UTC)"]
+
+
+def test_without_xkb_data_only_the_keyboards_form_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import generators.site
+
+    monkeypatch.setattr(generators.site, "XKB_RULES", tmp_path / "no-base.lst")
+    site_path = _write(tmp_path, MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\nkeyboard = "usa"'))
+    assert load_site(site_path).keyboard == "usa"
+    site_path.write_text(MINIMAL_SITE.replace('domain = "lab.test"', 'domain = "lab.test"\nkeyboard = "us de"'))
+    assert _problems(site_path) == [f"2:1: key 'keyboard': 'us de' is not a keyboard layout ({_KEYBOARD_EXPECTED})"]
 
 
 _ANSIBLE_GROUP_RULE = ("a hostgroup whose Ansible group name, with each character other than a letter, digit or '_'"
