@@ -158,12 +158,15 @@ def parse_disk_kind(text: str) -> tuple[DiskKind, str | None]:
     raise FieldError("is not a disk kind (expected qcow2, raw or lvm:<volume group>)")
 
 
+_YES_NO = "yes, no (also true/false, on/off, 1/0)"
+
+
 def parse_bool(text: str) -> bool:
     if text in ("yes", "true", "on", "1"):
         return True
     if text in ("no", "false", "off", "0"):
         return False
-    raise FieldError("is not a yes/no value (expected yes or no)")
+    raise FieldError("is not a yes/no value (expected yes or no; true/false, on/off and 1/0 are taken too)")
 
 
 def parse_word(text: str) -> str:
@@ -287,8 +290,8 @@ OPTIONS: tuple[Option, ...] = (
            "bind the VM's memory to this NUMA node of its host (strict; below `[hosts.*] numa_nodes`)"),
     Option("after", parse_after, "comma list of VM names defined earlier", "none",
            "deploy dependencies: this VM is deployed after those"),
-    Option("autostart", parse_bool, "yes, no", "yes", "start the VM when its host boots"),
-    Option("backup", parse_bool, "yes, no", "yes", "include the VM in the backup crontab run"),
+    Option("autostart", parse_bool, _YES_NO, "yes", "start the VM when its host boots"),
+    Option("backup", parse_bool, _YES_NO, "yes", "include the VM in the backup crontab run"),
     Option("keep", parse_keep, "positive integer", "site.toml `[backup] keep`", "restore points kept"),
 )
 OPTIONS_BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}

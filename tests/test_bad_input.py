@@ -314,7 +314,8 @@ CASES = [
     Case("boot-unknown", (option_problem(NEW, 59, "option 'boot': 'efi' is not allowed (expected bios, uefi)"),),
          add(vm(options="host=kvm1 boot=efi"))),
     Case("autostart-not-yes-no", (option_problem(NEW, 59, "option 'autostart': 'maybe' is not a yes/no value"
-                                                          " (expected yes or no)"),),
+                                                          " (expected yes or no; true/false, on/off and 1/0 are"
+                                                          " taken too)"),),
          add(vm(options="host=kvm1 autostart=maybe"))),
     Case("keep-zero", (option_problem(NEW, 59, "option 'keep': '0' is not a positive integer (expected a number of"
                                                " restore points, e.g. 4)"),), add(vm(options="host=kvm1 keep=0"))),
