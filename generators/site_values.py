@@ -182,12 +182,21 @@ def parse_http_url(url: str) -> tuple[str, int, str] | None:
     return parts.hostname, port, parts.path.rstrip("/")
 
 
+# The installer's kernel command line (x86: at most 2048 bytes, the rest cut off) carries the preseed's URL with the
+# VM's name and domain (at most 63 and 242 characters) and about 200 characters of other arguments.
+MAX_HTTP_URL = 1024
+
+
 def read_http_url(p: TableReader) -> str | None:
     """[provision] http_url, without a trailing slash: the URLs of generators/urls.py append to it."""
     http_url: str | None = p.get("http_url", str, what="the HTTP base URL of the provision server")
     if http_url is not None and parse_http_url(http_url) is None:
         p.problem("http_url", f"{shown(http_url)} is not a URL the provision server can serve (expected"
                   " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)")
+        return None
+    if http_url is not None and len(http_url) > MAX_HTTP_URL:
+        p.problem("http_url", f"{shown(http_url)} is too long for the installer's kernel command line (expected at"
+                  f" most {MAX_HTTP_URL} characters, which leaves room for the VM's name and domain in its 2048)")
         return None
     return http_url.rstrip("/") if http_url else http_url
 

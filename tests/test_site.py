@@ -247,6 +247,11 @@ WRONG_VALUES = [
     ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2:99999"',
      ["77:1: key 'provision.http_url': 'http://192.168.50.2:99999' is not a URL the provision server can serve"
       " (expected http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
+    # The kernel would cut the preseed's URL off the installer's command line.
+    ('http_url = "http://192.168.50.2"', f'http_url = "http://192.168.50.2/{"a" * 1005}"',
+     [f"77:1: key 'provision.http_url': 'http://192.168.50.2/{'a' * 35}...' (1025 characters) is too long for the"
+      " installer's kernel command line (expected at most 1024 characters, which leaves room for the VM's name and"
+      " domain in its 2048)"]),
     ('http_url = "http://192.168.50.2"', 'http_url = "http://192.168.50.2/?x=1"',
      ["77:1: key 'provision.http_url': 'http://192.168.50.2/?x=1' is not a URL the provision server can serve (expected"
       " http://host[:port][/path], e.g. http://192.168.1.2: it serves plain HTTP)"]),
