@@ -237,24 +237,34 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
 
 
 def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool) -> None:
-    """Define (and autostart, and start) the VF pool networks libvirt does not have yet, or whose file changed."""
+    """Define (and autostart) the VF pool networks libvirt does not have yet, or whose file changed; start the ones
+    not running.
+
+    Started whenever inactive, not only when just defined: a run whose net-start failed (the PF had no VFs yet) has
+    defined the pool, and the next run would otherwise find it defined and leave it down, VMs unable to start."""
     files = vf_network_files(cluster, host)
     if not files:
         return
     what = "SR-IOV pools"
     changed = set(_push(conn, files, report, dry_run, what))
-    res = run(conn, command(*VIRSH, "net-list", "--all", "--name"))
-    if not res.ok:
-        raise StepFailed(what, f"virsh net-list: {failure(res)}")
-    defined = set(res.stdout.split())
+    defined = _virsh_networks(conn, what, "--all")
+    names = [vf_pool_network(pf) for pf in sorted(host.sriov)]  # vf_network_files: one per PF, in this order
+    inactive = _virsh_networks(conn, what, "--inactive") if defined & set(names) else set()
     commands: list[list[str]] = []
-    for pf, spec in zip(sorted(host.sriov), files, strict=True):  # vf_network_files: one per PF, in this order
-        name = vf_pool_network(pf)
+    for name, spec in zip(names, files, strict=True):
         if name not in defined or spec.dest in changed:  # a redefinition applies when the network restarts
             commands += [[*VIRSH, "net-define", spec.dest], [*VIRSH, "net-autostart", name]]
-        if name not in defined:
+        if name not in defined or name in inactive:
             commands.append([*VIRSH, "net-start", name])
     if not commands:
         report.lines.append(f"{what}: defined")
     _apply(conn, commands, report, dry_run, what)
     _applied(conn, changed, dry_run)
+
+
+def _virsh_networks(conn: Connection, what: str, which: str) -> set[str]:
+    """The names of libvirt's networks that ``virsh net-list <which>`` lists (--all, --inactive)."""
+    res = run(conn, command(*VIRSH, "net-list", which, "--name"))
+    if not res.ok:
+        raise StepFailed(what, f"virsh net-list {which}: {failure(res)}")
+    return set(res.stdout.split())

@@ -282,6 +282,38 @@ def test_kvm_setup_defines_and_starts_the_vf_pools(example: Cluster, farm: sshfa
 
 @pytest.mark.services
 @pytest.mark.slow
+def test_a_vf_pool_whose_start_failed_is_started_by_the_next_run(example: Cluster, farm: sshfarm.Farm) -> None:
+    # net-start fails while the PF has no VFs, after net-define: the next run found the pool defined and never
+    # started it ("SR-IOV pools: defined", exit 0), and every VM with nic=vf:eno3 then failed to start.
+    cluster = _with_host(example, sriov={"eno3": 4}, disk_dir="/var/lib/kvmconf-test-images")
+    virsh = "virsh -c qemu:///system"
+    stub = farm.root("kvm0") / "usr/local/sbin/virsh"
+    working = stub.read_text()
+    failing_start = 'if [ "$3" = net-start ]; then echo "error: No Vf\'s present on SRIOV PF eno3" >&2; exit 1; fi\n'
+    # What libvirt says once the pool is defined: listed by --all, and by --inactive until it has started.
+    defined_inactive = 'if [ "$3" = net-list ] && [ "$4" != --active ]; then echo vf-eno3; fi\n'
+    try:
+        stub.write_text(working + failing_start)
+        failed = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+        assert failed.error == (f"SR-IOV pools: {virsh} net-start vf-eno3: exit 1: error: No Vf's present on SRIOV"
+                                " PF eno3")
+        stub.write_text(working + defined_inactive)
+        farm.clear_logs()
+        again = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    finally:
+        stub.write_text(working)
+    assert again.error is None, again.lines
+    dest = f"{VF_NETWORK_DIR}/vf-eno3.xml"
+    assert farm.log("kvm0", "virsh") == ["-c qemu:///system net-list --all --name",
+                                         "-c qemu:///system net-list --inactive --name",
+                                         f"-c qemu:///system net-define {dest}",
+                                         "-c qemu:///system net-autostart vf-eno3",
+                                         "-c qemu:///system net-start vf-eno3"]
+    assert f"SR-IOV pools: ran: {virsh} net-start vf-eno3" in again.lines
+
+
+@pytest.mark.services
+@pytest.mark.slow
 def test_an_ssh_error_midway_is_the_reports_error_and_the_lines_done_are_kept(example: Cluster,
                                                                               farm: sshfarm.Farm) -> None:
     # The settings files are pushed over SFTP, which the host's sshd refuses: paramiko's SSHException, no OSError,
