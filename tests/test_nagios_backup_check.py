@@ -1,0 +1,142 @@
+"""The generated BACKUP check run as Nagios runs it: its command line from nagios/backup.cfg, through /bin/sh, the
+real check_by_ssh and a real sshd on loopback, so the state Nagios gets is the one check_by_ssh makes of the remote
+command's exit status and stderr (anything on stderr: "Remote command execution failed", at least UNKNOWN)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from generators import nagios
+from generators.model import Cluster
+from kvmconf.backup.store import TIME_FORMAT
+from tests.test_backup_safety import local_point
+from tests.tools import ROOT, missing, require_tool, run
+
+CHECK_BY_SSH = "/usr/lib/nagios/plugins/check_by_ssh"  # monitoring-plugins-basic, which nagios4-common depends on
+
+
+@dataclasses.dataclass(frozen=True)
+class Sshd:
+    port: int
+    ssh_options: str  # what the Nagios server's ~nagios/.ssh would hold: our key, the sshd's host key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """An sshd on 127.0.0.1 that lets root in with a key of the test's own, and takes KVMCONF_SITE from the client
+    (so the remote invoke reads the test's site.toml): the physical host of a backed-up VM."""
+    if os.geteuid() != 0:
+        missing("the check logs in as root: its sshd needs root")
+    sshd_path = require_tool("sshd")
+    require_tool(CHECK_BY_SSH)
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("host", "client"):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)]).check_returncode()
+    port = _free_port()
+    config = keys / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {keys / 'host'}",
+        f"AuthorizedKeysFile {keys / 'client.pub'}", "PermitRootLogin prohibit-password", "UsePAM no",
+        "StrictModes no", "AcceptEnv KVMCONF_SITE", f"PidFile {keys / 'sshd.pid'}"]) + "\n")
+    (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {(keys / 'host.pub').read_text()}")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        probe = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                 "UserKnownHostsFile=/dev/null", "-p", str(port), "127.0.0.1", "true"]
+        deadline = time.monotonic() + 10
+        while "Connection refused" in run(probe).stderr:  # any other answer (no key offered: denied) will do
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd does not answer: {process.poll()=}")
+            time.sleep(0.1)
+        options = (f"-F /dev/null -i {keys / 'client'} -o IdentitiesOnly=yes -o BatchMode=yes"
+                   f" -o UserKnownHostsFile={keys / 'known_hosts'} -o StrictHostKeyChecking=yes")
+        yield Sshd(port, options)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _command_line(cluster: Cluster) -> str:
+    text = nagios.render(cluster)[PurePosixPath("nagios/backup.cfg")]
+    assert isinstance(text, str)
+    lines = [line.split(None, 1)[1] for line in text.splitlines() if line.strip().startswith("command_line ")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def _check(cluster: Cluster, vm: str, sshd: Sshd, site: Path) -> tuple[int, str]:
+    """What Nagios gets from the BACKUP check of ``vm``: its macros expanded, the command run by /bin/sh (Nagios 4
+    hands a command line with shell syntax to `/bin/sh -c`). The only addition: the ssh options that stand in for
+    the nagios user's ~/.ssh, and KVMCONF_SITE passed through to the remote invoke."""
+    line = _command_line(cluster).replace("$ARG1$", "127.0.0.1").replace("$ARG2$", str(sshd.port))
+    line = line.replace("$HOSTNAME$", vm)
+    assert line.startswith(f"{CHECK_BY_SSH} "), line
+    line = line.replace(CHECK_BY_SSH, f"{CHECK_BY_SSH} {sshd.ssh_options} -o SetEnv=KVMCONF_SITE={site}", 1)
+    result = run(["/bin/sh", "-c", line])
+    assert result.stderr == "", result.stderr  # check_by_ssh says everything on its one line
+    return result.returncode, result.stdout
+
+
+def _with_checkout(cluster: Cluster, checkout: Path) -> Cluster:
+    backup = dataclasses.replace(cluster.site.backup, checkout=str(checkout))
+    return dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, backup=backup))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """The example's site.toml with its [backup] dir in tmp_path/b (empty) and no NAS."""
+    text = (ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"')
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("nas_dir ="))
+    (tmp_path / "b").mkdir()
+    path = tmp_path / "site.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+def test_the_check_reports_the_backup_state_through_check_by_ssh(example: Cluster, sshd: Sshd, site: Path) -> None:
+    if not (ROOT / ".venv/bin/invoke").exists():
+        missing("the check runs the checkout's .venv/bin/invoke: run `make` first")
+    cluster = _with_checkout(example, ROOT)
+    assert _check(cluster, "provision", sshd, site) == (
+        2, "BACKUP CRITICAL - provision: no backup (limit 26.0 h) | provision_age=U;;93600;0 provision_stored=0B;;;0"
+           " provision_chain=0;;;0\n")
+    point = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime(TIME_FORMAT)
+    local_point(site.parent / "b", "provision", point)
+    code, output = _check(cluster, "provision", sshd, site)
+    assert (code, output.split(" | ")[0]) == (0, "BACKUP OK - provision 1.0 h"), output
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+def test_a_missing_checkout_is_unknown_not_a_backup_warning(example: Cluster, sshd: Sshd, site: Path,
+                                                           tmp_path: Path) -> None:
+    """A moved checkout (or a wrong [backup] checkout) says nothing about the backups: the check itself failed.
+    `cd` failing exits 1 in bash and 2 in dash, which check_by_ssh passed on as WARNING or CRITICAL."""
+    gone = tmp_path / "gone"
+    shell = pwd.getpwnam("root").pw_shell  # sshd runs the remote command with root's login shell, named by its base
+    said = run([Path(shell).name, "-c", f"cd {gone}"], executable=shell).stderr.strip()  # that shell's own words
+    assert said and str(gone) in said, said
+    assert _check(_with_checkout(example, gone), "provision", sshd, site) == (
+        3, f"Remote command execution failed: {said}\n")
