@@ -21,6 +21,7 @@ from fabric import Connection
 from generators.domain_xml import vf_pool_network
 from generators.model import Cluster, PhysicalHost
 from generators.render import environment, named_by_file, render, xml_banner
+from kvmconf.interfaces import parse_addresses
 from kvmconf.plan import find_host
 from kvmconf.recipes import FileSpec
 from kvmconf.remote import SESSION_ERRORS, RemoteError, command, connect, resolve, run, script, session_failure
@@ -213,6 +214,7 @@ def _apply(conn: Connection, commands: list[list[str]], report: SetupReport, dry
 def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file: FileSpec | None,
              report: SetupReport, dry_run: bool) -> None:
     what = f"network ({host.network_stack})"
+    _refuse_addressed_ports(conn, cluster, host, what)
     if bridge_file is None:  # NetworkManager: connections, not files
         res = run(conn, command("nmcli", "-g", "NAME", "connection", "show"))
         existing = set(res.stdout.split()) if res.ok else set()
@@ -234,6 +236,29 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
     _apply(conn, report.commands, report, dry_run, what)
     _applied(conn, to_apply, dry_run)
+
+
+def _refuse_addressed_ports(conn: Connection, cluster: Cluster, host: PhysicalHost, what: str) -> None:
+    """Refuse to make an interface with an address (the host's own, often) a bridge port, in a dry run too.
+
+    A port's frames go to its bridge, so its own addresses stop answering: the ifup, netplan apply or nmcli that
+    enslaves it cuts the host off them, maybe off the SSH session doing it, and the file placed does the same at the
+    next boot. The address has to move to the bridge first, in the host's own configuration."""
+    ports = [b for b in bridges(cluster, host) if b.port]
+    if not ports:
+        return
+    res = run(conn, command("ip", "-j", "address", "show"))
+    if not res.ok:
+        raise StepFailed(what, f"ip -j address show: {failure(res)}")
+    addresses = parse_addresses(res.stdout, reachable_only=True)
+    for bridge in ports:
+        if addresses.get(bridge.port):
+            shown = ", ".join(str(a) for a in sorted(addresses[bridge.port], key=lambda a: (a.version, a)))
+            raise StepFailed(what, f"{bridge.port} has {shown}: as a port of bridge {bridge.name} (uplink ="
+                                   f" {host.uplink!r} of [hosts.{host.name}] in {cluster.site.path}) it would no"
+                                   " longer answer there, cutting the host off. Move the address to"
+                                   f" {bridge.name} in the host's own network configuration first, or make uplink a"
+                                   " NIC without one; the network was left as it is")
 
 
 def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -85,15 +86,27 @@ def test_site_toml_network_keys_are_validated(tmp_path: Path) -> None:
     assert "'eth0; reboot' is not an interface name" in messages[1]
 
 
+# The network namespace whose interfaces `ip` shows on the farm's kvm0 (a wrapper in its root): the host's own
+# interfaces, which the tests add, not this machine's (an eno1 here with an address would be refused as uplink).
+HOST_NETNS = f"kvmconf-hostsetup-{os.getpid()}"
+
+
 @pytest.fixture(scope="module")
 def farm() -> Iterator[sshfarm.Farm]:
     require_tool("sshd")
     started = sshfarm.start(["kvm0"], tag="-hostsetup")
+    subprocess.run(["ip", "netns", "add", HOST_NETNS], check=True)
     try:
+        wrapper = started.root("kvm0") / "usr/local/sbin/ip"
+        # Through /proc (bind-mounted in the root): the chroot's /run holds no netns.
+        wrapper.write_text(f"#!/bin/sh\nexec nsenter --net=/proc/{os.getpid()}/root/run/netns/{HOST_NETNS}"
+                           f' {require_tool("ip")} "$@"\n')
+        wrapper.chmod(0o755)
         keyscan(["kvm0"], started.ssh_config)
         yield started
     finally:
         sshfarm.teardown(started.base)
+        subprocess.run(["ip", "netns", "delete", HOST_NETNS], check=True)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -310,6 +323,55 @@ def test_a_vf_pool_whose_start_failed_is_started_by_the_next_run(example: Cluste
                                          "-c qemu:///system net-autostart vf-eno3",
                                          "-c qemu:///system net-start vf-eno3"]
     assert f"SR-IOV pools: ran: {virsh} net-start vf-eno3" in again.lines
+
+
+@pytest.mark.services
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["ifupdown", "netplan", "networkmanager"])
+def test_an_uplink_with_the_hosts_address_is_not_made_a_bridge_port(example: Cluster, farm: sshfarm.Farm,
+                                                                      stack: str) -> None:
+    # The host's address was on eno1: ifup br0 (netplan apply, nmcli) made eno1 br0's port, which no longer answers
+    # at its own address, and the host was cut off, the SSH session doing it too; the bridge file left in place did
+    # the same at every boot. The template's comment said to move the address by hand; nothing checked it.
+    ip = ["ip", "-n", HOST_NETNS]
+    subprocess.run([*ip, "link", "add", "eno1", "type", "veth", "peer", "name", "eno1-peer"], check=True)
+    try:
+        subprocess.run([*ip, "address", "add", "192.0.2.7/24", "dev", "eno1"], check=True)
+        subprocess.run([*ip, "address", "add", "2001:db8::7/64", "dev", "eno1", "nodad"], check=True)
+        # Link-local: every interface that is up has one, a port too.
+        subprocess.run([*ip, "address", "add", "fe80::7/64", "dev", "eno1", "nodad"], check=True)
+        cluster = _with_host(example, uplink="eno1", network_stack=stack, disk_dir="/var/lib/kvmconf-test-images")
+        farm.clear_logs()
+        report = setup(cluster, "kvm0", farm.ssh_config)
+        assert report.error == (
+            f"network ({stack}): eno1 has 192.0.2.7, 2001:db8::7: as a port of bridge br0 (uplink = 'eno1' of"
+            " [hosts.kvm0] in site.toml) it would no longer answer there, cutting the host off. Move the address to"
+            " br0 in the host's own network configuration first, or make uplink a NIC without one; the network was"
+            " left as it is")
+        assert [tool for tool in ("ifup", "netplan", "nmcli") if farm.log("kvm0", tool)] == []
+        upper = farm.upper("kvm0")
+        assert not (upper / "etc/network/interfaces.d/kvmconf-bridges").exists()
+        assert not (upper / "etc/netplan/60-kvmconf-bridges.yaml").exists()
+        # The VLAN's port is eno1.60, not eno1: an address on eno1 alone would not stop br60; one on eno1.60 does.
+        vlan_only = _with_host(example, uplink="eno1", network_stack=stack)
+        networks = {name: net for name, net in vlan_only.site.networks.items() if net.vlan}
+        vlan_only = dataclasses.replace(vlan_only, site=dataclasses.replace(vlan_only.site, networks=networks))
+        assert setup(vlan_only, "kvm0", farm.ssh_config, dry_run=True).error is None
+        # (A veth named so: this kernel may lack the 8021q module, and `ip` only reads its name and addresses.)
+        subprocess.run([*ip, "link", "add", "eno1.60", "type", "veth", "peer", "name", "eno1.60-peer"], check=True)
+        subprocess.run([*ip, "address", "add", "192.0.2.60/24", "dev", "eno1.60"], check=True)
+        assert setup(vlan_only, "kvm0", farm.ssh_config, dry_run=True).error == (
+            f"network ({stack}): eno1.60 has 192.0.2.60: as a port of bridge br60 (uplink = 'eno1' of [hosts.kvm0] in"
+            " site.toml) it would no longer answer there, cutting the host off. Move the address to br60 in the"
+            " host's own network configuration first, or make uplink a NIC without one; the network was left as it"
+            " is")
+        # The address moved off the ports (to the bridge, by the admin): the bridges are set up.
+        for port in ("eno1", "eno1.60"):
+            subprocess.run([*ip, "address", "flush", "dev", port, "scope", "global"], check=True)
+        assert setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True).error is None
+    finally:
+        for link in ("eno1", "eno1.60"):  # and their veth peers with them
+            subprocess.run([*ip, "link", "delete", link], check=False, capture_output=True)
 
 
 @pytest.mark.services
