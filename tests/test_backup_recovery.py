@@ -20,7 +20,7 @@ import libvirt
 import pytest
 
 from kvmconf import lab
-from kvmconf.backup import engine, journal
+from kvmconf.backup import checkpoints, journal, pull_job
 from kvmconf.backup.engine import Outcome, Settings, backup_vm
 from kvmconf.backup.libvirt_xml import backup_xml, checkpoint_xml, domain_disks, qemu_owner
 from kvmconf.backup.store import VmStore
@@ -63,7 +63,7 @@ def stale_journal(store: VmStore, stamp: str = "20260101T000000Z", partial_left:
     (``partial_left=False``: killed once that point was moved into place, before the journal was cleared)."""
     entry: dict[str, Any] = {"time": stamp, "checkpoint": f"kvmconf-{stamp}", "pid": 999999,
                              "partial": f"{stamp}.partial",
-                             "job_dir": f"{engine.SCRATCH_DIR}/kvmconf-backup-999999-{stamp}", **extra}
+                             "job_dir": f"{pull_job.SCRATCH_DIR}/kvmconf-backup-999999-{stamp}", **extra}
     journal.write(store.dir, entry)
     if partial_left:
         (store.dir / entry["partial"]).mkdir()
@@ -161,7 +161,7 @@ def test_a_journal_that_does_not_parse_is_recovered_from_not_a_failure_of_every_
     stamp = "20260101T000000Z"
     # The killed run's job dir, named as the engine names it, where it puts it (a socket path under tmp_path would be
     # too long for QEMU); a lost journal does not name it: recovery finds it from the job's socket.
-    job_dir = engine.SCRATCH_DIR / f"{engine.JOB_DIR_PREFIX}{os.getpid()}-{stamp}"
+    job_dir = pull_job.SCRATCH_DIR / f"{pull_job.JOB_DIR_PREFIX}{os.getpid()}-{stamp}"
     job_dir.mkdir()
     try:
         xml = dom.XMLDesc(0)
@@ -169,7 +169,7 @@ def test_a_journal_that_does_not_parse_is_recovered_from_not_a_failure_of_every_
         if (owner := qemu_owner(xml)) is not None:
             os.chown(job_dir, *owner)
         dom.backupBegin(backup_xml(job_dir / "nbd.sock", job_dir, disks, skipped, None),
-                        checkpoint_xml(f"{engine.CHECKPOINT_PREFIX}{stamp}", disks, skipped), 0)
+                        checkpoint_xml(f"{checkpoints.CHECKPOINT_PREFIX}{stamp}", disks, skipped), 0)
         (store.dir / f"{stamp}.partial").mkdir()
         (store.dir / journal.JOURNAL).write_text("")
         outcome = ok(backup_vm(dom, settings, 5, quiet))
@@ -196,10 +196,11 @@ def test_the_job_dir_of_a_run_whose_journal_was_lost_is_removed_though_its_job_h
     settings = settings_in(tmp_path)
     store = VmStore(settings.dir, name)
     store.dir.mkdir()
-    ours, other = (settings.scratch_dir / f"{engine.JOB_DIR_PREFIX}{pid}-20260101T000000Z" for pid in (999998, 999999))
+    ours, other = (settings.scratch_dir / f"{pull_job.JOB_DIR_PREFIX}{pid}-20260101T000000Z"
+                   for pid in (999998, 999999))
     for job_dir, vm in ((ours, name), (other, f"{name}x")):
         job_dir.mkdir()
-        (job_dir / engine.JOB_OWNER).write_text(vm)
+        (job_dir / pull_job.JOB_OWNER).write_text(vm)
         (job_dir / "vda.scratch").write_bytes(b"what the guest overwrote")
     (store.dir / journal.JOURNAL).write_text("")
     try:
@@ -218,10 +219,10 @@ def test_the_job_dir_of_a_job_that_still_runs_is_kept_though_no_journal_names_it
     and the backup is refused while it runs; its socket and scratch files stay with it."""
     dom = define(conn, name, [(make_disk(tmp_path / "vda.qcow2", "qcow2", 16), "qcow2")])
     settings = settings_in(tmp_path)
-    job_dir = engine.SCRATCH_DIR / f"{engine.JOB_DIR_PREFIX}{os.getpid()}-20260101T000000Z"
+    job_dir = pull_job.SCRATCH_DIR / f"{pull_job.JOB_DIR_PREFIX}{os.getpid()}-20260101T000000Z"
     job_dir.mkdir()
     try:
-        (job_dir / engine.JOB_OWNER).write_text(name)
+        (job_dir / pull_job.JOB_OWNER).write_text(name)
         xml = dom.XMLDesc(0)
         disks, skipped = domain_disks(xml)
         if (owner := qemu_owner(xml)) is not None:
@@ -426,7 +427,7 @@ def test_a_bitmap_that_cannot_be_removed_from_a_shut_off_vms_image_is_said(conn:
     subprocess.run(["qemu-img", "bitmap", "--remove", str(disk), point.checkpoint], check=True)
     said: list[str] = []
     disks, _ = domain_disks(dom.XMLDesc(0))
-    assert engine.delete_checkpoint(dom, point.checkpoint, disks, said.append)
+    assert checkpoints.delete_checkpoint(dom, point.checkpoint, disks, said.append)
     assert dom.listAllCheckpoints() == []
     cp = point.checkpoint
     assert said == [f"{name}: checkpoint {cp}: Operation not supported: cannot delete checkpoint for inactive domain;"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from kvmconf.backup import stream
-from kvmconf.backup.engine import explain_os_error
+from kvmconf.backup.failures import explain_os_error
 from kvmconf.backup.nbd import Extent, NbdClient, NbdError
 from kvmconf.backup.store import allocated, checksum_file
 from kvmconf.processes import stop_pid

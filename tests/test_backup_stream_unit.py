@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmconf.backup import engine, qcow2, stream
-from kvmconf.backup.engine import BackupFailed, explain_libvirt_error
+from kvmconf.backup import pull_job, qcow2, stream
+from kvmconf.backup.failures import BackupFailed, explain_libvirt_error
 from kvmconf.backup.nbd import Extent
 
 
@@ -43,9 +43,9 @@ def test_libvirt_running_out_of_space_blames_scratch_or_vm_storage_not_the_targe
 
 
 def test_a_missing_scratch_dir_is_said_with_the_way_to_make_it(tmp_path: Path) -> None:
-    job = engine._Job(tmp_path / "nosuch" / "kvmconf-backup-1-20260101T000000Z", {}, None, "vm1")
+    job = pull_job.JobDir(tmp_path / "nosuch" / "kvmconf-backup-1-20260101T000000Z", {}, None, "vm1")
     with pytest.raises(BackupFailed) as err:
-        engine._check_scratch_space(job, [])
+        pull_job.check_scratch_space(job, [])
     assert str(err.value) == f"[backup] scratch_dir {tmp_path / 'nosuch'} does not exist: `fab kvm-setup` creates it"
 
 

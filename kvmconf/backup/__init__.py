@@ -1,1 +1,2 @@
-"""Live backups and restores of the cluster's VMs: see engine.py (the backup), store.py (the layout)."""
+"""Live backups and restores of the cluster's VMs: see engine.py (the backup),
+recovery.py (what an interrupted run left), store.py (the layout)."""

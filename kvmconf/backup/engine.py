@@ -13,16 +13,18 @@ removal of its own checkpoint's bitmap from a shut-off VM's qcow2 files (delete_
 
 Shut-off VM: `qemu-img convert` of each image (the image lock keeps the VM from starting meanwhile);
 such a point starts a new chain because no checkpoint can be created on an inactive domain.
+
+Beside this module: recovery.py undoes what an interrupted run left, before each run; pull_job.py begins and
+ends a running VM's job; checkpoints.py keeps kvmconf's checkpoints; stream.py copies an export into its file;
+store.py lays the points out on disk; failures.py says what went wrong.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -30,25 +32,17 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
 from generators.files import fsync_path
-from kvmconf import jobs
 from kvmconf.backup import durability, journal, qcow2, stream, verify
-from kvmconf.backup.libvirt_xml import (
-    VmDisk,
-    backup_socket,
-    backup_xml,
-    checkpoint_xml,
-    dirty_context,
-    domain_disks,
-    has_guest_agent,
-    left_out,
-    qemu_owner,
-)
+from kvmconf.backup.checkpoints import CHECKPOINT_PREFIX, our_checkpoints, retire_checkpoints
+from kvmconf.backup.failures import BackupFailed, explain_libvirt_error, explain_os_error
+from kvmconf.backup.libvirt_xml import VmDisk, dirty_context, domain_disks, left_out
 from kvmconf.backup.nbd import NbdClient, NbdError
+from kvmconf.backup.pull_job import SCRATCH_DIR, JobDir, begin, check_scratch_space, end, refuse_another_job
+from kvmconf.backup.recovery import FROZEN, recover
 from kvmconf.backup.store import (
     PARTIAL,
     POINT_NAME,
@@ -66,23 +60,13 @@ from kvmconf.errors import KvmconfError
 from kvmconf.signals import sigterm_as_interrupt
 from kvmconf.waiting import wait_until
 
-CHECKPOINT_PREFIX = "kvmconf-"
-SCRATCH_DIR = Path("/var/tmp")  # [backup] scratch_dir's default: the job's socket and scratch files, see _Job
 Log = Callable[[str], None]
-_POLL = 0.05
-JOB_DIR_PREFIX = "kvmconf-backup-"  # + PID and time: a run's NBD socket and scratch files, in [backup] scratch_dir
-JOB_OWNER = "vm"  # in a job dir: the VM whose run made it, so that a run whose journal was lost is still cleaned up
 _NOTICE_STOPPED = 5.0  # seconds libvirt may take to see that QEMU died, after its NBD export closed
 _VM_STOPPED = "the VM stopped (or QEMU died) during the backup; the next backup will be a new full"
-FROZEN = "frozen"  # in the journal once the guest may be frozen: recovery thaws it
 # How far the newest restore point may be ahead of this host's clock before a run refuses: two runs in the
 # same second wait for the next one, but a point from a clock that was wrong (a boot before NTP) would make
 # that wait last until the clock catches up, every later run failing on the lock meanwhile.
 CLOCK_SKEW = dt.timedelta(minutes=1)
-
-
-class BackupFailed(KvmconfError):
-    """A backup run failed; what it had started was undone and earlier restore points are untouched."""
 
 
 @dataclass(frozen=True)
@@ -163,206 +147,6 @@ def backing_file(parent: Manifest | None, disk: VmDisk) -> str | None:
     return f"../{parent.time}/{disk.dev}.qcow2" if parent is not None and disk.tracked else None
 
 
-def explain_os_error(err: OSError, target: Path) -> str:
-    """`err` said about the file it names, a full disk about that file's directory (the backup target `target`
-    when it names none: a write to an open file, as stream.copy's, carries no name)."""
-    named = None if err.filename is None else Path(os.fsdecode(err.filename))
-    if err.errno == errno.ENOSPC:
-        where = target if named is None else named.parent
-        return (f"the backup target {where} is full (no space left on device): free space or move [backup] dir"
-                if where.is_relative_to(target) else f"{where} is full (no space left on device): free space there")
-    return f"{named or target}: {err.strerror or err}"
-
-
-def explain_libvirt_error(text: str, scratch_dir: Path) -> str:
-    """libvirt's errors: in pull mode libvirt and QEMU never write the backup target (this process does), so a
-    full filesystem libvirt hits holds the job's scratch files or the VM's own disks."""
-    if "No space left" in text or "ENOSPC" in text:
-        return (f"no space left for the backup job's scratch files (under {scratch_dir}, [backup] scratch_dir) or"
-                f" on the VM's own storage: free space there ({text})")
-    return text
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def our_checkpoints(dom: libvirt.virDomain) -> list[libvirt.virDomainCheckpoint]:
-    return [cp for cp in dom.listAllCheckpoints() if cp.getName().startswith(CHECKPOINT_PREFIX)]
-
-
-def delete_checkpoint(dom: libvirt.virDomain, name: str, disks: list[VmDisk], log: Log) -> bool:
-    """Delete one of our checkpoints, also when its bitmap is broken or the domain is shut off; False if absent."""
-    try:
-        cp = dom.checkpointLookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    try:
-        cp.delete(0)
-        return True
-    except libvirt.libvirtError as err:
-        log(f"{dom.name()}: checkpoint {name}: {err.get_error_message()}; removing its metadata only")
-    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-    if not dom.isActive():
-        # The bitmap stays in the qcow2 images: remove it offline so it never collects dirty blocks for nobody.
-        # Only this bitmap, named after our checkpoint: the images' data and other bitmaps are not touched.
-        for disk in disks:
-            if disk.tracked:
-                removed = subprocess.run(["qemu-img", "bitmap", "--remove", disk.path, name], capture_output=True,
-                                         text=True, check=False)
-                if removed.returncode != 0:  # it keeps recording writes, harmlessly: said, not fatal
-                    log(f"{dom.name()}: could not remove bitmap {name} from {disk.path}:"
-                        f" {removed.stderr.strip() or 'exit status ' + str(removed.returncode)}")
-    return True
-
-
-# --- recovery -------------------------------------------------------------------------------------
-
-def recover(dom: libvirt.virDomain | None, store: VmStore, log: Log, scratch_dir: Path | None = None) -> list[str]:
-    """Undo what an interrupted run of this VM left (called with the VM's lock held). Idempotent.
-
-    Thaws the guest's filesystems if the run may have frozen them, aborts the backup job it started
-    (a pull job lasts until aborted, also after its client died), deletes the checkpoint it created
-    (its parent then still covers every write), and removes its partial files and its job directory,
-    also one that no journal names any more: any job dir of this VM in `scratch_dir` is a dead run's.
-    The VM's disks are not written (delete_checkpoint says the one exception, on a shut-off VM).
-    A job on the VM that is not the run's (another tool's backup, a migration) is left alone, and so is
-    what the run left: recovery fails. Only the thaw comes first, whatever runs: a guest left frozen
-    blocks every write of its filesystems. A run stopped once its point was in place has nothing to undo.
-    """
-    notes: list[str] = []
-    try:
-        entry = journal.read(store.dir)
-    except journal.Unreadable as err:
-        # Damaged (see journal.Unreadable): what the run started is unknown, so whatever it may have left is undone.
-        # Its checkpoint, not named, is deleted with the other unused ones by the next backup (_retire_checkpoints);
-        # its job dir is found from its job while that runs, else by the VM's name in it (_dead_job_dirs).
-        notes.append(f"{err}: undoing what the interrupted run it described may have left")
-        entry = {"time": "(its journal does not parse)",
-                 FROZEN: dom is not None and bool(dom.isActive()) and has_guest_agent(dom.XMLDesc(0))}
-    if entry is not None and store.is_point(str(entry.get("time"))):
-        # Stopped after its point was moved into place (the job ended, its dir removed) and before the journal
-        # was cleared: undoing it would delete the checkpoint that point's next incremental starts from.
-        notes.append(f"the interrupted run {entry['time']} had finished its point: nothing to undo")
-        entry = None
-        journal.clear(store.dir)
-    if entry is not None and dom is not None:
-        if entry.get(FROZEN) and dom.isActive():
-            notes.append(_thaw_left_frozen(dom))
-        if dom.isActive() and _job_active_when_settled(dom):
-            _refuse_unless_ours(dom, entry)
-            if not entry.get("job_dir"):  # a lost journal: the job's socket says where its dir and scratch files are
-                entry["job_dir"] = str(_job_dir(dom))
-            try:
-                dom.abortJob()
-                notes.append(f"aborted the backup job of the interrupted run {entry['time']}")
-            except libvirt.libvirtError as err:
-                notes.append(f"could not abort the interrupted run's job: {err.get_error_message()}")
-            jobs.wait_until_ended(dom, 60.0)
-        checkpoint = entry.get("checkpoint")
-        if checkpoint:
-            disks, _ = domain_disks(dom.XMLDesc(0))
-            if delete_checkpoint(dom, checkpoint, disks, lambda _m: None):
-                notes.append(f"deleted checkpoint {checkpoint} of the interrupted run")
-    if entry is not None and entry.get("job_dir"):
-        shutil.rmtree(entry["job_dir"], ignore_errors=True)  # the NBD socket and scratch files
-    # As many bytes as the guest overwrote during its job. A job still running (its journal deleted, not lost: no
-    # recovery aborts it) keeps its dir, as the refusal of the next backup says it runs.
-    running = _job_dir(dom) if dom is not None and dom.isActive() else None
-    for job_dir in _dead_job_dirs(scratch_dir, store.vm):
-        if job_dir == running:
-            continue
-        shutil.rmtree(job_dir, ignore_errors=True)
-        notes.append(f"removed {job_dir}, the job dir of a run whose journal was lost")
-    for partial in store.partials():
-        shutil.rmtree(partial, ignore_errors=True)
-        notes.append(f"removed the partial backup {partial.name}")
-    if entry is not None:
-        journal.clear(store.dir)
-    for note in notes:
-        log(f"{store.vm}: recovery: {note}")
-    return notes
-
-
-def _dead_job_dirs(scratch_dir: Path | None, vm: str) -> list[Path]:
-    """The job dirs in `scratch_dir` that a run of `vm` made: with the VM's lock held, no run of it is alive."""
-    if scratch_dir is None:
-        return []
-    found = []
-    for job_dir in scratch_dir.glob(JOB_DIR_PREFIX + "*"):
-        with suppress(OSError):  # another VM's run may be removing its own right now
-            if (job_dir / JOB_OWNER).read_text() == vm:
-                found.append(job_dir)
-    return found
-
-
-def _thaw_left_frozen(dom: libvirt.virDomain) -> str:
-    """fsThaw of filesystems that may be frozen; a guest that is not frozen (or has no agent) makes it a no-op."""
-    try:
-        dom.fsThaw()
-        return "thawed the guest's filesystems the interrupted run may have left frozen"
-    except libvirt.libvirtError as err:
-        return f"could not thaw the guest's filesystems the interrupted run may have left frozen: " \
-            f"{err.get_error_message()}"
-
-
-def _refuse_unless_ours(dom: libvirt.virDomain, entry: dict[str, Any]) -> None:
-    """The active job is the interrupted run's only when it is a backup job exporting on the socket in its job dir;
-    when the journal was lost, in a job dir of ours (the VM's lock held, no other run of ours can be running)."""
-    job_dir = entry.get("job_dir")
-    if job_dir and _runs_our_job(dom, Path(job_dir)):
-        return
-    if "job_dir" not in entry and _runs_our_job(dom, None):
-        return
-    raise BackupFailed(f"another job runs on the VM ({jobs.describe(dom)}), not the backup job of the interrupted"
-                       f" run {entry.get('time')}: it and what that run left are left alone; run the backup again"
-                       " when it has ended")
-
-
-def _runs_our_job(dom: libvirt.virDomain, job_dir: Path | None) -> bool:
-    """Whether the VM's job is the backup job of the run whose job dir this is (its NBD socket is in it); with
-    None, of any run of ours (its socket is in a job dir named as ours are)."""
-    found = _job_dir(dom)
-    if found is None:
-        return False
-    return found == job_dir if job_dir else found.name.startswith(JOB_DIR_PREFIX)
-
-
-def _job_dir(dom: libvirt.virDomain) -> Path | None:
-    """The directory of the VM's pull-mode backup job's NBD socket; None without such a job."""
-    try:
-        socket = backup_socket(dom.backupGetXMLDesc(0))
-    except libvirt.libvirtError:  # no backup job: a migration, a block job of another tool, ...
-        return None
-    return None if socket is None else Path(socket).parent
-
-
-def _refuse_another_job(dom: libvirt.virDomain) -> None:
-    """libvirt runs one job per VM: a backup begun beside another would wait 30 s for it, then fail saying only
-    that it could not acquire a lock."""
-    if jobs.active(dom):
-        raise BackupFailed(f"another job runs on the VM ({jobs.describe(dom)}): it is left alone; run the backup"
-                           " again when it has ended")
-
-
-def _job_active_when_settled(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
-    """Whether a job runs, once libvirt can say so.
-
-    A client killed during backupBegin leaves libvirt finishing the begin on its own for a moment,
-    answering "backup job data missing" meanwhile. Deleting the checkpoint in that moment crashed
-    libvirtd 9.0 here, so recovery waits for a clear answer.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
-        except libvirt.libvirtError as err:
-            if time.monotonic() > deadline:
-                raise BackupFailed(f"libvirt cannot say whether the interrupted run's backup job still runs:"
-                                   f" {err.get_error_message()}") from None
-        time.sleep(_POLL)
-
-
-# --- the backup ----------------------------------------------------------------------------------
-
 def _decide_incremental(checkpoints: list[str], disks: list[VmDisk], points: list[Manifest], settings: Settings,
                         store: VmStore) -> tuple[Manifest | None, str]:
     """The point to build on, or None and why a full is taken."""
@@ -418,141 +202,7 @@ class _Progress:
             self.open_line = False
 
 
-def _freeze(dom: libvirt.virDomain, xml: str, may_freeze: Callable[[], None]) -> str | None:
-    """Freeze the guest's filesystems through the agent; the reason when that could not be done."""
-    if not has_guest_agent(xml):  # libvirt would refuse too, after a round trip (up to 11 ms on a busy host)
-        return "the VM has no guest agent channel (org.qemu.guest_agent.0)"
-    may_freeze()
-    try:
-        dom.fsFreeze()
-        return None
-    except libvirt.libvirtError as err:
-        return err.get_error_message()
-
-
-def _thaw(dom: libvirt.virDomain, log: Log) -> None:
-    try:
-        dom.fsThaw()
-    except libvirt.libvirtError as err:
-        log(f"{dom.name()}: WARNING: thawing the guest's filesystems failed: {err.get_error_message()}")
-
-
-@dataclass(frozen=True)
-class _Job:
-    """Where a pull job's NBD socket and scratch files go: private to QEMU (it creates the socket) and root.
-
-    Short (a unix socket path has at most 107 bytes) and outside /run (QEMU may have a /run of its
-    own). The name is known before it exists, so the journal can name it first.
-    """
-
-    dir: Path
-    sizes: dict[str, int]  # dev -> virtual size
-    owner: tuple[int, int] | None  # QEMU's uid and gid
-    vm: str  # written into the dir (JOB_OWNER): a VM name can be too long for the socket's path
-
-    @classmethod
-    def plan(cls, dom: libvirt.virDomain, xml: str, disks: list[VmDisk], stamp: str, scratch_dir: Path) -> _Job:
-        return cls(scratch_dir / f"{JOB_DIR_PREFIX}{os.getpid()}-{stamp}",
-                   {d.dev: _virtual_size(dom, d) for d in disks}, qemu_owner(xml), dom.name())
-
-    @property
-    def socket(self) -> Path:
-        return self.dir / "nbd.sock"
-
-    def make(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)  # a reused PID's leftover
-        self.dir.mkdir(mode=0o700)
-        (self.dir / JOB_OWNER).write_text(self.vm)
-        self._chown(self.dir)
-
-    def make_scratch(self) -> None:
-        """An empty qcow2 scratch file per disk, made here in microseconds (REUSE_EXTERNAL): libvirt would
-        create each with a QEMU job of its own, a noticeable part of a small incremental's time."""
-        for dev, size in self.sizes.items():
-            scratch = self.dir / f"{dev}.scratch"
-            scratch.unlink(missing_ok=True)
-            scratch.write_bytes(qcow2.plan(size, []).metadata)
-            self._chown(scratch)
-
-    def _chown(self, path: Path) -> None:
-        if self.owner is not None:
-            os.chown(path, *self.owner)
-
-
-def _virtual_size(dom: libvirt.virDomain, disk: VmDisk) -> int:
-    """QEMU's size of a disk (a scratch file must match it): a qcow2's from its header, read in microseconds;
-    others from libvirt's blockInfo, which asks QEMU twice (2-4 ms per disk, of a ~90 ms incremental)."""
-    if disk.format == "qcow2":
-        with suppress(OSError), open(disk.path, "rb") as image:
-            size = qcow2.header_size(image.read(32))
-            if size is not None:
-                return size
-    return int(dom.blockInfo(disk.dev)[0])
-
-
-def _begin(dom: libvirt.virDomain, xml: str, job: _Job, disks: list[VmDisk], skipped: list[str],
-           parent: Manifest | None, checkpoint: str, notes: list[str], log: Log,
-           may_freeze: Callable[[], None]) -> tuple[Manifest | None, bool]:
-    """Start the pull job (guest frozen around it when the agent answers); the parent it really builds on, and
-    whether the guest was frozen (the notes say why not).
-
-    `may_freeze` is called before the freeze is tried: it journals that a recovery must thaw.
-    """
-    frozen_error = _freeze(dom, xml, may_freeze)
-    if frozen_error is not None:
-        notes.append(f"not frozen (crash-consistent): {frozen_error}")
-    since = None if parent is None else parent.checkpoint
-    flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL  # the scratch files are ours
-    try:
-        job.make_scratch()
-        try:
-            dom.backupBegin(backup_xml(job.socket, job.dir, disks, skipped, since),
-                            checkpoint_xml(checkpoint, disks, skipped), flags)
-        except libvirt.libvirtError as err:
-            if parent is None or err.get_error_code() != libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT:
-                raise BackupFailed(err.get_error_message()) from None
-            # A bitmap broken by a crash of QEMU: drop that checkpoint and start a new chain at once.
-            notes.append(f"full: checkpoint {parent.checkpoint} is broken ({err.get_error_message()})")
-            delete_checkpoint(dom, str(parent.checkpoint), disks, log)
-            parent = None
-            job.make_scratch()
-            dom.backupBegin(backup_xml(job.socket, job.dir, disks, skipped, None),
-                            checkpoint_xml(checkpoint, disks, skipped), flags)
-    finally:
-        if frozen_error is None:
-            _thaw(dom, log)
-    return parent, frozen_error is None
-
-
-def _retire_checkpoints(dom: libvirt.virDomain, checkpoints: list[str], parent: Manifest | None, disks: list[VmDisk],
-                        log: Log) -> None:
-    """Delete our checkpoints other than the one this run starts from: they keep bitmaps up to date for nobody.
-
-    Done before the job: a delete takes ~2.5 ms then, while during a job QEMU first drains the reads
-    in flight (stalls of up to 30 ms measured) and after it libvirt makes the delete wait for the job's
-    teardown. The parent's checkpoint is kept until the next run, so a failed run is still followed
-    by an incremental.
-    """
-    keep = None if parent is None else parent.checkpoint
-    for name in checkpoints:
-        if name != keep:
-            delete_checkpoint(dom, name, disks, log)
-
-
-def _end_job(dom: libvirt.virDomain, job: _Job) -> None:
-    """A pull job ends only when aborted (libvirt then reports it 'canceled': that is its normal end). Only ours:
-    a begin that failed may have met another tool's job (a backup, a migration), which runs on.
-
-    Waits until it has ended, so that the undo of a failed run, which comes next, finds no job. It found one once
-    (in six runs of the full-target test on a loaded machine) and left the run's partial files; likely the aborted
-    job, still ending, with its backup XML gone, taken for another tool's job. Not reproduced in 27 tries."""
-    with suppress(libvirt.libvirtError):
-        if dom.isActive() and jobs.active(dom) and _runs_our_job(dom, job.dir):
-            dom.abortJob()
-            jobs.wait_until_ended(dom, 60.0)
-
-
-def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
+def _plan_disks(job: JobDir, disks: list[VmDisk], parent: Manifest | None,
                 ) -> list[tuple[VmDisk, NbdClient, qcow2.Layout]]:
     """Connect to each disk's export and lay its file out; the caller closes the clients."""
     plans = []
@@ -572,40 +222,6 @@ def _plan_disks(job: _Job, disks: list[VmDisk], parent: Manifest | None,
     return plans
 
 
-def _check_scratch_space(job: _Job, disks: list[VmDisk]) -> None:
-    """Refuse before the job starts when the scratch files might not fit in the job dir's filesystem.
-
-    While the job runs, QEMU copies the old content of each cluster the guest overwrites into the disk's
-    scratch file first, once per cluster; a cluster that held no data costs nothing (measured in the lab:
-    8 MiB written over holes grew the scratch file by 64 KiB, 4 MiB over data by 4 MiB). So the scratch
-    files need at most the data the images hold: their allocated size (capped at the virtual size; for a
-    block device, an LV, its whole size). That is the worst case, a guest rewriting all its data during
-    the backup, and the one checked: backup-notes.md §5 says never to let the scratch location fill up
-    (what QEMU 7.2 then does to the guest's writes was not tried here). Data in a qcow2's backing file is
-    not counted: a template under every VM's image would be counted once per VM.
-    """
-    needed = sum(_data_size(disk, job.sizes[disk.dev]) for disk in disks)
-    try:
-        stats = os.statvfs(job.dir.parent)
-    except FileNotFoundError:
-        raise BackupFailed(f"[backup] scratch_dir {job.dir.parent} does not exist: `fab kvm-setup`"
-                           " creates it") from None
-    free = stats.f_bavail * stats.f_frsize
-    if needed > free:
-        raise BackupFailed(f"the scratch space {job.dir.parent} is too small for this backup: the guest's writes"
-                           f" during the job may need up to {needed >> 20} MiB there (the data its disks hold),"
-                           f" {free >> 20} MiB are free: free space on that filesystem, or set [backup] scratch_dir"
-                           " to a directory with room")
-
-
-def _data_size(disk: VmDisk, virtual_size: int) -> int:
-    with suppress(OSError):
-        info = os.stat(disk.path)
-        if stat.S_ISREG(info.st_mode):
-            return min(info.st_blocks * 512, virtual_size)
-    return virtual_size
-
-
 def _check_space(where: Path, needed: int) -> None:
     """Refuse before writing anything when the files cannot fit (they are sized exactly in advance)."""
     free = shutil.disk_usage(where).free
@@ -619,7 +235,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     disks, skipped = domain_disks(xml)
     if not disks:
         raise BackupFailed("the VM has no disk to back up")
-    _refuse_another_job(dom)
+    refuse_another_job(dom)
     points = store.points()
     checkpoints = [cp.getName() for cp in our_checkpoints(dom)]
     parent, why_full = _decide_incremental(checkpoints, disks, points, settings, store)
@@ -627,13 +243,13 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     if parent is None:
         notes.append(f"full: {why_full}")
     notes += left_out(xml)
-    _retire_checkpoints(dom, checkpoints, parent, disks, log)
+    retire_checkpoints(dom, checkpoints, parent, disks, log)
     stamp = _new_time(store)
     checkpoint = CHECKPOINT_PREFIX + stamp
     partial = store.dir / (stamp + PARTIAL)
     started = time.monotonic()
-    job = _Job.plan(dom, xml, disks, stamp, settings.scratch_dir)
-    _check_scratch_space(job, disks)
+    job = JobDir.plan(dom, xml, disks, stamp, settings.scratch_dir)
+    check_scratch_space(job, disks)
     entry = {"time": stamp, "checkpoint": checkpoint, "pid": os.getpid(), "partial": partial.name,
              "job_dir": str(job.dir)}
     journal.write(store.dir, entry)
@@ -647,7 +263,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
     checksums: dict[str, str] = {}
     progress = _Progress(store.vm, settings.progress)
     try:
-        parent, frozen = _begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log, may_freeze)
+        parent, frozen = begin(dom, xml, job, disks, skipped, parent, checkpoint, notes, log, may_freeze)
         plans = _plan_disks(job, disks, parent)
         try:
             _check_space(store.dir, sum(layout.file_size for _, _, layout in plans))
@@ -663,7 +279,7 @@ def _running_backup(dom: libvirt.virDomain, store: VmStore, settings: Settings, 
             raise BackupFailed(_VM_STOPPED) from None
         raise BackupFailed(str(err)) from None
     finally:
-        _end_job(dom, job)
+        end(dom, job)
         shutil.rmtree(job.dir, ignore_errors=True)
     if not dom.isActive():
         raise BackupFailed(_VM_STOPPED)

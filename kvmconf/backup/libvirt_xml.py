@@ -73,7 +73,7 @@ def backup_xml(socket: Path, scratch_dir: Path, disks: list[VmDisk], skipped: li
 
     QEMU copies a block to the disk's scratch file before the guest overwrites it, so the export
     stays at the job's point in time. libvirt 9.0 needs the scratch file named (it has no default);
-    the engine creates them itself (REUSE_EXTERNAL) as <scratch_dir>/<dev>.scratch.
+    pull_job.py creates them itself (REUSE_EXTERNAL) as <scratch_dir>/<dev>.scratch.
     """
     root = ET.Element("domainbackup", mode="pull")
     if incremental is not None:

@@ -13,7 +13,8 @@ import libvirt
 
 from generators.files import fsync_path
 from kvmconf.backup import journal
-from kvmconf.backup.engine import our_checkpoints, run_tool
+from kvmconf.backup.checkpoints import our_checkpoints
+from kvmconf.backup.engine import run_tool
 from kvmconf.backup.libvirt_xml import domain_disks
 from kvmconf.backup.store import POINT_NAME, DiskFile, Manifest, VmStore, dependents
 from kvmconf.errors import KvmconfError
