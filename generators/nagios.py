@@ -135,6 +135,20 @@ def backup_targets(cluster: Cluster) -> list[tuple[str, str, int]]:
     return [(vm.name, reachable[vm.host], cluster.site.hosts[vm.host].ssh_port) for vm in backed_up]
 
 
+def remote_command(checkout: str) -> str:
+    """check_by_ssh's -C for the backup check: the command the host's shell runs, written as one word of a Nagios
+    command_line.
+
+    Four readers take it apart in turn: Nagios's object parser (`;` starts a comment unless escaped as `\\;`), its
+    macro processor (`$$` is a `$`; the `$HOSTNAME$` at the end is the VM), the Nagios server's /bin/sh (one
+    single-quoted word) and the host's shell (the checkout quoted once more). A `cd` that fails exits 1 or 2, which
+    check_by_ssh passes on as WARNING or CRITICAL: `|| exit 3` makes a checkout that is not there UNKNOWN.
+    """
+    command = f"cd {shlex.quote(checkout)} || exit 3 && .venv/bin/invoke backup-status --nagios --vm "
+    in_quotes = command.replace("'", "'\\''").replace("$", "$$").replace(";", "\\;")
+    return f"'{in_quotes}$HOSTNAME$'"
+
+
 def backup_check(cluster: Cluster) -> dict[str, object]:
     """What backup.cfg needs: the targets, and how the check runs and judges."""
     backup = cluster.site.backup
@@ -142,7 +156,7 @@ def backup_check(cluster: Cluster) -> dict[str, object]:
     hours = limit.total_seconds() / 3600
     return {
         "covered": backup_targets(cluster),
-        "checkout": shlex.quote(backup.checkout),
+        "remote_command": remote_command(backup.checkout),
         "schedule": " ".join(backup.schedule.split()),
         "limit": f"{hours:g} h",
     }

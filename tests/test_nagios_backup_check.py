@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 import pwd
+import shlex
 import socket
 import subprocess
 import time
@@ -20,6 +21,7 @@ from generators import nagios
 from generators.model import Cluster
 from kvmconf.backup.store import TIME_FORMAT
 from tests.test_backup_safety import local_point
+from tests.test_nagios import DEBIAN_OBJECTS, _state_settings
 from tests.tools import ROOT, missing, require_tool, run
 
 CHECK_BY_SSH = "/usr/lib/nagios/plugins/check_by_ssh"  # monitoring-plugins-basic, which nagios4-common depends on
@@ -87,7 +89,8 @@ def _command_line(cluster: Cluster) -> str:
 def _check(cluster: Cluster, vm: str, sshd: Sshd, site: Path) -> tuple[int, str]:
     """What Nagios gets from the BACKUP check of ``vm``: its macros expanded, the command run by /bin/sh (Nagios 4
     hands a command line with shell syntax to `/bin/sh -c`). The only addition: the ssh options that stand in for
-    the nagios user's ~/.ssh, and KVMCONF_SITE passed through to the remote invoke."""
+    the nagios user's ~/.ssh, and KVMCONF_SITE passed through to the remote invoke. Nagios's own escapes (`\\;`,
+    `$$`) are not undone here: a checkout with `;` or `$` is _check_in_nagios's."""
     line = _command_line(cluster).replace("$ARG1$", "127.0.0.1").replace("$ARG2$", str(sshd.port))
     line = line.replace("$HOSTNAME$", vm)
     assert line.startswith(f"{CHECK_BY_SSH} "), line
@@ -140,3 +143,79 @@ def test_a_missing_checkout_is_unknown_not_a_backup_warning(example: Cluster, ss
     assert said and str(gone) in said, said
     assert _check(_with_checkout(example, gone), "provision", sshd, site) == (
         3, f"Remote command execution failed: {said}\n")
+
+
+# --- the command line as nagios4 itself reads and runs it ------------------------------------------------------------
+
+
+def _status(status_dat: str, vm: str) -> dict[str, str]:
+    """The BACKUP service's block of status.dat, as key -> value."""
+    for block in status_dat.split("servicestatus {")[1:]:
+        fields = dict(line.strip().split("=", 1) for line in block.split("}")[0].strip().splitlines())
+        if (fields["host_name"], fields["service_description"]) == (vm, "BACKUP"):
+            return fields
+    raise AssertionError(f"no BACKUP service of {vm} in status.dat")
+
+
+def _check_in_nagios(cluster: Cluster, vm: str, sshd: Sshd, site: Path, tmp_path: Path) -> tuple[int, str]:
+    """The state and plugin output of one forced BACKUP check, run by a real nagios4 from the generated objects (with
+    Debian's commands and timeperiods): its object parser, its macros and its way of running the command line."""
+    host = cluster.site.hosts[cluster.vm(vm).host]  # at our sshd: its address here, its port below
+    hosts = {**cluster.site.hosts, host.name: dataclasses.replace(host, address="127.0.0.1")}
+    cluster = dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts))
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    for path, content in nagios.render(cluster).items():
+        assert isinstance(content, str)
+        if path.name == "backup.cfg":  # the stand-in for the nagios user's ~/.ssh, as in _check, and sshd's port
+            target = "kvmconf-check-backup!127.0.0.1!"
+            assert f" {CHECK_BY_SSH} -H " in content and f"{target}22\n" in content, content
+            content = content.replace(CHECK_BY_SSH, f"{CHECK_BY_SSH} {sshd.ssh_options} -o SetEnv=KVMCONF_SITE={site}")
+            content = content.replace(f"{target}22\n", f"{target}{sshd.port}\n")
+        (objects / path.name).write_text(content)
+    state = tmp_path / "var"
+    cfg = tmp_path / "nagios.cfg"
+    cfg.write_text("\n".join([
+        *DEBIAN_OBJECTS, f"cfg_dir={objects}", *_state_settings(tmp_path),
+        f"query_socket={state / 'nagios.qh'}",  # else /var/lib/nagios4/rw, the system's nagios's
+        # Only the forced check runs (a forced check runs whatever these say), and nothing is mailed.
+        "execute_service_checks=0", "execute_host_checks=0", "enable_notifications=0",
+        "check_external_commands=1", "check_result_reaper_frequency=1", "status_update_interval=1"]) + "\n")
+    process = subprocess.Popen([require_tool("nagios4"), str(cfg)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (state / "nagios.cmd").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nagios4 did not start: {process.poll()=}; {(state / 'nagios.log').read_text()}")
+            time.sleep(0.1)
+        now = int(time.time())
+        with (state / "nagios.cmd").open("w") as commands:
+            commands.write(f"[{now}] SCHEDULE_FORCED_SVC_CHECK;{vm};BACKUP;{now}\n")
+        while True:
+            status = state / "status.dat"
+            fields = _status(status.read_text(), vm) if status.exists() else {"has_been_checked": "0"}
+            if fields["has_been_checked"] == "1":
+                return int(fields["current_state"]), fields["plugin_output"]
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nagios4 ran no check: {process.poll()=}; {(state / 'nagios.log').read_text()}")
+            time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+@pytest.mark.parametrize("name", ["kvm;conf", "it's", "$HOME", 'a"b', "back\\slash;", "a\\;b", "`id`"])
+def test_nagios_hands_the_checkout_to_the_hosts_shell_unchanged(example: Cluster, sshd: Sshd, site: Path,
+                                                                tmp_path: Path, name: str) -> None:
+    """site.toml takes any absolute path without whitespace: in the object file `;` starts a comment and `$` a macro,
+    and the command line goes through the Nagios server's /bin/sh before the host's shell reads it."""
+    gone = tmp_path / name / "kvmconf"  # not there: the host's shell says the path it got
+    shell = pwd.getpwnam("root").pw_shell
+    said = run([Path(shell).name, "-c", f"cd {shlex.quote(str(gone))}"], executable=shell).stderr.strip()
+    assert said.endswith(f"{gone}: No such file or directory"), said
+    # Nagios shows a ";" of a plugin's output as ":" (in status.dat and everywhere after it).
+    assert _check_in_nagios(_with_checkout(example, gone), "provision", sshd, site, tmp_path) == (
+        3, f"Remote command execution failed: {said}".replace(";", ":"))
