@@ -49,3 +49,38 @@ def test_a_critical_line_says_the_vms_last_failure(tmp_path: Path) -> None:
         2, f"BACKUP CRITICAL - web: last good 20261120T023000Z, 2.1 d old, last run failed (20261122T023000Z:"
            f" {scratch}); db: no backup, last run failed (20261122T023000Z: not defined on kvm0); ldap: no backup"
            " (limit 26.0 h)")
+
+
+def test_a_multi_line_error_stays_on_the_checks_one_status_line(tmp_path: Path) -> None:
+    """libvirt's errors carry QEMU's stderr, lines and all. Nagios takes the first line as the status (the one in
+    the mail and the overview) and the rest as long output, perfdata there included: the line broke in the middle of
+    the error, and whatever followed it, other VMs' problems and the limit, was no longer on the status line."""
+    site = tmp_path / "site.toml"
+    site.write_text((ROOT / "site.toml").read_text().replace('dir = "/var/backups/kvmconf"', f'dir = "{tmp_path}/b"'))
+    now = dt.datetime.now(dt.UTC)
+    local_point(tmp_path / "b", "provision", (now - dt.timedelta(hours=1)).strftime(TIME_FORMAT))
+    error = ("internal error: qemu unexpectedly closed the monitor: 2026-11-22T02:30:01.123456Z\n"
+             "qemu-system-x86_64: -blockdev {\"driver\":\"file\"}:\r\n  Could not open '/x': Permission denied\n")
+    journal.write(tmp_path / "b" / "provision", {"time": "20261122T023000Z", "ok": False, "error": error},
+                  journal.LAST_RUN)
+    nagios = invoke("backup-status", "--nagios", "--vm", "provision", site=site)
+    assert nagios.returncode == 1, nagios.stdout + nagios.stderr
+    status, perf = nagios.stdout.split(" | ")
+    assert status == ("BACKUP WARNING - provision: last run failed (20261122T023000Z: internal error: qemu unexpectedly"
+                      " closed the monitor: 2026-11-22T02:30:01.123456Z qemu-system-x86_64: -blockdev"
+                      " {\"driver\":\"file\"}: Could not open '/x': Permission denied)")
+    assert perf.startswith("provision_age=") and perf.endswith(" provision_chain=1;;;0\n"), perf
+    assert "\n" not in perf[:-1] and "\r" not in nagios.stdout, nagios.stdout
+
+
+def test_a_check_that_fails_on_several_problems_says_them_on_one_line(tmp_path: Path) -> None:
+    """UNKNOWN with a ConfigError, one line per problem: the first problem alone reached the status line."""
+    site = tmp_path / "site.toml"
+    text = (ROOT / "site.toml").read_text().replace("\nkeep = 2\n", "\nkeep = 0\n")
+    site.write_text(text.replace("\nfull_every = 7\n", "\nfull_every = -1\n"))
+    keep, full_every = (site.read_text().splitlines().index(line) + 1 for line in ("keep = 0", "full_every = -1"))
+    nagios = invoke("backup-status", "--nagios", "--vm", "provision", site=site)
+    assert (nagios.returncode, nagios.stdout) == (
+        3, f"BACKUP UNKNOWN - backup-status failed: ConfigError: {site}:{keep}:1: key 'backup.keep': 0 is out of range"
+           f" (expected a positive integer) {site}:{full_every}:1: key 'backup.full_every': -1 is out of range"
+           " (expected a positive integer)\n"), nagios.stderr

@@ -115,9 +115,9 @@ def _critical(row: VmStatus) -> str:
     """The VM's problem, with its last run's failure if any: most often why its backups stopped, what the admin
     the check wakes needs first."""
     if row.unreadable:
-        return row.unreadable
+        return _one_line(row.unreadable)
     problem = _critical_problem(row)
-    return f"{problem}, last run failed ({row.last_error})" if row.last_error else problem
+    return f"{problem}, last run failed ({_one_line(row.last_error)})" if row.last_error else problem
 
 
 def _critical_problem(row: VmStatus) -> str:
@@ -182,7 +182,7 @@ def nagios(rows: list[VmStatus], limit: dt.timedelta) -> tuple[int, str]:
     """
     critical = [r for r in rows if r.unreadable or r.newest_damaged or r.newest_broken
                 or r.age is None or r.age > limit or in_the_future(r)]
-    warnings = "; ".join([f"{r.vm}: last run failed ({r.last_error})" for r in rows
+    warnings = "; ".join([f"{r.vm}: last run failed ({_one_line(r.last_error)})" for r in rows
                           if r.last_error and r not in critical]
                          + [f"{r.vm}: {_damaged(r)}" for r in rows if r.damaged and r not in critical]
                          + [f"{r.vm}: {_nas_damaged(r)}" for r in rows if r.nas_damaged])
@@ -208,10 +208,17 @@ def perfdata(rows: list[VmStatus], limit: dt.timedelta) -> str:
     return " ".join(values)
 
 
+def _one_line(text: str) -> str:
+    """An error message on one line, without the line break that often ends it: libvirt's errors carry QEMU's
+    stderr, and a ConfigError has a line per problem."""
+    return " ".join(text.split())
+
+
 def plugin_output(text: str, perf: str) -> str:
     """The check's one line: Nagios takes everything after the first "|" as performance data, so a "|" in the
-    text (from an error message) is shown as a broken bar instead."""
-    text = text.replace("|", "\u00a6")
+    text (from an error message) is shown as a broken bar instead; and it takes only the first line as the status
+    (the rest is long output, perfdata included), so line breaks become spaces."""
+    text = _one_line(text).replace("|", "\u00a6")
     return f"{text} | {perf}" if perf else text
 
 
