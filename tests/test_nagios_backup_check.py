@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 import pwd
+import re
 import shlex
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from generators import nagios
 from generators.model import Cluster
 from kvmconf.backup.store import TIME_FORMAT
 from tests.test_backup_safety import local_point
-from tests.test_nagios import DEBIAN_OBJECTS, _state_settings
+from tests.test_nagios import DEBIAN_NAGIOS_CFG, DEBIAN_OBJECTS, _state_settings
 from tests.tools import ROOT, missing, require_tool, run
 
 CHECK_BY_SSH = "/usr/lib/nagios/plugins/check_by_ssh"  # monitoring-plugins-basic, which nagios4-common depends on
@@ -219,3 +220,16 @@ def test_nagios_hands_the_checkout_to_the_hosts_shell_unchanged(example: Cluster
     # Nagios shows a ";" of a plugin's output as ":" (in status.dat and everywhere after it).
     assert _check_in_nagios(_with_checkout(example, gone), "provision", sshd, site, tmp_path) == (
         3, f"Remote command execution failed: {said}".replace(";", ":"))
+
+
+@pytest.mark.consumer
+def test_check_by_ssh_gives_up_before_debians_nagios_kills_the_check(example: Cluster) -> None:
+    """Nagios kills a check after service_check_timeout (60 s in Debian's nagios.cfg): a -t above it never applied,
+    and the admin read "(Service check timed out after 60.00 seconds)" instead of check_by_ssh's own message."""
+    if not DEBIAN_NAGIOS_CFG.exists():
+        missing(f"{DEBIAN_NAGIOS_CFG} is not there (make test-deps installs nagios4)")
+    settings = dict(line.split("=", 1) for line in DEBIAN_NAGIOS_CFG.read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    timeout = re.search(r" -t (\d+) ", _command_line(example))
+    assert timeout is not None, _command_line(example)
+    assert int(timeout[1]) < int(settings["service_check_timeout"]), (timeout[0], settings["service_check_timeout"])
