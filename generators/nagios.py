@@ -1,10 +1,12 @@
-"""Nagios 4 objects for every VM: build/nagios/{hostgroups,hosts,services,contacts}.cfg.
+"""Nagios 4 objects for every VM: build/nagios/{hostgroups,hosts,services,contacts,backup}.cfg.
 
 The files use only what Debian's nagios4 packages define in their stock nagios.cfg: the commands
-check-host-alive, check_ping, check_ssh (monitoring-plugins, /etc/nagios-plugins/config),
+check-host-alive, check_ping, check_ssh (monitoring-plugins-basic, /etc/nagios-plugins/config),
 notify-host-by-email and notify-service-by-email (/etc/nagios4/objects/commands.cfg) and the
-timeperiod 24x7 (/etc/nagios4/objects/timeperiods.cfg). Templates, contact and contactgroup are
-our own, prefixed `kvmconf-`, so they never clash with Debian's generic-host, admins, ... .
+timeperiod 24x7 (/etc/nagios4/objects/timeperiods.cfg). Templates, contact, contactgroup and the
+backup check's command are our own, prefixed `kvmconf-`, so they never clash with Debian's
+generic-host, admins, ... ; that command runs monitoring-plugins-basic's check_by_ssh
+(tests/test_nagios_backup_check.py runs it in a real nagios4, against a loopback sshd).
 
 One clash remains with the stock config: Debian's objects/localhost.cfg defines the hostgroup
 `linux-servers`, so a cluster.conf using that group needs localhost.cfg dropped from nagios.cfg
