@@ -159,8 +159,14 @@ def _status(status_dat: str, vm: str) -> dict[str, str]:
 
 
 def _check_in_nagios(cluster: Cluster, vm: str, sshd: Sshd, site: Path, tmp_path: Path) -> tuple[int, str]:
-    """The state and plugin output of one forced BACKUP check, run by a real nagios4 from the generated objects (with
-    Debian's commands and timeperiods): its object parser, its macros and its way of running the command line."""
+    """The state and plugin output of one forced BACKUP check run by a real nagios4: see _nagios_status."""
+    fields = _nagios_status(cluster, vm, sshd, site, tmp_path)
+    return int(fields["current_state"]), fields["plugin_output"]
+
+
+def _nagios_status(cluster: Cluster, vm: str, sshd: Sshd, site: Path, tmp_path: Path) -> dict[str, str]:
+    """The BACKUP service's status.dat entry after one forced check, run by a real nagios4 from the generated objects
+    (with Debian's commands and timeperiods): its object parser, its macros and its way of running the command line."""
     host = cluster.site.hosts[cluster.vm(vm).host]  # at our sshd: its address here, its port below
     hosts = {**cluster.site.hosts, host.name: dataclasses.replace(host, address="127.0.0.1")}
     cluster = dataclasses.replace(cluster, site=dataclasses.replace(cluster.site, hosts=hosts))
@@ -197,13 +203,27 @@ def _check_in_nagios(cluster: Cluster, vm: str, sshd: Sshd, site: Path, tmp_path
             status = state / "status.dat"
             fields = _status(status.read_text(), vm) if status.exists() else {"has_been_checked": "0"}
             if fields["has_been_checked"] == "1":
-                return int(fields["current_state"]), fields["plugin_output"]
+                return fields
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"nagios4 ran no check: {process.poll()=}; {(state / 'nagios.log').read_text()}")
             time.sleep(0.2)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.consumer
+@pytest.mark.services
+def test_nagios_reads_the_checks_state_output_and_perfdata(example: Cluster, sshd: Sshd, site: Path,
+                                                           tmp_path: Path) -> None:
+    if not (ROOT / ".venv/bin/invoke").exists():
+        missing("the check runs the checkout's .venv/bin/invoke: run `make` first")
+    point = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime(TIME_FORMAT)
+    local_point(site.parent / "b", "provision", point)
+    fields = _nagios_status(_with_checkout(example, ROOT), "provision", sshd, site, tmp_path)
+    assert (fields["current_state"], fields["plugin_output"]) == ("0", "BACKUP OK - provision 1.0 h"), fields
+    assert re.fullmatch(r"provision_age=36\d\ds;;93600;0 provision_stored=6B;;;0 provision_chain=1;;;0",
+                        fields["performance_data"]), fields
 
 
 @pytest.mark.consumer
