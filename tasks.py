@@ -233,10 +233,12 @@ def backup_status(c: Context, vm: list[str], nagios: bool = False) -> None:
             code, text = report.nagios(rows, limit)
             line = report.plugin_output(text, report.perfdata(rows, limit))
         except Exception as err:  # any failure, a bug included, must reach Nagios as UNKNOWN
-            if not isinstance(err, KvmconfError | ConfigError | UsageError):
-                traceback.print_exc()  # a bug: its traceback on stderr, which Nagios does not show
             why = f"{type(err).__name__}: {err}"
             code, line = 3, report.plugin_output(f"BACKUP UNKNOWN - backup-status failed: {why}", "")
+            if not isinstance(err, KvmconfError | ConfigError | UsageError):
+                # A bug: its traceback after the line, on stdout, as Nagios's long output. On stderr, check_by_ssh
+                # would show its first line, "Traceback (most recent call last):", in place of ours.
+                line += "\n" + traceback.format_exc().rstrip().replace("|", "\u00a6")
         print(line)
         raise Exit(code=code)
     with user_errors():

@@ -6,6 +6,9 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+from invoke import Context, Exit
+
 from kvmconf.backup import journal, report
 from kvmconf.backup.store import TIME_FORMAT, VmStore
 from tests.test_backup_safety import local_point
@@ -84,3 +87,25 @@ def test_a_check_that_fails_on_several_problems_says_them_on_one_line(tmp_path: 
         3, f"BACKUP UNKNOWN - backup-status failed: ConfigError: {site}:{keep}:1: key 'backup.keep': 0 is out of range"
            f" (expected a positive integer) {site}:{full_every}:1: key 'backup.full_every': -1 is out of range"
            " (expected a positive integer)\n"), nagios.stderr
+
+
+def test_a_bug_in_the_nagios_check_is_unknown_with_its_traceback_as_long_output(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A bug is simulated (no input makes one on purpose): status_rows raises what no check of kvmconf raises.
+    import tasks
+    from kvmconf.backup import cluster
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a | b")
+    monkeypatch.setattr(cluster, "status_rows", broken)
+    monkeypatch.setattr(tasks.inputs, "load", lambda: None)
+    with pytest.raises(Exit) as ended:
+        tasks.backup_status(Context(), ["provision"], nagios=True)
+    out, err = capsys.readouterr()
+    # check_by_ssh shows stderr in place of the line when there is any: all of it goes to stdout, the status line
+    # first (a '|' after it would start perfdata: shown as a broken bar).
+    assert (ended.value.code, err) == (3, "")
+    status, *long_output = out.splitlines()
+    assert status == "BACKUP UNKNOWN - backup-status failed: RuntimeError: a \u00a6 b"
+    assert long_output[0] == "Traceback (most recent call last):"
+    assert long_output[-1] == "RuntimeError: a \u00a6 b"
