@@ -40,8 +40,8 @@ def render(cluster: Cluster) -> dict[PurePosixPath, str | bytes]:
         cluster,
         covered=sorted(covered.items()),
         excluded=[vm.name for vm in cluster.vms if not vm.backup],
-        schedule=" ".join(backup.schedule.split()),
-        verify_schedule=" ".join(backup.verify_schedule.split()),
+        schedule=backup.schedule,
+        verify_schedule=backup.verify_schedule,
         checkout=cron_argument(backup.checkout),
         log=cron_argument(backup.log),
     )

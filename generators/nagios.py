@@ -159,7 +159,7 @@ def backup_check(cluster: Cluster) -> dict[str, object]:
     return {
         "covered": backup_targets(cluster),
         "remote_command": remote_command(backup.checkout),
-        "schedule": " ".join(backup.schedule.split()),
+        "schedule": backup.schedule,
         "limit": f"{hours:g} h",
     }
 

@@ -287,6 +287,7 @@ def _read_schedule(b: TableReader, key: str = "schedule", default: str = "30 2 *
             b.problem(key, f"{shown(schedule)} runs at most once in two years (a day that never comes, such"
                       f" as February 31st?): expected a schedule that runs at least yearly, e.g. '{default}'")
             return None
+        schedule = " ".join(schedule.split())  # as cron's file and the Nagios check's comment show it
     return schedule
 
 
