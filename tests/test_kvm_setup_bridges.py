@@ -76,9 +76,26 @@ def only_ovs(example: Cluster) -> Cluster:
 
 
 def test_netplan_file_without_linux_bridges_has_no_empty_sections(only_ovs: Cluster) -> None:
-    # An empty `bridges:` parses as null, which netplan refuses ("expected mapping").
+    # An empty `bridges:` parses as null, which netplan refuses ("expected mapping"). And no eno1 either: no Linux
+    # bridge nor VLAN of kvmconf uses it, and its `dhcp4: false` here overrode the host's own file, address and all.
     doc = yaml.load(_files(only_ovs, "netplan"), UniqueKeyLoader)
-    assert doc == {"network": {"version": 2, "ethernets": {"eno1": {"dhcp4": False, "dhcp6": False}}}}
+    assert doc == {"network": {"version": 2}}
+
+
+def test_netplan_file_overrides_no_address_of_the_hosts_own_files(example: Cluster) -> None:
+    # netplan merges its files, a later file's key overriding an earlier one's: `dhcp4: false` on the uplink and on
+    # every bridge took the host's address away where its own file (50-cloud-init.yaml) gave it by DHCP, on a NIC
+    # that carries VLANs alone, or on the bridge the admin had moved it to. Only a bridge port's DHCP is turned off.
+    doc = yaml.load(_files(example, "netplan"), UniqueKeyLoader)["network"]
+    assert doc["ethernets"] == {"eno1": {"dhcp4": False, "dhcp6": False}}  # br0's port
+    assert doc["bridges"] == {
+        "br60": {"interfaces": ["eno1.60"], "parameters": {"stp": False, "forward-delay": 0}},
+        "br0": {"interfaces": ["eno1"], "parameters": {"stp": False, "forward-delay": 0}}}
+    vlans_only = {name: net for name, net in example.site.networks.items() if net.vlan}
+    tagged = dataclasses.replace(example, site=dataclasses.replace(example.site, networks=vlans_only))
+    doc = yaml.load(_files(tagged, "netplan"), UniqueKeyLoader)["network"]
+    assert doc["ethernets"] == {"eno1": {}}  # declared, for the VLAN's `link`; its settings are the host's files'
+    assert doc["vlans"] == {"eno1.60": {"id": 60, "link": "eno1"}}
 
 
 def test_ifupdown_file_and_network_manager_without_linux_bridges_configure_nothing(only_ovs: Cluster,
