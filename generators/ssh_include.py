@@ -37,8 +37,16 @@ def include_line(included: Path) -> str:
 
 
 def updated_text(current: str, line: str) -> str:
-    """``current`` with ``line`` first and nowhere else; every other line untouched."""
-    rest = [old for old in current.splitlines(keepends=True) if old.rstrip("\r\n") != line.rstrip("\n")]
+    """``current`` with ``line`` first and nowhere else; every other line untouched, its line ending too.
+
+    Lines end at LF alone, as ssh reads them (str.splitlines would also split at a form feed, CR, U+2028...), and
+    ``line`` ends as the file's first line does, so a CR LF config (edited on Windows) stays CR LF.
+    """
+    lines = [f"{text}\n" for text in current.split("\n")]
+    lines[-1] = lines[-1].removesuffix("\n")  # what follows the last LF: "" or a last line without one
+    if lines and lines[0].endswith("\r\n"):
+        line = line.removesuffix("\n") + "\r\n"
+    rest = [old for old in lines if old.rstrip("\r\n") != line.rstrip("\r\n")]
     return line + "".join(rest)
 
 
@@ -49,8 +57,9 @@ def ensure_include(config: Path, included: Path) -> bool:
     line = include_line(included.resolve())
     config = Path(os.path.realpath(config.expanduser()))
     try:
-        # ssh reads bytes: a line that is not UTF-8 (a Latin-1 comment) is kept as it is, byte for byte.
-        current = config.read_text(encoding="utf-8", errors="surrogateescape")
+        # ssh reads bytes: a line that is not UTF-8 (a Latin-1 comment) is kept as it is, byte for byte, and so are
+        # its line endings (read_text would turn every CR LF into LF).
+        current = config.read_bytes().decode("utf-8", errors="surrogateescape")
         mode = config.stat().st_mode & 0o7777
     except FileNotFoundError:
         current, mode = "", NEW_FILE_MODE

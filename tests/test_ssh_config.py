@@ -194,6 +194,42 @@ def test_ssh_reads_the_include_of_a_config_that_is_not_utf8(built: Path, tmp_pat
     assert (web["hostname"], web["user"]) == ("192.168.50.21", "root")
 
 
+# A config edited on Windows has CR LF line endings; reading it as text turned them all into LF, rewriting every
+# line of the user's file, and an Include line already on top in CR LF was "added" again on every run.
+CRLF_CONFIG = b"Host gw\r\n    HostName 10.0.0.1\r\nMatch host web\r\n    User alice\r\nHost *\r\n    User bob"
+
+
+def test_include_keeps_the_line_endings_of_a_crlf_config(built: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_bytes(CRLF_CONFIG)
+    assert ssh_include.ensure_include(config, built) is True
+    assert config.read_bytes() == include_of(built).replace("\n", "\r\n").encode() + CRLF_CONFIG
+    before = config.stat()
+    assert ssh_include.ensure_include(config, built) is False  # found on top, CR LF and all: nothing to change
+    assert (config.stat().st_mtime_ns, config.stat().st_ino) == (before.st_mtime_ns, before.st_ino)
+
+
+def test_include_splits_lines_at_lf_only_as_ssh_does(built: Path, tmp_path: Path) -> None:
+    # ssh reads up to LF: a form feed or a lone CR is inside a line, not the end of one (str.splitlines disagrees).
+    config = tmp_path / "config"
+    own = f"# old\rHost *\f{include_of(built)}Host gw\x0c\n"
+    config.write_text(own)
+    assert ssh_include.ensure_include(config, built) is True
+    assert config.read_bytes().decode() == include_of(built) + own
+
+
+@pytest.mark.consumer
+def test_ssh_reads_the_include_of_a_crlf_config(built: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_bytes(CRLF_CONFIG)
+    ssh_include.ensure_include(config, built)
+    ssh = require_tool("ssh")
+    web = effective(ssh, config, "web")
+    assert (web["hostname"], web["user"]) == ("192.168.50.21", "root")
+    gw = effective(ssh, config, "gw")
+    assert (gw["hostname"], gw["user"]) == ("10.0.0.1", "bob")
+
+
 def test_tasks_find_the_chosen_config_or_say_it_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing, config = tmp_path / "missing", tmp_path / "config"
     config.write_text("")
