@@ -5,13 +5,15 @@ ssh uses the first value it finds for each option, and an Include below a `Host`
 apply inside that block, so the line must come before the user's own blocks. Every other line of
 the file is kept as it is. A second run changes nothing (not even the mtime); a change is written
 to a temporary file beside the config and renamed over it, so ssh never reads half a file. A
-symlinked config (dotfile managers) is written through to its target, keeping the link.
+symlinked config (dotfile managers) is written through to its target, keeping the link; a read-only
+one is refused, naming the line to add by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -66,6 +68,11 @@ def ensure_include(config: Path, included: Path) -> bool:
     new = updated_text(current, line)
     if new == current:
         return False
+    if not mode & stat.S_IWUSR:
+        # A config made read-only (by hand, or by a dotfile manager that owns it and would write it over) is not
+        # replaced behind its owner's back, as the rename would (only the directory's permissions count for it).
+        raise IncludeError(f"{config} is read-only (mode {mode:04o}), so it was left as it is: make it writable"
+                           f" and run again, or put this line at its top yourself: {line.rstrip()}")
     if not config.parent.is_dir():
         config.parent.mkdir(mode=SSH_DIR_MODE, parents=True)
         config.parent.chmod(SSH_DIR_MODE)  # mkdir's mode is reduced by the umask

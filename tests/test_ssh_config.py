@@ -144,6 +144,25 @@ def test_include_writes_through_a_symlinked_config(built: Path, tmp_path: Path) 
     assert target.read_text() == include_of(built) + "Host gw\n"
 
 
+def test_include_leaves_a_read_only_config_alone_and_says_what_to_add(built: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The rename replaced a read-only config (a dotfile manager's, which would later write it over) all the same.
+    config = tmp_path / "config"
+    config.write_text("Host gw\n")
+    config.chmod(0o444)
+    assert ssh_include.main(["--build", str(built.parent.parent), "--config", str(config)]) == 1
+    assert capsys.readouterr().err == (
+        f"kvmconf: {config} is read-only (mode 0444), so it was left as it is: make it writable and run again, or put"
+        f" this line at its top yourself: Include {built}\n")
+    assert config.read_text() == "Host gw\n"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o444
+    config.chmod(0o644)  # once the line is in, a read-only config is fine: nothing to write
+    assert ssh_include.ensure_include(config, built) is True
+    config.chmod(0o444)
+    assert ssh_include.main(["--build", str(built.parent.parent), "--config", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config} already includes {built}\n"
+
+
 def test_include_quotes_a_path_with_blanks(tmp_path: Path) -> None:
     assert ssh_include.include_line(tmp_path / "my build" / "config") == f'Include "{tmp_path}/my build/config"\n'
     with pytest.raises(ssh_include.IncludeError, match="cannot be written in an ssh Include line"):
