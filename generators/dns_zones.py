@@ -15,7 +15,8 @@ network's zone, or an IPv6 one, has no zone here to put a PTR in (dnsmasq still 
 
 The NS record names ns.<domain>, an A record for the provision server (unless a VM or a host with a
 record is itself called `ns`, whose record then serves). The provision server's PTR is ns.<domain>
-unless a VM or such a host has its address.
+unless a VM or such a host has its address, or ns.<domain> is that VM's or host's name (then the
+server has no name here, and no PTR, as in dnsmasq/hosts).
 
 The SOA serial is the first 32 bits of the SHA-256 of the zone rendered with serial 0: it changes
 whenever the content does and stays the same otherwise, with no clock and no state. It does not
@@ -116,8 +117,10 @@ def reverse_records(cluster: Cluster, hosts: list[HostRecord]) -> dict[str, list
             held[reverse_origin(zone)] = zone
     ptrs = [(vm.ip, cluster.fqdn(vm)) for vm in cluster.vms]
     ptrs += [(host.ip, host.fqdn) for host in hosts if isinstance(host.ip, IPv4Address)]
-    server = _provision_server(cluster)
-    if all(ip != server for ip, _ in ptrs):
+    # The server's PTR names ns.<domain> only where that is its name: a VM or host called ns has the name, and its
+    # own PTR, and a PTR for a name that points elsewhere fails every forward-confirmed lookup (dnsmasq has none).
+    server = ns_address(cluster, hosts)
+    if server is not None and all(ip != server for ip, _ in ptrs):
         ptrs.append((server, f"{NS_NAME}.{cluster.site.domain}"))
     # Zones never nest (site.toml refuses overlapping subnets), so an address is in one zone at most: a VM's in its
     # network's; a host's or the server's may be in none (no PTR then) or beside a /25 in its /24 zone.

@@ -142,3 +142,43 @@ def test_provision_server_outside_the_vms_gets_the_ns_ptr(example: Cluster) -> N
     assert reverse.find_rdataset("6", dns.rdatatype.PTR)[0].target.to_text() == "ns.phys.example.org."
     forward = parse(zones(elsewhere)[FORWARD], "phys.example.org.")
     assert [rdata.address for rdata in forward.find_rdataset("ns", dns.rdatatype.A)] == ["192.168.50.6"]
+
+
+def _renamed(cluster: Cluster, old: str, new: str) -> Cluster:
+    return replace(cluster, vms=tuple(replace(vm, name=new) if vm.name == old else vm for vm in cluster.vms))
+
+
+def _with_host(cluster: Cluster, name: str, address: str) -> Cluster:
+    hosts = dict(cluster.site.hosts)
+    hosts[name] = replace(hosts["kvm1"], name=name, address=address)
+    return replace(cluster, site=replace(cluster.site, hosts=hosts))
+
+
+def _server_at(cluster: Cluster, address: str) -> Cluster:
+    provision = replace(cluster.site.provision, server=IPv4Address(address), vm=None)
+    return replace(cluster, site=replace(cluster.site, provision=provision))
+
+
+@pytest.mark.parametrize("variant", ["example", "server-outside-the-vms", "vm-called-ns", "host-called-ns"])
+def test_every_ptr_names_a_name_whose_a_record_is_that_address(example: Cluster, variant: str) -> None:
+    """Forward-confirmed reverse DNS: a PTR to a name whose A record is another address fails every check of it
+    (sshd's UseDNS, TCP wrappers, mail servers). The provision server outside the VMs had the PTR ns.<domain> even
+    when ns was a VM's or a host's name, and address; dnsmasq/hosts gives it no name then."""
+    cluster = {"example": example, "server-outside-the-vms": _server_at(example, "192.168.50.6"),
+               "vm-called-ns": _server_at(_renamed(example, "scratch", "ns"), "192.168.50.6"),
+               "host-called-ns": _server_at(_with_host(example, "ns", "192.168.50.7"), "192.168.50.6")}[variant]
+    rendered = zones(cluster)
+    forward = parse(rendered[FORWARD], "phys.example.org.", relativize=False)
+    addresses = {str(name): sorted(rdata.address for rdata in rdataset)
+                 for name, rdataset in forward.iterate_rdatasets(dns.rdatatype.A)}
+    ptrs: dict[str, list[str]] = {}
+    for path, text in rendered.items():
+        if path != FORWARD:
+            reverse = parse(text, path.name.removesuffix(".zone") + ".", relativize=False)
+            for name, rdataset in reverse.iterate_rdatasets(dns.rdatatype.PTR):
+                ptrs[dns.reversename.to_address(name)] = [rdata.target.to_text() for rdata in rdataset]
+    assert ptrs, variant
+    for address, targets in ptrs.items():
+        assert [addresses.get(target) for target in targets] == [[address]], (address, targets)
+    if variant != "example":  # the server at .6 has its PTR only while ns.<domain> is its name
+        assert ("192.168.50.6" in ptrs) == (variant == "server-outside-the-vms")
