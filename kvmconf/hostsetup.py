@@ -105,8 +105,12 @@ def vf_network_files(cluster: Cluster, host: PhysicalHost) -> list[FileSpec]:
             for pf in sorted(host.sriov)]
 
 
-def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str]) -> list[list[str]]:
-    """nmcli argument lists creating the connections not yet in ``existing`` (named kvmconf-<bridge>[-port])."""
+def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str], active: set[str]) -> list[list[str]]:
+    """nmcli argument lists creating the connections not yet in ``existing`` (named kvmconf-<bridge>[-port]), then
+    bringing up every bridge when one was created, else the bridges not ``active``.
+
+    Not only after a creation: a run whose `connection up` failed has created them all, and the next one found
+    nothing to create and left the bridge down."""
     commands: list[list[str]] = []
     for bridge in bridges(cluster, host):
         con = f"kvmconf-{bridge.name}"
@@ -118,8 +122,8 @@ def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str]) -> 
             kind = ["type", "vlan", "dev", host.uplink, "id", str(bridge.vlan)] if bridge.vlan else ["type", "ethernet"]
             commands.append(["nmcli", "connection", "add", *kind, "con-name", f"{con}-port", "ifname", bridge.port,
                              "master", bridge.name, "slave-type", "bridge"])
-    ups = [["nmcli", "connection", "up", f"kvmconf-{b.name}"] for b in bridges(cluster, host)]
-    return commands + ups if commands else []
+    return commands + [["nmcli", "connection", "up", f"kvmconf-{b.name}"] for b in bridges(cluster, host)
+                       if commands or f"kvmconf-{b.name}" not in active]
 
 
 def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = False,
@@ -216,12 +220,10 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
     what = f"network ({host.network_stack})"
     _refuse_addressed_ports(conn, cluster, host, what)
     if bridge_file is None:  # NetworkManager: connections, not files
-        res = run(conn, command("nmcli", "-g", "NAME", "connection", "show"))
-        existing = set(res.stdout.split()) if res.ok else set()
-        commands = nmcli_commands(cluster, host, existing)
+        commands = nmcli_commands(cluster, host, _nm_connections(conn), _nm_connections(conn, "--active"))
         report.commands = commands
         if not commands:
-            report.lines.append(f"{what}: connections present")
+            report.lines.append(f"{what}: connections present and up")
         _apply(conn, commands, report, dry_run, what)
         return
     report.files[bridge_file.dest] = bridge_file.content
@@ -236,6 +238,13 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
     _apply(conn, report.commands, report, dry_run, what)
     _applied(conn, to_apply, dry_run)
+
+
+def _nm_connections(conn: Connection, *only: str) -> set[str]:
+    """The names of NetworkManager's connections (``--active``: of those up); none while nmcli is not installed yet,
+    in a dry run."""
+    res = run(conn, command("nmcli", "-g", "NAME", "connection", "show", *only))
+    return set(res.stdout.splitlines()) if res.ok else set()
 
 
 def _refuse_addressed_ports(conn: Connection, cluster: Cluster, host: PhysicalHost, what: str) -> None:

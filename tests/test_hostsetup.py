@@ -61,7 +61,7 @@ def test_bridges_follow_site_toml(example: Cluster) -> None:
 
 def test_network_manager_commands_are_listed_and_only_for_missing_connections(example: Cluster) -> None:
     host = _with_host(example, uplink="eno1", network_stack="networkmanager").site.hosts["kvm0"]
-    assert nmcli_commands(example, host, set()) == [
+    assert nmcli_commands(example, host, set(), set()) == [
         ["nmcli", "connection", "add", "type", "bridge", "con-name", "kvmconf-br60", "ifname", "br60",
          "bridge.stp", "no", "bridge.forward-delay", "0", "ipv4.method", "disabled", "ipv6.method", "ignore"],
         ["nmcli", "connection", "add", "type", "vlan", "dev", "eno1", "id", "60", "con-name", "kvmconf-br60-port",
@@ -72,7 +72,10 @@ def test_network_manager_commands_are_listed_and_only_for_missing_connections(ex
          "master", "br0", "slave-type", "bridge"],
         ["nmcli", "connection", "up", "kvmconf-br60"], ["nmcli", "connection", "up", "kvmconf-br0"]]
     every = {"kvmconf-br60", "kvmconf-br60-port", "kvmconf-br0", "kvmconf-br0-port"}
-    assert nmcli_commands(example, host, every) == []
+    assert nmcli_commands(example, host, every, every) == []
+    # All there, but a bridge down (an earlier run's `connection up` failed): up again, that one alone.
+    up_br0 = [["nmcli", "connection", "up", "kvmconf-br0"]]
+    assert nmcli_commands(example, host, every, every - {"kvmconf-br0"}) == up_br0
 
 
 def test_site_toml_network_keys_are_validated(tmp_path: Path) -> None:
@@ -372,6 +375,35 @@ def test_an_uplink_with_the_hosts_address_is_not_made_a_bridge_port(example: Clu
     finally:
         for link in ("eno1", "eno1.60"):  # and their veth peers with them
             subprocess.run([*ip, "link", "delete", link], check=False, capture_output=True)
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_a_network_manager_bridge_whose_up_failed_is_brought_up_by_the_next_run(example: Cluster,
+                                                                                farm: sshfarm.Farm) -> None:
+    # `nmcli connection up` failed after every connection was added: the next run found them all, added nothing,
+    # said "connections present" and exited 0 with the bridges down, the VMs on them cut off.
+    cluster = _with_host(example, network_stack="networkmanager", disk_dir="/var/lib/kvmconf-test-images")
+    stub = farm.root("kvm0") / "usr/local/sbin/nmcli"
+    working = stub.read_text()
+    failing_up = ('if [ "$2" = up ]; then echo "Error: Connection activation failed: No suitable device found for'
+                  ' this connection" >&2; exit 4; fi\n')
+    # What NetworkManager says then: both connections there, br60 up and br0 not.
+    one_down = ('if [ "$4" = show ]; then echo kvmconf-br60; [ "$5" = --active ] || echo kvmconf-br0; fi\n')
+    try:
+        stub.write_text(working + failing_up)
+        failed = setup(cluster, "kvm0", farm.ssh_config)
+        assert failed.error == ("network (networkmanager): nmcli connection up kvmconf-br60: exit 4: Error:"
+                                " Connection activation failed: No suitable device found for this connection")
+        stub.write_text(working + one_down)
+        farm.clear_logs()
+        again = setup(cluster, "kvm0", farm.ssh_config)
+    finally:
+        stub.write_text(working)
+    assert again.error is None, again.lines
+    assert farm.log("kvm0", "nmcli") == ["-g NAME connection show", "-g NAME connection show --active",
+                                         "connection up kvmconf-br0"]
+    assert "network (networkmanager): ran: nmcli connection up kvmconf-br0" in again.lines
 
 
 @pytest.mark.services

@@ -106,7 +106,7 @@ def test_ifupdown_file_and_network_manager_without_linux_bridges_configure_nothi
     listed = run([ifquery, "-i", str(interfaces), "-l"])
     assert (listed.returncode, listed.stdout.split()) == (0, ["lo"]), listed.stderr
     host = _with_host(only_ovs, uplink="eno1", network_stack="networkmanager").site.hosts["kvm0"]
-    assert nmcli_commands(only_ovs, host, set()) == []
+    assert nmcli_commands(only_ovs, host, set(), set()) == []
 
 
 def test_ifupdown_file_has_each_interface_once(shared: Cluster, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_ifupdown_file_has_each_interface_once(shared: Cluster, tmp_path: Path) 
 
 def test_network_manager_adds_each_connection_once(shared: Cluster) -> None:
     host = _with_host(shared, uplink="eno1", network_stack="networkmanager").site.hosts["kvm0"]
-    commands = nmcli_commands(shared, host, set())
+    commands = nmcli_commands(shared, host, set(), set())
     added = [words[words.index("con-name") + 1] for words in commands if words[2] == "add"]
     assert added == ["kvmconf-br60", "kvmconf-br60-port", "kvmconf-br0", "kvmconf-br0-port"]
     assert [words[3] for words in commands if words[2] == "up"] == ["kvmconf-br60", "kvmconf-br0"]
