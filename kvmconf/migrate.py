@@ -26,7 +26,8 @@ or changes it with ``edit``.
 
 Nothing is done unless cluster.conf with the new ``host=`` on the VM's line (what ``edit`` writes)
 passes the project's validation: the target's capacity, and the VM's cpuset, NUMA node and nic= devices
-on that host are checked there before any host is contacted.
+on that host are checked there before any host is contacted. Nor is it done when the domain has a disk other than
+the one cluster.conf gives the VM (and its seed ISO): a disk attached by hand, or the old one after disk= changed.
 """
 
 from __future__ import annotations
@@ -263,6 +264,27 @@ def _live_xml(xml: str, moves: Moves) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _sources(moves: Moves) -> str:
+    return " and ".join(src for src, _ in moves.files)
+
+
+def _disks_not_moved(dom: libvirt.virDomain, moves: Moves) -> list[str]:
+    """The domain's disk and CD-ROM files (or devices) that are not among the files the migration moves.
+
+    Only the disk cluster.conf gives the VM (and its seed ISO) is copied or created on the target, under the target's
+    paths: a disk an admin attached by hand, or the old disk of a VM whose disk= or disk_dir changed since it was
+    defined, would be left out of a cold move's definition, and a live one would mirror it into the same path on the
+    target, over whatever file is there. An empty CD-ROM drive has no source and does not count.
+    """
+    moved = {src for src, _ in moves.files}
+    found = []
+    for source in ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk/source"):
+        path = source.get("file") or source.get("dev") or source.get("name")
+        if path and path not in moved:
+            found.append(path)
+    return found
+
+
 def _disk_size(dom: libvirt.virDomain, path: str) -> int | None:
     """The virtual size in bytes of the domain's disk ``path``; None when libvirt cannot say (then cluster.conf's)."""
     try:
@@ -359,6 +381,13 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
                            " overwritten; nothing was changed (a migration keeps the files it moved away from: if"
                            f" this is what an earlier move of {name} off {to} left, remove it there and run this"
                            " again)")
+
+    unknown = _disks_not_moved(dom, moves)
+    if unknown:
+        raise KvmconfError(f"{name}: its domain on {vm.host} has disks that cluster.conf does not give it:"
+                           f" {', '.join(unknown)}; a migration moves only {_sources(moves)}, so it would start on {to}"
+                           f" without them (cold) or mirror them into whatever is at that path there (live); nothing"
+                           f" was changed (make cluster.conf say the disk the VM has, or detach the others)")
 
     try:
         disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied

@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from generators.model import Cluster
+from generators.model import Cluster, DiskKind
 from generators.validate import load_cluster
 from kvmconf import domains
 from kvmconf import migrate as migrate_module
@@ -504,3 +504,24 @@ def test_a_failed_copy_names_the_commands_and_what_the_failing_one_said(
         r" and the VM is still defined \(shut off\) on kvm0: start it there with `invoke start`", str(failed.value)
     ), str(failed.value)
     assert source.exists() and list(target_dir.iterdir()) == []
+
+
+def test_a_vm_whose_disk_changed_in_cluster_conf_is_not_stopped_for_a_copy_that_cannot_be_made(
+        two_hosts: Cluster) -> None:
+    """db runs on its raw db.img; cluster.conf now says disk=qcow2 (not applied: provision never replaces a disk).
+    A cold move powered the VM off, then failed to find db.qcow2 and left it shut off; it is refused up front."""
+    changed = dataclasses.replace(two_hosts, vms=tuple(
+        dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, kind=DiskKind.QCOW2)) if vm.name == "db" else vm
+        for vm in two_hosts.vms))
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        with pytest.raises(KvmconfError) as refused:
+            migrate(changed, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    kvm0 = two_hosts.site.hosts["kvm0"].disk_dir
+    assert str(refused.value) == (
+        f"db: its domain on kvm0 has disks that cluster.conf does not give it: {kvm0}/db.img; a migration moves only"
+        f" {kvm0}/db.qcow2, so it would start on kvm1 without them (cold) or mirror them into whatever is at that"
+        " path there (live); nothing was changed (make cluster.conf say the disk the VM has, or detach the others)")
+    assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []

@@ -263,3 +263,30 @@ def test_an_interrupt_while_migrate3_waits_for_another_tools_job_leaves_that_job
         assert dom.isActive() and dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert list((clean.images / "kvm1").iterdir()) == []
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_vm_with_a_disk_cluster_conf_does_not_give_it_is_not_moved(
+        workdir: Path, clean: lab.Lab, cold: bool) -> None:
+    """An admin attached a raw data disk to a qcow2 VM: a cold move defined the VM on the target without it (its data
+    left behind, said only as a line of the diff), and a live one mirrored it into the same path on the target, over
+    whatever was there. Refused before anything is done, naming the disk."""
+    _provision(workdir, clean, "web")
+    cluster = _lab_cluster(workdir, clean)
+    data = clean.images / "kvm0" / "web-data.img"
+    data.write_bytes(b"")
+    os.truncate(data, 64 << 20)
+    attach = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{data}'/>"
+              "<target dev='vdb' bus='virtio'/></disk>")
+    with lab_domain(clean, "kvm0", "web") as dom, connections(cluster) as conns:
+        dom.attachDeviceFlags(attach, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        with pytest.raises(KvmconfError) as refused:
+            migrate.migrate(cluster, "web", "kvm1", conns, force=cold, log=quiet, cold=cold)
+        assert dom.isActive()
+    assert str(refused.value) == (
+        f"web: its domain on kvm0 has disks that cluster.conf does not give it: {data}; a migration moves only"
+        f" {clean.images}/kvm0/web.qcow2, so it would start on kvm1 without them (cold) or mirror them into whatever is"
+        " at that path there (live); nothing was changed (make cluster.conf say the disk the VM has, or detach the"
+        " others)")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
+    assert list((clean.images / "kvm1").iterdir()) == []
