@@ -61,16 +61,20 @@ def host_group_clashes(hosts: Iterable[str]) -> dict[str, str]:
 
 
 def groups(cluster: Cluster) -> list[tuple[str, list[Vm]]]:
-    """(group, members in cluster.conf order): hostgroups sorted, then ungrouped, then host_<host>."""
+    """(group, members in cluster.conf order): hostgroups sorted, then host_<host>.
+
+    No [ungrouped] for the VMs without a hostgroup: Ansible's `ungrouped` holds only hosts that are in no other
+    group, and every VM is in its host_<host>, so Ansible would empty the section (`ansible ungrouped` matched
+    no host while the file listed some).
+    """
     by_hostgroup: dict[str, list[Vm]] = {}
     for hostgroup, members in cluster.hostgroups.items():
         by_hostgroup.setdefault(group_name(hostgroup), []).extend(members)
-    ungrouped = [vm for vm in cluster.vms if not vm.hostgroups]
     by_host: dict[str, list[Vm]] = {}
     for vm in cluster.vms:
         by_host.setdefault(group_name(f"host_{vm.host}"), []).append(vm)
     result: dict[str, list[Vm]] = {}
-    for name, vms in [*sorted(by_hostgroup.items()), (UNGROUPED, ungrouped), *sorted(by_host.items())]:
+    for name, vms in [*sorted(by_hostgroup.items()), *sorted(by_host.items())]:
         if vms:
             result.setdefault(name, []).extend(vms)
     order = {vm.name: index for index, vm in enumerate(cluster.vms)}
