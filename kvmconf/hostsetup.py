@@ -169,8 +169,9 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     if host.nested:
         res = run(conn, _NESTED)
         if not {"Y", "1"} & set(res.stdout.split()):
-            raise StepFailed("nested", "nested virtualisation is off (site.toml says nested = true): set `options"
-                              " kvm_intel nested=1` (or kvm_amd) in /etc/modprobe.d/ and reload the module")
+            raise StepFailed("nested", f"nested virtualisation is off, and [hosts.{host.name}] of {cluster.site.path}"
+                                       " says nested = true: set `options kvm_intel nested=1` (or kvm_amd) in a file"
+                                       " of /etc/modprobe.d/ and reload the module, or set nested = false")
         report.lines.append("nested: on")
     dirs = [host.disk_dir, cluster.site.backup.dir, cluster.site.backup.scratch_dir]
     res = run(conn, script(_MISSING_DIRS, *dirs))

@@ -182,8 +182,9 @@ def test_netplan_and_networkmanager_dry_runs_change_nothing(example: Cluster, fa
 def test_nested_virtualisation_check_names_the_fix(example: Cluster, farm: sshfarm.Farm) -> None:
     report = setup(_with_host(example, nested=True), "kvm0", farm.ssh_config, dry_run=True)
     # The chroot has an empty /sys: no KVM module says nested=Y there.
-    assert report.error is not None and report.error.startswith("nested: nested virtualisation is off")
-    assert "options kvm_intel nested=1" in report.error
+    assert report.error == ("nested: nested virtualisation is off, and [hosts.kvm0] of site.toml says nested = true:"
+                            " set `options kvm_intel nested=1` (or kvm_amd) in a file of /etc/modprobe.d/ and reload"
+                            " the module, or set nested = false")
 
 
 @pytest.mark.services
