@@ -12,8 +12,9 @@ there from the generated XML, start it, wait until it runs, and only then undefi
 source. The copy keeps a thin disk thin and reports its progress as it goes (:func:`copy_file`);
 it has no time limit, but its ssh gives up on a link that stopped answering for a minute.
 
-Either way, an install=cloud overlay's base image must be usable on the target: that is checked
-before the VM is stopped or anything is made there.
+Either way, an install=cloud overlay's base image must be usable on the target, and the target's disk_dir must
+be there with room for the VM's files (their allocated size): that is checked before the VM is stopped or anything
+is made there.
 
 A failure, Ctrl-C or SIGTERM (cron's or systemd's timeout, `kill`) on the way removes what the run
 made on the target (files, a domain it defined) and leaves the VM defined on its source; an
@@ -58,7 +59,7 @@ from kvmconf.cli import say  # each line flushed as it is said: a log of both st
 from kvmconf.connection import Connections
 from kvmconf.defined import inventory
 from kvmconf.errors import CommandFailed, KvmconfError, WrongUsage
-from kvmconf.plan import Artifacts, find_host, find_vm
+from kvmconf.plan import Artifacts, find_host, find_vm, missing_folders
 from kvmconf.runner import Runner, describe_failure, run_pipeline
 from kvmconf.signals import sigterm_as_interrupt
 from kvmconf.waiting import wait_until
@@ -113,9 +114,7 @@ def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callab
     bytes sent so far and the source's allocated size, every :data:`_CHECKPOINT` MiB; the copy has no time
     limit (it takes as long as the data needs).
     """
-    # --dereference: a symlinked disk or seed counts as the file it names, as the sending tar sends it.
-    allocated = source.check(["stat", "--dereference", "--format=%b %B", "--", src]).stdout.split()
-    total = int(allocated[0]) * int(allocated[1])
+    total = _allocated(source, src)
 
     def watch(line: str) -> bool:
         match = _PROGRESS_LINE.fullmatch(line)
@@ -132,6 +131,31 @@ def copy_file(source: Runner, target: Runner, src: str, dst: str, placed: Callab
     if not disks.make_new(target, dst, "kvmconf-migrating", copy, placed):
         raise KvmconfError(f"something else appeared at {dst} during the copy; it is never overwritten and was left"
                            " as it is")
+
+
+def _allocated(runner: Runner, path: str) -> int:
+    """The bytes ``path`` takes on its disk: what a copy sends and writes (a thin file's holes are neither)."""
+    # --dereference: a symlinked disk or seed counts as the file it names, as the sending tar sends it.
+    blocks, block_size = runner.check(["stat", "--dereference", "--format=%b %B", "--", path]).stdout.split()
+    return int(blocks) * int(block_size)
+
+
+def _check_room(vm: Vm, to: str, src_run: Runner, dst_run: Runner, moves: Moves, target: Cluster, moved: Vm) -> None:
+    """Refuse a target host without the directory of the VM's files, or without room for them there.
+
+    Checked before the VM is stopped: a cold move found either only when its copy failed, with the VM shut down
+    for nothing. A live one's mirror fills the empty disk made there with the data the VM's disk holds.
+    """
+    directory = posixpath.dirname(moves.files[0][1])  # the seed ISO goes to the same disk_dir
+    if not dst_run.existing([posixpath.join(directory, ".")]):
+        problem, = missing_folders(to, [disks.disk_spec(target, moved)], target)
+        raise KvmconfError(f"{problem}; nothing was changed")
+    needed = sum(_allocated(src_run, src) for src, _ in moves.files)
+    free = int(dst_run.check(["df", "--output=avail", "--block-size=1", "--", directory]).stdout.split()[-1])
+    if free < needed:
+        raise KvmconfError(f"{vm.name}: {directory} on {to} has {free >> 20} MiB free, and its files take"
+                           f" {needed >> 20} MiB on {vm.host} ({_sources(moves)}); nothing was changed: make room"
+                           f" there first")
 
 
 def _copy_pipeline(source: Runner, target: Runner, src: str, tmp: str) -> list[list[str]]:
@@ -391,6 +415,7 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
 
     try:
         disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied
+        _check_room(vm, to, conns.runner(vm.host), dst_run, moves, target, moved)
     except CommandFailed as err:
         raise KvmconfError(f"{err}; nothing was changed") from None
 

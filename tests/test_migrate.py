@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import libvirt
@@ -525,3 +525,47 @@ def test_a_vm_whose_disk_changed_in_cluster_conf_is_not_stopped_for_a_copy_that_
         f" {kvm0}/db.qcow2, so it would start on kvm1 without them (cold) or mirror them into whatever is at that"
         " path there (live); nothing was changed (make cluster.conf say the disk the VM has, or detach the others)")
     assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
+
+
+def test_a_target_without_its_disk_dir_is_refused_before_the_vm_is_stopped(two_hosts: Cluster) -> None:
+    """The cold move powered the VM off, then its copy failed on the missing directory: down for nothing."""
+    kvm1 = Path(two_hosts.site.hosts["kvm1"].disk_dir)
+    kvm1.rmdir()
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        with pytest.raises(KvmconfError) as refused:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    assert str(refused.value) == (f"db: the directory {kvm1} for its disk is not on kvm1; create it there (`fab"
+                                  f" kvm-setup` does), or fix disk_dir of [hosts.kvm1] in {two_hosts.site.path};"
+                                  " nothing was changed")
+    assert not kvm1.exists()
+
+
+@pytest.fixture
+def small_kvm1(two_hosts: Cluster) -> Iterator[Path]:
+    """kvm1's disk_dir on a filesystem of its own with 8 MiB: a real full disk (a tmpfs; needs root)."""
+    kvm1 = Path(two_hosts.site.hosts["kvm1"].disk_dir)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "kvmconf-test", str(kvm1)], check=True)
+    try:
+        yield kvm1
+    finally:
+        subprocess.run(["umount", str(kvm1)], check=True)
+
+
+def test_a_target_without_room_for_the_disk_is_refused_before_the_vm_is_stopped(
+        two_hosts: Cluster, small_kvm1: Path) -> None:
+    """The cold move powered the VM off, then its copy failed when the target's filesystem filled up."""
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        _write_20_mib(source)
+        with pytest.raises(KvmconfError) as refused:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    assert str(refused.value) == (f"db: {small_kvm1} on kvm1 has 8 MiB free, and its files take 20 MiB on kvm0"
+                                  f" ({source}); nothing was changed: make room there first")
+    assert list(small_kvm1.iterdir()) == []
