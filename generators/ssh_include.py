@@ -6,13 +6,14 @@ apply inside that block, so the line must come before the user's own blocks. Eve
 the file is kept as it is. A second run changes nothing (not even the mtime); a change is written
 to a temporary file beside the config and renamed over it, so ssh never reads half a file. A
 symlinked config (dotfile managers) is written through to its target, keeping the link; a read-only
-one is refused, naming the line to add by hand.
+one is refused, naming the line to add by hand, and so is root writing another user's config.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import stat
 import sys
 from pathlib import Path
@@ -52,6 +53,23 @@ def updated_text(current: str, line: str) -> str:
     return line + "".join(rest)
 
 
+def _owner(config: Path) -> int:
+    """The uid owning ``config`` or, while it does not exist, the nearest directory above it that does (the home)."""
+    for path in (config, *config.parents):
+        try:
+            return path.stat().st_uid
+        except FileNotFoundError:
+            continue
+    return 0  # not even / exists: unreachable
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def ensure_include(config: Path, included: Path) -> bool:
     """Make ``config`` start with the Include of ``included``; True if the file was changed."""
     if not included.is_file():
@@ -73,6 +91,13 @@ def ensure_include(config: Path, included: Path) -> bool:
         # replaced behind its owner's back, as the rename would (only the directory's permissions count for it).
         raise IncludeError(f"{config} is read-only (mode {mode:04o}), so it was left as it is: make it writable"
                            f" and run again, or put this line at its top yourself: {line.rstrip()}")
+    if os.geteuid() == 0 and (owner := _owner(config)) != 0:
+        # `sudo -E make ~/.ssh/config`, or a sudo that keeps HOME: the file root writes is root's. A 0600 config (as
+        # ssh advises) or a new ~/.ssh is then unreadable to the user's ssh, which skips it silently, all their
+        # entries with it; a 0644 one is no longer theirs to edit.
+        name = _user_name(owner)
+        raise IncludeError(f"{config} is {name}'s, not root's, so it was left as it is: run this as {name}"
+                           f" (a file root writes there would be root's, which {name}'s ssh may not read)")
     if not config.parent.is_dir():
         config.parent.mkdir(mode=SSH_DIR_MODE, parents=True)
         config.parent.chmod(SSH_DIR_MODE)  # mkdir's mode is reduced by the umask

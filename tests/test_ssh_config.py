@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -14,7 +16,7 @@ from generators.model import Cluster
 from kvmconf.errors import KvmconfError, WrongUsage
 from kvmconf.remote import chosen_ssh_config, generated_ssh_config
 from tests.golden import assert_golden
-from tests.tools import require_tool, run
+from tests.tools import missing, require_tool, run
 
 
 def effective(ssh: str, config: Path, host: str) -> dict[str, str]:
@@ -161,6 +163,53 @@ def test_include_leaves_a_read_only_config_alone_and_says_what_to_add(built: Pat
     config.chmod(0o444)
     assert ssh_include.main(["--build", str(built.parent.parent), "--config", str(config)]) == 0
     assert capsys.readouterr().out == f"{config} already includes {built}\n"
+
+
+@pytest.fixture
+def nobodys_home() -> Iterator[Path]:
+    """A home of user nobody's (uid 65534) that nobody can read, its parents too (tmp_path's are root's 0700)."""
+    if os.geteuid() != 0:
+        missing("giving a file to another user needs root")
+    with tempfile.TemporaryDirectory(prefix="kvmconf-home-") as top:
+        os.chmod(top, 0o755)
+        home = Path(top, "nobody")
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        yield home
+
+
+NOBODY = 65534
+
+
+@pytest.mark.consumer
+def test_root_leaves_another_users_config_alone(built: Path, nobodys_home: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # As root (`sudo -E make ~/.ssh/config`), the rename gave the user's 0600 config to root: their ssh could not
+    # read it any more and skipped it without a word, every entry of theirs gone.
+    config = nobodys_home / ".ssh" / "config"
+    config.parent.mkdir(mode=0o700)
+    config.write_text("Host gw\n    HostName 10.0.0.1\n")
+    config.chmod(0o600)
+    for path in (config.parent, config):
+        os.chown(path, NOBODY, NOBODY)
+    assert ssh_include.main(["--build", str(built.parent.parent), "--config", str(config)]) == 1
+    assert capsys.readouterr().err == (
+        f"kvmconf: {config} is nobody's, not root's, so it was left as it is: run this as nobody (a file root writes"
+        f" there would be root's, which nobody's ssh may not read)\n")
+    assert (config.read_text(), config.stat().st_uid, stat.S_IMODE(config.stat().st_mode)) == (
+        "Host gw\n    HostName 10.0.0.1\n", NOBODY, 0o600)
+    as_nobody = [require_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    result = run([*as_nobody, require_tool("ssh"), "-G", "-F", str(config), "gw"])
+    assert result.returncode == 0, result.stderr
+    assert "hostname 10.0.0.1" in result.stdout.splitlines()
+    # No config, no ~/.ssh yet: root creates neither in the user's home.
+    config.unlink()
+    config.parent.rmdir()
+    with pytest.raises(ssh_include.IncludeError) as err:
+        ssh_include.ensure_include(config, built)
+    assert str(err.value) == (f"{config} is nobody's, not root's, so it was left as it is: run this as nobody (a file"
+                              f" root writes there would be root's, which nobody's ssh may not read)")
+    assert sorted(nobodys_home.iterdir()) == []
 
 
 def test_include_quotes_a_path_with_blanks(tmp_path: Path) -> None:
