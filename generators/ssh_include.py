@@ -2,11 +2,12 @@
 
 Puts `Include <absolute path of BUILD/ssh/config>` on the FIRST line of the user's ssh config, once:
 ssh uses the first value it finds for each option, and an Include below a `Host` line would only
-apply inside that block, so the line must come before the user's own blocks. Every other line of
-the file is kept as it is. A second run changes nothing (not even the mtime); a change is written
-to a temporary file beside the config and renamed over it, so ssh never reads half a file. A
-symlinked config (dotfile managers) is written through to its target, keeping the link; a read-only
-one is refused, naming the line to add by hand, and so is root writing another user's config.
+apply inside that block, so the line must come before the user's own blocks. One already above
+them stays where it is (see updated_text). Every other line of the file is kept as it is. A second
+run changes nothing (not even the mtime); a change is written to a temporary file beside the config
+and renamed over it, so ssh never reads half a file. A symlinked config (dotfile managers) is
+written through to its target, keeping the link; a read-only one is refused, naming the line to
+add by hand, and so is root writing another user's config.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import re
 import stat
 import sys
 from pathlib import Path
@@ -39,18 +41,31 @@ def include_line(included: Path) -> str:
     return f"Include {text}\n"
 
 
-def updated_text(current: str, line: str) -> str:
-    """``current`` with ``line`` first and nowhere else; every other line untouched, its line ending too.
+def _starts_a_block(line: str) -> bool:
+    """Whether ssh reads ``line`` as a `Host` or `Match` line, whose block every later line belongs to."""
+    keyword = re.split(r"[ \t=\r\n\f]", line.lstrip(" \t"), maxsplit=1)[0]
+    return keyword.lower() in ("host", "match")
 
+
+def updated_text(current: str, line: str) -> str:
+    """``current`` with ``line`` above the first `Host` or `Match` line, once; every other line untouched, its line
+    ending too.
+
+    A ``line`` already there stays where it is: below another Include or option the user put first on purpose (to
+    override an entry), or below the Include of another cluster's build, so that two builds' lines do not swap
+    places on every run. Else it goes first, and a copy inside a block (where it only applies to that block) goes.
     Lines end at LF alone, as ssh reads them (str.splitlines would also split at a form feed, CR, U+2028...), and
     ``line`` ends as the file's first line does, so a CR LF config (edited on Windows) stays CR LF.
     """
     lines = [f"{text}\n" for text in current.split("\n")]
     lines[-1] = lines[-1].removesuffix("\n")  # what follows the last LF: "" or a last line without one
-    if lines and lines[0].endswith("\r\n"):
+    ours = [index for index, old in enumerate(lines) if old.rstrip("\r\n") == line.rstrip("\n")]
+    first_block = next((index for index, old in enumerate(lines) if _starts_a_block(old)), len(lines))
+    if ours and ours[0] < first_block:
+        return "".join(old for index, old in enumerate(lines) if index not in ours[1:])
+    if lines[0].endswith("\r\n"):
         line = line.removesuffix("\n") + "\r\n"
-    rest = [old for old in lines if old.rstrip("\r\n") != line.rstrip("\r\n")]
-    return line + "".join(rest)
+    return line + "".join(old for index, old in enumerate(lines) if index not in ours)
 
 
 def _owner(config: Path) -> int:

@@ -135,6 +135,50 @@ def test_include_found_lower_down_moves_to_the_top(built: Path, tmp_path: Path) 
     assert config.read_text() == include_of(built) + "Host gw\n    HostName 10.0.0.1\n"
 
 
+def test_include_above_every_block_stays_where_the_user_put_it(built: Path, tmp_path: Path) -> None:
+    # It was moved back to the very top on every run, undoing an order the user chose (their overrides first).
+    config = tmp_path / "config"
+    own = f"# overrides first\nInclude ~/.ssh/overrides\n{include_of(built)}\nHost *\n    User bob\n"
+    config.write_text(own)
+    assert ssh_include.ensure_include(config, built) is False
+    assert config.read_text() == own
+    # Inside a block (after a Host or Match line, however spelt) it applies to that block alone: it moves up.
+    for block in ("Host gw", "  HOST gw", "host=gw", "Match all", "\tmatch\thost gw"):
+        config.write_text(f"User bob\n{block}\n{include_of(built)}")
+        assert ssh_include.ensure_include(config, built) is True, block
+        assert config.read_text() == f"{include_of(built)}User bob\n{block}\n", block
+    # Not blocks: a comment, HostName, an option named like the keyword's start.
+    config.write_text(f"# Host gw\nHostName gw\nHostbasedAuthentication no\n{include_of(built)}Host gw\n")
+    assert ssh_include.ensure_include(config, built) is False
+    # A second copy goes, the first stays.
+    config.write_text(f"{include_of(built)}{include_of(built)}Host gw\n{include_of(built)}")
+    assert ssh_include.ensure_include(config, built) is True
+    assert config.read_text() == f"{include_of(built)}Host gw\n"
+
+
+def test_two_builds_included_do_not_swap_places_on_every_run(built: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other" / "ssh" / "config"  # a second cluster's build (README: Several clusters)
+    other.parent.mkdir(parents=True)
+    other.write_text(built.read_text())
+    config = tmp_path / "config"
+    config.write_text("Host gw\n")
+    assert ssh_include.ensure_include(config, built) is True
+    assert ssh_include.ensure_include(config, other) is True
+    assert config.read_text() == include_of(other) + include_of(built) + "Host gw\n"
+    assert ssh_include.ensure_include(config, built) is False
+    assert ssh_include.ensure_include(config, other) is False
+    assert config.read_text() == include_of(other) + include_of(built) + "Host gw\n"
+
+
+@pytest.mark.consumer
+def test_ssh_reads_a_users_option_put_above_the_include_first(built: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(f"User alice\n{include_of(built)}Host *\n    User bob\n")
+    ssh_include.ensure_include(config, built)
+    web = effective(require_tool("ssh"), config, "web")
+    assert (web["hostname"], web["user"]) == ("192.168.50.21", "alice")  # the user's choice, kept
+
+
 def test_include_writes_through_a_symlinked_config(built: Path, tmp_path: Path) -> None:
     target = tmp_path / "dotfiles" / "ssh_config"
     target.parent.mkdir()
