@@ -231,14 +231,30 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
     to_apply = _push(conn, [bridge_file], report, dry_run, what)
     if not to_apply:
         return
+    already_up: list[str] = []
     if host.network_stack == "netplan":
         report.commands = [["netplan", "apply"]]
     else:  # ifupdown: the VLAN subinterfaces before the bridges on them
         all_bridges = bridges(cluster, host)
-        vlans = [b.port for b in all_bridges if b.vlan and b.port]
-        report.commands = [["ifup", "--", *vlans, *[b.name for b in all_bridges]]]
+        names = [b.port for b in all_bridges if b.vlan and b.port] + [b.name for b in all_bridges]
+        # Open vSwitch networks alone: nothing to bring up, and ifup refuses an empty list ("no interface(s)
+        # specified"), which failed this run and, the file's mark kept, every later one.
+        report.commands = [["ifup", "--", *names]] if names else []
+        configured = _ifupdown_configured(conn)
+        already_up = [name for name in names if name in configured]
     _apply(conn, report.commands, report, dry_run, what)
+    if already_up:  # ifup says "already configured" and exits 0: the admin would take the change as applied
+        report.lines.append(f"{what}: {', '.join(already_up)} already up, which ifup leaves as they are: what this"
+                            " change does to them applies at the next boot, or at `ifdown <name> && ifup <name>`"
+                            " (which takes a bridge's VMs off it until they restart)")
     _applied(conn, to_apply, dry_run)
+
+
+def _ifupdown_configured(conn: Connection) -> set[str]:
+    """The interfaces ifupdown has brought up (its state file, /run/network/ifstate); none while it is not installed
+    yet, in a dry run."""
+    res = run(conn, command("ifquery", "--state"))
+    return {line.partition("=")[0] for line in res.stdout.splitlines()} if res.ok else set()
 
 
 def _nm_connections(conn: Connection, *only: str) -> set[str]:

@@ -407,6 +407,48 @@ def test_a_network_manager_bridge_whose_up_failed_is_brought_up_by_the_next_run(
     assert "network (networkmanager): ran: nmcli connection up kvmconf-br0" in again.lines
 
 
+BRIDGE_FILE = "/etc/network/interfaces.d/kvmconf-bridges"
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_ifupdown_without_linux_bridges_runs_no_ifup(example: Cluster, farm: sshfarm.Farm) -> None:
+    # Every network on Open vSwitch: the file changed, and `ifup --` with no interface failed ("ifup: no
+    # interface(s) specified", exit 1), that run and, the file's mark kept, every later one.
+    networks = {name: dataclasses.replace(net, ovs=True) for name, net in example.site.networks.items()}
+    only_ovs = dataclasses.replace(example, site=dataclasses.replace(example.site, networks=networks))
+    cluster = _with_host(only_ovs, network_stack="ifupdown", disk_dir="/var/lib/kvmconf-test-images")
+    farm.clear_logs()
+    report = setup(cluster, "kvm0", farm.ssh_config)
+    assert report.error is None, report.lines
+    assert f"network (ifupdown): changed: {BRIDGE_FILE}" in report.lines and farm.log("kvm0", "ifup") == []
+    again = setup(cluster, "kvm0", farm.ssh_config)
+    assert again.error is None and "network (ifupdown): unchanged" in again.lines
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_ifupdown_says_which_interfaces_ifup_left_as_they_were(example: Cluster, farm: sshfarm.Farm) -> None:
+    # ifup skips an interface that is up ("already configured", exit 0): a change to br0 did nothing until the next
+    # boot, while the run said "ran: ifup -- br60 br0" and dropped the mark, as if applied.
+    cluster = _with_host(example, network_stack="ifupdown", disk_dir="/var/lib/kvmconf-test-images")
+    (farm.root("kvm0") / BRIDGE_FILE.lstrip("/")).unlink(missing_ok=True)
+    state = farm.root("kvm0") / "run/network/ifstate"  # ifupdown's, which the real ifquery there reads
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("lo=lo\nbr0=br0\n")
+    try:
+        farm.clear_logs()
+        report = setup(cluster, "kvm0", farm.ssh_config)
+    finally:
+        state.unlink()
+    assert report.error is None, report.lines
+    assert farm.log("kvm0", "ifup") == ["-- br60 br0"]
+    assert report.lines[-3:-1] == [
+        "network (ifupdown): ran: ifup -- br60 br0",
+        "network (ifupdown): br0 already up, which ifup leaves as they are: what this change does to them applies at"
+        " the next boot, or at `ifdown <name> && ifup <name>` (which takes a bridge's VMs off it until they restart)"]
+
+
 @pytest.mark.services
 @pytest.mark.slow
 def test_an_ssh_error_midway_is_the_reports_error_and_the_lines_done_are_kept(example: Cluster,
