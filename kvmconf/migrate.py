@@ -18,8 +18,10 @@ is made there.
 
 A failure, Ctrl-C or SIGTERM (cron's or systemd's timeout, `kill`) on the way removes what the run
 made on the target (files, a domain it defined) and leaves the VM defined on its source; an
-interrupt then still ends the run. A live migration runs in a worker thread so that an interrupt
-can abort libvirt's job at once.
+interrupt then still ends the run. Once the VM runs on the target, only undefining the source is left: a failure
+or an interrupt there says that it runs on the target and how to undefine its out-of-date source (never to start
+it), and a second run says the same instead of asking to remove the domain on the target, the one that runs.
+A live migration runs in a worker thread so that an interrupt can abort libvirt's job at once.
 
 Either way the source's disk files stay where they were (the message says where) until the admin
 removes them, and cluster.conf still says the old ``host=``: the task says which line to change,
@@ -394,7 +396,11 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     if jobs.active(dom):  # a migration would wait 30 s for it and fail; a cold one would power the VM off under it
         raise KvmconfError(f"{name}: another job runs on the VM ({jobs.describe(dom)}): it is left alone and nothing"
                            " was changed; migrate again when it has ended")
-    if domains.lookup(dst_conn, name) is not None:
+    there = domains.lookup(dst_conn, name)
+    if there is not None and domains.is_active(there) and not domains.is_active(dom):
+        # What a move that did not finish leaves: "remove it first" would have the admin remove the VM that runs.
+        raise KvmconfError(f"{name}: it runs on {to} already; {_left_on_source(vm, to, conns.uri(vm.host))}")
+    if there is not None:
         raise KvmconfError(f"{name}: a domain of that name is defined on {to} already; remove it first")
     target, moved = on_host(cluster, vm, to)
     moves = files_to_copy(cluster, vm, target, moved)
@@ -424,16 +430,48 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
         if not wait_until(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60, every=0.2):
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
                                   f" {vm.host}: check both with `invoke status`")
-        domains.set_autostart(new, moved.autostart)
     else:
-        _migrate_cold(vm, to, conns, dom, target, moved, moves, force, shutdown_timeout, log)
-    _undefine_source(dom, vm, to, moves, log)
+        new = _migrate_cold(vm, to, conns, dom, target, moved, moves, force, shutdown_timeout, log)
+    log(f"{vm.name}: running on {to}")
+    with _finishing(vm, to, conns.uri(vm.host), log):
+        domains.set_autostart(new, moved.autostart)
+        domains.set_autostart(dom, False)
+        domains.undefine(dom, keep_nvram=False)
+    log(f"{vm.name}: undefined on {vm.host}; its files there are kept: {', '.join(src for src, _ in moves.files)}")
     return moved
 
 
+def _left_on_source(vm: Vm, to: str, uri: str) -> str:
+    """The state once the VM runs on ``to`` but its source is still defined, and the way out."""
+    return (f"it is still defined (shut off) on {vm.host}, where its disk is now out of date: never start it there;"
+            f" undefine it with `virsh -c {uri} undefine {vm.name} --nvram --checkpoints-metadata"
+            f" --snapshots-metadata` (its files there stay)")
+
+
+@contextmanager
+def _finishing(vm: Vm, to: str, uri: str, log: Log) -> Iterator[None]:
+    """Once the VM runs on ``to``: a failure or an interrupt of what is left (undefining the source) says where it is.
+
+    Without this, a source host that stopped answering showed only libvirt's error, and an interrupt only
+    "interrupted": the VM defined on both hosts, its out-of-date source still set to start at boot, and a second
+    run told to "remove" the one that runs.
+    """
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except (KvmconfError, libvirt.libvirtError, OSError) as err:
+        raise MigrationFailed(f"{vm.name}: moved to {to}, but its last step failed: {err}; it runs on {to}, and"
+                              f" {_left_on_source(vm, to, uri)}") from None
+    except KeyboardInterrupt:
+        log(f"{vm.name}: migration to {to} interrupted at its last step; it runs on {to}, and"
+            f" {_left_on_source(vm, to, uri)}")
+        raise
+
+
 def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
-                  moves: Moves, force: bool, shutdown_timeout: float, log: Log) -> None:
-    """Shut the VM down, copy its files to ``to``, define and start it there; on failure it stays on the source."""
+                  moves: Moves, force: bool, shutdown_timeout: float, log: Log) -> libvirt.virDomain:
+    """Shut the VM down, copy its files to ``to``, define and start it there (returned); on failure it stays on the
+    source."""
     src_run, dst_run = conns.runner(vm.host), conns.runner(to)
     if domains.is_active(dom):
         if force:
@@ -472,14 +510,7 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
             domains.power_off(new)
             domains.undefine(new, keep_nvram=False)
             raise
-
-
-def _undefine_source(dom: libvirt.virDomain, vm: Vm, to: str, moves: Moves, log: Log) -> None:
-    """Only called once the VM runs on ``to``."""
-    log(f"{vm.name}: running on {to}")
-    domains.set_autostart(dom, False)
-    domains.undefine(dom, keep_nvram=False)
-    log(f"{vm.name}: undefined on {vm.host}; its files there are kept: {', '.join(src for src, _ in moves.files)}")
+    return new
 
 
 def _conf_lines(path: Path) -> list[str]:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -569,3 +570,72 @@ def test_a_target_without_room_for_the_disk_is_refused_before_the_vm_is_stopped(
     assert str(refused.value) == (f"db: {small_kvm1} on kvm1 has 8 MiB free, and its files take 20 MiB on kvm0"
                                   f" ({source}); nothing was changed: make room there first")
     assert list(small_kvm1.iterdir()) == []
+
+
+def _left_on_kvm0(cluster: Cluster) -> str:
+    return ("it is still defined (shut off) on kvm0, where its disk is now out of date: never start it there; undefine"
+            f" it with `virsh -c {cluster.site.hosts['kvm0'].uri} undefine db --nvram --checkpoints-metadata"
+            " --snapshots-metadata` (its files there stay)")
+
+
+def test_a_source_that_cannot_be_undefined_says_the_vm_runs_on_the_target_and_what_to_do(
+        two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last step fails (mocked: a source host that stops answering just then cannot be arranged here). libvirt's
+    bare error was all the admin saw, with the VM defined on both hosts."""
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        real_undefine = domains.undefine
+
+        def undefine(dom: libvirt.virDomain, keep_nvram: bool) -> None:
+            if dom.connect().getURI() == conns.uri("kvm0"):
+                raise libvirt.libvirtError("Cannot recv data: Connection reset by peer")
+            real_undefine(dom, keep_nvram)
+
+        monkeypatch.setattr(domains, "undefine", undefine)
+        with pytest.raises(MigrationFailed) as failed:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm1").lookupByName("db"))
+        source = conns.get("kvm0").lookupByName("db")
+        assert not domains.is_active(source) and not source.autostart()
+    assert str(failed.value) == ("db: moved to kvm1, but its last step failed: Cannot recv data: Connection reset by"
+                                 f" peer; it runs on kvm1, and {_left_on_kvm0(two_hosts)}")
+
+
+def test_an_interrupt_at_the_last_step_says_where_the_vm_is_and_a_second_run_does_not_say_remove_it(
+        two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real Ctrl-C (SIGINT) just as the source is to be undefined: the run ended on "interrupted" alone, and the
+    next run told the admin to remove the domain on the target, the one that runs, with the only current disk."""
+    log: list[str] = []
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        real_undefine = domains.undefine
+
+        def undefine(dom: libvirt.virDomain, keep_nvram: bool) -> None:
+            if dom.connect().getURI() == conns.uri("kvm0"):
+                os.kill(os.getpid(), signal.SIGINT)
+            real_undefine(dom, keep_nvram)
+
+        monkeypatch.setattr(domains, "undefine", undefine)
+        with pytest.raises(KeyboardInterrupt):
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=log.append, cold=True)
+        monkeypatch.undo()
+        assert domains.is_active(conns.get("kvm1").lookupByName("db"))
+        assert not domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert log[-1] == ("db: migration to kvm1 interrupted at its last step; it runs on kvm1, and"
+                           f" {_left_on_kvm0(two_hosts)}")
+        with pytest.raises(KvmconfError) as refused:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+    assert str(refused.value) == f"db: it runs on kvm1 already; {_left_on_kvm0(two_hosts)}"
+
+
+def test_a_second_run_after_a_move_that_did_not_finish_does_not_say_remove_the_vm_that_runs(
+        two_hosts: Cluster) -> None:
+    """db runs on kvm1 and is still defined, shut off, on kvm0 (the state above, made directly)."""
+    with connections(two_hosts) as conns:
+        _running_db(two_hosts, conns)
+        conns.get("kvm0").lookupByName("db").destroy()
+        target, moved = on_host(two_hosts, two_hosts.vm("db"), "kvm1")
+        domains.start(domains.define(conns.get("kvm1"), Artifacts(target).domain_xml(moved)))
+        with pytest.raises(KvmconfError) as refused:
+            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+    assert str(refused.value) == f"db: it runs on kvm1 already; {_left_on_kvm0(two_hosts)}"
