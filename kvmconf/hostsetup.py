@@ -37,7 +37,15 @@ BRIDGE_FILES = {"ifupdown": ("/etc/network/interfaces.d/kvmconf-bridges", "kvm-s
 VF_NETWORK_DIR = "/etc/kvmconf/libvirt-networks"  # the definitions virsh net-define reads
 VF_NETWORK_TEMPLATE = "kvm-setup-vf-network.xml.j2"
 VIRSH = ("virsh", "-c", "qemu:///system")
-_MISSING_DIRS = 'for d do [ -d "$d" ] || printf "%s\\n" "$d"; done'
+# Args: directories. A line per one that is not there: "missing<TAB>dir", or "unmounted<TAB>mount point<TAB>dir" when
+# it lies below a mount point of /etc/fstab that is not mounted (the NAS of the backups, the LV of the disks).
+_MISSING_DIRS = r"""for d do
+  [ -d "$d" ] && continue
+  below=$(findmnt --fstab -n -o TARGET 2>/dev/null | while IFS= read -r m; do
+    case "$d/" in "${m%/}"/*) mountpoint -q -- "$m" || printf '%s\n' "$m";; esac
+  done | head -n 1)
+  if [ -n "$below" ]; then printf 'unmounted\t%s\t%s\n' "$below" "$d"; else printf 'missing\t%s\n' "$d"; fi
+done"""
 _NESTED = "cat /sys/module/kvm_intel/parameters/nested /sys/module/kvm_amd/parameters/nested 2>/dev/null; true"
 
 
@@ -173,15 +181,30 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
                                        " says nested = true: set `options kvm_intel nested=1` (or kvm_amd) in a file"
                                        " of /etc/modprobe.d/ and reload the module, or set nested = false")
         report.lines.append("nested: on")
-    dirs = [host.disk_dir, cluster.site.backup.dir, cluster.site.backup.scratch_dir]
-    res = run(conn, script(_MISSING_DIRS, *dirs))
-    missing_dirs = res.stdout.splitlines()
+    _directories(conn, cluster, host, report, dry_run)
+
+
+def _directories(conn: Connection, cluster: Cluster, host: PhysicalHost, report: SetupReport, dry_run: bool) -> None:
+    """Create the disk and backup directories that are missing, but none below a mount point that is not mounted:
+    made on the filesystem beneath, it would fill that one (often /) with the disks or backups, unseen once the
+    mount is back, and the backup's own "does it exist" check, meant to catch an unmounted NAS, would pass."""
+    keys = {host.disk_dir: f"disk_dir of [hosts.{host.name}]", cluster.site.backup.dir: "dir of [backup]",
+            cluster.site.backup.scratch_dir: "scratch_dir of [backup]"}
+    res = run(conn, script(_MISSING_DIRS, *keys))
+    if not res.ok:
+        raise StepFailed("directories", f"looking for them: {failure(res)}")
+    found = [line.split("\t") for line in res.stdout.splitlines()]
+    missing_dirs = [fields[1] for fields in found if fields[0] == "missing"]
     if missing_dirs and not dry_run:
         res = run(conn, command("mkdir", "-p", "--", *missing_dirs))
         if not res.ok:
             raise StepFailed("directories", failure(res))
     verb = "would create" if dry_run else "created"
     report.lines.append(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
+    unmounted = [f"{d} ({keys[d]} in {cluster.site.path}) lies below {m}, a mount point of /etc/fstab that is not"
+                 f" mounted: mount it, then run again" for _, m, d in (f for f in found if f[0] == "unmounted")]
+    if unmounted:
+        raise StepFailed("directories", "; ".join(unmounted))
 
 
 def _push(conn: Connection, files: list[FileSpec], report: SetupReport, dry_run: bool, what: str) -> list[str]:

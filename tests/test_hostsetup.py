@@ -451,6 +451,33 @@ def test_ifupdown_says_which_interfaces_ifup_left_as_they_were(example: Cluster,
 
 @pytest.mark.services
 @pytest.mark.slow
+def test_a_directory_below_an_unmounted_fstab_mount_point_is_not_created(example: Cluster,
+                                                                         farm: sshfarm.Farm) -> None:
+    # The backups' NAS was not mounted: kvm-setup made the [backup] dir on the filesystem beneath (/), which the
+    # backups then filled, and the backup's "the [backup] dir does not exist (is its filesystem mounted?)" check,
+    # there to catch exactly that, never fired again.
+    nas = "/srv/kvmconf-test-nas"
+    backup = dataclasses.replace(example.site.backup, dir=f"{nas}/vms")
+    cluster = _with_host(dataclasses.replace(example, site=dataclasses.replace(example.site, backup=backup)),
+                         disk_dir="/var/lib/kvmconf-test-images")
+    fstab = farm.root("kvm0") / "etc/fstab"
+    original = fstab.read_bytes()
+    fstab.write_bytes(original + f"nas.example.invalid:/backups {nas} nfs defaults 0 0\n".encode())
+    try:
+        dry = setup(cluster, "kvm0", farm.ssh_config, dry_run=True)
+        report = setup(cluster, "kvm0", farm.ssh_config, network_dry_run=True)
+    finally:
+        fstab.write_bytes(original)
+    refused = (f"directories: {nas}/vms (dir of [backup] in site.toml) lies below {nas}, a mount point of /etc/fstab"
+               " that is not mounted: mount it, then run again")
+    assert dry.error == report.error == refused
+    assert not (farm.root("kvm0") / nas.lstrip("/")).exists()
+    # The others are created all the same (when an earlier test has not).
+    assert report.lines[-1] in ("directories: present", "directories: created /var/lib/kvmconf-test-images")
+
+
+@pytest.mark.services
+@pytest.mark.slow
 def test_an_ssh_error_midway_is_the_reports_error_and_the_lines_done_are_kept(example: Cluster,
                                                                               farm: sshfarm.Farm) -> None:
     # The settings files are pushed over SFTP, which the host's sshd refuses: paramiko's SSHException, no OSError,
