@@ -6,13 +6,15 @@ of the host's ``uplink``) for its ``network_stack``, a libvirt hostdev network `
 physical function of site.toml (the pool a VM's ``nic=vf:<pf>`` takes a free VF from), a
 nested-virtualisation check where ``nested = true``, and the disk and backup directories. Files are pushed
 only when they differ, and a setting is applied only when its file changed, or when an earlier run placed the
-file and failed (or was interrupted) before applying it (kvmconf.sync marks such files). ``dry_run`` prints
-everything; ``network_dry_run`` does all but the network.
+file and failed (or was interrupted) before applying it (kvmconf.sync marks such files); a VF pool or
+NetworkManager bridge found down is started again. Refused, in a dry run too: making an interface that has an
+address a bridge port (the host would be cut off it), and creating a directory below an unmounted mount point of
+/etc/fstab. ``dry_run`` prints everything; ``network_dry_run`` does all but the network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,13 @@ class SetupReport:
     commands: list[list[str]] = field(default_factory=list)  # network commands run (or, in a dry run, listed)
     files: dict[str, bytes] = field(default_factory=dict)  # the rendered bridge file(s), for checks
     error: str | None = None
+    # Called with each line as its step ends: a package install or ifup can take minutes, and the admin sees them.
+    progress: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if self.progress:
+            self.progress(line)
 
 
 def bridges(cluster: Cluster, host: PhysicalHost) -> list[Bridge]:
@@ -135,9 +144,10 @@ def nmcli_commands(cluster: Cluster, host: PhysicalHost, existing: set[str], act
 
 
 def setup(cluster: Cluster, name: str, ssh_config: Path | None, dry_run: bool = False,
-          network_dry_run: bool = False) -> SetupReport:
+          network_dry_run: bool = False, progress: Callable[[str], None] | None = None) -> SetupReport:
+    """Prepare host ``name``; ``progress`` is called with each line of the report as soon as its step is done."""
     host = find_host(cluster, name)
-    report = SetupReport(name)
+    report = SetupReport(name, progress=progress)
     # Not host.ssh_address: the admin's machine reaches the host by the name in its own ssh config (Host kvm1),
     # which a URI's host (kvm1.example.org, the Nagios check's fallback) would bypass; address is for both.
     try:
@@ -162,7 +172,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
     state = Changes()
     install_packages(conn, packages, state, dry_run)
     verb = "would install" if dry_run else "installed"
-    report.lines.append(f"packages: {verb} {' '.join(state.installed)}" if state.installed else "packages: all present")
+    report.add(f"packages: {verb} {' '.join(state.installed)}" if state.installed else "packages: all present")
     system, bridge_file = host_files(cluster, host)
     changed = set(_push(conn, system, report, dry_run, "settings"))
     settings = []
@@ -180,7 +190,7 @@ def _steps(conn: Connection, cluster: Cluster, host: PhysicalHost, report: Setup
             raise StepFailed("nested", f"nested virtualisation is off, and [hosts.{host.name}] of {cluster.site.path}"
                                        " says nested = true: set `options kvm_intel nested=1` (or kvm_amd) in a file"
                                        " of /etc/modprobe.d/ and reload the module, or set nested = false")
-        report.lines.append("nested: on")
+        report.add("nested: on")
     _directories(conn, cluster, host, report, dry_run)
 
 
@@ -200,7 +210,7 @@ def _directories(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
         if not res.ok:
             raise StepFailed("directories", failure(res))
     verb = "would create" if dry_run else "created"
-    report.lines.append(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
+    report.add(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
     unmounted = [f"{d} ({keys[d]} in {cluster.site.path}) lies below {m}, a mount point of /etc/fstab that is not"
                  f" mounted: mount it, then run again" for _, m, d in (f for f in found if f[0] == "unmounted")]
     if unmounted:
@@ -218,7 +228,7 @@ def _push(conn: Connection, files: list[FileSpec], report: SetupReport, dry_run:
     line = f"{what}: {verb}: {', '.join(state.pushed)}" if state.pushed else f"{what}: unchanged"
     if state.resumed:
         line += f"; not applied yet (an earlier run stopped first): {', '.join(state.resumed)}"
-    report.lines.append(line)
+    report.add(line)
     return state.pushed + state.resumed
 
 
@@ -231,12 +241,12 @@ def _applied(conn: Connection, dests: Iterable[str], dry_run: bool) -> None:
 def _apply(conn: Connection, commands: list[list[str]], report: SetupReport, dry_run: bool, what: str) -> None:
     for words in commands:
         if dry_run:
-            report.lines.append(f"{what}: would run: {command(*words)}")
+            report.add(f"{what}: would run: {command(*words)}")
             continue
         res = run(conn, command(*words))
         if not res.ok:
             raise StepFailed(what, f"{command(*words)}: {failure(res)}")
-        report.lines.append(f"{what}: ran: {command(*words)}")
+        report.add(f"{what}: ran: {command(*words)}")
 
 
 def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file: FileSpec | None,
@@ -247,7 +257,7 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         commands = nmcli_commands(cluster, host, _nm_connections(conn), _nm_connections(conn, "--active"))
         report.commands = commands
         if not commands:
-            report.lines.append(f"{what}: connections present and up")
+            report.add(f"{what}: connections present and up")
         _apply(conn, commands, report, dry_run, what)
         return
     report.files[bridge_file.dest] = bridge_file.content
@@ -267,7 +277,7 @@ def _network(conn: Connection, cluster: Cluster, host: PhysicalHost, bridge_file
         already_up = [name for name in names if name in configured]
     _apply(conn, report.commands, report, dry_run, what)
     if already_up:  # ifup says "already configured" and exits 0: the admin would take the change as applied
-        report.lines.append(f"{what}: {', '.join(already_up)} already up, which ifup leaves as they are: what this"
+        report.add(f"{what}: {', '.join(already_up)} already up, which ifup leaves as they are: what this"
                             " change does to them applies at the next boot, or at `ifdown <name> && ifup <name>`"
                             " (which takes a bridge's VMs off it until they restart)")
     _applied(conn, to_apply, dry_run)
@@ -331,7 +341,7 @@ def _vf_networks(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
         if name not in defined or name in inactive:
             commands.append([*VIRSH, "net-start", name])
     if not commands:
-        report.lines.append(f"{what}: defined")
+        report.add(f"{what}: defined")
     _apply(conn, commands, report, dry_run, what)
     _applied(conn, changed, dry_run)
 

@@ -478,6 +478,21 @@ def test_a_directory_below_an_unmounted_fstab_mount_point_is_not_created(example
 
 @pytest.mark.services
 @pytest.mark.slow
+def test_each_line_is_handed_on_as_soon_as_its_step_is_done(example: Cluster, farm: sshfarm.Farm) -> None:
+    # The lines came all at once at the end: nothing showed while apt-get installed QEMU and libvirt for minutes.
+    sysctl = farm.root("kvm0") / SYSCTL.lstrip("/")
+    sysctl.unlink(missing_ok=True)
+    seen: list[tuple[str, bool]] = []  # each line, and whether the settings step had put its file in place by then
+    report = setup(_with_host(example, disk_dir="/var/lib/kvmconf-test-images"), "kvm0", farm.ssh_config,
+                   network_dry_run=True, progress=lambda line: seen.append((line, sysctl.exists())))
+    assert report.error is None, report.lines
+    assert [line for line, _ in seen] == report.lines
+    assert seen[0][0].startswith("packages: ") and not seen[0][1]
+    assert seen[1][0].startswith(f"settings: changed: {SYSCTL}") and seen[1][1]  # (MODULES too, when first)
+
+
+@pytest.mark.services
+@pytest.mark.slow
 def test_an_ssh_error_midway_is_the_reports_error_and_the_lines_done_are_kept(example: Cluster,
                                                                               farm: sshfarm.Farm) -> None:
     # The settings files are pushed over SFTP, which the host's sshd refuses: paramiko's SSHException, no OSError,
