@@ -12,9 +12,9 @@ there from the generated XML, start it, wait until it runs, and only then undefi
 source. The copy keeps a thin disk thin and reports its progress as it goes (:func:`copy_file`);
 it has no time limit, but its ssh gives up on a link that stopped answering for a minute.
 
-Either way, an install=cloud overlay's base image must be usable on the target, and the target's disk_dir must
-be there with room for the VM's files (their allocated size): that is checked before the VM is stopped or anything
-is made there.
+Either way, an install=cloud overlay's base image must be usable on the target (for a cold move, the very file the
+overlay's header names, byte for byte: sha256), and the target's disk_dir must be there with room for the VM's files
+(their allocated size): that is checked before the VM is stopped or anything is made there.
 
 A failure, Ctrl-C or SIGTERM (cron's or systemd's timeout, `kill`) on the way removes what the run
 made on the target (files, a domain it defined) and leaves the VM defined on its source; an
@@ -36,6 +36,7 @@ the one cluster.conf gives the VM (and its seed ISO): a disk attached by hand, o
 from __future__ import annotations
 
 import dataclasses
+import json
 import posixpath
 import re
 import shlex
@@ -158,6 +159,27 @@ def _check_room(vm: Vm, to: str, src_run: Runner, dst_run: Runner, moves: Moves,
         raise KvmconfError(f"{vm.name}: {directory} on {to} has {free >> 20} MiB free, and its files take"
                            f" {needed >> 20} MiB on {vm.host} ({_sources(moves)}); nothing was changed: make room"
                            f" there first")
+
+
+def _check_same_base(vm: Vm, to: str, src_run: Runner, dst_run: Runner, disk: str) -> None:
+    """Refuse a cold move of an overlay whose base image is not the same file, byte for byte, on ``to``.
+
+    The copy keeps the overlay's header, which names its base by path: on the target it reads whatever image is at
+    that path. A base refreshed there under the same name (a newer cloud image) would give the VM a disk of old
+    blocks over new ones, corrupt without a word. The header's path is the one compared, as cluster.conf's
+    cloud_image may have changed since the overlay was made.
+    """
+    info = json.loads(src_run.check(["qemu-img", "info", "-U", "--output=json", "--", disk]).stdout)
+    base = info.get("full-backing-filename") or info.get("backing-filename")
+    if not base:
+        return
+    # sha256sum is in coreutils (Essential): a missing base fails here, named with its host and sha256sum's words.
+    sums = [run.check(["sha256sum", "--", base]).stdout.split()[0].decode() for run in (src_run, dst_run)]
+    if sums[0] != sums[1]:
+        raise KvmconfError(f"{vm.name}: its disk {disk} is an overlay on {base}, and that file on {to} is not the one"
+                           f" on {vm.host} (sha256 {sums[1][:16]}... there, {sums[0][:16]}... here): the copy would"
+                           f" read the other image's blocks; nothing was changed: put the same base image on {to}"
+                           f" first (or use a live migration, which copies the base's data too)")
 
 
 def _copy_pipeline(source: Runner, target: Runner, src: str, tmp: str) -> list[list[str]]:
@@ -422,10 +444,13 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
     try:
         disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied
         _check_room(vm, to, conns.runner(vm.host), dst_run, moves, target, moved)
+        live = domains.is_active(dom) and not cold
+        if not live:  # a live migration copies the base's data too (NON_SHARED_DISK): any base will do there
+            _check_same_base(vm, to, conns.runner(vm.host), dst_run, moves.files[0][0])
     except CommandFailed as err:
         raise KvmconfError(f"{err}; nothing was changed") from None
 
-    if domains.is_active(dom) and not cold:
+    if live:
         new = _migrate_live(vm, to, conns, dom, target, moved, moves, log)
         if not wait_until(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60, every=0.2):
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"

@@ -7,6 +7,7 @@ source, then still end non-zero.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
@@ -28,9 +29,11 @@ import pytest
 from generators.model import Cluster
 from generators.validate import load_cluster
 from kvmconf import lab, migrate
+from kvmconf import runner as runner_module
 from kvmconf.connection import connections
 from kvmconf.errors import KvmconfError
 from kvmconf.provision import provision
+from kvmconf.runner import Runner
 from tests import test_lab
 from tests.labs import another_tools_backup_running, quiet, running_lab, start_another_tools_backup
 from tests.test_lab import ROOT, domains_on, lab_domain
@@ -290,3 +293,43 @@ def test_a_vm_with_a_disk_cluster_conf_does_not_give_it_is_not_moved(
         " others)")
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["web"], [])
     assert list((clean.images / "kvm1").iterdir()) == []
+
+
+
+def test_a_cold_move_of_an_overlay_onto_another_base_image_of_the_same_name_is_refused(
+        workdir: Path, clean: lab.Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kvm0 has a newer cloud image under the same path: the copied overlay would have read its blocks under the
+    VM's own, a corrupt disk. The lab's two hosts share one machine and one base file, so kvm0's commands run in a
+    mount namespace of their own where another image is mounted over that path: another host's view, by real
+    commands (libvirt's QEMU, outside it, would still read the lab's base)."""
+    _provision(workdir, clean, "cloud")
+    site = workdir / "site.toml"
+    site.write_text(site.read_text().replace("[hosts.kvm0]\n", "[hosts.kvm0]\ncpu_overcommit = 2.0\n"))
+    cluster = _lab_cluster(workdir, clean)
+    base = cluster.os_of(cluster.vm("cloud")).cloud_image
+    assert base is not None
+    newer = tmp_path / "newer.qcow2"
+    shutil.copy(base, newer)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(newer)], check=True,
+                   stdout=subprocess.DEVNULL)
+    mounted = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+               'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(newer), base]
+
+    def on_kvm0(argv: Sequence[str], stdin: bytes | None) -> runner_module.Result:
+        return runner_module._execute([*mounted, *argv], stdin)
+
+    with connections(cluster) as conns:
+        real_runner = conns.runner
+        monkeypatch.setattr(conns, "runner", lambda host: Runner(execute=on_kvm0) if host == "kvm0"
+                            else real_runner(host))
+        with pytest.raises(KvmconfError) as refused, lab_domain(clean, "kvm1", "cloud") as dom:
+            migrate.migrate(cluster, "cloud", "kvm0", conns, force=True, log=quiet, cold=True)
+        assert dom.isActive()
+    here, there = (hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for f in (base, newer))
+    assert str(refused.value) == (
+        f"cloud: its disk {clean.images}/kvm1/cloud.qcow2 is an overlay on {base}, and that file on kvm0 is not the one"
+        f" on kvm1 (sha256 {there}... there, {here}... here): the copy would read the other image's blocks; nothing"
+        " was changed: put the same base image on kvm0 first (or use a live migration, which copies the base's data"
+        " too)")
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["cloud"])
+    assert list((clean.images / "kvm0").iterdir()) == []
