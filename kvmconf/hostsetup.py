@@ -212,7 +212,7 @@ def _directories(conn: Connection, cluster: Cluster, host: PhysicalHost, report:
     verb = "would create" if dry_run else "created"
     report.add(f"directories: {verb} {', '.join(missing_dirs)}" if missing_dirs else "directories: present")
     unmounted = [f"{d} ({keys[d]} in {cluster.site.path}) lies below {m}, a mount point of /etc/fstab that is not"
-                 f" mounted: mount it, then run again" for _, m, d in (f for f in found if f[0] == "unmounted")]
+                 " mounted: mount it, then run again" for _, m, d in (f for f in found if f[0] == "unmounted")]
     if unmounted:
         raise StepFailed("directories", "; ".join(unmounted))
 
