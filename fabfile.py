@@ -135,12 +135,16 @@ def kvm_setup(c: Context, host: str = "", ssh_config: str = "", dry_run: bool = 
     """Prepare a physical host: packages, bridges, forwarding, br_netfilter, nested check, directories, VF pools."""
     from kvmconf.hostsetup import setup
 
+    header = ["(dry run: nothing changed)"] if dry_run else []
+
+    def progress(line: str) -> None:  # each step's line as it ends: installing packages takes minutes
+        print(*header, f"{host}: {line}", sep="\n", flush=True)
+        header.clear()  # said once, above the first line: not above an error that stops the task before any
     with user_errors():
         _refuse_fabric_hosts(c, "name the physical host with --host")
         report = setup(inputs.load(), host, chosen_ssh_config(_ssh_config_option(c, ssh_config)), dry_run,
-                       dry_run_network)
+                       dry_run_network, progress=progress)
     for diff in report.diffs:
         print(diff, end="" if diff.endswith("\n") else "\n")
-    print(("(dry run: nothing changed)\n" if dry_run else "") + "\n".join(f"{host}: {line}" for line in report.lines))
     if report.error:
         raise Exit(f"kvmconf: {host}: FAILED at {report.error}", 1)
