@@ -2,7 +2,8 @@
 
 Live (the VM runs and ``cold`` is not asked): the target's disk is created empty as provisioning
 would, the seed ISO copied, and libvirt copies memory and disk while the guest runs
-(VIR_MIGRATE_LIVE | NON_SHARED_DISK: no shared storage needed); the source domain stays defined
+(VIR_MIGRATE_LIVE | NON_SHARED_DISK: no shared storage needed; NON_SHARED_INC, the overlay's own data only, for
+an install=cloud overlay whose base is the same file on the target); the source domain stays defined
 (shut off) until the target runs, then is undefined. If libvirt refuses or fails, the guest keeps
 running on the source and the target's files are removed: the message names ``--cold``.
 
@@ -161,6 +162,26 @@ def _check_room(vm: Vm, to: str, src_run: Runner, dst_run: Runner, moves: Moves,
                            f" there first")
 
 
+def _overlay_base(runner: Runner, disk: str) -> str | None:
+    """The base image the header of the qcow2 overlay ``disk`` names (an absolute path); None for a disk without one."""
+    info = json.loads(runner.check(["qemu-img", "info", "-U", "--output=json", "--", disk]).stdout)
+    return info.get("full-backing-filename") or info.get("backing-filename") or None
+
+
+def _base_there_too(src_run: Runner, dst_run: Runner, disk: str, backing: str | None) -> bool:
+    """Whether a live migration may copy only the overlay ``disk`` (VIR_MIGRATE_NON_SHARED_INC), not its base's data.
+
+    Only when the base its header names is the one the target's new overlay is made on (cluster.conf's cloud_image)
+    and the same bytes on both hosts; else libvirt copies the whole chain (NON_SHARED_DISK), as it always did: the
+    target's overlay then holds the base's data as well, which takes as much room there and time on the wire.
+    """
+    base = _overlay_base(src_run, disk)
+    if base is None or base != backing:
+        return False
+    sums = [run.run(["sha256sum", "--", base]) for run in (src_run, dst_run)]
+    return all(r.returncode == 0 for r in sums) and sums[0].stdout.split()[:1] == sums[1].stdout.split()[:1]
+
+
 def _check_same_base(vm: Vm, to: str, src_run: Runner, dst_run: Runner, disk: str) -> None:
     """Refuse a cold move of an overlay whose base image is not the same file, byte for byte, on ``to``.
 
@@ -169,9 +190,8 @@ def _check_same_base(vm: Vm, to: str, src_run: Runner, dst_run: Runner, disk: st
     blocks over new ones, corrupt without a word. The header's path is the one compared, as cluster.conf's
     cloud_image may have changed since the overlay was made.
     """
-    info = json.loads(src_run.check(["qemu-img", "info", "-U", "--output=json", "--", disk]).stdout)
-    base = info.get("full-backing-filename") or info.get("backing-filename")
-    if not base:
+    base = _overlay_base(src_run, disk)
+    if base is None:
         return
     # sha256sum is in coreutils (Essential): a missing base fails here, named with its host and sha256sum's words.
     sums = [run.check(["sha256sum", "--", base]).stdout.split()[0].decode() for run in (src_run, dst_run)]
@@ -342,8 +362,11 @@ def _disk_size(dom: libvirt.virDomain, path: str) -> int | None:
 
 
 def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, target: Cluster, moved: Vm,
-                  moves: Moves, log: Log) -> libvirt.virDomain:
-    """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source."""
+                  moves: Moves, log: Log, incremental: bool = False) -> libvirt.virDomain:
+    """Copy memory and disk to ``to`` while the guest runs; on failure it still runs on the source.
+
+    ``incremental``: the disk is an overlay whose base is on ``to`` already; only the overlay's own data is copied.
+    """
     src_run, dst_run, dst_conn = conns.runner(vm.host), conns.runner(to), conns.get(to)
 
     def finished() -> str | None:
@@ -373,7 +396,8 @@ def _migrate_live(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
             # Both "hosts" are this machine (the lab): QEMU's streams go over loopback, not the machine's name.
             params[libvirt.VIR_MIGRATE_PARAM_URI] = "tcp://127.0.0.1"
             params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = "127.0.0.1"
-        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        copy = libvirt.VIR_MIGRATE_NON_SHARED_INC if incremental else libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | copy
         log(f"{vm.name}: migrating live to {to} (memory and disk) ...")
         new = _abortable_migrate3(dom, dst_conn, params, flags, _live_progress(dom, f"{vm.name}: migrating", log))
     return new
@@ -441,17 +465,21 @@ def migrate(cluster: Cluster, name: str, to: str, conns: Connections, force: boo
                            f" without them (cold) or mirror them into whatever is at that path there (live); nothing"
                            f" was changed (make cluster.conf say the disk the VM has, or detach the others)")
 
+    incremental = False
     try:
         disks.check_base(dst_run, disks.disk_spec(target, moved))  # before the VM is stopped or anything is copied
         _check_room(vm, to, conns.runner(vm.host), dst_run, moves, target, moved)
         live = domains.is_active(dom) and not cold
-        if not live:  # a live migration copies the base's data too (NON_SHARED_DISK): any base will do there
+        if live:
+            incremental = _base_there_too(conns.runner(vm.host), dst_run, moves.files[0][0],
+                                          disks.disk_spec(target, moved).backing)
+        else:
             _check_same_base(vm, to, conns.runner(vm.host), dst_run, moves.files[0][0])
     except CommandFailed as err:
         raise KvmconfError(f"{err}; nothing was changed") from None
 
     if live:
-        new = _migrate_live(vm, to, conns, dom, target, moved, moves, log)
+        new = _migrate_live(vm, to, conns, dom, target, moved, moves, log, incremental)
         if not wait_until(lambda: new.state()[0] == libvirt.VIR_DOMAIN_RUNNING, 60, every=0.2):
             raise MigrationFailed(f"{name}: migrated to {to} but it does not run there; it stays defined on"
                                   f" {vm.host}: check both with `invoke status`")

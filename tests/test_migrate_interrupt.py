@@ -8,6 +8,7 @@ source, then still end non-zero.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import re
@@ -333,3 +334,42 @@ def test_a_cold_move_of_an_overlay_onto_another_base_image_of_the_same_name_is_r
         " too)")
     assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == ([], ["cloud"])
     assert list((clean.images / "kvm0").iterdir()) == []
+
+
+def test_a_live_move_of_an_overlay_copies_its_own_data_not_its_base_images(
+        workdir: Path, clean: lab.Lab, tmp_path: Path) -> None:
+    """libvirt copied the whole chain (NON_SHARED_DISK) into the target's new overlay: the base's data crossed the
+    wire and filled the thin overlay (a real cloud image: gigabytes per VM). With the same base on the target, only
+    the overlay's own data goes (NON_SHARED_INC), and the guest reads the base's blocks and its own there."""
+    cluster = _lab_cluster(workdir, clean)
+    base = cluster.os_of(cluster.vm("cloud")).cloud_image
+    assert base is not None
+    shutil.copy(base, tmp_path / "base-aside")  # the module's lab shares it: put back after
+    try:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 32M", base], check=True,
+                       stdout=subprocess.DEVNULL)
+        _provision(workdir, clean, "cloud")  # on kvm1
+        site = workdir / "site.toml"
+        site.write_text(site.read_text().replace("[hosts.kvm0]\n", "[hosts.kvm0]\ncpu_overcommit = 2.0\n"))
+        cluster = _lab_cluster(workdir, clean)
+        hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        io = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{}"'
+        with lab_domain(clean, "kvm1", "cloud") as dom:
+            assert libvirt_qemu.qemuMonitorCommand(dom, io.format("write -P 0x5a 512M 1M"), hmp) == ""
+        log: list[str] = []
+        with connections(cluster) as conns:
+            migrate.migrate(cluster, "cloud", "kvm0", conns, log=log.append)
+        moved = clean.images / "kvm0" / "cloud.qcow2"
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(moved)], check=True,
+                                         capture_output=True, text=True).stdout)
+        assert info["actual-size"] < 8 << 20, (info, log)
+        assert info["backing-filename"] == base, info
+        with lab_domain(clean, "kvm0", "cloud") as dom:
+            dom.destroy()  # QEMU quits on SIGTERM first, writing out the overlay's metadata: the file is whole
+        for check, size in (("read -P 0x11 0 32M", 32 << 20), ("read -P 0x5a 512M 1M", 1 << 20)):
+            read = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", check, str(moved)], capture_output=True,
+                                  text=True)
+            assert f"read {size}/{size} bytes" in read.stdout and "verification failed" not in read.stdout, read
+    finally:
+        test_lab._empty(clean)  # no VM holds the base when it is put back
+        shutil.copy(tmp_path / "base-aside", base)
