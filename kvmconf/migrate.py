@@ -202,6 +202,24 @@ def _check_same_base(vm: Vm, to: str, src_run: Runner, dst_run: Runner, disk: st
                            f" first (or use a live migration, which copies the base's data too)")
 
 
+def _drop_bitmaps(vm: Vm, to: str, dst_run: Runner, disk: str, log: Log) -> None:
+    """Remove the persistent dirty bitmaps a qcow2 copy carries: those of the VM's checkpoints (a backup's).
+
+    The checkpoints themselves are libvirt's metadata of the source's domain, which do not move (the domain is
+    defined anew on the target, and the source's is undefined with them): each bitmap would be kept up to date on
+    every write of the guest there, for no checkpoint, forever. A live migration carries none.
+    """
+    if vm.disk.kind is not DiskKind.QCOW2:
+        return
+    info = json.loads(dst_run.check(["qemu-img", "info", "--output=json", "--", disk]).stdout)
+    names = [b["name"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])]
+    for name in names:
+        dst_run.check(["qemu-img", "bitmap", "--remove", "--", disk, name])
+    if names:
+        log(f"{vm.name}: removed from the copy on {to} the bitmaps of its checkpoints, which do not move with it:"
+            f" {', '.join(names)} (the next backup on {to} is a full one)")
+
+
 def _copy_pipeline(source: Runner, target: Runner, src: str, tmp: str) -> list[list[str]]:
     """The commands, run on this machine, that copy ``src`` on the source host to ``tmp`` on the target host.
 
@@ -542,6 +560,7 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         for src, dst in moves.files:
             copy_file(src_run, dst_run, src, dst, made.append, _progress_lines(log, f"{vm.name}: copying {src}"))
             log(f"{vm.name}: copied {src} to {to}:{dst}")
+        _drop_bitmaps(vm, to, dst_run, moves.files[0][1], log)
         dst_conn = conns.get(to)
         # Defined as cluster.conf says for the target host, under the VM's own UUID: what provision had not applied yet
         # (no --apply) takes effect now, and is said, as provision would show it.

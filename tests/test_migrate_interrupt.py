@@ -373,3 +373,22 @@ def test_a_live_move_of_an_overlay_copies_its_own_data_not_its_base_images(
     finally:
         test_lab._empty(clean)  # no VM holds the base when it is put back
         shutil.copy(tmp_path / "base-aside", base)
+
+
+def test_a_cold_move_drops_the_bitmaps_of_checkpoints_that_do_not_move(workdir: Path, clean: lab.Lab) -> None:
+    """A backed-up VM's qcow2 carries the dirty bitmap of its checkpoint; the checkpoint (libvirt's metadata of the
+    source's domain) does not move, so on the target the bitmap was kept up to date on every write, for nothing."""
+    _provision(workdir, clean, "web")
+    cluster = _lab_cluster(workdir, clean)
+    with lab_domain(clean, "kvm0", "web") as dom:
+        dom.checkpointCreateXML("<domaincheckpoint><name>kvmconf-20261123T000000Z</name></domaincheckpoint>", 0)
+    log: list[str] = []
+    with connections(cluster) as conns:
+        migrate.migrate(cluster, "web", "kvm1", conns, force=True, log=log.append, cold=True)
+    with lab_domain(clean, "kvm1", "web") as dom:
+        assert dom.listAllCheckpoints() == []
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(clean.images / "kvm1/web.qcow2")],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert "bitmaps" not in info["format-specific"]["data"], info
+    assert ("web: removed from the copy on kvm1 the bitmaps of its checkpoints, which do not move with it:"
+            " kvmconf-20261123T000000Z (the next backup on kvm1 is a full one)") in log
