@@ -458,9 +458,20 @@ def _migrate_cold(vm: Vm, to: str, conns: Connections, dom: libvirt.virDomain, t
         else:
             domains.shutdown(dom)
             log(f"{vm.name}: shutting down on {vm.host} ...")
-            if not wait_until(lambda: not domains.is_active(dom), shutdown_timeout, every=0.2):
-                raise MigrationFailed(f"{vm.name}: did not shut down within {shutdown_timeout:g} s; it still runs on"
-                                      f" {vm.host} (run again with --force to power it off)")
+            # The guest may still act on the request after the run gave up on it: said, so that a VM that goes down
+            # a minute later is not a surprise.
+            asked = (f"nothing was made on {to}. The guest was asked to shut down (ACPI) and may still do so: check it"
+                     f" with `invoke status`, start it with `invoke start` if it went down, or run again with --force"
+                     f" to power it off")
+            try:
+                with sigterm_as_interrupt():
+                    down = wait_until(lambda: not domains.is_active(dom), shutdown_timeout, every=0.2)
+            except KeyboardInterrupt:
+                log(f"{vm.name}: migration to {to} interrupted while it shuts down on {vm.host}; {asked}")
+                raise
+            if not down:
+                raise MigrationFailed(f"{vm.name}: did not shut down on {vm.host} within {shutdown_timeout:g} s;"
+                                      f" {asked}")
     with _undone_on_failure(dst_run, f"{vm.name}: migration to {to}", f"the copies on {to} were removed and the VM"
                             f" is still defined (shut off) on {vm.host}: start it there with `invoke start`",
                             log) as made:

@@ -392,3 +392,40 @@ def test_a_cold_move_drops_the_bitmaps_of_checkpoints_that_do_not_move(workdir: 
     assert "bitmaps" not in info["format-specific"]["data"], info
     assert ("web: removed from the copy on kvm1 the bitmaps of its checkpoints, which do not move with it:"
             " kvmconf-20261123T000000Z (the next backup on kvm1 is a full one)") in log
+
+
+def _asked(to: str) -> str:
+    return (f"nothing was made on {to}. The guest was asked to shut down (ACPI) and may still do so: check it with"
+            " `invoke status`, start it with `invoke start` if it went down, or run again with --force to power it off")
+
+
+def test_a_shutdown_that_takes_too_long_says_the_guest_may_still_go_down(workdir: Path, clean: lab.Lab) -> None:
+    """db has no OS (install=none): it never acts on the ACPI request. A real guest may, after the run gave up: the
+    message said "it still runs", and a VM that went down a minute later was a surprise."""
+    _provision(workdir, clean, "db")
+    cluster = _lab_cluster(workdir, clean)
+    with connections(cluster) as conns, pytest.raises(migrate.MigrationFailed) as failed:
+        migrate.migrate(cluster, "db", "kvm1", conns, shutdown_timeout=1, log=quiet, cold=True)
+    assert str(failed.value) == f"db: did not shut down on kvm0 within 1 s; {_asked('kvm1')}"
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["db"], [])
+
+
+def test_an_interrupt_while_the_vm_shuts_down_says_the_guest_may_still_go_down(
+        workdir: Path, clean: lab.Lab) -> None:
+    """A real Ctrl-C (SIGINT) while the run waits for the guest to shut down: it ended on "interrupted" alone."""
+    _provision(workdir, clean, "db")
+    cluster = _lab_cluster(workdir, clean)
+    log: list[str] = []
+
+    def interrupt_once_it_waits() -> None:
+        _wait_for(lambda: bool(log) and log[-1] == "db: shutting down on kvm0 ...", "the shutdown")
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    ctrl_c = threading.Thread(target=interrupt_once_it_waits, daemon=True)
+    ctrl_c.start()
+    with connections(cluster) as conns, pytest.raises(KeyboardInterrupt):
+        migrate.migrate(cluster, "db", "kvm1", conns, shutdown_timeout=60, log=log.append, cold=True)
+    ctrl_c.join(60)
+    assert log[-1] == f"db: migration to kvm1 interrupted while it shuts down on kvm0; {_asked('kvm1')}"
+    assert (domains_on(clean, "kvm0"), domains_on(clean, "kvm1")) == (["db"], [])
