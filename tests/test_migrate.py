@@ -208,6 +208,7 @@ def _write_20_mib(disk: Path) -> None:
         f.write(os.urandom(20 << 20))
 
 
+@pytest.mark.slow  # copies hundreds of MiB through cp/tar: seconds each, left to `make test`
 def test_cold_move_copies_the_disk_and_undefines_the_source_only_while_the_target_runs(
         two_hosts: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
@@ -290,6 +291,7 @@ def test_a_failed_live_migration_keeps_the_vm_running_on_the_source(two_hosts: C
     assert list(Path(two_hosts.site.hosts["kvm1"].disk_dir).iterdir()) == []
 
 
+@pytest.mark.slow  # copies hundreds of MiB through cp/tar: seconds each, left to `make test`
 def test_a_symlinked_disk_is_copied_as_the_file_it_names(two_hosts: Cluster, tmp_path: Path) -> None:
     """An admin who keeps the disk elsewhere and links it into disk_dir: the target gets the disk, thin, not a link
     (which would name the copy's temporary, gone once the copy is in place)."""
@@ -414,6 +416,7 @@ def _slow_tools(directory: Path, seconds: float, *tools: str) -> str:
     return f"{directory}:{os.environ['PATH']}"
 
 
+@pytest.mark.slow  # copies hundreds of MiB through cp/tar: seconds each, left to `make test`
 def test_a_copy_longer_than_the_command_time_limit_completes_and_shows_its_progress(
         two_hosts: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The limit on a host's quick commands (10 minutes) is scaled down to 1 s, and the copy made to take 2 s.
