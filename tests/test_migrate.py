@@ -201,6 +201,20 @@ def _running_db(cluster: Cluster, conns: Connections) -> Path:
     return disk
 
 
+def _cold_move_refused(two_hosts: Cluster, cluster: Cluster | None = None, data: bool = False) -> tuple[str, Path]:
+    """A cold move of a running db to kvm1 (as ``cluster`` says, if given; with 20 MiB of data) that is refused before
+    the VM is stopped: it still runs on kvm0 and nothing is defined on kvm1. Its message, and db's disk."""
+    with connections(two_hosts) as conns:
+        source = _running_db(two_hosts, conns)
+        if data:
+            _write_20_mib(source)
+        with pytest.raises(KvmconfError) as refused:
+            migrate(cluster or two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
+        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
+        assert domains.lookup(conns.get("kvm1"), "db") is None
+    return str(refused.value), source
+
+
 def _write_20_mib(disk: Path) -> None:
     """More than one progress step (16 MiB) of data: the copy logs its progress once, as 16/20 MiB."""
     with disk.open("r+b") as f:
@@ -517,14 +531,9 @@ def test_a_vm_whose_disk_changed_in_cluster_conf_is_not_stopped_for_a_copy_that_
     changed = dataclasses.replace(two_hosts, vms=tuple(
         dataclasses.replace(vm, disk=dataclasses.replace(vm.disk, kind=DiskKind.QCOW2)) if vm.name == "db" else vm
         for vm in two_hosts.vms))
-    with connections(two_hosts) as conns:
-        _running_db(two_hosts, conns)
-        with pytest.raises(KvmconfError) as refused:
-            migrate(changed, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
-        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
-        assert domains.lookup(conns.get("kvm1"), "db") is None
+    refused, _ = _cold_move_refused(two_hosts, changed)
     kvm0 = two_hosts.site.hosts["kvm0"].disk_dir
-    assert str(refused.value) == (
+    assert refused == (
         f"db: its domain on kvm0 has disks that cluster.conf does not give it: {kvm0}/db.img; a migration moves only"
         f" {kvm0}/db.qcow2, so it would start on kvm1 without them (cold) or mirror them into whatever is at that"
         " path there (live); nothing was changed (make cluster.conf say the disk the VM has, or detach the others)")
@@ -535,13 +544,8 @@ def test_a_target_without_its_disk_dir_is_refused_before_the_vm_is_stopped(two_h
     """The cold move powered the VM off, then its copy failed on the missing directory: down for nothing."""
     kvm1 = Path(two_hosts.site.hosts["kvm1"].disk_dir)
     kvm1.rmdir()
-    with connections(two_hosts) as conns:
-        _running_db(two_hosts, conns)
-        with pytest.raises(KvmconfError) as refused:
-            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
-        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
-        assert domains.lookup(conns.get("kvm1"), "db") is None
-    assert str(refused.value) == (f"db: the directory {kvm1} for its disk is not on kvm1; create it there (`fab"
+    refused, _ = _cold_move_refused(two_hosts)
+    assert refused == (f"db: the directory {kvm1} for its disk is not on kvm1; create it there (`fab"
                                   f" kvm-setup` does), or fix disk_dir of [hosts.kvm1] in {two_hosts.site.path};"
                                   " nothing was changed")
     assert not kvm1.exists()
@@ -563,14 +567,8 @@ def small_kvm1(two_hosts: Cluster) -> Iterator[Path]:
 def test_a_target_without_room_for_the_disk_is_refused_before_the_vm_is_stopped(
         two_hosts: Cluster, small_kvm1: Path) -> None:
     """The cold move powered the VM off, then its copy failed when the target's filesystem filled up."""
-    with connections(two_hosts) as conns:
-        source = _running_db(two_hosts, conns)
-        _write_20_mib(source)
-        with pytest.raises(KvmconfError) as refused:
-            migrate(two_hosts, "db", "kvm1", conns, force=True, log=lambda _: None, cold=True)
-        assert domains.is_active(conns.get("kvm0").lookupByName("db"))
-        assert domains.lookup(conns.get("kvm1"), "db") is None
-    assert str(refused.value) == (f"db: {small_kvm1} on kvm1 has 8 MiB free, and its files take 20 MiB on kvm0"
+    refused, source = _cold_move_refused(two_hosts, data=True)
+    assert refused == (f"db: {small_kvm1} on kvm1 has 8 MiB free, and its files take 20 MiB on kvm0"
                                   f" ({source}); nothing was changed: make room there first")
     assert list(small_kvm1.iterdir()) == []
 
