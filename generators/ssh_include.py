@@ -1,6 +1,6 @@
 """`python -m generators.ssh_include --build BUILD --config ~/.ssh/config`: include build/ssh/config.
 
-Puts `Include <absolute path of BUILD/ssh/config>` on the FIRST line of the user's ssh config, once:
+Puts `Include <absolute path of BUILD/ssh/config>` on the first line of the user's ssh config, once:
 ssh uses the first value it finds for each option, and an Include below a `Host` line would only
 apply inside that block, so the line must come before the user's own blocks. One already above
 them stays where it is (see updated_text). Every other line of the file is kept as it is. A second
@@ -86,7 +86,7 @@ def _user_name(uid: int) -> str:
 
 
 def ensure_include(config: Path, included: Path) -> bool:
-    """Make ``config`` start with the Include of ``included``; True if the file was changed."""
+    """Make ``config`` include ``included`` above its first block (see updated_text); True if the file was changed."""
     if not included.is_file():
         raise IncludeError(f"{included}: no such file; run `make` first to generate it")
     line = include_line(included.resolve())
