@@ -7,6 +7,7 @@ disk_dir a temporary directory (sizes do not matter: qcow2 and raw disks are thi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -45,8 +46,14 @@ NOWHERE = "qemu+unix:///system?socket=/nonexistent/kvmconf-test/libvirt-sock"
 
 
 def on_test_driver(cluster: Cluster, tmp_path: Path, uris: dict[str, str] | None = None) -> Cluster:
-    """The cluster with every host on test:///default (or ``uris``) and its disks under tmp_path."""
+    """The cluster with every host on test:///default (or ``uris``) and its disks under tmp_path.
+
+    test:///default keeps its domains while any connection to it is open in this process. An earlier test's
+    connection held by a reference cycle (a traceback kept by pytest.raises) stays open until the garbage collector
+    runs, and with it that test's domains: collected here, each test starts from the driver's own state.
+    """
     require_tool("qemu-img")
+    gc.collect()
     site = cluster.site
     hosts = {}
     for name, host in site.hosts.items():
@@ -582,41 +589,40 @@ def test_an_lvm_disk_is_made_with_exactly_one_lvcreate_and_purged_with_lvremove(
             ["lvremove", "--yes", "vg0/vm-compute1"]]
 
 
-def test_a_missing_volume_group_stops_the_run_before_anything_is_created(cluster: Cluster) -> None:
-    def no_lvm(argv: Sequence[str], stdin: bytes | None) -> Result:
+def _blocked_by_vgs(cluster: Cluster, vgs: tuple[int, bytes, bytes]) -> tuple[str, list[list[str]]]:
+    """Provision ldap (kvm0, qcow2) and compute1 (kvm1, LVM) with `vgs` answering (status, stdout, stderr): a mock,
+    as no device-mapper is here. The run must stop before anything is made; its message, and the vgs calls."""
+    calls: list[list[str]] = []
+
+    def lvm(argv: Sequence[str], stdin: bytes | None) -> Result:
         if argv[0] == "vgs":
-            return subprocess.CompletedProcess(list(argv), 5, b"", b'  Volume group "vg0" not found\n')
+            calls.append(list(argv))
+            return subprocess.CompletedProcess(list(argv), *vgs)
         return Recorder()(argv, stdin)
 
-    with connections(cluster, execute=no_lvm) as conns:
+    with connections(cluster, execute=lvm) as conns:
         with pytest.raises(ProvisionBlocked) as err:
             provision(cluster, ["ldap", "compute1"], conns, log=quiet)
         assert "ldap" not in domain_names(conns.get("kvm0"))
-    assert str(err.value) == ('compute1: volume group vg0 is not usable on kvm1 (Volume group "vg0" not found); create'
-                              " it there or change disk=lvm:<vg> in cluster.conf\nnothing was changed")
     assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
+    return str(err.value), calls
+
+
+def test_a_missing_volume_group_stops_the_run_before_anything_is_created(cluster: Cluster) -> None:
+    message, _ = _blocked_by_vgs(cluster, (5, b"", b'  Volume group "vg0" not found\n'))
+    assert message == ('compute1: volume group vg0 is not usable on kvm1 (Volume group "vg0" not found); create'
+                       " it there or change disk=lvm:<vg> in cluster.conf\nnothing was changed")
 
 
 def test_a_volume_group_without_room_for_the_new_volumes_stops_the_run_before_anything_is_created(
         cluster: Cluster) -> None:
     """lvcreate refused only once the VMs before it were made (and started), which the run then undid."""
-    calls: list[list[str]] = []
-
-    def full_vg(argv: Sequence[str], stdin: bytes | None) -> Result:
-        if argv[0] == "vgs":  # a mock: no device-mapper here; what lvm2 2.03 prints for a VG with 60 MiB free
-            calls.append(list(argv))
-            return subprocess.CompletedProcess(list(argv), 0, b"  vg0 62914560\n", b"")
-        return Recorder()(argv, stdin)
-
-    with connections(cluster, execute=full_vg) as conns:
-        with pytest.raises(ProvisionBlocked) as err:
-            provision(cluster, ["ldap", "compute1"], conns, log=quiet)
-        assert "ldap" not in domain_names(conns.get("kvm0"))
+    # What lvm2 2.03 prints for a VG with 60 MiB free.
+    message, calls = _blocked_by_vgs(cluster, (0, b"  vg0 62914560\n", b""))
     assert calls == [["vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_name,vg_free", "vg0"]]
-    assert str(err.value) == ("compute1: volume group vg0 on kvm1 has 0.1 GB free, and its new volume needs 100 GB;"
-                              " free space there (vgextend), or give less disk or another disk=lvm:<vg> in"
-                              " cluster.conf\nnothing was changed")
-    assert files_under(Path(cluster.site.hosts["kvm0"].disk_dir)) == set()
+    assert message == ("compute1: volume group vg0 on kvm1 has 0.1 GB free, and its new volume needs 100 GB;"
+                       " free space there (vgextend), or give less disk or another disk=lvm:<vg> in"
+                       " cluster.conf\nnothing was changed")
 
 
 # --- destroy, start, stop ----------------------------------------------------------------------
